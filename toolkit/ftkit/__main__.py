@@ -1,0 +1,3 @@
+from ftkit.cli.main import main
+
+main()

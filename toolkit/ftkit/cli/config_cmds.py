@@ -1,0 +1,105 @@
+"""validate, schema, plan: everything that reads recipes without running them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ftkit.errors import ConfigError, ConfigIssue
+
+
+def _machine_or_detect(machine_path: str | None):  # type: ignore[no-untyped-def]
+    from ftkit.recipe.validate import load_machine
+
+    if machine_path:
+        return load_machine(machine_path)
+    from ftkit.gpu.inventory import detect_machine
+
+    return detect_machine()
+
+
+@click.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=True, path_type=str))
+@click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="check against this machine profile")
+def validate(recipes: tuple[str, ...], machine_path: str | None) -> None:
+    """Check recipes (and machine profiles); report every problem as FILE:LINE:COL.
+
+    Exit 0 when all are valid, 2 otherwise. Nothing is run or written.
+    """
+    from ftkit.recipe.validate import LoadedMachine, load_any, load_machine
+
+    issues: list[ConfigIssue] = []
+    machine = None
+    if machine_path:
+        try:
+            machine = load_machine(machine_path)
+        except ConfigError as e:
+            issues.extend(e.issues)
+    ok: list[str] = []
+    for path in recipes:
+        try:
+            loaded = load_any(path)
+        except ConfigError as e:
+            issues.extend(e.issues)
+            continue
+        if machine is not None and not isinstance(loaded, LoadedMachine):
+            try:
+                _check_against(loaded, machine)
+            except ConfigError as e:
+                issues.extend(e.issues)
+                continue
+        ok.append(path)
+    for path in ok:
+        click.echo(f"ok: {path}" + (f" (on {machine.machine.name})" if machine and machine.path != Path(path) else ""))
+    if issues:
+        raise ConfigError(issues)
+
+
+def _check_against(loaded, machine) -> None:  # type: ignore[no-untyped-def]
+    from ftkit.plan.build import build_plan
+    from ftkit.plan.machine_checks import findings
+    from ftkit.recipe.resolve import resolve
+
+    res = resolve(loaded, machine.machine)
+    plan = build_plan(res, run_dir="runs/<run>")
+    problems = [loaded.doc.issue(p, m, key=k) for p, m, k in findings(res, plan)]
+    if problems:
+        raise ConfigError(problems)
+
+
+@click.command()
+@click.option("--kind", type=click.Choice(["recipe", "machine"]), default="recipe", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="write to a file instead of stdout")
+def schema(kind: str, output: str | None) -> None:
+    """Print the JSON Schema of recipes (or machine profiles), for editors and CI."""
+    from ftkit.recipe.models import json_schema
+
+    text = json.dumps(json_schema(kind), indent=2, sort_keys=False) + "\n"  # type: ignore[arg-type]
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(path_type=str))
+@click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
+              help="machine profile (default: this host, detected)")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+def plan(recipe: str, machine_path: str | None, as_json: bool) -> None:
+    """Resolve defaults and print the ordered plan: images, commands, GPUs, power caps,
+    generated configs, memory-fit estimates and the PSU budget. Runs nothing."""
+    from ftkit.cli.render import render_plan
+    from ftkit.run.planning import make_plan
+
+    loaded_plan = make_plan(recipe, machine_path, run_dir=None)
+    if as_json:
+        click.echo(json.dumps(loaded_plan.to_dict(), indent=2, default=str))
+    else:
+        click.echo(render_plan(loaded_plan))
+
+
+COMMANDS = [validate, schema, plan]

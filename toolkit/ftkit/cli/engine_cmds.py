@@ -1,0 +1,49 @@
+"""Engines usable on their own: merge (more join them as the runner grows)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.option("--base", required=True, help="base model: a local directory or a hub id (with --revision)")
+@click.option("--adapter", required=True, type=click.Path(file_okay=False, path_type=str), help="LoRA adapter directory")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="new directory for the merged model")
+@click.option("--revision", default=None, help="hub commit of the base model")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--nf4-dequantized-base", is_flag=True,
+              help="QLoRA: merge into the base rounded through NF4, as it was during training")
+@click.option("--max-shard-gb", type=float, default=5.0, show_default=True)
+@click.option("--dry-run", is_flag=True, help="print the RAM and disk the merge needs and what it would do; write nothing")
+def merge(base: str, adapter: str, output: str, revision: str | None, dtype: str, nf4_dequantized_base: bool,
+          max_shard_gb: float, dry_run: bool) -> None:
+    """Merge a LoRA adapter into its base model, streaming tensor by tensor.
+
+    Peak memory is about the largest tensor, not the model. Writes sharded safetensors with
+    an index, the config and the tokenizer. Refuses when the disk cannot hold the output.
+    """
+    from pathlib import Path
+
+    from ftkit.engines import merge as engine
+
+    if dry_run:
+        base_dir = engine.resolve_base(base, revision)
+        plan = engine.plan_merge(base_dir, Path(adapter), dtype=dtype, nf4_dequantized_base=nf4_dequantized_base,
+                                 max_shard_gb=max_shard_gb)
+        need = engine.needs(plan, Path(output))
+        click.echo(json.dumps({
+            "base": str(base_dir), "adapter": adapter, "output": output, "tensors": len(plan.tensors),
+            "lora_tensors": sorted(plan.loras), "replaced": sorted(plan.replace), "untie_lm_head": plan.untie,
+            "shards": len(engine.shards(plan)), "ram_bytes": need.ram_bytes, "disk_bytes": need.disk_bytes,
+            "disk_free_bytes": need.disk_free,
+        }, indent=2))
+        return
+    summary = engine.merge(base, adapter, output, revision=revision, dtype=dtype,
+                           nf4_dequantized_base=nf4_dequantized_base, max_shard_gb=max_shard_gb,
+                           log=lambda s: click.echo(s, err=True))
+    click.echo(json.dumps(summary))
+
+
+COMMANDS = [merge]

@@ -1,0 +1,3 @@
+"""Placeholder until the commands land."""
+
+COMMANDS: list = []

@@ -1,0 +1,46 @@
+"""Entry point: the click group and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ftkit import __version__
+from ftkit.cli import config_cmds, engine_cmds, image_cmds, run_cmds
+from ftkit.errors import FtkitError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ftkit")
+def cli() -> None:
+    """Fine-tune LLMs on one or a few GPUs, reproducibly, and get the result served."""
+
+
+for module in (config_cmds, image_cmds, engine_cmds, run_cmds):
+    for command in module.COMMANDS:
+        cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="ftkit", standalone_mode=False)
+    except FtkitError as e:
+        click.echo(e.render() if not e.render().startswith("ftkit:") else e.render(), err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

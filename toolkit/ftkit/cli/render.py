@@ -1,0 +1,88 @@
+"""Plain-text rendering of plans: readable in a terminal and in a log, no colour codes."""
+
+from __future__ import annotations
+
+import shlex
+
+from ftkit.plan.spec import Plan
+
+
+def _q(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def render_plan(plan: Plan) -> str:
+    out: list[str] = []
+    w = out.append
+    w(f"plan: recipe {plan.recipe} ({plan.recipe_file}) on machine {plan.machine}, executor {plan.executor}")
+    w(f"run directory: {plan.run_dir}/")
+    for n, s in enumerate(plan.steps, 1):
+        w("")
+        tag = " [always, also after a failure]" if s.always else ""
+        w(f"{n}. {s.id} ({s.kind}){tag}: {s.description}")
+        if s.image:
+            w(f"   image: {s.image}")
+        if s.gpus:
+            w(f"   gpus: {','.join(map(str, s.gpus))}")
+        if s.power_caps_w:
+            w("   power caps: " + ", ".join(f"GPU {g} {c} W" for g, c in sorted(s.power_caps_w.items())))
+        if s.argv:
+            w(f"   run: {_q(s.argv)}")
+        if s.env:
+            w("   env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(s.env.items())))
+        for m in s.mounts:
+            w(f"   mount: {m.host} -> {m.container}{' (ro)' if m.read_only else ''}")
+        if s.ready:
+            w(f"   ready when: {s.ready['health']} and {s.ready['models']} answer (timeout {s.ready['timeout_s']} s)")
+        for p in s.prompts:
+            exp = p.get("expect") or {}
+            cond = ", ".join(f"{k} {v!r}" for k, v in exp.items() if v is not None) or "any answer"
+            w(f"   test prompt: {p['prompt'][:60]!r} -> {cond}")
+        if s.background:
+            w(f"   afterwards: {'left running' if s.keep_running else 'stopped at the end of the run'}")
+        for f in s.files:
+            w(f"   writes {f.path}:")
+            for line in f.content.rstrip().splitlines():
+                w(f"     | {line}")
+        for note in s.notes:
+            w(f"   note: {note}")
+    if plan.fit:
+        w("")
+        w("memory fit (estimate per device):")
+        for step, ests in plan.fit.items():
+            for e in ests:
+                dev = f"GPU {e.gpu}" + (f" ({e.vram_gib:g} GiB)" if e.vram_gib else "") if e.gpu is not None else "CPU"
+                parts = ", ".join(f"{k} {v:g}" for k, v in e.components_gib.items())
+                w(f"  {step} on {dev}: {e.total_gib:g} GiB -> {e.verdict}")
+                w(f"    components (GiB): {parts}")
+                w(f"    rule of thumb: {e.rule_of_thumb} = {e.rule_of_thumb_gib:g} GiB in all")
+                for note in e.notes:
+                    w(f"    note: {note}")
+                for sug in e.suggestions:
+                    w(f"    try: {sug}")
+    if plan.psu is not None:
+        w("")
+        b = plan.psu
+        w("PSU budget (worst-case transients):")
+        for d in b.gpus:
+            lim = f"{d.limit_w} W {'cap' if d.capped else 'default limit'}" if d.limit_w else "limit unknown"
+            worst = f"{d.worst_w:.0f} W" if d.worst_w is not None else "?"
+            w(f"  GPU {d.gpu} {d.model}: {lim} x {d.transient_factor:g} transient = {worst}")
+        w(f"  system: {b.system_w} W")
+        total = f"{b.worst_case_w:.0f} W" if b.worst_case_w is not None else "unknown"
+        budget = f"{b.budget_w:.0f} W ({b.psu_w} W PSU x {b.safety_margin:g})" if b.budget_w else "unknown"
+        w(f"  worst case {total} against {budget} -> {b.verdict}")
+        if plan.psu_uncapped is not None and plan.psu_uncapped.worst_case_w is not None:
+            u = plan.psu_uncapped
+            w(f"  without the caps: {u.worst_case_w:.0f} W -> {u.verdict}")
+        for note in b.notes:
+            w(f"  note: {note}")
+    if plan.warnings:
+        w("")
+        for warn in plan.warnings:
+            w(f"warning: {warn}")
+    w("")
+    w("run directory layout:")
+    for k, v in plan.layout.items():
+        w(f"  {k:<24} {v}")
+    return "\n".join(out)

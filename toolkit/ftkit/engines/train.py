@@ -1,0 +1,292 @@
+"""The training engine: LoRA, QLoRA or full fine-tuning with trl's SFTTrainer.
+
+Launched by the plan as
+    accelerate launch --config_file configs/accelerate-<step>.yaml -m ftkit.engines.train --config configs/train-<step>.json
+so DDP and DeepSpeed ZeRO-2/3 come from generated configs, never hand-written ones. Writes
+metrics.jsonl, crash-safe checkpoints (see engines.checkpoints), the final adapter (or model
+for full fine-tuning) and train_summary.json under the step's directory. Resumes from the
+newest complete checkpoint when one exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ftkit.engines import checkpoints, data, templates
+from ftkit.errors import EngineError
+from ftkit.recipe.models import TrainStep
+from ftkit.run.files import write_json
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def final_dir(output_dir: Path, step: TrainStep) -> Path:
+    return output_dir / ("model" if step.method == "full" else "adapter")
+
+
+def load_tokenizer(model_cfg: dict[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    src = model_cfg.get("path") or model_cfg["id"]
+    tok = AutoTokenizer.from_pretrained(src, revision=model_cfg.get("revision"),
+                                        trust_remote_code=model_cfg.get("trust_remote_code", False))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_cfg: dict[str, Any], step: TrainStep) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = model_cfg.get("path") or model_cfg["id"]
+    kwargs: dict[str, Any] = {
+        "revision": model_cfg.get("revision"),
+        "trust_remote_code": model_cfg.get("trust_remote_code", False),
+        # Frozen base weights (and full fine-tuning) in the step's precision; peft keeps the
+        # LoRA weights themselves in fp32.
+        "dtype": _torch_dtype(step.precision),
+    }
+    if step.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        compute = _torch_dtype(step.precision)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            # Stored in the compute dtype, the 4-bit weights are ordinary tensors ZeRO-3 can shard.
+            bnb_4bit_quant_storage=compute,
+        )
+        if step.distribution != "deepspeed-zero3" and torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    model.config.use_cache = False
+    if step.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=step.gradient_checkpointing)
+    return model
+
+
+def lora_config(step: TrainStep) -> Any:
+    from peft import LoraConfig
+
+    lo = step.lora
+    return LoraConfig(
+        r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora, modules_to_save=lo.modules_to_save or None, bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def datasets_for(dataset_cfg: dict[str, Any], tokenizer: Any) -> tuple[Any, Any | None]:
+    """Rows -> trl's prompt/completion (or text) datasets, shaped by the recipe's template."""
+    from datasets import Dataset
+
+    template = templates.choose(dataset_cfg.get("template", "auto"), dataset_cfg["format"], tokenizer)
+    if template != "tokenizer":
+        templates.apply_named(tokenizer, template)
+    splits = data.load_splits(dataset_cfg)
+
+    def convert(rows: list[dict[str, Any]]) -> Any:
+        exs = [data.to_example(r, dataset_cfg, template, tokenizer) for r in rows]
+        if dataset_cfg["format"] == "text":
+            return Dataset.from_list([{"text": e.text} for e in exs])
+        return Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in exs])
+
+    return convert(splits.train), (convert(splits.eval) if splits.eval else None)
+
+
+def make_callbacks(step: TrainStep, metrics_path: Path, ckpt_root: Path) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class Metrics(TrainerCallback):  # type: ignore[misc]
+        """One JSON line per log event: loss, eval loss, lr, tokens/s, samples/s, step time, peak memory."""
+
+        def __init__(self) -> None:
+            self.t_last = time.perf_counter()
+            self.step_last = 0
+            self.tokens_last = 0.0
+            self.t0 = self.t_last
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            import torch
+
+            now = time.perf_counter()
+            steps = state.global_step - self.step_last
+            row: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "time_s": round(now - self.t0, 3)}
+            for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy", "eval_mean_token_accuracy"):
+                if key in logs:
+                    row[key] = float(logs[key])
+            if "train_runtime" in logs:
+                row.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
+            if steps > 0 and "loss" in logs:
+                dt = now - self.t_last
+                world = args.world_size
+                row["step_time_s"] = round(dt / steps, 4)
+                row["samples_per_s"] = round(steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * world / dt, 3)
+                tokens = float(logs.get("num_tokens", state.num_input_tokens_seen or 0))
+                if tokens:
+                    row["tokens_per_s"] = round((tokens - self.tokens_last) / dt, 1)
+                    self.tokens_last = tokens
+                self.t_last, self.step_last = now, state.global_step
+            if torch.cuda.is_available():
+                row["peak_gpu_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            with open(metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    class Checkpoints(TrainerCallback):  # type: ignore[misc]
+        """After each save returns: write the completeness manifest, then apply retention."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            ckpt = ckpt_root / f"checkpoint-{state.global_step}"
+            if not ckpt.is_dir():
+                return
+            evals = [h["eval_loss"] for h in state.log_history if h.get("step") == state.global_step and "eval_loss" in h]
+            checkpoints.mark_complete(ckpt, eval_loss=evals[-1] if evals else None)
+            checkpoints.retain(ckpt_root, step.checkpoint.keep_last, step.checkpoint.keep_best)
+
+    return [Metrics(), Checkpoints()]
+
+
+def sft_config(step: TrainStep, ckpt_root: Path, has_eval: bool, deepspeed: str | None) -> Any:
+    import torch
+    from trl import SFTConfig
+
+    evaluating = has_eval and step.eval_every_steps is not None
+    kw: dict[str, Any] = dict(
+        output_dir=str(ckpt_root),
+        learning_rate=step.learning_rate,
+        lr_scheduler_type=step.lr_scheduler,
+        warmup_steps=step.warmup_ratio,  # < 1 means a ratio of the total steps
+        weight_decay=step.weight_decay,
+        per_device_train_batch_size=step.batch_size,
+        per_device_eval_batch_size=step.batch_size,
+        gradient_accumulation_steps=step.grad_accum,
+        max_length=step.seq_len,
+        packing=step.packing,
+        bf16=step.precision == "bf16",
+        fp16=step.precision == "fp16",
+        gradient_checkpointing=step.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if step.gradient_checkpointing else None,
+        optim=step.optimizer,
+        seed=step.seed,
+        data_seed=step.seed,
+        logging_steps=step.logging_steps,
+        save_strategy="steps",
+        save_steps=step.checkpoint.every_steps,
+        save_total_limit=None,  # retention is ftkit's (keeps the best too)
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=step.eval_every_steps if evaluating else None,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        deepspeed=deepspeed,
+    )
+    if step.max_steps is not None:
+        kw["max_steps"] = step.max_steps
+    else:
+        kw["num_train_epochs"] = step.epochs or 1.0
+    return SFTConfig(**kw)
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    step = TrainStep.model_validate(cfg["train"])
+    out = Path(cfg["output_dir"])
+    ckpt_root = out / "checkpoints"
+    metrics_path = Path(cfg["metrics_path"])
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        removed = checkpoints.remove_incomplete(ckpt_root)
+        for r in removed:
+            print(f"ftkit: removed incomplete checkpoint {r.name} (a save was interrupted)", flush=True)
+    set_seed(step.seed)
+    tokenizer = load_tokenizer(cfg["model"])
+    train_ds, eval_ds = datasets_for(cfg["dataset"], tokenizer)
+    model = load_model(cfg["model"], step)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(step, ckpt_root, eval_ds is not None, cfg.get("deepspeed_config")),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(step) if step.method != "full" else None,
+        callbacks=make_callbacks(step, metrics_path, ckpt_root),
+    )
+    resume = checkpoints.newest_complete(ckpt_root)
+    if resume is not None and rank0:
+        print(f"ftkit: resuming from {resume.name}", flush=True)
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - t0
+    final = final_dir(out, step)
+    trainer.save_model(str(final))
+    summary: dict[str, Any] = {
+        "method": step.method,
+        "global_step": trainer.state.global_step,
+        "train_loss": float(result.training_loss),
+        "seconds": round(seconds, 3),
+        "resumed_from": resume.name if resume else None,
+        "final": str(final),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "peak_gpu_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    if evals:
+        summary["eval_loss_first"], summary["eval_loss_last"] = evals[0], evals[-1]
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(final))
+        write_json(out / "train_summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ftkit.engines.train", description="ftkit's training engine")
+    ap.add_argument("--config", required=True, help="the engine config written by the plan")
+    args = ap.parse_args(argv)
+    try:
+        cfg = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"ftkit train: cannot read config {args.config}: {e}", file=sys.stderr)
+        sys.exit(2)
+    from ftkit.engines.entry import guarded
+
+    with guarded("train"):
+        summary = run(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ftkit train: done: {json.dumps(summary)}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except EngineError as e:  # pragma: no cover - guarded() handles it; belt and braces for ranks
+        print(e, file=sys.stderr)
+        sys.exit(1)

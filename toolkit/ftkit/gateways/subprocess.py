@@ -1,0 +1,208 @@
+"""The single place ftkit starts processes (like pip-tools' one subprocess module).
+
+Output is streamed line by line to the terminal (optional) and to a log file, and the last
+lines are kept so a failure can say what went wrong without a second read of the log.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from ftkit.errors import CommandFailed, FtkitError
+
+TAIL_LINES = 40
+
+
+@dataclass
+class Completed:
+    argv: list[str]
+    returncode: int
+    tail: str
+    output: str | None = None  # the whole output, only when capture=True
+
+
+def quote(argv: Sequence[str]) -> str:
+    """The argv as a shell-safe line, for logs, plans and --dry-run output."""
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _merged_env(env: Mapping[str, str] | None, inherit: bool) -> dict[str, str]:
+    base = dict(os.environ) if inherit else {}
+    if env:
+        base.update(env)
+    return base
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    inherit_env: bool = True,
+    cwd: str | os.PathLike[str] | None = None,
+    log_file: str | os.PathLike[str] | None = None,
+    echo: bool = False,
+    on_line: Callable[[str], None] | None = None,
+    capture: bool = False,
+    check: bool = True,
+    timeout: float | None = None,
+    stdin_data: str | None = None,
+) -> Completed:
+    """Run argv to completion, streaming its combined stdout/stderr.
+
+    `on_line` sees every line (progress displays use it); `echo` copies lines to stderr;
+    `log_file` receives everything. With `check`, a non-zero exit raises CommandFailed
+    carrying the last lines of output.
+    """
+    argv = [str(a) for a in argv]
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    captured: list[str] = []
+    log: IO[str] | None = None
+    try:
+        if log_file is not None:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+            log.write(f"$ {quote(argv)}\n")
+            log.flush()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=_merged_env(env, inherit_env),
+                cwd=cwd,
+                text=True,
+                errors="replace",
+                bufsize=1,
+            )
+        except FileNotFoundError as e:
+            raise FtkitError(f"cannot run {argv[0]!r}: not found on PATH") from e
+        except PermissionError as e:
+            raise FtkitError(f"cannot run {argv[0]!r}: permission denied") from e
+        if stdin_data is not None:
+            assert proc.stdin is not None  # we asked for a pipe above
+            proc.stdin.write(stdin_data)
+            proc.stdin.close()
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                tail.append(line)
+                if capture:
+                    captured.append(line)
+                if log is not None:
+                    log.write(line)
+                    log.flush()
+                if echo:
+                    sys.stderr.write(line)
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+    finally:
+        if log is not None:
+            log.close()
+    result = Completed(argv, rc, "".join(tail), "".join(captured) if capture else None)
+    if check and rc != 0:
+        raise CommandFailed(argv, rc, result.tail)
+    return result
+
+
+def output(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 30) -> str:
+    """Run a short query command and return its stdout; raises CommandFailed on failure."""
+    argv = [str(a) for a in argv]
+    try:
+        cp = subprocess.run(
+            argv, capture_output=True, text=True, env=_merged_env(env, True), timeout=timeout, check=False
+        )
+    except FileNotFoundError as e:
+        raise FtkitError(f"cannot run {argv[0]!r}: not found on PATH") from e
+    except subprocess.TimeoutExpired as e:
+        raise CommandFailed(argv, -1, f"timed out after {timeout} s") from e
+    if cp.returncode != 0:
+        raise CommandFailed(argv, cp.returncode, (cp.stderr or cp.stdout)[-4000:])
+    return cp.stdout
+
+
+@dataclass
+class Background:
+    """A process left running (a model server), with its output going to a log file."""
+
+    argv: list[str]
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM the whole process group, then SIGKILL after `grace_s`."""
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return self.proc.poll()
+        try:
+            return self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return self.proc.wait()
+
+
+def start(
+    argv: Sequence[str],
+    *,
+    log_file: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> Background:
+    """Start argv in its own process group, output appended to log_file."""
+    argv = [str(a) for a in argv]
+    path = Path(log_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as log:
+        log.write(f"$ {quote(argv)}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_merged_env(env, True),
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except FileNotFoundError as e:
+            raise FtkitError(f"cannot run {argv[0]!r}: not found on PATH") from e
+    return Background(argv, proc, path)

@@ -1,0 +1,436 @@
+"""Stage 4: Resolved recipe x machine -> Plan. Pure: no files, no processes, no clock.
+
+The same plan drives both executors. `local` runs steps in this Python environment with
+host paths; `docker` runs them in the ftkit images with the run directory and inputs
+mounted at fixed places under /ftkit, so the argv inside a container never depends on the
+host's layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ftkit.plan import launch, memory, power
+from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
+from ftkit.plan.spec import GeneratedFile, Mount, Plan, StepSpec
+from ftkit.recipe.models import (
+    EvalStep,
+    MergeStep,
+    PowerStep,
+    Recipe,
+    ServeStep,
+    TrainStep,
+)
+from ftkit.recipe.resolve import Resolved
+
+CONTAINER_ROOT = PurePosixPath("/ftkit")
+RUN_LAYOUT = {
+    "recipe.resolved.yaml": "the recipe with every default filled in",
+    "plan.json": "this plan",
+    "command.txt": "the ftkit command line that started the run",
+    "env.json": "Python, ftkit and package versions, Docker version, GPU inventory",
+    "state.json": "each step's status and times (journal, written atomically)",
+    "configs/": "generated accelerate, DeepSpeed and engine configs",
+    "logs/": "one log per step",
+    "model/": "the generated tiny base model (tiny recipes only)",
+    "steps/<train>/": "checkpoints/, adapter/, metrics.jsonl",
+    "steps/<merge>/model/": "the merged model (sharded safetensors)",
+    "steps/<serve>/": "responses.jsonl: test prompts, answers, pass/fail",
+    "steps/<eval>/": "results.jsonl and summary.json",
+}
+
+
+@dataclass
+class Places:
+    """Where things are as the step's process sees them (host or container paths)."""
+
+    executor: str
+    run_dir: str
+    python: str
+    hf_home: str | None
+
+    def run(self, rel: str = "") -> str:
+        base = str(CONTAINER_ROOT / "run") if self.executor == "docker" else self.run_dir
+        return f"{base}/{rel}" if rel else base
+
+    def cmd(self, module: str) -> list[str]:
+        return ["python", "-m", module] if self.executor == "docker" else [self.python, "-m", module]
+
+
+def arch_for(recipe: Recipe, local_config: dict[str, Any] | None = None) -> ModelArch | None:
+    """Figures for the memory estimate: the recipe's override, the tiny spec, a local config,
+    or the built-in catalog."""
+    m = recipe.model
+    if m.arch is not None:
+        a = m.arch
+        heads = a.heads or max(a.hidden_size // 128, 1)
+        return ModelArch(a.params_b, a.layers, a.hidden_size, a.intermediate_size or 4 * a.hidden_size, heads, a.kv_heads or heads, a.vocab_size)
+    if m.tiny is not None:
+        t = m.tiny
+        h, i, v, n = t.hidden_size, t.intermediate_size, t.vocab_size, t.layers
+        params = n * (4 * h * h + 3 * h * i + 2 * h) + 2 * v * h + h
+        return ModelArch(params / 1e9, n, h, i, t.heads, t.heads, v)
+    if local_config:
+        c = local_config
+        try:
+            h = int(c["hidden_size"])
+            n = int(c["num_hidden_layers"])
+            i = int(c.get("intermediate_size", 4 * h))
+            heads = int(c.get("num_attention_heads", max(h // 128, 1)))
+            kv = int(c.get("num_key_value_heads", heads))
+            v = int(c["vocab_size"])
+            tied = bool(c.get("tie_word_embeddings", False))
+        except (KeyError, TypeError, ValueError):
+            return None
+        hd = h // heads
+        params = n * (h * heads * hd * 2 + 2 * h * kv * hd + 3 * h * i + 2 * h) + v * h * (1 if tied else 2) + h
+        return ModelArch(params / 1e9, n, h, i, heads, kv, v, tied)
+    if m.id:
+        return find_arch(m.id)
+    return None
+
+
+def vram_by_gpu(res: Resolved) -> dict[int, float | None]:
+    out: dict[int, float | None] = {}
+    for g in res.machine.gpus:
+        if g.vram_gib is not None:
+            out[g.index] = g.vram_gib
+        else:
+            cat = find_gpu(g.model)
+            out[g.index] = cat.vram_gib if cat else None
+    return out
+
+
+def caps_of(step: PowerStep, gpus: list[int]) -> dict[int, int]:
+    if isinstance(step.caps_w, dict):
+        return dict(step.caps_w)
+    if step.caps_w is None:
+        return {}
+    return {g: step.caps_w for g in gpus}
+
+
+def build_plan(
+    res: Resolved,
+    *,
+    run_dir: str,
+    python: str = "python",
+    images: dict[str, str] | None = None,
+    local_model_config: dict[str, Any] | None = None,
+) -> Plan:
+    recipe, machine = res.recipe, res.machine
+    executor = machine.executor
+    places = Places(executor, run_dir, python, machine.paths.hf_cache)
+    images = images or {}
+    steps: list[StepSpec] = []
+    warnings: list[str] = []
+    all_gpus = [g.index for g in machine.gpus]
+    arch = arch_for(recipe, local_model_config)
+
+    # Inputs the engines read. Docker mounts each at a fixed container place.
+    mounts: list[Mount] = []
+    if executor == "docker":
+        mounts.append(Mount(run_dir, str(CONTAINER_ROOT / "run"), read_only=False))
+        if "dataset" in res.host_paths:
+            mounts.append(Mount(str(res.host_paths["dataset"].parent), str(CONTAINER_ROOT / "inputs/dataset")))
+        if "eval" in res.host_paths:
+            mounts.append(Mount(str(res.host_paths["eval"].parent), str(CONTAINER_ROOT / "inputs/eval")))
+        if "model" in res.host_paths:
+            mounts.append(Mount(str(res.host_paths["model"]), str(CONTAINER_ROOT / "inputs/model")))
+        if machine.paths.hf_cache:
+            mounts.append(Mount(machine.paths.hf_cache, str(CONTAINER_ROOT / "hf-cache"), read_only=False))
+
+    def input_path(key: str) -> str | None:
+        p = res.host_paths.get(key)
+        if p is None:
+            return None
+        if executor != "docker":
+            return str(p)
+        if key == "model":
+            return str(CONTAINER_ROOT / "inputs/model")
+        return str(CONTAINER_ROOT / f"inputs/{key}" / p.name)
+
+    base_env: dict[str, str] = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "TOKENIZERS_PARALLELISM": "false"}
+    if executor == "docker" and machine.paths.hf_cache:
+        base_env["HF_HOME"] = str(CONTAINER_ROOT / "hf-cache")
+    elif machine.paths.hf_cache:
+        base_env["HF_HOME"] = machine.paths.hf_cache
+    if recipe.model.id is None:
+        base_env["HF_HUB_OFFLINE"] = "1"  # a local or generated model: nothing to fetch
+
+    def spec(**kw: Any) -> StepSpec:
+        s = StepSpec(**kw)
+        if s.executor in ("local", "docker"):
+            s.env = {**base_env, **s.env}
+            if s.executor == "docker":
+                s.mounts = list(mounts)
+                s.image = s.image or images.get("train")
+        return s
+
+    # Base model description for the engines.
+    model_cfg: dict[str, Any] = {
+        "dtype": recipe.model.dtype,
+        "trust_remote_code": recipe.model.trust_remote_code,
+    }
+    if recipe.model.tiny is not None:
+        model_cfg.update(source="path", path=places.run("model"))
+        tiny_cfg = {
+            "tiny": recipe.model.tiny.model_dump(),
+            "dataset": _dataset_cfg(recipe, input_path),
+            "output_dir": places.run("model"),
+        }
+        steps.append(
+            spec(
+                id="tiny-model",
+                kind="tiny-model",
+                description="make a tiny random Llama and train its tokenizer on the dataset (no download)",
+                executor=executor,
+                argv=places.cmd("ftkit.engines.tiny") + ["--config", places.run("configs/tiny-model.json")],
+                files=[GeneratedFile("configs/tiny-model.json", launch.dump_json(tiny_cfg))],
+                outputs={"model": "model"},
+            )
+        )
+    elif recipe.model.path is not None:
+        model_cfg.update(source="path", path=input_path("model"))
+    else:
+        model_cfg.update(source="hub", id=recipe.model.id, revision=recipe.model.revision)
+    base_ref = model_cfg.get("path") or model_cfg["id"]
+
+    train_outputs: dict[str, dict[str, str]] = {}
+    merge_outputs: dict[str, str] = {}
+    caps_now: dict[int, int] = {}
+    max_caps: dict[int, int] = {}
+    fit: dict[str, list[memory.FitEstimate]] = {}
+    serving_replaced = False
+    handoff_stopped = False
+    port_offset = 0
+
+    for step in recipe.steps:
+        name = step.name or step.type
+        if isinstance(step, PowerStep):
+            if step.restore:
+                steps.append(
+                    spec(id=name, kind="power-restore", recipe_step=name, executor="nvml",
+                         description="restore the power limits found at the start of the run", gpus=all_gpus)
+                )
+                caps_now = {}
+                continue
+            caps = caps_of(step, all_gpus)
+            caps_now.update(caps)
+            for g, w in caps.items():
+                max_caps[g] = max(max_caps.get(g, 0), w)
+            desc = ", ".join(f"GPU {g}: {w} W" for g, w in sorted(caps.items())) or "no GPUs on this machine"
+            steps.append(
+                spec(id=name, kind="power", recipe_step=name, executor="nvml", gpus=sorted(caps),
+                     power_caps_w=caps, description=f"cap power before the work ({desc})")
+            )
+        elif isinstance(step, TrainStep):
+            gpus = list(step.gpus) if isinstance(step.gpus, list) else []
+            if machine.serving and step.handoff == "auto" and set(machine.serving.gpus) & set(gpus) and not handoff_stopped:
+                steps.append(_handoff(machine, "stop", gpus))
+                handoff_stopped = True
+            if gpus and not caps_now and len(all_gpus) > 1:
+                warnings.append(
+                    f"step {name}: trains on {len(gpus)} GPUs with no power caps set; "
+                    "the guides cap every GPU before multi-GPU training (add a power step)"
+                )
+            out_dir = f"steps/{name}"
+            final = "model" if step.method == "full" else "adapter"
+            train_outputs[name] = {"adapter": f"{out_dir}/{final}", "checkpoints": f"{out_dir}/checkpoints",
+                                   "metrics": f"{out_dir}/metrics.jsonl", "method": step.method}
+            files = []
+            ds_rel = None
+            ds_cfg = launch.deepspeed_config(step)
+            if ds_cfg is not None:
+                ds_rel = f"configs/deepspeed-{name}.json"
+                files.append(GeneratedFile(ds_rel, launch.dump_json(ds_cfg)))
+            acc_rel = f"configs/accelerate-{name}.yaml"
+            files.append(GeneratedFile(acc_rel, launch.dump_yaml(
+                launch.accelerate_config(step, deepspeed_file=places.run(ds_rel) if ds_rel else None))))
+            engine_cfg = {
+                "model": model_cfg,
+                "dataset": _dataset_cfg(recipe, input_path),
+                "train": step.model_dump(mode="json"),
+                "output_dir": places.run(out_dir),
+                "metrics_path": places.run(train_outputs[name]["metrics"]),
+                "deepspeed_config": places.run(ds_rel) if ds_rel else None,
+            }
+            cfg_rel = f"configs/train-{name}.json"
+            files.append(GeneratedFile(cfg_rel, launch.dump_json(engine_cfg)))
+            if executor == "docker":
+                launcher = ["accelerate", "launch", "--config_file", places.run(acc_rel)]
+            else:
+                launcher = [python, "-m", "accelerate.commands.launch", "--config_file", places.run(acc_rel)]
+            if len(gpus) > 1:
+                launcher += ["--main_process_port", str(29500 + port_offset)]
+                port_offset += 1
+            argv = launcher + ["-m", "ftkit.engines.train", "--config", places.run(cfg_rel)]
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {"CUDA_VISIBLE_DEVICES": ""}
+            if step.method == "qlora":
+                env["BNB_CUDA_VERSION"] = ""  # let bitsandbytes match torch's CUDA
+            how = f"{step.method} on {len(gpus)} GPU(s) {gpus} with {step.distribution}" if gpus else f"{step.method} on the CPU"
+            steps.append(spec(id=name, kind="train", recipe_step=name, executor=executor, argv=argv, env=env,
+                              gpus=gpus, files=files, outputs=dict(train_outputs[name]), power_caps_w=dict(caps_now),
+                              description=f"train: {how}"))
+            if arch is None:
+                warnings.append(f"step {name}: no architecture figures for {recipe.model.id or recipe.model.path}; "
+                                "add model.arch to get a memory estimate")
+            else:
+                fit[name] = memory.fit(step, arch, vram_by_gpu(res))
+        elif isinstance(step, MergeStep):
+            src = train_outputs.get(step.adapter or "", {})
+            out_rel = step.output or f"steps/{name}/model"
+            merge_outputs[name] = out_rel
+            argv = places.cmd("ftkit") + ["merge", "--base", base_ref, "--adapter", places.run(src.get("adapter", "")),
+                                          "-o", places.run(out_rel), "--dtype", step.dtype,
+                                          "--max-shard-gb", f"{step.max_shard_gb:g}"]
+            if model_cfg.get("source") == "hub":
+                argv += ["--revision", str(recipe.model.revision)]
+            if step.base == "nf4-dequantized":
+                argv.append("--nf4-dequantized-base")
+            steps.append(spec(id=name, kind="merge", recipe_step=name, executor=executor, argv=argv,
+                              outputs={"model": out_rel},
+                              description=f"merge adapter of {step.adapter} into the base, streaming tensor by tensor",
+                              env={"CUDA_VISIBLE_DEVICES": ""}))
+        elif isinstance(step, ServeStep):
+            steps.append(_serve(step, name, places, base_ref, train_outputs, merge_outputs, images, executor, spec))
+            if machine.serving and step.keep_running and set(machine.serving.gpus) & set(step.gpus or []):
+                serving_replaced = True
+        elif isinstance(step, EvalStep):
+            eval_cfg = {
+                "model": model_cfg,
+                "dataset": _dataset_cfg(recipe, input_path),
+                "eval": step.model_dump(mode="json"),
+                "prompts_path": input_path(f"eval:{name}"),
+                "adapters": {k: places.run(v["adapter"]) for k, v in train_outputs.items() if v["method"] != "full"},
+                "merged": {k: places.run(v) for k, v in merge_outputs.items()},
+                "full": {k: places.run(v["adapter"]) for k, v in train_outputs.items() if v["method"] == "full"},
+                "output_dir": places.run(f"steps/{name}"),
+            }
+            cfg_rel = f"configs/eval-{name}.json"
+            steps.append(spec(id=name, kind="eval", recipe_step=name, executor=executor,
+                              argv=places.cmd("ftkit.engines.evaluate") + ["--config", places.run(cfg_rel)],
+                              files=[GeneratedFile(cfg_rel, launch.dump_json(eval_cfg))],
+                              outputs={"results": f"steps/{name}/results.jsonl", "summary": f"steps/{name}/summary.json"},
+                              gpus=all_gpus[:1], env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, all_gpus[:1]))},
+                              description=f"score held-out prompts ({step.score}) on: {', '.join(step.models)}"))
+
+    if handoff_stopped and machine.serving:
+        if serving_replaced:
+            warnings.append(
+                f"the recipe's server takes over GPU(s) {machine.serving.gpus} from service "
+                f"{machine.serving.service!r}, which stays stopped; start it again after stopping the recipe's server"
+            )
+        else:
+            steps.append(_handoff(machine, "start", machine.serving.gpus))
+    if any(s.kind == "power" for s in steps):
+        steps.append(StepSpec(id="power-restore-final", kind="power-restore", executor="nvml", gpus=all_gpus, always=True,
+                              description="restore the power limits found at the start (also after a failure)"))
+
+    psu = power.budget(machine, max_caps) if machine.gpus else None
+    psu_uncapped = power.budget(machine, {}) if machine.gpus and max_caps else None
+    return Plan(
+        recipe=recipe.name,
+        recipe_file=str(res.source),
+        machine=machine.name,
+        executor=executor,
+        run_dir=run_dir,
+        steps=steps,
+        fit=fit,
+        psu=psu,
+        psu_uncapped=psu_uncapped,
+        layout=dict(RUN_LAYOUT),
+        warnings=warnings,
+    )
+
+
+def _dataset_cfg(recipe: Recipe, input_path: Any) -> dict[str, Any]:
+    d = recipe.dataset
+    return {
+        "path": input_path("dataset"),
+        "format": d.format,
+        "fields": d.fields.model_dump(),
+        "template": input_path("template") if d.template.endswith((".jinja", ".j2")) else d.template,
+        "system_prompt": d.system_prompt,
+        "eval": (
+            {**d.eval.model_dump(exclude_none=True), **({"path": input_path("eval")} if d.eval.path else {})}
+            if d.eval else None
+        ),
+    }
+
+
+def _handoff(machine: Any, action: str, gpus: list[int]) -> StepSpec:
+    svc = machine.serving
+    if svc.manager == "systemd":
+        argv = ["systemctl", action, svc.service]
+    elif svc.manager == "compose":
+        argv = ["docker", "compose", action, svc.service]
+    else:
+        argv = ["docker", action, svc.service]
+    if action == "stop":
+        desc = f"hand GPU(s) {sorted(set(svc.gpus) & set(gpus))} over from service {svc.service!r} to training"
+    else:
+        desc = f"hand GPU(s) {svc.gpus} back to service {svc.service!r}"
+    return StepSpec(id=f"handoff-{action}", kind=f"handoff-{action}", executor="service", argv=argv, gpus=list(svc.gpus),
+                    always=action == "start", description=desc)
+
+
+def _serve(step: ServeStep, name: str, places: Places, base_ref: str, trains: dict, merges: dict,
+           images: dict[str, str], executor: str, spec: Any) -> StepSpec:
+    gpus = list(step.gpus) if isinstance(step.gpus, list) else []
+    files: list[GeneratedFile] = []
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+    if step.model == "merged":
+        model = places.run(merges.get(step.adapter or "", ""))
+    else:
+        model = base_ref
+    host = "0.0.0.0" if executor == "docker" else "127.0.0.1"
+    served = step.served_name or name
+    if step.engine == "vllm":
+        argv = ["vllm", "serve", model, "--host", host, "--port", str(step.port), "--served-model-name", served]
+        if len(gpus) > 1 and "tensor_parallel_size" not in step.args and "tensor-parallel-size" not in step.args:
+            argv += ["--tensor-parallel-size", str(len(gpus))]
+        if step.model == "adapter":
+            adapter = places.run(trains.get(step.adapter or "", {}).get("adapter", ""))
+            argv += ["--enable-lora", "--lora-modules", f"{served}-lora={adapter}"]
+        image = images.get("serve-vllm")
+    else:
+        prefix = ["transformers"] if executor == "docker" else [places.python, "-m", "transformers.cli.transformers"]
+        device = "cuda:0" if gpus else "cpu"
+        argv = prefix + ["serve", model, "--host", host, "--port", str(step.port), "--device", device]
+        image = images.get("serve-transformers")
+        if places.hf_home is None:
+            # transformers serve lists /v1/models from the hub cache and answers 500 when the
+            # directory is missing; without a machine cache, give it one that exists.
+            files.append(GeneratedFile(f"steps/{name}/hub-cache/.keep", ""))
+            env["HF_HUB_CACHE"] = places.run(f"steps/{name}/hub-cache")
+    argv += _engine_args(step.args)
+    base = f"http://127.0.0.1:{step.port}"
+    prompts = [p.model_dump(mode="json") for p in step.prompts]
+    target = "the merged model" if step.model == "merged" else "the base model" if step.model == "base" else "base + LoRA adapter"
+    return spec(
+        id=name, kind="serve", recipe_step=name, executor=executor, image=image, argv=argv, gpus=gpus,
+        env=env, files=files,
+        background=True, keep_running=step.keep_running,
+        ready={"health": f"{base}/health", "models": f"{base}/v1/models", "timeout_s": step.ready_timeout_s,
+               "base_url": f"{base}/v1", "served_name": served if step.engine == "vllm" else model},
+        prompts=prompts, outputs={"responses": f"steps/{name}/responses.jsonl"},
+        description=f"serve {target} with {step.engine} on port {step.port}, then send {len(prompts)} test prompt(s)",
+    )
+
+
+def _engine_args(args: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            continue
+        elif isinstance(value, list):
+            out += [flag] + [str(v) for v in value]
+        else:
+            out += [flag, str(value)]
+    return out
+

@@ -1,0 +1,1 @@
+"""Recipes and machine profiles: loading (YAML with positions), models, validation, schema."""

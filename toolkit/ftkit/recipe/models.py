@@ -1,0 +1,344 @@
+"""The recipe and machine-profile formats as pydantic models.
+
+These models are the single source of truth for both formats: validation, defaults and the
+published JSON Schema (`ftkit schema`, `recipes/recipe.schema.json`) all come from here.
+Shape rules live on the fields; rules that relate fields to each other live in
+`recipe.checks`, which collects every problem instead of stopping at the first.
+
+A recipe is portable: it holds no absolute paths and no host names. A machine profile holds
+what is specific to one machine: GPUs, PSU, paths, the Docker host, the serving service.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="lowercase letters, digits, . _ -")]
+Dtype = Literal["bf16", "fp16", "fp32"]
+Scalar = Union[str, int, float, bool]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (with a did-you-mean, see recipe.validate)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=False)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class TinyModel(Strict):
+    """A small random Llama made on the spot, with a tokenizer trained on the recipe's data.
+    For the CPU quickstart and tests: nothing is downloaded."""
+
+    hidden_size: int = Field(64, ge=8, le=4096)
+    layers: int = Field(2, ge=1, le=64)
+    heads: int = Field(4, ge=1, le=64)
+    intermediate_size: int = Field(128, ge=8, le=16384)
+    vocab_size: int = Field(400, ge=64, le=65536, description="BPE vocabulary trained on the dataset")
+    max_position_embeddings: int = Field(256, ge=16, le=32768)
+    initializer_range: float = Field(0.1, gt=0, le=1.0)
+    seed: int = 0
+
+
+class Arch(Strict):
+    """Architecture figures for memory estimates, where ftkit cannot read the model's config."""
+
+    params_b: float = Field(..., gt=0, description="parameters, in billions")
+    layers: int = Field(..., ge=1)
+    hidden_size: int = Field(..., ge=1)
+    intermediate_size: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    kv_heads: int | None = Field(None, ge=1)
+    vocab_size: int = Field(..., ge=1)
+
+
+class ModelSpec(Strict):
+    """The base model: a hub id pinned to a commit, a local path, or a tiny generated model."""
+
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", description="hub id, org/name")
+    revision: str | None = Field(None, description="the hub commit (40 hex characters): pins the weights")
+    path: str | None = Field(None, description="relative to the recipe, or ${models}/... from the machine profile")
+    tiny: TinyModel | None = None
+    dtype: Dtype = "bf16"
+    arch: Arch | None = Field(None, description="override the built-in figures used for memory estimates")
+    trust_remote_code: bool = False
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class Fields(Strict):
+    """Column names in the data, where they differ from the defaults."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    role: str = "role"
+    content: str = "content"
+    text: str = "text"
+
+
+class EvalSplit(Strict):
+    """Held-out data: a fraction or count of the dataset (split deterministically), or a file."""
+
+    fraction: float | None = Field(None, gt=0, lt=1)
+    size: int | None = Field(None, ge=1)
+    path: str | None = None
+    seed: int = 0
+
+
+class DatasetSpec(Strict):
+    path: str = Field(..., description="jsonl, json, parquet, or a saved datasets directory")
+    format: Literal["alpaca", "chat", "text"]
+    fields: Fields = Field(default_factory=Fields)
+    template: str = Field(
+        "auto",
+        description="prompt template: auto (tokenizer's chat template if it has one, else alpaca), "
+        "tokenizer, alpaca, chatml, llama3, gemma, mistral, or a relative path to a .jinja file",
+    )
+    system_prompt: str | None = None
+    eval: EvalSplit | None = None
+
+
+# --------------------------------------------------------------------------- steps
+
+
+GpuSel = Union[Literal["all"], list[Annotated[int, Field(ge=0)]]]
+
+
+class PowerStep(Strict):
+    """Set NVML power limits before the work that follows. The runner restores the limits it
+    found when the run ends, also when it fails."""
+
+    type: Literal["power"]
+    name: Name | None = None
+    caps_w: int | dict[int, int] | None = Field(
+        None, description="watts for every GPU the recipe uses, or {gpu index: watts}"
+    )
+    restore: bool = Field(False, description="restore the limits found at the start, instead of setting caps")
+
+
+class Lora(Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class Checkpoint(Strict):
+    every_steps: int = Field(200, ge=1)
+    keep_last: int = Field(2, ge=1)
+    keep_best: bool = Field(True, description="also keep the checkpoint with the lowest eval loss")
+
+
+class TrainStep(Strict):
+    type: Literal["train"]
+    name: Name | None = None
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: Lora = Field(default_factory=Lora)
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(1, ge=1, description="per device")
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(1024, ge=16, le=1_048_576)
+    packing: bool = False
+    precision: Dtype = "bf16"
+    gradient_checkpointing: bool = True
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
+    seed: int = 42
+    distribution: Literal["single", "ddp", "deepspeed-zero2", "deepspeed-zero3"] = "single"
+    gpus: GpuSel = Field("all", description="GPU indices on the machine, or all")
+    cpu_offload: bool = Field(False, description="DeepSpeed: offload optimizer states to CPU RAM")
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    eval_every_steps: int | None = Field(None, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    handoff: Literal["auto", "never"] = Field(
+        "auto", description="auto: stop the machine's serving service if it holds these GPUs, restart it after"
+    )
+
+
+class MergeStep(Strict):
+    """Fold a LoRA adapter into the base weights, streaming tensor by tensor."""
+
+    type: Literal["merge"]
+    name: Name | None = None
+    adapter: str | None = Field(None, description="the train step whose adapter to merge (default: the last one)")
+    dtype: Dtype = "bf16"
+    output: str | None = Field(None, description="relative directory in the run (default: merged)")
+    base: Literal["original", "nf4-dequantized"] = Field(
+        "original",
+        description="QLoRA: merge into the 16-bit original (default) or into the quantize-dequantized base it trained on",
+    )
+    max_shard_gb: float = Field(5.0, gt=0)
+
+
+class Expect(Strict):
+    contains: str | None = None
+    equals: str | None = None
+    regex: str | None = None
+
+
+class ServePrompt(Strict):
+    prompt: str
+    expect: Expect | None = None
+    max_tokens: int = Field(64, ge=1)
+    chat: bool = Field(False, description="send as a chat message instead of a raw completion prompt")
+
+
+class ServeStep(Strict):
+    type: Literal["serve"]
+    name: Name | None = None
+    engine: Literal["vllm", "transformers"] = "vllm"
+    model: Literal["merged", "base", "adapter"] = Field(
+        "merged", description="merged: the merge step's output; adapter: base + the LoRA adapter (vLLM --enable-lora)"
+    )
+    adapter: str | None = Field(None, description="the train (adapter) or merge (merged) step to serve")
+    served_name: Name | None = None
+    port: int = Field(8000, ge=1, le=65535)
+    gpus: GpuSel = "all"
+    args: dict[str, Union[Scalar, list[Scalar]]] = Field(
+        default_factory=dict, description="engine arguments, e.g. {max_model_len: 8192, gpu_memory_utilization: 0.9}"
+    )
+    ready_timeout_s: int = Field(600, ge=1)
+    prompts: list[ServePrompt] = Field(default_factory=list)
+    keep_running: bool = Field(True, description="leave the server up after the run (the service)")
+
+
+class EvalPrompt(Strict):
+    prompt: str
+    expected: str
+
+
+class EvalStep(Strict):
+    """Score held-out prompts on several models (base before, merged after) by exact match or
+    containment, with greedy decoding."""
+
+    type: Literal["eval"]
+    name: Name | None = None
+    prompts: list[EvalPrompt] | None = Field(None, description="inline prompts (default: the dataset's eval split)")
+    path: str | None = Field(None, description="a jsonl file of {prompt, expected}")
+    score: Literal["exact", "contains"] = "exact"
+    models: list[Literal["base", "adapter", "merged"]] = Field(default_factory=lambda: ["base", "merged"])
+    max_new_tokens: int = Field(32, ge=1)
+    limit: int | None = Field(None, ge=1)
+    min_improvement: float | None = Field(
+        None, ge=-100, le=100, description="fail the step unless the last model beats the first by this many points"
+    )
+
+
+Step = Annotated[Union[PowerStep, TrainStep, MergeStep, ServeStep, EvalStep], Field(discriminator="type")]
+
+
+class ImagePins(Strict):
+    """Pin images by digest, or point at an images.lock.json written by `ftkit build`."""
+
+    train: str | None = Field(None, pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$")
+    serve: str | None = Field(None, pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$")
+    lock: str | None = Field(None, description="relative path to an images.lock.json")
+
+
+class Recipe(Strict):
+    """A fine-tuning recipe: what to train, on what data, and what to do with the result."""
+
+    ftkit: Literal[1] = Field(..., description="format version")
+    kind: Literal["recipe"] = "recipe"
+    name: Name
+    description: str | None = None
+    model: ModelSpec
+    dataset: DatasetSpec
+    images: ImagePins | None = None
+    steps: list[Step] = Field(..., min_length=1)
+
+    def step_name(self, index: int) -> str:
+        step = self.steps[index]
+        return step.name or step.type
+
+
+# --------------------------------------------------------------------------- machine
+
+
+class PowerRange(Strict):
+    min_w: int = Field(..., ge=1)
+    max_w: int = Field(..., ge=1)
+    default_w: int | None = Field(None, ge=1, description="the board's default limit (what restore falls back to)")
+
+
+class GpuSpec(Strict):
+    index: int = Field(..., ge=0)
+    model: str = Field(..., description="e.g. 'RTX 4090' (matched against ftkit's catalog)")
+    vram_gib: float | None = Field(None, gt=0)
+    power: PowerRange | None = None
+    transient_w: int | None = Field(None, ge=1, description="worst transient draw at the default limit")
+    compute_capability: str | None = Field(None, pattern=r"^\d+\.\d+$")
+
+
+class Psu(Strict):
+    watts: int = Field(..., ge=100)
+    safety_margin: float = Field(0.9, gt=0, le=1, description="use at most this fraction of the PSU rating")
+
+
+class Paths(Strict):
+    models: str | None = None
+    datasets: str | None = None
+    runs: str | None = None
+    hf_cache: str | None = None
+
+
+class Docker(Strict):
+    host: str | None = Field(None, description="DOCKER_HOST for this machine; default: the local engine")
+
+
+class Serving(Strict):
+    """The inference service that owns the GPUs when no training runs."""
+
+    service: str
+    manager: Literal["systemd", "compose", "docker"] = "systemd"
+    gpus: list[int] = Field(default_factory=list)
+    port: int | None = Field(None, ge=1, le=65535)
+
+
+class Machine(Strict):
+    """What is specific to one machine. Recipes stay portable; this file does not travel."""
+
+    ftkit: Literal[1]
+    kind: Literal["machine"]
+    name: Name
+    gpus: list[GpuSpec] = Field(default_factory=list)
+    psu: Psu | None = None
+    system_watts: int = Field(200, ge=0, description="CPU, board, drives and fans under load")
+    ram_gib: float | None = Field(None, gt=0)
+    paths: Paths = Field(default_factory=Paths)
+    docker: Docker = Field(default_factory=Docker)
+    serving: Serving | None = None
+    executor: Literal["docker", "local"] = Field(
+        "docker", description="run steps in the ftkit images (docker) or in this Python environment (local)"
+    )
+    ca_bundle: str | None = Field(None, description="CA bundle for TLS-intercepting proxies (builds and containers)")
+
+    def gpu(self, index: int) -> GpuSpec | None:
+        return next((g for g in self.gpus if g.index == index), None)
+
+
+def json_schema(kind: Literal["recipe", "machine"] = "recipe") -> dict[str, Any]:
+    """The JSON Schema of recipes (default) or machine profiles, for editors and CI."""
+    model: type[BaseModel] = Recipe if kind == "recipe" else Machine
+    schema = model.model_json_schema(ref_template="#/$defs/{model}")
+    out: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://ftkit.dev/schema/{kind}-v{FORMAT_VERSION}.json",
+        "$comment": "Generated by `ftkit schema` from ftkit.recipe.models. Do not edit by hand.",
+    }
+    out.update(schema)
+    return out

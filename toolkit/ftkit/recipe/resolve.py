@@ -1,0 +1,119 @@
+"""Stage 3: fill in every default so the plan and the run directory show the recipe exactly
+as it will run (`recipe.resolved.yaml`): step names, epochs, GPU lists, host paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftkit.errors import ConfigError, ConfigIssue
+from ftkit.recipe.checks import PATH_VARS, uses_variable
+from ftkit.recipe.models import EvalStep, Machine, MergeStep, Recipe, ServeStep, TrainStep
+from ftkit.recipe.validate import LoadedRecipe
+from ftkit.recipe.yamlpos import Path_
+
+
+@dataclass
+class Resolved:
+    """A recipe with nothing left implicit, bound to one machine."""
+
+    recipe: Recipe
+    machine: Machine
+    source: Path  # the recipe file
+    host_paths: dict[str, Path] = field(default_factory=dict)  # dataset, eval, model, template, images_lock
+
+    def to_yaml_data(self) -> dict[str, Any]:
+        return self.recipe.model_dump(mode="json", exclude_none=True)
+
+
+def expand(value: str, base_dir: Path, machine: Machine) -> Path | None:
+    """A recipe path on this machine; None when it uses a variable the profile lacks."""
+    if uses_variable(value):
+        for var in PATH_VARS:
+            token = "${" + var + "}"
+            if value.startswith(token):
+                root = getattr(machine.paths, var)
+                if root is None:
+                    return None
+                return Path(root).expanduser() / value[len(token) :].lstrip("/")
+        return None
+    return (base_dir / value).resolve()
+
+
+def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
+    recipe = loaded.recipe.model_copy(deep=True)
+    issues: list[ConfigIssue] = []
+
+    def problem(path: Path_, message: str) -> None:
+        issues.append(loaded.doc.issue(path, message))
+
+    gpu_indices = [g.index for g in machine.gpus]
+    for i, step in enumerate(recipe.steps):
+        step.name = recipe.step_name(i)
+        if isinstance(step, TrainStep):
+            if step.epochs is None and step.max_steps is None:
+                step.epochs = 1.0
+            if step.gpus == "all":
+                wanted = gpu_indices if step.distribution != "single" else gpu_indices[:1]
+                step.gpus = list(wanted)
+            for j, idx in enumerate(step.gpus):
+                if idx not in gpu_indices:
+                    problem(("steps", i, "gpus", j), f"GPU {idx} is not on machine {machine.name!r} (has {gpu_indices or 'none'})")
+            if step.distribution != "single" and len(step.gpus) < 2:
+                problem(("steps", i, "distribution"), f"{step.distribution} needs 2+ GPUs; machine {machine.name!r} has {len(gpu_indices)}")
+            if not step.gpus and step.method == "qlora":
+                problem(("steps", i, "method"), "QLoRA needs a CUDA GPU (bitsandbytes 4-bit); this machine has none")
+        elif isinstance(step, ServeStep):
+            if step.gpus == "all":
+                step.gpus = list(gpu_indices)
+            if not step.gpus and step.engine == "vllm":
+                problem(("steps", i, "engine"), "vLLM needs a GPU; this machine has none: use engine transformers")
+            for j, idx in enumerate(step.gpus):
+                if idx not in gpu_indices:
+                    problem(("steps", i, "gpus", j), f"GPU {idx} is not on machine {machine.name!r}")
+            if step.served_name is None:
+                step.served_name = recipe.name
+        elif isinstance(step, MergeStep):
+            if step.output is None:
+                step.output = f"steps/{step.name}/model"
+            if step.adapter is None:
+                step.adapter = _last(recipe, i, TrainStep)
+        elif isinstance(step, EvalStep) and step.prompts is None and step.path is None:
+            pass  # the dataset's eval split, resolved by the engine
+    for i, step in enumerate(recipe.steps):
+        if isinstance(step, ServeStep) and step.adapter is None:
+            kind = MergeStep if step.model == "merged" else TrainStep if step.model == "adapter" else None
+            step.adapter = _last(recipe, i, kind) if kind else None
+
+    host: dict[str, Path] = {}
+    candidates: list[tuple[str, Path_, str | None]] = [
+        ("dataset", ("dataset", "path"), recipe.dataset.path),
+        ("eval", ("dataset", "eval", "path"), recipe.dataset.eval.path if recipe.dataset.eval else None),
+        ("model", ("model", "path"), recipe.model.path),
+        ("images_lock", ("images", "lock"), recipe.images.lock if recipe.images else None),
+    ]
+    if recipe.dataset.template.endswith((".jinja", ".j2")):
+        candidates.append(("template", ("dataset", "template"), recipe.dataset.template))
+    for i, step in enumerate(recipe.steps):
+        if isinstance(step, EvalStep) and step.path:
+            candidates.append((f"eval:{step.name}", ("steps", i, "path"), step.path))
+    for key, path, value in candidates:
+        if value is None:
+            continue
+        resolved = expand(value, loaded.base_dir, machine)
+        if resolved is None:
+            var = value.split("}")[0] + "}"
+            problem(path, f"{var} is not set in machine profile {machine.name!r} (paths: ...)")
+        else:
+            host[key] = resolved
+    if issues:
+        raise ConfigError(issues)
+    return Resolved(recipe, machine, loaded.path, host)
+
+
+def _last(recipe: Recipe, before: int, kind: type) -> str | None:
+    for j in range(before - 1, -1, -1):
+        if isinstance(recipe.steps[j], kind):
+            return recipe.step_name(j)
+    return None

@@ -1,0 +1,1 @@
+"""Run directories, the step journal, executors and the runner behind `ftkit up`."""

@@ -1,0 +1,110 @@
+"""The run directory: everything needed to explain a run later.
+
+runs/<UTC timestamp>-<name>/ holds the resolved recipe, the plan, the command line, the
+environment, the journal (state.json: each step's status and times, rewritten atomically
+on every change) and one log per step. Engines write their outputs under steps/<name>/.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftkit.run.files import read_json, write_atomic, write_json
+
+STATUSES = ("pending", "running", "succeeded", "failed", "skipped")
+
+
+def utc_stamp(now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def iso_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_run_dir(runs_root: Path, name: str, now: dt.datetime | None = None) -> Path:
+    """Create runs/<stamp>-<name>/ (with a numeric suffix if that second is taken)."""
+    runs_root.mkdir(parents=True, exist_ok=True)
+    base = f"{utc_stamp(now)}-{name}"
+    for n in range(1000):
+        path = runs_root / (base if n == 0 else f"{base}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        (path / "logs").mkdir()
+        return path
+    raise RuntimeError(f"cannot create a run directory under {runs_root}")  # pragma: no cover
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+    def log(self, step_id: str) -> Path:
+        return self.path / "logs" / f"{step_id}.log"
+
+    def write_inputs(self, resolved_yaml: dict[str, Any], plan: dict[str, Any], argv: list[str], env: dict[str, Any]) -> None:
+        write_atomic(self.file("recipe.resolved.yaml"), yaml.safe_dump(resolved_yaml, sort_keys=False))
+        write_json(self.file("plan.json"), plan)
+        write_atomic(self.file("command.txt"), " ".join(shlex.quote(a) for a in argv) + "\n")
+        write_json(self.file("env.json"), env)
+
+    def write_generated(self, files: list[dict[str, str]]) -> None:
+        for f in files:
+            write_atomic(self.file(f["path"]), f["content"])
+
+
+class Journal:
+    """state.json: the run's outcome and each step's status, times and notes."""
+
+    def __init__(self, run: RunDir, step_ids: list[str] | None = None) -> None:
+        self.path = run.file("state.json")
+        if self.path.exists():
+            self.state = read_json(self.path)
+        else:
+            self.state = {
+                "status": "running",
+                "started": iso_now(),
+                "finished": None,
+                "pid": os.getpid(),
+                "steps": {sid: {"status": "pending"} for sid in (step_ids or [])},
+                "order": list(step_ids or []),
+            }
+            self._flush()
+
+    def _flush(self) -> None:
+        write_json(self.path, self.state)
+
+    def step(self, step_id: str, status: str, **extra: Any) -> None:
+        assert status in STATUSES, status  # programming error, not user input
+        entry = self.state["steps"].setdefault(step_id, {})
+        if step_id not in self.state["order"]:
+            self.state["order"].append(step_id)
+        entry["status"] = status
+        if status == "running":
+            entry["started"] = iso_now()
+        elif status in ("succeeded", "failed", "skipped"):
+            entry["finished"] = iso_now()
+            if "started" in entry:
+                t0 = dt.datetime.fromisoformat(entry["started"])
+                entry["seconds"] = round((dt.datetime.now(dt.timezone.utc) - t0).total_seconds(), 3)
+        entry.update(extra)
+        self._flush()
+
+    def finish(self, status: str, **extra: Any) -> None:
+        self.state["status"] = status
+        self.state["finished"] = iso_now()
+        self.state.update(extra)
+        self._flush()
