@@ -112,7 +112,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         answers = generate(model, tokenizer, [p for p, _ in pairs], ev["max_new_tokens"])
         correct = 0
         with open(results_path, "a", encoding="utf-8") as fh:
-            for (prompt, expected), answer in zip(pairs, answers):
+            for (prompt, expected), answer in zip(pairs, answers, strict=True):
                 ok = score(answer, expected, ev["score"])
                 correct += ok
                 fh.write(json.dumps({"model": which, "prompt": prompt, "expected": expected, "answer": answer,

@@ -4,7 +4,6 @@ stays light; every failure becomes ftkit.errors.HttpError here and nowhere else.
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from typing import Any
@@ -28,7 +27,7 @@ def request_json(
     except urllib.error.HTTPError as e:
         detail = e.read()[:500].decode("utf-8", "replace")
         raise HttpError(f"{method} {url}: HTTP {e.code}: {detail}") from e
-    except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise HttpError(f"{method} {url}: {reason}") from e
     if not body:
@@ -53,5 +52,5 @@ def answers(url: str, *, timeout: float = 3.0) -> bool:
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
             return 200 <= resp.status < 300
-    except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError):
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False

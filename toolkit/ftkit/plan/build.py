@@ -9,7 +9,7 @@ host's layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from ftkit.plan import launch, memory, power

@@ -11,7 +11,7 @@ what is specific to one machine: GPUs, PSU, paths, the Docker host, the serving 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +19,7 @@ FORMAT_VERSION = 1
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="lowercase letters, digits, . _ -")]
 Dtype = Literal["bf16", "fp16", "fp32"]
-Scalar = Union[str, int, float, bool]
+Scalar = str | int | float | bool
 
 
 class Strict(BaseModel):
@@ -109,7 +109,7 @@ class DatasetSpec(Strict):
 # --------------------------------------------------------------------------- steps
 
 
-GpuSel = Union[Literal["all"], list[Annotated[int, Field(ge=0)]]]
+GpuSel = Literal["all"] | list[Annotated[int, Field(ge=0)]]
 
 
 class PowerStep(Strict):
@@ -128,7 +128,7 @@ class Lora(Strict):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
     use_rslora: bool = False
     modules_to_save: list[str] = Field(default_factory=list)
 
@@ -208,7 +208,7 @@ class ServeStep(Strict):
     served_name: Name | None = None
     port: int = Field(8000, ge=1, le=65535)
     gpus: GpuSel = "all"
-    args: dict[str, Union[Scalar, list[Scalar]]] = Field(
+    args: dict[str, Scalar | list[Scalar]] = Field(
         default_factory=dict, description="engine arguments, e.g. {max_model_len: 8192, gpu_memory_utilization: 0.9}"
     )
     ready_timeout_s: int = Field(600, ge=1)
@@ -238,7 +238,7 @@ class EvalStep(Strict):
     )
 
 
-Step = Annotated[Union[PowerStep, TrainStep, MergeStep, ServeStep, EvalStep], Field(discriminator="type")]
+Step = Annotated[PowerStep | TrainStep | MergeStep | ServeStep | EvalStep, Field(discriminator="type")]
 
 
 class ImagePins(Strict):

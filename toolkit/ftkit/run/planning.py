@@ -36,7 +36,7 @@ def image_refs(res: Resolved) -> dict[str, str]:
     try:
         from ftkit.images.catalog import expected_refs
 
-        refs.update(expected_refs(res.machine))
+        refs.update(expected_refs(res.machine, res.host_paths.get("images_lock")))
     except Exception:  # noqa: BLE001 - no checkout templates here: plan shows placeholders
         refs.update({"train": "ftkit/train:<variant> (run ftkit build)",
                      "serve-vllm": "ftkit/serve:vllm (run ftkit build)",

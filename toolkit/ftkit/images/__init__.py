@@ -1,0 +1,2 @@
+"""Pinned images: variants (data), strict template rendering, hash locks, content tags,
+and the builder behind `ftkit build`, `ftkit lock` and `ftkit images`."""

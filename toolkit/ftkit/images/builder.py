@@ -1,0 +1,298 @@
+"""`ftkit build`: plan a build as data (Dockerfile, context, tag, labels, command), then
+run it through the Docker gateway.
+
+The tag is a content address, ftkit/<image>:<variant>-<12 hex>, over the rendered
+Dockerfile, the lock, the build arguments and the ftkit sources. If that tag exists the
+build is a no-op. Recipes are not an input: changing a recipe never changes an image.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftkit import __version__
+from ftkit.errors import BuildError, ImageError, UserError
+from ftkit.gateways import docker as dk
+from ftkit.gateways import subprocess as sp
+from ftkit.images import locks, project, render
+from ftkit.images.variants import Variant, load
+
+LABEL_PREFIX = "dev.ftkit"
+SOURCE_URL = "https://github.com/ftkit/ftkit"
+
+
+@dataclass
+class BuildSpec:
+    """Everything about one image build, decided before anything runs."""
+
+    image: str
+    variant: str
+    tag: str
+    content_hash: str
+    dockerfile: str
+    lock_path: Path
+    lock_sha256: str
+    source_sha256: str
+    base_ref: str
+    labels: dict[str, str]
+    buildkit: bool
+    wheelhouse: Path | None = None
+    wheelhouse_files: list[Path] = field(default_factory=list)
+    ca_bundle: Path | None = None
+    context_files: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.image}/{self.variant}"
+
+
+def content_hash(dockerfile: str, lock_sha256: str, source_sha256: str, build_args: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for part in (dockerfile, lock_sha256, source_sha256, json.dumps(build_args, sort_keys=True)):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()
+
+
+def wheelhouse_files(d: Path) -> list[Path]:
+    if not d.is_dir():
+        raise UserError(f"--wheelhouse {d}: not a directory")
+    files = sorted(p for p in d.iterdir() if p.suffix in (".whl",) or p.name.endswith((".tar.gz", ".zip")))
+    if not files:
+        raise UserError(f"--wheelhouse {d}: holds no wheels")
+    return files
+
+
+def plan_build(root: Path, image: str, variant: str, *, base_image: str | None = None, buildkit: bool = True,
+               wheelhouse: Path | None = None, ca_bundle: Path | None = None, index_url: str = render.PYPI) -> BuildSpec:
+    variants = load(root)
+    v: Variant = variants.get(image, variant)
+    lock = locks.verify(root, image, v)
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise UserError(f"--ca-bundle {ca_bundle}: no such file")
+    opts = render.RenderOptions(base_image=base_image, buildkit=buildkit, wheelhouse=wheelhouse is not None,
+                                ca_bundle=ca_bundle is not None, index_url=index_url)
+    template = variants.images[image].template
+    ctx = render.context(image, template, v, lock.body_sha256, opts)
+    dockerfile = render.render(root / "images" / "templates", template, ctx)
+    source = project.source_hash(root)
+    chash = content_hash(dockerfile, lock.body_sha256, source, {"base": ctx["base_ref"]})
+    tag = f"ftkit/{image}:{variant}-{chash[:12]}"
+    labels = {
+        "org.opencontainers.image.source": SOURCE_URL,
+        "org.opencontainers.image.version": __version__,
+        "org.opencontainers.image.title": f"ftkit {image} ({variant})",
+        "org.opencontainers.image.base.name": ctx["base_ref"],
+        f"{LABEL_PREFIX}.image": image,
+        f"{LABEL_PREFIX}.variant": variant,
+        f"{LABEL_PREFIX}.torch": v.torch,
+        f"{LABEL_PREFIX}.cuda": v.cuda or "none",
+        f"{LABEL_PREFIX}.python": v.python,
+        f"{LABEL_PREFIX}.lock-sha256": lock.body_sha256,
+        f"{LABEL_PREFIX}.content-hash": chash,
+        f"{LABEL_PREFIX}.source-sha256": source,
+    }
+    wh = wheelhouse_files(wheelhouse) if wheelhouse is not None else []
+    files = ["Dockerfile", "requirements.lock", f"dist/{render.wheel_name()}"]
+    files += [f"wheelhouse/{p.name}" for p in wh]
+    if ca_bundle is not None and not buildkit:
+        files.append("ca-bundle.crt")
+    return BuildSpec(image, variant, tag, chash, dockerfile, lock.path, lock.body_sha256, source, ctx["base_ref"],
+                     labels, buildkit, wheelhouse, wh, ca_bundle, files)
+
+
+def buildkit_argv(spec: BuildSpec, cli: dk.BuildKitCli, context_dir: str) -> list[str]:
+    argv = cli.build_argv() + ["--progress=plain", "-t", spec.tag, "-f", f"{context_dir}/Dockerfile"]
+    for k, v in sorted(spec.labels.items()):
+        argv += ["--label", f"{k}={v}"]
+    if spec.ca_bundle is not None:
+        argv += ["--secret", f"id=ca_bundle,src={spec.ca_bundle}"]
+    return argv + [context_dir]
+
+
+def build_wheel(root: Path, out_dir: Path) -> Path:
+    """ftkit's wheel from the checkout (the in-image entry points come from it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out_dir), str(root)]
+    try:
+        sp.run(base + ["--no-build-isolation"], capture=True)
+    except Exception:  # noqa: BLE001 - no setuptools here: let pip fetch the backend
+        sp.run(base, capture=True)
+    wheel = out_dir / render.wheel_name()
+    if not wheel.is_file():
+        raise ImageError(f"building ftkit's wheel did not produce {wheel.name} in {out_dir}")
+    return wheel
+
+
+def assemble_context(root: Path, spec: BuildSpec, ctx_dir: Path) -> None:
+    (ctx_dir / "Dockerfile").write_text(spec.dockerfile, encoding="utf-8")
+    shutil.copy2(spec.lock_path, ctx_dir / "requirements.lock")
+    build_wheel(root, ctx_dir / "dist")
+    if spec.wheelhouse_files:
+        (ctx_dir / "wheelhouse").mkdir()
+        for f in spec.wheelhouse_files:
+            target = ctx_dir / "wheelhouse" / f.name
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+    if spec.ca_bundle is not None and not spec.buildkit:
+        shutil.copy2(spec.ca_bundle, ctx_dir / "ca-bundle.crt")
+
+
+class Progress:
+    """Live build progress: the current step and latest line on a terminal, step headers
+    otherwise; everything goes to the log file too."""
+
+    STEP = re.compile(r"^#\d+ \[(?P<stage>[^\]]+)\] (?P<what>.*)$|^Step (?P<n>\d+/\d+) : (?P<cmd>.*)$")
+
+    def __init__(self, title: str, log_path: Path, *, live: bool | None = None) -> None:
+        self.title = title
+        self.log_path = log_path
+        self.live = sys.stderr.isatty() if live is None else live
+        self.step = ""
+        self.tail: deque[str] = deque(maxlen=60)
+        self._status: Any = None
+        self._console: Any = None
+
+    def __enter__(self) -> Progress:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115
+        if self.live:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+            self._status = self._console.status(self.title)
+            self._status.__enter__()
+        else:
+            print(f"{self.title} (log: {self.log_path})", file=sys.stderr, flush=True)
+        return self
+
+    def line(self, text: str) -> None:
+        self._log.write(text + "\n")
+        self._log.flush()
+        self.tail.append(text)
+        m = self.STEP.match(text)
+        if m:
+            self.step = m.group("stage") and f"[{m.group('stage')}] {m.group('what')}" or f"Step {m.group('n')}: {m.group('cmd')}"
+            if not self.live:
+                print(f"  {self.step[:160]}", file=sys.stderr, flush=True)
+        if self._status is not None:
+            last = text.split(" ", 2)[-1][:80] if text.startswith("#") else text[:80]
+            self._status.update(f"{self.title}  {self.step[:70]}  | {last}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._status is not None:
+            self._status.__exit__(*exc)
+        self._log.close()
+
+
+def failure_summary(lines: list[str]) -> str:
+    """The failing step and its last output lines, from BuildKit or classic output."""
+    text = "\n".join(lines)
+    m = re.search(r"^ > \[([^\]]+)\] (.*?):\s*$", text, re.M)
+    if m:
+        step = f"[{m.group(1)}] {m.group(2)}"
+        block = re.search(r"^------\n > \[[^\]]+\].*?:\n(.*?)^------", text, re.M | re.S)
+        detail = block.group(1).rstrip() if block else "\n".join(lines[-15:])
+        return f"failing step: {step}\n{detail}"
+    steps = [ln for ln in lines if ln.startswith("Step ")]
+    where = f"failing step: {steps[-1]}\n" if steps else ""
+    return where + "\n".join(lines[-20:])
+
+
+@dataclass
+class BuildResult:
+    spec: BuildSpec
+    built: bool  # False: the tag existed (no-op)
+    image_id: str
+    seconds: float
+    log_path: Path | None
+    size_bytes: int = 0
+
+
+def run_build(root: Path, spec: BuildSpec, *, force: bool = False, host: str | None = None,
+              log_dir: Path | None = None, live: bool | None = None,
+              clock: Callable[[], float] | None = None) -> BuildResult:
+    import time
+
+    now = clock or time.perf_counter
+    t0 = now()
+    attrs = dk.image_attrs(spec.tag, host)
+    if attrs is not None and not force:
+        return BuildResult(spec, False, attrs["Id"], now() - t0, None, int(attrs.get("Size", 0)))
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    log_path = (log_dir or root / ".ftkit" / "build-logs") / f"{spec.image}-{spec.variant}-{stamp}.log"
+    cli = dk.find_buildkit_cli() if spec.buildkit else None
+    if spec.buildkit and cli is None:
+        raise ImageError("internal: a BuildKit plan without a BuildKit-capable docker CLI")
+    with tempfile.TemporaryDirectory(prefix="ftkit-build-") as tmp:
+        ctx_dir = Path(tmp)
+        assemble_context(root, spec, ctx_dir)
+        with Progress(f"building {spec.tag}", log_path, live=live) as progress:
+            if cli is not None:
+                env = dict(cli.env())
+                if host:
+                    env["DOCKER_HOST"] = host
+                argv = buildkit_argv(spec, cli, str(ctx_dir))
+                progress.line("$ " + sp.quote(argv))
+                result = sp.run(argv, env=env, on_line=progress.line, check=False)
+                if result.returncode != 0:
+                    raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{failure_summary(list(progress.tail))}")
+            else:
+                _classic_build(spec, ctx_dir, progress, host, log_path)
+    attrs = dk.image_attrs(spec.tag, host)
+    if attrs is None:
+        raise BuildError(f"the build reported success but {spec.tag} is not in the engine")
+    return BuildResult(spec, True, attrs["Id"], now() - t0, log_path, int(attrs.get("Size", 0)))
+
+
+def _classic_build(spec: BuildSpec, ctx_dir: Path, progress: Progress, host: str | None, log_path: Path) -> None:
+    """The docker SDK's classic builder, for engines without a BuildKit-capable CLI. The
+    template was rendered without BuildKit-only syntax."""
+    with dk.translated(f"build {spec.tag}"):
+        api = dk.client(host).api
+        for chunk in api.build(path=str(ctx_dir), tag=spec.tag, labels=spec.labels, rm=True, forcerm=True,
+                               decode=True, pull=False):
+            if "stream" in chunk:
+                for ln in chunk["stream"].splitlines():
+                    if ln.strip():
+                        progress.line(ln)
+            if "error" in chunk:
+                progress.line(chunk["error"])
+                raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{failure_summary(list(progress.tail))}")
+
+
+def packages_digest(tag: str, host: str | None = None) -> tuple[str, int]:
+    """sha256 of `pip freeze --all` inside the image: what was actually installed."""
+    code, out = dk.run_container(tag, ["python", "-m", "pip", "freeze", "--all"], host=host, timeout_s=120)
+    if code != 0:
+        raise BuildError(f"{tag}: pip freeze failed inside the image:\n{out[-2000:]}")
+    lines = sorted(ln.strip() for ln in out.splitlines() if ln.strip() and not ln.startswith("ftkit"))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest(), len(lines)
+
+
+def base_identity(ref: str, host: str | None = None) -> dict[str, Any]:
+    attrs = dk.image_attrs(ref, host) or {}
+    digests = attrs.get("RepoDigests") or []
+    return {"ref": ref, "id": attrs.get("Id"), "digest": digests[0].split("@", 1)[1] if digests else None}
+
+
+def spec_summary(spec: BuildSpec) -> dict[str, Any]:
+    d = asdict(spec)
+    d["lock_path"] = str(spec.lock_path)
+    d["wheelhouse"] = str(spec.wheelhouse) if spec.wheelhouse else None
+    d["wheelhouse_files"] = [str(p) for p in spec.wheelhouse_files]
+    d["ca_bundle"] = str(spec.ca_bundle) if spec.ca_bundle else None
+    return d

@@ -1,0 +1,32 @@
+"""Which image each step of a plan runs in: the content tags `ftkit build` would produce
+from this checkout (or an images.lock.json's tags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftkit.images import builder, imagelock, project
+from ftkit.images.variants import DEFAULT_VARIANT, GPU_VARIANT
+from ftkit.recipe.models import Machine
+
+
+def variant_for(image: str, machine: Machine) -> str:
+    return (GPU_VARIANT if machine.gpus else DEFAULT_VARIANT)[image]
+
+
+def expected_refs(machine: Machine, lock_file: Path | None = None) -> dict[str, str]:
+    refs: dict[str, str] = {}
+    if lock_file is not None:
+        for key, entry in imagelock.read(lock_file)["images"].items():
+            image, variant = key.split("/", 1)
+            refs.setdefault("train" if image == "train" else f"serve-{variant}", entry["tag"])
+        return refs
+    root = project.find_root()
+    train_variant = variant_for("train", machine)
+    refs["train"] = builder.plan_build(root, "train", train_variant).tag
+    for variant in ("vllm", "transformers"):
+        try:
+            refs[f"serve-{variant}"] = builder.plan_build(root, "serve", variant).tag
+        except Exception:  # noqa: BLE001 - a variant without a lock shows as not built
+            refs[f"serve-{variant}"] = f"ftkit/serve:{variant} (run ftkit lock + ftkit build)"
+    return refs
