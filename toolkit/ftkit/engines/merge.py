@@ -145,8 +145,11 @@ def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str = "bf16", nf4_de
     for module, parts in pending.items():
         target = f"{module}.weight"
         if target not in by_name and target not in plan.replace:
-            if module.endswith("lm_head") and tied and embedding:
-                target = embedding  # tied: peft merges an lm_head LoRA into the shared tensor
+            if target == "lm_head.weight" and tied and embedding:
+                # A LoRA on a tied lm_head only ever changed the output projection in
+                # training; folding it into the shared tensor (as merge_and_unload does)
+                # would change the input embeddings too. Untie instead.
+                plan.untie = True
             else:
                 raise UserError(f"adapter targets {module}, but the base has no tensor {target}")
         rank = int(_pattern_value(acfg.get("rank_pattern") or {}, module, r))
@@ -161,8 +164,8 @@ def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str = "bf16", nf4_de
         plan.loras.setdefault(target, []).append(pair)
     for target in list(plan.replace):
         if target not in by_name:
-            if target.endswith("lm_head.weight") and tied and embedding:
-                plan.untie = True  # modules_to_save made lm_head its own tensor
+            if target == "lm_head.weight" and tied and embedding:
+                plan.untie = True  # modules_to_save (or a saved base layer) made lm_head its own tensor
             else:
                 raise UserError(f"adapter carries {target}, which the base model does not have")
     if plan.untie and "lm_head.weight" not in by_name:

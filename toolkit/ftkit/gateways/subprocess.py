@@ -84,6 +84,7 @@ def run(
                 text=True,
                 errors="replace",
                 bufsize=1,
+                start_new_session=True,  # its own process group: we can stop all of it
             )
         except FileNotFoundError as e:
             raise FtkitError(f"cannot run {argv[0]!r}: not found on PATH") from e
@@ -111,9 +112,10 @@ def run(
                 if on_line is not None:
                     on_line(line.rstrip("\n"))
             rc = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
-            proc.wait()
+        except BaseException:
+            # Ctrl-C, SIGTERM (the runner turns it into an exception) or a bug: never
+            # leave the child and its children running behind us.
+            _stop_group(proc)
             raise
         finally:
             if timer is not None:
@@ -141,6 +143,19 @@ def output(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout
     if cp.returncode != 0:
         raise CommandFailed(argv, cp.returncode, (cp.stderr or cp.stdout)[-4000:])
     return cp.stdout
+
+
+def _stop_group(proc: subprocess.Popen[str], grace_s: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @dataclass

@@ -153,9 +153,12 @@ def assemble_context(root: Path, spec: BuildSpec, ctx_dir: Path) -> None:
 
 class Progress:
     """Live build progress: the current step and latest line on a terminal, step headers
-    otherwise; everything goes to the log file too."""
+    otherwise; everything goes to the log file too. Keeps each step's title and last lines
+    so a failure can be explained without re-reading the log."""
 
-    STEP = re.compile(r"^#\d+ \[(?P<stage>[^\]]+)\] (?P<what>.*)$|^Step (?P<n>\d+/\d+) : (?P<cmd>.*)$")
+    STEP = re.compile(r"^#(?P<v>\d+) \[(?P<stage>[^\]]+)\] (?P<what>.*)$|^Step (?P<n>\d+/\d+) : (?P<cmd>.*)$")
+    OUTPUT = re.compile(r"^#(?P<v>\d+) \d+\.\d+ (?P<text>.*)$")
+    ERROR = re.compile(r"^#(?P<v>\d+) ERROR: (?P<text>.*)$")
 
     def __init__(self, title: str, log_path: Path, *, live: bool | None = None) -> None:
         self.title = title
@@ -163,8 +166,10 @@ class Progress:
         self.live = sys.stderr.isatty() if live is None else live
         self.step = ""
         self.tail: deque[str] = deque(maxlen=60)
+        self.titles: dict[str, str] = {}
+        self.outputs: dict[str, deque[str]] = {}
+        self.failed: str | None = None
         self._status: Any = None
-        self._console: Any = None
 
     def __enter__(self) -> Progress:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,8 +177,7 @@ class Progress:
         if self.live:
             from rich.console import Console
 
-            self._console = Console(stderr=True)
-            self._status = self._console.status(self.title)
+            self._status = Console(stderr=True).status(self.title)
             self._status.__enter__()
         else:
             print(f"{self.title} (log: {self.log_path})", file=sys.stderr, flush=True)
@@ -185,12 +189,29 @@ class Progress:
         self.tail.append(text)
         m = self.STEP.match(text)
         if m:
-            self.step = m.group("stage") and f"[{m.group('stage')}] {m.group('what')}" or f"Step {m.group('n')}: {m.group('cmd')}"
+            if m.group("stage"):
+                self.step = f"[{m.group('stage')}] {m.group('what')}"
+                self.titles.setdefault(m.group("v"), self.step)
+            else:
+                self.step = f"Step {m.group('n')}: {m.group('cmd')}"
+                self.titles.setdefault(m.group("n"), self.step)
             if not self.live:
                 print(f"  {self.step[:160]}", file=sys.stderr, flush=True)
+        elif (o := self.OUTPUT.match(text)) is not None:
+            self.outputs.setdefault(o.group("v"), deque(maxlen=15)).append(o.group("text"))
+        elif (e := self.ERROR.match(text)) is not None:
+            self.failed = e.group("v")
         if self._status is not None:
             last = text.split(" ", 2)[-1][:80] if text.startswith("#") else text[:80]
             self._status.update(f"{self.title}  {self.step[:70]}  | {last}")
+
+    def failure(self) -> str:
+        """The failing step and its last output lines."""
+        if self.failed is not None:
+            title = self.titles.get(self.failed, f"step #{self.failed}")
+            lines = list(self.outputs.get(self.failed, []))
+            return f"failing step: {title}\n" + "\n".join(f"  {ln}" for ln in lines)
+        return failure_summary(list(self.tail))
 
     def __exit__(self, *exc: Any) -> None:
         if self._status is not None:
@@ -199,17 +220,10 @@ class Progress:
 
 
 def failure_summary(lines: list[str]) -> str:
-    """The failing step and its last output lines, from BuildKit or classic output."""
-    text = "\n".join(lines)
-    m = re.search(r"^ > \[([^\]]+)\] (.*?):\s*$", text, re.M)
-    if m:
-        step = f"[{m.group(1)}] {m.group(2)}"
-        block = re.search(r"^------\n > \[[^\]]+\].*?:\n(.*?)^------", text, re.M | re.S)
-        detail = block.group(1).rstrip() if block else "\n".join(lines[-15:])
-        return f"failing step: {step}\n{detail}"
+    """The failing step and last lines from classic-builder output (or an unknown format)."""
     steps = [ln for ln in lines if ln.startswith("Step ")]
     where = f"failing step: {steps[-1]}\n" if steps else ""
-    return where + "\n".join(lines[-20:])
+    return where + "\n".join(f"  {ln}" for ln in lines[-15:])
 
 
 @dataclass
@@ -249,7 +263,7 @@ def run_build(root: Path, spec: BuildSpec, *, force: bool = False, host: str | N
                 progress.line("$ " + sp.quote(argv))
                 result = sp.run(argv, env=env, on_line=progress.line, check=False)
                 if result.returncode != 0:
-                    raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{failure_summary(list(progress.tail))}")
+                    raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{progress.failure()}")
             else:
                 _classic_build(spec, ctx_dir, progress, host, log_path)
     attrs = dk.image_attrs(spec.tag, host)
@@ -271,7 +285,7 @@ def _classic_build(spec: BuildSpec, ctx_dir: Path, progress: Progress, host: str
                         progress.line(ln)
             if "error" in chunk:
                 progress.line(chunk["error"])
-                raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{failure_summary(list(progress.tail))}")
+                raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{progress.failure()}")
 
 
 def packages_digest(tag: str, host: str | None = None) -> tuple[str, int]:

@@ -103,8 +103,8 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
             continue
         resolved = expand(value, loaded.base_dir, machine)
         if resolved is None:
-            var = value.split("}")[0] + "}"
-            problem(path, f"{var} is not set in machine profile {machine.name!r} (paths: ...)")
+            var = value.split("}")[0][2:]
+            problem(path, f"${{{var}}} is not set in machine profile {machine.name!r}: add paths.{var} to it")
         else:
             host[key] = resolved
     if issues:

@@ -214,8 +214,8 @@ def _message(err: dict[str, Any], root: type[BaseModel]) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind == "union_tag_invalid":
-        tags = err.get("ctx", {}).get("expected_tags", "")
-        return f"unknown step type {err.get('input')!r}; expected one of: {tags}"
+        ctx = err.get("ctx", {})
+        return f"unknown step type {ctx.get('tag')!r}; expected one of: {ctx.get('expected_tags', '')}"
     if kind == "union_tag_not_found":
         return "each step needs a `type:` (power, train, merge, serve or eval)"
     if kind == "literal_error":
@@ -228,6 +228,8 @@ def _issues_from(exc: ValidationError, doc: Located, root: type[BaseModel]) -> l
     keyed: set[Path_] = set()
     for err in exc.errors(include_url=False):
         path = _data_path(doc.data, tuple(err["loc"]))
+        if err["type"] == "union_tag_invalid":
+            path = path + ("type",)  # point at the tag itself
         msg = _message(err, root)
         bucket = merged.setdefault(path, [])
         if msg not in bucket:

@@ -1,0 +1,98 @@
+"""Shared fixtures. Tests that need a Docker engine carry the `docker` marker: they skip
+with a reason where none is reachable, and fail instead when FTKIT_REQUIRE_DOCKER=1 (CI)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE_GOLDEN = os.environ.get("FTKIT_UPDATE_GOLDEN") == "1"
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
+    """Run `ftkit ARGS` in this process (fast) and capture exit code and output."""
+    from ftkit.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as e:
+                code = int(e.code or 0)
+    finally:
+        os.chdir(old)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_ftkit(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real console entry point in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ftkit", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def check_golden(path: Path, actual: str) -> None:
+    """Compare with a golden file; FTKIT_UPDATE_GOLDEN=1 rewrites it."""
+    if UPDATE_GOLDEN or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(actual, encoding="utf-8")
+        if not UPDATE_GOLDEN:
+            pytest.fail(f"golden file {path.name} did not exist; wrote it - review and commit")
+    expected = path.read_text(encoding="utf-8")
+    assert actual == expected, f"{path.name} differs from the golden file (FTKIT_UPDATE_GOLDEN=1 to accept)"
+
+
+def _docker_reason() -> str | None:
+    try:
+        from ftkit.gateways import docker as dk
+
+        if not dk.reachable():
+            return "no Docker engine reachable"
+        if dk.image_attrs(os.environ.get("FTKIT_TEST_BASE_IMAGE", "ftkit-test/bookworm-python:latest")) is None:
+            return "the local base image is missing (bash .ci/run makes it: debootstrap + docker import)"
+    except Exception as e:  # noqa: BLE001
+        return f"Docker check failed: {e}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    docker_items = [i for i in items if i.get_closest_marker("docker")]
+    if not docker_items:
+        return
+    reason = _docker_reason()
+    if reason is None:
+        return
+    if os.environ.get("FTKIT_REQUIRE_DOCKER") == "1":
+        pytest.exit(f"FTKIT_REQUIRE_DOCKER=1 but {reason}", returncode=3)
+    for item in docker_items:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,77 @@
+"""The CPU quickstart end to end, as the README runs it: the tiny model must measurably learn
+(at least 50 points on held-out prompts) and the run directory must explain the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("trl")
+
+from tests.conftest import RECIPES, run_ftkit  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    proc = run_ftkit("up", str(RECIPES / "quickstart.yaml"), "--runs-dir", str(runs), "--quiet", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "succeeded"
+    return Path(summary["run_dir"])
+
+
+def test_the_model_learns(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "steps/eval/summary.json").read_text())
+    models = summary["models"]
+    assert summary["prompts"] == 60
+    assert models["merged"]["accuracy"] - models["base"]["accuracy"] >= 50
+    assert models["adapter"]["accuracy"] == models["merged"]["accuracy"]  # the merge kept what was learned
+    results = [json.loads(x) for x in (run_dir / "steps/eval/results.jsonl").read_text().splitlines()]
+    assert len(results) == 3 * 60
+
+
+def test_run_directory_explains_the_run(run_dir: Path) -> None:
+    assert run_dir.name.endswith("-quickstart") and run_dir.name[:8].isdigit()
+    for name in ("recipe.resolved.yaml", "plan.json", "command.txt", "env.json", "state.json"):
+        assert (run_dir / name).is_file(), name
+    resolved = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
+    assert [s["name"] for s in resolved["steps"]] == ["power", "train", "merge", "serve", "eval"]
+    assert resolved["steps"][1]["gpus"] == []  # "all" resolved on a CPU machine
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["run_dir"] == str(run_dir)
+    assert "ftkit up" in (run_dir / "command.txt").read_text()
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["torch"] and env["ftkit"] and env["python"]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "succeeded"
+    assert state["order"] == [s["id"] for s in plan["steps"]]
+    for sid, entry in state["steps"].items():
+        assert entry["status"] in ("succeeded", "skipped"), (sid, entry)
+    assert state["steps"]["power"]["status"] == "skipped"  # nothing to cap on a CPU machine
+    for step in ("tiny-model", "train", "merge", "serve", "eval"):
+        assert (run_dir / "logs" / f"{step}.log").stat().st_size > 0, step
+    assert not list(run_dir.rglob(".state.json.*.tmp"))
+
+
+def test_training_artifacts(run_dir: Path) -> None:
+    metrics = [json.loads(x) for x in (run_dir / "steps/train/metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in metrics if "loss" in m]
+    eval_rows = [m for m in metrics if "eval_loss" in m]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert eval_rows and eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
+    assert all("tokens_per_s" in m for m in train_rows[1:])
+    ckpts = sorted(p.name for p in (run_dir / "steps/train/checkpoints").glob("checkpoint-*"))
+    assert 2 <= len(ckpts) <= 3  # keep the last 2, plus the best
+    assert all((run_dir / "steps/train/checkpoints" / c / "ftkit-complete.json").is_file() for c in ckpts)
+    merged = run_dir / "steps/merge/model"
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+
+
+def test_served_model_answered_the_test_prompts(run_dir: Path) -> None:
+    rows = [json.loads(x) for x in (run_dir / "steps/serve/responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["passed"] for r in rows), rows
+    assert [r["answer"].strip() for r in rows] == ["fruit", "instrument"]

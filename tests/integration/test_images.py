@@ -1,0 +1,170 @@
+"""Real builds with a real Docker engine, from the local base image (no registry here).
+
+Builds the cpu training image and the transformers serving image through BuildKit, runs
+containers from each, shows the second build is a no-op, that neither the CA bundle nor a
+token reaches a layer, and that the classic-builder fallback installs the same packages.
+Every image a test creates is removed at the end (FTKIT_KEEP_TEST_IMAGES=1 keeps them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from tests.conftest import run_ftkit
+
+from ftkit.gateways import docker as dk
+
+pytestmark = pytest.mark.docker
+
+BASE = os.environ.get("FTKIT_TEST_BASE_IMAGE", "ftkit-test/bookworm-python:latest")
+WHEELHOUSE = os.environ.get("FTKIT_TEST_WHEELHOUSE", "/opt/wheels")
+CA = os.environ.get("FTKIT_TEST_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+CANARY = "hf_ftkitCanaryTokenThatMustNeverLand0123"
+
+
+class Tracker:
+    """Remember every tag a test makes; remove them all at the end (docker-py's habit)."""
+
+    def __init__(self) -> None:
+        self.tags: set[str] = set()
+
+    def cleanup(self) -> None:
+        if os.environ.get("FTKIT_KEEP_TEST_IMAGES") == "1":
+            return
+        for tag in sorted(self.tags):
+            try:
+                dk.remove_image(tag)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+@pytest.fixture(scope="module")
+def tracker():  # type: ignore[no-untyped-def]
+    t = Tracker()
+    yield t
+    t.cleanup()
+
+
+def build(*extra: str, lock: Path, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    args = ["build", "--base-image", BASE, "--ca-bundle", CA, "--images-lock", str(lock), *extra]
+    if Path(WHEELHOUSE).is_dir():
+        args += ["--wheelhouse", WHEELHOUSE]
+    return run_ftkit(*args, env={"HF_TOKEN": CANARY, **(env or {})}, timeout=1500)
+
+
+def tags_in(stdout: str) -> list[str]:
+    return [ln.split(":", 2)[0] + ":" + ln.split(":", 2)[1] for ln in stdout.splitlines() if ln.startswith("ftkit/")]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, tracker: Tracker) -> dict:  # type: ignore[type-arg]
+    lock = tmp_path_factory.mktemp("lock") / "images.lock.json"
+    t0 = time.perf_counter()
+    proc = build("--image", "all", "--force", lock=lock)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    tags = tags_in(proc.stdout)
+    tracker.tags.update(tags)
+    assert len(tags) == 2 and all(" built " in ln for ln in proc.stdout.splitlines() if ln.startswith("ftkit/"))
+    return {"lock": lock, "train": next(t for t in tags if "/train:" in t),
+            "serve": next(t for t in tags if "/serve:" in t), "seconds": seconds}
+
+
+def test_train_image_imports_the_training_stack(built: dict) -> None:  # type: ignore[type-arg]
+    code, out = dk.run_container(built["train"], ["sh", "-c", "ftkit --version && python -c 'import torch, transformers, "
+                                 "peft, trl, datasets, accelerate; print(torch.__version__, transformers.__version__)'"])
+    assert code == 0, out
+    assert "ftkit, version" in out and "2.13.0+cpu" in out
+
+
+def test_serve_image_runs(built: dict) -> None:  # type: ignore[type-arg]
+    code, out = dk.run_container(built["serve"], ["sh", "-c", "ftkit --version && python -c 'import fastapi, uvicorn, "
+                                 "transformers; print(transformers.__version__)' && transformers serve --help >/dev/null"])
+    assert code == 0, out
+    assert "ftkit, version" in out
+
+
+def test_second_build_is_a_noop(built: dict) -> None:  # type: ignore[type-arg]
+    t0 = time.perf_counter()
+    proc = build("--image", "all", lock=built["lock"])
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ftkit/")]
+    assert len(lines) == 2 and all("up to date" in ln for ln in lines), lines
+    assert wall < 15, f"no-op build took {wall:.1f} s"
+
+
+def test_no_token_or_ca_bundle_in_any_layer(built: dict) -> None:  # type: ignore[type-arg]
+    ca_line = next(ln for ln in Path(CA).read_text().splitlines() if ln and not ln.startswith("-") and not ln.startswith("#"))
+    for tag in (built["train"], built["serve"]):
+        history = json.dumps(dk.image_history(tag))
+        config = json.dumps(dk.image_attrs(tag))
+        for text in (history, config):
+            assert CANARY not in text
+            assert ca_line not in text
+        code, out = dk.run_container(tag, ["sh", "-c",
+                                           "test ! -e /tmp/ftkit-ca-bundle.crt && test ! -e /run/secrets/ca_bundle && "
+                                           "test ! -e /wheelhouse && ! grep -rqs " + CANARY + " /opt/ftkit /etc /root && echo clean"])
+        assert code == 0 and "clean" in out, out
+
+
+def test_labels_and_listing(built: dict) -> None:  # type: ignore[type-arg]
+    labels = dk.image_attrs(built["train"])["Config"]["Labels"]  # type: ignore[index]
+    for key in ("org.opencontainers.image.source", "org.opencontainers.image.version", "dev.ftkit.variant",
+                "dev.ftkit.cuda", "dev.ftkit.torch", "dev.ftkit.lock-sha256"):
+        assert labels.get(key), key
+    assert labels["dev.ftkit.variant"] == "cpu" and labels["dev.ftkit.torch"] == "2.13.0+cpu"
+    proc = run_ftkit("images", "--json")
+    assert proc.returncode == 0
+    listed = {row["tag"] for row in json.loads(proc.stdout)}
+    assert {built["train"], built["serve"]} <= listed
+
+
+def test_images_lock_records_and_verifies(built: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    data = json.loads(built["lock"].read_text())
+    entry = data["images"]["train/cpu"]
+    assert entry["tag"] == built["train"] and entry["packages_sha256"] and entry["lock_sha256"]
+    proc = run_ftkit("build", "--from-lock", str(built["lock"]), "--wheelhouse", WHEELHOUSE, "--ca-bundle", CA,
+                     "--images-lock", str(tmp_path / "again.json"), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    bad = tmp_path / "bad.json"
+    data["images"]["train/cpu"]["packages_sha256"] = "0" * 64
+    del data["images"]["serve/transformers"]
+    bad.write_text(json.dumps(data))
+    proc = run_ftkit("build", "--from-lock", str(bad), "--wheelhouse", WHEELHOUSE, "--ca-bundle", CA,
+                     "--images-lock", str(tmp_path / "again2.json"), timeout=600)
+    assert proc.returncode != 0 and "installed packages differ" in proc.stderr
+
+
+def test_failed_build_names_the_step_and_its_last_lines(built: dict, tmp_path: Path, tracker: Tracker) -> None:  # type: ignore[type-arg]
+    bad_ca = tmp_path / "bad-ca.pem"
+    bad_ca.write_text("not a certificate\n")
+    args = ["build", "--image", "serve", "--base-image", BASE, "--ca-bundle", str(bad_ca), "--force",
+            "--images-lock", str(tmp_path / "x.json")]
+    if Path(WHEELHOUSE).is_dir():
+        args += ["--wheelhouse", WHEELHOUSE]
+    proc = run_ftkit(*args, timeout=600)
+    assert proc.returncode == 1
+    assert "failing step: [build 5/6] RUN" in proc.stderr and "pip install" in proc.stderr
+    assert "SSL" in proc.stderr or "certificate" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_classic_builder_installs_the_same_packages(built: dict, tmp_path: Path, tracker: Tracker) -> None:  # type: ignore[type-arg]
+    lock = tmp_path / "classic.json"
+    proc = build("--image", "serve", "--no-buildkit", lock=lock)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tags = tags_in(proc.stdout)
+    tracker.tags.update(tags)
+    assert tags and tags[0] != built["serve"]  # another Dockerfile, so another tag
+    classic = json.loads(lock.read_text())["images"]["serve/transformers"]
+    buildkit = json.loads(built["lock"].read_text())["images"]["serve/transformers"]
+    assert classic["packages_sha256"] == buildkit["packages_sha256"]
+    history = json.dumps(dk.image_history(tags[0]))
+    assert CANARY not in history
+    code, out = dk.run_container(tags[0], ["sh", "-c", "test ! -e /tmp/ftkit-ca-bundle.crt && test ! -e /wheelhouse && ftkit --version"])
+    assert code == 0, out

@@ -1,0 +1,158 @@
+"""Rendering (golden files for every variant), locks, content tags, driver checks.
+Nothing here needs Docker."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from tests.conftest import GOLDEN, ROOT, run_cli
+
+from ftkit.errors import ImageError, LockError
+from ftkit.gpu.nvml import GpuInfo
+from ftkit.images import builder, compat, locks, render
+from ftkit.images.variants import load
+
+VARIANTS = load(ROOT).all()
+MODES = {
+    "buildkit": dict(buildkit=True),
+    "classic": dict(buildkit=False),
+    "buildkit-wheelhouse-ca": dict(buildkit=True, wheelhouse=True, ca_bundle=True),
+    "classic-wheelhouse-ca": dict(buildkit=False, wheelhouse=True, ca_bundle=True),
+}
+
+
+def rendered(image: str, variant: str, **opts) -> str:  # type: ignore[no-untyped-def]
+    variants = load(ROOT)
+    v = variants.get(image, variant)
+    template = variants.images[image].template
+    ctx = render.context(image, template, v, "0" * 64, render.RenderOptions(**opts))
+    return render.render(ROOT / "images" / "templates", template, ctx)
+
+
+@pytest.mark.parametrize("image,variant", VARIANTS, ids=[f"{i}-{v}" for i, v in VARIANTS])
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_dockerfile_golden(image: str, variant: str, mode: str) -> None:
+    from tests.conftest import check_golden
+
+    text = rendered(image, variant, **MODES[mode])
+    check_golden(GOLDEN / "dockerfiles" / f"{image}-{variant}-{mode}.Dockerfile", text)
+
+
+def test_classic_render_has_no_buildkit_syntax() -> None:
+    for image, variant in VARIANTS:
+        text = rendered(image, variant, buildkit=False, wheelhouse=True, ca_bundle=True)
+        assert "--mount=" not in text
+        # build-only material is copied into the build stage, never the final one
+        final = text.split("\nFROM runtime\n", 1)[1]
+        assert "ca-bundle" not in final and "wheelhouse" not in final
+
+
+def test_buildkit_render_keeps_ca_in_a_secret() -> None:
+    text = rendered("train", "cpu", buildkit=True, ca_bundle=True)
+    assert "--mount=type=secret,id=ca_bundle" in text and "COPY ca-bundle" not in text
+
+
+def test_strict_undefined_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "t.j2").write_text("FROM {{ base_ref }}\nRUN {{ not_given }}\n")
+    with pytest.raises(ImageError, match="not_given"):
+        render.render(tmp_path, "t.j2", {"base_ref": "x"})
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the checkout's image inputs that a test may damage."""
+    root = tmp_path / "checkout"
+    root.mkdir()
+    shutil.copytree(ROOT / "images", root / "images")
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    (root / "toolkit").mkdir()
+    shutil.copytree(ROOT / "toolkit" / "ftkit", root / "toolkit" / "ftkit",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_committed_locks_verify() -> None:
+    variants = load(ROOT)
+    for image, variant in VARIANTS:
+        v = variants.get(image, variant)
+        if not locks.lock_path(ROOT, image, variant).exists():
+            continue  # cuda12.8: needs download.pytorch.org to resolve (see README)
+        lock = locks.verify(ROOT, image, v)
+        reqs = lock.requirements()
+        for req in v.requirements:
+            name, version = req.split("==")
+            assert reqs[name.split("[")[0].lower()] == version, (image, variant, req)
+
+
+def test_tampered_lock_fails_with_a_clear_message(project: Path) -> None:
+    path = locks.lock_path(project, "train", "cpu")
+    path.write_text(path.read_text().replace("accelerate==1.15.0", "accelerate==1.14.0"))
+    with pytest.raises(LockError, match="changed after it was generated"):
+        builder.plan_build(project, "train", "cpu")
+
+
+def test_stale_lock_fails_with_a_clear_message(project: Path) -> None:
+    vf = project / "images" / "variants.yaml"
+    vf.write_text(vf.read_text().replace("- peft==0.21.2", "- peft==0.22.0", 1))
+    with pytest.raises(LockError, match="stale"):
+        builder.plan_build(project, "train", "cpu")
+
+
+def test_missing_lock_says_what_to_run(project: Path) -> None:
+    with pytest.raises(LockError, match=r"ftkit lock --image train --variant cuda12.8"):
+        builder.plan_build(project, "train", "cuda12.8")
+
+
+def test_build_refuses_a_tampered_lock_before_docker(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = locks.lock_path(project, "serve", "transformers")
+    path.write_text(path.read_text() + "evil==1.0\n")
+    monkeypatch.setenv("FTKIT_PROJECT", str(project))
+    result = run_cli("build", "--image", "serve", "--variant", "transformers", "--dry-run")
+    assert result.code == 2
+    assert "changed after it was generated" in result.err and "Traceback" not in result.err
+
+
+def test_tag_is_a_content_address(project: Path) -> None:
+    a = builder.plan_build(project, "train", "cpu")
+    assert builder.plan_build(project, "train", "cpu").tag == a.tag
+    assert a.tag.startswith("ftkit/train:cpu-") and len(a.tag.split("-")[-1]) == 12
+    # a recipe is not an input
+    (project / "recipes").mkdir()
+    (project / "recipes" / "x.yaml").write_text("ftkit: 1\n")
+    assert builder.plan_build(project, "train", "cpu").tag == a.tag
+    # the base image, the CA bundle mode and ftkit's code are
+    assert builder.plan_build(project, "train", "cpu", base_image="other:1").tag != a.tag
+    src = project / "toolkit" / "ftkit" / "__init__.py"
+    src.write_text(src.read_text() + "\n# change\n")
+    assert builder.plan_build(project, "train", "cpu").tag != a.tag
+
+
+def test_dry_run_prints_dockerfile_context_and_tag() -> None:
+    result = run_cli("build", "--image", "train", "--variant", "cpu", "--dry-run", "--wheelhouse", str(ROOT / "images"))
+    # images/ holds no wheels: a clear error, not a traceback
+    assert result.code == 2 and "holds no wheels" in result.err
+    result = run_cli("build", "--image", "train", "--variant", "cpu", "--dry-run")
+    assert result.code == 0, result.err
+    assert "# image train/cpu -> ftkit/train:cpu-" in result.out
+    assert "# build context: Dockerfile, requirements.lock, dist/ftkit-" in result.out
+    assert "FROM python:3.11-slim-bookworm AS runtime" in result.out
+
+
+def gpu(idx: int, name: str, cc: str) -> GpuInfo:
+    return GpuInfo(idx, name, f"GPU-{idx}", 24576, 0, 350, 450, 150, 600, cc, None)
+
+
+def test_driver_compatibility() -> None:
+    variants = load(ROOT)
+    cu13 = variants.get("train", "cuda13.0")
+    ok = compat.check(cu13, "580.95", "13.0", [gpu(0, "RTX 4090", "8.9"), gpu(1, "RTX 5090", "12.0")])
+    assert ok == []
+    old_driver = compat.check(cu13, "550.54", "12.4", [gpu(0, "RTX 4090", "8.9")])
+    assert old_driver[0].level == "error" and "580.65" in old_driver[0].message
+    pascal = compat.check(cu13, "580.95", "13.0", [gpu(0, "GTX 1080 Ti", "6.1")])
+    assert pascal[0].level == "error" and "older" in pascal[0].message
+    future = compat.check(cu13, "590.1", "13.1", [gpu(0, "Future", "13.0")])
+    assert future[0].level == "warning"
+    assert compat.check(variants.get("train", "cpu"), "x", "1.0", [gpu(0, "RTX 4090", "8.9")]) == []

@@ -1,0 +1,166 @@
+"""The streaming merge equals peft's merge_and_unload across adapter shapes: scaling
+(alpha/r, rsLoRA, patterns), fan_in_fan_out, modules_to_save, embeddings and lm_head, tied
+embeddings, bf16 output. Also: it refuses without disk, and writes nothing half-done."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from ftkit.engines import merge as engine  # noqa: E402
+from ftkit.errors import UserError  # noqa: E402
+
+
+def llama(tie: bool = False):  # type: ignore[no-untyped-def]
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def gpt2():  # type: ignore[no-untyped-def]
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                                                bos_token_id=0, eos_token_id=0))
+
+
+def randomize_lora(model) -> None:  # type: ignore[no-untyped-def]
+    """peft starts B (and embedding A) at zero: give every adapter weight values so the merge matters."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+SHAPES = {
+    "plain": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "all-linear": (llama, dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    "rslora": (llama, dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "o_proj"])),
+    "patterns": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], rank_pattern={"k_proj": 2},
+                             alpha_pattern={"q_proj": 32})),
+    "modules_to_save": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    "embedding-and-lm_head": (llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"])),
+    "tied-lm_head": (lambda: llama(tie=True), dict(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])),
+    "fan_in_fan_out": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+}
+
+
+def build(tmp_path: Path, shape: str) -> tuple[Path, Path, object]:
+    factory, lora_kw = SHAPES[shape]
+    torch.manual_seed(0)
+    base = factory()
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base.save_pretrained(base_dir)
+    model = peft.get_peft_model(factory().__class__.from_pretrained(base_dir),
+                                peft.LoraConfig(task_type="CAUSAL_LM", **lora_kw))
+    randomize_lora(model)
+    model.save_pretrained(adapter_dir)
+    if shape == "tied-lm_head":
+        return base_dir, adapter_dir, model  # merge_and_unload mis-merges tied heads: compare with the trained model
+    reference = model.merge_and_unload()
+    return base_dir, adapter_dir, reference
+
+
+@pytest.mark.parametrize("shape", sorted(s for s in SHAPES if s != "tied-lm_head"))
+def test_merge_equals_peft(shape: str, tmp_path: Path) -> None:
+    base_dir, adapter_dir, reference = build(tmp_path, shape)
+    out = tmp_path / "merged"
+    summary = engine.merge(str(base_dir), str(adapter_dir), str(out), dtype="fp32", log=lambda s: None)
+    assert summary["lora_tensors"] > 0
+    ours = reference.__class__.from_pretrained(out)
+    ref_sd, our_sd = reference.state_dict(), ours.state_dict()
+    for name, t in ref_sd.items():
+        assert torch.allclose(t.float(), our_sd[name].float(), atol=1e-5), name
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(reference(x).logits, ours(x).logits, atol=1e-4)
+
+
+def test_tied_lm_head_is_untied_like_training_saw_it(tmp_path: Path) -> None:
+    base_dir, adapter_dir, peft_model = build(tmp_path, "tied-lm_head")
+    out = tmp_path / "merged"
+    engine.merge(str(base_dir), str(adapter_dir), str(out), dtype="fp32", log=lambda s: None)
+    ours = transformers.LlamaForCausalLM.from_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    assert torch.equal(ours.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(peft_model(x).logits, ours(x).logits, atol=1e-4)  # the model as trained
+
+
+def test_bf16_output_within_tolerance(tmp_path: Path) -> None:
+    base_dir, adapter_dir, reference = build(tmp_path, "all-linear")
+    out = tmp_path / "merged"
+    engine.merge(str(base_dir), str(adapter_dir), str(out), dtype="bf16", log=lambda s: None)
+    ours = reference.__class__.from_pretrained(out, dtype=torch.bfloat16)
+    for name, t in reference.state_dict().items():
+        assert torch.allclose(t.to(torch.bfloat16).float(), ours.state_dict()[name].float(), atol=1e-2, rtol=1e-2), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+
+
+def test_sharded_output_with_index(tmp_path: Path) -> None:
+    base_dir, adapter_dir, reference = build(tmp_path, "plain")
+    out = tmp_path / "merged"
+    summary = engine.merge(str(base_dir), str(adapter_dir), str(out), dtype="fp32", max_shard_gb=0.00005, log=lambda s: None)
+    assert summary["shards"] > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(reference.state_dict()) - {"lm_head.weight"} | ({"lm_head.weight"} & set(index["weight_map"]))
+    ours = reference.__class__.from_pretrained(out)
+    x = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(reference(x).logits, ours(x).logits, atol=1e-4)
+
+
+def test_refuses_when_the_disk_is_too_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base_dir, adapter_dir, _ = build(tmp_path, "plain")
+
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: Usage())
+    with pytest.raises(UserError, match="not enough disk"):
+        engine.merge(str(base_dir), str(adapter_dir), str(tmp_path / "merged"), log=lambda s: None)
+    assert not (tmp_path / "merged").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_nf4_dequantized_base_is_close_but_not_equal(tmp_path: Path) -> None:
+    base_dir, adapter_dir, reference = build(tmp_path, "plain")
+    out = tmp_path / "merged"
+    engine.merge(str(base_dir), str(adapter_dir), str(out), dtype="fp32", nf4_dequantized_base=True, log=lambda s: None)
+    ours = reference.__class__.from_pretrained(out).state_dict()
+    ref = reference.state_dict()
+    w = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(ours[w], ref[w])
+    assert (ours[w] - ref[w]).abs().max() < ref[w].abs().max() * 0.2
+    assert torch.equal(ours["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
+
+
+def test_dora_is_refused_clearly(tmp_path: Path) -> None:
+    base_dir, adapter_dir, _ = build(tmp_path, "plain")
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="DoRA"):
+        engine.merge(str(base_dir), str(adapter_dir), str(tmp_path / "m"), log=lambda s: None)
+
+
+def test_cli_dry_run_reports_needs(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    base_dir, adapter_dir, _ = build(tmp_path, "plain")
+    result = run_cli("merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "-o", str(tmp_path / "m"), "--dry-run")
+    assert result.code == 0, result.err
+    info = json.loads(result.out)
+    assert info["ram_bytes"] > 0 and info["disk_bytes"] > 0 and not (tmp_path / "m").exists()
+    shutil.rmtree(adapter_dir)
+    result = run_cli("merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "-o", str(tmp_path / "m"))
+    assert result.code == 2 and "not a LoRA adapter" in result.err
