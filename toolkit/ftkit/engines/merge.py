@@ -33,7 +33,7 @@ COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
-ROW_BLOCK_BYTES = 64 * 2**20  # merge at most this much of a weight (in fp32) at once
+ROW_BLOCK_BYTES = 16 * 2**20  # merge at most this much of a weight (in fp32) at once
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,

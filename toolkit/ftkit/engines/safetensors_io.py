@@ -123,9 +123,10 @@ class StreamWriter:
         if name != expected:
             raise EngineError(f"internal: wrote {name} where {expected} was declared")
         t = tensor.detach().contiguous().cpu()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        if len(data) != size:
-            raise EngineError(f"internal: {name} has {len(data)} bytes, declared {size}")
+        # A view of the tensor's own memory: writing it makes no second copy.
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        if data.nbytes != size:
+            raise EngineError(f"internal: {name} has {data.nbytes} bytes, declared {size}")
         self.fh.write(data)
         self.next += 1
 

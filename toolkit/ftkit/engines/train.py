@@ -131,7 +131,8 @@ def make_callbacks(step: TrainStep, metrics_path: Path, ckpt_root: Path) -> list
             now = time.perf_counter()
             steps = state.global_step - self.step_last
             row: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "time_s": round(now - self.t0, 3)}
-            for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy", "eval_mean_token_accuracy"):
+            for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy",
+                        "eval_mean_token_accuracy", "num_tokens"):
                 if key in logs:
                     row[key] = float(logs[key])
             if "train_runtime" in logs:

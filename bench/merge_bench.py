@@ -1,0 +1,147 @@
+"""Merge: peak RSS and wall time of `ftkit merge` against peft's merge_and_unload, on a
+synthetic 1.1B-parameter Llama (TinyLlama's shape, random bf16 weights) with a rank-16
+all-linear LoRA adapter. Goal: at most 25% of peft's peak memory, and no slower.
+Also checks that the two outputs agree within bf16 tolerance.
+
+    python bench/merge_bench.py [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from _util import peak_rss, save
+
+SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+             num_attention_heads=32, num_key_value_heads=4)
+PEFT_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter)
+merged = model.merge_and_unload()
+merged.save_pretrained(out, max_shard_size="5GB")
+"""
+
+
+def make_model(root: Path) -> tuple[Path, Path, int]:
+    """Write base weights and an adapter tensor by tensor (never the whole model in memory)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from ftkit.engines.safetensors_io import StreamWriter
+
+    base, adapter = root / "base", root / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    cfg = LlamaConfig(**SHAPE, tie_word_embeddings=False, dtype="bfloat16")
+    cfg.save_pretrained(base)
+    h, i, kv = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["hidden_size"] // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
+    shapes: list[tuple[str, list[int]]] = [("model.embed_tokens.weight", [SHAPE["vocab_size"], h])]
+    linear = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    for layer in range(SHAPE["num_hidden_layers"]):
+        for name, (o, n) in linear.items():
+            shapes.append((f"model.layers.{layer}.{name}.weight", [o, n]))
+        shapes += [(f"model.layers.{layer}.input_layernorm.weight", [h]),
+                   (f"model.layers.{layer}.post_attention_layernorm.weight", [h])]
+    shapes += [("model.norm.weight", [h]), ("lm_head.weight", [SHAPE["vocab_size"], h])]
+    g = torch.Generator().manual_seed(0)
+    writer = StreamWriter(base / "model.safetensors", [(n, "BF16", s) for n, s in shapes])
+    params = 0
+    for name, shape in shapes:
+        t = torch.ones(shape) if "norm" in name else torch.randn(shape, generator=g) * 0.02
+        writer.write(name, t.to(torch.bfloat16))
+        params += t.numel()
+    writer.close()
+    r = 16
+    entries = []
+    for layer in range(SHAPE["num_hidden_layers"]):
+        for name, (o, n) in linear.items():
+            key = f"base_model.model.model.layers.{layer}.{name}"
+            entries += [(f"{key}.lora_A.weight", [r, n]), (f"{key}.lora_B.weight", [o, r])]
+    aw = StreamWriter(adapter / "adapter_model.safetensors", [(n, "F32", s) for n, s in entries])
+    for name, shape in entries:
+        aw.write(name, torch.randn(shape, generator=g) * 0.01)
+    aw.close()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 32, "lora_dropout": 0.0,
+        "target_modules": [n.split(".")[-1] for n in linear], "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "base_model_name_or_path": str(base),
+        "inference_mode": True, "init_lora_weights": True,
+    }))
+    return base, adapter, params
+
+
+def compare(a: Path, b: Path) -> float:
+    """Largest relative difference between the two merged models, tensor by tensor."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(d: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(f, "pt") as fh:
+                out.update({k: f for k in fh.keys()})
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    assert set(ta) == set(tb), set(ta) ^ set(tb)
+    worst = 0.0
+    for name in ta:
+        with safe_open(ta[name], "pt") as fa, safe_open(tb[name], "pt") as fb:
+            x, y = fa.get_tensor(name).float(), fb.get_tensor(name).float()
+        worst = max(worst, float((x - y).abs().max() / (x.abs().max() + 1e-12)))
+        del x, y
+        _ = torch
+    return worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--runs", type=int, default=2)
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="ftkit-merge-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        base, adapter, params = make_model(work)
+        exe = str(Path(sys.executable).parent / "ftkit")
+        runs: dict[str, list[dict]] = {"ftkit": [], "peft": []}
+        for n in range(args.runs):  # alternate, so neither always runs on a warm page cache
+            for who in ("peft", "ftkit") if n % 2 == 0 else ("ftkit", "peft"):
+                out = work / f"out-{who}-{n}"
+                argv = ([exe, "merge", "--base", str(base), "--adapter", str(adapter), "-o", str(out), "--dtype", "bf16"]
+                        if who == "ftkit" else [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)])
+                r = peak_rss(argv, env={"HF_HUB_OFFLINE": "1"})
+                r.pop("output", None)
+                runs[who].append(r)
+        diff = compare(work / "out-ftkit-0", work / "out-peft-0")
+        best = {k: {"peak_rss_mib": min(r["peak_rss_mib"] for r in v), "wall_s": min(r["wall_s"] for r in v)}
+                for k, v in runs.items()}
+        model_gib = params * 2 / 2**30
+        result = {
+            "model": {"params": params, "bf16_gib": round(model_gib, 2), "shape": SHAPE, "lora": "r=16, all linear"},
+            "runs": runs, "best": best,
+            "memory_ratio": round(best["ftkit"]["peak_rss_mib"] / best["peft"]["peak_rss_mib"], 3),
+            "time_ratio": round(best["ftkit"]["wall_s"] / best["peft"]["wall_s"], 3),
+            "max_relative_difference": diff,
+            "goals": {"memory_ratio_at_most": 0.25, "time_ratio_at_most": 1.0},
+        }
+        print(json.dumps(result, indent=2))
+        print(f"saved to {save('merge', result)}")
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
