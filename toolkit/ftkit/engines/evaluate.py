@@ -7,9 +7,7 @@ line per prompt and model) and summary.json (accuracy per model and the improvem
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -135,18 +133,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ftkit.engines.evaluate")
-    ap.add_argument("--config", required=True)
-    args = ap.parse_args(argv)
-    try:
-        cfg = json.loads(Path(args.config).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"ftkit eval: cannot read config {args.config}: {e}", file=sys.stderr)
-        sys.exit(2)
-    from ftkit.engines.entry import guarded
+    from ftkit.engines.entry import main_with_config
 
-    with guarded("eval"):
-        run(cfg)
+    main_with_config("eval", "ftkit.engines.evaluate", run, argv)
 
 
 if __name__ == "__main__":

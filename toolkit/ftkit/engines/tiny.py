@@ -7,8 +7,6 @@ quickstart use it because no model can be downloaded there.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +82,15 @@ def generate(spec: dict[str, Any], dataset_cfg: dict[str, Any], output_dir: str 
     return sum(p.numel() for p in model.parameters())
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ftkit.engines.tiny", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
-    args = ap.parse_args(argv)
-    cfg = json.loads(Path(args.config).read_text(encoding="utf-8"))
-    from ftkit.engines.entry import guarded
+def _generate(cfg: dict[str, Any]) -> None:
+    n = generate(cfg["tiny"], cfg["dataset"], cfg["output_dir"])
+    print(f"tiny model: {n:,} parameters in {cfg['output_dir']}")
 
-    with guarded("tiny-model"):
-        n = generate(cfg["tiny"], cfg["dataset"], cfg["output_dir"])
-        print(f"tiny model: {n:,} parameters in {cfg['output_dir']}")
+
+def main(argv: list[str] | None = None) -> None:
+    from ftkit.engines.entry import main_with_config
+
+    main_with_config("tiny-model", "ftkit.engines.tiny", _generate, argv)
 
 
 if __name__ == "__main__":

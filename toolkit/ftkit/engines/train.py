@@ -10,17 +10,14 @@ newest complete checkpoint when one exists.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ftkit.engines import checkpoints, data, templates
-from ftkit.errors import EngineError
 from ftkit.recipe.models import TrainStep
 from ftkit.run.files import write_json
 
@@ -268,26 +265,18 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ftkit.engines.train", description="ftkit's training engine")
-    ap.add_argument("--config", required=True, help="the engine config written by the plan")
-    args = ap.parse_args(argv)
-    try:
-        cfg = json.loads(Path(args.config).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"ftkit train: cannot read config {args.config}: {e}", file=sys.stderr)
-        sys.exit(2)
-    from ftkit.engines.entry import guarded
+def _run_and_report(cfg: dict[str, Any]) -> dict[str, Any]:
+    summary = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"ftkit train: done: {json.dumps(summary)}", flush=True)
+    return summary
 
-    with guarded("train"):
-        summary = run(cfg)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"ftkit train: done: {json.dumps(summary)}", flush=True)
+
+def main(argv: list[str] | None = None) -> None:
+    from ftkit.engines.entry import main_with_config
+
+    main_with_config("train", "ftkit.engines.train", _run_and_report, argv)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EngineError as e:  # pragma: no cover - guarded() handles it; belt and braces for ranks
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    main()
