@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.conftest import run_ftkit
 
 from ftkit.gateways import docker as dk
+from tests.conftest import run_ftkit
 
 pytestmark = pytest.mark.docker
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import FIXTURES, run_cli, run_ftkit
 
 BROKEN = FIXTURES / "broken"

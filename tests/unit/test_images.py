@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.conftest import GOLDEN, ROOT, run_cli
 
 from ftkit.errors import ImageError, LockError
 from ftkit.gpu.nvml import GpuInfo
 from ftkit.images import builder, compat, locks, render
 from ftkit.images.variants import load
+from tests.conftest import GOLDEN, ROOT, run_cli
 
 VARIANTS = load(ROOT).all()
 MODES = {

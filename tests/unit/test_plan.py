@@ -7,6 +7,7 @@ import json
 
 import pytest
 import yaml
+
 from tests.conftest import GOLDEN, RECIPES, ROOT, check_golden, run_cli
 
 PAIRS = {

@@ -7,9 +7,9 @@ import json
 import jsonschema
 import pytest
 import yaml
-from tests.conftest import RECIPES, run_cli
 
 from ftkit.recipe.models import json_schema
+from tests.conftest import RECIPES, run_cli
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
 MACHINE_FILES = sorted((RECIPES / "machines").glob("*.yaml"))

@@ -11,10 +11,9 @@ import pytest
 
 pytest.importorskip("trl")
 
-from tests.conftest import RECIPES  # noqa: E402
-
 from ftkit.engines import tiny, train  # noqa: E402
 from ftkit.recipe.models import TrainStep  # noqa: E402
+from tests.conftest import RECIPES  # noqa: E402
 
 DATASET = {
     "path": str(RECIPES / "data" / "quickstart-train.jsonl"), "format": "alpaca", "template": "alpaca",
