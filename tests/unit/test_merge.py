@@ -95,6 +95,12 @@ def test_tied_lm_head_is_untied_like_training_saw_it(tmp_path: Path) -> None:
         assert torch.allclose(peft_model(x).logits, ours(x).logits, atol=1e-4)  # the model as trained
 
 
+def test_merge_leaves_autograd_on(tmp_path: Path) -> None:
+    base_dir, adapter_dir, _ = build(tmp_path, "plain")
+    engine.merge(str(base_dir), str(adapter_dir), str(tmp_path / "m"), dtype="fp32", log=lambda s: None)
+    assert torch.is_grad_enabled()
+
+
 def test_bf16_output_within_tolerance(tmp_path: Path) -> None:
     base_dir, adapter_dir, reference = build(tmp_path, "all-linear")
     out = tmp_path / "merged"

@@ -284,7 +284,13 @@ def merge(base: str, adapter: str, output: str, *, revision: str | None = None, 
           nf4_dequantized_base: bool = False, max_shard_gb: float = 5.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped: callers in the same process keep autograd
+        return _merge(base, adapter, output, revision=revision, dtype=dtype,
+                      nf4_dequantized_base=nf4_dequantized_base, max_shard_gb=max_shard_gb, log=log)
+
+
+def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype: str, nf4_dequantized_base: bool,
+           max_shard_gb: float, log: Callable[[str], None]) -> dict[str, Any]:
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output {out} exists and is not empty; choose another directory")
