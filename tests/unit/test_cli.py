@@ -56,11 +56,21 @@ def test_missing_machine_path_variable_is_named(tmp_path) -> None:  # type: igno
     assert "dataset.path: ${datasets} is not set in machine profile 'bare': add paths.datasets" in result.err
 
 
+def test_up_refuses_docker_plans_before_touching_anything(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import RECIPES as R
+
+    result = run_cli("up", str(R / "mistral-small-24b-qlora-2x24gb.yaml"), "--machine", str(R / "machines" / "zorac.yaml"),
+                     "--runs-dir", str(tmp_path / "runs"))
+    assert result.code == 2
+    assert "executor: docker" in result.err and "executor: local" in result.err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_up_refuses_a_recipe_that_does_not_fit(tmp_path) -> None:  # type: ignore[no-untyped-def]
     machine = tmp_path / "m.yaml"
     machine.write_text("ftkit: 1\nkind: machine\nname: small\nexecutor: local\npsu: {watts: 800}\n"
                        "paths: {datasets: /data}\n"
                        "gpus:\n  - {index: 0, model: RTX 4090}\n  - {index: 1, model: RTX 4090}\n")
-    result = run_cli("up", str(RECIPES / "llama31-8b-lora-2gpu.yaml"), "--machine", str(machine), "--dry-run")
+    result = run_cli("up", str(RECIPES / "llama31-8b-lora-2gpu.yaml"), "--machine", str(machine))
     assert result.code == 2
     assert "PSU budget exceeded" in result.err and "cap every GPU at" in result.err

@@ -11,16 +11,6 @@ import click
 from ftkit.errors import ConfigError, ConfigIssue
 
 
-def _machine_or_detect(machine_path: str | None):  # type: ignore[no-untyped-def]
-    from ftkit.recipe.validate import load_machine
-
-    if machine_path:
-        return load_machine(machine_path)
-    from ftkit.gpu.inventory import detect_machine
-
-    return detect_machine()
-
-
 @click.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=True, path_type=str))
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="check against this machine profile")

@@ -36,9 +36,10 @@ def up(recipe: str, machine_path: str | None, runs_dir: Path | None, dry_run: bo
         machine = detect_machine()
     res = resolve(loaded, machine)
     preview = plan_for(res, run_dir=str((runs_dir or runner.runs_root(machine)).resolve() / f"<UTC timestamp>-{res.recipe.name}"))
+    if dry_run:  # the plan is worth seeing even when it would be refused below
+        click.echo(render_plan(preview))
     runner.preflight(res, preview, loaded.doc)
     if dry_run:
-        click.echo(render_plan(preview))
         return
     run, plan = runner.start_run(res, argv=["ftkit", *sys.argv[1:]], runs_dir=runs_dir)
     click.echo(f"run directory: {run.path}", err=True)

@@ -35,14 +35,6 @@ def torch_dtype(code: str) -> Any:
     return table[code]
 
 
-def dtype_code(dtype: Any) -> str:
-    import torch
-
-    table = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
-    return table[dtype]
-
 
 @dataclass
 class TensorInfo:

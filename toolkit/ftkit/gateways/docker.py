@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,10 +97,6 @@ def remove_image(ref: str, host: str | None = None, force: bool = True) -> None:
         client(host).images.remove(ref, force=force)
 
 
-def tag_image(ref: str, repository: str, tag: str, host: str | None = None) -> None:
-    with translated(f"tag {ref}"):
-        client(host).images.get(ref).tag(repository, tag)
-
 
 def run_container(image: str, command: list[str], *, host: str | None = None, environment: dict[str, str] | None = None,
                   volumes: dict[str, dict[str, str]] | None = None, user: str | None = None,
@@ -183,7 +178,3 @@ def find_buildkit_cli() -> BuildKitCli | None:
         if int(version.split(".")[0]) < 23:
             return BuildKitCli(path, "legacy-buildkit", version)
     return None
-
-
-def which_docker() -> str | None:
-    return shutil.which("docker")

@@ -38,9 +38,6 @@ def request_json(
         raise HttpError(f"{method} {url}: answer is not JSON: {body[:200]!r}") from e
 
 
-def get_json(url: str, *, timeout: float = 10.0) -> Any:
-    return request_json("GET", url, timeout=timeout)
-
 
 def post_json(url: str, payload: Any, *, timeout: float = 120.0, api_key: str | None = None) -> Any:
     return request_json("POST", url, payload, timeout=timeout, api_key=api_key)

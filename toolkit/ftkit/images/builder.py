@@ -18,7 +18,7 @@ import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -301,12 +301,3 @@ def base_identity(ref: str, host: str | None = None) -> dict[str, Any]:
     attrs = dk.image_attrs(ref, host) or {}
     digests = attrs.get("RepoDigests") or []
     return {"ref": ref, "id": attrs.get("Id"), "digest": digests[0].split("@", 1)[1] if digests else None}
-
-
-def spec_summary(spec: BuildSpec) -> dict[str, Any]:
-    d = asdict(spec)
-    d["lock_path"] = str(spec.lock_path)
-    d["wheelhouse"] = str(spec.wheelhouse) if spec.wheelhouse else None
-    d["wheelhouse_files"] = [str(p) for p in spec.wheelhouse_files]
-    d["ca_bundle"] = str(spec.ca_bundle) if spec.ca_bundle else None
-    return d

@@ -93,10 +93,3 @@ def dump_yaml(data: dict[str, Any]) -> str:
 
 def dump_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def accelerate_argv(config_file: str, module: str, args: list[str], *, main_port: int | None = None) -> list[str]:
-    argv = ["accelerate", "launch", "--config_file", config_file]
-    if main_port is not None:
-        argv += ["--main_process_port", str(main_port)]
-    return argv + ["-m", module] + args

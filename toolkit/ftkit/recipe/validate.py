@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from ftkit.errors import ConfigError, ConfigIssue
 from ftkit.recipe import checks
 from ftkit.recipe.models import FORMAT_VERSION, Machine, Recipe
-from ftkit.recipe.yamlpos import Located, Path_, format_path, load
+from ftkit.recipe.yamlpos import Located, Path_, load
 
 
 @dataclass
@@ -240,7 +240,3 @@ def _issues_from(exc: ValidationError, doc: Located, root: type[BaseModel]) -> l
     for path, msgs in merged.items():
         issues.append(doc.issue(path, "; or ".join(msgs) if len(msgs) > 1 else msgs[0], key=path in keyed))
     return issues
-
-
-def describe_path(path: Path_) -> str:
-    return format_path(path)

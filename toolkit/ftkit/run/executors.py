@@ -40,11 +40,8 @@ def execute(step: StepSpec, ctx: Context) -> Outcome:
     if step.executor == "service":
         sp.run(step.argv, log_file=ctx.run.log(step.id), echo=ctx.echo)
         return Outcome("succeeded")
-    if step.executor == "docker":
-        raise PlanError(
-            f"step {step.id}: the docker executor is not available yet in this ftkit; "
-            "use a machine profile with `executor: local` (steps run in this Python environment)"
-        )
+    if step.executor == "docker":  # preflight refuses such plans before anything runs
+        raise PlanError(f"step {step.id}: the docker executor is not available in this ftkit")
     if step.background:
         return _serve(step, ctx)
     sp.run(step.argv, env=step.env, log_file=ctx.run.log(step.id), echo=ctx.echo)

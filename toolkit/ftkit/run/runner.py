@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import ConfigError, FtkitError
+from ftkit.errors import ConfigError, FtkitError, PlanError
 from ftkit.plan.machine_checks import findings
 from ftkit.plan.spec import Plan
 from ftkit.recipe.resolve import Resolved
@@ -39,10 +39,19 @@ class RunResult:
 
 
 def preflight(res: Resolved, plan: Plan, loaded_doc: Any) -> None:
-    """Refuse to start when the recipe does not fit this machine (exit 2, nothing written)."""
+    """Refuse to start - before any cap is set or service stopped - when the recipe does not
+    fit this machine or needs an executor this ftkit lacks (exit 2, nothing written)."""
     problems = [loaded_doc.issue(p, m, key=k) for p, m, k in findings(res, plan)]
     if problems:
         raise ConfigError(problems)
+    docker_steps = [s.id for s in plan.steps if s.executor == "docker"]
+    if docker_steps:
+        raise PlanError(
+            f"machine {res.machine.name!r} runs steps in containers (executor: docker), which this ftkit "
+            f"cannot run yet (steps: {', '.join(docker_steps)})",
+            hint="`ftkit plan` shows the containers it will run; to run now, use a machine profile with "
+                 "`executor: local` (steps run in this Python environment: pip install ftkit[train])",
+        )
 
 
 def start_run(res: Resolved, *, argv: list[str], runs_dir: Path | None = None) -> tuple[RunDir, Plan]:
