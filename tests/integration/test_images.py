@@ -168,3 +168,5 @@ def test_classic_builder_installs_the_same_packages(built: dict, tmp_path: Path,
     assert CANARY not in history
     code, out = dk.run_container(tags[0], ["sh", "-c", "test ! -e /tmp/ftkit-ca-bundle.crt && test ! -e /wheelhouse && ftkit --version"])
     assert code == 0, out
+    # the build stage (which held the CA bundle) must not linger as an untagged image
+    assert dk.client().images.list(filters={"dangling": True, "label": "dev.ftkit.build-stage"}) == []

@@ -5,6 +5,8 @@ FROM python:3.11-slim-bookworm AS runtime
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 FROM runtime AS build
+# The classic builder keeps this stage as an untagged image; ftkit removes it by this label.
+LABEL dev.ftkit.build-stage="true"
 RUN python3 -c "import sys; v = '%d.%d' % sys.version_info[:2]; sys.exit(0 if v == '3.11' else 'base image has Python ' + v + '; this lock is for Python 3.11: pick a matching --base-image or variant')"
 RUN python3 -m venv /opt/ftkit/venv
 COPY requirements.lock /opt/ftkit/requirements.lock

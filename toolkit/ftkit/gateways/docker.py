@@ -98,6 +98,13 @@ def remove_image(ref: str, host: str | None = None, force: bool = True) -> None:
 
 
 
+def prune_dangling(label: str, host: str | None = None) -> int:
+    """Remove untagged images carrying `label`; return how many bytes were freed."""
+    with translated("prune images"):
+        res = client(host).images.prune(filters={"dangling": True, "label": label})
+        return int(res.get("SpaceReclaimed") or 0)
+
+
 def run_container(image: str, command: list[str], *, host: str | None = None, environment: dict[str, str] | None = None,
                   volumes: dict[str, dict[str, str]] | None = None, user: str | None = None,
                   timeout_s: int = 600) -> tuple[int, str]:

@@ -274,18 +274,22 @@ def run_build(root: Path, spec: BuildSpec, *, force: bool = False, host: str | N
 
 def _classic_build(spec: BuildSpec, ctx_dir: Path, progress: Progress, host: str | None, log_path: Path) -> None:
     """The docker SDK's classic builder, for engines without a BuildKit-capable CLI. The
-    template was rendered without BuildKit-only syntax."""
-    with dk.translated(f"build {spec.tag}"):
-        api = dk.client(host).api
-        for chunk in api.build(path=str(ctx_dir), tag=spec.tag, labels=spec.labels, rm=True, forcerm=True,
-                               decode=True, pull=False):
-            if "stream" in chunk:
-                for ln in chunk["stream"].splitlines():
-                    if ln.strip():
-                        progress.line(ln)
-            if "error" in chunk:
-                progress.line(chunk["error"])
-                raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{progress.failure()}")
+    template was rendered without BuildKit-only syntax. The classic builder keeps the build
+    stage (which held the CA bundle and wheelhouse) as an untagged image: remove it."""
+    try:
+        with dk.translated(f"build {spec.tag}"):
+            api = dk.client(host).api
+            for chunk in api.build(path=str(ctx_dir), tag=spec.tag, labels=spec.labels, rm=True, forcerm=True,
+                                   decode=True, pull=False):
+                if "stream" in chunk:
+                    for ln in chunk["stream"].splitlines():
+                        if ln.strip():
+                            progress.line(ln)
+                if "error" in chunk:
+                    progress.line(chunk["error"])
+                    raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{progress.failure()}")
+    finally:
+        dk.prune_dangling(render.BUILD_STAGE_LABEL, host)
 
 
 def packages_digest(tag: str, host: str | None = None) -> tuple[str, int]:

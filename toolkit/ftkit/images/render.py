@@ -17,6 +17,7 @@ from ftkit.errors import ImageError
 from ftkit.images.variants import Variant
 
 PYPI = "https://pypi.org/simple"
+BUILD_STAGE_LABEL = "dev.ftkit.build-stage"
 
 
 @dataclass
@@ -74,6 +75,7 @@ def context(image: str, template_name: str, v: Variant, lock_sha256: str, opts: 
         "index_args": index_args(v, opts),
         "wheel_name": wheel_name(),
         "lock_sha256": lock_sha256,
+        "build_stage_label": BUILD_STAGE_LABEL,
         **opts.extra,
     }
 
