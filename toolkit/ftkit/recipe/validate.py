@@ -41,10 +41,6 @@ class LoadedMachine:
     path: Path
 
 
-def _display(path: str | os.PathLike[str]) -> str:
-    return str(path)
-
-
 def _detect_kind(doc: Located) -> str:
     kind = doc.data.get("kind", "recipe")
     return kind if kind in ("recipe", "machine") else "recipe"
@@ -62,7 +58,7 @@ def _version_issue(doc: Located) -> ConfigIssue | None:
 
 
 def load_recipe(path: str | os.PathLike[str]) -> LoadedRecipe:
-    doc = load(path, display=_display(path))
+    doc = load(path, display=str(path))
     if _detect_kind(doc) != "recipe":
         raise ConfigError([doc.issue(("kind",), "this is a machine profile; pass it with --machine")])
     recipe = _validate(doc, Recipe)
@@ -75,7 +71,7 @@ def load_recipe(path: str | os.PathLike[str]) -> LoadedRecipe:
 
 
 def load_machine(path: str | os.PathLike[str]) -> LoadedMachine:
-    doc = load(path, display=_display(path))
+    doc = load(path, display=str(path))
     if _detect_kind(doc) != "machine":
         raise ConfigError([doc.issue(("kind",), "not a machine profile: add `kind: machine`")])
     machine = _validate(doc, Machine)
@@ -88,7 +84,7 @@ def load_machine(path: str | os.PathLike[str]) -> LoadedMachine:
 
 def load_any(path: str | os.PathLike[str]) -> LoadedRecipe | LoadedMachine:
     """Load a recipe or a machine profile, telling them apart by `kind:`."""
-    doc = load(path, display=_display(path))
+    doc = load(path, display=str(path))
     if _detect_kind(doc) == "machine":
         return load_machine(path)
     return load_recipe(path)

@@ -93,8 +93,8 @@ def _power(step: StepSpec, ctx: Context) -> Outcome:
         for idx, watts in sorted(step.power_caps_w.items()):
             if idx not in ctx.original_limits:
                 ctx.original_limits[idx] = nv.power_limit_w(idx)
-                ctx.journal.state.setdefault("power", {})["original_w"] = dict(ctx.original_limits)
-                ctx.journal.step(step.id, "running")  # persist the originals before touching anything
+                # on disk before the first change, so a crash still says what to restore
+                ctx.journal.record("power", {"original_w": dict(ctx.original_limits)})
             nv.set_power_limit_w(idx, watts)
         return Outcome("succeeded", {"caps_w": step.power_caps_w, "simulated": nv.simulated})
     restored = {}

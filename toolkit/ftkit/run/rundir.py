@@ -103,6 +103,11 @@ class Journal:
         entry.update(extra)
         self._flush()
 
+    def record(self, key: str, value: Any) -> None:
+        """Persist a run-level fact at once (e.g. the power limits found before capping)."""
+        self.state[key] = value
+        self._flush()
+
     def finish(self, status: str, **extra: Any) -> None:
         self.state["status"] = status
         self.state["finished"] = iso_now()
