@@ -294,10 +294,30 @@ class Paths(Strict):
     datasets: str | None = None
     runs: str | None = None
     hf_cache: str | None = None
+    lease: str | None = Field(
+        None,
+        description="GPU lease directory (one lock file per GPU), shared by `ftkit up`, `ftkit lease` and every "
+        "container of the machine's stacks; default: /run/lock/ftkit where writable, else ~/.cache/ftkit/lease",
+    )
 
 
 class Docker(Strict):
     host: str | None = Field(None, description="DOCKER_HOST for this machine; default: the local engine")
+    base_image: str | None = Field(
+        None, description="build ftkit's images FROM this local image instead of the variant's base (no registry)"
+    )
+    wheelhouse: str | None = Field(None, description="directory of wheels standing in for extra package indexes")
+    images_lock: str | None = Field(None, description="an images.lock.json whose tags this machine runs")
+    build_missing: bool = Field(
+        True, description="build a missing image (as `ftkit build` would) instead of refusing the run"
+    )
+
+
+class Telemetry(Strict):
+    """GPU and host sampling beside every step that uses a GPU (telemetry.csv in the run directory)."""
+
+    enabled: bool = True
+    interval_s: float = Field(1.0, ge=0.1, le=60)
 
 
 class Serving(Strict):
@@ -326,6 +346,12 @@ class Machine(Strict):
         "docker", description="run steps in the ftkit images (docker) or in this Python environment (local)"
     )
     ca_bundle: str | None = Field(None, description="CA bundle for TLS-intercepting proxies (builds and containers)")
+    bind_address: str = Field(
+        "127.0.0.1",
+        description="host address recipe servers publish their port on; anything but loopback exposes the API "
+        "to the network (plan warns)",
+    )
+    telemetry: Telemetry = Field(default_factory=Telemetry)
 
     def gpu(self, index: int) -> GpuSpec | None:
         return next((g for g in self.gpus if g.index == index), None)
