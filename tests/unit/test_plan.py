@@ -56,7 +56,10 @@ def test_mistral_plan_order_and_handoff() -> None:
     assert acc["distributed_type"] == "MULTI_GPU" and acc["num_processes"] == 2
     serve = plan["steps"][5]
     assert serve["argv"][:3] == ["vllm", "serve", "/ftkit/run/steps/merge/model"]
-    assert "--quantization" in serve["argv"] and serve["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+    # in its container GPU 1 is the only device, renumbered 0; the device request names host GPU 1
+    assert "--quantization" in serve["argv"] and serve["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert serve["gpus"] == [1] and serve["lease"]["role"] == "serve" and serve["lease"]["gpus"] == [1]
+    assert serve["ports"] == [{"container": 8000, "host": 8000, "host_ip": "127.0.0.1"}]
     assert any("stays stopped" in w for w in plan["warnings"])
 
 

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import shlex
+import unicodedata
 
+from ftkit.plan.container import step_command
 from ftkit.plan.spec import Plan
 
 
+def esc(text: str) -> str:
+    """Control and format characters written as escapes, so a recipe string cannot hide a
+    flag or rewrite the line from the person reading the plan (ANSI codes, carriage
+    returns, bidi overrides, zero-width characters)."""
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            code = ord(ch)
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch) or
+                       (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _q(argv: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
+    return " ".join(esc(shlex.quote(a)) for a in argv)
 
 
 def render_plan(plan: Plan) -> str:
@@ -19,33 +36,44 @@ def render_plan(plan: Plan) -> str:
     for n, s in enumerate(plan.steps, 1):
         w("")
         tag = " [always, also after a failure]" if s.always else ""
-        w(f"{n}. {s.id} ({s.kind}){tag}: {s.description}")
+        w(f"{n}. {s.id} ({s.kind}){tag}: {esc(s.description)}")
         if s.image:
             w(f"   image: {s.image}")
         if s.gpus:
             w(f"   gpus: {','.join(map(str, s.gpus))}")
         if s.power_caps_w:
             w("   power caps: " + ", ".join(f"GPU {g} {c} W" for g, c in sorted(s.power_caps_w.items())))
+        if s.lease:
+            how = ("preemptible: yields to training and comes back" if s.lease.role == "serve"
+                   else "waits its turn, never yields")
+            caps = (", refuses GPUs whose enforced limit is above " +
+                    ", ".join(f"GPU {g} {w} W" for g, w in sorted(s.lease.max_power_w.items()))) if s.lease.max_power_w else ""
+            w(f"   lease: {s.lease.role} on GPU(s) {','.join(map(str, s.lease.gpus))} ({how}{caps})")
         if s.argv:
-            w(f"   run: {_q(s.argv)}")
+            w(f"   run: {_q(step_command(s, plan))}")
         if s.env:
-            w("   env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(s.env.items())))
+            w("   env: " + " ".join(f"{k}={esc(shlex.quote(v))}" for k, v in sorted(s.env.items())))
         for m in s.mounts:
-            w(f"   mount: {m.host} -> {m.container}{' (ro)' if m.read_only else ''}")
+            w(f"   mount: {esc(m.host)} -> {esc(m.container)}{' (ro)' if m.read_only else ''}")
+        for port in s.ports:
+            where = f"{port.host_ip}:{port.host}"
+            w(f"   port: {where} -> {port.container}" if s.executor == "docker" else f"   port: {where}")
+        if s.shm_size:
+            w(f"   shm: {s.shm_size}")
         if s.ready:
             w(f"   ready when: {s.ready['health']} and {s.ready['models']} answer (timeout {s.ready['timeout_s']} s)")
         for p in s.prompts:
             exp = p.get("expect") or {}
             cond = ", ".join(f"{k} {v!r}" for k, v in exp.items() if v is not None) or "any answer"
-            w(f"   test prompt: {p['prompt'][:60]!r} -> {cond}")
+            w(f"   test prompt: {esc(repr(p['prompt'][:60]))} -> {esc(cond)}")
         if s.background:
             w(f"   afterwards: {'left running' if s.keep_running else 'stopped at the end of the run'}")
         for f in s.files:
             w(f"   writes {f.path}:")
             for line in f.content.rstrip().splitlines():
-                w(f"     | {line}")
+                w(f"     | {esc(line)}")
         for note in s.notes:
-            w(f"   note: {note}")
+            w(f"   note: {esc(note)}")
     if plan.fit:
         w("")
         w("memory fit (estimate per device):")
@@ -80,7 +108,7 @@ def render_plan(plan: Plan) -> str:
     if plan.warnings:
         w("")
         for warn in plan.warnings:
-            w(f"warning: {warn}")
+            w(f"warning: {esc(warn)}")
     w("")
     w("run directory layout:")
     for k, v in plan.layout.items():

@@ -13,7 +13,7 @@ from typing import Any
 
 from ftkit.engines import data, templates
 from ftkit.errors import DatasetError, EngineError
-from ftkit.run.files import write_json
+from ftkit.files import write_json
 
 
 def prompts_for(cfg: dict[str, Any], tokenizer: Any) -> list[tuple[str, str]]:

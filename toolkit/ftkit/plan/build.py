@@ -14,7 +14,7 @@ from typing import Any
 
 from ftkit.plan import launch, memory, power
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
-from ftkit.plan.spec import GeneratedFile, Mount, Plan, StepSpec
+from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, Port, StepSpec
 from ftkit.recipe.models import (
     EvalStep,
     MergeStep,
@@ -118,26 +118,37 @@ def build_plan(
     python: str = "python",
     images: dict[str, str] | None = None,
     local_model_config: dict[str, Any] | None = None,
+    executor: str | None = None,
+    lease_dir: str | None = None,
+    simulated_gpus: list[str] | None = None,
 ) -> Plan:
+    """`executor` overrides the profile's (`ftkit up --executor`); `lease_dir` is the host
+    directory of the GPU lease; `simulated_gpus` names the GPUs of a machine that has none
+    (tests, CI): containers then get no device requests and a simulated NVML."""
     recipe, machine = res.recipe, res.machine
-    executor = machine.executor
+    executor = executor or machine.executor
     places = Places(executor, run_dir, python, machine.paths.hf_cache)
     images = images or {}
     steps: list[StepSpec] = []
     warnings: list[str] = []
     all_gpus = [g.index for g in machine.gpus]
     arch = arch_for(recipe, local_model_config)
+    run_id = PurePosixPath(run_dir).name
+    container_lease = str(CONTAINER_ROOT / "lease")
 
-    # Inputs the engines read. Docker mounts each at a fixed container place.
+    # Inputs the engines read. Docker mounts each one (a file or a directory) read-only at
+    # /ftkit/inputs/<key>/<name>, so the container sees nothing else of the host.
     mounts: list[Mount] = []
+    inputs: dict[str, str] = {}
     if executor == "docker":
         mounts.append(Mount(run_dir, str(CONTAINER_ROOT / "run"), read_only=False))
-        if "dataset" in res.host_paths:
-            mounts.append(Mount(str(res.host_paths["dataset"].parent), str(CONTAINER_ROOT / "inputs/dataset")))
-        if "eval" in res.host_paths:
-            mounts.append(Mount(str(res.host_paths["eval"].parent), str(CONTAINER_ROOT / "inputs/eval")))
-        if "model" in res.host_paths:
-            mounts.append(Mount(str(res.host_paths["model"]), str(CONTAINER_ROOT / "inputs/model")))
+        for key, host_path in sorted(res.host_paths.items()):
+            if key == "images_lock":
+                continue  # read by the planner on the host, never by a step
+            slot = CONTAINER_ROOT / "inputs" / key.replace(":", "-")
+            inside = str(slot) if key == "model" else str(slot / host_path.name)
+            inputs[key] = inside
+            mounts.append(Mount(str(host_path), inside))
         if machine.paths.hf_cache:
             mounts.append(Mount(machine.paths.hf_cache, str(CONTAINER_ROOT / "hf-cache"), read_only=False))
 
@@ -145,11 +156,14 @@ def build_plan(
         p = res.host_paths.get(key)
         if p is None:
             return None
-        if executor != "docker":
-            return str(p)
-        if key == "model":
-            return str(CONTAINER_ROOT / "inputs/model")
-        return str(CONTAINER_ROOT / f"inputs/{key}" / p.name)
+        return inputs[key] if executor == "docker" else str(p)
+
+    def visible(gpus: list[int]) -> str:
+        # A container sees only its own devices, renumbered from 0; a host process sees all.
+        return ",".join(str(i) for i in range(len(gpus))) if executor == "docker" else ",".join(map(str, gpus))
+
+    def lease(role: str, gpus: list[int], **kw: Any) -> LeaseSpec | None:
+        return LeaseSpec(role=role, gpus=list(gpus), **kw) if gpus else None
 
     base_env: dict[str, str] = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "TOKENIZERS_PARALLELISM": "false"}
     if executor == "docker" and machine.paths.hf_cache:
@@ -163,9 +177,18 @@ def build_plan(
         s = StepSpec(**kw)
         if s.executor in ("local", "docker"):
             s.env = {**base_env, **s.env}
+            if s.lease is not None:
+                s.env["FTKIT_LEASE_DIR"] = container_lease if s.executor == "docker" else (lease_dir or "")
+                s.env["FTKIT_SERVICE"] = s.id
+            if simulated_gpus and s.gpus:
+                s.env["FTKIT_SIMULATED_GPUS"] = ",".join(simulated_gpus)
             if s.executor == "docker":
                 s.mounts = list(mounts)
+                if s.lease is not None and lease_dir:
+                    s.mounts.append(Mount(lease_dir, container_lease, read_only=False))
                 s.image = s.image or images.get("train")
+                s.labels = {"dev.ftkit.run": run_id, "dev.ftkit.step": s.id, "dev.ftkit.recipe": recipe.name}
+                s.env.setdefault("HOME", "/tmp")  # containers run as the host user, who has no home there
         return s
 
     # Base model description for the engines.
@@ -227,9 +250,17 @@ def build_plan(
             )
         elif isinstance(step, TrainStep):
             gpus = list(step.gpus) if isinstance(step.gpus, list) else []
-            if machine.serving and step.handoff == "auto" and set(machine.serving.gpus) & set(gpus) and not handoff_stopped:
-                steps.append(_handoff(machine, "stop", gpus))
-                handoff_stopped = True
+            shared = sorted(set(machine.serving.gpus) & set(gpus)) if machine.serving else []
+            train_notes: list[str] = []
+            if machine.serving and shared and step.handoff == "auto":
+                if machine.serving.manager == "compose":
+                    # The service runs under the lease as a preemptible `serve` holder: it yields
+                    # when this step waits for the GPUs and takes them back afterwards by itself.
+                    train_notes.append(f"GPU(s) {shared} come from service {machine.serving.service!r} through the "
+                                       "lease: it yields while this step waits and comes back after")
+                elif not handoff_stopped:
+                    steps.append(_handoff(machine, "stop", gpus))
+                    handoff_stopped = True
             if gpus and not caps_now and len(all_gpus) > 1:
                 warnings.append(
                     f"step {name}: trains on {len(gpus)} GPUs with no power caps set; "
@@ -266,13 +297,14 @@ def build_plan(
                 launcher += ["--main_process_port", str(29500 + port_offset)]
                 port_offset += 1
             argv = launcher + ["-m", "ftkit.engines.train", "--config", places.run(cfg_rel)]
-            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {"CUDA_VISIBLE_DEVICES": ""}
+            env = {"CUDA_VISIBLE_DEVICES": visible(gpus)}
             if step.method == "qlora":
                 env["BNB_CUDA_VERSION"] = ""  # let bitsandbytes match torch's CUDA
             how = f"{step.method} on {len(gpus)} GPU(s) {gpus} with {step.distribution}" if gpus else f"{step.method} on the CPU"
             steps.append(spec(id=name, kind="train", recipe_step=name, executor=executor, argv=argv, env=env,
                               gpus=gpus, files=files, outputs=dict(train_outputs[name]), power_caps_w=dict(caps_now),
-                              description=f"train: {how}"))
+                              lease=lease("train", gpus, max_power_w={g: caps_now[g] for g in gpus if g in caps_now}),
+                              shm_size="8g" if len(gpus) > 1 else None, notes=train_notes, description=f"train: {how}"))
             if arch is None:
                 warnings.append(f"step {name}: no architecture figures for {recipe.model.id or recipe.model.path}; "
                                 "add model.arch to get a memory estimate")
@@ -294,7 +326,8 @@ def build_plan(
                               description=f"merge adapter of {step.adapter} into the base, streaming tensor by tensor",
                               env={"CUDA_VISIBLE_DEVICES": ""}))
         elif isinstance(step, ServeStep):
-            steps.append(_serve(step, name, places, base_ref, train_outputs, merge_outputs, images, executor, spec))
+            steps.append(_serve(step, name, places, base_ref, train_outputs, merge_outputs, images, executor, spec,
+                                bind=machine.bind_address, visible=visible, lease=lease))
             if machine.serving and step.keep_running and set(machine.serving.gpus) & set(step.gpus or []):
                 serving_replaced = True
         elif isinstance(step, EvalStep):
@@ -313,7 +346,8 @@ def build_plan(
                               argv=places.cmd("ftkit.engines.evaluate") + ["--config", places.run(cfg_rel)],
                               files=[GeneratedFile(cfg_rel, launch.dump_json(eval_cfg))],
                               outputs={"results": f"steps/{name}/results.jsonl", "summary": f"steps/{name}/summary.json"},
-                              gpus=all_gpus[:1], env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, all_gpus[:1]))},
+                              gpus=all_gpus[:1], env={"CUDA_VISIBLE_DEVICES": visible(all_gpus[:1])},
+                              lease=lease("train", all_gpus[:1]),
                               description=f"score held-out prompts ({step.score}) on: {', '.join(step.models)}"))
 
     if handoff_stopped and machine.serving:
@@ -342,6 +376,14 @@ def build_plan(
         psu_uncapped=psu_uncapped,
         layout=dict(RUN_LAYOUT),
         warnings=warnings,
+        python=python,
+        lease_dir=lease_dir,
+        docker={"host": machine.docker.host, "base_image": machine.docker.base_image,
+                "wheelhouse": machine.docker.wheelhouse, "ca_bundle": machine.ca_bundle,
+                "images_lock": machine.docker.images_lock, "build_missing": machine.docker.build_missing}
+        if executor == "docker" else {},
+        telemetry={"enabled": machine.telemetry.enabled, "interval_s": machine.telemetry.interval_s},
+        simulated_gpus=list(simulated_gpus) if simulated_gpus else None,
     )
 
 
@@ -377,15 +419,17 @@ def _handoff(machine: Any, action: str, gpus: list[int]) -> StepSpec:
 
 
 def _serve(step: ServeStep, name: str, places: Places, base_ref: str, trains: dict, merges: dict,
-           images: dict[str, str], executor: str, spec: Any) -> StepSpec:
+           images: dict[str, str], executor: str, spec: Any, *, bind: str, visible: Any, lease: Any) -> StepSpec:
     gpus = list(step.gpus) if isinstance(step.gpus, list) else []
     files: list[GeneratedFile] = []
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+    env = {"CUDA_VISIBLE_DEVICES": visible(gpus)}
     if step.model == "merged":
         model = places.run(merges.get(step.adapter or "", ""))
     else:
         model = base_ref
-    host = "0.0.0.0" if executor == "docker" else "127.0.0.1"
+    # In a container the server listens on all of the container's interfaces; the port is
+    # published on the machine's bind address only. A host process binds that address itself.
+    host = "0.0.0.0" if executor == "docker" else bind
     served = step.served_name or name
     if step.engine == "vllm":
         argv = ["vllm", "serve", model, "--host", host, "--port", str(step.port), "--served-model-name", served]
@@ -411,10 +455,12 @@ def _serve(step: ServeStep, name: str, places: Places, base_ref: str, trains: di
     target = "the merged model" if step.model == "merged" else "the base model" if step.model == "base" else "base + LoRA adapter"
     return spec(
         id=name, kind="serve", recipe_step=name, executor=executor, image=image, argv=argv, gpus=gpus,
-        env=env, files=files,
+        env=env, files=files, lease=lease("serve", gpus), ports=[Port(step.port, step.port, bind)],
+        shm_size="8g" if step.engine == "vllm" else None,
         background=True, keep_running=step.keep_running,
         ready={"health": f"{base}/health", "models": f"{base}/v1/models", "timeout_s": step.ready_timeout_s,
-               "base_url": f"{base}/v1", "served_name": served if step.engine == "vllm" else model},
+               "base_url": f"{base}/v1", "served_name": served if step.engine == "vllm" else model,
+               "port": step.port, "host": bind},
         prompts=prompts, outputs={"responses": f"steps/{name}/responses.jsonl"},
         description=f"serve {target} with {step.engine} on port {step.port}, then send {len(prompts)} test prompt(s)",
     )

@@ -9,11 +9,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftkit.engines import serving
+from ftkit.gateways import serving
 from ftkit.errors import FtkitError, GpuError, PlanError
 from ftkit.gateways import subprocess as sp
 from ftkit.plan.spec import StepSpec
-from ftkit.run.files import write_atomic
+from ftkit.files import write_atomic
 from ftkit.run.rundir import Journal, RunDir
 
 

@@ -1,28 +1,80 @@
-"""Load -> resolve -> plan, shared by `ftkit plan`, `ftkit validate --machine` and `ftkit up`."""
+"""Load -> resolve -> plan, shared by `ftkit validate --machine`, `ftkit plan`, `ftkit up` and
+`ftkit compose`, so they can never disagree about a recipe: `prepare()` builds the plan
+once and checks it against the machine in one place.
+
+This is the impure edge of planning: it reads files, the environment (simulated GPUs, the
+lease directory) and this checkout's image tags, and hands plain values to the pure
+`plan.build.build_plan`.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftkit.errors import ConfigError
 from ftkit.plan.build import build_plan
+from ftkit.plan.machine_checks import findings
 from ftkit.plan.spec import Plan
 from ftkit.recipe.models import Machine
 from ftkit.recipe.resolve import Resolved, resolve
-from ftkit.recipe.validate import load_machine, load_recipe
+from ftkit.recipe.validate import LoadedRecipe, load_machine, load_recipe
+
+SIMULATED_ENV = "FTKIT_SIMULATED_GPUS"
+
+
+@dataclass
+class Prepared:
+    loaded: LoadedRecipe
+    res: Resolved
+    plan: Plan
+    machine_path: str | None  # None: this host, detected
+
+    def problems(self) -> list[Any]:
+        """Everything that stops this recipe on this machine, located in the recipe file."""
+        return [self.loaded.doc.issue(p, m, key=k) for p, m, k in findings(self.res, self.plan)]
+
+    def check(self) -> None:
+        """Raise (exit 2) before anything runs when the recipe does not fit the machine."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+
+def load_machine_or_host(machine_path: str | None) -> Machine:
+    if machine_path:
+        return load_machine(machine_path).machine
+    from ftkit.gpu.inventory import detect_machine
+
+    return detect_machine()
 
 
 def load_and_resolve(recipe_path: str, machine_path: str | None) -> Resolved:
-    loaded = load_recipe(recipe_path)
-    if machine_path:
-        machine: Machine = load_machine(machine_path).machine
-    else:
-        from ftkit.gpu.inventory import detect_machine
+    return _resolve(load_recipe(recipe_path), recipe_path, machine_path)
 
-        machine = detect_machine()
-    return resolve(loaded, machine)
+
+def _resolve(loaded: LoadedRecipe, recipe_path: str, machine_path: str | None) -> Resolved:
+    machine = load_machine_or_host(machine_path)
+    try:
+        return resolve(loaded, machine)
+    except ConfigError as e:
+        if machine_path is None and not machine.gpus and any("GPU" in i.message for i in e.issues):
+            profiles = _profiles_near(Path(recipe_path))
+            e.hint = ("this host has no GPU; plan for a machine with --machine PROFILE"
+                      + (f", e.g. --machine {profiles[0]}" if profiles else "")
+                      + (f" (profiles: {', '.join(profiles)})" if len(profiles) > 1 else ""))
+        raise
+
+
+def _profiles_near(recipe: Path) -> list[str]:
+    for d in (recipe.parent / "machines", Path("recipes") / "machines"):
+        if d.is_dir():
+            return sorted(str(p) for p in d.glob("*.yaml"))
+    return []
 
 
 def runs_root(machine: Machine) -> Path:
@@ -30,13 +82,17 @@ def runs_root(machine: Machine) -> Path:
 
 
 def image_refs(res: Resolved) -> dict[str, str]:
-    """Image references for docker steps: the recipe's digest pins, else the content tags
-    `ftkit build` would produce from this checkout."""
+    """Image references for docker steps: the recipe's digest pins, else the tags of an
+    images.lock.json (the recipe's, else the machine's), else the content tags `ftkit build`
+    would produce from this checkout with the machine's build settings."""
     refs: dict[str, str] = {}
+    lock = res.host_paths.get("images_lock")
+    if lock is None and res.machine.docker.images_lock:
+        lock = Path(res.machine.docker.images_lock).expanduser()
     try:
         from ftkit.images.catalog import expected_refs
 
-        refs.update(expected_refs(res.machine, res.host_paths.get("images_lock")))
+        refs.update(expected_refs(res.machine, lock))
     except Exception:  # noqa: BLE001 - no checkout templates here: plan shows placeholders
         refs.update({"train": "ftkit/train:<variant> (run ftkit build)",
                      "serve-vllm": "ftkit/serve:vllm (run ftkit build)",
@@ -59,14 +115,37 @@ def local_model_config(res: Resolved) -> dict[str, Any] | None:
         return None
 
 
-def make_plan(recipe_path: str, machine_path: str | None, *, run_dir: str | None) -> Plan:
-    res = load_and_resolve(recipe_path, machine_path)
-    return plan_for(res, run_dir=run_dir)
+def lease_dir(machine: Machine) -> str:
+    try:
+        from ftkit.lease import default_lease_dir
+    except ImportError:  # TODO(lead): remove once the lease package has landed
+        return os.environ.get("FTKIT_LEASE_DIR") or machine.paths.lease or "/run/lock/ftkit"
+    return str(default_lease_dir(machine.paths.lease))
 
 
-def plan_for(res: Resolved, *, run_dir: str | None) -> Plan:
+def simulated_gpus() -> list[str] | None:
+    names = [n.strip() for n in os.environ.get(SIMULATED_ENV, "").split(",") if n.strip()]
+    return names or None
+
+
+def plan_for(res: Resolved, *, run_dir: str | None, executor: str | None = None) -> Plan:
     if run_dir is None:
         run_dir = str(runs_root(res.machine) / f"<UTC timestamp>-{res.recipe.name}")
-    images = image_refs(res) if res.machine.executor == "docker" else {}
+    executor = executor or res.machine.executor
+    images = image_refs(res) if executor == "docker" else {}
     return build_plan(res, run_dir=run_dir, python=sys.executable, images=images,
-                      local_model_config=local_model_config(res))
+                      local_model_config=local_model_config(res), executor=executor,
+                      lease_dir=lease_dir(res.machine), simulated_gpus=simulated_gpus())
+
+
+def prepare(recipe_path: str, machine_path: str | None, *, run_dir: str | None = None,
+            executor: str | None = None) -> Prepared:
+    """Load, resolve and plan once. Raises ConfigError (exit 2) for a bad recipe or profile;
+    call `.check()` to refuse a recipe that does not fit the machine."""
+    loaded = load_recipe(recipe_path)
+    res = _resolve(loaded, recipe_path, machine_path)
+    return Prepared(loaded, res, plan_for(res, run_dir=run_dir, executor=executor), machine_path)
+
+
+def make_plan(recipe_path: str, machine_path: str | None, *, run_dir: str | None) -> Plan:
+    return prepare(recipe_path, machine_path, run_dir=run_dir).plan

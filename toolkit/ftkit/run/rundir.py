@@ -10,15 +10,37 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shlex
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ftkit.run.files import read_json, write_atomic, write_json
+from ftkit.files import read_json, write_atomic, write_json
 
-STATUSES = ("pending", "running", "succeeded", "failed", "skipped")
+STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "interrupted")
+DONE = ("succeeded", "failed", "skipped", "interrupted")
+
+
+def process_start(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), or None when it is gone.
+    A pid together with its start time names one process: pids are reused, this pair is not."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    fields = stat[stat.rfind(")") + 2:].split()
+    try:
+        return int(fields[19])  # field 22 of the whole line
+    except (IndexError, ValueError):
+        return None
+
+
+def is_alive(pid: int | None, start: int | None) -> bool:
+    return pid is not None and start is not None and process_start(pid) == start
 
 
 def utc_stamp(now: dt.datetime | None = None) -> str:
@@ -78,11 +100,22 @@ class Journal:
                 "status": "running",
                 "started": iso_now(),
                 "finished": None,
-                "pid": os.getpid(),
                 "steps": {sid: {"status": "pending"} for sid in (step_ids or [])},
                 "order": list(step_ids or []),
             }
-            self._flush()
+        self.claim()
+
+    def claim(self) -> None:
+        """Record that this ftkit process drives the run now, so a later ftkit can tell a
+        live run from a stale one whose ftkit died (pid plus start time, and the host)."""
+        self.state.update(status="running", finished=None, pid=os.getpid(), pid_start=process_start(os.getpid()),
+                          host=socket.gethostname())
+        self._flush()
+
+    def owner_alive(self) -> bool:
+        if self.state.get("host") not in (None, socket.gethostname()):
+            return True  # another host's run: not ours to judge
+        return is_alive(self.state.get("pid"), self.state.get("pid_start"))
 
     def _flush(self) -> None:
         write_json(self.path, self.state)
@@ -92,16 +125,21 @@ class Journal:
         entry = self.state["steps"].setdefault(step_id, {})
         if step_id not in self.state["order"]:
             self.state["order"].append(step_id)
+        if status == "running":  # a new attempt (resume): nothing of the last one may linger
+            attempt = int(entry.get("attempt", 0)) + 1
+            entry.clear()
+            entry.update(started=iso_now(), attempt=attempt)
         entry["status"] = status
-        if status == "running":
-            entry["started"] = iso_now()
-        elif status in ("succeeded", "failed", "skipped"):
+        if status in DONE:
             entry["finished"] = iso_now()
             if "started" in entry:
                 t0 = dt.datetime.fromisoformat(entry["started"])
                 entry["seconds"] = round((dt.datetime.now(dt.timezone.utc) - t0).total_seconds(), 3)
         entry.update(extra)
         self._flush()
+
+    def status_of(self, step_id: str) -> str:
+        return str(self.state["steps"].get(step_id, {}).get("status", "pending"))
 
     def record(self, key: str, value: Any) -> None:
         """Persist a run-level fact at once (e.g. the power limits found before capping)."""

@@ -1,4 +1,4 @@
-"""Talking to a running model server: readiness, and the recipe's test prompts.
+"""Talking to a running model server (OpenAI-compatible): readiness, and the recipe's test prompts.
 
 Light on purpose (HTTP gateway only, no torch): the runner calls it in its own process
 while the server runs in a container or a child process.

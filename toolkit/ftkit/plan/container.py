@@ -1,0 +1,80 @@
+"""How a step is started, derived from its StepSpec alone: the exact command (the engine
+under the GPU lease) and, for docker steps, the container it runs in.
+
+Pure data, shared by the readers of a plan: the docker executor turns a ContainerSpec into
+Docker SDK arguments, `ftkit compose` into a compose service, `ftkit plan` prints it. One
+function decides, so `ftkit up` and a stack run with plain `docker compose` start the same
+thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ftkit.plan.spec import Mount, Plan, Port, StepSpec
+
+WORKDIR = "/ftkit"
+
+
+def lease_argv(step: StepSpec, prefix: list[str]) -> list[str]:
+    """`ftkit lease ... --` for a step with a lease, else nothing."""
+    lease = step.lease
+    if lease is None:
+        return []
+    argv = prefix + ["lease", "--gpus", ",".join(map(str, lease.gpus)), "--role", lease.role, "--service", step.id]
+    if lease.max_power_w:
+        argv += ["--max-power-w", ",".join(f"{g}={w}" for g, w in sorted(lease.max_power_w.items()))]
+    if lease.role == "serve":
+        argv += ["--grace", str(lease.grace_s)]
+        if lease.sleep_url:
+            argv += ["--sleep-url", lease.sleep_url]
+    return argv + ["--"]
+
+
+def step_command(step: StepSpec, plan: Plan) -> list[str]:
+    """The exact command the step runs: its engine argv, wrapped in the lease where it has one."""
+    prefix = ["ftkit"] if step.executor == "docker" else [plan.python, "-m", "ftkit"]
+    return lease_argv(step, prefix) + list(step.argv)
+
+
+@dataclass
+class ContainerSpec:
+    name: str
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    mounts: list[Mount]
+    device_ids: list[str]  # host GPU indices for the NVIDIA device request; empty: no GPU
+    ports: list[Port] = field(default_factory=list)
+    shm_size: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    workdir: str = WORKDIR
+    simulated_gpus: bool = False
+
+
+def container_name(plan: Plan, step: StepSpec) -> str:
+    run = step.labels.get("dev.ftkit.run") or plan.recipe
+    return f"ftkit-{run}-{step.id}"[:128]
+
+
+def container_spec(step: StepSpec, plan: Plan) -> ContainerSpec:
+    """The container for one docker step. GPUs are device requests by host index (the
+    container sees them renumbered from 0, which the step's CUDA_VISIBLE_DEVICES already
+    says); on a simulated machine there is no device to request."""
+    if step.executor != "docker":
+        raise ValueError(f"step {step.id} runs with the {step.executor} executor, not in a container")
+    if not step.image:
+        raise ValueError(f"step {step.id} has no image")
+    simulated = bool(plan.simulated_gpus)
+    return ContainerSpec(
+        name=container_name(plan, step),
+        image=step.image,
+        command=step_command(step, plan),
+        env=dict(step.env),
+        mounts=list(step.mounts),
+        device_ids=[] if simulated else [str(g) for g in step.gpus],
+        ports=list(step.ports),
+        shm_size=step.shm_size,
+        labels=dict(step.labels),
+        simulated_gpus=simulated and bool(step.gpus),
+    )
