@@ -44,7 +44,31 @@ class Nvml(Protocol):
     def inventory(self) -> list[GpuInfo]: ...
     def power_limit_w(self, index: int) -> float: ...
     def set_power_limit_w(self, index: int, watts: float) -> None: ...
+    def sample(self, index: int) -> dict[str, Any]: ...
     def close(self) -> None: ...
+
+
+# One telemetry sample per GPU (`Nvml.sample`): keys named after DCGM's fields (DCGM_FI_DEV_GPU_UTIL ->
+# gpu_util, ...), units in the name. A field the GPU or driver cannot report is None, never an exception;
+# `errors` names those fields and why, `source` says whether the numbers are real.
+SAMPLE_FIELDS = (
+    "gpu_util", "mem_copy_util", "fb_used_mib", "fb_total_mib", "gpu_temp_c", "power_usage_w",
+    "enforced_power_limit_w", "total_energy_consumption_mj", "sm_clock_mhz", "mem_clock_mhz",
+    "pcie_link_gen", "pcie_link_width", "pcie_max_link_gen", "pcie_max_link_width", "clocks_event_reasons",
+    "xid_errors",
+)
+# nvmlClocksEventReason* bits (stable in the NVML API): why the clocks are below their maximum.
+# HwSlowdown and HwPowerBrake are the PSU's (or the board's external power brake's) fingerprints.
+CLOCK_EVENT_FLAGS = {
+    "gpu_idle": 0x1, "applications_clocks_setting": 0x2, "sw_power_cap": 0x4, "hw_slowdown": 0x8,
+    "sync_boost": 0x10, "sw_thermal_slowdown": 0x20, "hw_thermal_slowdown": 0x40, "hw_power_brake": 0x80,
+    "display_clock_setting": 0x100,
+}
+
+
+def decode_clock_events(mask: int | None) -> dict[str, bool | None]:
+    """The clocks-event bitmask as named flags (all None when the mask was unreadable)."""
+    return {name: (None if mask is None else bool(mask & bit)) for name, bit in CLOCK_EVENT_FLAGS.items()}
 
 
 class RealNvml:
@@ -123,7 +147,82 @@ class RealNvml:
     def set_power_limit_w(self, index: int, watts: float) -> None:
         self._call("nvmlDeviceSetPowerManagementLimit", self._handle(index), int(watts * 1000))
 
+    def sample(self, index: int) -> dict[str, Any]:
+        """Every telemetry field, each read on its own: an unsupported one is None (named in
+        `errors`) and never costs the others. PCIe width and generation are the values now;
+        GPUs lower the generation when idle, so read them under load."""
+        n = self._n
+        out: dict[str, Any] = dict.fromkeys(SAMPLE_FIELDS)
+        errors: list[str] = []
+        try:
+            h = self._handle(index)
+        except GpuError as e:
+            return {**out, "source": "nvml", "errors": [f"handle: {e}"]}
+
+        def read(fields: tuple[str, ...], fn: str, *args: Any, conv: Any = None) -> None:
+            try:
+                v = self._call(fn, h, *args)
+            except GpuError as e:
+                errors.append(f"{','.join(fields)}: {e}")
+                return
+            vals = conv(v) if conv else (v,)
+            for f, x in zip(fields, vals, strict=True):
+                out[f] = x
+
+        read(("gpu_util", "mem_copy_util"), "nvmlDeviceGetUtilizationRates", conv=lambda u: (int(u.gpu), int(u.memory)))
+        read(("fb_used_mib", "fb_total_mib"), "nvmlDeviceGetMemoryInfo",
+             conv=lambda m: (round(m.used / 2**20, 1), round(m.total / 2**20, 1)))
+        read(("gpu_temp_c",), "nvmlDeviceGetTemperature", n.NVML_TEMPERATURE_GPU, conv=lambda t: (int(t),))
+        read(("power_usage_w",), "nvmlDeviceGetPowerUsage", conv=lambda mw: (round(mw / 1000, 2),))
+        read(("enforced_power_limit_w",), "nvmlDeviceGetEnforcedPowerLimit", conv=lambda mw: (round(mw / 1000, 2),))
+        read(("total_energy_consumption_mj",), "nvmlDeviceGetTotalEnergyConsumption", conv=lambda mj: (int(mj),))
+        read(("sm_clock_mhz",), "nvmlDeviceGetClockInfo", n.NVML_CLOCK_SM, conv=lambda c: (int(c),))
+        read(("mem_clock_mhz",), "nvmlDeviceGetClockInfo", n.NVML_CLOCK_MEM, conv=lambda c: (int(c),))
+        read(("pcie_link_gen",), "nvmlDeviceGetCurrPcieLinkGeneration", conv=lambda v: (int(v),))
+        read(("pcie_link_width",), "nvmlDeviceGetCurrPcieLinkWidth", conv=lambda v: (int(v),))
+        read(("pcie_max_link_gen",), "nvmlDeviceGetMaxPcieLinkGeneration", conv=lambda v: (int(v),))
+        read(("pcie_max_link_width",), "nvmlDeviceGetMaxPcieLinkWidth", conv=lambda v: (int(v),))
+        reasons = ("nvmlDeviceGetCurrentClocksEventReasons" if hasattr(n, "nvmlDeviceGetCurrentClocksEventReasons")
+                   else "nvmlDeviceGetCurrentClocksThrottleReasons")  # the older name, same bits
+        read(("clocks_event_reasons",), reasons, conv=lambda v: (int(v),))
+        out["xid_errors"] = self._xids(index, h, errors)
+        return {**out, "source": "nvml", "errors": errors}
+
+    def _xids(self, index: int, handle: Any, errors: list[str]) -> str | None:
+        """XID errors raised since the last sample ("" for none, None where the driver will not
+        deliver them): an event set per GPU, drained without waiting."""
+        n = self._n
+        sets = self.__dict__.setdefault("_xid_sets", {})
+        if index not in sets:
+            try:
+                es = n.nvmlEventSetCreate()
+                n.nvmlDeviceRegisterEvents(handle, n.nvmlEventTypeXidCriticalError, es)
+                sets[index] = es
+            except (n.NVMLError, AttributeError) as e:
+                sets[index] = None
+                errors.append(f"xid_errors: {e}")
+        es = sets[index]
+        if es is None:
+            return None
+        seen: list[str] = []
+        for _ in range(64):  # a storm of XIDs must not hold the sampler
+            try:
+                data = n.nvmlEventSetWait_v2(es, 0)
+            except n.NVMLError_Timeout:
+                break
+            except n.NVMLError as e:
+                errors.append(f"xid_errors: {e}")
+                break
+            seen.append(str(int(data.eventData)))
+        return ";".join(seen)
+
     def close(self) -> None:
+        for es in self.__dict__.get("_xid_sets", {}).values():
+            if es is not None:
+                try:
+                    self._n.nvmlEventSetFree(es)
+                except self._n.NVMLError:
+                    pass
         try:
             self._n.nvmlShutdown()
         except self._n.NVMLError:
@@ -176,6 +275,41 @@ class SimulatedNvml:
             raise GpuError(f"NVML nvmlDeviceSetPowerManagementLimit: {watts} W outside {gpu.power_min_w}-{gpu.power_max_w} W")
         gpu.power_limit_w = float(watts)
         self.set_calls.append((index, float(watts)))
+
+    def sample(self, index: int, at: float | None = None) -> dict[str, Any]:
+        """Synthetic but plausible numbers of a GPU under training load, a pure function of the
+        time `at` (default now), the GPU index and its current limit, and labelled `simulated`.
+        At the cap it reports SwPowerCap, as a real card does; never HwSlowdown or an XID."""
+        import math
+        import time
+
+        if getattr(self, "_state_file", None):
+            self._sync()  # a cap set by another process shows, as on a real GPU
+        gpu = self._gpu(index)
+        t = time.time() if at is None else at
+        limit = float(gpu.power_limit_w or 300.0)
+        default = float(gpu.power_default_w or limit)
+        wave = math.sin(2 * math.pi * t / 13.0 + index)
+        power = min(limit, 0.93 * limit + 0.06 * limit * wave)
+        total = float(gpu.memory_total_mib)
+        return {
+            "gpu_util": int(round(min(100.0, 92 + 7 * math.sin(2 * math.pi * t / 37.0 + index)))),
+            "mem_copy_util": int(round(45 + 10 * wave)),
+            "fb_used_mib": round(total * (0.62 + 0.04 * math.sin(2 * math.pi * t / 61.0)), 1),
+            "fb_total_mib": total,
+            "gpu_temp_c": int(round(70 + 6 * math.sin(2 * math.pi * t / 300.0 + index) + index)),
+            "power_usage_w": round(power, 2),
+            "enforced_power_limit_w": round(limit, 2),
+            # a counter only grows: integrate a constant nominal draw, not the wave
+            "total_energy_consumption_mj": int((t - 1.7e9) * 0.9 * default * 1000),
+            "sm_clock_mhz": int(2520 * min(1.0, limit / default) ** 0.3),
+            "mem_clock_mhz": 10501,
+            "pcie_link_gen": 4, "pcie_link_width": 16, "pcie_max_link_gen": 4, "pcie_max_link_width": 16,
+            "clocks_event_reasons": CLOCK_EVENT_FLAGS["sw_power_cap"] if power >= 0.98 * limit else 0,
+            "xid_errors": "",
+            "source": "simulated",
+            "errors": [],
+        }
 
     def close(self) -> None:
         pass
