@@ -24,7 +24,7 @@ def expectation(name: str) -> tuple[int, int | None, str, str]:
 
 
 def test_corpus_is_large_enough() -> None:
-    assert len(CASES) >= 25
+    assert len(CASES) >= 80
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -24,7 +24,8 @@ def _targets(image: str, variant: str | None, machine_has_gpus: bool) -> list[tu
 @click.command()
 @click.option("--image", type=click.Choice(IMAGES), default="all", show_default=True)
 @click.option("--variant", help="variant of that image (default: cpu/transformers on CPU machines, cuda13.0/vllm with GPUs)")
-@click.option("--base-image", help="build FROM this image instead of the variant's base (it must have the variant's Python)")
+@click.option("--base-image", callback=lambda ctx, param, value: _image_ref(value),
+              help="build FROM this image instead of the variant's base (it must have the variant's Python)")
 @click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path),
               help="CA bundle for TLS-intercepting proxies; used during the build only, never left in the image")
 @click.option("--wheelhouse", type=click.Path(file_okay=False, path_type=Path),
@@ -97,6 +98,17 @@ def build(image: str, variant: str | None, base_image: str | None, ca_bundle: Pa
         click.echo(f"recorded in {lock_file}", err=True)
     if not use_buildkit and not dry_run:
         click.echo("note: no BuildKit-capable docker CLI found; used the classic builder (no pip cache, no secrets)", err=True)
+
+
+def _image_ref(value: str | None) -> str | None:
+    """--base-image is written into a Dockerfile: refuse anything that is not an image reference."""
+    if value is not None:
+        from ftkit.recipe.imagerefs import reference_problem
+
+        problem = reference_problem(value)
+        if problem:
+            raise click.BadParameter(problem, param_hint="--base-image")
+    return value
 
 
 def _host_has_gpus() -> bool:

@@ -28,6 +28,7 @@ from ftkit.gateways import docker as dk
 from ftkit.gateways import subprocess as sp
 from ftkit.images import locks, project, render
 from ftkit.images.variants import Variant, load
+from ftkit.recipe.imagerefs import reference_problem
 
 LABEL_PREFIX = "dev.ftkit"
 SOURCE_URL = "https://github.com/ftkit/ftkit"
@@ -76,6 +77,10 @@ def wheelhouse_files(d: Path) -> list[Path]:
 
 def plan_build(root: Path, image: str, variant: str, *, base_image: str | None = None, buildkit: bool = True,
                wheelhouse: Path | None = None, ca_bundle: Path | None = None, index_url: str = render.PYPI) -> BuildSpec:
+    if base_image is not None:  # it lands in the Dockerfile's FROM line: a reference, nothing else
+        problem = reference_problem(base_image)
+        if problem:
+            raise UserError(f"--base-image: {problem}")
     variants = load(root)
     v: Variant = variants.get(image, variant)
     lock = locks.verify(root, image, v)

@@ -9,26 +9,31 @@ between machines (timestamps); the content hash and the package digest must not.
 from __future__ import annotations
 
 import datetime as dt
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 from ftkit.errors import ImageError, UserError
+from ftkit.recipe.checks import read_lock_file
+from ftkit.recipe.imagerefs import LOCK_VERSION, lock_problems
 from ftkit.run.files import write_json
 
-VERSION = 1
+VERSION = LOCK_VERSION
 
 
 def read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    """The lock's contents, checked: every tag and base reference is an image reference, every
+    key is image/variant. A missing file reads as empty (nothing recorded yet); anything else
+    that is not a lock - a directory, a FIFO, bad JSON, a tag with a newline in it - is an error."""
+    if not os.path.lexists(path):
         return {"version": VERSION, "images": {}}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable images.lock.json: {e}") from e
-    if data.get("version") != VERSION or not isinstance(data.get("images"), dict):
-        raise UserError(f"{path}: unsupported images.lock.json (version {data.get('version')!r})")
-    return data
+    data, problem = read_lock_file(path)
+    if problem is None:
+        problems = lock_problems(data)
+        problem = "; ".join(problems[:3]) if problems else None
+    if problem is not None:
+        raise UserError(f"{path}: not a usable images.lock.json: {problem}")
+    return data  # type: ignore[return-value]
 
 
 def record(path: Path, key: str, entry: dict[str, Any]) -> None:

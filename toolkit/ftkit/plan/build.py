@@ -315,8 +315,9 @@ def build_plan(
             out_rel = step.output or f"steps/{name}/model"
             merge_outputs[name] = out_rel
             argv = places.cmd("ftkit") + ["merge", "--base", base_ref, "--adapter", places.run(src.get("adapter", "")),
-                                          "-o", places.run(out_rel), "--dtype", step.dtype,
-                                          "--max-shard-gb", f"{step.max_shard_gb:g}"]
+                                          "-o", places.run(out_rel), "--max-shard-gb", f"{step.max_shard_gb:g}"]
+            if step.dtype is not None:  # otherwise the merge keeps the base's dtype
+                argv[-2:-2] = ["--dtype", step.dtype]
             if model_cfg.get("source") == "hub":
                 argv += ["--revision", str(recipe.model.revision)]
             if step.base == "nf4-dequantized":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ftkit.plan import power
 from ftkit.plan.spec import Plan
 from ftkit.recipe.checks import Finding
-from ftkit.recipe.models import PowerStep, TrainStep
+from ftkit.recipe.models import PowerStep, ServeStep, TrainStep
 from ftkit.recipe.resolve import Resolved
 
 
@@ -34,6 +34,7 @@ def findings(res: Resolved, plan: Plan) -> list[Finding]:
             (where, f"PSU budget exceeded: worst case {plan.psu.worst_case_w:.0f} W > {plan.psu.budget_w:.0f} W "
                     f"({plan.psu.psu_w} W x {plan.psu.safety_margin:g}); {plan.psu.notes[-1]}", False)
         )
+    out.extend(_serving_port(res, plan))
     for i, step in enumerate(res.recipe.steps):
         if not isinstance(step, TrainStep):
             continue
@@ -44,4 +45,25 @@ def findings(res: Resolved, plan: Plan) -> list[Finding]:
                     (("steps", i, "method"), f"estimated {est.total_gib:.1f} GiB on GPU {est.gpu} "
                      f"({est.vram_gib:g} GiB): does not fit. Try: {tries}", False)
                 )
+    return out
+
+
+def _serving_port(res: Resolved, plan: Plan) -> list[Finding]:
+    """A recipe server on the port the machine's serving service holds could only start once
+    that service is stopped: allowed where the plan hands the GPUs over first (the service is
+    down then), refused otherwise, naming the service."""
+    svc = res.machine.serving
+    if svc is None or svc.port is None:
+        return []
+    order = [s.id for s in plan.steps]
+    stopped_at = order.index("handoff-stop") if "handoff-stop" in order else None
+    out: list[Finding] = []
+    for i, step in enumerate(res.recipe.steps):
+        if not isinstance(step, ServeStep) or step.port != svc.port:
+            continue
+        here = order.index(step.name) if step.name in order else None
+        if stopped_at is not None and here is not None and stopped_at < here:
+            continue
+        out.append((("steps", i, "port"), f"port {step.port} is held by the machine's serving service {svc.service!r} "
+                    f"({svc.manager}), which this plan does not stop first; choose another port", False))
     return out

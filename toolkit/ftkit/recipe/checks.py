@@ -2,14 +2,22 @@
 
 Each function returns every finding as (field path, message, point-at-key) so the caller
 can locate them in the YAML and report them together. Nothing here touches the machine
-(that is `plan.machine_checks`) or raises.
+beyond looking at paths (that is `plan.machine_checks`) or raises.
+
+The rule of thumb: whatever can be checked before a run is checked here, so a run never
+fails an hour in on a value that was wrong from the start (a merge output that would
+overwrite the run's journal, an eval file that is a directory, a regex that never returns).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
+import stat
 from pathlib import Path
 
+from ftkit.recipe import imagerefs
 from ftkit.recipe.models import (
     EvalStep,
     Machine,
@@ -19,7 +27,12 @@ from ftkit.recipe.models import (
     ServeStep,
     TrainStep,
 )
-from ftkit.recipe.yamlpos import Path_
+from ftkit.recipe.yamlpos import Path_, special_kind
+
+try:  # the regex parser the re module itself uses
+    import re._parser as _sre  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre  # type: ignore[no-redef]
 
 Finding = tuple[Path_, str, bool]
 
@@ -28,9 +41,255 @@ _VAR = re.compile(r"\$\{([^}]*)\}")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _WINDOWS_ABS = re.compile(r"^[A-Za-z]:[\\/]")
 
+# Step ids the planner adds itself (plan.build), and names kept for steps it will add.
+# A recipe step with one of these names would share steps/<name>/ and logs/<name>.log.
+RESERVED_STEP_NAMES = frozenset({"tiny-model", "handoff-stop", "handoff-start", "power-restore-final",
+                                 "lease", "telemetry"})
+RESERVED_STEP_PREFIX = "ftkit-"
+# What a run directory holds besides steps/ (plan.build.RUN_LAYOUT; recipe/ may not import plan/).
+RUN_ENTRIES = frozenset({"recipe.resolved.yaml", "plan.json", "command.txt", "env.json", "state.json", "configs",
+                         "logs", "model", "steps", "telemetry.csv", "recipe.yaml"})
+# Engine arguments the plan sets for every serve step: the recipe may not override them in `args`.
+PLAN_SET_SERVE_ARGS = {
+    "host": "the server's address comes from the machine profile (bind_address)",
+    "port": "set the step's `port:` instead",
+    "served-model-name": "set the step's `served_name:` instead",
+    "enable-lora": "serve `model: adapter` instead",
+    "lora-modules": "serve `model: adapter` instead",
+    "device": "the device comes from the step's `gpus:`",
+    "model": "the model comes from the step's `model:` and `adapter:`",
+}
+MAX_REGEX = 1000
+MAX_UNBOUNDED_ANY = 3
+
+
+# --------------------------------------------------------------------------- text
+
+
+def printable(s: str) -> str:
+    """`s` with every control or invisible character escaped (\\n, \\t, \\x1b, \\u202e, ...)
+    and backslashes doubled, so what a person reads is what runs: no terminal escape, carriage
+    return or right-to-left override can hide a flag in a printed command line."""
+    out: list[str] = []
+    for ch in s:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == " " or ch.isprintable():
+            out.append(ch)
+        elif ch in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- regular expressions
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why `pattern` may not be used to check a model's answer, or None when it may.
+
+    It must compile, and it must not be able to backtrack for exponential time: the answer it
+    runs on comes from a model, so a pattern like `(a+)+$` could stall the run's check for
+    hours. Refused shapes: a variable quantifier inside an unbounded one (`(a+)+`, `(\\w*)*`),
+    alternatives inside an unbounded repeat that can start with the same character or match
+    nothing (`(a|ab)*`), backreferences, and more than three unbounded wildcards (`.*`) whose
+    combinations grow polynomially. Possessive quantifiers and atomic groups do not backtrack
+    and are fine."""
+    if len(pattern) > MAX_REGEX:
+        return f"regular expression of {len(pattern)} characters; the limit is {MAX_REGEX}"
+    try:
+        re.compile(pattern)
+        tree = _sre.parse(pattern)
+    except (re.error, RecursionError, OverflowError, ValueError) as e:
+        return f"not a valid regular expression: {e}"
+    try:
+        problem = _walk(list(tree), False)
+        if problem is None and _count_unbounded_any(list(tree)) > MAX_UNBOUNDED_ANY:
+            problem = f"more than {MAX_UNBOUNDED_ANY} unbounded wildcards (.*, \\w+ ...) in a row"
+    except RecursionError:
+        problem = "nested too deeply"
+    if problem:
+        return f"{problem}: matching can backtrack for a very long time on a model's answer; simplify the pattern"
+    return None
+
+
+_ANY = "any"
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT")
+_MANY = 16  # a bounded repeat above this many counts as unbounded for nesting
+
+
+def _unbounded(hi: int) -> bool:
+    return hi == _sre.MAXREPEAT or hi > _MANY
+
+
+def _name(op: object) -> str:
+    return str(op)
+
+
+def _nullable(items: list) -> bool:  # type: ignore[type-arg]
+    return all(_item_nullable(op, av) for op, av in items)
+
+
+def _item_nullable(op: object, av: object) -> bool:
+    n = _name(op)
+    if n in ("AT", "ASSERT", "ASSERT_NOT", "GROUPREF", "GROUPREF_EXISTS"):
+        return True
+    if n in _REPEATS or n == "POSSESSIVE_REPEAT":
+        lo, _hi, sub = av  # type: ignore[misc]
+        return lo == 0 or _nullable(list(sub))
+    if n == "SUBPATTERN":
+        return _nullable(list(av[-1]))  # type: ignore[index]
+    if n == "ATOMIC_GROUP":
+        return _nullable(list(av))  # type: ignore[arg-type]
+    if n == "BRANCH":
+        return any(_nullable(list(b)) for b in av[1])  # type: ignore[index]
+    return False
+
+
+def _first(items: list) -> set[int] | str:  # type: ignore[type-arg]
+    """Characters a match of `items` can start with (or _ANY)."""
+    out: set[int] = set()
+    for op, av in items:
+        f = _item_first(op, av)
+        if f == _ANY:
+            return _ANY
+        out |= f  # type: ignore[arg-type]
+        if not _item_nullable(op, av):
+            break
+    return out
+
+
+def _item_first(op: object, av: object) -> set[int] | str:
+    n = _name(op)
+    if n == "LITERAL":
+        ch = chr(av)  # type: ignore[arg-type]
+        return {ord(ch.lower()), ord(ch.upper())}
+    if n == "IN":
+        chars: set[int] = set()
+        for sop, sav in av:  # type: ignore[attr-defined]
+            sn = _name(sop)
+            if sn == "LITERAL":
+                chars |= {ord(chr(sav).lower()), ord(chr(sav).upper())}
+            elif sn == "RANGE" and sav[1] - sav[0] <= 256:
+                for c in range(sav[0], sav[1] + 1):
+                    chars |= {ord(chr(c).lower()), ord(chr(c).upper())}
+            else:
+                return _ANY
+        return chars
+    if n in _REPEATS or n == "POSSESSIVE_REPEAT":
+        return _first(list(av[2]))  # type: ignore[index]
+    if n == "SUBPATTERN":
+        return _first(list(av[-1]))  # type: ignore[index]
+    if n == "ATOMIC_GROUP":
+        return _first(list(av))  # type: ignore[arg-type]
+    if n == "BRANCH":
+        out: set[int] = set()
+        for b in av[1]:  # type: ignore[index]
+            f = _first(list(b))
+            if f == _ANY:
+                return _ANY
+            out |= f  # type: ignore[arg-type]
+        return out
+    if n in ("AT", "ASSERT", "ASSERT_NOT"):
+        return set()
+    return _ANY
+
+
+def _walk(items: list, in_unbounded: bool) -> str | None:  # type: ignore[type-arg]
+    for op, av in items:
+        n = _name(op)
+        if n in _REPEATS:
+            lo, hi, sub = av
+            if in_unbounded and hi > lo:
+                return "a quantifier inside a repeated group"
+            unbounded = _unbounded(hi)
+            if unbounded and _nullable(list(sub)):
+                return "a repeated group that can match nothing"
+            problem = _walk(list(sub), in_unbounded or unbounded)
+            if problem:
+                return problem
+        elif n == "POSSESSIVE_REPEAT":
+            problem = _walk(list(av[2]), False)
+            if problem:
+                return problem
+        elif n == "ATOMIC_GROUP":
+            problem = _walk(list(av), False)
+            if problem:
+                return problem
+        elif n == "SUBPATTERN":
+            problem = _walk(list(av[-1]), in_unbounded)
+            if problem:
+                return problem
+        elif n in ("ASSERT", "ASSERT_NOT"):
+            problem = _walk(list(av[1]), in_unbounded)
+            if problem:
+                return problem
+        elif n == "BRANCH":
+            branches = [list(b) for b in av[1]]
+            if in_unbounded:
+                firsts = [_first(b) for b in branches]
+                if any(_nullable(b) for b in branches):
+                    return "an alternative that can match nothing inside a repeated group"
+                for i in range(len(firsts)):
+                    for j in range(i + 1, len(firsts)):
+                        if firsts[i] == _ANY or firsts[j] == _ANY or firsts[i] & firsts[j]:  # type: ignore[operator]
+                            return "overlapping alternatives inside a repeated group"
+            for b in branches:
+                problem = _walk(b, in_unbounded)
+                if problem:
+                    return problem
+        elif n in ("GROUPREF", "GROUPREF_EXISTS"):
+            return "a backreference"
+    return None
+
+
+def _count_unbounded_any(items: list) -> int:  # type: ignore[type-arg]
+    count = 0
+    for op, av in items:
+        n = _name(op)
+        if n in _REPEATS:
+            if av[1] == _sre.MAXREPEAT and _first(list(av[2])) == _ANY:
+                count += 1
+            count += _count_unbounded_any(list(av[2])) * min(av[1], _MANY + 1)
+        elif n == "SUBPATTERN":
+            count += _count_unbounded_any(list(av[-1]))
+        elif n == "BRANCH":
+            count += max((_count_unbounded_any(list(b)) for b in av[1]), default=0)
+        elif n in ("ASSERT", "ASSERT_NOT"):
+            count += _count_unbounded_any(list(av[1]))
+    return count
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def climbs_out(value: str) -> bool:
+    """Whether a relative path (after any leading ${var}) leaves its root with `..`."""
+    rest = value
+    m = _VAR.match(value)
+    if m:
+        rest = value[m.end():]
+    depth = 0
+    for part in rest.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        else:
+            depth += 1
+    return False
+
 
 def path_problem(value: str) -> str | None:
     """Why a path may not appear in a portable recipe, or None when it may."""
+    if not value:
+        return "empty path"
+    if any(not (c == " " or c.isprintable()) for c in value):
+        return f"path {printable(value)!r} contains control characters"
     if value.startswith(("/", "~", "\\\\")) or _WINDOWS_ABS.match(value):
         return (
             f"absolute path {value!r}: recipes must stay portable; use a path relative to the recipe, "
@@ -41,13 +300,86 @@ def path_problem(value: str) -> str | None:
     for var in _VAR.findall(value):
         if var not in PATH_VARS:
             return f"unknown variable ${{{var}}}; known: {', '.join('${' + v + '}' for v in PATH_VARS)}"
-    if _VAR.search(value) and not value.startswith("${"):
-        return "a ${...} variable may only start a path"
+    if _VAR.search(value):
+        m = _VAR.match(value)
+        if m is None or len(_VAR.findall(value)) > 1:
+            return "a ${...} variable may only start a path"
+        if value[m.end():] and not value[m.end():].startswith("/"):
+            return f"write {m.group(0)}/name, with a / after the variable"
+    if climbs_out(value):
+        root = f"${{{_VAR.match(value).group(1)}}}" if _VAR.match(value) else "the recipe's directory"  # type: ignore[union-attr]
+        return f"{value!r} climbs out of {root} with '..'; keep paths inside it"
     return None
 
 
 def uses_variable(value: str) -> bool:
     return bool(_VAR.search(value))
+
+
+def kind_problem(path: Path, want: str) -> str | None:
+    """Why an existing path is not of the kind an input needs ("file", "dir" or "file-or-dir"),
+    or None (also when it does not exist). Looks with stat only: a FIFO or a device is never
+    opened, so nothing can block or stream forever."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        return f"cannot look at {str(path)!r}: {e.strerror}"
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return None if want in ("file", "file-or-dir") else "is a file; a directory is expected"
+    if stat.S_ISDIR(mode):
+        return None if want in ("dir", "file-or-dir") else "is a directory; a file is expected"
+    return f"is {special_kind(mode)}, not a regular file or directory"
+
+
+def hub_id_problem(model_id: str) -> str | None:
+    """The hub's own rules for repo ids: no '..' or '--', no part starting or ending with . or -."""
+    parts = model_id.split("/")
+    if ".." in model_id or "--" in model_id:
+        return f"{model_id!r} is not a valid hub id: '..' and '--' are not allowed"
+    for part in parts:
+        if part.startswith((".", "-")) or part.endswith((".", "-")) or len(part) > 96:
+            return f"{model_id!r} is not a valid hub id: a part may not start or end with . or - (96 characters at most)"
+    return None
+
+
+def read_lock_file(path: Path) -> tuple[object | None, str | None]:
+    """Parse an images.lock.json for validation: (data, None) or (None, why not). Regular files
+    only, at most 4 MiB, opened without blocking."""
+    import json
+
+    problem = kind_problem(path, "file")
+    if problem:
+        return None, problem
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        return None, f"cannot read: {e.strerror}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "not a regular file"
+        raw = os.read(fd, (4 << 20) + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > 4 << 20:
+        return None, "larger than 4 MiB: not an images.lock.json"
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        return None, f"not valid JSON: {str(e).splitlines()[0]}"
+
+
+def lock_file_problem(path: Path) -> str | None:
+    data, problem = read_lock_file(path)
+    if problem:
+        return problem
+    problems = imagerefs.lock_problems(data)
+    return "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "") if problems else None
+
+
+# --------------------------------------------------------------------------- recipes
 
 
 def recipe_findings(recipe: Recipe, base_dir: Path) -> list[Finding]:
@@ -65,6 +397,9 @@ def _model(recipe: Recipe, out: list[Finding]) -> None:
         what = "none" if not sources else " and ".join(sources)
         out.append((("model",), f"give exactly one of id (hub), path (local) or tiny (generated); got {what}", False))
     if m.id is not None:
+        problem = hub_id_problem(m.id)
+        if problem:
+            out.append((("model", "id"), problem, False))
         if m.revision is None:
             out.append((("model", "id"), "a hub model needs `revision:` pinned to a commit (40 hex characters)", True))
         elif not _SHA.match(m.revision):
@@ -73,44 +408,102 @@ def _model(recipe: Recipe, out: list[Finding]) -> None:
             )
     elif m.revision is not None:
         out.append((("model", "revision"), "revision applies to hub models (`id:`) only", True))
+    if m.tiny is not None:
+        t = m.tiny
+        if t.hidden_size % t.heads:
+            out.append((("model", "tiny", "heads"), f"{t.heads} heads do not divide hidden_size {t.hidden_size}", False))
+        elif (t.hidden_size // t.heads) % 2:
+            out.append((("model", "tiny", "heads"),
+                        f"head size {t.hidden_size}/{t.heads} = {t.hidden_size // t.heads} is odd; rotary embeddings need an even one",
+                        False))
     if recipe.dataset.eval is not None:
         ev = recipe.dataset.eval
         given = [k for k in ("fraction", "size", "path") if getattr(ev, k) is not None]
         if len(given) != 1:
             out.append((("dataset", "eval"), "give exactly one of fraction, size or path", False))
+    if recipe.images is not None:
+        for key in ("train", "serve"):
+            ref = getattr(recipe.images, key)
+            if ref is not None:
+                problem = imagerefs.reference_problem(ref, require_digest=True)
+                if problem:
+                    out.append((("images", key), problem, False))
 
 
 def _paths(recipe: Recipe, base_dir: Path, out: list[Finding]) -> None:
-    candidates: list[tuple[Path_, str | None, bool]] = [
-        (("model", "path"), recipe.model.path, True),
-        (("dataset", "path"), recipe.dataset.path, True),
-        (("dataset", "eval", "path"), recipe.dataset.eval.path if recipe.dataset.eval else None, True),
-        (("images", "lock"), recipe.images.lock if recipe.images else None, False),
+    # (field, value, kind it must have when it exists here, must it exist)
+    candidates: list[tuple[Path_, str | None, str, bool]] = [
+        (("model", "path"), recipe.model.path, "dir", True),
+        (("dataset", "path"), recipe.dataset.path, "file-or-dir", True),
+        (("dataset", "eval", "path"), recipe.dataset.eval.path if recipe.dataset.eval else None, "file", True),
+        (("images", "lock"), recipe.images.lock if recipe.images else None, "file", True),
     ]
     tmpl = recipe.dataset.template
     if tmpl.endswith((".jinja", ".j2")):
-        candidates.append((("dataset", "template"), tmpl, True))
+        candidates.append((("dataset", "template"), tmpl, "file", True))
+    merge_outputs: dict[str, int] = {}
     for i, step in enumerate(recipe.steps):
-        if isinstance(step, MergeStep) and step.output:
-            candidates.append((("steps", i, "output"), step.output, False))
-            if uses_variable(step.output) or ".." in Path(step.output).parts:
-                out.append((("steps", i, "output"), "merge output is a directory inside the run; no variables or ..", False))
+        if isinstance(step, MergeStep) and step.output is not None:
+            problem = _merge_output_problem(step.output, recipe.step_name(i))
+            if problem:
+                out.append((("steps", i, "output"), problem, False))
+            else:
+                norm = "/".join(p for p in step.output.split("/") if p not in ("", "."))
+                for other, j in merge_outputs.items():
+                    if norm == other or norm.startswith(other + "/") or other.startswith(norm + "/"):
+                        out.append((("steps", i, "output"), f"overlaps the output of step {recipe.step_name(j)!r}", False))
+                merge_outputs[norm] = i
         if isinstance(step, EvalStep) and step.path:
-            candidates.append((("steps", i, "path"), step.path, True))
-    for path, value, must_exist in candidates:
+            candidates.append((("steps", i, "path"), step.path, "file", True))
+    if recipe.images is not None and recipe.images.lock is not None and not uses_variable(recipe.images.lock):
+        lock = base_dir / recipe.images.lock
+        if not path_problem(recipe.images.lock) and kind_problem(lock, "file") is None and lock.is_file():
+            problem = lock_file_problem(lock)
+            if problem:
+                out.append((("images", "lock"), f"{recipe.images.lock}: {problem}", False))
+    for path, value, kind, must_exist in candidates:
         if value is None:
             continue
         problem = path_problem(value)
         if problem:
             out.append((path, problem, False))
-        elif must_exist and not uses_variable(value) and not (base_dir / value).exists():
+            continue
+        if uses_variable(value):
+            continue
+        local = base_dir / value
+        problem = kind_problem(local, kind)
+        if problem:
+            out.append((path, f"{value!r} {problem}", False))
+        elif must_exist and not os.path.lexists(local):
             out.append((path, f"{value!r} does not exist (relative to {base_dir or '.'})", False))
+        elif must_exist and not local.exists():
+            out.append((path, f"{value!r} is a broken symbolic link", False))
+
+
+def _merge_output_problem(value: str, step: str) -> str | None:
+    if uses_variable(value) or value.startswith(("/", "~")) or ".." in value.replace("\\", "/").split("/"):
+        return "merge output is a directory inside the run; no variables, absolute paths or .."
+    problem = path_problem(value)
+    if problem:
+        return problem
+    parts = [p for p in value.split("/") if p not in ("", ".")]
+    if not parts:
+        return "merge output names the run directory itself; give a directory inside it"
+    if any(p.startswith(".") for p in parts):
+        return "merge output may not contain hidden (.name) directories; the merge keeps its partial output there"
+    if parts[0] == "steps":
+        if len(parts) < 3 or parts[1] != step:
+            return f"under steps/ a merge writes only into its own directory: steps/{step}/<dir>"
+    elif parts[0] in RUN_ENTRIES:
+        return f"{parts[0]!r} belongs to the run directory (journal, logs, configs); choose another name"
+    return None
 
 
 def _steps(recipe: Recipe, out: list[Finding]) -> None:
     names: dict[str, int] = {}
     seen_train: list[tuple[int, TrainStep]] = []
     seen_merge: list[tuple[int, MergeStep]] = []
+    ports: dict[int, int] = {}
     for i, step in enumerate(recipe.steps):
         name = recipe.step_name(i)
         if name in names:
@@ -118,6 +511,8 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
                 (("steps", i, "name" if step.name else "type"), f"step name {name!r} is used twice; give each a `name:`", False)
             )
         names.setdefault(name, i)
+        if name in RESERVED_STEP_NAMES or name.startswith(RESERVED_STEP_PREFIX):
+            out.append((("steps", i, "name"), f"step name {name!r} is reserved for the steps ftkit adds itself", False))
         here: Path_ = ("steps", i)
         if isinstance(step, PowerStep):
             if (step.caps_w is None) == (not step.restore):
@@ -142,6 +537,10 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
             seen_merge.append((i, step))
         elif isinstance(step, ServeStep):
             _serve(step, here, recipe, seen_train, seen_merge, out)
+            if step.port in ports:
+                out.append((here + ("port",), f"port {step.port} is also used by serve step "
+                            f"{recipe.step_name(ports[step.port])!r}; give each serve step its own port", False))
+            ports.setdefault(step.port, i)
         elif isinstance(step, EvalStep):
             _eval(step, here, recipe, seen_train, seen_merge, out)
 
@@ -181,6 +580,17 @@ def _train(step: TrainStep, here: Path_, out: list[Finding]) -> None:
         out.append((here + ("lora",), "lora settings have no effect with method full", True))
 
 
+def _arg_value_problem(value: object) -> str | None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, str):
+            if any(not (c == " " or c.isprintable()) for c in v):
+                return f"value {printable(v)!r} contains control characters"
+            if v.startswith("-") and not re.match(r"^-\d+(\.\d+)?$", v):
+                return f"value {v!r} starts with '-': it would be read as another flag"
+    return None
+
+
 def _serve(step: ServeStep, here: Path_, recipe: Recipe, trains: list, merges: list, out: list[Finding]) -> None:
     if step.model == "merged":
         if _find(step.adapter, merges, recipe) is None:
@@ -191,11 +601,31 @@ def _serve(step: ServeStep, here: Path_, recipe: Recipe, trains: list, merges: l
             out.append((here + ("model",), "serving an adapter needs a lora/qlora train step before this one", False))
         if step.engine != "vllm":
             out.append((here + ("engine",), "base + adapter serving needs engine vllm (--enable-lora); merge for transformers", False))
-    for key in step.args:
+    for key, value in step.args.items():
         if not re.match(r"^[a-z0-9][a-z0-9_-]*$", key):
             out.append((here + ("args", key), f"engine argument {key!r} should look like max_model_len", True))
+            continue
+        flag = key.replace("_", "-")
+        if flag in PLAN_SET_SERVE_ARGS:
+            out.append((here + ("args", key), f"--{flag} is set by ftkit: {PLAN_SET_SERVE_ARGS[flag]}", True))
+            continue
+        problem = _arg_value_problem(value)
+        if problem:
+            out.append((here + ("args", key), problem, False))
     if step.engine == "transformers" and step.gpus != "all" and len(step.gpus) > 1:
         out.append((here + ("gpus",), "transformers serve uses one device", False))
+    if isinstance(step.gpus, list) and len(set(step.gpus)) != len(step.gpus):
+        out.append((here + ("gpus",), "a GPU is listed twice", False))
+    for j, prompt in enumerate(step.prompts):
+        exp = prompt.expect
+        if exp is None:
+            continue
+        if exp.contains is None and exp.equals is None and exp.regex is None:
+            out.append((here + ("prompts", j, "expect"), "give contains, equals or regex (or drop expect)", False))
+        if exp.regex is not None:
+            problem = regex_problem(exp.regex)
+            if problem:
+                out.append((here + ("prompts", j, "expect", "regex"), problem, False))
 
 
 def _eval(step: EvalStep, here: Path_, recipe: Recipe, trains: list, merges: list, out: list[Finding]) -> None:
@@ -203,13 +633,25 @@ def _eval(step: EvalStep, here: Path_, recipe: Recipe, trains: list, merges: lis
         out.append((here, "give prompts or path, not both", False))
     if step.prompts is None and step.path is None and recipe.dataset.eval is None:
         out.append((here, "no prompts: give prompts, path, or an eval split in dataset.eval", False))
+    if step.prompts is not None and not step.prompts:
+        out.append((here + ("prompts",), "an empty list of prompts scores nothing", False))
+    seen: set[str] = set()
     for j, model in enumerate(step.models):
+        if model in seen:
+            out.append((here + ("models", j), f"{model!r} is listed twice", False))
+        seen.add(model)
         if model == "merged" and not merges:
             out.append((here + ("models", j), "no merge step before this one", False))
         if model == "adapter" and not [t for _, t in trains if t.method != "full"]:
             out.append((here + ("models", j), "no lora/qlora train step before this one", False))
     if step.min_improvement is not None and len(step.models) < 2:
         out.append((here + ("min_improvement",), "needs two models to compare", True))
+
+
+# --------------------------------------------------------------------------- machine profiles
+
+MACHINE_PATHS = ("models", "datasets", "runs", "hf_cache", "lease")
+WRITABLE_PATHS = ("runs", "lease")
 
 
 def machine_findings(machine: Machine) -> list[Finding]:
@@ -229,8 +671,56 @@ def machine_findings(machine: Machine) -> list[Finding]:
         for j, idx in enumerate(machine.serving.gpus):
             if idx not in seen:
                 out.append((("serving", "gpus", j), f"GPU {idx} is not listed under gpus", False))
-    for key in ("models", "datasets", "runs", "hf_cache"):
+    for key in MACHINE_PATHS:
         value = getattr(machine.paths, key)
-        if value is not None and not (value.startswith("/") or value.startswith("~")):
-            out.append((("paths", key), "machine paths are absolute (this file describes one machine)", False))
+        if value is None:
+            continue
+        problem = _machine_path_problem(value, writable=key in WRITABLE_PATHS, kind="dir")
+        if problem:
+            out.append((("paths", key), problem, False))
+    for path, value, kind in ((("docker", "wheelhouse"), machine.docker.wheelhouse, "dir"),
+                              (("docker", "images_lock"), machine.docker.images_lock, "file"),
+                              (("ca_bundle",), machine.ca_bundle, "file")):
+        if value is None:
+            continue
+        problem = _machine_path_problem(value, writable=False, kind=kind)
+        if problem:
+            out.append((path, problem, False))
+        elif path == ("docker", "images_lock"):
+            lock = Path(value).expanduser()
+            if lock.is_file():
+                problem = lock_file_problem(lock)
+                if problem:
+                    out.append((path, f"{value}: {problem}", False))
+    if machine.docker.base_image is not None:
+        problem = imagerefs.reference_problem(machine.docker.base_image)
+        if problem:
+            out.append((("docker", "base_image"), problem, False))
+    if machine.docker.host is not None and (machine.docker.host.startswith("-")
+                                            or any(c.isspace() or not c.isprintable() for c in machine.docker.host)):
+        out.append((("docker", "host"), "not a DOCKER_HOST address (unix://..., tcp://host:port, ssh://...)", False))
+    try:
+        ipaddress.ip_address(machine.bind_address)
+    except ValueError:
+        out.append((("bind_address",), f"{machine.bind_address!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)", False))
     return out
+
+
+def _machine_path_problem(value: str, *, writable: bool, kind: str) -> str | None:
+    if not value or any(not (c == " " or c.isprintable()) for c in value):
+        return f"path {printable(value)!r} is empty or contains control characters"
+    if not (value.startswith("/") or value.startswith("~")):
+        return "machine paths are absolute (this file describes one machine)"
+    p = Path(value).expanduser()
+    problem = kind_problem(p, kind)
+    if problem:
+        return f"{value} {problem}"
+    # A parent that is a file makes the path impossible to create.
+    for parent in p.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                return f"{value}: {parent} is not a directory"
+            break
+    if writable and p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
+        return f"{value} is not writable by this user"
+    return None

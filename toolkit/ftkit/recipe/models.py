@@ -13,19 +13,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 FORMAT_VERSION = 1
 
+
+def _no_bool(value: Any) -> Any:
+    """YAML reads `yes`/`true` as booleans and pydantic would take them as 1: a number field
+    given a boolean is almost always a slip (`r: true`), so say so instead of training with r=1."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+# Numbers that refuse booleans. Non-finite values (.inf, .nan) are refused model-wide
+# (allow_inf_nan=False) and, with a clearer message, by recipe.validate before pydantic runs.
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+Seed = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=2**32 - 1)]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="lowercase letters, digits, . _ -")]
 Dtype = Literal["bf16", "fp16", "fp32"]
 Scalar = str | int | float | bool
+GpuIndex = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=1023)]
 
 
 class Strict(BaseModel):
     """Unknown keys are errors (with a did-you-mean, see recipe.validate)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=False, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- model
@@ -35,26 +50,26 @@ class TinyModel(Strict):
     """A small random Llama made on the spot, with a tokenizer trained on the recipe's data.
     For the CPU quickstart and tests: nothing is downloaded."""
 
-    hidden_size: int = Field(64, ge=8, le=4096)
-    layers: int = Field(2, ge=1, le=64)
-    heads: int = Field(4, ge=1, le=64)
-    intermediate_size: int = Field(128, ge=8, le=16384)
-    vocab_size: int = Field(400, ge=64, le=65536, description="BPE vocabulary trained on the dataset")
-    max_position_embeddings: int = Field(256, ge=16, le=32768)
-    initializer_range: float = Field(0.1, gt=0, le=1.0)
-    seed: int = 0
+    hidden_size: Int = Field(64, ge=8, le=4096)
+    layers: Int = Field(2, ge=1, le=64)
+    heads: Int = Field(4, ge=1, le=64, description="must divide hidden_size into an even head size")
+    intermediate_size: Int = Field(128, ge=8, le=16384)
+    vocab_size: Int = Field(400, ge=64, le=65536, description="BPE vocabulary trained on the dataset")
+    max_position_embeddings: Int = Field(256, ge=16, le=32768)
+    initializer_range: Float = Field(0.1, gt=0, le=1.0)
+    seed: Seed = 0
 
 
 class Arch(Strict):
     """Architecture figures for memory estimates, where ftkit cannot read the model's config."""
 
-    params_b: float = Field(..., gt=0, description="parameters, in billions")
-    layers: int = Field(..., ge=1)
-    hidden_size: int = Field(..., ge=1)
-    intermediate_size: int | None = Field(None, ge=1)
-    heads: int | None = Field(None, ge=1)
-    kv_heads: int | None = Field(None, ge=1)
-    vocab_size: int = Field(..., ge=1)
+    params_b: Float = Field(..., gt=0, le=100_000, description="parameters, in billions")
+    layers: Int = Field(..., ge=1, le=100_000)
+    hidden_size: Int = Field(..., ge=1, le=10_000_000)
+    intermediate_size: Int | None = Field(None, ge=1, le=10_000_000)
+    heads: Int | None = Field(None, ge=1, le=100_000)
+    kv_heads: Int | None = Field(None, ge=1, le=100_000)
+    vocab_size: Int = Field(..., ge=1, le=100_000_000)
 
 
 class ModelSpec(Strict):
@@ -87,10 +102,10 @@ class Fields(Strict):
 class EvalSplit(Strict):
     """Held-out data: a fraction or count of the dataset (split deterministically), or a file."""
 
-    fraction: float | None = Field(None, gt=0, lt=1)
-    size: int | None = Field(None, ge=1)
+    fraction: Float | None = Field(None, gt=0, lt=1)
+    size: Int | None = Field(None, ge=1, le=100_000_000)
     path: str | None = None
-    seed: int = 0
+    seed: Seed = 0
 
 
 class DatasetSpec(Strict):
@@ -109,7 +124,7 @@ class DatasetSpec(Strict):
 # --------------------------------------------------------------------------- steps
 
 
-GpuSel = Literal["all"] | list[Annotated[int, Field(ge=0)]]
+GpuSel = Literal["all"] | list[GpuIndex]
 
 
 class PowerStep(Strict):
@@ -118,24 +133,24 @@ class PowerStep(Strict):
 
     type: Literal["power"]
     name: Name | None = None
-    caps_w: int | dict[int, int] | None = Field(
+    caps_w: Int | dict[GpuIndex, Int] | None = Field(
         None, description="watts for every GPU the recipe uses, or {gpu index: watts}"
     )
     restore: bool = Field(False, description="restore the limits found at the start, instead of setting caps")
 
 
 class Lora(Strict):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: Int = Field(16, ge=1, le=1024)
+    alpha: Float = Field(32, gt=0, le=1_000_000)
+    dropout: Float = Field(0.05, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     use_rslora: bool = False
     modules_to_save: list[str] = Field(default_factory=list)
 
 
 class Checkpoint(Strict):
-    every_steps: int = Field(200, ge=1)
-    keep_last: int = Field(2, ge=1)
+    every_steps: Int = Field(200, ge=1, le=100_000_000)
+    keep_last: Int = Field(2, ge=1, le=1000)
     keep_best: bool = Field(True, description="also keep the checkpoint with the lowest eval loss")
 
 
@@ -144,26 +159,26 @@ class TrainStep(Strict):
     name: Name | None = None
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: Lora = Field(default_factory=Lora)
-    epochs: float | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    epochs: Float | None = Field(None, gt=0, le=1000)
+    max_steps: Int | None = Field(None, ge=1, le=100_000_000)
+    learning_rate: Float = Field(2e-4, gt=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(1, ge=1, description="per device")
-    grad_accum: int = Field(1, ge=1)
-    seq_len: int = Field(1024, ge=16, le=1_048_576)
+    warmup_ratio: Float = Field(0.03, ge=0, lt=1)
+    weight_decay: Float = Field(0.0, ge=0, le=10)
+    batch_size: Int = Field(1, ge=1, le=65536, description="per device")
+    grad_accum: Int = Field(1, ge=1, le=65536)
+    seq_len: Int = Field(1024, ge=16, le=1_048_576)
     packing: bool = False
     precision: Dtype = "bf16"
     gradient_checkpointing: bool = True
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
-    seed: int = 42
+    seed: Seed = 42
     distribution: Literal["single", "ddp", "deepspeed-zero2", "deepspeed-zero3"] = "single"
     gpus: GpuSel = Field("all", description="GPU indices on the machine, or all")
     cpu_offload: bool = Field(False, description="DeepSpeed: offload optimizer states to CPU RAM")
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
-    eval_every_steps: int | None = Field(None, ge=1)
-    logging_steps: int = Field(10, ge=1)
+    eval_every_steps: Int | None = Field(None, ge=1, le=100_000_000)
+    logging_steps: Int = Field(10, ge=1, le=100_000_000)
     handoff: Literal["auto", "never"] = Field(
         "auto", description="auto: stop the machine's serving service if it holds these GPUs, restart it after"
     )
@@ -175,13 +190,15 @@ class MergeStep(Strict):
     type: Literal["merge"]
     name: Name | None = None
     adapter: str | None = Field(None, description="the train step whose adapter to merge (default: the last one)")
-    dtype: Dtype = "bf16"
-    output: str | None = Field(None, description="relative directory in the run (default: merged)")
+    dtype: Dtype | None = Field(
+        None, description="output dtype of the floating-point weights (default: keep the base model's dtype)"
+    )
+    output: str | None = Field(None, description="relative directory in the run (default: steps/<name>/model)")
     base: Literal["original", "nf4-dequantized"] = Field(
         "original",
         description="QLoRA: merge into the 16-bit original (default) or into the quantize-dequantized base it trained on",
     )
-    max_shard_gb: float = Field(5.0, gt=0)
+    max_shard_gb: Float = Field(5.0, gt=0, le=10_000)
 
 
 class Expect(Strict):
@@ -193,7 +210,7 @@ class Expect(Strict):
 class ServePrompt(Strict):
     prompt: str
     expect: Expect | None = None
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: Int = Field(64, ge=1, le=131_072)
     chat: bool = Field(False, description="send as a chat message instead of a raw completion prompt")
 
 
@@ -206,12 +223,12 @@ class ServeStep(Strict):
     )
     adapter: str | None = Field(None, description="the train (adapter) or merge (merged) step to serve")
     served_name: Name | None = None
-    port: int = Field(8000, ge=1, le=65535)
+    port: Int = Field(8000, ge=1, le=65535)
     gpus: GpuSel = "all"
     args: dict[str, Scalar | list[Scalar]] = Field(
         default_factory=dict, description="engine arguments, e.g. {max_model_len: 8192, gpu_memory_utilization: 0.9}"
     )
-    ready_timeout_s: int = Field(600, ge=1)
+    ready_timeout_s: Int = Field(600, ge=1, le=86_400)
     prompts: list[ServePrompt] = Field(default_factory=list)
     keep_running: bool = Field(True, description="leave the server up after the run (the service)")
 
@@ -230,10 +247,12 @@ class EvalStep(Strict):
     prompts: list[EvalPrompt] | None = Field(None, description="inline prompts (default: the dataset's eval split)")
     path: str | None = Field(None, description="a jsonl file of {prompt, expected}")
     score: Literal["exact", "contains"] = "exact"
-    models: list[Literal["base", "adapter", "merged"]] = Field(default_factory=lambda: ["base", "merged"])
-    max_new_tokens: int = Field(32, ge=1)
-    limit: int | None = Field(None, ge=1)
-    min_improvement: float | None = Field(
+    models: list[Literal["base", "adapter", "merged"]] = Field(
+        default_factory=lambda: ["base", "merged"], min_length=1, max_length=3
+    )
+    max_new_tokens: Int = Field(32, ge=1, le=131_072)
+    limit: Int | None = Field(None, ge=1, le=100_000_000)
+    min_improvement: Float | None = Field(
         None, ge=-100, le=100, description="fail the step unless the last model beats the first by this many points"
     )
 
@@ -270,23 +289,23 @@ class Recipe(Strict):
 
 
 class PowerRange(Strict):
-    min_w: int = Field(..., ge=1)
-    max_w: int = Field(..., ge=1)
-    default_w: int | None = Field(None, ge=1, description="the board's default limit (what restore falls back to)")
+    min_w: Int = Field(..., ge=1, le=100_000)
+    max_w: Int = Field(..., ge=1, le=100_000)
+    default_w: Int | None = Field(None, ge=1, le=100_000, description="the board's default limit (what restore falls back to)")
 
 
 class GpuSpec(Strict):
-    index: int = Field(..., ge=0)
+    index: GpuIndex = Field(...)
     model: str = Field(..., description="e.g. 'RTX 4090' (matched against ftkit's catalog)")
-    vram_gib: float | None = Field(None, gt=0)
+    vram_gib: Float | None = Field(None, gt=0, le=100_000)
     power: PowerRange | None = None
-    transient_w: int | None = Field(None, ge=1, description="worst transient draw at the default limit")
+    transient_w: Int | None = Field(None, ge=1, le=100_000, description="worst transient draw at the default limit")
     compute_capability: str | None = Field(None, pattern=r"^\d+\.\d+$")
 
 
 class Psu(Strict):
-    watts: int = Field(..., ge=100)
-    safety_margin: float = Field(0.9, gt=0, le=1, description="use at most this fraction of the PSU rating")
+    watts: Int = Field(..., ge=100, le=1_000_000)
+    safety_margin: Float = Field(0.9, gt=0, le=1, description="use at most this fraction of the PSU rating")
 
 
 class Paths(Strict):
@@ -317,16 +336,19 @@ class Telemetry(Strict):
     """GPU and host sampling beside every step that uses a GPU (telemetry.csv in the run directory)."""
 
     enabled: bool = True
-    interval_s: float = Field(1.0, ge=0.1, le=60)
+    interval_s: Float = Field(1.0, ge=0.1, le=60)
 
 
 class Serving(Strict):
     """The inference service that owns the GPUs when no training runs."""
 
-    service: str
+    service: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9@_.:-]{0,254}$",
+        description="systemd unit, compose service or container name (letters, digits, @ _ . : -)",
+    )
     manager: Literal["systemd", "compose", "docker"] = "systemd"
-    gpus: list[int] = Field(default_factory=list)
-    port: int | None = Field(None, ge=1, le=65535)
+    gpus: list[GpuIndex] = Field(default_factory=list)
+    port: Int | None = Field(None, ge=1, le=65535)
 
 
 class Machine(Strict):
@@ -337,8 +359,8 @@ class Machine(Strict):
     name: Name
     gpus: list[GpuSpec] = Field(default_factory=list)
     psu: Psu | None = None
-    system_watts: int = Field(200, ge=0, description="CPU, board, drives and fans under load")
-    ram_gib: float | None = Field(None, gt=0)
+    system_watts: Int = Field(200, ge=0, le=1_000_000, description="CPU, board, drives and fans under load")
+    ram_gib: Float | None = Field(None, gt=0, le=1_000_000)
     paths: Paths = Field(default_factory=Paths)
     docker: Docker = Field(default_factory=Docker)
     serving: Serving | None = None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import ConfigError, ConfigIssue
-from ftkit.recipe.checks import PATH_VARS, uses_variable
+from ftkit.recipe.checks import PATH_VARS, kind_problem, lock_file_problem, uses_variable
 from ftkit.recipe.models import EvalStep, Machine, MergeStep, Recipe, ServeStep, TrainStep
 from ftkit.recipe.validate import LoadedRecipe
 from ftkit.recipe.yamlpos import Path_
@@ -25,6 +25,9 @@ class Resolved:
 
     def to_yaml_data(self) -> dict[str, Any]:
         return self.recipe.model_dump(mode="json", exclude_none=True)
+
+
+_KINDS = {"dataset": "file-or-dir", "eval": "file", "model": "dir", "images_lock": "file", "template": "file"}
 
 
 def expand(value: str, base_dir: Path, machine: Machine) -> Path | None:
@@ -107,6 +110,16 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
             problem(path, f"${{{var}}} is not set in machine profile {machine.name!r}: add paths.{var} to it")
         else:
             host[key] = resolved
+            # Through a ${variable} the path is only known now; it may not exist here (a plan
+            # for another machine), but where it does it must be the kind of thing it names.
+            kind = _KINDS.get(key.split(":", 1)[0], "file")
+            wrong = kind_problem(resolved, kind)
+            if wrong:
+                problem(path, f"{resolved} {wrong}")
+            elif key == "images_lock" and resolved.is_file():
+                bad = lock_file_problem(resolved)
+                if bad:
+                    problem(path, f"{resolved}: {bad}")
     if issues:
         raise ConfigError(issues)
     return Resolved(recipe, machine, loaded.path, host)

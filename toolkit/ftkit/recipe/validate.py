@@ -8,6 +8,7 @@ once as a ConfigError whose lines read `FILE:LINE:COL: field.path: message`.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 import typing
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from ftkit.errors import ConfigError, ConfigIssue
 from ftkit.recipe import checks
+from ftkit.recipe.checks import printable
 from ftkit.recipe.models import FORMAT_VERSION, Machine, Recipe
 from ftkit.recipe.yamlpos import Located, Path_, load
 
@@ -50,9 +52,10 @@ def _version_issue(doc: Located) -> ConfigIssue | None:
     """A wrong or missing format version hides every other message behind it."""
     if "ftkit" not in doc.data:
         return doc.issue(("ftkit",), f"missing format version; add `ftkit: {FORMAT_VERSION}` at the top")
-    if doc.data["ftkit"] != FORMAT_VERSION:
+    version = doc.data["ftkit"]
+    if type(version) is not int or version != FORMAT_VERSION:  # `true` and 1.0 equal 1 in Python
         return doc.issue(
-            ("ftkit",), f"format version {doc.data['ftkit']!r} is not supported; this ftkit reads {FORMAT_VERSION}"
+            ("ftkit",), f"format version {version!r} is not supported; this ftkit reads {FORMAT_VERSION} (an integer)"
         )
     return None
 
@@ -62,7 +65,8 @@ def load_recipe(path: str | os.PathLike[str]) -> LoadedRecipe:
     if _detect_kind(doc) != "recipe":
         raise ConfigError([doc.issue(("kind",), "this is a machine profile; pass it with --machine")])
     recipe = _validate(doc, Recipe)
-    assert isinstance(recipe, Recipe)
+    if not isinstance(recipe, Recipe):  # pragma: no cover - _validate returns the model it was given
+        raise TypeError("internal: not a Recipe")
     loaded = LoadedRecipe(recipe, doc, Path(path))
     issues = [doc.issue(p, m, key=k) for p, m, k in checks.recipe_findings(recipe, loaded.base_dir)]
     if issues:
@@ -75,7 +79,8 @@ def load_machine(path: str | os.PathLike[str]) -> LoadedMachine:
     if _detect_kind(doc) != "machine":
         raise ConfigError([doc.issue(("kind",), "not a machine profile: add `kind: machine`")])
     machine = _validate(doc, Machine)
-    assert isinstance(machine, Machine)
+    if not isinstance(machine, Machine):  # pragma: no cover
+        raise TypeError("internal: not a Machine")
     issues = [doc.issue(p, m, key=k) for p, m, k in checks.machine_findings(machine)]
     if issues:
         raise ConfigError(issues)
@@ -94,10 +99,37 @@ def _validate(doc: Located, model: type[BaseModel]) -> BaseModel:
     version = _version_issue(doc)
     if version is not None:
         raise ConfigError([version])
+    numbers = _number_issues(doc)
     try:
-        return model.model_validate(doc.data)
+        result = model.model_validate(doc.data)
     except ValidationError as e:
-        raise ConfigError(_issues_from(e, doc, model)) from None
+        issues = _issues_from(e, doc, model)
+        flagged = {i.path for i in numbers}
+        raise ConfigError(numbers + [i for i in issues if i.path not in flagged]) from None
+    if numbers:  # a non-finite value in a free-form place (serve args) that pydantic let through
+        raise ConfigError(numbers)
+    return result
+
+
+MAX_INT = 2**63 - 1
+
+
+def _number_issues(doc: Located) -> list[ConfigIssue]:
+    """Numbers no field accepts, said plainly wherever they are: `.inf`/`.nan` (no setting is
+    infinite) and integers beyond 64 bits (they would overflow the first C library they reach)."""
+    out: list[ConfigIssue] = []
+    stack: list[tuple[Path_, Any]] = [((), doc.data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((path + (k,), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(doc.issue(path, f"{value} is not a finite number"))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            out.append(doc.issue(path, f"integer {str(value)[:24]}{'...' if len(str(value)) > 24 else ''} is too large"))
+    return out
 
 
 # --------------------------------------------------------------------------- pydantic -> issues
@@ -215,8 +247,14 @@ def _message(err: dict[str, Any], root: type[BaseModel]) -> str:
     if kind == "union_tag_not_found":
         return "each step needs a `type:` (power, train, merge, serve or eval)"
     if kind == "literal_error":
-        return f"got {err.get('input')!r}; {err['msg'].lower()}"
-    return str(err["msg"])
+        return f"got {_short(err.get('input'))}; {err['msg'].lower()}"
+    msg = str(err["msg"])
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def _short(value: Any) -> str:
+    text = printable(repr(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _issues_from(exc: ValidationError, doc: Located, root: type[BaseModel]) -> list[ConfigIssue]:
@@ -234,5 +272,8 @@ def _issues_from(exc: ValidationError, doc: Located, root: type[BaseModel]) -> l
             keyed.add(path)
     issues = []
     for path, msgs in merged.items():
+        # A boolean in a number-or-mapping union: the number message is the one that helps.
+        boolean = [m for m in msgs if m.startswith("expected a number, got the boolean")]
+        msgs = boolean[:1] or msgs
         issues.append(doc.issue(path, "; or ".join(msgs) if len(msgs) > 1 else msgs[0], key=path in keyed))
     return issues

@@ -12,6 +12,7 @@ Every problem becomes a ConfigError with a position, never a traceback.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,24 @@ def _fail(file: str, line: int, col: int, message: str, path: Path_ = ()) -> Con
     return ConfigError([ConfigIssue(file, line, col, format_path(path), message)])
 
 
+def special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
 def read_text(path: str | os.PathLike[str], *, display: str | None = None) -> str:
-    """Read a config file as UTF-8 text, with one clear error for each way it can't be."""
+    """Read a config file as UTF-8 text, with one clear error for each way it can't be.
+
+    Only regular files are read. The check is made on the open descriptor (no race with a
+    rename), and the open itself never blocks: O_NONBLOCK makes opening a FIFO return at once,
+    and O_NOCTTY keeps a terminal device from becoming ours."""
     name = display or str(path)
     p = Path(path)
     try:
@@ -96,16 +113,34 @@ def read_text(path: str | os.PathLike[str], *, display: str | None = None) -> st
         raise _fail(name, 0, 0, "no such file") from None
     except OSError as e:
         raise _fail(name, 0, 0, f"cannot read: {e.strerror}") from None
-    if p.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         raise _fail(name, 0, 0, "is a directory, not a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(name, 0, 0, f"is {special_kind(st.st_mode)}, not a regular file")
     if st.st_size > MAX_BYTES:
         raise _fail(name, 0, 0, f"file is {st.st_size} bytes; the limit is {MAX_BYTES} bytes")
     try:
-        with open(p, "rb") as fh:
-            raw = fh.read(MAX_BYTES + 1)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise _fail(name, 0, 0, f"cannot read: {e.strerror}") from None
-    if len(raw) > MAX_BYTES:  # a FIFO or a file that grew while we looked
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped for a special file after the first look
+            raise _fail(name, 0, 0, f"is {special_kind(st.st_mode)}, not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_BYTES:
+            chunk = os.read(fd, MAX_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        raw = b"".join(chunks)
+    except OSError as e:
+        raise _fail(name, 0, 0, f"cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_BYTES:  # a file that grew while we looked
         raise _fail(name, 0, 0, f"file is larger than the limit of {MAX_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
@@ -189,6 +224,8 @@ class _Converter:
             raise self._stop(node, path, "recursive alias: a value contains itself")
         self.doc.values.setdefault(path, self._pos(node))
         if isinstance(node, yaml.ScalarNode):
+            if node.tag == "tag:yaml.org,2002:timestamp" and not node.style:
+                raise self._stop(node, path, f"{node.value!r} reads as a date; quote it")
             if node.tag not in _SCALAR_TAGS:
                 raise self._stop(node, path, f"tag {node.tag!r} is not allowed (only plain YAML values)")
             try:
