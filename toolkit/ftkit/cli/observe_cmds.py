@@ -1,0 +1,84 @@
+"""doctor, report, bench: measure before deciding (the scaling guide's discipline)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+MARK = {"ok": "ok   ", "info": "info ", "warn": "WARN ", "error": "ERROR"}
+
+
+def _machine(machine_path: str | None):  # type: ignore[no-untyped-def]
+    if machine_path:
+        from ftkit.recipe.validate import load_machine
+
+        return load_machine(machine_path).machine, True
+    from ftkit.gpu.inventory import detect_machine
+
+    return detect_machine(), False
+
+
+@click.command()
+@click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
+              help="machine profile to check against (default: this host, detected)")
+@click.option("--recipe", "recipes", multiple=True, type=click.Path(path_type=str),
+              help="estimate the disk these recipes need (model download, checkpoints, merges); repeatable")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where run directories are (default: the profile's paths.runs, else ./runs)")
+@click.option("--offline", is_flag=True, help="do not ask a web server for the time (clock-skew check)")
+@click.option("--json", "as_json", is_flag=True, help="print a machine snapshot (facts + findings) for --compare")
+@click.option("--compare", nargs=2, type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              metavar="A.json B.json", help="show drift between two hosts' `doctor --json` snapshots")
+def doctor(machine_path: str | None, recipes: tuple[str, ...], runs_dir: Path | None, offline: bool, as_json: bool,
+           compare: tuple[Path, Path] | None) -> None:
+    """Check this machine before running: Docker and the NVIDIA runtime, driver against the
+    images' CUDA, each GPU's PCIe link and power limits, the PSU budget, free disk, clock
+    skew, the GPU lease directory and runs that died. Exit 1 when anything is an error.
+
+    With --compare, the environment-parity check before a multi-host run: Python, torch,
+    CUDA, driver, ftkit, images and lock hashes of two hosts (exit 1 on error-level drift)."""
+    from ftkit.observe import doctor as dr
+
+    if compare is not None:
+        a, b = (dr.load_snapshot(p) for p in compare)
+        drift = dr.compare(a, b)
+        if as_json:
+            click.echo(json.dumps([d.__dict__ for d in drift], indent=2, default=str))
+        elif not drift:
+            click.echo(f"no drift between {a.get('host')} ({compare[0].name}) and {b.get('host')} ({compare[1].name})")
+        else:
+            click.echo(f"drift between A = {a.get('host')} ({compare[0].name}) and B = {b.get('host')} ({compare[1].name}):")
+            w = max(len(d.field) for d in drift)
+            for d in drift:
+                click.echo(f"  {MARK.get(d.severity, d.severity)} {d.field.ljust(w)}  A: {d.a}  B: {d.b}  ({d.why})")
+        if any(d.severity == "error" for d in drift):
+            sys.exit(1)
+        return
+    machine, given = _machine(machine_path)
+    resolved = []
+    if recipes:
+        from ftkit.recipe.resolve import resolve
+        from ftkit.recipe.validate import load_recipe
+
+        resolved = [resolve(load_recipe(r), machine) for r in recipes]
+    src = dr.Sources(docker_host=machine.docker.host, offline=offline)
+    result = dr.diagnose(machine, src, runs_root=runs_dir, recipes=resolved, machine_given=given)
+    if as_json:
+        click.echo(json.dumps(dr.snapshot(result), indent=2, default=str))
+    else:
+        click.echo(f"ftkit doctor: machine {machine.name} (executor {machine.executor}) on {result.facts.get('host')}")
+        w = max((len(f.check) for f in result.findings), default=5)
+        for f in result.findings:
+            click.echo(f"  {MARK[f.severity]} {f.check.ljust(w)}  {f.message}")
+            if f.remediation and f.severity != "ok":
+                click.echo(f"  {'':5} {''.ljust(w)}  fix: {f.remediation}")
+        c = result.counts()
+        click.echo(f"{c['error']} error(s), {c['warn']} warning(s)")
+    if result.worst() == "error":
+        sys.exit(1)
+
+
+COMMANDS = [doctor]
