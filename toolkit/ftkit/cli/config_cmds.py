@@ -49,15 +49,12 @@ def validate(recipes: tuple[str, ...], machine_path: str | None) -> None:
 
 
 def _check_against(loaded, machine) -> None:  # type: ignore[no-untyped-def]
-    from ftkit.plan.build import build_plan
-    from ftkit.plan.machine_checks import findings
+    """The same checks `ftkit up` makes before it starts (one code path: planning.Prepared)."""
     from ftkit.recipe.resolve import resolve
+    from ftkit.run.planning import Prepared, plan_for
 
     res = resolve(loaded, machine.machine)
-    plan = build_plan(res, run_dir="runs/<run>")
-    problems = [loaded.doc.issue(p, m, key=k) for p, m, k in findings(res, plan)]
-    if problems:
-        raise ConfigError(problems)
+    Prepared(loaded, res, plan_for(res, run_dir=None), str(machine.path)).check()
 
 
 @click.command()
@@ -78,14 +75,16 @@ def schema(kind: str, output: str | None) -> None:
 @click.argument("recipe", type=click.Path(path_type=str))
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
               help="machine profile (default: this host, detected)")
+@click.option("--executor", type=click.Choice(["docker", "local"]), default=None,
+              help="plan for this executor instead of the profile's")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(recipe: str, machine_path: str | None, as_json: bool) -> None:
+def plan(recipe: str, machine_path: str | None, executor: str | None, as_json: bool) -> None:
     """Resolve defaults and print the ordered plan: images, commands, GPUs, power caps,
     generated configs, memory-fit estimates and the PSU budget. Runs nothing."""
     from ftkit.cli.render import render_plan
-    from ftkit.run.planning import make_plan
+    from ftkit.run.planning import prepare
 
-    loaded_plan = make_plan(recipe, machine_path, run_dir=None)
+    loaded_plan = prepare(recipe, machine_path, executor=executor).plan
     if as_json:
         click.echo(json.dumps(loaded_plan.to_dict(), indent=2, default=str))
     else:

@@ -1,58 +1,243 @@
-"""`ftkit up`: run a recipe end to end and leave a run directory that explains it."""
+"""`ftkit up` and the commands around a run: status, logs, down, and power limits."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
 
+from ftkit.errors import UserError
+
+
+def _runs_root(runs_dir: Path | None, machine_path: str | None) -> Path:
+    if runs_dir is not None:
+        return runs_dir
+    if machine_path:
+        from ftkit.recipe.validate import load_machine
+        from ftkit.run.planning import runs_root
+
+        return runs_root(load_machine(machine_path).machine)
+    return Path("runs")
+
+
+def _find_run(run: str | None, root: Path) -> Path:
+    """A run directory: a path, a name under the runs root, or (None) the newest run."""
+    from ftkit.run.stale import runs_in
+
+    if run:
+        for cand in (Path(run), root / run):
+            if (cand / "state.json").is_file():
+                return cand.resolve()
+        raise UserError(f"{run}: not a run directory (no state.json)", hint=f"runs live under {root}/")
+    runs = runs_in(root)
+    if not runs:
+        raise UserError(f"no runs under {root}/", hint="pass the run directory, or --runs-dir")
+    return runs[-1].resolve()
+
 
 @click.command()
-@click.argument("recipe", type=click.Path(path_type=str))
+@click.argument("recipe", required=False, type=click.Path(path_type=str))
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
               help="machine profile (default: this host, detected; steps run locally)")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where run directories go (default: the profile's paths.runs, else ./runs)")
+@click.option("--executor", type=click.Choice(["docker", "local"]), default=None,
+              help="run steps in the images (docker) or in this Python environment (local); default: the profile's")
+@click.option("--resume", "resume_run", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="continue this run directory: finished steps are not redone, training resumes from its "
+                   "newest complete checkpoint")
 @click.option("--dry-run", is_flag=True, help="print exactly what would run, and run nothing")
-@click.option("--quiet", "-q", is_flag=True, help="do not echo step output (it is in logs/ either way)")
-def up(recipe: str, machine_path: str | None, runs_dir: Path | None, dry_run: bool, quiet: bool) -> None:
+@click.option("--quiet", "-q", is_flag=True, help="no live display: a few plain lines per step")
+@click.option("--verbose", "-v", is_flag=True, help="also copy every step's output to the console (it is in logs/ either way)")
+def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, executor: str | None,
+       resume_run: str | None, dry_run: bool, quiet: bool, verbose: bool) -> None:
     """Run a recipe: power caps, training, merge, serving, test prompts, evaluation, power
     restored. Every run leaves runs/<UTC timestamp>-<name>/ with the resolved recipe, plan,
     environment, journal, logs, metrics and outputs."""
     from ftkit.cli.render import render_plan
-    from ftkit.recipe.resolve import resolve
-    from ftkit.recipe.validate import load_machine, load_recipe
     from ftkit.run import runner
-    from ftkit.run.planning import plan_for
+    from ftkit.run.display import make_display
 
-    loaded = load_recipe(recipe)
-    if machine_path:
-        machine = load_machine(machine_path).machine
+    if resume_run:
+        run, plan = _prepare_resume(resume_run, dry_run)
+        if dry_run:
+            click.echo(render_plan(plan))
+            return
     else:
-        from ftkit.gpu.inventory import detect_machine
+        if recipe is None:
+            raise click.UsageError("give a RECIPE (or --resume RUN)")
+        from ftkit.run.planning import prepare, runs_root
 
-        machine = detect_machine()
-    res = resolve(loaded, machine)
-    preview = plan_for(res, run_dir=str((runs_dir or runner.runs_root(machine)).resolve() / f"<UTC timestamp>-{res.recipe.name}"))
-    if dry_run:  # the plan is worth seeing even when it would be refused below
-        click.echo(render_plan(preview))
-    runner.preflight(res, preview, loaded.doc)
-    if dry_run:
-        return
-    run, plan = runner.start_run(res, argv=["ftkit", *sys.argv[1:]], runs_dir=runs_dir)
-    click.echo(f"run directory: {run.path}", err=True)
-    result = runner.execute_plan(run, plan, echo=not quiet)
+        def where(res) -> str:  # type: ignore[no-untyped-def]
+            return str(runner.new_run_path(runs_dir or runs_root(res.machine), res.recipe.name))
+
+        prepared = prepare(recipe, machine_path, run_dir=where, executor=executor)
+        plan = prepared.plan
+        path = Path(plan.run_dir)
+        root = path.parent
+        if dry_run:
+            click.echo(render_plan(plan))
+            problems = prepared.problems()
+            if problems:
+                click.echo("\n`ftkit up` would refuse this plan:")
+                for issue in problems:
+                    click.echo(f"  {issue.render()}")
+            return
+        prepared.check()  # refuse before anything is written, capped or stopped
+        _preflight_docker(plan)
+        _clean_stale(root)
+        run = runner.create_run(path, plan, prepared.res.to_yaml_data(), ["ftkit", *sys.argv[1:]])
+    display = make_display(plan, live=False if quiet or verbose else None)
+    result = runner.execute_plan(run, plan, display=display, echo=verbose, resume=bool(resume_run))
     summary = {"run_dir": str(result.run_dir), "status": result.status, "failed_step": result.failed_step,
                "left_running": result.left_running}
     eval_summary = next(run.path.glob("steps/*/summary.json"), None)
     if eval_summary is not None:
-        summary["eval"] = json.loads(eval_summary.read_text())
+        try:
+            summary["eval"] = json.loads(eval_summary.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
     click.echo(json.dumps(summary, indent=2))
-    if result.status != "succeeded":
-        click.echo(f"run failed at step {result.failed_step}: {result.message}", err=True)
-        sys.exit(1)
+    if result.exit_code:
+        if result.status == "failed":
+            click.echo(f"run failed at step {result.failed_step}: {result.message}", err=True)
+        sys.exit(result.exit_code)
 
 
-COMMANDS = [up]
+def _preflight_docker(plan) -> None:  # type: ignore[no-untyped-def]
+    if not any(s.executor == "docker" for s in plan.steps):
+        return
+    from ftkit.errors import PlanError
+    from ftkit.gateways import docker as dk
+
+    if not dk.reachable(plan.docker.get("host")):
+        raise PlanError("this plan runs steps in containers, but no Docker engine answers",
+                        hint="start dockerd (or set docker.host in the machine profile), or run with --executor local")
+
+
+def _clean_stale(root: Path) -> None:
+    from ftkit.run.stale import clean, is_stale, runs_in
+
+    for run in runs_in(root):
+        if is_stale(run):
+            click.echo(f"ftkit: run {run.name} went stale (its ftkit died); cleaning up after it", err=True)
+            clean(run, say=lambda m: click.echo(f"  {m}", err=True))
+
+
+def _prepare_resume(run_dir: str, dry_run: bool):  # type: ignore[no-untyped-def]
+    from ftkit.files import read_json
+    from ftkit.plan.spec import Plan
+    from ftkit.run.rundir import RunDir
+    from ftkit.run.stale import is_stale, state_of, stop_leftovers
+
+    path = Path(run_dir).resolve()
+    if not (path / "plan.json").is_file() or not (path / "state.json").is_file():
+        raise UserError(f"{run_dir}: not a run directory (needs plan.json and state.json)")
+    try:
+        plan = Plan.from_dict(read_json(path / "plan.json"))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path / 'plan.json'}: not a plan this ftkit can resume ({e})") from None
+    st = state_of(path)
+    if st.get("status") == "running" and not is_stale(path):
+        raise UserError(f"{path.name} is still running (ftkit pid {st.get('pid')})",
+                        hint="stop it first (Ctrl-C there, or kill -TERM that pid)")
+    if st.get("status") == "succeeded":
+        raise UserError(f"{path.name} already succeeded: nothing to resume")
+    if not dry_run:
+        _preflight_docker(plan)
+        stop_leftovers(path, plan.to_dict(), docker_host=plan.docker.get("host"))
+    return RunDir(path), plan
+
+
+@click.command()
+@click.argument("run", required=False)
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="for its paths.runs")
+@click.option("--json", "as_json", is_flag=True)
+def status(run: str | None, runs_dir: Path | None, machine_path: str | None, as_json: bool) -> None:
+    """Show a run's steps with status and times (default: the newest run)."""
+    from ftkit.run.stale import is_stale, state_of
+
+    path = _find_run(run, _runs_root(runs_dir, machine_path))
+    st = state_of(path)
+    stale = is_stale(path)
+    if as_json:
+        click.echo(json.dumps({"run_dir": str(path), "stale": stale, **st}, indent=2))
+        return
+    head = st.get("status", "?") + (" (STALE: its ftkit died; `ftkit down` cleans up)" if stale else "")
+    click.echo(f"{path.name}: {head}")
+    click.echo(f"  started {st.get('started')}, finished {st.get('finished') or '-'}")
+    for sid in st.get("order", []):
+        e = st["steps"].get(sid, {})
+        secs = f"{e['seconds']:.1f} s" if isinstance(e.get("seconds"), (int, float)) else ""
+        why = e.get("error") or e.get("reason") or e.get("message") or ""
+        first = why.splitlines()[0][:90] if why else ""
+        click.echo(f"  {sid:<22} {e.get('status', '?'):<12} {secs:>10}  {first}")
+    if st.get("left_running"):
+        click.echo("  left running: " + "; ".join(st["left_running"]))
+    click.echo(f"  logs: {path / 'logs'}/")
+
+
+@click.command()
+@click.argument("run")
+@click.argument("step", required=False)
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--follow", "-f", is_flag=True, help="keep printing as the log grows (until the run ends)")
+def logs(run: str, step: str | None, runs_dir: Path | None, follow: bool) -> None:
+    """Print a step's log (default: the step running now, else the last one that ran)."""
+    from ftkit.run.stale import state_of
+
+    path = _find_run(run, runs_dir or Path("runs"))
+    st = state_of(path)
+    if step is None:
+        ran = [s for s in st.get("order", []) if st["steps"].get(s, {}).get("status") not in ("pending", "skipped")]
+        running = [s for s in ran if st["steps"][s].get("status") == "running"]
+        if not ran:
+            raise UserError(f"{path.name}: no step has run yet")
+        step = (running or ran)[-1]
+    log = path / "logs" / f"{step}.log"
+    if not log.is_file():
+        have = sorted(p.stem for p in (path / "logs").glob("*.log"))
+        raise UserError(f"{path.name}: no log for step {step!r}", hint=f"logs: {', '.join(have) or 'none yet'}")
+    with open(log, encoding="utf-8", errors="replace") as fh:
+        sys.stdout.write(fh.read())
+        sys.stdout.flush()
+        while follow:
+            chunk = fh.read()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+                continue
+            if state_of(path).get("status") != "running":
+                break
+            time.sleep(0.5)
+
+
+@click.command()
+@click.argument("run", required=False)
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="for its paths.runs")
+def down(run: str | None, runs_dir: Path | None, machine_path: str | None) -> None:
+    """Stop what a run left running (servers, containers). A run whose ftkit died is also
+    cleaned up: power limits back to the recorded originals, the serving service started
+    again, the journal closed. Default: every stale run, else the newest run."""
+    from ftkit.run.stale import clean, is_stale, runs_in, state_of
+
+    root = _runs_root(runs_dir, machine_path)
+    if run is None:
+        targets = [r for r in runs_in(root) if is_stale(r)] or [_find_run(None, root)]
+    else:
+        targets = [_find_run(run, root)]
+    for path in targets:
+        st = state_of(path)
+        if st.get("status") == "running" and not is_stale(path):
+            raise UserError(f"{path.name} is running (ftkit pid {st.get('pid')}): stop it there (Ctrl-C) or with "
+                            f"kill -TERM {st.get('pid')}")
+        click.echo(f"{path.name}:")
+        clean(path, say=lambda m: click.echo(f"  {m}"))
+
+
+COMMANDS = [up, status, logs, down]

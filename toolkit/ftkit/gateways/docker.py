@@ -120,6 +120,150 @@ def run_container(image: str, command: list[str], *, host: str | None = None, en
             c.remove(force=True)
 
 
+# --------------------------------------------------------------------------- containers
+
+
+@dataclass
+class ContainerRequest:
+    """What a container needs, in the engine's own terms (filled in by the docker executor
+    from a plan's ContainerSpec; this gateway knows nothing about plans)."""
+
+    image: str
+    command: list[str]
+    name: str | None = None
+    environment: dict[str, str] | None = None
+    binds: list[tuple[str, str, bool]] | None = None  # (host, container, read_only)
+    gpu_device_ids: list[str] | None = None
+    ports: list[tuple[str, int, int]] | None = None  # (host ip, host port, container port)
+    shm_size: str | None = None
+    labels: dict[str, str] | None = None
+    working_dir: str | None = None
+    user: str | None = None
+    restart: str | None = None  # e.g. unless-stopped for servers left running
+    network: str | None = None
+    hostname: str | None = None
+    stop_timeout: int | None = None
+
+
+def create_container(req: ContainerRequest, host: str | None = None) -> str:
+    """Create (not start) a container; return its id."""
+    import docker.types as dt
+
+    kw: dict[str, Any] = {
+        "command": req.command, "name": req.name, "environment": req.environment or {}, "labels": req.labels or {},
+        "working_dir": req.working_dir, "user": req.user, "detach": True, "stdin_open": False, "tty": False,
+        "init": True,  # tini as pid 1: signals reach the command, zombies are reaped
+    }
+    if req.binds:
+        kw["mounts"] = [dt.Mount(target=c, source=h, type="bind", read_only=ro) for h, c, ro in req.binds]
+    if req.gpu_device_ids:
+        kw["device_requests"] = [dt.DeviceRequest(driver="nvidia", device_ids=list(req.gpu_device_ids),
+                                                  capabilities=[["gpu"]])]
+    if req.ports:
+        kw["ports"] = {f"{c}/tcp": (ip, h) for ip, h, c in req.ports}
+    if req.shm_size:
+        kw["shm_size"] = req.shm_size
+    if req.restart:
+        kw["restart_policy"] = {"Name": req.restart}
+    if req.network:
+        kw["network"] = req.network
+    if req.hostname:
+        kw["hostname"] = req.hostname
+    if req.stop_timeout is not None:
+        kw["stop_timeout"] = req.stop_timeout
+    with translated(f"create container from {req.image}"):
+        return str(client(host).containers.create(req.image, **{k: v for k, v in kw.items() if v is not None}).id)
+
+
+def start_container(cid: str, host: str | None = None) -> None:
+    with translated(f"start container {cid[:12]}"):
+        client(host).api.start(cid)
+
+
+def container_state(cid: str, host: str | None = None) -> dict[str, Any] | None:
+    """The container's State (Status, Running, ExitCode, ...), or None when it is gone."""
+    import docker.errors as de
+
+    try:
+        with translated(f"inspect container {cid[:12]}"):
+            return dict(client(host).api.inspect_container(cid)["State"])
+    except DockerError as e:
+        if isinstance(e.__cause__, de.NotFound):
+            return None
+        raise
+
+
+def follow_logs(cid: str, on_line: Callable[[str], None], host: str | None = None) -> None:
+    """Stream the container's output line by line until it stops (blocks; run it in a thread)."""
+    with translated(f"logs of {cid[:12]}"):
+        buf = b""
+        for chunk in client(host).api.logs(cid, stream=True, follow=True, stdout=True, stderr=True):
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                on_line(line.decode("utf-8", "replace"))
+        if buf:
+            on_line(buf.decode("utf-8", "replace"))
+
+
+def wait_container(cid: str, host: str | None = None, timeout: float | None = None) -> int:
+    with translated(f"wait for {cid[:12]}"):
+        res = client(host).api.wait(cid, timeout=timeout)
+        return int(res.get("StatusCode", 1))
+
+
+def stop_container(cid: str, grace_s: int = 30, host: str | None = None) -> None:
+    """SIGTERM, then SIGKILL after the grace period (docker stop). Gone already is fine."""
+    import docker.errors as de
+
+    try:
+        with translated(f"stop {cid[:12]}"):
+            client(host, timeout=grace_s + 60).api.stop(cid, timeout=grace_s)
+    except DockerError as e:
+        if not isinstance(e.__cause__, de.NotFound):
+            raise
+
+
+def kill_container(cid: str, signal: str = "SIGKILL", host: str | None = None) -> None:
+    import docker.errors as de
+
+    try:
+        with translated(f"kill {cid[:12]}"):
+            client(host).api.kill(cid, signal=signal)
+    except DockerError as e:
+        if not isinstance(e.__cause__, (de.NotFound, de.APIError)):
+            raise
+
+
+def remove_container(cid: str, host: str | None = None) -> None:
+    import docker.errors as de
+
+    try:
+        with translated(f"remove {cid[:12]}"):
+            client(host).api.remove_container(cid, force=True, v=True)
+    except DockerError as e:
+        if not isinstance(e.__cause__, de.NotFound):
+            raise
+
+
+def containers_with_label(label: str, host: str | None = None, *, all: bool = True) -> list[dict[str, Any]]:
+    """Summaries (Id, Names, State, Labels) of containers carrying `label` (key or key=value)."""
+    with translated("list containers"):
+        return list(client(host).api.containers(all=all, filters={"label": label}))
+
+
+def set_restart_policy(cid: str, policy: str, host: str | None = None) -> None:
+    """`docker update --restart`: a server left running comes back after a reboot."""
+    with translated(f"update {cid[:12]}"):
+        client(host).api.update_container(cid, restart_policy={"Name": policy})
+
+
+def engine_time(host: str | None = None) -> str | None:
+    """The engine's clock (docker info SystemTime), for clock-skew checks."""
+    with translated("info"):
+        return client(host).info().get("SystemTime")
+
+
 # --------------------------------------------------------------------------- CLI (BuildKit)
 
 

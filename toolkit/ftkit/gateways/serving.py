@@ -31,6 +31,28 @@ def wait_ready(ready: dict[str, Any], *, alive: Callable[[], bool], log_tail: Ca
                          f"({ready['health']})\n--- last log lines ---\n{log_tail()}")
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why `port` cannot be ours, or None when it is free: something accepts connections on
+    it, or binding it fails. Checked before a server starts, so a stale server from an
+    earlier run can never pass this run's readiness check and test prompts."""
+    import socket
+
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    try:
+        with socket.create_connection((target, port), timeout=1.0):
+            return f"something accepts connections on {target}:{port}"
+    except OSError:
+        pass
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return f"cannot bind {host}:{port}: {e.strerror}"
+    return None
+
+
 def check(answer: str, expect: dict[str, Any] | None) -> bool:
     if not expect:
         return True

@@ -21,6 +21,32 @@ from typing import IO
 from ftkit.errors import CommandFailed, FtkitError
 
 TAIL_LINES = 40
+PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl, resolved once here in the parent: the child must not dlopen between
+    fork and exec (other threads may hold the loader's locks)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM us when the process that started us dies (even by
+    SIGKILL), so no trainer or server outlives the ftkit that owns it. SIGTERM rather than
+    SIGKILL lets a launcher (accelerate, torchrun, the lease) take its own children down."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 @dataclass
@@ -56,12 +82,15 @@ def run(
     check: bool = True,
     timeout: float | None = None,
     stdin_data: str | None = None,
+    die_with_parent: bool = False,
+    on_start: Callable[[subprocess.Popen[str]], None] | None = None,
 ) -> Completed:
     """Run argv to completion, streaming its combined stdout/stderr.
 
     `on_line` sees every line (progress displays use it); `echo` copies lines to stderr;
     `log_file` receives everything. With `check`, a non-zero exit raises CommandFailed
-    carrying the last lines of output.
+    carrying the last lines of output. `die_with_parent` makes the child receive SIGTERM
+    when this process dies; `on_start` sees the Popen (to record its pid).
     """
     argv = [str(a) for a in argv]
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -85,11 +114,14 @@ def run(
                 errors="replace",
                 bufsize=1,
                 start_new_session=True,  # its own process group: we can stop all of it
+                preexec_fn=_die_with_parent if die_with_parent else None,
             )
         except FileNotFoundError as e:
             raise FtkitError(f"cannot run {argv[0]!r}: not found on PATH") from e
         except PermissionError as e:
             raise FtkitError(f"cannot run {argv[0]!r}: permission denied") from e
+        if on_start is not None:
+            on_start(proc)
         if stdin_data is not None:
             assert proc.stdin is not None  # we asked for a pipe above
             proc.stdin.write(stdin_data)
@@ -200,8 +232,10 @@ def start(
     log_file: str | os.PathLike[str],
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    die_with_parent: bool = False,
 ) -> Background:
-    """Start argv in its own process group, output appended to log_file."""
+    """Start argv in its own process group, output appended to log_file. A server meant to
+    outlive ftkit (keep_running) is started without `die_with_parent`."""
     argv = [str(a) for a in argv]
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +251,7 @@ def start(
                 env=_merged_env(env, True),
                 cwd=cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if die_with_parent else None,
             )
         except FileNotFoundError as e:
             raise FtkitError(f"cannot run {argv[0]!r}: not found on PATH") from e

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from ftkit.errors import GpuError
 
 SIMULATED_ENV = "FTKIT_SIMULATED_GPUS"
+SIMULATED_STATE_ENV = "FTKIT_SIMULATED_GPUS_STATE"
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Nvml(Protocol):
     def inventory(self) -> list[GpuInfo]: ...
     def power_limit_w(self, index: int) -> float: ...
     def set_power_limit_w(self, index: int, watts: float) -> None: ...
+    def uuid(self, index: int) -> str: ...
+    def compute_processes(self, index: int) -> list[tuple[int, int]]: ...
+    def enforced_power_limit_w(self, index: int) -> float: ...
     def sample(self, index: int) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -147,6 +151,23 @@ class RealNvml:
     def set_power_limit_w(self, index: int, watts: float) -> None:
         self._call("nvmlDeviceSetPowerManagementLimit", self._handle(index), int(watts * 1000))
 
+    def uuid(self, index: int) -> str:
+        v = self._call("nvmlDeviceGetUUID", self._handle(index))
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    def compute_processes(self, index: int) -> list[tuple[int, int]]:
+        """(pid, used MiB) of every compute process on the GPU. The driver knows no PID
+        namespaces: inside a container these are HOST pids (nvidia-docker#1483)."""
+        out = []
+        for p in self._call("nvmlDeviceGetComputeRunningProcesses", self._handle(index)):
+            used = getattr(p, "usedGpuMemory", None)
+            out.append((int(p.pid), int(used) // (1 << 20) if isinstance(used, int) else 0))
+        return out
+
+    def enforced_power_limit_w(self, index: int) -> float:
+        """The limit the GPU enforces: the lowest of every limit set on it."""
+        return float(self._call("nvmlDeviceGetEnforcedPowerLimit", self._handle(index))) / 1000
+
     def sample(self, index: int) -> dict[str, Any]:
         """Every telemetry field, each read on its own: an unsupported one is None (named in
         `errors`) and never costs the others. PCIe width and generation are the values now;
@@ -230,15 +251,22 @@ class RealNvml:
 
 
 class SimulatedNvml:
-    """A fake NVML for machines with no GPU. Same interface; state lives in memory."""
+    """A fake NVML for machines with no GPU. Same interface.
+
+    State lives in memory, or - with FTKIT_SIMULATED_GPUS_STATE=FILE - in a JSON file shared
+    by every process, the way a real GPU keeps its power limit after the process that set it
+    dies. The file also records every power call (with pid and time) for fault tests to
+    read, and takes injected faults: `"fail_set": [index, ...]` makes setting that GPU's
+    limit fail, like a GPU that fell off the bus."""
 
     simulated = True
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], state_file: str | None = None) -> None:
         from ftkit.plan.catalog import find_gpu
 
         self._gpus: list[GpuInfo] = []
         self.set_calls: list[tuple[int, float]] = []
+        self._state_file = state_file
         for i, name in enumerate(names):
             cat = find_gpu(name)
             tdp = float(cat.tdp_w) if cat else 300.0
@@ -258,7 +286,53 @@ class SimulatedNvml:
     def cuda_driver_version(self) -> str:
         return "13.0"
 
+    # -- the shared state file (read-modify-write under an exclusive flock) --------------
+
+    def _sync(self, change: Any = None, call: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load the state file (creating it from this process's view), apply `change(state)`,
+        append `call` to the call record, write it back. Without a file: memory only."""
+        if not self._state_file:
+            state = {"gpus": [g.as_dict() for g in self._gpus], "fail_set": []}
+            if change is not None:
+                change(state)
+            self._gpus = [GpuInfo(**g) for g in state["gpus"]]
+            return state
+        import fcntl
+        import json
+
+        path = self._state_file
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = b""
+            while chunk := os.read(fd, 1 << 16):
+                raw += chunk
+            try:
+                state = json.loads(raw) if raw.strip() else None
+            except json.JSONDecodeError:
+                state = None
+            if not isinstance(state, dict) or not isinstance(state.get("gpus"), list):
+                state = {"simulated": True, "gpus": [g.as_dict() for g in self._gpus], "fail_set": [], "calls": []}
+            if change is not None:
+                change(state)
+            if call is not None:
+                import datetime as dt
+
+                call = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                        "pid": os.getpid(), **call}
+                state.setdefault("calls", []).append(call)
+            data = json.dumps(state, indent=1, sort_keys=True).encode()
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # also drops the flock
+        self._gpus = [GpuInfo(**{k: v for k, v in g.items() if k in GpuInfo.__dataclass_fields__}) for g in state["gpus"]]
+        return state
+
     def inventory(self) -> list[GpuInfo]:
+        self._sync()
         return [GpuInfo(**g.as_dict()) for g in self._gpus]
 
     def _gpu(self, index: int) -> GpuInfo:
@@ -267,13 +341,29 @@ class SimulatedNvml:
         return self._gpus[index]
 
     def power_limit_w(self, index: int) -> float:
+        self._sync(call={"call": "power_limit_w", "index": index})
         return float(self._gpu(index).power_limit_w or 0)
 
     def set_power_limit_w(self, index: int, watts: float) -> None:
-        gpu = self._gpu(index)
-        if gpu.power_min_w is not None and gpu.power_max_w is not None and not gpu.power_min_w <= watts <= gpu.power_max_w:
-            raise GpuError(f"NVML nvmlDeviceSetPowerManagementLimit: {watts} W outside {gpu.power_min_w}-{gpu.power_max_w} W")
-        gpu.power_limit_w = float(watts)
+        failure: list[str] = []
+
+        def change(state: dict[str, Any]) -> None:
+            gpus = state["gpus"]
+            if not 0 <= index < len(gpus):
+                failure.append(f"NVML: no GPU {index} (simulated machine has {len(gpus)})")
+                return
+            gpu = gpus[index]
+            lo, hi = gpu.get("power_min_w"), gpu.get("power_max_w")
+            if index in (state.get("fail_set") or []):
+                failure.append(f"NVML nvmlDeviceSetPowerManagementLimit: GPU {index}: Unknown Error (simulated fault)")
+            elif lo is not None and hi is not None and not lo <= watts <= hi:
+                failure.append(f"NVML nvmlDeviceSetPowerManagementLimit: {watts} W outside {lo}-{hi} W")
+            else:
+                gpu["power_limit_w"] = float(watts)
+
+        self._sync(change, call={"call": "set_power_limit_w", "index": index, "watts": float(watts)})
+        if failure:
+            raise GpuError(failure[0])
         self.set_calls.append((index, float(watts)))
 
     def sample(self, index: int, at: float | None = None) -> dict[str, Any]:
@@ -311,6 +401,21 @@ class SimulatedNvml:
             "errors": [],
         }
 
+    def uuid(self, index: int) -> str:
+        return self._gpu(index).uuid
+
+    def compute_processes(self, index: int) -> list[tuple[int, int]]:
+        """None, unless the state file lists some: `"processes": {"INDEX": [[pid, mib], ...]}`
+        (tests put a foreign process on a GPU that way)."""
+        state = self._sync()
+        self._gpu(index)
+        procs = (state.get("processes") or {}).get(str(index)) or []
+        return [(int(pid), int(mib)) for pid, mib in procs]
+
+    def enforced_power_limit_w(self, index: int) -> float:
+        self._sync()
+        return float(self._gpu(index).power_limit_w or 0)
+
     def close(self) -> None:
         pass
 
@@ -319,7 +424,8 @@ def open_nvml() -> Nvml | None:
     """The NVML backend for this machine, or None when there is no NVIDIA driver."""
     simulated = os.environ.get(SIMULATED_ENV)
     if simulated:
-        return SimulatedNvml([n.strip() for n in simulated.split(",") if n.strip()])
+        return SimulatedNvml([n.strip() for n in simulated.split(",") if n.strip()],
+                             os.environ.get(SIMULATED_STATE_ENV) or None)
     try:
         import pynvml
     except ImportError:

@@ -91,8 +91,14 @@ def plan_build(root: Path, image: str, variant: str, *, base_image: str | None =
     template = variants.images[image].template
     ctx = render.context(image, template, v, lock.body_sha256, opts)
     dockerfile = render.render(root / "images" / "templates", template, ctx)
+    # The tag names the image's content, not how it was fetched or built: hash the Dockerfile
+    # as rendered for BuildKit from the index, whichever builder, wheelhouse or CA bundle
+    # this machine uses (they install the same hash-locked files).
+    canonical_opts = render.RenderOptions(base_image=base_image)
+    canonical = render.render(root / "images" / "templates", template,
+                              render.context(image, template, v, lock.body_sha256, canonical_opts))
     source = project.source_hash(root)
-    chash = content_hash(dockerfile, lock.body_sha256, source, {"base": ctx["base_ref"]})
+    chash = content_hash(canonical, lock.body_sha256, source, {"base": ctx["base_ref"]})
     tag = f"ftkit/{image}:{variant}-{chash[:12]}"
     labels = {
         "org.opencontainers.image.source": SOURCE_URL,

@@ -10,11 +10,12 @@ from ftkit.images.variants import DEFAULT_VARIANT, GPU_VARIANT
 from ftkit.recipe.models import Machine
 
 
-def variant_for(image: str, machine: Machine) -> str:
-    return (GPU_VARIANT if machine.gpus else DEFAULT_VARIANT)[image]
+def variant_for(image: str, machine: Machine, simulated: bool = False) -> str:
+    """CUDA variants for a machine with GPUs; CPU ones without, or when its GPUs are simulated."""
+    return (GPU_VARIANT if machine.gpus and not simulated else DEFAULT_VARIANT)[image]
 
 
-def expected_refs(machine: Machine, lock_file: Path | None = None) -> dict[str, str]:
+def expected_refs(machine: Machine, lock_file: Path | None = None, *, simulated: bool = False) -> dict[str, str]:
     refs: dict[str, str] = {}
     if lock_file is not None:
         for key, entry in imagelock.read(lock_file)["images"].items():
@@ -22,11 +23,12 @@ def expected_refs(machine: Machine, lock_file: Path | None = None) -> dict[str, 
             refs.setdefault("train" if image == "train" else f"serve-{variant}", entry["tag"])
         return refs
     root = project.find_root()
-    train_variant = variant_for("train", machine)
-    refs["train"] = builder.plan_build(root, "train", train_variant).tag
+    base = machine.docker.base_image
+    train_variant = variant_for("train", machine, simulated)
+    refs["train"] = builder.plan_build(root, "train", train_variant, base_image=base).tag
     for variant in ("vllm", "transformers"):
         try:
-            refs[f"serve-{variant}"] = builder.plan_build(root, "serve", variant).tag
+            refs[f"serve-{variant}"] = builder.plan_build(root, "serve", variant, base_image=base).tag
         except Exception:  # noqa: BLE001 - a variant without a lock shows as not built
             refs[f"serve-{variant}"] = f"ftkit/serve:{variant} (run ftkit lock + ftkit build)"
     return refs

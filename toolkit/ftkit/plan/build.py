@@ -225,7 +225,7 @@ def build_plan(
     caps_now: dict[int, int] = {}
     max_caps: dict[int, int] = {}
     fit: dict[str, list[memory.FitEstimate]] = {}
-    serving_replaced = False
+    serving_replaced: str | None = None
     handoff_stopped = False
     port_offset = 0
 
@@ -330,7 +330,7 @@ def build_plan(
             steps.append(_serve(step, name, places, base_ref, train_outputs, merge_outputs, images, executor, spec,
                                 bind=machine.bind_address, visible=visible, lease=lease))
             if machine.serving and step.keep_running and set(machine.serving.gpus) & set(step.gpus or []):
-                serving_replaced = True
+                serving_replaced = name
         elif isinstance(step, EvalStep):
             eval_cfg = {
                 "model": model_cfg,
@@ -352,13 +352,17 @@ def build_plan(
                               description=f"score held-out prompts ({step.score}) on: {', '.join(step.models)}"))
 
     if handoff_stopped and machine.serving:
+        start = _handoff(machine, "start", machine.serving.gpus)
         if serving_replaced:
+            start.replaced_by = serving_replaced
+            start.notes.append(f"skipped when the run succeeds and {serving_replaced!r} keeps serving; "
+                               "run after a failure, so the previous model is served again")
             warnings.append(
                 f"the recipe's server takes over GPU(s) {machine.serving.gpus} from service "
-                f"{machine.serving.service!r}, which stays stopped; start it again after stopping the recipe's server"
+                f"{machine.serving.service!r}, which stays stopped after a successful run; start it again after "
+                "stopping the recipe's server"
             )
-        else:
-            steps.append(_handoff(machine, "start", machine.serving.gpus))
+        steps.append(start)
     if any(s.kind == "power" for s in steps):
         steps.append(StepSpec(id="power-restore-final", kind="power-restore", executor="nvml", gpus=all_gpus, always=True,
                               description="restore the power limits found at the start (also after a failure)"))

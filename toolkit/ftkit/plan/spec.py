@@ -77,6 +77,7 @@ class StepSpec:
     prompts: list[dict[str, Any]] = field(default_factory=list)
     keep_running: bool = False
     always: bool = False  # runs at the end even when an earlier step failed (restores)
+    replaced_by: str | None = None  # handoff-start: not needed when this serve step succeeded and runs on
     notes: list[str] = field(default_factory=list)
 
 

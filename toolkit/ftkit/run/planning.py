@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def image_refs(res: Resolved) -> dict[str, str]:
     try:
         from ftkit.images.catalog import expected_refs
 
-        refs.update(expected_refs(res.machine, lock))
+        refs.update(expected_refs(res.machine, lock, simulated=simulated_gpus() is not None))
     except Exception:  # noqa: BLE001 - no checkout templates here: plan shows placeholders
         refs.update({"train": "ftkit/train:<variant> (run ftkit build)",
                      "serve-vllm": "ftkit/serve:vllm (run ftkit build)",
@@ -138,13 +139,15 @@ def plan_for(res: Resolved, *, run_dir: str | None, executor: str | None = None)
                       lease_dir=lease_dir(res.machine), simulated_gpus=simulated_gpus())
 
 
-def prepare(recipe_path: str, machine_path: str | None, *, run_dir: str | None = None,
+def prepare(recipe_path: str, machine_path: str | None, *, run_dir: str | Callable[[Resolved], str] | None = None,
             executor: str | None = None) -> Prepared:
     """Load, resolve and plan once. Raises ConfigError (exit 2) for a bad recipe or profile;
-    call `.check()` to refuse a recipe that does not fit the machine."""
+    call `.check()` to refuse a recipe that does not fit the machine. `run_dir` may be a
+    function of the resolved recipe (its machine's runs root, its name)."""
     loaded = load_recipe(recipe_path)
     res = _resolve(loaded, recipe_path, machine_path)
-    return Prepared(loaded, res, plan_for(res, run_dir=run_dir, executor=executor), machine_path)
+    where = run_dir(res) if callable(run_dir) else run_dir
+    return Prepared(loaded, res, plan_for(res, run_dir=where, executor=executor), machine_path)
 
 
 def make_plan(recipe_path: str, machine_path: str | None, *, run_dir: str | None) -> Plan:

@@ -138,6 +138,11 @@ class Journal:
         entry.update(extra)
         self._flush()
 
+    def step_detail(self, step_id: str, **extra: Any) -> None:
+        """Add facts to a step's entry without changing its status (the pid it started)."""
+        self.state["steps"].setdefault(step_id, {"status": "pending"}).update(extra)
+        self._flush()
+
     def status_of(self, step_id: str) -> str:
         return str(self.state["steps"].get(step_id, {}).get("status", "pending"))
 

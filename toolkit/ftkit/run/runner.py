@@ -1,134 +1,414 @@
-"""`ftkit up`: walk the plan, journaling each step before and after it runs.
+"""`ftkit up`: execute a plan, journaling each step before and after it runs.
 
-Steps run in order; after a failure the rest are marked skipped, but `always` steps (power
-restore, handing GPUs back to the serving service) still run. SIGTERM is treated like
-Ctrl-C so those restores happen when a run is stopped too. Nothing here re-reads the recipe.
+The plan is the only input: nothing here reads the recipe (a resumed run executes the
+plan.json it stored). Steps run in order with one executor (local or docker); whatever a
+step changes on the machine - power caps, the serving service, servers - is a guard on a
+stack that unwinds in reverse order at the end, whatever happens: success, a failed step,
+an exception, Ctrl-C or SIGTERM (a second signal during the unwinding cannot stop it).
+
+The journal (state.json) tells the truth: a step that was running when a signal came is
+`interrupted` and the run exits 130 (SIGINT) or 143 (SIGTERM); a failure anywhere marks
+the run failed; `finished` is always written; the journal names ftkit's pid and its start
+time, so a later ftkit can tell a live run from one whose ftkit died.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import time
-from dataclasses import dataclass
+import json
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import ConfigError, FtkitError, PlanError
-from ftkit.plan.machine_checks import findings
-from ftkit.plan.spec import Plan
-from ftkit.recipe.resolve import Resolved
+from ftkit.errors import EngineError, FtkitError, GpuError
+from ftkit.gateways import serving
+from ftkit.gateways import subprocess as sp
+from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run import envinfo
-from ftkit.run.executors import Context, describe_failure, execute, stop_servers
-from ftkit.run.planning import plan_for, runs_root
-from ftkit.run.rundir import Journal, RunDir, new_run_dir
+from ftkit.run.display import Display, Progress
+from ftkit.run.executors import Executor, Outcome, StepIO, executor_for
+from ftkit.run.guards import GuardStack, HandoffGuard, PowerGuard, ServerGuard, describe_failure
+from ftkit.run.rundir import Journal, RunDir, iso_now, utc_stamp
+from ftkit.run.signals import Interrupted, SignalGate
 
-
-class Stopped(BaseException):
-    """SIGTERM arrived; unwinds like KeyboardInterrupt so restores run."""
+# Steps that establish machine state rather than produce artifacts: a resumed run does them
+# again (caps are gone after `ftkit power restore`, a server is not running any more).
+STATE_KINDS = ("power", "handoff-stop", "serve")
 
 
 @dataclass
 class RunResult:
     run_dir: Path
-    status: str
+    status: str  # succeeded | failed | interrupted
     failed_step: str | None
     message: str
     left_running: list[str]
+    exit_code: int = 0
 
 
-def preflight(res: Resolved, plan: Plan, loaded_doc: Any) -> None:
-    """Refuse to start - before any cap is set or service stopped - when the recipe does not
-    fit this machine or needs an executor this ftkit lacks (exit 2, nothing written)."""
-    problems = [loaded_doc.issue(p, m, key=k) for p, m, k in findings(res, plan)]
-    if problems:
-        raise ConfigError(problems)
-    docker_steps = [s.id for s in plan.steps if s.executor == "docker"]
-    if docker_steps:
-        raise PlanError(
-            f"machine {res.machine.name!r} runs steps in containers (executor: docker), which this ftkit "
-            f"cannot run yet (steps: {', '.join(docker_steps)})",
-            hint="`ftkit plan` shows the containers it will run; to run now, use a machine profile with "
-                 "`executor: local` (steps run in this Python environment: pip install ftkit[train])",
-        )
+def new_run_path(root: Path, name: str) -> Path:
+    """runs/<UTC timestamp>-<name>, not created yet: the plan is built with it first."""
+    base = f"{utc_stamp()}-{name}"
+    for n in range(1000):
+        path = (root / (base if n == 0 else f"{base}-{n}")).resolve()
+        if not path.exists():
+            return path
+    raise FtkitError(f"cannot find a free run directory name under {root}")  # pragma: no cover
 
 
-def start_run(res: Resolved, *, argv: list[str], runs_dir: Path | None = None) -> tuple[RunDir, Plan]:
-    root = runs_dir or runs_root(res.machine)
-    path = new_run_dir(root, res.recipe.name).resolve()
-    plan = plan_for(res, run_dir=str(path))
+def create_run(path: Path, plan: Plan, resolved_yaml: dict[str, Any], argv: list[str]) -> RunDir:
+    """Make the run directory and write what explains the run before anything runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+    (path / "logs").mkdir()
     run = RunDir(path)
-    run.write_inputs(res.to_yaml_data(), plan.to_dict(), argv, envinfo.snapshot())
-    return run, plan
+    run.write_inputs(resolved_yaml, plan.to_dict(), argv, envinfo.snapshot(include_docker=plan.executor == "docker"))
+    return run
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+@dataclass
+class Context:
+    run: RunDir
+    plan: Plan
+    journal: Journal
+    display: Display
+    executor: Executor
+    echo: bool = False
+    guards: GuardStack = field(default_factory=GuardStack)
+    left_running: list[str] = field(default_factory=list)
+    servers: dict[str, Any] = field(default_factory=dict)  # serve step id -> handle
+    _nvml: Any = None
+
+    def nvml(self) -> Any:
+        if self._nvml is None:
+            from ftkit.gpu.nvml import open_nvml
+
+            self._nvml = open_nvml()
+            if self._nvml is None:
+                raise GpuError("the plan sets power limits, but NVML is not available on this machine")
+        return self._nvml
+
+    def io(self, step: StepSpec) -> StepIO:
+        def started(ident: dict[str, Any]) -> None:
+            self.journal.step_detail(step.id, process=ident)
+
+        return StepIO(log=self.run.log(step.id), on_line=lambda line: self.display.line(step, line),
+                      on_started=started, echo=self.echo)
 
 
-def execute_plan(run: RunDir, plan: Plan, *, echo: bool = False) -> RunResult:
+def execute_plan(run: RunDir, plan: Plan, *, display: Display | None = None, echo: bool = False,
+                 resume: bool = False) -> RunResult:
+    display = display or Display(plan)
     journal = Journal(run, [s.id for s in plan.steps])
-    ctx = Context(run=run, journal=journal, echo=echo)
+    if resume:
+        journal.record("resumes", [*journal.state.get("resumes", []), {"at": iso_now()}])
+    ctx = Context(run, plan, journal, display, executor_for(plan.executor, plan, run), echo=echo)
     failed: str | None = None
     message = ""
-    old_term = signal.getsignal(signal.SIGTERM)
+    stop: Interrupted | None = None
+    current: StepSpec | None = None
+    display.start(str(run.path))
+    with SignalGate(display.say) as gate:
+        try:
+            if plan.executor == "docker":
+                _prepare_images(ctx)
+            for step in plan.steps:
+                if step.always:
+                    continue
+                if failed or stop:
+                    why = f"step {failed} failed" if failed else f"the run was stopped by {stop.name}" if stop else ""
+                    journal.step(step.id, "skipped", reason=why)
+                    display.step_skipped(step, why)
+                    continue
+                if resume and journal.status_of(step.id) == "succeeded" and step.kind not in STATE_KINDS:
+                    display.step_skipped(step, "done before the resume")
+                    continue
+                current = step
+                outcome = _attempt(ctx, step)
+                current = None
+                if outcome.status == "failed":
+                    failed, message = step.id, outcome.message
+        except Interrupted as e:
+            stop = e
+            message = f"stopped by {e.name}"
+            if current is not None:
+                journal.step(current.id, "interrupted", **_log_ref(ctx, current), reason=message)
+                display.step_finished(current, "interrupted", message)
+            for step in plan.steps:
+                if not step.always and journal.status_of(step.id) in ("pending", "running") and step is not current:
+                    journal.step(step.id, "skipped", reason=message)
+            display.note(f"{message}; restoring the machine before exit")
+        except BaseException as e:  # noqa: BLE001 - a bug must still leave a true journal and a restored machine
+            failed = failed or (current.id if current else "ftkit")
+            message = f"internal error: {describe_failure(e)}"
+            _internal_error(ctx, e)
+            if current is not None:
+                journal.step(current.id, "failed", **_log_ref(ctx, current), error=message)
+                display.step_finished(current, "failed", message)
+        finally:
+            gate.cleanup()
+            succeeded = failed is None and stop is None
+            _unwind(ctx, succeeded)
+            for step in plan.steps:  # always-steps whose guard was never pushed: nothing to undo
+                if step.always and journal.status_of(step.id) == "pending":
+                    journal.step(step.id, "skipped", reason="nothing to undo")
+            if failed is None and stop is None:
+                bad = [s.id for s in plan.steps if journal.status_of(s.id) == "failed"]
+                if bad:
+                    failed, message = bad[0], journal.state["steps"][bad[0]].get("error") or "restore failed"
+            status = "interrupted" if stop else "failed" if failed else "succeeded"
+            journal.finish(status, failed_step=failed, message=message or None, left_running=ctx.left_running,
+                           signal=stop.name if stop else None)
+            if ctx._nvml is not None:
+                ctx._nvml.close()
+            display.finish(status, str(run.path))
+            display.close()
+    code = stop.exit_code if stop else (1 if failed else 0)
+    return RunResult(run.path, status, failed, message, ctx.left_running, code)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise Stopped()
 
-    if os.name == "posix":
-        signal.signal(signal.SIGTERM, on_term)
-    total = len(plan.steps)
+# --------------------------------------------------------------------------- one step
+
+
+def _log_ref(ctx: Context, step: StepSpec) -> dict[str, str]:
+    """The journal points at a step's log only when there is one."""
+    log = ctx.run.log(step.id)
+    return {"log": str(log.relative_to(ctx.run.path))} if log.exists() else {}
+
+
+def _attempt(ctx: Context, step: StepSpec) -> Outcome:
+    ctx.journal.step(step.id, "running")
+    ctx.display.step_started(step)
+    ctx.run.write_generated([{"path": f.path, "content": f.content} for f in step.files])
     try:
-        for n, step in enumerate(plan.steps, 1):
-            if step.always:
-                continue
-            if failed:
-                journal.step(step.id, "skipped", reason=f"step {failed} failed")
-                continue
-            _say(f"[{n}/{total}] {step.id}: {step.description}")
-            journal.step(step.id, "running", log=str(run.log(step.id).relative_to(run.path)))
-            run.write_generated([{"path": f.path, "content": f.content} for f in step.files])
-            t0 = time.monotonic()
-            try:
-                outcome = execute(step, ctx)
-            except (FtkitError, OSError) as e:
-                failed, message = step.id, describe_failure(e)
-                journal.step(step.id, "failed", error=message)
-                _say(f"[{n}/{total}] {step.id}: FAILED\n{message}")
-                continue
-            journal.step(step.id, outcome.status, **outcome.detail, **({"message": outcome.message} if outcome.message else {}))
-            took = f"{time.monotonic() - t0:.1f} s"
+        outcome = _execute(ctx, step)
+    except (FtkitError, OSError) as e:
+        outcome = Outcome("failed", message=describe_failure(e))
+    extra = {**outcome.detail, **_log_ref(ctx, step)}
+    if outcome.status == "failed":
+        extra["error"] = outcome.message
+    elif outcome.message:
+        extra["message"] = outcome.message
+    ctx.journal.step(step.id, outcome.status, **extra)
+    ctx.display.step_finished(step, outcome.status, outcome.message)
+    return outcome
+
+
+def _execute(ctx: Context, step: StepSpec) -> Outcome:
+    if step.kind == "power":
+        return _cap(ctx, step)
+    if step.kind == "power-restore":
+        guard = ctx.guards.find(PowerGuard)
+        return guard.restore(step.gpus) if guard else Outcome("skipped", message="no limit was changed")
+    if step.kind == "handoff-stop":
+        start = next((s for s in ctx.plan.steps if s.kind == "handoff-start"), None)
+        ctx.guards.push(HandoffGuard(start, ctx.run.log("handoff-start"), lambda: _replaced(ctx, start)))
+        sp.run(step.argv, log_file=ctx.run.log(step.id))
+        return Outcome("succeeded")
+    if step.background:
+        return _serve(ctx, step)
+    with _telemetry(ctx, step), _progress(ctx, step):
+        ctx.executor.run(step, ctx.io(step))
+    return Outcome("succeeded", _outputs(ctx, step))
+
+
+def _cap(ctx: Context, step: StepSpec) -> Outcome:
+    if not step.gpus:
+        return Outcome("skipped", message="no GPUs on this machine: nothing to cap")
+    from ftkit.gpu import power
+
+    guard = ctx.guards.find(PowerGuard) or ctx.guards.push(PowerGuard(ctx.nvml))
+    guard.indices |= set(step.power_caps_w)  # before the change: a half-done cap is undone too
+    report = power.set_limits(ctx.nvml(), step.power_caps_w, by=ctx.run.path.name)
+    ctx.journal.record("power", {"original_w": {str(k): v for k, v in report.originals.items()},
+                                 "originals_file": str(power.originals_path())})
+    return Outcome("succeeded", {"caps_w": step.power_caps_w, "original_w": report.originals,
+                                 "simulated": bool(ctx.nvml().simulated)})
+
+
+def _replaced(ctx: Context, start: StepSpec | None) -> bool:
+    if start is None or not start.replaced_by:
+        return False
+    handle = ctx.servers.get(start.replaced_by)
+    return handle is not None and handle.alive()
+
+
+def _outputs(ctx: Context, step: StepSpec) -> dict[str, Any]:
+    detail: dict[str, Any] = {"outputs": step.outputs}
+    summary = None
+    if step.kind == "eval":
+        summary = ctx.run.file(step.outputs["summary"])
+    elif step.kind == "train":
+        summary = ctx.run.file(f"steps/{step.id}/train_summary.json")
+    if summary is not None and summary.is_file():
+        try:
+            detail["summary"] = json.loads(summary.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    return detail
+
+
+def _serve(ctx: Context, step: StepSpec) -> Outcome:
+    ready = step.ready or {}
+    port = int(ready.get("port", 0))
+    if port:
+        holder = serving.port_taken(ready.get("host", "127.0.0.1"), port)
+        if holder:
+            raise EngineError(f"port {port} is already taken ({holder}); a stale server from an earlier run? "
+                              "stop it (`ftkit down`) or choose another port")
+    handle = ctx.executor.start(step, ctx.io(step))
+    ctx.servers[step.id] = handle
+    ctx.guards.push(ServerGuard(step, handle, on_left=lambda s, h: _left(ctx, s, h)))
+    seconds = serving.wait_ready(ready, alive=handle.alive, log_tail=handle.tail)
+    if not handle.alive():  # something answered, but not the server we started
+        raise EngineError(f"port {port} answers, but the server this step started is not running\n"
+                          f"--- last log lines ---\n{handle.tail()}")
+    results = serving.run_prompts(ready["base_url"], ready["served_name"], step.prompts)
+    ctx.display.prompts(step, results)
+    from ftkit.files import write_atomic
+
+    write_atomic(ctx.run.file(step.outputs["responses"]), "".join(json.dumps(r) + "\n" for r in results))
+    failed = [r for r in results if not r["passed"]]
+    detail = {"ready_after_s": round(seconds, 2), "prompts": len(results), "passed": len(results) - len(failed),
+              "outputs": step.outputs, **handle.ident}
+    if failed:
+        first = failed[0]
+        why = first["error"] or f"answer {first['answer']!r} does not meet {first['expect']}"
+        return Outcome("failed", detail, f"{len(failed)} of {len(results)} test prompt(s) failed; first: {why}")
+    return Outcome("succeeded", detail)
+
+
+def _left(ctx: Context, step: StepSpec, handle: Any) -> None:
+    where = (step.ready or {}).get("base_url", "")
+    ident = handle.ident
+    what = f"container {ident['container'][:12]}" if "container" in ident else f"pid {ident.get('pid')}"
+    ctx.left_running.append(f"{step.id} ({what}, {where})")
+    if "container" in ident:
+        from ftkit.gateways import docker as dk
+
+        dk.set_restart_policy(ident["container"], "unless-stopped", ctx.plan.docker.get("host"))
+
+
+def _unwind(ctx: Context, succeeded: bool) -> None:
+    def report(guard: Any, outcome: Outcome) -> None:
+        if guard.journal_id and any(s.id == guard.journal_id for s in ctx.plan.steps):
+            sid = guard.journal_id
+            ctx.journal.step(sid, "running")
+            extra = {**outcome.detail, **_log_ref(ctx, ctx.plan.step(sid))}
             if outcome.status == "failed":
-                failed, message = step.id, outcome.message
-                _say(f"[{n}/{total}] {step.id}: FAILED after {took}: {outcome.message}")
-            else:
-                note = f" ({outcome.message})" if outcome.message else ""
-                _say(f"[{n}/{total}] {step.id}: {outcome.status} in {took}{note}")
-    except (KeyboardInterrupt, Stopped) as e:
-        failed = failed or "interrupted"
-        message = "stopped by " + ("SIGTERM" if isinstance(e, Stopped) else "Ctrl-C")
-        _say(f"ftkit: {message}; restoring the machine before exit")
+                extra["error"] = outcome.message
+            elif outcome.message:
+                extra["message"] = outcome.message
+            ctx.journal.step(sid, outcome.status, **extra)
+            ctx.display.note(f"{sid}: {outcome.status}" + (f" ({outcome.message})" if outcome.message else ""))
+        elif isinstance(guard, ServerGuard):
+            ctx.journal.step_detail(guard.step.id, **({"left_running": True} if guard.left else {"stopped": True}))
+            if outcome.status == "failed":
+                ctx.display.note(f"stopping {guard.step.id} failed: {outcome.message}")
+        elif outcome.status == "failed":
+            ctx.display.note(f"{guard.label}: {outcome.message}")
+
+    ctx.guards.unwind(succeeded, report)
+
+
+# --------------------------------------------------------------------------- around steps
+
+
+def _prepare_images(ctx: Context) -> None:
+    """Every image the plan runs is here (or built) before any step changes the machine."""
+    seen: set[str] = set()
+    for step in ctx.plan.steps:
+        if step.executor == "docker" and step.image and step.image not in seen:
+            seen.add(step.image)
+            ctx.executor.ensure_image(step, StepIO(log=ctx.run.log("images"), on_line=ctx.display.note))  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _telemetry(ctx: Context, step: StepSpec) -> Iterator[None]:
+    """GPU and host telemetry beside every step that uses a GPU (telemetry.csv)."""
+    if not step.gpus or not ctx.plan.telemetry.get("enabled", True):
+        yield
+        return
+    try:
+        from ftkit.gpu.nvml import open_nvml
+        from ftkit.gpu.telemetry import Sampler
+    except ImportError:
+        yield
+        return
+    sampler = Sampler(open_nvml, step.gpus, ctx.run.file("telemetry.csv"), step=step.id,
+                      interval_s=float(ctx.plan.telemetry.get("interval_s", 1.0)), run_dir=ctx.run.path)
+    sampler.start()
+    try:
+        yield
     finally:
-        left = stop_servers(ctx, keep=failed is None)
-        for n, step in enumerate(plan.steps, 1):
-            if not step.always:
-                continue
-            journal.step(step.id, "running")
+        sampler.stop()
+
+
+def _progress(ctx: Context, step: StepSpec) -> Any:
+    """Training progress for the display, read from the step's metrics.jsonl as it grows."""
+    if step.kind != "train" or "metrics" not in step.outputs:
+        return nullcontext()
+    return _MetricsWatcher(ctx, step)
+
+
+class _MetricsWatcher:
+    def __init__(self, ctx: Context, step: StepSpec) -> None:
+        self.ctx, self.step = ctx, step
+        self.path = ctx.run.file(step.outputs["metrics"])
+        self.total = _max_steps(step)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name=f"progress-{step.id}")
+
+    def __enter__(self) -> _MetricsWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def _watch(self) -> None:
+        offset, last = 0, None
+        while not self._stop.wait(1.0):
             try:
-                outcome = execute(step, ctx)
-                journal.step(step.id, outcome.status, **outcome.detail)
-                _say(f"[{n}/{total}] {step.id}: {outcome.status}" + (f" ({outcome.message})" if outcome.message else ""))
-            except (FtkitError, OSError) as e:
-                journal.step(step.id, "failed", error=describe_failure(e))
-                _say(f"[{n}/{total}] {step.id}: FAILED: {describe_failure(e)}")
-                if not failed:
-                    failed, message = step.id, describe_failure(e)
-        status = "succeeded" if failed is None else "failed"
-        journal.finish(status, failed_step=failed, message=message or None, left_running=left)
-        if ctx.nvml is not None:
-            ctx.nvml.close()
-        if os.name == "posix":
-            signal.signal(signal.SIGTERM, old_term)
-    return RunResult(run.path, status, failed, message, left)
+                with open(self.path, encoding="utf-8") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+                    offset = fh.tell()
+            except OSError:
+                continue
+            for line in chunk.splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "loss" in row:
+                    last = row
+            if last is not None:
+                p = Progress(step=int(last.get("step", 0)), total=self.total, loss=last.get("loss"),
+                             tokens_per_s=last.get("tokens_per_s"), epoch=last.get("epoch"))
+                t = last.get("time_s")
+                if self.total and p.step and t:
+                    p.eta_s = max(self.total - p.step, 0) * float(t) / p.step
+                self.ctx.display.progress(self.step, p)
+
+
+def _max_steps(step: StepSpec) -> int | None:
+    for f in step.files:
+        if f.path.startswith("configs/train-"):
+            try:
+                value = json.loads(f.content).get("train", {}).get("max_steps")
+                return int(value) if value else None
+            except (json.JSONDecodeError, TypeError, ValueError):
+                return None
+    return None
+
+
+def _internal_error(ctx: Context, err: BaseException) -> None:
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    with open(ctx.run.log("ftkit"), "a", encoding="utf-8") as fh:
+        fh.write(f"{iso_now()} internal error\n{text}\n")
+    ctx.display.note(f"internal error (traceback in {ctx.run.log('ftkit')}): {describe_failure(err)}")

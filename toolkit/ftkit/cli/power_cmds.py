@@ -1,0 +1,116 @@
+"""`ftkit power show|set|restore`: GPU power limits by hand, with the same memory of the
+originals that `ftkit up` keeps (a machine-wide record written before any change)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ftkit.errors import GpuError, UserError
+
+
+def _nvml():  # type: ignore[no-untyped-def]
+    from ftkit.gpu.nvml import open_nvml
+
+    nv = open_nvml()
+    if nv is None:
+        raise GpuError("NVML is not available (no NVIDIA driver on this machine)")
+    return nv
+
+
+def _gpus(text: str | None) -> list[int] | None:
+    if text is None or text == "all":
+        return None
+    try:
+        out = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--gpus {text!r}: give GPU indices like 0,1 (or all)") from None
+    if not out or min(out) < 0:
+        raise UserError(f"--gpus {text!r}: give GPU indices like 0,1 (or all)")
+    return out
+
+
+@click.group()
+def power() -> None:
+    """GPU power limits: show them, cap them, restore the originals."""
+
+
+@power.command()
+@click.option("--json", "as_json", is_flag=True)
+def show(as_json: bool) -> None:
+    """Each GPU's current limit and the original ftkit recorded before changing it."""
+    from ftkit.gpu import power as pw
+
+    nv = _nvml()
+    try:
+        rows = pw.show(nv)
+    finally:
+        nv.close()
+    if as_json:
+        click.echo(json.dumps({"originals_file": str(pw.originals_path()), "gpus": rows}, indent=2))
+        return
+    sim = " (SIMULATED GPUs)" if rows and rows[0]["simulated"] else ""
+    click.echo(f"power limits{sim}; originals recorded in {pw.originals_path()}")
+    for r in rows:
+        orig = f"original {r['original_w']:g} W (recorded {r['recorded']} by {r['by']})" if r["original_w"] is not None \
+            else "not changed by ftkit"
+        rng = f", allowed {r['min_w']:g}-{r['max_w']:g} W" if r["min_w"] and r["max_w"] else ""
+        click.echo(f"  GPU {r['index']} {r['name']}: {r['limit_w']:g} W now; {orig}; default {r['default_w']}{rng}")
+
+
+@power.command(name="set")
+@click.option("--gpus", default="all", show_default=True, help="GPU indices, e.g. 0,1")
+@click.option("--watts", type=click.IntRange(1, 5000), required=True)
+@click.option("--dry-run", is_flag=True)
+def set_cmd(gpus: str, watts: int, dry_run: bool) -> None:
+    """Cap GPUs at WATTS (recording each GPU's original limit first). Needs root on a real GPU."""
+    from ftkit.gpu import power as pw
+
+    nv = _nvml()
+    try:
+        indices = _gpus(gpus) or [g.index for g in nv.inventory()]
+        for g in nv.inventory():
+            if g.index in indices and g.power_min_w and g.power_max_w and not g.power_min_w <= watts <= g.power_max_w:
+                raise UserError(f"{watts} W is outside GPU {g.index}'s allowed range {g.power_min_w:g}-{g.power_max_w:g} W")
+        if dry_run:
+            click.echo(f"would record the current limits of GPU(s) {indices} in {pw.originals_path()} and set "
+                       f"{watts} W")
+            return
+        report = pw.set_limits(nv, {i: watts for i in indices}, by="ftkit power set")
+    finally:
+        nv.close()
+    click.echo(f"set {report.summary()}; originals recorded in {pw.originals_path()}")
+
+
+@power.command()
+@click.option("--gpus", default="all", show_default=True, help="GPU indices, e.g. 0,1")
+@click.option("--dry-run", is_flag=True)
+def restore(gpus: str, dry_run: bool) -> None:
+    """Put GPUs back at the limits recorded before ftkit first changed them, each on its
+    own (one failure does not stop the others; exit 1 when any failed)."""
+    from ftkit.gpu import power as pw
+
+    recorded = pw.read_originals()
+    if not recorded:
+        click.echo("nothing to restore: no GPU limit was changed by ftkit")
+        return
+    if dry_run:
+        for key, rec in sorted(recorded.items()):
+            click.echo(f"would restore GPU {rec.get('index')} {rec.get('name')} ({key}) to {rec['original_w']:g} W")
+        return
+    nv = _nvml()
+    try:
+        report = pw.restore(nv, _gpus(gpus))
+    finally:
+        nv.close()
+    for idx, watts in sorted(report.changed.items()):
+        click.echo(f"GPU {idx}: restored to {watts:g} W")
+    for idx, why in sorted(report.failed.items()):
+        click.echo(f"GPU {idx}: FAILED: {why}", err=True)
+    if report.failed:
+        raise GpuError(f"{len(report.failed)} GPU(s) could not be restored; the record keeps their originals, "
+                       "run `ftkit power restore` again")
+
+
+COMMANDS = [power]

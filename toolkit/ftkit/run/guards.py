@@ -1,0 +1,130 @@
+"""Guards: what a run changed on the machine, undone in reverse order whatever happens.
+
+Each step that changes the machine pushes a guard as it starts - a power cap (restore the
+originals), stopping the serving service (start it again), a server (stop it, unless the
+recipe keeps it running after a successful run). At the end of the run, on success,
+failure, Ctrl-C or SIGTERM, the stack unwinds: every guard runs even when one before it
+failed, and each failure is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftkit.errors import FtkitError
+from ftkit.gateways import subprocess as sp
+from ftkit.plan.spec import StepSpec
+from ftkit.run.executors.base import Handle, Outcome
+
+
+def describe_failure(err: BaseException) -> str:
+    if isinstance(err, FtkitError):
+        return err.render()
+    return f"{err.__class__.__name__}: {err}"
+
+
+class Guard:
+    """Something to undo. `journal_id` is the plan's always-step this unwinding is recorded
+    under (power-restore-final, handoff-start), None when it belongs to its own step."""
+
+    journal_id: str | None = None
+    label: str = "guard"
+
+    def unwind(self, succeeded: bool) -> Outcome:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class PowerGuard(Guard):
+    """The GPUs this run capped go back to the limits recorded before the first change."""
+
+    journal_id = "power-restore-final"
+    label = "power limits"
+
+    def __init__(self, nvml: Callable[[], Any]) -> None:
+        self.nvml = nvml
+        self.indices: set[int] = set()
+
+    def restore(self, indices: list[int] | None = None) -> Outcome:
+        from ftkit.gpu import power
+
+        which = sorted(self.indices if indices is None else set(indices) & self.indices)
+        if not which:
+            return Outcome("skipped", message="no limit was changed")
+        report = power.restore(self.nvml(), which)
+        self.indices -= set(report.changed)
+        detail = {"restored_w": report.changed, "failed": report.failed}
+        if report.failed:
+            return Outcome("failed", detail, "could not restore " + "; ".join(
+                f"GPU {i}: {why}" for i, why in sorted(report.failed.items())) + " (retry: ftkit power restore)")
+        return Outcome("succeeded", detail)
+
+    def unwind(self, succeeded: bool) -> Outcome:
+        return self.restore()
+
+
+class HandoffGuard(Guard):
+    """The serving service stopped for training is started again."""
+
+    journal_id = "handoff-start"
+    label = "serving service"
+
+    def __init__(self, start: StepSpec | None, log: Any, replaced: Callable[[], bool]) -> None:
+        self.start = start
+        self.log = log
+        self.replaced = replaced
+
+    def unwind(self, succeeded: bool) -> Outcome:
+        if self.start is None:
+            return Outcome("skipped", message="the plan does not start the service again")
+        if succeeded and self.replaced():
+            return Outcome("skipped", message=f"{self.start.replaced_by} serves on these GPUs now")
+        sp.run(self.start.argv, log_file=self.log)
+        return Outcome("succeeded", {"argv": self.start.argv})
+
+
+@dataclass
+class ServerGuard(Guard):
+    """A server this run started: stopped at the end, unless the run succeeded and the
+    recipe keeps it running."""
+
+    step: StepSpec
+    handle: Handle
+    on_left: Callable[[StepSpec, Handle], None] = lambda s, h: None
+    left: bool = field(default=False, init=False)
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"server {self.step.id}"
+
+    def unwind(self, succeeded: bool) -> Outcome:
+        if succeeded and self.step.keep_running and self.handle.alive():
+            self.left = True
+            self.on_left(self.step, self.handle)
+            return Outcome("skipped", {"left_running": self.handle.ident}, "left running")
+        code = self.handle.stop()
+        return Outcome("succeeded", {"stopped": True, "exit_code": code})
+
+
+class GuardStack:
+    def __init__(self) -> None:
+        self.guards: list[Guard] = []
+
+    def push(self, guard: Guard) -> Guard:
+        self.guards.append(guard)
+        return guard
+
+    def find(self, kind: type) -> Any:
+        return next((g for g in self.guards if isinstance(g, kind)), None)
+
+    def unwind(self, succeeded: bool, report: Callable[[Guard, Outcome], None]) -> None:
+        """Undo everything in reverse order. Nothing stops the unwinding: each guard's
+        failure becomes an Outcome and the next guard runs."""
+        while self.guards:
+            guard = self.guards.pop()
+            try:
+                outcome = guard.unwind(succeeded)
+            except BaseException as e:  # noqa: BLE001 - a guard must never stop the others
+                outcome = Outcome("failed", message=f"{guard.label}: {describe_failure(e)}")
+            report(guard, outcome)

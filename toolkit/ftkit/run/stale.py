@@ -1,0 +1,174 @@
+"""Runs whose ftkit died, and what they left behind.
+
+A run is stale when its journal says running but the ftkit process it names (pid plus the
+kernel's start time, on this host) is gone - killed with SIGKILL, the machine rebooted.
+Local children died with it (parent-death signal); containers and servers meant to keep
+running did not. `clean()` stops them by the run's label and recorded pids, puts the
+machine back (power limits from the machine-wide record, the serving service started
+again when the run had stopped it) and closes the journal truthfully.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftkit.files import read_json
+from ftkit.run.rundir import DONE, Journal, RunDir, is_alive
+
+
+def runs_in(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if (p / "state.json").is_file()), key=lambda p: p.name)
+
+
+def state_of(run: Path) -> dict[str, Any]:
+    try:
+        return dict(read_json(run / "state.json"))
+    except (OSError, ValueError):
+        return {}
+
+
+def is_stale(run: Path) -> bool:
+    st = state_of(run)
+    if st.get("status") != "running":
+        return False
+    import socket
+
+    if st.get("host") not in (None, socket.gethostname()):
+        return False
+    return not is_alive(st.get("pid"), st.get("pid_start"))
+
+
+@dataclass
+class CleanReport:
+    containers: list[str] = field(default_factory=list)
+    processes: list[int] = field(default_factory=list)
+    power: str = ""
+    service: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"removed container {c}" for c in self.containers]
+        out += [f"stopped process {p}" for p in self.processes]
+        if self.power:
+            out.append(f"power: {self.power}")
+        if self.service:
+            out.append(f"serving service: {self.service}")
+        out += [f"problem: {p}" for p in self.problems]
+        return out or ["nothing was left running"]
+
+
+def _kill_group(pid: int, start: int | None, grace_s: float = 10.0) -> bool:
+    """SIGTERM the process group led by pid (only if pid is still the process recorded),
+    SIGKILL after the grace period."""
+    if not is_alive(pid, start):
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            os.kill(pid, sig)
+        t_end = time.monotonic() + grace_s
+        while time.monotonic() < t_end:
+            if not is_alive(pid, start):
+                return True
+            time.sleep(0.1)
+    return True
+
+
+def stop_leftovers(run: Path, plan: dict[str, Any] | None = None, *, docker_host: str | None = None,
+                   report: CleanReport | None = None) -> CleanReport:
+    """Containers labelled with this run and recorded processes that are still alive."""
+    report = report or CleanReport()
+    st = state_of(run)
+    for entry in (st.get("steps") or {}).values():
+        proc = entry.get("process") or {}
+        if "pid" in proc and _kill_group(int(proc["pid"]), proc.get("pid_start")):
+            report.processes.append(int(proc["pid"]))
+    if plan is not None and plan.get("executor") != "docker" and not any(
+            s.get("executor") == "docker" for s in plan.get("steps", [])):
+        return report
+    try:
+        from ftkit.gateways import docker as dk
+
+        if not dk.reachable(docker_host):
+            return report
+        for c in dk.containers_with_label(f"dev.ftkit.run={run.name}", docker_host):
+            dk.stop_container(c["Id"], 10, docker_host)
+            dk.remove_container(c["Id"], docker_host)
+            report.containers.append(c["Id"][:12])
+    except Exception as e:  # noqa: BLE001 - report, go on with the rest of the clean-up
+        report.problems.append(f"containers: {e}")
+    return report
+
+
+def clean(run: Path, *, say: Callable[[str], None] = lambda m: None, restore_machine: bool = True) -> CleanReport:
+    """Stop what a stale (or finished) run left running; for a stale run also put the machine
+    back and close its journal."""
+    plan = None
+    try:
+        plan = read_json(run / "plan.json")
+    except (OSError, ValueError):
+        pass
+    docker_host = (plan or {}).get("docker", {}).get("host")
+    report = stop_leftovers(run, plan, docker_host=docker_host)
+    stale = is_stale(run)
+    if stale and restore_machine and plan is not None:
+        _restore_machine(run, plan, report)
+    if stale:
+        journal = Journal.__new__(Journal)  # load without claiming: this ftkit does not drive the run
+        journal.path = run / "state.json"
+        journal.state = state_of(run)
+        for entry in journal.state.get("steps", {}).values():
+            if entry.get("status") == "running":
+                entry["status"] = "interrupted"
+                entry["reason"] = "ftkit died while this step ran"
+        journal.finish("failed", message=(journal.state.get("message") or "ftkit died (the run went stale)"),
+                       cleaned=True)
+    for line in report.lines():
+        say(line)
+    return report
+
+
+def _restore_machine(run: Path, plan: dict[str, Any], report: CleanReport) -> None:
+    steps = plan.get("steps", [])
+    capped = sorted({int(g) for s in steps if s.get("kind") == "power" for g in (s.get("power_caps_w") or {})})
+    if capped:
+        try:
+            from ftkit.gpu import power
+            from ftkit.gpu.nvml import open_nvml
+
+            nv = open_nvml()
+            if nv is None:
+                report.problems.append("power: NVML is not available to restore the limits")
+            else:
+                try:
+                    r = power.restore(nv, capped)
+                    report.power = r.summary()
+                    if r.failed:
+                        report.problems.append("power: " + "; ".join(f"GPU {i}: {w}" for i, w in r.failed.items()))
+                finally:
+                    nv.close()
+        except Exception as e:  # noqa: BLE001
+            report.problems.append(f"power: {e}")
+    st = state_of(run)
+    stopped = (st.get("steps", {}).get("handoff-stop") or {}).get("status") == "succeeded"
+    restarted = (st.get("steps", {}).get("handoff-start") or {}).get("status") in DONE
+    start = next((s for s in steps if s.get("kind") == "handoff-start"), None)
+    if stopped and not restarted and start:
+        from ftkit.gateways import subprocess as sp
+
+        try:
+            sp.run(start["argv"], log_file=RunDir(run).log("handoff-start"))
+            report.service = "started again: " + " ".join(start["argv"])
+        except Exception as e:  # noqa: BLE001
+            report.problems.append(f"serving service: {e}")
