@@ -81,4 +81,27 @@ def doctor(machine_path: str | None, recipes: tuple[str, ...], runs_dir: Path | 
         sys.exit(1)
 
 
-COMMANDS = [doctor]
+@click.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where to write the report (default: RUN/report/, or RUN/report-vs-RUN2/ for two runs)")
+def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
+    """Report on a run (or compare two): a self-contained HTML page, a Markdown summary and
+    PNG plots of loss, throughput, GPU power against its cap, temperature, utilization, checkpoint
+    save times and disk growth, with the outcome, environment and evaluation. Two runs get a
+    fairness check (data slice, steps, global batch, checkpoint policy). Needs matplotlib
+    (pip install 'ftkit[observe]')."""
+    from ftkit.observe.report import make_report
+
+    if len(runs) > 2:
+        raise click.UsageError("give one run directory, or two to compare")
+    result = make_report(list(runs), out_dir)
+    click.echo(f"report: {result.html}")
+    click.echo(f"summary: {result.markdown}")
+    click.echo(f"plots: {', '.join(f.file for f in result.figures) or 'none (no metrics or telemetry)'}")
+    if len(runs) == 2 and not result.fair:
+        unfair = ", ".join(f.field for f in result.fairness if not f.expected)
+        click.echo(f"warning: the runs are not a fair comparison: they differ in {unfair}", err=True)
+
+
+COMMANDS = [doctor, report]

@@ -1,0 +1,308 @@
+"""A run directory read back as numbers: what `report` plots and `bench` decides from.
+
+Everything here tolerates a run that died half way: a missing or torn file is a note in
+`problems`, never an exception (a report of a failed run is the one most needed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftkit.errors import UserError
+
+THROTTLE_FLAGS = ("hw_slowdown", "hw_power_brake", "sw_power_cap", "sw_thermal_slowdown", "hw_thermal_slowdown")
+BUSY_UTIL = 50.0
+
+
+def _iso(s: Any) -> float | None:
+    if not isinstance(s, str) or not s:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.timestamp()
+
+
+def num(v: Any) -> float | None:
+    """A telemetry or metrics value as a float; None for empty, missing or not a number."""
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f == f and f not in (float("inf"), float("-inf")) else None
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    seconds: float | None
+    mib: float
+    approximate: bool
+
+
+@dataclass
+class RunData:
+    path: Path
+    state: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # train step -> rows
+    train_summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval step -> summary.json
+    telemetry: list[dict[str, str]] = field(default_factory=list)
+    checkpoints: dict[str, list[Checkpoint]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def status(self) -> str:
+        return str(self.state.get("status") or "unknown")
+
+    @property
+    def started(self) -> float | None:
+        return _iso(self.state.get("started"))
+
+    @property
+    def finished(self) -> float | None:
+        return _iso(self.state.get("finished"))
+
+    @property
+    def simulated(self) -> bool:
+        """True when any GPU figure in this run is synthetic (the simulated NVML backend)."""
+        return any(r.get("source") == "simulated" for r in self.telemetry) or bool(self.plan.get("simulated_gpus"))
+
+    def t0(self) -> float | None:
+        """The run's time zero for plots: its start, else its first telemetry row."""
+        if self.started is not None:
+            return self.started
+        walls = [num(r.get("wall_time")) for r in self.telemetry]
+        walls = [w for w in walls if w is not None]
+        return min(walls) if walls else None
+
+    def step_spans(self) -> list[tuple[str, float, float | None, str]]:
+        """(step id, start, end, status) in unix seconds, in run order, for steps that ran."""
+        out = []
+        steps = self.state.get("steps") or {}
+        for sid in self.state.get("order") or list(steps):
+            e = steps.get(sid) or {}
+            start = _iso(e.get("started"))
+            if start is not None:
+                out.append((sid, start, _iso(e.get("finished")), str(e.get("status"))))
+        return out
+
+    def train_steps(self) -> list[dict[str, Any]]:
+        """The resolved recipe's train steps (the settings a fair comparison must hold equal)."""
+        return [s for s in self.recipe.get("steps") or [] if s.get("type") == "train"]
+
+
+def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        problems.append(f"{path.name}: unreadable ({e})")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        problems.append(f"{path}: unreadable ({e})")
+        return rows
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            # the last line of a run killed mid-write is expected to be torn
+            if n != len(lines):
+                problems.append(f"{path.name} line {n}: not JSON")
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _checkpoints(root: Path, metrics: list[dict[str, Any]]) -> list[Checkpoint]:
+    """Checkpoint save times: `checkpoint_s` from metrics.jsonl where the engine records it,
+    else from file times (the manifest is written right after the save returns; the
+    earliest file marks the save's first write: a lower bound)."""
+    from ftkit.gpu.telemetry import dir_size_mib
+
+    recorded = {int(r["step"]): num(r.get("checkpoint_s")) for r in metrics if "checkpoint_s" in r and "step" in r}
+    out = []
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir()):
+        if not (d.is_dir() and d.name.startswith("checkpoint-") and d.name[11:].isdigit()):
+            continue
+        step = int(d.name[11:])
+        marker = d / "ftkit-complete.json"
+        seconds: float | None = recorded.get(step)
+        approx = False
+        if seconds is None and marker.is_file():
+            try:
+                times = [p.stat().st_mtime for p in d.rglob("*") if p.is_file() and p.name != marker.name]
+                if times:
+                    seconds, approx = round(max(0.0, marker.stat().st_mtime - min(times)), 3), True
+            except OSError:
+                pass
+        out.append(Checkpoint(step, seconds, dir_size_mib(d), approx))
+    return sorted(out, key=lambda c: c.step)
+
+
+def load_run(path: Path) -> RunData:
+    """Read a run directory. Raises UserError only when `path` is not a run directory."""
+    path = Path(path)
+    if not path.is_dir() or not ((path / "state.json").is_file() or (path / "plan.json").is_file()):
+        raise UserError(f"{path}: not a run directory (no state.json or plan.json)",
+                        hint="give a directory `ftkit up` made, e.g. runs/20260101T120000Z-quickstart")
+    rd = RunData(path)
+    rd.state = _read_json(path / "state.json", rd.problems)
+    rd.plan = _read_json(path / "plan.json", rd.problems)
+    rd.env = _read_json(path / "env.json", rd.problems)
+    try:
+        import yaml
+
+        data = yaml.safe_load((path / "recipe.resolved.yaml").read_text(encoding="utf-8"))
+        rd.recipe = data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        pass
+    except (OSError, yaml.YAMLError) as e:
+        rd.problems.append(f"recipe.resolved.yaml: unreadable ({e})")
+    steps = [s for s in rd.plan.get("steps") or [] if isinstance(s, dict)]
+    trains = [s for s in steps if s.get("kind") == "train"]
+    if not trains and not steps:  # no plan: look for the files themselves
+        trains = [{"id": p.parent.name, "outputs": {"metrics": str(p.relative_to(path))}}
+                  for p in sorted(path.glob("steps/*/metrics.jsonl"))]
+    for s in trains:
+        sid = str(s.get("id"))
+        outputs = s.get("outputs") or {}
+        mpath = path / outputs.get("metrics", f"steps/{sid}/metrics.jsonl")
+        rd.metrics[sid] = _read_jsonl(mpath, rd.problems) if mpath.is_file() else []
+        rd.train_summaries[sid] = _read_json(path / "steps" / sid / "train_summary.json", rd.problems)
+        rd.checkpoints[sid] = _checkpoints(path / "steps" / sid / "checkpoints", rd.metrics[sid])
+    for s in steps:
+        if s.get("kind") == "eval":
+            sid = str(s.get("id"))
+            summary = path / (s.get("outputs") or {}).get("summary", f"steps/{sid}/summary.json")
+            data = _read_json(summary, rd.problems)
+            if data:
+                rd.evals[sid] = data
+    if not steps:
+        for p in sorted(path.glob("steps/*/summary.json")):
+            rd.evals[p.parent.name] = _read_json(p, rd.problems)
+    from ftkit.gpu.telemetry import read_csv
+
+    try:
+        rd.telemetry = read_csv(path / "telemetry.csv")
+    except (OSError, ValueError) as e:
+        rd.problems.append(f"telemetry.csv: unreadable ({e})")
+    return rd
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def throughput(rd: RunData, step_id: str) -> dict[str, Any]:
+    """Training speed of one train step: overall (the trainer's runtime, checkpoint saves
+    included) and steady (median of the logged intervals after the first, which holds the
+    warm-up)."""
+    rows = rd.metrics.get(step_id) or []
+    final = next((r for r in reversed(rows) if "train_runtime" in r), None)
+    logged = [r for r in rows if "samples_per_s" in r]
+    steps_done = max((int(r.get("step", 0)) for r in rows), default=0)
+    out: dict[str, Any] = {"steps": steps_done, "train_runtime_s": None, "samples_per_s": None, "tokens_per_s": None,
+                           "steady_samples_per_s": None, "steady_tokens_per_s": None, "num_tokens": None}
+    if final is not None:
+        rt = num(final.get("train_runtime"))
+        out["train_runtime_s"] = rt
+        out["samples_per_s"] = num(final.get("train_samples_per_second"))
+        tokens = max((num(r.get("num_tokens")) or 0 for r in rows), default=0) or None
+        out["num_tokens"] = tokens
+        if rt and tokens:
+            out["tokens_per_s"] = round(tokens / rt, 1)
+    steady = logged[1:] if len(logged) > 1 else logged
+    s = [num(r.get("samples_per_s")) for r in steady]
+    t = [num(r.get("tokens_per_s")) for r in steady]
+    s = [x for x in s if x]
+    t = [x for x in t if x]
+    if s:
+        out["steady_samples_per_s"] = round(statistics.median(s), 3)
+    if t:
+        out["steady_tokens_per_s"] = round(statistics.median(t), 1)
+    step = (rd.state.get("steps") or {}).get(step_id) or {}
+    out["step_seconds"] = num(step.get("seconds"))
+    return out
+
+
+def telemetry_rows(rd: RunData, step_id: str | None = None) -> list[dict[str, str]]:
+    return [r for r in rd.telemetry if step_id is None or r.get("step") == step_id]
+
+
+def gpu_summary(rows: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Per GPU: samples, source, mean and peak utilization, peak temperature and power, the
+    enforced limit, how often each throttle reason was set, the PCIe link while busy, XIDs."""
+    out: dict[str, dict[str, Any]] = {}
+    by: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        if r.get("gpu", "") != "":
+            by.setdefault(r["gpu"], []).append(r)
+    for gpu, rs in sorted(by.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
+        def vals(key: str, rows: list[dict[str, str]] = rs) -> list[float]:
+            return [v for v in (num(r.get(key)) for r in rows) if v is not None]
+
+        util, temp, power, limit = vals("gpu_util"), vals("gpu_temp_c"), vals("power_usage_w"), vals("enforced_power_limit_w")
+        busy = [r for r in rs if (num(r.get("gpu_util")) or 0) >= BUSY_UTIL]
+        widths = vals("pcie_link_width", busy)
+        xids = sorted({x for r in rs for x in (r.get("xid_errors") or "").split(";") if x})
+        flags = {}
+        for f in THROTTLE_FLAGS:
+            known = [num(r.get(f)) for r in rs if num(r.get(f)) is not None]
+            flags[f] = round(sum(1 for v in known if v) / len(known), 3) if known else None
+        out[gpu] = {
+            "samples": len(rs), "source": rs[0].get("source") or "", "name": rs[0].get("gpu_name") or "",
+            "util_mean": round(statistics.fmean(util), 1) if util else None,
+            "util_max": max(util) if util else None,
+            "temp_max_c": max(temp) if temp else None,
+            "power_max_w": max(power) if power else None,
+            "power_mean_w": round(statistics.fmean(power), 1) if power else None,
+            "limit_w": min(limit) if limit else None,
+            "throttle_fraction": flags,
+            "pcie_width_busy_min": min(widths) if widths else None,
+            "pcie_max_width": max(vals("pcie_max_link_width")) if vals("pcie_max_link_width") else None,
+            "xids": xids,
+        }
+    return out
+
+
+def host_summary(rows: list[dict[str, str]]) -> dict[str, Any]:
+    cpu = [v for v in (num(r.get("cpu_percent")) for r in rows) if v is not None]
+    ram = [v for v in (num(r.get("ram_used_mib")) for r in rows) if v is not None]
+    disk = [v for v in (num(r.get("run_dir_mib")) for r in rows) if v is not None]
+    return {"cpu_mean": round(statistics.fmean(cpu), 1) if cpu else None, "ram_max_mib": max(ram) if ram else None,
+            "run_dir_start_mib": disk[0] if disk else None, "run_dir_end_mib": disk[-1] if disk else None}
+
+
+def global_batch(train: dict[str, Any]) -> int:
+    world = max(1, len(train.get("gpus") or []))
+    return int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1)) * world
