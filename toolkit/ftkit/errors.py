@@ -112,3 +112,18 @@ class ServerNotReady(EngineError):
 
 class HttpError(FtkitError):
     """An HTTP request to a model server failed."""
+
+
+class LeaseBusy(FtkitError):
+    """`ftkit lease`: the GPUs are held by someone else (--no-wait) or --timeout ran out.
+    75 is sysexits' EX_TEMPFAIL: nothing ran, try again later."""
+
+    exit_code = 75
+
+
+class LeaseRefused(FtkitError):
+    """`ftkit lease` holds the GPUs but a backstop refuses to start the command: a process
+    outside the lease holds GPU memory, or an enforced power limit is above the cap.
+    78 is sysexits' EX_CONFIG: the machine is not in the state the command needs."""
+
+    exit_code = 78

@@ -1,0 +1,67 @@
+"""Where the lease directory is. Every participant on a machine - `ftkit up` on the host,
+`ftkit lease` in each container (bind-mounted at /ftkit/lease) - must agree on it, since
+the lease is nothing but flocks on the files in it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ftkit.errors import UserError
+
+ENV = "FTKIT_LEASE_DIR"
+SYSTEM_DIR = Path("/run/lock/ftkit")
+CONTAINER_DIR = Path("/ftkit/lease")
+
+
+def _user_dir() -> Path:
+    return Path.home() / ".cache" / "ftkit" / "lease"
+
+
+def _system_dir_usable(path: Path = SYSTEM_DIR) -> bool:
+    if path.is_dir():
+        return os.access(path, os.W_OK | os.X_OK)
+    parent = path.parent
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+
+
+def default_lease_dir(machine_paths_lease: str | None = None) -> Path:
+    """FTKIT_LEASE_DIR, else the machine profile's `paths.lease`, else /run/lock/ftkit where
+    it exists writable or can be created, else ~/.cache/ftkit/lease. Creates nothing."""
+    env = os.environ.get(ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    if machine_paths_lease:
+        return Path(machine_paths_lease).expanduser()
+    if _system_dir_usable():
+        return SYSTEM_DIR
+    return _user_dir()
+
+
+def ensure_lease_dir(path: Path) -> Path:
+    """Create the directory (and `parties/`) if needed and check we can write there.
+
+    The system directory is made world-writable with the sticky bit, like /run/lock itself:
+    several users' leases meet there and nobody can delete another's files."""
+    try:
+        created = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        if created and path == SYSTEM_DIR:
+            os.chmod(path, 0o1777)
+        parties = path / "parties"
+        if not parties.exists():
+            parties.mkdir(exist_ok=True)
+            try:
+                os.chmod(parties, 0o1777)
+            except PermissionError:
+                pass
+    except OSError as e:
+        raise UserError(f"lease directory {path}: cannot create it: {e.strerror or e}",
+                        hint=f"set {ENV} or the machine profile's paths.lease to a writable directory") from e
+    if not path.is_dir():
+        raise UserError(f"lease directory {path}: not a directory")
+    for d in (path, path / "parties"):
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise UserError(f"lease directory {d}: not writable by this user (uid {os.getuid()})",
+                            hint="every user and container that takes GPU leases must be able to write there")
+    return path
