@@ -170,3 +170,87 @@ def test_cli_dry_run_reports_needs(tmp_path: Path) -> None:
     shutil.rmtree(adapter_dir)
     result = run_cli("merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "-o", str(tmp_path / "m"))
     assert result.code == 2 and "not a LoRA adapter" in result.err
+
+
+# --------------------------------------------------------------------------- NF4 (issue: ~70x a weight's size)
+
+
+def nf4_whole_tensor(w):  # type: ignore[no-untyped-def]
+    """The former implementation, whole tensor at once (16 floats per element): the reference."""
+    flat = w.float().reshape(-1)
+    pad = (-flat.numel()) % 64
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.reshape(-1, 64)
+    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    code = torch.tensor(engine.NF4, dtype=torch.float32)
+    idx = (blocks / absmax).unsqueeze(-1).sub(code).abs().argmin(dim=-1)
+    deq = (code[idx] * absmax).reshape(-1)
+    if pad:
+        deq = deq[:-pad]
+    return deq.reshape(w.shape).to(w.dtype)
+
+
+@pytest.mark.parametrize("shape,dtype", [((37, 33), torch.bfloat16), ((130, 7), torch.float32), ((5, 64), torch.float16),
+                                         ((300, 96), torch.bfloat16)])
+def test_blockwise_nf4_equals_the_whole_tensor_reference(shape, dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from ftkit.engines.safetensors_io import TensorInfo
+
+    monkeypatch.setattr(engine, "NF4_CHUNK", 128)  # many chunks and row blocks, even on small weights
+    monkeypatch.setattr(engine, "ROW_BLOCK_BYTES", 4 * 200)
+    torch.manual_seed(3)
+    w = (torch.randn(shape) * 0.05).to(dtype)
+    expected = nf4_whole_tensor(w)
+    assert torch.equal(engine.nf4_roundtrip(w), expected)
+    code = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}[dtype]
+    info = TensorInfo("model.layers.0.mlp.up_proj.weight", code, list(shape), Path("w"), 0, w.numel() * w.element_size())
+    plan = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True)
+    assert torch.equal(engine.merged_tensor(plan, info, lambda i: w), expected)  # rounded, no LoRA
+    a = TensorInfo("a", "F32", [4, shape[1]], Path("a"), 0, 0)
+    b = TensorInfo("b", "F32", [shape[0], 4], Path("a"), 0, 0)
+    factors = {"a": torch.randn(4, shape[1]) * 0.1, "b": torch.randn(shape[0], 4) * 0.1}
+    plan.loras[info.name] = [engine.LoraPair(a, b, "linear", 2.0)]
+    plan.out_dtype = "F32"
+    ours = engine.merged_tensor(plan, info, lambda i: w if i is info else factors[i.name])
+    reference = expected.float() + 2.0 * (factors["b"] @ factors["a"])
+    assert torch.allclose(ours, reference, atol=1e-6, rtol=0)
+
+
+NF4_MEMORY = """
+import json, resource, torch
+from pathlib import Path
+from ftkit.engines import merge as engine
+from ftkit.engines.safetensors_io import TensorInfo
+def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+w = torch.randn(2048, 2048) * 0.02                      # a 16 MiB fp32 weight
+engine._nf4_fp32(torch.randn(1 << 14)); torch.isfinite(w[:8]).all()  # warm the kernels
+info = TensorInfo("model.layers.0.mlp.up_proj.weight", "F32", [2048, 2048], Path("w"), 0, w.numel() * 4)
+plan = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True)
+before = peak()
+out = engine.merged_tensor(plan, info, lambda i: w)
+print(json.dumps({"growth": peak() - before, "tensor_ram": engine.tensor_ram(plan, info), "weight": w.numel() * 4}))
+"""
+
+
+def test_nf4_merge_memory_is_bounded_and_counted() -> None:
+    """Peak growth stays at about the output plus bounded blocks (the whole-tensor version grew by
+    ~30x the weight), and needs() counts at least what is allocated."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", NF4_MEMORY], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "toolkit")}, check=True)
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert m["growth"] < m["weight"] + 64 * 2**20, m  # output + blocks; was ~30x the weight
+    assert m["tensor_ram"] >= m["weight"] + m["growth"], m  # source as read + what merging it allocated
+
+
+def test_needs_counts_the_nf4_path() -> None:
+    from ftkit.engines.safetensors_io import TensorInfo
+
+    info = TensorInfo("model.layers.0.mlp.up_proj.weight", "BF16", [4096, 4096], Path("w"), 0, 4096 * 4096 * 2)
+    plain = engine.MergePlan(Path("b"), Path("a"), [info])
+    nf4 = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True)
+    assert engine.tensor_ram(nf4, info) > engine.tensor_ram(plain, info) + engine.NF4_CHUNK * 4 * 16

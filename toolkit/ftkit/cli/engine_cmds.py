@@ -10,34 +10,43 @@ import click
 @click.command()
 @click.option("--base", required=True, help="base model: a local directory or a hub id (with --revision)")
 @click.option("--adapter", required=True, type=click.Path(file_okay=False, path_type=str), help="LoRA adapter directory")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="new directory for the merged model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="new directory for the merged model (not inside the base or the adapter)")
 @click.option("--revision", default=None, help="hub commit of the base model")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="store the floating-point weights in this dtype  [default: keep the base's]")
 @click.option("--nf4-dequantized-base", is_flag=True,
               help="QLoRA: merge into the base rounded through NF4, as it was during training")
 @click.option("--max-shard-gb", type=float, default=5.0, show_default=True)
-@click.option("--dry-run", is_flag=True, help="print the RAM and disk the merge needs and what it would do; write nothing")
-def merge(base: str, adapter: str, output: str, revision: str | None, dtype: str, nf4_dequantized_base: bool,
+@click.option("--dry-run", is_flag=True, help="check the inputs, print the RAM and disk the merge needs and what it "
+              "would do; write nothing")
+def merge(base: str, adapter: str, output: str, revision: str | None, dtype: str | None, nf4_dequantized_base: bool,
           max_shard_gb: float, dry_run: bool) -> None:
     """Merge a LoRA adapter into its base model, streaming tensor by tensor.
 
     Peak memory is about the largest tensor, not the model. Writes sharded safetensors with
-    an index, the config and the tokenizer. Refuses when the disk cannot hold the output.
+    an index, the config and the tokenizer, into a hidden directory that is renamed into
+    place when complete. Every input is checked first (headers, shapes, ranks, inf/nan);
+    refuses when the disk cannot hold the output. The base model is only read.
     """
     from pathlib import Path
 
     from ftkit.engines import merge as engine
 
+    engine.check_shard_size(max_shard_gb)
     if dry_run:
         base_dir = engine.resolve_base(base, revision)
+        engine.check_output(Path(output), base_dir, Path(adapter))
         plan = engine.plan_merge(base_dir, Path(adapter), dtype=dtype, nf4_dequantized_base=nf4_dequantized_base,
                                  max_shard_gb=max_shard_gb)
+        engine.check_adapter_values(plan)
         need = engine.needs(plan, Path(output))
         click.echo(json.dumps({
             "base": str(base_dir), "adapter": adapter, "output": output, "tensors": len(plan.tensors),
             "lora_tensors": sorted(plan.loras), "replaced": sorted(plan.replace), "untie_lm_head": plan.untie,
-            "shards": len(engine.shards(plan)), "ram_bytes": need.ram_bytes, "disk_bytes": need.disk_bytes,
-            "disk_free_bytes": need.disk_free,
+            "dtype": plan.dtype_label(), "dtype_from": "base" if dtype is None else "--dtype",
+            "vocab_size": plan.vocab_size, "shards": len(engine.shards(plan)), "ram_bytes": need.ram_bytes,
+            "disk_bytes": need.disk_bytes, "disk_free_bytes": need.disk_free, "warnings": engine.warnings_for(plan),
         }, indent=2))
         return
     summary = engine.merge(base, adapter, output, revision=revision, dtype=dtype,

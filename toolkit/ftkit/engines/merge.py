@@ -5,27 +5,44 @@ merged (in fp32, a block of rows at a time) and written straight into the output
 peak memory is about the largest tensor, not the model. Handles the LoRA scaling (alpha/r,
 rsLoRA alpha/sqrt(r), rank and alpha patterns), fan_in_fan_out (GPT-2 Conv1D) layers,
 adapters on embeddings and lm_head, modules_to_save and resized embeddings saved with the
-adapter, and tied embeddings.
+adapter (the output config's vocab_size follows them), and tied embeddings.
+
+The output keeps the base's dtype unless `dtype` asks for another: an fp32 base stays fp32.
 
 QLoRA: the adapter was trained against 4-bit weights. Merging into the original 16-bit
 weights (the default) gives a model slightly different from what was trained; with
 `nf4_dequantized_base` the base is first rounded through NF4 (as QLoRA saw it), which
 matches training more closely but carries the quantization error into the merged model.
+On the CPU that rounding runs inside the same row blocks as the merge, in bounded chunks,
+so it adds a few tens of MiB, not a multiple of the weight.
+
+Inputs are not trusted: every header, shape, rank and config value is checked before a byte
+is written (exit 2, one line), the adapter's values and every output tensor are checked
+finite, the output appears only by a rename of a complete directory, and a merge that dies
+leaves a locked hidden directory that the next merge to the same place removes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import re
 import shutil
-from collections.abc import Callable
+import signal
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftkit.engines import safetensors_io as st
+from ftkit.engines.safetensors_io import BadModelFile
 from ftkit.errors import EngineError, UserError
 
 PREFIX = "base_model.model."
@@ -33,12 +50,20 @@ COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")  # without one of these there is no tokenizer
 ROW_BLOCK_BYTES = 16 * 2**20  # merge at most this much of a weight (in fp32) at once
+NF4_CHUNK = 1 << 17  # elements quantized at once (a multiple of the NF4 block of 64)
+NF4_BLOCK = 64
+FINITE_CHUNK = 1 << 24  # elements checked for inf/nan at once (a bool each)
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
        0.7229568362236023, 1.0]
 OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
+CONFIG_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+PARTIAL = ".partial-"
+STALE_UNLOCKED_S = 60  # a partial directory without its lock file is stale after this long
 
 
 @dataclass
@@ -58,22 +83,35 @@ class MergePlan:
     replace: dict[str, st.TensorInfo] = field(default_factory=dict)  # base name -> adapter tensor
     fan_in_fan_out: bool = False
     untie: bool = False
-    out_dtype: str = "BF16"
+    out_dtype: str | None = None  # None: every tensor keeps the base's dtype
     nf4_dequantized_base: bool = False
     max_shard_bytes: int = 5 * 10**9
+    config: dict[str, Any] = field(default_factory=dict)  # the base's config.json
+    vocab_size: int | None = None  # set when the adapter resized the embeddings
 
     def out_bytes(self) -> int:
         return sum(math.prod(t.shape) * st.DTYPE_SIZES[self._out_code(t)] for t in self.tensors)
 
     def _out_code(self, t: st.TensorInfo) -> str:
-        return self.out_dtype if t.dtype in ("F32", "F16", "BF16") else t.dtype
+        if self.out_dtype is not None and t.dtype in ("F32", "F16", "BF16"):
+            return self.out_dtype
+        return t.dtype
+
+    def dtype_label(self) -> str:
+        """What the output's floating-point weights are stored as, for people and config.json."""
+        if self.out_dtype is not None:
+            return DTYPE_NAMES[self.out_dtype]
+        codes = {t.dtype for t in self.tensors if t.dtype in st.FLOAT_DTYPES}
+        return DTYPE_NAMES[codes.pop()] if len(codes) == 1 else "mixed"
 
 
 def resolve_base(base: str, revision: str | None) -> Path:
     p = Path(base)
     if p.is_dir():
         return p
-    if re.match(r"^[\w.-]+/[\w.-]+$", base):
+    if os.path.lexists(p):
+        raise UserError(f"base model {base!r}: not a directory")
+    if re.match(r"^[\w.-]+/[\w.-]+$", base) and ".." not in base and not base.startswith((".", "-")):
         from huggingface_hub import snapshot_download
 
         try:
@@ -84,18 +122,53 @@ def resolve_base(base: str, revision: str | None) -> Path:
     raise UserError(f"base model {base!r}: no such directory (and not a hub id)")
 
 
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def base_tensors(base_dir: Path) -> list[st.TensorInfo]:
     index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (base_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+    if os.path.lexists(index):
+        data = st.load_json(index, "the shard index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise BadModelFile(f"{index}: needs a non-empty weight_map of tensor name -> shard file")
+        files: list[str] = []
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+                raise BadModelFile(f"{index}: shard {st._show(shard)} of {st._show(name)} is not a file name "
+                                   "in the base directory")
+            if shard not in files:
+                files.append(shard)
+        for shard in files:
+            path = base_dir / shard
+            if not os.path.lexists(path):
+                raise BadModelFile(f"{index}: shard {shard!r} does not exist")
+            if not _inside(path, base_dir):
+                raise BadModelFile(f"{index}: shard {shard!r} links outside the base directory")
+    elif os.path.lexists(base_dir / "model.safetensors"):
+        files, weight_map = ["model.safetensors"], None
     else:
         raise UserError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (only safetensors can stream)")
     out: list[st.TensorInfo] = []
-    for name in files:
+    seen: dict[str, str] = {}
+    for name in sorted(files):
         infos, _ = st.read_header(base_dir / name)
-        out.extend(infos.values())
+        for info in infos.values():
+            if info.name in seen:
+                raise BadModelFile(f"{base_dir}: tensor {st._show(info.name)} is in both {seen[info.name]} and {name}")
+            seen[info.name] = name
+            out.append(info)
+    if weight_map is not None:
+        for tname, shard in weight_map.items():
+            if seen.get(tname) != shard:
+                raise BadModelFile(f"{index}: the index puts {st._show(tname)} in {shard}, which does not hold it")
+    if not out:
+        raise BadModelFile(f"{base_dir}: the base model holds no tensors")
     return out
 
 
@@ -107,41 +180,107 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str = "bf16", nf4_dequantized_base: bool = False,
-               max_shard_gb: float = 5.0) -> MergePlan:
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """adapter_config.json, with every value the merge uses checked."""
     cfg_path = adapter_dir / "adapter_config.json"
     weights = adapter_dir / "adapter_model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
+    if not adapter_dir.is_dir() or not os.path.lexists(cfg_path) or not os.path.lexists(weights):
         raise UserError(f"{adapter_dir}: not a LoRA adapter (needs adapter_config.json and adapter_model.safetensors)")
-    acfg = json.loads(cfg_path.read_text())
+    acfg = st.load_json(cfg_path, "the adapter config", limit=16 * 2**20)
+    if not isinstance(acfg, dict):
+        raise BadModelFile(f"{cfg_path}: not a JSON object")
+    where = f"{cfg_path}:"
     if acfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{adapter_dir}: peft_type {acfg.get('peft_type')} is not LoRA")
+        raise UserError(f"{adapter_dir}: peft_type {st._show(acfg.get('peft_type'))} is not LoRA")
     if acfg.get("use_dora"):
         raise UserError("DoRA adapters are not supported by the streaming merge; use peft's merge_and_unload")
     if acfg.get("lora_bias") or acfg.get("bias", "none") != "none":
         raise UserError("adapters that train biases are not supported by the streaming merge")
-    r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
+    r = acfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise BadModelFile(f"{where} r must be a positive integer, got {st._show(r)}")
+    if not _number(acfg.get("lora_alpha")):
+        raise BadModelFile(f"{where} lora_alpha must be a finite number, got {st._show(acfg.get('lora_alpha'))}")
+    for key in ("fan_in_fan_out", "use_rslora"):
+        if acfg.get(key) not in (None, True, False):
+            raise BadModelFile(f"{where} {key} must be true or false, got {st._show(acfg.get(key))}")
+    for key, check, what in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                              "a positive integer"),
+                             ("alpha_pattern", _number, "a finite number")):
+        patterns = acfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise BadModelFile(f"{where} {key} must map module patterns to values")
+        for pattern, value in patterns.items():
+            if not check(value):
+                raise BadModelFile(f"{where} {key}[{st._show(pattern)}] must be {what}, got {st._show(value)}")
+            from ftkit.recipe.checks import regex_problem
+
+            problem = regex_problem(pattern)
+            if problem:
+                raise BadModelFile(f"{where} {key} pattern {st._show(pattern)}: {problem}")
+    return acfg
+
+
+def _base_config(base_dir: Path) -> dict[str, Any]:
+    src = base_dir / "config.json"
+    if not os.path.lexists(src):
+        raise UserError(f"{base_dir}: no config.json")
+    cfg = st.load_json(src, "the model config", limit=16 * 2**20)
+    if not isinstance(cfg, dict):
+        raise BadModelFile(f"{src}: not a JSON object")
+    if cfg.get("text_config") is not None and not isinstance(cfg["text_config"], dict):
+        raise BadModelFile(f"{src}: text_config is not an object")
+    return cfg
+
+
+def _is_embedding(name: str) -> bool:
+    return name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))
+
+
+def _is_vocab_rows(name: str) -> bool:
+    return _is_embedding(name) or name.endswith("lm_head.weight")
+
+
+def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str | None = None, nf4_dequantized_base: bool = False,
+               max_shard_gb: float = 5.0) -> MergePlan:
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise UserError(f"dtype {dtype!r}: choose bf16, fp16 or fp32 (or leave it out to keep the base's)")
+    check_shard_size(max_shard_gb)
+    acfg = _adapter_config(adapter_dir)
+    config = _base_config(base_dir)
+    r, alpha = acfg["r"], float(acfg["lora_alpha"])
     base = base_tensors(base_dir)
     by_name = {t.name: t for t in base}
-    adapter, _ = st.read_header(weights)
+    adapter, _ = st.read_header(adapter_dir / "adapter_model.safetensors")
     plan = MergePlan(base_dir, adapter_dir, list(base), fan_in_fan_out=bool(acfg.get("fan_in_fan_out")),
-                     out_dtype=OUT_DTYPES[dtype], nf4_dequantized_base=nf4_dequantized_base,
-                     max_shard_bytes=int(max_shard_gb * 10**9))
+                     out_dtype=OUT_DTYPES[dtype] if dtype else None, nf4_dequantized_base=nf4_dequantized_base,
+                     max_shard_bytes=max(1, int(max_shard_gb * 10**9)), config=config)
     pending: dict[str, dict[str, st.TensorInfo]] = {}
     for key, info in adapter.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if "lora_magnitude_vector" in name or "trainable_tokens" in name:
-            raise UserError(f"adapter tensor {key}: DoRA / trainable tokens are not supported by the streaming merge")
+            raise UserError(f"adapter tensor {st._show(key)}: DoRA / trainable tokens are not supported by the streaming merge")
         m = re.match(r"^(.*)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$", name)
         e = re.match(r"^(.*)\.(lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?$", name)
         if m or e:
             module, part = (m or e).group(1), (m or e).group(2)  # type: ignore[union-attr]
-            pending.setdefault(module, {})[part] = info
+            if part in pending.setdefault(module, {}):
+                raise BadModelFile(f"adapter has two {part} tensors for {st._show(module)} (several adapters in one file?)")
+            if info.dtype not in st.FLOAT_DTYPES or len(info.shape) != 2:
+                raise BadModelFile(f"adapter tensor {st._show(key)}: a LoRA factor is a 2-D float tensor, "
+                                   f"got {info.dtype} {info.shape}")
+            pending[module][part] = info
             continue
         target = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        if target in plan.replace:
+            raise BadModelFile(f"adapter carries {st._show(target)} twice")
         plan.replace[target] = info
-    tied = _tied(base_dir)
-    embedding = next((t.name for t in base if t.name.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    embedding = next((t.name for t in base if _is_embedding(t.name)), None)
+    tied = _tied(config)
     for module, parts in pending.items():
         target = f"{module}.weight"
         if target not in by_name and target not in plan.replace:
@@ -151,99 +290,231 @@ def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str = "bf16", nf4_de
                 # would change the input embeddings too. Untie instead.
                 plan.untie = True
             else:
-                raise UserError(f"adapter targets {module}, but the base has no tensor {target}")
+                raise UserError(f"adapter targets {st._show(module)}, but the base has no tensor {st._show(target)}")
         rank = int(_pattern_value(acfg.get("rank_pattern") or {}, module, r))
         a = float(_pattern_value(acfg.get("alpha_pattern") or {}, module, alpha))
         scale = a / math.sqrt(rank) if acfg.get("use_rslora") else a / rank
-        if "lora_A" in parts and "lora_B" in parts:
+        if "lora_A" in parts and "lora_B" in parts and len(parts) == 2:
             pair = LoraPair(parts["lora_A"], parts["lora_B"], "linear", scale)
-        elif "lora_embedding_A" in parts and "lora_embedding_B" in parts:
+        elif "lora_embedding_A" in parts and "lora_embedding_B" in parts and len(parts) == 2:
             pair = LoraPair(parts["lora_embedding_A"], parts["lora_embedding_B"], "embedding", scale)
         else:
-            raise UserError(f"adapter module {module}: has only {sorted(parts)}")
+            raise UserError(f"adapter module {st._show(module)}: has only {sorted(parts)}")
+        if pair.a.shape[0] != rank or pair.b.shape[1] != rank:
+            raise BadModelFile(f"adapter module {st._show(module)}: the config says rank {rank}, but A is {pair.a.shape} "
+                               f"and B is {pair.b.shape} (A is (r, in), B is (out, r))")
         plan.loras.setdefault(target, []).append(pair)
     for target in list(plan.replace):
         if target not in by_name:
             if target == "lm_head.weight" and tied and embedding:
                 plan.untie = True  # modules_to_save (or a saved base layer) made lm_head its own tensor
             else:
-                raise UserError(f"adapter carries {target}, which the base model does not have")
+                raise UserError(f"adapter carries {st._show(target)}, which the base model does not have")
     if plan.untie and "lm_head.weight" not in by_name:
         emb = by_name[embedding]  # type: ignore[index]
         plan.tensors.append(st.TensorInfo("lm_head.weight", emb.dtype, list(emb.shape), emb.file, emb.begin, emb.end))
-    for t in plan.tensors:  # shapes of replaced tensors (resized vocab) come from the adapter
-        if t.name in plan.replace:
-            t.shape = list(plan.replace[t.name].shape)
+        if embedding in plan.replace and "lm_head.weight" not in plan.replace:
+            plan.replace["lm_head.weight"] = plan.replace[embedding]  # tied in training: the head was the new embedding
+    _check_replacements(plan)
+    _check_shapes(plan)
     return plan
 
 
-def _tied(base_dir: Path) -> bool:
-    try:
-        cfg = json.loads((base_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+def _check_replacements(plan: MergePlan) -> None:
+    """Tensors the adapter carries whole (modules_to_save, resized embeddings) must fit where they go;
+    a resized vocabulary must be the same on the embedding and the head, and the config follows it."""
+    base_shapes = {t.name: list(t.shape) for t in plan.tensors}
+    for t in plan.tensors:
+        new = plan.replace.get(t.name)
+        if new is None:
+            continue
+        if (new.dtype in st.FLOAT_DTYPES) != (t.dtype in st.FLOAT_DTYPES):
+            raise BadModelFile(f"adapter's {st._show(t.name)} is {new.dtype}, the base's is {t.dtype}")
+        old = base_shapes[t.name]
+        if list(new.shape) != old:
+            resized = _is_vocab_rows(t.name) and len(new.shape) == 2 and len(old) == 2 and new.shape[1] == old[1] \
+                and new.shape[0] > 0
+            if not resized:
+                raise BadModelFile(f"adapter's {st._show(t.name)} has shape {new.shape}, the base's is {old}")
+        t.shape = list(new.shape)
+    rows = {t.name: t.shape[0] for t in plan.tensors if _is_vocab_rows(t.name) and len(t.shape) == 2}
+    if len(set(rows.values())) > 1 and any(plan.replace.get(n) is not None for n in rows):
+        detail = ", ".join(f"{n}: {v}" for n, v in rows.items())
+        raise BadModelFile(f"the adapter resizes the vocabulary inconsistently ({detail}); "
+                           "the embedding and lm_head must have the same number of rows")
+    resized = [n for n in rows if n in plan.replace and plan.replace[n].shape[0] != base_shapes[n][0]]
+    if resized:
+        plan.vocab_size = rows[resized[0]]
+
+
+def _check_shapes(plan: MergePlan) -> None:
+    """A (r, in) and B (out, r) must fit the weight exactly: torch would broadcast a (1, in) A."""
+    by_name = {t.name: t for t in plan.tensors}
+    for target, pairs in plan.loras.items():
+        t = by_name[target]
+        if t.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise BadModelFile(f"cannot merge a LoRA into {st._show(target)}: it is {t.dtype} (quantized or integer); "
+                               "merge into the 16-bit original")
+        if len(t.shape) != 2:
+            raise BadModelFile(f"cannot merge a LoRA into {st._show(target)}: shape {t.shape} is not 2-D")
+        for p in pairs:
+            transposed = p.kind == "embedding" or plan.fan_in_fan_out
+            want_a1, want_b0 = (t.shape[0], t.shape[1]) if transposed else (t.shape[1], t.shape[0])
+            if p.a.shape[1] != want_a1 or p.b.shape[0] != want_b0:
+                layout = "A (r, rows), B (cols, r)" if transposed else "A (r, in), B (out, r)"
+                raise BadModelFile(f"adapter factors for {st._show(target)} do not fit its shape {t.shape}: "
+                                   f"A is {p.a.shape}, B is {p.b.shape}; expected {layout}")
+
+
+def _tied(cfg: dict[str, Any]) -> bool:
     text = cfg.get("text_config") or {}
     return bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
-def nf4_roundtrip(w: Any, blocksize: int = 64) -> Any:
-    """Quantize to NF4 (absmax per block) and back, as QLoRA's frozen base looked in training.
-    Uses bitsandbytes on CUDA when present (exact), else the same arithmetic in torch without
-    the double quantization of the block scales (a difference far below the NF4 step)."""
+def check_shard_size(max_shard_gb: float) -> None:
+    if isinstance(max_shard_gb, bool) or not isinstance(max_shard_gb, (int, float)) \
+            or not math.isfinite(max_shard_gb) or max_shard_gb <= 0 or max_shard_gb > 10_000:
+        raise UserError(f"--max-shard-gb {max_shard_gb}: give a positive, finite size in GB (at most 10000)")
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def _nf4_fp32(x: Any, blocksize: int = NF4_BLOCK) -> Any:
+    """NF4 round trip of a flat fp32 tensor whose blocks start at element 0, NF4_CHUNK elements
+    at a time: the 16-way nearest-code search needs 16 floats per element, so a whole weight at
+    once would cost ~70x its size."""
     import torch
 
+    code = torch.tensor(NF4, dtype=torch.float32)
+    out = torch.empty_like(x)
+    n = x.numel()
+    for i in range(0, n, NF4_CHUNK):
+        flat = x[i:i + NF4_CHUNK]
+        pad = (-flat.numel()) % blocksize
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        blocks = flat.reshape(-1, blocksize)
+        absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        idx = (blocks / absmax).unsqueeze(-1).sub(code).abs().argmin(dim=-1)
+        deq = (code[idx] * absmax).reshape(-1)
+        out[i:i + NF4_CHUNK] = deq[:deq.numel() - pad] if pad else deq
+    return out
+
+
+def _cuda_nf4() -> Any:
+    """bitsandbytes' own NF4 (exact, with double-quantized scales) where a GPU is visible."""
+    import torch
+
+    if not torch.cuda.is_available():  # checked first: importing bitsandbytes alone costs ~100 MiB
+        return None
     try:
         import bitsandbytes.functional as bnbf
-
-        if torch.cuda.is_available():
-            q, state = bnbf.quantize_4bit(w.cuda(), blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-            return bnbf.dequantize_4bit(q, state).to(w.dtype).cpu()
     except ImportError:
-        pass
-    flat = w.float().reshape(-1)
-    pad = (-flat.numel()) % blocksize
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    blocks = flat.reshape(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-    code = torch.tensor(NF4, dtype=torch.float32)
-    idx = (blocks / absmax).unsqueeze(-1).sub(code).abs().argmin(dim=-1)
-    deq = (code[idx] * absmax).reshape(-1)
-    if pad:
-        deq = deq[:-pad]
-    return deq.reshape(w.shape).to(w.dtype)
+        return None
+    return bnbf
+
+
+def nf4_roundtrip(w: Any, blocksize: int = NF4_BLOCK) -> Any:
+    """Quantize to NF4 (absmax per block) and back, as QLoRA's frozen base looked in training.
+    Uses bitsandbytes on CUDA when present (exact), else the same arithmetic in torch without
+    the double quantization of the block scales (a difference far below the NF4 step), in
+    bounded chunks."""
+    bnbf = _cuda_nf4()
+    if bnbf is not None:
+        q, state = bnbf.quantize_4bit(w.cuda(), blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        return bnbf.dequantize_4bit(q, state).to(w.dtype).cpu()
+    import torch
+
+    out = torch.empty_like(w)
+    flat, dst = w.reshape(-1), out.view(-1)
+    step = max(blocksize, (ROW_BLOCK_BYTES // 4) // blocksize * blocksize)
+    for i in range(0, flat.numel(), step):
+        dst[i:i + step] = _nf4_fp32(flat[i:i + step].float(), blocksize).to(w.dtype)
+    return out
 
 
 def _is_quantized_linear(name: str, shape: list[int]) -> bool:
     return len(shape) == 2 and name.endswith(".weight") and ".layers." in name and "norm" not in name
 
 
-def merged_tensor(plan: MergePlan, t: st.TensorInfo, read: Callable[[st.TensorInfo], Any]) -> Any:
-    """The output tensor for one base tensor (the only place weights are combined)."""
+def _finite(t: Any) -> bool:
+    """Whether a float tensor holds only finite values, checked in bounded chunks."""
     import torch
 
-    w = read(plan.replace.get(t.name, t))
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+
+
+class NonFinite(BadModelFile):
+    """A tensor holds inf or nan."""
+
+
+def merged_tensor(plan: MergePlan, t: st.TensorInfo, read: Callable[[st.TensorInfo], Any]) -> Any:
+    """The output tensor for one base tensor (the only place weights are combined). Refuses
+    inputs with inf/nan and outputs that overflow the output dtype."""
+    import torch
+
+    src = plan.replace.get(t.name, t)
+    w = read(src)
     out_dtype = st.torch_dtype(plan._out_code(t))
     if not w.is_floating_point():
         return w
-    if plan.nf4_dequantized_base and t.name not in plan.replace and _is_quantized_linear(t.name, t.shape):
-        w = nf4_roundtrip(w)
+    label = "adapter" if t.name in plan.replace else "base"
+    nf4 = plan.nf4_dequantized_base and t.name not in plan.replace and _is_quantized_linear(t.name, t.shape)
+    if nf4 and _cuda_nf4() is not None:
+        if not _finite(w):
+            raise NonFinite(f"{label} tensor {st._show(t.name)} holds inf or nan values")
+        w, nf4 = nf4_roundtrip(w), False
     pairs = plan.loras.get(t.name, [])
-    if not pairs:
-        return w.to(out_dtype)
+    if not pairs and not nf4:
+        if not _finite(w):
+            raise NonFinite(f"{label} tensor {st._show(t.name)} holds inf or nan values")
+        out = w.to(out_dtype)
+        if not _finite(out):
+            raise NonFinite(f"{st._show(t.name)} overflows {DTYPE_NAMES.get(plan._out_code(t))}: "
+                            "merge with --dtype bf16 or fp32")
+        return out
     factors = [(read(p.a).float(), read(p.b).float(), p.scale,
                 p.kind == "embedding" or plan.fan_in_fan_out) for p in pairs]
     out = torch.empty(w.shape, dtype=out_dtype)
-    rows = max(1, ROW_BLOCK_BYTES // (4 * max(w.shape[-1], 1)))
+    cols = max(math.prod(w.shape[1:]), 1)
+    rows = max(1, ROW_BLOCK_BYTES // (4 * cols))
+    if nf4:  # each row block must start on an NF4 block boundary of the flattened weight
+        group = NF4_BLOCK // math.gcd(cols, NF4_BLOCK)
+        rows = max(group, rows - rows % group)
     for i in range(0, w.shape[0], rows):
         block = w[i:i + rows].float()
+        if not bool(torch.isfinite(block).all()):
+            raise NonFinite(f"{label} tensor {st._show(t.name)} holds inf or nan values")
+        if nf4:
+            block = _nf4_fp32(block.reshape(-1)).reshape(block.shape).to(w.dtype).float()
         for a, b, scale, transposed in factors:
             # Linear: W (out, in) += B (out, r) @ A (r, in). Embeddings (A: (r, vocab), B: (dim, r))
             # and fan_in_fan_out Conv1D layers store W transposed: W += (B @ A)^T = A^T @ B^T.
             delta = (a[:, i:i + rows].T @ b.T) if transposed else (b[i:i + rows] @ a)
             block += delta * scale
-        out[i:i + rows] = block.to(out_dtype)
+        done = block.to(out_dtype)
+        if not bool(torch.isfinite(done).all()):
+            raise NonFinite(f"merged {st._show(t.name)} is not finite in {DTYPE_NAMES.get(plan._out_code(t))} "
+                            "(the adapter's update overflows it); check the adapter or merge with --dtype fp32")
+        out[i:i + rows] = done
     return out
+
+
+def check_adapter_values(plan: MergePlan) -> None:
+    """Every LoRA factor finite, one tensor in memory at a time (before anything is written)."""
+    seen: set[str] = set()
+    for pairs in plan.loras.values():
+        for p in pairs:
+            for info in (p.a, p.b):
+                if info.name in seen:
+                    continue
+                seen.add(info.name)
+                if not _finite(st.read_tensor(info)):
+                    raise NonFinite(f"adapter tensor {st._show(info.name)} holds inf or nan values")
 
 
 def shards(plan: MergePlan) -> list[list[st.TensorInfo]]:
@@ -266,49 +537,161 @@ class Needs:
     disk_free: int
 
 
+def tensor_ram(plan: MergePlan, t: st.TensorInfo) -> int:
+    """Bytes held while one output tensor is made: its source as read, the output, and for a
+    merged (or NF4-rounded) weight the fp32 row block with its temporaries, the LoRA factors
+    (as read and in fp32), and the NF4 chunk's 16-way code search."""
+    src = plan.replace.get(t.name, t)
+    elems = math.prod(t.shape)
+    out_bytes = elems * st.DTYPE_SIZES[plan._out_code(t)]
+    ram = src.nbytes + out_bytes + min(elems, FINITE_CHUNK)  # the isfinite mask
+    pairs = plan.loras.get(t.name, [])
+    nf4 = plan.nf4_dequantized_base and t.name not in plan.replace and _is_quantized_linear(t.name, t.shape) \
+        and src.dtype in st.FLOAT_DTYPES
+    if pairs or nf4:
+        block = min(ROW_BLOCK_BYTES, elems * 4) + 64 * 4 * max(math.prod(t.shape[1:]), 1)
+        ram += 4 * block  # fp32 block, delta, the cast back, the isfinite mask
+        for p in pairs:
+            ram += p.a.nbytes + p.b.nbytes + 4 * (math.prod(p.a.shape) + math.prod(p.b.shape))
+        if nf4:
+            ram += 2 * block + NF4_CHUNK * 4 * 36  # rounded block and its cast; code search temporaries
+            if _cuda_nf4() is not None:
+                ram += src.nbytes  # bitsandbytes' result comes back as a whole tensor
+    return ram
+
+
 def needs(plan: MergePlan, out: Path) -> Needs:
-    """RAM: the largest tensor read and written, one fp32 block of rows, its LoRA factors.
-    Disk: the whole output."""
-    largest = max(plan.tensors, key=lambda t: math.prod(t.shape), default=None)
-    ram = 0
-    if largest is not None:
-        elems = math.prod(largest.shape)
-        ram = elems * (st.DTYPE_SIZES[largest.dtype] + st.DTYPE_SIZES[plan._out_code(largest)]) + 2 * ROW_BLOCK_BYTES
-    factor_bytes = [sum(p.a.nbytes + p.b.nbytes for p in pairs) * 2 for pairs in plan.loras.values()]
-    ram += max(factor_bytes, default=0)
+    """RAM: the most any one tensor needs (see tensor_ram). Disk: the whole output."""
+    ram = max((tensor_ram(plan, t) for t in plan.tensors), default=0)
     parent = out.parent if out.parent.exists() else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     return Needs(ram, plan.out_bytes(), shutil.disk_usage(parent).free)
 
 
-def merge(base: str, adapter: str, output: str, *, revision: str | None = None, dtype: str = "bf16",
+# --------------------------------------------------------------------------- output directory
+
+
+def _partials(out: Path) -> list[Path]:
+    prefix = f".{out.name}{PARTIAL}"
+    try:
+        return [p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+
+
+def clean_stale_partials(out: Path, log: Callable[[str], None] = lambda s: None) -> list[Path]:
+    """Remove hidden partial outputs of merges that died (SIGKILL, power loss). A live merge
+    holds a flock on its directory's `.lock`; the kernel drops it when the process dies, in
+    whatever container or PID namespace it ran."""
+    removed: list[Path] = []
+    for p in _partials(out):
+        lock = p / ".lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            try:
+                age = time.time() - p.stat().st_mtime
+            except OSError:
+                continue
+            if age < STALE_UNLOCKED_S:
+                continue  # just created or just finished by a live merge
+            fd = None
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a merge is writing it
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            log(f"merge: removed {p.name}, left by a merge that did not finish")
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+def check_output(out: Path, base_dir: Path, adapter_dir: Path) -> None:
+    if os.path.islink(out):
+        raise UserError(f"output {out} is a symbolic link; give a real directory")
+    if os.path.lexists(out) and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"output {out} exists and is not empty; choose another directory")
+    for what, d in (("base model", base_dir), ("adapter", adapter_dir)):
+        if _inside(out, d):
+            raise UserError(f"output {out} is inside the {what} directory {d}; write the merge elsewhere")
+    for parent in out.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise UserError(f"output {out}: {parent} is not a directory")
+            break
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (docker stop, the runner) ends the merge through the cleanup path instead of
+    leaving the partial directory to the next run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge(base: str, adapter: str, output: str, *, revision: str | None = None, dtype: str | None = None,
           nf4_dequantized_base: bool = False, max_shard_gb: float = 5.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
-    with torch.no_grad():  # scoped: callers in the same process keep autograd
+    with torch.no_grad(), _terminate_as_exit():  # no_grad scoped: callers in the same process keep autograd
         return _merge(base, adapter, output, revision=revision, dtype=dtype,
                       nf4_dequantized_base=nf4_dequantized_base, max_shard_gb=max_shard_gb, log=log)
 
 
-def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype: str, nf4_dequantized_base: bool,
+def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype: str | None, nf4_dequantized_base: bool,
            max_shard_gb: float, log: Callable[[str], None]) -> dict[str, Any]:
+    check_shard_size(max_shard_gb)
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output {out} exists and is not empty; choose another directory")
+    adapter_dir = Path(adapter)
+    clean_stale_partials(out, log)
     base_dir = resolve_base(base, revision)
-    plan = plan_merge(base_dir, Path(adapter), dtype=dtype, nf4_dequantized_base=nf4_dequantized_base,
+    check_output(out, base_dir, adapter_dir)
+    plan = plan_merge(base_dir, adapter_dir, dtype=dtype, nf4_dequantized_base=nf4_dequantized_base,
                       max_shard_gb=max_shard_gb)
+    check_adapter_values(plan)
+    warnings = warnings_for(plan)
     need = needs(plan, out)
     gib = 2**30
-    log(f"merge: {len(plan.tensors)} tensors, {len(plan.loras)} with LoRA, {len(plan.replace)} replaced by the adapter")
+    log(f"merge: {len(plan.tensors)} tensors, {len(plan.loras)} with LoRA, {len(plan.replace)} replaced by the adapter; "
+        f"output dtype {plan.dtype_label()}{' (kept from the base)' if dtype is None else ''}")
     log(f"merge: needs ~{need.ram_bytes / gib:.2f} GiB RAM (largest tensor, streamed) and "
         f"{need.disk_bytes / gib:.2f} GiB disk; {need.disk_free / gib:.1f} GiB free")
+    for w in warnings:
+        log(f"merge: warning: {w}")
     if need.disk_free < need.disk_bytes * 1.02 + 2**20:
         raise UserError(f"not enough disk for the merged model: needs {need.disk_bytes / gib:.2f} GiB, "
                         f"{need.disk_free / gib:.2f} GiB free under {out.parent}")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    created = [p for p in reversed(out.parents) if not os.path.lexists(p)]
+    tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    lock_fd: int | None = None
+    writer: st.StreamWriter | None = None
     try:
+        tmp.mkdir(parents=True)
+        lock_fd = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         groups = shards(plan)
         weight_map: dict[str, str] = {}
         for n, group in enumerate(groups, 1):
@@ -318,37 +701,83 @@ def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype:
                 writer.write(t.name, merged_tensor(plan, t, st.read_tensor))
                 weight_map[t.name] = fname
             writer.close()
+            writer = None
         if len(groups) > 1:
             index = {"metadata": {"total_size": plan.out_bytes()}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _write_config(base_dir, tmp, dtype, plan.untie)
+        _write_config(plan, tmp, dtype)
         for name in COPY_FILES:
-            src = (Path(adapter) / name) if name in TOKENIZER_FILES and (Path(adapter) / name).is_file() else base_dir / name
-            if src.is_file():
-                shutil.copy2(src, tmp / name)
-        if out.exists():
-            out.rmdir()
+            src = (adapter_dir / name) if name in TOKENIZER_FILES and _regular(adapter_dir / name) else base_dir / name
+            if _regular(src):
+                shutil.copyfile(src, tmp / name)
+        (tmp / ".lock").unlink()
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); os.replace cannot replace a directory
         os.replace(tmp, out)
+        _fsync_dir(out.parent)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):  # parents this merge made, if nothing else went into them
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
     summary = {"output": str(out), "tensors": len(plan.tensors), "lora_tensors": len(plan.loras),
-               "replaced": len(plan.replace), "shards": len(groups), "bytes": plan.out_bytes(), "dtype": dtype,
-               "nf4_dequantized_base": nf4_dequantized_base}
+               "replaced": len(plan.replace), "shards": len(groups), "bytes": plan.out_bytes(),
+               "dtype": plan.dtype_label(), "dtype_from": "base" if dtype is None else "--dtype",
+               "nf4_dequantized_base": nf4_dequantized_base, "warnings": warnings}
+    if plan.vocab_size is not None:
+        summary["vocab_size"] = plan.vocab_size
     log(f"merge: wrote {out} ({len(groups)} shard(s), {plan.out_bytes() / gib:.2f} GiB)")
     return summary
 
 
-def _write_config(base_dir: Path, out: Path, dtype: str, untie: bool) -> None:
-    src = base_dir / "config.json"
-    if not src.is_file():
-        raise UserError(f"{base_dir}: no config.json")
-    cfg = json.loads(src.read_text())
-    cfg["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
-    cfg.pop("torch_dtype", None)
+def _regular(p: Path) -> bool:
+    """A regular file (symlinks followed); never a FIFO or device to copy from."""
+    try:
+        return stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        return False
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def warnings_for(plan: MergePlan) -> list[str]:
+    out: list[str] = []
+    have = [n for n in TOKENIZER_CORE if _regular(plan.adapter_dir / n) or _regular(plan.base_dir / n)]
+    if not have:
+        out.append("no tokenizer (tokenizer.json, tokenizer.model or vocab.json) in the base or the adapter: "
+                   "the merged model has none; copy one in before serving it")
+    if plan.vocab_size is not None:
+        out.append(f"the adapter resized the vocabulary: the merged config says vocab_size {plan.vocab_size}")
+    return out
+
+
+def _write_config(plan: MergePlan, out: Path, dtype: str | None) -> None:
+    cfg = json.loads(json.dumps(plan.config))  # a copy
+    if dtype is not None:
+        cfg["dtype"] = CONFIG_DTYPES[dtype]
+        cfg.pop("torch_dtype", None)
     cfg.pop("quantization_config", None)
-    if untie:
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None
+    if plan.untie:
         cfg["tie_word_embeddings"] = False
-        if isinstance(cfg.get("text_config"), dict):
-            cfg["text_config"]["tie_word_embeddings"] = False
+        if text is not None:
+            text["tie_word_embeddings"] = False
+    if plan.vocab_size is not None:
+        if "vocab_size" in cfg or text is None:
+            cfg["vocab_size"] = plan.vocab_size
+        if text is not None and "vocab_size" in text:
+            text["vocab_size"] = plan.vocab_size
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -8,22 +8,36 @@ in order, so nothing has to be held back to build a file.
 
 Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}}, then the data; offsets are relative to the start of the data.
+
+Model files come from outside (a download, a colleague's adapter), so a header is checked
+completely before any offset in it is used: its length against the file, its JSON, every
+dtype, every shape against its byte length, every offset inside the data and no two tensors
+sharing bytes. Files are opened without blocking and must be regular files, so a FIFO or a
+device named as a model cannot hang the merge or feed it endless bytes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ftkit.errors import EngineError
+from ftkit.errors import EngineError, UserError
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # the ones a LoRA can be merged into and checked for inf/nan
+MAX_HEADER = 100 * 2**20
+MAX_JSON = 64 * 2**20
+
+
+class BadModelFile(UserError):
+    """A model or adapter file that cannot be what it claims (exit 2: bad input, nothing written)."""
 
 
 def torch_dtype(code: str) -> Any:
@@ -34,6 +48,79 @@ def torch_dtype(code: str) -> Any:
              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
     return table[code]
 
+
+def _show(value: object) -> str:
+    """A name from a file, safe to put in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor for a regular file. O_NONBLOCK makes opening a FIFO return at once
+    (instead of waiting for a writer); the type is checked on the descriptor itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise BadModelFile(f"{path}: no such file") from None
+    except OSError as e:
+        raise BadModelFile(f"{path}: cannot open: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+        raise BadModelFile(f"{path}: is {kind}, not a regular file")
+    return fd
+
+
+def _pread_exact(fd: int, n: int, offset: int, path: Path, what: str) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k <= 0:
+            raise BadModelFile(f"{path}: truncated while reading {what}")
+        got += k
+    return bytes(buf)
+
+
+def read_small(path: Path, limit: int = MAX_JSON) -> bytes:
+    """A whole small file (a JSON config), refusing special files and anything over `limit`."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise BadModelFile(f"{path}: {size} bytes is too large for this file (limit {limit})")
+        return _pread_exact(fd, size, 0, path, "the file")
+    finally:
+        os.close(fd)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_json(path: Path, what: str, limit: int = MAX_JSON) -> Any:
+    """Parse a JSON file strictly (no duplicate keys, no NaN/Infinity), one-line errors."""
+    raw = read_small(path, limit)
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except UnicodeDecodeError:
+        raise BadModelFile(f"{path}: {what} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise BadModelFile(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise BadModelFile(f"{path}: {what} is not valid JSON ({str(e).splitlines()[0] if str(e) else 'nested too deeply'})") from None
 
 
 @dataclass
@@ -50,39 +137,89 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise EngineError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2**20:
-            raise EngineError(f"{path}: safetensors header of {n} bytes is implausible")
-        try:
-            header = json.loads(fh.read(n))
-        except json.JSONDecodeError as e:
-            raise EngineError(f"{path}: bad safetensors header: {e}") from e
-    meta = header.pop("__metadata__", {}) or {}
+    """Every tensor's place in the file, after checking the header describes this file."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise BadModelFile(f"{path}: not a safetensors file ({size} bytes, too short)")
+        (n,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, path, "the header length"))
+        if n < 2 or n > min(MAX_HEADER, size - 8):
+            raise BadModelFile(f"{path}: safetensors header length {n} does not fit a file of {size} bytes")
+        raw = _pread_exact(fd, n, 8, path, "the header")
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except UnicodeDecodeError:
+        raise BadModelFile(f"{path}: safetensors header is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise BadModelFile(f"{path}: safetensors header is not valid JSON ({e.msg} at byte {e.pos})") from None
+    except (ValueError, RecursionError) as e:
+        raise BadModelFile(f"{path}: safetensors header is not valid JSON ({str(e).splitlines()[0] if str(e) else 'nested too deeply'})") from None
+    if not isinstance(header, dict):
+        raise BadModelFile(f"{path}: safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise BadModelFile(f"{path}: safetensors __metadata__ must map strings to strings")
     start = 8 + n
-    out = {}
+    data_len = size - start
+    out: dict[str, TensorInfo] = {}
     for name, h in header.items():
-        b, e = h["data_offsets"]
-        out[name] = TensorInfo(name, h["dtype"], list(h["shape"]), path, start + b, start + e)
+        where = f"{path}: tensor {_show(name)}"
+        if not name:
+            raise BadModelFile(f"{path}: a tensor has an empty name")
+        if not isinstance(h, dict):
+            raise BadModelFile(f"{where}: header entry is not an object")
+        dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise BadModelFile(f"{where}: unsupported dtype {_show(dtype)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise BadModelFile(f"{where}: shape {_show(shape)} is not a list of non-negative integers")
+        if len(shape) > 8:
+            raise BadModelFile(f"{where}: {len(shape)} dimensions is implausible")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise BadModelFile(f"{where}: data_offsets {_show(offsets)} are not two integers")
+        b, e = offsets
+        if b > e:
+            raise BadModelFile(f"{where}: data_offsets {b}..{e} are reversed")
+        if b < 0 or e > data_len:
+            raise BadModelFile(f"{where}: data_offsets {b}..{e} lie outside the {data_len} data bytes of the file")
+        expected = prod(shape) * DTYPE_SIZES[dtype]
+        if e - b != expected:
+            raise BadModelFile(f"{where}: shape {shape} of {dtype} needs {expected} bytes, its offsets give {e - b}")
+        out[name] = TensorInfo(name, dtype, list(shape), path, start + b, start + e)
+    last_end, last_name = start, None
+    for info in sorted(out.values(), key=lambda t: (t.begin, t.end)):
+        if info.nbytes and info.begin < last_end:
+            raise BadModelFile(f"{path}: tensors {_show(last_name)} and {_show(info.name)} overlap in the file")
+        if info.nbytes:
+            last_end, last_name = info.end, info.name
     return out, meta
 
 
 def read_tensor(info: TensorInfo) -> Any:
     import torch
 
-    buf = bytearray(info.nbytes)
-    with open(info.file, "rb") as fh:
+    fd = open_regular(info.file)
+    try:
+        if os.fstat(fd).st_size < info.end:
+            raise BadModelFile(f"{info.file}: truncated (it changed since its header was read?): {_show(info.name)}")
+        buf = bytearray(info.nbytes)
         view = memoryview(buf)
         got = 0
         while got < info.nbytes:
-            n = os.preadv(fh.fileno(), [view[got:]], info.begin + got)
+            n = os.preadv(fd, [view[got:]], info.begin + got)
             if n <= 0:
-                raise EngineError(f"{info.file}: truncated while reading {info.name}")
+                raise BadModelFile(f"{info.file}: truncated while reading {_show(info.name)}")
             got += n
+    finally:
+        os.close(fd)
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
     return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
@@ -104,7 +241,7 @@ class StreamWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
         self.total = offset
-        self.fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.fh: BinaryIO = open(path, "xb")  # noqa: SIM115 - closed in close(); x: never reuse a file
         self.fh.write(struct.pack("<Q", len(blob)) + blob)
         self.next = 0
 
@@ -129,3 +266,7 @@ class StreamWriter:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
+
+    def abort(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
