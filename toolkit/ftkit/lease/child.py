@@ -24,13 +24,26 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def _prctl(option: int, value: int) -> bool:
-    if not sys.platform.startswith("linux"):
+_LIBC: list[object] = []
+
+
+def _libc() -> object | None:
+    """libc, loaded once in the lease (never between fork and exec: that is too slow)."""
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _prctl(option: int, value: int, libc: object | None = None) -> bool:
+    libc = libc or _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, value, 0, 0, 0) == 0
-    except (OSError, AttributeError):
+        return libc.prctl(option, value, 0, 0, 0) == 0  # type: ignore[attr-defined]
+    except AttributeError:
         return False
 
 
@@ -64,7 +77,20 @@ def _ignoring_ttou() -> Iterator[None]:
 
 
 def _children_of(pid: int) -> list[int]:
-    """Direct children of `pid` (zombies included), from /proc."""
+    """Direct children of `pid` (zombies included), from /proc: its tasks' `children`
+    files where the kernel has them (one read), else a scan of every process."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        kids: list[int] = []
+        for tid in tasks:
+            fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                kids += [int(x) for x in os.read(fd, 1 << 16).split()]
+            finally:
+                os.close(fd)
+        return kids
+    except (OSError, ValueError):
+        pass
     out = []
     try:
         entries = os.listdir("/proc")
@@ -74,8 +100,11 @@ def _children_of(pid: int) -> list[int]:
         if not e.isdigit():
             continue
         try:
-            with open(f"/proc/{e}/stat", "rb") as fh:
-                stat = fh.read()
+            fd = os.open(f"/proc/{e}/stat", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                stat = os.read(fd, 4096)
+            finally:
+                os.close(fd)
         except OSError:
             continue
         # pid (comm) state ppid ...: comm may hold spaces and parentheses
@@ -99,6 +128,7 @@ class Tree:
         self.forwarded: list[int] = []
         tty = _foreground_tty()
         parent = os.getpid()
+        libc = _libc()
 
         def preexec() -> None:  # runs in the child between fork and exec
             os.setpgid(0, 0)
@@ -108,7 +138,7 @@ class Tree:
                     os.tcsetpgrp(tty, os.getpgrp())
             for s in (signal.SIGTTOU, signal.SIGTTIN, signal.SIGTSTP):
                 signal.signal(s, signal.SIG_DFL)
-            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, libc)
             if os.getppid() != parent:  # the lease died before the line above took effect
                 os._exit(137)
 

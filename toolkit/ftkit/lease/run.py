@@ -235,18 +235,17 @@ class Lease:
             if self.tree is not None and self.tree.reap():
                 return None  # a sleeping engine died: the caller sees tree.returncode
             waiters = train_waiters(live_parties(self.dir), self.names)
+            busy: str | None = None
             if not waiters:
                 busy = self.locks.try_all()
                 if busy is None:
                     return None
-                if first and o.timeout == 0:
-                    raise self.busy_error(busy, "GPU busy (--no-wait)")
                 self.report.busy(busy)
-            elif first and o.timeout == 0:
-                raise LeaseBusy(f"ftkit lease: GPU wanted by {waiters[0].describe()} (--no-wait)")
-            if first and deadline is not None and time.monotonic() >= deadline:
-                name = next((n for n in self.names if n not in self.locks.held), self.names[0])
-                raise self.busy_error(name, f"gave up after {o.timeout:g} s (--timeout)")
+            if first and (o.timeout == 0 or (deadline is not None and time.monotonic() >= deadline)):
+                why = "GPU busy (--no-wait)" if o.timeout == 0 else f"gave up after {o.timeout:g} s (--timeout)"
+                if busy is not None:
+                    raise self.busy_error(busy, why)
+                raise LeaseBusy(f"ftkit lease: {why}: training waits for the GPU first: {waiters[0].describe()}")
             wait_for_signal_or_timeout(self._rfd, SERVE_POLL_S)
 
     # -- after acquiring ----------------------------------------------------------------------
@@ -314,6 +313,7 @@ class Lease:
             say(f"the command exited ({tree.returncode}) but left processes behind; stopping them before "
                 "letting go of the GPUs")
             tree.stop(TRAIN_LEFTOVER_GRACE_S)
+        self.release()  # at once: a waiter may be blocked on these locks right now
         return tree.returncode if tree.returncode is not None else 1
 
     def _take_signals(self) -> list[int]:
