@@ -456,3 +456,31 @@ def test_power_backstop(sim_env: dict[str, str]) -> None:
 def test_show_lists_nobody(lease_env: dict[str, str]) -> None:
     r = lease(lease_env, "--show")
     assert r.returncode == 0 and "nobody holds or waits" in r.stdout
+
+
+def test_hold_in_process(lease_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftkit.errors import LeaseBusy
+    from ftkit.lease import hold
+
+    for k in ("FTKIT_SIMULATED_GPUS", "FTKIT_SIMULATED_GPUS_STATE", "NVIDIA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(k, raising=False)
+    d = lease_env["FTKIT_LEASE_DIR"]
+    with hold([0], lease_dir=d, service="runner") as party:
+        assert party.state == "holding" and holding(lease_env, "runner")
+        r = lease(lease_env, "--gpus", "0", "--no-wait", "--", "true")
+        assert r.returncode == 75 and "held by train 'runner'" in r.stderr
+        with pytest.raises(LeaseBusy, match="held by train 'runner'"), hold([0], lease_dir=d, timeout=0):
+            pass
+        t0 = time.monotonic()
+        with pytest.raises(LeaseBusy, match="gave up after 0.2 s"), hold([1, 0], lease_dir=d, timeout=0.2):
+            pass
+        assert time.monotonic() - t0 < 5
+    assert holders(d) == []
+    assert lease(lease_env, "--gpus", "0,1", "--no-wait", "--", "true").returncode == 0
+
+
+def test_unreadable_simulated_state_falls_back_to_index_keys(lease_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**lease_env, "FTKIT_SIMULATED_GPUS": "RTX 4090", "FTKIT_SIMULATED_GPUS_STATE": str(tmp_path / "no" / "s.json")}
+    r = lease(env, "--gpus", "0", "--", "true")
+    assert r.returncode == 0, r.stderr
+    assert "locking by host index only" in r.stderr

@@ -62,7 +62,7 @@ def check_power(nvml: object, refs: Sequence[GpuRef], caps: Mapping[int | None, 
             continue
         try:
             limit = float(nvml.enforced_power_limit_w(ref.nvml_index))  # type: ignore[attr-defined]
-        except GpuError as e:
+        except (GpuError, OSError) as e:
             warnings.append(f"power backstop: cannot read the enforced limit of {ref.label}: {e}")
             continue
         if limit > cap + POWER_SLACK_W:
@@ -110,7 +110,7 @@ def check_processes(
     while True:
         try:
             found = foreign_processes(nvml, refs, tolerated)
-        except GpuError as e:
+        except (GpuError, OSError) as e:
             return [f"process backstop skipped: NVML cannot list the processes ({e})"]
         strict = [f for f in found if f[0].index not in lenient]
         if not strict:

@@ -157,16 +157,37 @@ class Tree:
         """Collect exited children; True once the command itself has exited."""
         while True:
             try:
-                pid, status = os.waitpid(-1 if self.reap_all else self.pid, os.WNOHANG)
+                pid, status = os.waitpid(-1 if self.reap_all else self.pid, os.WNOHANG | os.WUNTRACED)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
+            if os.WIFSTOPPED(status):
+                if pid == self.pid:
+                    self._job_stopped()
+                continue
             if pid == self.pid and self.returncode is None:
                 self.returncode = exit_code(status)
                 self.proc.returncode = self.returncode  # Popen must not wait for it again
                 self._take_back_tty()
         return self.returncode is not None
+
+    def _job_stopped(self) -> None:
+        """Ctrl-Z stopped the command (it has the terminal, we do not). Do what a shell
+        would: take the terminal back and stop ourselves, so the user's shell sees its job
+        stopped; on `fg`/`bg` hand the terminal back (fg only) and continue the command."""
+        if self._tty is None:
+            return  # stopped by someone's SIGSTOP: not ours to manage
+        tty = self._tty
+        with _ignoring_ttou(), contextlib.suppress(OSError):
+            os.tcsetpgrp(tty, os.getpgrp())
+        os.kill(os.getpid(), signal.SIGSTOP)  # ... until SIGCONT
+        with contextlib.suppress(OSError):
+            if os.tcgetpgrp(tty) == os.getpgrp():  # `fg`: the shell gave us the terminal
+                with _ignoring_ttou():
+                    os.tcsetpgrp(tty, self.pgid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, signal.SIGCONT)
 
     def _take_back_tty(self) -> None:
         if self._tty is not None:

@@ -109,7 +109,7 @@ def resolve(gpus: Sequence[int | str], nvml: object | None) -> tuple[list[GpuRef
         return refs, warnings
     try:
         uuids = [g.uuid for g in nvml.inventory()]  # type: ignore[attr-defined]
-    except GpuError as e:
+    except (GpuError, OSError) as e:  # OSError: a simulated state file that is not there
         warnings.append(f"NVML could not list the GPUs ({e}); locking by host index only")
         return [GpuRef(index=g) if isinstance(g, int) else GpuRef(index=None, uuid=g) for g in gpus], warnings
     visible = _visible()

@@ -426,7 +426,7 @@ class Lease:
             try:  # we still hold the GPUs: every compute process on them is our engine's
                 pids = sorted({pid for r in self.refs if r.nvml_index is not None
                                for pid, _ in self.nvml.compute_processes(r.nvml_index)})
-            except GpuError as e:
+            except (GpuError, OSError) as e:
                 say(f"cannot list the sleeping engine's GPU processes ({e})")
         return True, pids
 
