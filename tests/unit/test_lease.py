@@ -237,6 +237,16 @@ def test_bad_arguments_exit_2(lease_env: dict[str, str], monkeypatch: pytest.Mon
         r = run_cli("lease", *args)
         assert r.code == 2, (args, r.code, r.err)
         assert message in r.err, (args, r.err)
+    # an unusable lease directory: exit 2 and what is wrong, nothing runs
+    bad = Path(lease_env["FTKIT_LEASE_DIR"]).parent / "not-a-dir"
+    bad.write_text("")
+    monkeypatch.setenv("FTKIT_LEASE_DIR", str(bad))
+    r = run_cli("lease", "--gpus", "0", "--", "true")
+    assert r.code == 2 and "cannot create it" in r.err
+    odd = Path(lease_env["FTKIT_LEASE_DIR"]).parent / "odd"
+    (odd / "gpu-0.lock").mkdir(parents=True)
+    r = run_cli("lease", "--lease-dir", str(odd), "--gpus", "0", "--", "true")
+    assert r.code == 2 and "cannot use lock file gpu-0.lock" in r.err
 
 
 # -- exit codes and signals -------------------------------------------------------------------

@@ -14,17 +14,21 @@ can give up at --timeout, notice a signal, and say when the holder changed; else
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from ftkit.errors import UserError
 
 POLL_S = 0.01
 
@@ -80,18 +84,24 @@ class GpuLocks:
         for name in self.names:
             path = self.lease_dir / name
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-                self.writable[name] = True
                 try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+                    self.writable[name] = True
                     if os.fstat(fd).st_uid == os.getuid():
-                        os.fchmod(fd, 0o666)  # other users and containers lock it too
-                except OSError:
-                    pass
-            except PermissionError:
-                # Another user's lock file we may not write: flock works on a read-only
-                # descriptor; only the record copy inside it is skipped.
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                self.writable[name] = False
+                        with contextlib.suppress(OSError):
+                            os.fchmod(fd, 0o666)  # other users and containers lock it too
+                except PermissionError:
+                    # Another user's lock file we may not write: flock works on a read-only
+                    # descriptor; only the record copy inside it is skipped.
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    self.writable[name] = False
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise IsADirectoryError(errno.EISDIR, "not a regular file")
+            except OSError as e:
+                self.close()
+                raise UserError(f"lease directory {self.lease_dir}: cannot use lock file {name}: "
+                                f"{e.strerror or e}") from e
             self.fds[name] = fd
 
     def path(self, name: str) -> Path:

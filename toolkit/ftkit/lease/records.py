@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 PARTIES = "parties"
+TAIL_BYTES = 1 << 16
 VERSION = 1
 
 
@@ -198,9 +199,8 @@ def _probe(path: Path) -> tuple[bool, dict[str, Any] | None]:
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False, None
-            data = b""
-            while chunk := os.read(fd, 1 << 16):
-                data += chunk
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES))  # the last records are enough
             return True, _last_record(data)
         try:  # dead: the owner's exclusive lock is gone
             os.unlink(path)
