@@ -1,11 +1,15 @@
 """The training engine on CPU: a fixed seed gives the same loss curve twice; a run resumes
-from the newest complete checkpoint and ignores one whose save was interrupted."""
+from the newest complete checkpoint, quarantines one whose save was interrupted, and a
+crashed run started again in the same directory ends with the same artifacts as one that
+never crashed; QLoRA's parameter dtypes are the ones the memory estimate counts."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,12 +62,15 @@ def test_same_seed_same_loss_curve(base_model: Path, tmp_path: Path) -> None:
     logged = next(r for r in rows if "loss" in r and "tokens_per_s" in r)
     for key in ("learning_rate", "samples_per_s", "step_time_s", "tokens_per_s", "peak_rss_mib"):
         assert key in logged, key
+    # every row carries a wall-clock timestamp (unix seconds) to join telemetry.csv
+    stamps = [r["wall_time"] for r in rows]
+    assert all(isinstance(t, float) and abs(t - time.time()) < 3600 for t in stamps) and stamps == sorted(stamps)
     assert (a / "adapter" / "adapter_model.safetensors").is_file()
     summary = json.loads((a / "train_summary.json").read_text())
     assert summary["global_step"] == 12 and summary["resumed_from"] is None
 
 
-def test_resume_skips_an_interrupted_checkpoint(base_model: Path, tmp_path: Path) -> None:
+def test_resume_quarantines_an_interrupted_checkpoint(base_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train.run(config(base_model, out))  # checkpoints at 6 and 12
     ckpts = out / "checkpoints"
@@ -76,3 +83,84 @@ def test_resume_skips_an_interrupted_checkpoint(base_model: Path, tmp_path: Path
     assert summary["global_step"] == 18
     names = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-"))
     assert names == ["checkpoint-12", "checkpoint-18"]  # keep_last 2; the partial one was replaced
+    quarantined = list((ckpts / "quarantine").iterdir())
+    assert len(quarantined) == 1 and quarantined[0].name.startswith("checkpoint-18-")
+    assert (quarantined[0] / "adapter_model.safetensors").is_file()  # kept, not deleted
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_crashed_run_resumed_in_place_ends_like_an_uninterrupted_one(
+        base_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    kw = {"checkpoint": {"every_steps": 4, "keep_last": 3}}
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    train.run(config(base_model, whole, **kw))
+
+    real = train.make_callbacks
+
+    class Die(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **k: Any) -> None:
+            if state.global_step == 7:
+                raise Crash("killed after step 7")
+
+    monkeypatch.setattr(train, "make_callbacks", lambda *a: [*real(*a), Die()])
+    with pytest.raises(Crash):
+        train.run(config(base_model, crashed, **kw))
+    monkeypatch.setattr(train, "make_callbacks", real)
+    summary = train.run(config(base_model, crashed, **kw))  # the same step, the same directory
+
+    assert summary["resumed_from"] == "checkpoint-4" and summary["global_step"] == 12
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # same data order, same dropout masks (RNG state restored): the same weights
+        assert (a[k] - b[k]).abs().max().item() < 1e-6, k
+    assert losses(crashed) == pytest.approx(losses(whole), abs=1e-6)
+    steps = [r["step"] for r in map(json.loads, (crashed / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [2, 4, 6, 8, 10, 12]  # the row of step 6 from before the crash moved aside
+    superseded = [json.loads(x) for x in (crashed / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in superseded] == [6]
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == sorted(
+        p.name for p in (whole / "checkpoints").iterdir())
+    assert (crashed / "adapter" / "tokenizer.json").is_file()
+
+
+def test_qlora_dtypes_are_what_the_estimate_counts(base_model: Path) -> None:
+    """trl's rule for QLoRA, checked on a real 4-bit model: bf16 stays uniform bf16 (no fp32
+    embeddings), fp16 off ZeRO-3 gets peft's fp32 upcast, sharded QLoRA (ZeRO-3) none;
+    trl casts the LoRA weights to bf16. plan.memory's byte counts must agree."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from trl import SFTTrainer
+
+    from ftkit.plan import memory
+
+    cases = [("bf16", "single", []), ("fp16", "single", []), ("fp16", "deepspeed-zero3", [0, 1])]
+    for precision, dist, gpus in cases:
+        cfg = config(base_model, base_model.parent / "unused", method="qlora", precision=precision,
+                     distribution=dist, gpus=gpus, gradient_checkpointing=True)
+        step = TrainStep.model_validate(cfg["train"])
+        model = train.load_model(cfg["model"], step)
+        plain = {n: p for n, p in model.named_parameters() if type(p).__name__ != "Params4bit"}
+        assert any("embed_tokens" in n for n in plain)
+        want = memory.dtype_bytes(step)["embeddings"]
+        for n, p in plain.items():
+            assert p.element_size() == want, (precision, dist, n, p.dtype)
+    cfg = config(base_model, base_model.parent / "unused", method="qlora", precision="bf16")
+    step = TrainStep.model_validate(cfg["train"])
+    tok = train.load_tokenizer(cfg["model"])
+    ds, _ = train.datasets_for(cfg["dataset"], tok)
+    trainer = SFTTrainer(model=train.load_model(cfg["model"], step), processing_class=tok, train_dataset=ds,
+                         args=train.sft_config(step, base_model.parent / "q-ckpt", False, None),
+                         peft_config=train.lora_config(step))
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.bfloat16}
+    assert memory.dtype_bytes(step)["trainable"] == 2
+    lora = TrainStep.model_validate({**cfg["train"], "method": "lora", "precision": "fp32"})
+    assert memory.dtype_bytes(lora)["trainable"] == 4

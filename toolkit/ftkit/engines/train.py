@@ -3,9 +3,14 @@
 Launched by the plan as
     accelerate launch --config_file configs/accelerate-<step>.yaml -m ftkit.engines.train --config configs/train-<step>.json
 so DDP and DeepSpeed ZeRO-2/3 come from generated configs, never hand-written ones. Writes
-metrics.jsonl, crash-safe checkpoints (see engines.checkpoints), the final adapter (or model
-for full fine-tuning) and train_summary.json under the step's directory. Resumes from the
-newest complete checkpoint when one exists.
+metrics.jsonl (one row per log event, each with `wall_time` in unix seconds to join
+telemetry.csv), crash-safe checkpoints (see engines.checkpoints), the final adapter (or
+model for full fine-tuning) and train_summary.json under the step's directory.
+
+Run again in the same directory (what `ftkit up --resume` does), it quarantines checkpoints
+whose save was cut short, continues from the newest complete one, moves the metrics rows
+logged after that checkpoint to metrics.superseded.jsonl (those steps are trained again)
+and ends with the same final artifacts as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.engines import checkpoints, data, templates
+from ftkit.files import write_json
 from ftkit.recipe.models import TrainStep
-from ftkit.run.files import write_json
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -74,10 +79,34 @@ def load_model(model_cfg: dict[str, Any], step: TrainStep) -> Any:
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     model.config.use_cache = False
     if step.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=step.gradient_checkpointing)
+        model = prepare_qlora(model, step)
     return model
+
+
+def prepare_qlora(model: Any, step: TrainStep) -> Any:
+    """trl's rule for a 4-bit model (plan.memory estimates the same dtypes):
+
+    - ZeRO-3 ("sharded QLoRA"): no prepare_model_for_kbit_training. It upcasts embeddings,
+      lm_head and norms to fp32, and ZeRO-3 cannot shard a model of mixed dtypes; trl skips
+      it there too.
+    - bf16: trl's preparation upcasts and then casts every fp32 parameter back to bf16 for
+      a uniform dtype; the engine goes straight to that end (no fp32 copy of the
+      embeddings, even for a moment).
+    - fp16: peft's preparation, whose fp32 embeddings, lm_head and norms keep fp16 stable.
+
+    Gradient checkpointing and input gradients come from the Trainer and trl in every case;
+    trl casts the LoRA weights of a quantized model to bf16.
+    """
+    from ftkit.plan.memory import kbit_upcast
+
+    if not kbit_upcast(step):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=step.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
 
 
 def lora_config(step: TrainStep) -> Any:
@@ -108,17 +137,40 @@ def datasets_for(dataset_cfg: dict[str, Any], tokenizer: Any) -> tuple[Any, Any 
     return convert(splits.train), (convert(splits.eval) if splits.eval else None)
 
 
+def barrier(args: Any) -> None:
+    """Wait until every rank gets here (a no-op in a single process)."""
+    state = getattr(args, "distributed_state", None)
+    if state is not None:
+        state.wait_for_everyone()
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def make_callbacks(step: TrainStep, metrics_path: Path, ckpt_root: Path) -> list[Any]:
     from transformers import TrainerCallback
 
     class Metrics(TrainerCallback):  # type: ignore[misc]
-        """One JSON line per log event: loss, eval loss, lr, tokens/s, samples/s, step time, peak memory."""
+        """One JSON line per log event: wall-clock time, loss, eval loss, lr, tokens/s,
+        samples/s, step time, peak memory."""
 
         def __init__(self) -> None:
             self.t_last = time.perf_counter()
             self.step_last = 0
             self.tokens_last = 0.0
             self.t0 = self.t_last
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # After a resume, throughput counts from the restored step and token count.
+            self.t_last = time.perf_counter()
+            self.step_last = state.global_step
+            self.tokens_last = float(state.num_input_tokens_seen or 0)
+            for h in reversed(state.log_history):
+                if "num_tokens" in h:
+                    self.tokens_last = float(h["num_tokens"])
+                    break
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if not state.is_world_process_zero or not logs:
@@ -127,7 +179,8 @@ def make_callbacks(step: TrainStep, metrics_path: Path, ckpt_root: Path) -> list
 
             now = time.perf_counter()
             steps = state.global_step - self.step_last
-            row: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "time_s": round(now - self.t0, 3)}
+            row: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "wall_time": round(time.time(), 3),
+                                   "time_s": round(now - self.t0, 3)}
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy",
                         "eval_mean_token_accuracy", "num_tokens"):
                 if key in logs:
@@ -151,19 +204,52 @@ def make_callbacks(step: TrainStep, metrics_path: Path, ckpt_root: Path) -> list
                 fh.write(json.dumps(row) + "\n")
 
     class Checkpoints(TrainerCallback):  # type: ignore[misc]
-        """After each save returns: write the completeness manifest, then apply retention."""
+        """After each save returns on every rank: wait for all of them (each writes its own
+        RNG state and ZeRO shards), then rank 0 writes the completeness manifest and applies
+        retention."""
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            barrier(args)
             if not state.is_world_process_zero:
                 return
             ckpt = ckpt_root / f"checkpoint-{state.global_step}"
             if not ckpt.is_dir():
                 return
             evals = [h["eval_loss"] for h in state.log_history if h.get("step") == state.global_step and "eval_loss" in h]
-            checkpoints.mark_complete(ckpt, eval_loss=evals[-1] if evals else None)
+            missing = checkpoints.mark_complete(ckpt, world_size=args.world_size,
+                                                eval_loss=evals[-1] if evals else None)
+            if missing:
+                print(f"ftkit: {ckpt.name} is not complete (missing: {', '.join(missing)}); "
+                      "it will not be resumed from", flush=True)
             checkpoints.retain(ckpt_root, step.checkpoint.keep_last, step.checkpoint.keep_best)
 
     return [Metrics(), Checkpoints()]
+
+
+def supersede_metrics(metrics_path: Path, after_step: int) -> int:
+    """Move the metrics rows logged after `after_step` (the checkpoint a resume starts from)
+    to metrics.superseded.jsonl: those steps are trained again. Returns how many moved."""
+    if not metrics_path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            later = int(row.get("step", 0)) > after_step
+        except (ValueError, TypeError, AttributeError):
+            later = False  # a torn last line from a crash: keep it out of the way too
+            moved.append(line)
+            continue
+        (moved if later else keep).append(line)
+    if not moved:
+        return 0
+    superseded = metrics_path.with_name(metrics_path.stem + ".superseded.jsonl")
+    with open(superseded, "a", encoding="utf-8") as fh:
+        fh.write("".join(m + "\n" for m in moved))
+    from ftkit.files import write_atomic
+
+    write_atomic(metrics_path, "".join(k + "\n" for k in keep))
+    return len(moved)
 
 
 def sft_config(step: TrainStep, ckpt_root: Path, has_eval: bool, deepspeed: str | None) -> Any:
@@ -218,28 +304,40 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg["output_dir"])
     ckpt_root = out / "checkpoints"
     metrics_path = Path(cfg["metrics_path"])
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if rank0:
+    if int(os.environ.get("RANK", "0")) == 0:
         out.mkdir(parents=True, exist_ok=True)
-        removed = checkpoints.remove_incomplete(ckpt_root)
-        for r in removed:
-            print(f"ftkit: removed incomplete checkpoint {r.name} (a save was interrupted)", flush=True)
     set_seed(step.seed)
     tokenizer = load_tokenizer(cfg["model"])
     train_ds, eval_ds = datasets_for(cfg["dataset"], tokenizer)
     model = load_model(cfg["model"], step)
+    args = sft_config(step, ckpt_root, eval_ds is not None, cfg.get("deepspeed_config"))
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(step, ckpt_root, eval_ds is not None, cfg.get("deepspeed_config")),
+        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(step) if step.method != "full" else None,
         callbacks=make_callbacks(step, metrics_path, ckpt_root),
     )
+    # Rank 0 quarantines interrupted saves while the others wait; then every rank picks the
+    # same newest complete checkpoint.
+    rank0 = trainer.is_world_process_zero()
+    if rank0:
+        for src, dest in checkpoints.quarantine_incomplete(ckpt_root):
+            print(f"ftkit: {src.name} is incomplete (a save was interrupted): moved to "
+                  f"{dest.relative_to(ckpt_root)}", flush=True)
+    barrier(args)
     resume = checkpoints.newest_complete(ckpt_root)
-    if resume is not None and rank0:
-        print(f"ftkit: resuming from {resume.name}", flush=True)
+    if rank0:
+        # rows logged after the checkpoint (or all of them, without one) are trained again
+        moved = supersede_metrics(metrics_path, checkpoints.step_of(resume) if resume else -1)
+        note = f"; {moved} metrics row(s) after it moved to {metrics_path.stem}.superseded.jsonl" if moved else ""
+        if resume is not None:
+            print(f"ftkit: resuming from {resume.name}{note}", flush=True)
+        elif moved:
+            print(f"ftkit: no complete checkpoint: starting over{note}", flush=True)
+    barrier(args)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
@@ -252,7 +350,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "resumed_from": resume.name if resume else None,
         "final": str(final),
-        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        # ZeRO-3 partitions parameters: ds_numel is the whole tensor's size
+        "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad),
+        "world_size": args.world_size,
         "peak_gpu_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

@@ -1,6 +1,8 @@
 """Generated launcher configs: accelerate's config file and DeepSpeed's JSON, from the
 recipe's train step. Users never hand-write these (the guides' `accelerate config`
-wizard answers, made reproducible)."""
+wizard answers, made reproducible). Tests load every generated file with accelerate's,
+transformers' and DeepSpeed's own config classes, and run them on two CPU processes.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,15 @@ import yaml
 from ftkit.recipe.models import TrainStep
 
 
-def accelerate_config(step: TrainStep, *, deepspeed_file: str | None) -> dict[str, Any]:
+def accelerate_config(step: TrainStep, *, deepspeed_file: str | None, cpu: bool = False) -> dict[str, Any]:
+    """accelerate's config for the step. `cpu`: the GPUs are simulated (no device exists),
+    so the processes train on the CPU over gloo.
+
+    Multi-process runs keep distributed_type MULTI_GPU (or DEEPSPEED) on a CPU too: those
+    go through torchrun, one process per GPU. accelerate's own MULTI_CPU type needs mpirun
+    on a single machine and otherwise starts ONE process without a word, so it is never
+    used; `use_cpu: true` tells each process to use the CPU and gloo instead.
+    """
     gpus = list(step.gpus) if isinstance(step.gpus, list) else []
     mixed = "no" if step.precision == "fp32" else step.precision
     cfg: dict[str, Any] = {
@@ -30,7 +40,7 @@ def accelerate_config(step: TrainStep, *, deepspeed_file: str | None) -> dict[st
         return cfg
     # CUDA_VISIBLE_DEVICES selects the GPUs, so inside the process they are 0..n-1.
     cfg["gpu_ids"] = "all"
-    cfg["use_cpu"] = False
+    cfg["use_cpu"] = cpu
     if step.distribution == "single":
         cfg.update(distributed_type="NO", num_processes=1)
     elif step.distribution == "ddp":
@@ -70,11 +80,9 @@ def deepspeed_config(step: TrainStep) -> dict[str, Any] | None:
             # Saving the adapter/model needs whole tensors, not shards.
             stage3_gather_16bit_weights_on_model_save=True,
         )
-    if step.cpu_offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     # "auto" values are filled in by the HF Trainer from the recipe's settings, so the two
-    # can never disagree (batch size, accumulation, clipping, precision).
-    return {
+    # can never disagree (batch size, accumulation, clipping, precision, learning rate).
+    cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
@@ -85,6 +93,19 @@ def deepspeed_config(step: TrainStep) -> dict[str, Any] | None:
         "steps_per_print": 1000000,
         "wall_clock_breakdown": False,
     }
+    if step.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        # Without an optimizer here, the Trainer hands DeepSpeed its own AdamW: DeepSpeed then
+        # refuses it ("ZeRO-Offload with a client provided optimizer"), or accelerate swaps
+        # it for DeepSpeedCPUAdam, a C++ op compiled at run time - and the CUDA images carry
+        # no prebuilt ops (DS_BUILD_OPS=0) and no compiler. DeepSpeed's own AdamW with
+        # torch_adam runs torch.optim.AdamW on the offloaded fp32 states: nothing to compile.
+        cfg["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True},
+        }
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
 
 
 def dump_yaml(data: dict[str, Any]) -> str:
