@@ -8,7 +8,7 @@ import sys
 
 from tests.conftest import RECIPES, run_cli
 
-COMMANDS = {"build", "doctor", "images", "lease", "lock", "merge", "plan", "report", "schema", "up", "validate"}
+COMMANDS = {"bench", "build", "doctor", "images", "lease", "lock", "merge", "plan", "report", "schema", "up", "validate"}
 
 
 def test_help_lists_the_working_commands() -> None:

@@ -104,4 +104,49 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
         click.echo(f"warning: the runs are not a fair comparison: they differ in {unfair}", err=True)
 
 
-COMMANDS = [doctor, report]
+@click.command()
+@click.argument("recipe", type=click.Path(path_type=str))
+@click.option("--gpus", "gpu_sets", multiple=True, required=True, metavar="LIST",
+              help="a GPU set to run on, e.g. --gpus 0 --gpus 0,1 (repeat; the fewest GPUs is the baseline)")
+@click.option("--max-steps", type=int, default=100, show_default=True, help="training steps per run (short and fixed)")
+@click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
+              help="machine profile (default: this host, detected)")
+@click.option("--executor", type=click.Choice(["docker", "local"]), default=None,
+              help="run steps in the images or in this Python environment (default: the profile's)")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="bench directory (default: RUNS/bench-<UTC timestamp>-<recipe>/)")
+@click.option("--repeat", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="runs per GPU set, alternating; the median stands")
+@click.option("--keep-efficiency", type=click.FloatRange(0.05, 1.0), default=0.70, show_default=True,
+              help="scaling efficiency at or above which the multi-GPU plan is kept")
+@click.option("--bottleneck", help="your bottleneck statement (metric, threshold, why it matters), quoted in decision.md")
+@click.option("--dry-run", is_flag=True, help="print each GPU set's variant and plan; run nothing")
+@click.option("--verbose", "-v", is_flag=True, help="copy every step's output to the console")
+def bench(recipe: str, gpu_sets: tuple[str, ...], max_steps: int, machine_path: str | None, executor: str | None,
+          out_dir: Path | None, repeat: int, keep_efficiency: float, bottleneck: str | None, dry_run: bool,
+          verbose: bool) -> None:
+    """The scaling test: the same recipe's training on each GPU set, everything else equal
+    (data, steps, global batch, checkpoint policy, caps), as short fixed-step runs. Reports
+    samples/s, tokens/s, scaling efficiency, peak temperature and power, throttling and
+    checkpoint time, and writes decision.md: the bottleneck, the evidence and one decision -
+    keep the multi-GPU plan, simplify to workload sharding, fix another bottleneck first, or
+    stop scaling for now - with the rule that chose it."""
+    from ftkit.observe import scaling
+
+    th = scaling.Thresholds(keep_efficiency=keep_efficiency)
+    result = scaling.run_bench(recipe, machine_path, list(gpu_sets), max_steps=max_steps, out_dir=out_dir,
+                               executor=executor, th=th, bottleneck=bottleneck, repeat=repeat, echo=verbose,
+                               dry_run=dry_run, say=lambda m: click.echo(m, err=True))
+    if isinstance(result, list):
+        click.echo(scaling.describe_variants(result))
+        return
+    for m in result.measures:
+        click.echo(f"GPUs {m.label}: {m.status}, {m.samples_per_s or '-'} samples/s, {m.tokens_per_s or '-'} tokens/s, "
+                   f"speedup {m.speedup or '-'}, efficiency {m.efficiency or '-'}")
+    click.echo(f"decision: {result.decision.choice} (rule {result.decision.rule}): {result.decision.reason}")
+    click.echo(f"written: {result.decision_md}" + (f", {result.report}" if result.report else ""))
+    if any(m.status != "succeeded" for m in result.measures):
+        sys.exit(1)
+
+
+COMMANDS = [doctor, report, bench]
