@@ -246,3 +246,15 @@ def test_open_nvml_simulated_backend_samples(monkeypatch: pytest.MonkeyPatch, na
     assert nv is not None
     for i in range(len(names.split(","))):
         assert nv.sample(i)["source"] == "simulated"
+
+
+def test_simulated_sample_sees_a_cap_set_by_another_process_without_rewriting_state(tmp_path: Path) -> None:
+    state = tmp_path / "gpus.json"
+    setter, sampler = SimulatedNvml(["RTX 4090"] * 2, str(state)), SimulatedNvml(["RTX 4090"] * 2, str(state))
+    assert sampler.sample(1)["enforced_power_limit_w"] == 450.0  # no state file yet: the default
+    setter.set_power_limit_w(1, 250)
+    before = state.stat().st_mtime_ns, state.read_bytes()
+    assert sampler.sample(1)["enforced_power_limit_w"] == 250.0 and sampler.sample(0)["enforced_power_limit_w"] == 450.0
+    assert (state.stat().st_mtime_ns, state.read_bytes()) == before  # read at 1 Hz, never rewritten
+    state.write_text("{torn")
+    assert sampler.sample(1)["source"] == "simulated"  # a torn file falls back to this process's view

@@ -366,6 +366,26 @@ class SimulatedNvml:
             raise GpuError(failure[0])
         self.set_calls.append((index, float(watts)))
 
+    def _peek(self, index: int) -> GpuInfo:
+        """This GPU as the state file has it, read under a shared lock and never rewritten (the
+        sampler reads every second; `_sync` would rewrite and fsync the file each time)."""
+        path = getattr(self, "_state_file", None)
+        if path:
+            import fcntl
+            import json
+
+            try:
+                with open(path, "rb") as fh:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+                    gpus = json.loads(fh.read() or b"{}").get("gpus")
+                if isinstance(gpus, list) and 0 <= index < len(gpus) and isinstance(gpus[index], dict):
+                    known = GpuInfo.__dataclass_fields__
+                    return GpuInfo(**{**self._gpu(index).as_dict(),
+                                      **{k: v for k, v in gpus[index].items() if k in known}})
+            except (OSError, ValueError, TypeError, AttributeError):
+                pass  # no state written yet, or torn: this process's view
+        return self._gpu(index)
+
     def sample(self, index: int, at: float | None = None) -> dict[str, Any]:
         """Synthetic but plausible numbers of a GPU under training load, a pure function of the
         time `at` (default now), the GPU index and its current limit, and labelled `simulated`.
@@ -373,9 +393,7 @@ class SimulatedNvml:
         import math
         import time
 
-        if getattr(self, "_state_file", None):
-            self._sync()  # a cap set by another process shows, as on a real GPU
-        gpu = self._gpu(index)
+        gpu = self._peek(index)  # a cap set by another process shows, as on a real GPU
         t = time.time() if at is None else at
         limit = float(gpu.power_limit_w or 300.0)
         default = float(gpu.power_default_w or limit)
