@@ -337,6 +337,11 @@ class Lease:
                 say(f"the engine exited ({self.tree.returncode}) while yielded")
                 self.tree.stop(o.grace_s)
                 return self.tree.returncode if self.tree.returncode is not None else 1
+            if train_waiters(live_parties(self.dir), self.names):
+                # A train waiter registered while we were taking the locks: it goes first,
+                # before we spend minutes starting an engine only to stop it again.
+                self.release()
+                continue
             self.presence.update(state="holding", sleeping=False, gpu_pids=[])  # type: ignore[union-attr]
             self.hold_record()
             self.run_backstops(own_gpu_pids=gpu_pids if sleeping else ())
