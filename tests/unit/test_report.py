@@ -249,3 +249,17 @@ def test_report_of_a_run_without_telemetry_or_metrics(tmp_path: Path) -> None:
     res = make_report([run])
     assert {f.name for f in res.figures} == {"checkpoints"}
     assert "<h2>GPU telemetry</h2>" not in res.html.read_text()
+
+
+def test_recorded_checkpoint_times_win_and_cover_removed_checkpoints(tmp_path: Path) -> None:
+    """Where the engine records `checkpoint_s`, it is used (exact), also for checkpoints that
+    retention has removed since; file times are only the fallback."""
+    from ftkit.observe.rundata import load_run
+
+    run = make_run(tmp_path)
+    with open(run / "steps" / "train" / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 50, "checkpoint_s": 3.25}) + "\n")
+        fh.write(json.dumps({"step": 25, "checkpoint_s": 1.75}) + "\n")  # removed by retention
+    cks = load_run(run).checkpoints["train"]
+    assert [(c.step, c.seconds, c.approximate) for c in cks] == [(25, 1.75, False), (50, 3.25, False), (100, 2.5, True)]
+    assert cks[0].mib is None and cks[1].mib is not None

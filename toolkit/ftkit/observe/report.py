@@ -287,13 +287,13 @@ class _Plotter:
                    label=f"{self.tag(i)}{sid} save time (s)")
             approx = approx or any(c.approximate for c in cks)
             for x, c in zip(xs, cks, strict=True):
-                ax.text(x + n * width, c.seconds or 0, f"step {c.step}\n{c.mib:.0f} MiB", ha="center", va="bottom",
-                        fontsize=7)
+                size = f"\n{c.mib:.0f} MiB" if c.mib is not None else ""
+                ax.text(x + n * width, c.seconds or 0, f"step {c.step}{size}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks([])
         ax.set_ylabel("seconds")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-        self._save(fig, "checkpoints", "Checkpoint save times (checkpoints kept by retention)", False,
+        self._save(fig, "checkpoints", "Checkpoint save times", False,
                    "from file times: a lower bound" if approx else "")
 
     def disk_and_host(self) -> None:

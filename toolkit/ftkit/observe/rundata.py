@@ -46,7 +46,7 @@ def num(v: Any) -> float | None:
 class Checkpoint:
     step: int
     seconds: float | None
-    mib: float
+    mib: float | None  # None: removed by retention since (its time is in metrics.jsonl)
     approximate: bool
 
 
@@ -150,9 +150,8 @@ def _checkpoints(root: Path, metrics: list[dict[str, Any]]) -> list[Checkpoint]:
 
     recorded = {int(r["step"]): num(r.get("checkpoint_s")) for r in metrics if "checkpoint_s" in r and "step" in r}
     out = []
-    if not root.is_dir():
-        return out
-    for d in sorted(root.iterdir()):
+    dirs = sorted(root.iterdir()) if root.is_dir() else []
+    for d in dirs:
         if not (d.is_dir() and d.name.startswith("checkpoint-") and d.name[11:].isdigit()):
             continue
         step = int(d.name[11:])
@@ -167,6 +166,8 @@ def _checkpoints(root: Path, metrics: list[dict[str, Any]]) -> list[Checkpoint]:
             except OSError:
                 pass
         out.append(Checkpoint(step, seconds, dir_size_mib(d), approx))
+    on_disk = {c.step for c in out}
+    out += [Checkpoint(step, secs, None, False) for step, secs in recorded.items() if step not in on_disk]
     return sorted(out, key=lambda c: c.step)
 
 
