@@ -169,3 +169,25 @@ def test_measure_reads_a_run_directory(tmp_path: Path) -> None:
     assert (m.power_max_w, m.limit_w) == (closest["power_max_w"], closest["limit_w"])
     assert m.power_max_w <= m.limit_w
     assert "sw_power_cap" in m.throttle and "hw_power_brake" not in m.throttle
+
+
+def test_a_stopped_run_stops_the_bench_without_a_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftkit.run import runner
+
+    for k, v in SIM.items():
+        monkeypatch.setenv(k, v)
+    calls: list[str] = []
+
+    def create_run(path: Path, plan: Any, resolved: Any, argv: list[str]) -> Any:
+        calls.append(path.name)
+        return object()
+
+    def execute_plan(run: Any, plan: Any, **kw: Any) -> Any:
+        return runner.RunResult(Path(plan.run_dir), "interrupted", None, "stopped by SIGINT", [], 130)
+
+    monkeypatch.setattr(runner, "create_run", create_run)
+    monkeypatch.setattr(runner, "execute_plan", execute_plan)
+    res = run_cli("bench", str(RECIPES / "quickstart.yaml"), "--machine", str(_machine(tmp_path)), "--gpus", "0",
+                  "--gpus", "0,1", "--max-steps", "5", "--out", str(tmp_path / "b"))
+    assert res.code == 130 and "bench stopped during GPUs 0" in res.err
+    assert len(calls) == 1 and not (tmp_path / "b" / "decision.md").exists()

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import ConfigError, UserError
+from ftkit.errors import ConfigError, FtkitError, UserError
 from ftkit.observe.rundata import RunData, gpu_summary, load_run, throughput
 
 KEEP = "keep the multi-GPU plan"
@@ -51,6 +51,14 @@ DECISIONS = (KEEP, SIMPLIFY, FIX, STOP)
 HOT_C = 87.0
 CKPT_SHARE = 0.25
 LOW_UTIL = 60.0
+
+
+class BenchStopped(FtkitError):
+    """A run was stopped (Ctrl-C, SIGTERM): the bench stops too, without a decision."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -228,8 +236,11 @@ def run_variant(v: Variant, *, argv: list[str], runs_root: Path, echo: bool = Fa
     path = runner.new_run_path(runs_root, v.recipe.name)
     plan = plan_for(v.res, run_dir=str(path), executor=v.plan.executor)
     run = runner.create_run(path, plan, v.res.to_yaml_data(), argv)
-    runner.execute_plan(run, plan, display=make_display(plan, live=False), echo=echo)
+    result = runner.execute_plan(run, plan, display=make_display(plan, live=False), echo=echo)
     v.run_dirs.append(path)
+    if result.status == "interrupted":  # the person stopped it: no further runs, no decision
+        raise BenchStopped(f"bench stopped during GPUs {v.label} ({result.message}); runs so far in {runs_root}",
+                           result.exit_code or 130)
     return path
 
 
