@@ -28,6 +28,7 @@ from ftkit.recipe.models import (
     TrainStep,
 )
 from ftkit.recipe.yamlpos import Path_, special_kind
+from ftkit.recipe.yamlpos import printable as printable  # re-exported: the plan printer escapes with it
 
 try:  # the regex parser the re module itself uses
     import re._parser as _sre  # type: ignore[import-not-found]
@@ -63,25 +64,8 @@ MAX_REGEX = 1000
 MAX_UNBOUNDED_ANY = 3
 
 
-# --------------------------------------------------------------------------- text
-
-
-def printable(s: str) -> str:
-    """`s` with every control or invisible character escaped (\\n, \\t, \\x1b, \\u202e, ...)
-    and backslashes doubled, so what a person reads is what runs: no terminal escape, carriage
-    return or right-to-left override can hide a flag in a printed command line."""
-    out: list[str] = []
-    for ch in s:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch == " " or ch.isprintable():
-            out.append(ch)
-        elif ch in "\n\t\r":
-            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
-        else:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out)
+# printable (imported above from yamlpos, where field paths use it) escapes control characters
+# for anything printed from a recipe: the plan printer uses it as ftkit.recipe.checks.printable.
 
 
 # --------------------------------------------------------------------------- regular expressions
@@ -289,7 +273,7 @@ def path_problem(value: str) -> str | None:
     if not value:
         return "empty path"
     if any(not (c == " " or c.isprintable()) for c in value):
-        return f"path {printable(value)!r} contains control characters"
+        return f"path {value!r} contains control characters"
     if value.startswith(("/", "~", "\\\\")) or _WINDOWS_ABS.match(value):
         return (
             f"absolute path {value!r}: recipes must stay portable; use a path relative to the recipe, "
@@ -585,7 +569,7 @@ def _arg_value_problem(value: object) -> str | None:
     for v in values:
         if isinstance(v, str):
             if any(not (c == " " or c.isprintable()) for c in v):
-                return f"value {printable(v)!r} contains control characters"
+                return f"value {v!r} contains control characters"
             if v.startswith("-") and not re.match(r"^-\d+(\.\d+)?$", v):
                 return f"value {v!r} starts with '-': it would be read as another flag"
     return None
@@ -708,7 +692,7 @@ def machine_findings(machine: Machine) -> list[Finding]:
 
 def _machine_path_problem(value: str, *, writable: bool, kind: str) -> str | None:
     if not value or any(not (c == " " or c.isprintable()) for c in value):
-        return f"path {printable(value)!r} is empty or contains control characters"
+        return f"path {value!r} is empty or contains control characters"
     if not (value.startswith("/") or value.startswith("~")):
         return "machine paths are absolute (this file describes one machine)"
     p = Path(value).expanduser()
@@ -721,6 +705,10 @@ def _machine_path_problem(value: str, *, writable: bool, kind: str) -> str | Non
             if not parent.is_dir():
                 return f"{value}: {parent} is not a directory"
             break
-    if writable and p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
+    if writable and p.is_dir() and not _writable(p):
         return f"{value} is not writable by this user"
     return None
+
+
+def _writable(p: Path) -> bool:
+    return os.access(p, os.W_OK | os.X_OK)

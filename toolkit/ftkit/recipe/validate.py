@@ -20,7 +20,6 @@ from pydantic import BaseModel, ValidationError
 
 from ftkit.errors import ConfigError, ConfigIssue
 from ftkit.recipe import checks
-from ftkit.recipe.checks import printable
 from ftkit.recipe.models import FORMAT_VERSION, Machine, Recipe
 from ftkit.recipe.yamlpos import Located, Path_, load
 
@@ -253,7 +252,7 @@ def _message(err: dict[str, Any], root: type[BaseModel]) -> str:
 
 
 def _short(value: Any) -> str:
-    text = printable(repr(value))
+    text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

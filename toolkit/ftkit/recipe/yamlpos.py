@@ -70,21 +70,48 @@ class Located:
 
     def issue(self, path: Path_, message: str, *, key: bool = False) -> ConfigIssue:
         line, col = self.where(path, key=key)
-        return ConfigIssue(self.file, line, col, format_path(path), message)
+        return ConfigIssue(self.file, line, col, format_path(path), one_line(message))
+
+
+def printable(s: str) -> str:
+    """`s` with every control or invisible character escaped (\\n, \\t, \\x1b, \\u202e, ...)
+    and backslashes doubled, so what a person reads is what runs: no terminal escape, carriage
+    return or right-to-left override can hide a flag in a printed command line, and every
+    message stays on one line."""
+    out: list[str] = []
+    for ch in s:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == " " or ch.isprintable():
+            out.append(ch)
+        elif ch in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
 
 
 def format_path(path: Path_) -> str:
     out = ""
     for part in path:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            text = printable(str(part))
+            if not text or any(c in text for c in ". []"):
+                text = repr(text)  # a key like 'a.b' or '' stays readable as one key
+            out += ("." if out else "") + text
     return out
 
 
+def one_line(message: str) -> str:
+    """A message with any control character escaped (backslashes kept): one line, always."""
+    return "".join(ch if ch == " " or ch.isprintable() else printable(ch) for ch in message)
+
+
 def _fail(file: str, line: int, col: int, message: str, path: Path_ = ()) -> ConfigError:
-    return ConfigError([ConfigIssue(file, line, col, format_path(path), message)])
+    return ConfigError([ConfigIssue(one_line(file), line, col, format_path(path), one_line(message))])
 
 
 def special_kind(mode: int) -> str:
@@ -176,8 +203,14 @@ def loads(text: str, name: str) -> Located:
         problem = (e.problem or e.context or "invalid YAML").strip()
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise _fail(name, line, col, f"YAML syntax error: {problem}") from None
-    except yaml.YAMLError as e:  # pragma: no cover - unmarked errors are rare
-        raise _fail(name, 1, 1, f"YAML error: {e}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (control characters)
+        before = text[: e.position]
+        line = before.count("\n") + 1
+        col = e.position - (before.rfind("\n") + 1) + 1
+        char = e.character if isinstance(e.character, str) else chr(e.character)
+        raise _fail(name, line, col, f"character U+{ord(char):04X} is not allowed in YAML (control character)") from None
+    except yaml.YAMLError as e:  # pragma: no cover - other unmarked errors are rare
+        raise _fail(name, 1, 1, f"YAML error: {printable(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None
     nodes = [n for n in nodes if n is not None]
     if not nodes:
         raise _fail(name, 1, 1, "file is empty")
