@@ -76,35 +76,50 @@ def render_plan(plan: Plan) -> str:
             w(f"   note: {esc(note)}")
     if plan.fit:
         w("")
-        w("memory fit (estimate per device):")
+        w("memory fit (estimate per GPU; every figure is per GPU):")
         for step, ests in plan.fit.items():
             for e in ests:
                 dev = f"GPU {e.gpu}" + (f" ({e.vram_gib:g} GiB)" if e.vram_gib else "") if e.gpu is not None else "CPU"
                 parts = ", ".join(f"{k} {v:g}" for k, v in e.components_gib.items())
                 w(f"  {step} on {dev}: {e.total_gib:g} GiB -> {e.verdict}")
-                w(f"    components (GiB): {parts}")
-                w(f"    rule of thumb: {e.rule_of_thumb} = {e.rule_of_thumb_gib:g} GiB in all")
+                w(f"    components (GiB per GPU): {parts}")
+                rot = f" -> {e.rule_of_thumb_verdict}" if e.rule_of_thumb_verdict != "unknown" else ""
+                w(f"    rule of thumb: {e.rule_of_thumb} = {e.rule_of_thumb_gib:g} GiB per GPU{rot}")
+                if e.disagreement:
+                    w("    warning: the estimate and the rule of thumb disagree about fitting")
                 for note in e.notes:
                     w(f"    note: {note}")
                 for sug in e.suggestions:
                     w(f"    try: {sug}")
     if plan.psu is not None:
+        from ftkit.plan.power import IDLE_GPU_W, phase_budgets
+
         w("")
-        b = plan.psu
-        w("PSU budget (worst-case transients):")
-        for d in b.gpus:
-            lim = f"{d.limit_w} W {'cap' if d.capped else 'default limit'}" if d.limit_w else "limit unknown"
-            worst = f"{d.worst_w:.0f} W" if d.worst_w is not None else "?"
-            w(f"  GPU {d.gpu} {d.model}: {lim} x {d.transient_factor:g} transient = {worst}")
-        w(f"  system: {b.system_w} W")
-        total = f"{b.worst_case_w:.0f} W" if b.worst_case_w is not None else "unknown"
-        budget = f"{b.budget_w:.0f} W ({b.psu_w} W PSU x {b.safety_margin:g})" if b.budget_w else "unknown"
-        w(f"  worst case {total} against {budget} -> {b.verdict}")
-        if plan.psu_uncapped is not None and plan.psu_uncapped.worst_case_w is not None:
-            u = plan.psu_uncapped
-            w(f"  without the caps: {u.worst_case_w:.0f} W -> {u.verdict}")
-        for note in b.notes:
-            w(f"  note: {note}")
+        phases = phase_budgets(plan.psu)
+        many = bool(plan.psu.phases)
+        w("PSU budget (worst-case transients" + (f", per power phase; idle GPUs at {IDLE_GPU_W} W):" if many else "):"))
+        for b in phases:
+            ind = "    " if many else "  "
+            if many:
+                w(f"  {b.phase}: {', '.join(b.steps)}")
+            for d in b.gpus:
+                if not d.in_use:
+                    w(f"{ind}GPU {d.gpu} {d.model}: idle = {d.worst_w:.0f} W")
+                    continue
+                lim = f"{d.limit_w} W {'cap' if d.capped else 'default limit'}" if d.limit_w else "limit unknown"
+                worst = f"{d.worst_w:.0f} W" if d.worst_w is not None else "?"
+                w(f"{ind}GPU {d.gpu} {d.model}: {lim} x {d.transient_factor:g} transient = {worst}")
+            w(f"{ind}system: {b.system_w} W")
+            total = f"{b.worst_case_w:.0f} W" if b.worst_case_w is not None else "unknown"
+            budget = f"{b.budget_w:.0f} W ({b.psu_w} W PSU x {b.safety_margin:g})" if b.budget_w else "unknown"
+            w(f"{ind}worst case {total} against {budget} -> {b.verdict}")
+            if b.uncapped_worst_case_w is not None:
+                w(f"{ind}without the caps: {b.uncapped_worst_case_w:.0f} W -> {b.uncapped_verdict}")
+            elif not many and plan.psu_uncapped is not None and plan.psu_uncapped.worst_case_w is not None:
+                u = plan.psu_uncapped
+                w(f"{ind}without the caps: {u.worst_case_w:.0f} W -> {u.verdict}")
+            for note in b.notes:
+                w(f"{ind}note: {note}")
     if plan.warnings:
         w("")
         for warn in plan.warnings:

@@ -223,7 +223,6 @@ def build_plan(
     train_outputs: dict[str, dict[str, str]] = {}
     merge_outputs: dict[str, str] = {}
     caps_now: dict[int, int] = {}
-    max_caps: dict[int, int] = {}
     fit: dict[str, list[memory.FitEstimate]] = {}
     serving_replaced: str | None = None
     handoff_stopped = False
@@ -241,8 +240,6 @@ def build_plan(
                 continue
             caps = caps_of(step, all_gpus)
             caps_now.update(caps)
-            for g, w in caps.items():
-                max_caps[g] = max(max_caps.get(g, 0), w)
             desc = ", ".join(f"GPU {g}: {w} W" for g, w in sorted(caps.items())) or "no GPUs on this machine"
             steps.append(
                 spec(id=name, kind="power", recipe_step=name, executor="nvml", gpus=sorted(caps),
@@ -278,7 +275,8 @@ def build_plan(
                 files.append(GeneratedFile(ds_rel, launch.dump_json(ds_cfg)))
             acc_rel = f"configs/accelerate-{name}.yaml"
             files.append(GeneratedFile(acc_rel, launch.dump_yaml(
-                launch.accelerate_config(step, deepspeed_file=places.run(ds_rel) if ds_rel else None))))
+                launch.accelerate_config(step, deepspeed_file=places.run(ds_rel) if ds_rel else None,
+                                         cpu=bool(simulated_gpus)))))
             engine_cfg = {
                 "model": model_cfg,
                 "dataset": _dataset_cfg(recipe, input_path),
@@ -310,6 +308,10 @@ def build_plan(
                                 "add model.arch to get a memory estimate")
             else:
                 fit[name] = memory.fit(step, arch, vram_by_gpu(res))
+                split = [e for e in fit[name] if e.disagreement]
+                if split:  # the component estimate and the guides' rule of thumb disagree about fitting
+                    also = f" (also GPU(s) {[e.gpu for e in split[1:]]})" if len(split) > 1 else ""
+                    warnings.append(f"step {name}: {split[0].disagreement}{also}")
         elif isinstance(step, MergeStep):
             src = train_outputs.get(step.adapter or "", {})
             out_rel = step.output or f"steps/{name}/model"
@@ -367,8 +369,7 @@ def build_plan(
         steps.append(StepSpec(id="power-restore-final", kind="power-restore", executor="nvml", gpus=all_gpus, always=True,
                               description="restore the power limits found at the start (also after a failure)"))
 
-    psu = power.budget(machine, max_caps) if machine.gpus else None
-    psu_uncapped = power.budget(machine, {}) if machine.gpus and max_caps else None
+    psu, psu_uncapped = power.plan_budgets(machine, steps)  # every power phase of the run
     return Plan(
         recipe=recipe.name,
         recipe_file=str(res.source),

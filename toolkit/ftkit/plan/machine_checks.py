@@ -28,12 +28,7 @@ def findings(res: Resolved, plan: Plan) -> list[Finding]:
                 rng = power.allowed_range(gpu)
                 if rng and not rng[0] <= watts <= rng[1]:
                     out.append((sub, f"{watts} W is outside GPU {idx}'s allowed range {rng[0]}-{rng[1]} W ({gpu.model})", False))
-    if plan.psu is not None and plan.psu.verdict == "over":
-        where = ("steps", first_power, "caps_w") if first_power is not None else ("steps",)
-        out.append(
-            (where, f"PSU budget exceeded: worst case {plan.psu.worst_case_w:.0f} W > {plan.psu.budget_w:.0f} W "
-                    f"({plan.psu.psu_w} W x {plan.psu.safety_margin:g}); {plan.psu.notes[-1]}", False)
-        )
+    out.extend(_psu_phases(res, plan, first_power))
     out.extend(_serving_port(res, plan))
     for i, step in enumerate(res.recipe.steps):
         if not isinstance(step, TrainStep):
@@ -45,6 +40,35 @@ def findings(res: Resolved, plan: Plan) -> list[Finding]:
                     (("steps", i, "method"), f"estimated {est.total_gib:.1f} GiB on GPU {est.gpu} "
                      f"({est.vram_gib:g} GiB): does not fit. Try: {tries}", False)
                 )
+    return out
+
+
+def _psu_phases(res: Resolved, plan: Plan, first_power: int | None) -> list[Finding]:
+    """Every power phase of the run over the PSU budget, located at the power step that set
+    its limits (a cap to lower, or a restore that brought the defaults back too early)."""
+    index = {res.recipe.step_name(i): i for i in range(len(res.recipe.steps))}
+    out: list[Finding] = []
+    seen: set[tuple] = set()
+    for b in power.phase_budgets(plan.psu):
+        if b.verdict != "over" or b.worst_case_w is None or b.budget_w is None:
+            continue
+        draws = tuple((d.gpu, d.limit_w, d.in_use) for d in b.gpus)
+        if draws in seen:
+            continue  # the same GPUs at the same limits: one finding says it
+        seen.add(draws)
+        i = index.get(b.opened_by) if b.opened_by else None
+        if i is None and b.steps:  # after the run: a server left running at the default limits
+            kept = b.steps[0].split(" ")[0]
+            i = index.get(next((s.recipe_step for s in plan.steps if s.id == kept), None) or "")
+        if i is not None:
+            step = res.recipe.steps[i]
+            where: tuple = ("steps", i, "caps_w") if isinstance(step, PowerStep) and step.caps_w is not None else ("steps", i)
+        else:
+            where = ("steps", first_power, "caps_w") if first_power is not None else ("steps",)
+        phase = f" {b.phase}" if b.phase else ""
+        during = f" while {', '.join(b.steps)} run(s)" if b.steps else ""
+        out.append((where, f"PSU budget exceeded{phase}: worst case {b.worst_case_w:.0f} W > {b.budget_w:.0f} W "
+                           f"({b.psu_w} W x {b.safety_margin:g}){during}; {b.notes[-1]}", False))
     return out
 
 
