@@ -73,7 +73,8 @@ def check_power(nvml: object, refs: Sequence[GpuRef], caps: Mapping[int | None, 
         by_cap: dict[float, list[str]] = {}
         for r, _, cap in over:
             by_cap.setdefault(cap, []).append(str(r.index if r.index is not None else r.uuid))
-        fix = " && ".join(f"ftkit power set --gpus {','.join(g)} --watts {_fmt_w(c)}" for c, g in sorted(by_cap.items()))
+        # `ftkit power set` takes whole watts; rounding down stays within the cap
+        fix = " && ".join(f"ftkit power set --gpus {','.join(g)} --watts {int(c)}" for c, g in sorted(by_cap.items()))
         raise LeaseRefused(f"ftkit lease: refusing to start: {what}",
                            hint=f"cap the GPUs first, on the host (containers cannot): {fix}")
     return warnings
