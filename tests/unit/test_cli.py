@@ -8,7 +8,8 @@ import sys
 
 from tests.conftest import RECIPES, run_cli
 
-COMMANDS = {"bench", "build", "doctor", "images", "lease", "lock", "merge", "plan", "report", "schema", "up", "validate"}
+COMMANDS = {"bench", "build", "compose", "doctor", "down", "images", "lease", "lock", "logs", "merge", "plan", "power",
+            "report", "schema", "status", "up", "validate"}
 
 
 def test_help_lists_the_working_commands() -> None:
@@ -56,13 +57,29 @@ def test_missing_machine_path_variable_is_named(tmp_path) -> None:  # type: igno
     assert "dataset.path: ${datasets} is not set in machine profile 'bare': add paths.datasets" in result.err
 
 
-def test_up_refuses_docker_plans_before_touching_anything(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_up_refuses_a_gpu_machine_it_is_not_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """zorac's recipe on this GPU-less host: refused before anything is written or capped."""
+    from tests.conftest import RECIPES as R
+
+    data = tmp_path / "datasets"
+    data.mkdir()
+    (data / "my-writing.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    machine = tmp_path / "zorac.yaml"
+    machine.write_text((R / "machines" / "zorac.yaml").read_text().replace("/srv/datasets", str(data)))
+    result = run_cli("up", str(R / "mistral-small-24b-qlora-2x24gb.yaml"), "--machine", str(machine),
+                     "--runs-dir", str(tmp_path / "runs"))
+    assert result.code == 2, result.err
+    assert "no NVIDIA driver" in result.err and "FTKIT_SIMULATED_GPUS" in result.err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_up_refuses_missing_inputs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import RECIPES as R
 
     result = run_cli("up", str(R / "mistral-small-24b-qlora-2x24gb.yaml"), "--machine", str(R / "machines" / "zorac.yaml"),
                      "--runs-dir", str(tmp_path / "runs"))
     assert result.code == 2
-    assert "executor: docker" in result.err and "executor: local" in result.err
+    assert "dataset.path: /srv/datasets/my-writing.jsonl does not exist on this machine" in result.err
     assert not (tmp_path / "runs").exists()
 
 

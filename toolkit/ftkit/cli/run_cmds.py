@@ -86,8 +86,11 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
                 for issue in problems:
                     click.echo(f"  {issue.render()}")
             return
+        from ftkit.run import preflight
+
         prepared.check()  # refuse before anything is written, capped or stopped
-        _preflight_docker(plan)
+        preflight.inputs(prepared)
+        preflight.machine(plan)
         _clean_stale(root)
         run = runner.create_run(path, plan, prepared.res.to_yaml_data(), ["ftkit", *sys.argv[1:]])
     display = make_display(plan, live=False if quiet or verbose else None)
@@ -105,17 +108,6 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
         if result.status == "failed":
             click.echo(f"run failed at step {result.failed_step}: {result.message}", err=True)
         sys.exit(result.exit_code)
-
-
-def _preflight_docker(plan) -> None:  # type: ignore[no-untyped-def]
-    if not any(s.executor == "docker" for s in plan.steps):
-        return
-    from ftkit.errors import PlanError
-    from ftkit.gateways import docker as dk
-
-    if not dk.reachable(plan.docker.get("host")):
-        raise PlanError("this plan runs steps in containers, but no Docker engine answers",
-                        hint="start dockerd (or set docker.host in the machine profile), or run with --executor local")
 
 
 def _clean_stale(root: Path) -> None:
@@ -147,7 +139,9 @@ def _prepare_resume(run_dir: str, dry_run: bool):  # type: ignore[no-untyped-def
     if st.get("status") == "succeeded":
         raise UserError(f"{path.name} already succeeded: nothing to resume")
     if not dry_run:
-        _preflight_docker(plan)
+        from ftkit.run import preflight
+
+        preflight.machine(plan)
         stop_leftovers(path, plan.to_dict(), docker_host=plan.docker.get("host"))
     return RunDir(path), plan
 

@@ -25,7 +25,12 @@ def guarded(what: str) -> Iterator[None]:
 
 
 def main_with_config(what: str, module: str, run: Callable[[dict[str, Any]], Any], argv: list[str] | None = None) -> Any:
-    """`python -m MODULE --config FILE`: load the JSON config and call run(config)."""
+    """`python -m MODULE --config FILE`: load the JSON config, validate it against the
+    plan's job model for this engine (plan.jobs), and call run(config)."""
+    from pydantic import ValidationError
+
+    from ftkit.plan.jobs import JOBS
+
     ap = argparse.ArgumentParser(prog=f"python -m {module}", description=f"ftkit's {what} engine")
     ap.add_argument("--config", required=True, help="the engine config written by the plan")
     args = ap.parse_args(argv)
@@ -34,5 +39,14 @@ def main_with_config(what: str, module: str, run: Callable[[dict[str, Any]], Any
     except (OSError, json.JSONDecodeError) as e:
         print(f"ftkit {what}: cannot read config {args.config}: {e}", file=sys.stderr)
         sys.exit(2)
+    job = JOBS.get(what)
+    if job is not None:
+        try:
+            cfg = job.model_validate(cfg).to_json()
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
+            print(f"ftkit {what}: {args.config} is not a {job.__name__} ({problems}); re-plan the run with this ftkit",
+                  file=sys.stderr)
+            sys.exit(2)
     with guarded(what):
         return run(cfg)

@@ -361,7 +361,12 @@ class SimulatedNvml:
             else:
                 gpu["power_limit_w"] = float(watts)
 
-        self._sync(change, call={"call": "set_power_limit_w", "index": index, "watts": float(watts)})
+        state = self._sync(change, call={"call": "set_power_limit_w", "index": index, "watts": float(watts)})
+        delay = float(state.get("delay_set_s") or 0)  # injected: a slow driver call (tests of signal safety)
+        if delay > 0:
+            import time
+
+            time.sleep(delay)
         if failure:
             raise GpuError(failure[0])
         self.set_calls.append((index, float(watts)))

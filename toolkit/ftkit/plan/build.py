@@ -14,6 +14,7 @@ from typing import Any
 
 from ftkit.plan import launch, memory, power
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
+from ftkit.plan.jobs import EvalJob, TinyJob, TrainJob
 from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, Port, StepSpec
 from ftkit.recipe.models import (
     EvalStep,
@@ -121,6 +122,7 @@ def build_plan(
     executor: str | None = None,
     lease_dir: str | None = None,
     simulated_gpus: list[str] | None = None,
+    simulated_state: str | None = None,
 ) -> Plan:
     """`executor` overrides the profile's (`ftkit up --executor`); `lease_dir` is the host
     directory of the GPU lease; `simulated_gpus` names the GPUs of a machine that has none
@@ -182,10 +184,14 @@ def build_plan(
                 s.env["FTKIT_SERVICE"] = s.id
             if simulated_gpus and s.gpus:
                 s.env["FTKIT_SIMULATED_GPUS"] = ",".join(simulated_gpus)
+                if simulated_state and s.executor == "docker":  # the lease's backstops read the same GPUs
+                    s.env["FTKIT_SIMULATED_GPUS_STATE"] = str(CONTAINER_ROOT / "simulated-gpus.json")
             if s.executor == "docker":
                 s.mounts = list(mounts)
                 if s.lease is not None and lease_dir:
                     s.mounts.append(Mount(lease_dir, container_lease, read_only=False))
+                if simulated_gpus and s.gpus and simulated_state:
+                    s.mounts.append(Mount(simulated_state, str(CONTAINER_ROOT / "simulated-gpus.json"), read_only=False))
                 s.image = s.image or images.get("train")
                 s.labels = {"dev.ftkit.run": run_id, "dev.ftkit.step": s.id, "dev.ftkit.recipe": recipe.name}
                 s.env.setdefault("HOME", "/tmp")  # containers run as the host user, who has no home there
@@ -210,7 +216,7 @@ def build_plan(
                 description="make a tiny random Llama and train its tokenizer on the dataset (no download)",
                 executor=executor,
                 argv=places.cmd("ftkit.engines.tiny") + ["--config", places.run("configs/tiny-model.json")],
-                files=[GeneratedFile("configs/tiny-model.json", launch.dump_json(tiny_cfg))],
+                files=[GeneratedFile("configs/tiny-model.json", launch.dump_json(TinyJob.model_validate(tiny_cfg).to_json()))],
                 outputs={"model": "model"},
             )
         )
@@ -286,7 +292,7 @@ def build_plan(
                 "deepspeed_config": places.run(ds_rel) if ds_rel else None,
             }
             cfg_rel = f"configs/train-{name}.json"
-            files.append(GeneratedFile(cfg_rel, launch.dump_json(engine_cfg)))
+            files.append(GeneratedFile(cfg_rel, launch.dump_json(TrainJob.model_validate(engine_cfg).to_json())))
             if executor == "docker":
                 launcher = ["accelerate", "launch", "--config_file", places.run(acc_rel)]
             else:
@@ -330,7 +336,8 @@ def build_plan(
                               env={"CUDA_VISIBLE_DEVICES": ""}))
         elif isinstance(step, ServeStep):
             steps.append(_serve(step, name, places, base_ref, train_outputs, merge_outputs, images, executor, spec,
-                                bind=machine.bind_address, visible=visible, lease=lease))
+                                bind=machine.bind_address, visible=visible, lease=lease,
+                                simulated=bool(simulated_gpus)))
             if machine.serving and step.keep_running and set(machine.serving.gpus) & set(step.gpus or []):
                 serving_replaced = name
         elif isinstance(step, EvalStep):
@@ -347,7 +354,7 @@ def build_plan(
             cfg_rel = f"configs/eval-{name}.json"
             steps.append(spec(id=name, kind="eval", recipe_step=name, executor=executor,
                               argv=places.cmd("ftkit.engines.evaluate") + ["--config", places.run(cfg_rel)],
-                              files=[GeneratedFile(cfg_rel, launch.dump_json(eval_cfg))],
+                              files=[GeneratedFile(cfg_rel, launch.dump_json(EvalJob.model_validate(eval_cfg).to_json()))],
                               outputs={"results": f"steps/{name}/results.jsonl", "summary": f"steps/{name}/summary.json"},
                               gpus=all_gpus[:1], env={"CUDA_VISIBLE_DEVICES": visible(all_gpus[:1])},
                               lease=lease("train", all_gpus[:1]),
@@ -425,7 +432,8 @@ def _handoff(machine: Any, action: str, gpus: list[int]) -> StepSpec:
 
 
 def _serve(step: ServeStep, name: str, places: Places, base_ref: str, trains: dict, merges: dict,
-           images: dict[str, str], executor: str, spec: Any, *, bind: str, visible: Any, lease: Any) -> StepSpec:
+           images: dict[str, str], executor: str, spec: Any, *, bind: str, visible: Any, lease: Any,
+           simulated: bool = False) -> StepSpec:
     gpus = list(step.gpus) if isinstance(step.gpus, list) else []
     files: list[GeneratedFile] = []
     env = {"CUDA_VISIBLE_DEVICES": visible(gpus)}
@@ -447,7 +455,7 @@ def _serve(step: ServeStep, name: str, places: Places, base_ref: str, trains: di
         image = images.get("serve-vllm")
     else:
         prefix = ["transformers"] if executor == "docker" else [places.python, "-m", "transformers.cli.transformers"]
-        device = "cuda:0" if gpus else "cpu"
+        device = "cuda:0" if gpus and not simulated else "cpu"  # simulated GPUs: the work runs on the CPU
         argv = prefix + ["serve", model, "--host", host, "--port", str(step.port), "--device", device]
         image = images.get("serve-transformers")
         if places.hf_home is None:

@@ -26,6 +26,7 @@ from ftkit.recipe.resolve import Resolved, resolve
 from ftkit.recipe.validate import LoadedRecipe, load_machine, load_recipe
 
 SIMULATED_ENV = "FTKIT_SIMULATED_GPUS"
+SIMULATED_STATE_ENV = "FTKIT_SIMULATED_GPUS_STATE"
 
 
 @dataclass
@@ -117,10 +118,8 @@ def local_model_config(res: Resolved) -> dict[str, Any] | None:
 
 
 def lease_dir(machine: Machine) -> str:
-    try:
-        from ftkit.lease import default_lease_dir
-    except ImportError:  # TODO(lead): remove once the lease package has landed
-        return os.environ.get("FTKIT_LEASE_DIR") or machine.paths.lease or "/run/lock/ftkit"
+    from ftkit.lease import default_lease_dir
+
     return str(default_lease_dir(machine.paths.lease))
 
 
@@ -136,7 +135,9 @@ def plan_for(res: Resolved, *, run_dir: str | None, executor: str | None = None)
     images = image_refs(res) if executor == "docker" else {}
     return build_plan(res, run_dir=run_dir, python=sys.executable, images=images,
                       local_model_config=local_model_config(res), executor=executor,
-                      lease_dir=lease_dir(res.machine), simulated_gpus=simulated_gpus())
+                      lease_dir=lease_dir(res.machine), simulated_gpus=simulated_gpus(),
+                      simulated_state=os.path.abspath(os.environ[SIMULATED_STATE_ENV])
+                      if simulated_gpus() and os.environ.get(SIMULATED_STATE_ENV) else None)
 
 
 def prepare(recipe_path: str, machine_path: str | None, *, run_dir: str | Callable[[Resolved], str] | None = None,

@@ -114,12 +114,17 @@ def execute_plan(run: RunDir, plan: Plan, *, display: Display | None = None, ech
     with SignalGate(display.say) as gate:
         try:
             if plan.executor == "docker":
-                _prepare_images(ctx)
+                try:
+                    _prepare_images(ctx)
+                except FtkitError as e:  # refused before any step changed the machine
+                    failed, message = "images", describe_failure(e)
+                    display.note(f"cannot start: {message}")
             for step in plan.steps:
                 if step.always:
                     continue
                 if failed or stop:
-                    why = f"step {failed} failed" if failed else f"the run was stopped by {stop.name}" if stop else ""
+                    why = (("images could not be prepared" if failed == "images" else f"step {failed} failed")
+                           if failed else f"the run was stopped by {stop.name}" if stop else "")
                     journal.step(step.id, "skipped", reason=why)
                     display.step_skipped(step, why)
                     continue
@@ -179,7 +184,21 @@ def _log_ref(ctx: Context, step: StepSpec) -> dict[str, str]:
     return {"log": str(log.relative_to(ctx.run.path))} if log.exists() else {}
 
 
+def _set_aside_partial(ctx: Context, step: StepSpec) -> None:
+    """A merge killed between writing its output and the journal saying so leaves a
+    complete-looking directory the engine refuses to overwrite: move it aside, keep it."""
+    if step.kind != "merge" or "model" not in step.outputs:
+        return
+    out = ctx.run.file(step.outputs["model"])
+    if out.exists():
+        aside = out.with_name(f"{out.name}.set-aside-{utc_stamp()}")
+        out.rename(aside)
+        ctx.display.note(f"{step.id}: an earlier attempt left {out.name}; moved it to {aside.name}")
+
+
 def _attempt(ctx: Context, step: StepSpec) -> Outcome:
+    if ctx.journal.state["steps"].get(step.id, {}).get("attempt"):
+        _set_aside_partial(ctx, step)
     ctx.journal.step(step.id, "running")
     ctx.display.step_started(step)
     ctx.run.write_generated([{"path": f.path, "content": f.content} for f in step.files])
@@ -323,7 +342,7 @@ def _prepare_images(ctx: Context) -> None:
     for step in ctx.plan.steps:
         if step.executor == "docker" and step.image and step.image not in seen:
             seen.add(step.image)
-            ctx.executor.ensure_image(step, StepIO(log=ctx.run.log("images"), on_line=ctx.display.note))  # type: ignore[attr-defined]
+            ctx.executor.ensure_image(step, StepIO(log=ctx.run.log("images"), on_line=ctx.display.say))  # type: ignore[attr-defined]
 
 
 @contextmanager
@@ -344,7 +363,9 @@ def _telemetry(ctx: Context, step: StepSpec) -> Iterator[None]:
     try:
         yield
     finally:
-        sampler.stop()
+        summary = sampler.stop()
+        if isinstance(summary, dict):
+            ctx.journal.step_detail(step.id, telemetry=summary)
 
 
 def _progress(ctx: Context, step: StepSpec) -> Any:

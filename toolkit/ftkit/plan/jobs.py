@@ -1,0 +1,72 @@
+"""The contract between the plan and the engines: what each engine's --config file holds.
+
+The planner builds these models and writes them as JSON (configs/<kind>-<step>.json); the
+engine validates the file against the same model at its entry before it loads anything.
+So a plan and an engine cannot silently disagree about a field, and tests and benchmarks
+build jobs through these models instead of retyping JSON by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ftkit.recipe.models import EvalStep, TinyModel, TrainStep
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ModelRef(Job):
+    """The base model as the engine sees it: a directory (local or generated) or a hub id
+    pinned to a commit."""
+
+    source: Literal["path", "hub"]
+    path: str | None = None
+    id: str | None = None
+    revision: str | None = None
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    trust_remote_code: bool = False
+
+
+class DatasetJob(Job):
+    path: str | None
+    format: Literal["alpaca", "chat", "text"]
+    fields: dict[str, str]
+    template: str | None
+    system_prompt: str | None = None
+    eval: dict[str, Any] | None = None
+
+
+class TinyJob(Job):
+    tiny: TinyModel
+    dataset: DatasetJob
+    output_dir: str
+
+
+class TrainJob(Job):
+    model: ModelRef
+    dataset: DatasetJob
+    train: TrainStep
+    output_dir: str
+    metrics_path: str
+    deepspeed_config: str | None = None
+
+
+class EvalJob(Job):
+    model: ModelRef
+    dataset: DatasetJob
+    eval: EvalStep
+    prompts_path: str | None = None
+    adapters: dict[str, str] = {}
+    merged: dict[str, str] = {}
+    full: dict[str, str] = {}
+    output_dir: str
+
+
+JOBS: dict[str, type[Job]] = {"tiny-model": TinyJob, "train": TrainJob, "eval": EvalJob}

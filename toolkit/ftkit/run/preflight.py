@@ -1,0 +1,59 @@
+"""What `ftkit up` checks on THIS machine before it writes, caps or stops anything.
+
+`validate` and `plan` may look at a recipe for another machine; `up` runs here, so the
+inputs must exist here, the GPUs the plan names must be the ones NVML sees, and a plan
+with containers needs a Docker engine. Every refusal is exit 2 with the field or the fix.
+"""
+
+from __future__ import annotations
+
+from ftkit.errors import ConfigError, PlanError
+from ftkit.plan.spec import Plan
+
+# where each input of Resolved.host_paths comes from in the recipe
+FIELDS = {"dataset": ("dataset", "path"), "eval": ("dataset", "eval", "path"), "model": ("model", "path"),
+          "template": ("dataset", "template"), "images_lock": ("images", "lock")}
+
+
+def inputs(prepared) -> None:  # type: ignore[no-untyped-def]
+    res, doc = prepared.res, prepared.loaded.doc
+    issues = []
+    for key, path in sorted(res.host_paths.items()):
+        if path.exists():
+            continue
+        if key.startswith("eval:"):
+            name = key.split(":", 1)[1]
+            index = next(i for i, s in enumerate(res.recipe.steps) if s.name == name)
+            where: tuple = ("steps", index, "path")
+        else:
+            where = FIELDS.get(key, (key,))
+        issues.append(doc.issue(where, f"{path} does not exist on this machine"))
+    if issues:
+        raise ConfigError(issues)
+
+
+def machine(plan: Plan) -> None:
+    """The plan's GPUs exist (unless simulated) and Docker answers where steps need it."""
+    gpus = sorted({g for s in plan.steps for g in s.gpus})
+    if gpus and not plan.simulated_gpus:
+        from ftkit.gpu.nvml import open_nvml
+
+        nv = open_nvml()
+        if nv is None:
+            raise PlanError(f"machine {plan.machine!r} lists GPU(s) {gpus}, but this host has no NVIDIA driver (NVML)",
+                            hint="run on the machine the profile describes (or set FTKIT_SIMULATED_GPUS to simulate)")
+        try:
+            seen = {g.index: g.name for g in nv.inventory()}
+        finally:
+            nv.close()
+        missing = [g for g in gpus if g not in seen]
+        if missing:
+            raise PlanError(f"the plan uses GPU(s) {missing}, but NVML sees {sorted(seen) or 'none'} "
+                            f"({', '.join(f'{i}: {n}' for i, n in sorted(seen.items()))})",
+                            hint="fix the machine profile's gpus, or pick another profile with --machine")
+    if any(s.executor == "docker" for s in plan.steps):
+        from ftkit.gateways import docker as dk
+
+        if not dk.reachable(plan.docker.get("host")):
+            raise PlanError("this plan runs steps in containers, but no Docker engine answers",
+                            hint="start dockerd (or set docker.host in the machine profile), or run with --executor local")
