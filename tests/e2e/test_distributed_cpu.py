@@ -181,7 +181,7 @@ def test_two_processes_match_one(name: str, distribution: str, offload: bool, wo
 
     got, want = losses(run), losses(one)
     assert len(got) == len(want) == STEPS
-    print(f"{name}: losses {got}; largest difference from one process {max(abs(x - y) for x, y in zip(got, want)):.1e}")
+    print(f"{name}: losses {got}; largest difference from one process {max(abs(x - y) for x, y in zip(got, want, strict=True)):.1e}")
     assert got == pytest.approx(want, abs=TOLERANCE), (got, want)
 
     summary = json.loads((run / "steps/train/train_summary.json").read_text())
