@@ -145,8 +145,8 @@ class ContainerRequest:
     stop_timeout: int | None = None
 
 
-def create_container(req: ContainerRequest, host: str | None = None) -> str:
-    """Create (not start) a container; return its id."""
+def container_kwargs(req: ContainerRequest) -> dict[str, Any]:
+    """The docker SDK's `containers.create` arguments for a request (pure: no engine)."""
     import docker.types as dt
 
     kw: dict[str, Any] = {
@@ -169,10 +169,28 @@ def create_container(req: ContainerRequest, host: str | None = None) -> str:
         kw["network"] = req.network
     if req.hostname:
         kw["hostname"] = req.hostname
-    if req.stop_timeout is not None:
-        kw["stop_timeout"] = req.stop_timeout
+    # stop_timeout is not a docker-py model argument: ftkit passes the grace to every stop itself
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def create_args(req: ContainerRequest, api_version: str = "1.41") -> dict[str, Any]:
+    """What the SDK would send to the engine to create this container - built and checked
+    by docker-py itself, without an engine (tests use it to prove a plan is complete)."""
+    import docker
+    from docker.models.containers import _create_container_args
+
+    kwargs = {"image": req.image, "version": api_version, **container_kwargs(req)}
+    kwargs.pop("detach", None)
+    args = _create_container_args(kwargs)
+    api = docker.APIClient(base_url="unix:///nonexistent/docker.sock", version=api_version)
+    name = args.pop("name", None)
+    return {"Name": name, **api.create_container_config(**args)}
+
+
+def create_container(req: ContainerRequest, host: str | None = None) -> str:
+    """Create (not start) a container; return its id."""
     with translated(f"create container from {req.image}"):
-        return str(client(host).containers.create(req.image, **{k: v for k, v in kw.items() if v is not None}).id)
+        return str(client(host).containers.create(req.image, **container_kwargs(req)).id)
 
 
 def start_container(cid: str, host: str | None = None) -> None:

@@ -9,6 +9,7 @@ thing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ftkit.plan.spec import Mount, Plan, Port, StepSpec
@@ -50,11 +51,14 @@ class ContainerSpec:
     labels: dict[str, str] = field(default_factory=dict)
     workdir: str = WORKDIR
     simulated_gpus: bool = False
+    stop_grace_s: int = 30  # docker stop's timeout: the lease's own grace for the engine, plus time to let go
 
 
 def container_name(plan: Plan, step: StepSpec) -> str:
+    """ftkit-<run>-<step>, in the characters Docker allows in a name."""
     run = step.labels.get("dev.ftkit.run") or plan.recipe
-    return f"ftkit-{run}-{step.id}"[:128]
+    name = re.sub(r"[^a-zA-Z0-9_.-]+", "-", f"ftkit-{run}-{step.id}").strip("-.")
+    return name[:128]
 
 
 def container_spec(step: StepSpec, plan: Plan) -> ContainerSpec:
@@ -77,4 +81,5 @@ def container_spec(step: StepSpec, plan: Plan) -> ContainerSpec:
         shm_size=step.shm_size,
         labels=dict(step.labels),
         simulated_gpus=simulated and bool(step.gpus),
+        stop_grace_s=(step.lease.grace_s + 10) if step.lease else 30,
     )

@@ -37,7 +37,7 @@ def request(cs: ContainerSpec, *, restart: str | None = None) -> dk.ContainerReq
         gpu_device_ids=cs.device_ids or None,
         ports=[(p.host_ip, p.host, p.container) for p in cs.ports] or None,
         shm_size=cs.shm_size, labels=cs.labels, working_dir=cs.workdir,
-        user=f"{os.getuid()}:{os.getgid()}", restart=restart,
+        user=f"{os.getuid()}:{os.getgid()}", restart=restart, stop_timeout=cs.stop_grace_s,
     )
 
 
@@ -77,8 +77,8 @@ class _Logs:
 
 
 class DockerHandle:
-    def __init__(self, cid: str, logs: _Logs, host: str | None) -> None:
-        self.cid, self.logs, self.host = cid, logs, host
+    def __init__(self, cid: str, logs: _Logs, host: str | None, grace_s: float = STOP_GRACE_S) -> None:
+        self.cid, self.logs, self.host, self.grace_s = cid, logs, host, grace_s
         self.ident: dict[str, Any] = {"container": cid}
 
     def alive(self) -> bool:
@@ -88,9 +88,9 @@ class DockerHandle:
     def tail(self, lines: int = 40) -> str:
         return "\n".join(list(self.logs.tail)[-lines:])
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> int | None:
+    def stop(self, grace_s: float | None = None) -> int | None:
         state = dk.container_state(self.cid, self.host)
-        dk.stop_container(self.cid, int(grace_s), self.host)
+        dk.stop_container(self.cid, int(grace_s if grace_s is not None else self.grace_s), self.host)
         state = dk.container_state(self.cid, self.host) or state
         self.logs.join()
         dk.remove_container(self.cid, self.host)
@@ -191,7 +191,7 @@ class DockerExecutor:
         except BaseException:
             # Ctrl-C, SIGTERM (Interrupted) or a failure: the container must not outlive the step
             try:
-                dk.stop_container(cid, STOP_GRACE_S, self.host)
+                dk.stop_container(cid, container_spec(step, self.plan).stop_grace_s, self.host)
             finally:
                 if logs is not None:
                     logs.join(2)
@@ -208,4 +208,4 @@ class DockerExecutor:
             dk.remove_container(cid, self.host)
             raise
         io.on_started({"container": cid})
-        return DockerHandle(cid, _Logs(cid, io, self.host), self.host)
+        return DockerHandle(cid, _Logs(cid, io, self.host), self.host, container_spec(step, self.plan).stop_grace_s)
