@@ -164,3 +164,24 @@ def test_qlora_dtypes_are_what_the_estimate_counts(base_model: Path) -> None:
     assert memory.dtype_bytes(step)["trainable"] == 2
     lora = TrainStep.model_validate({**cfg["train"], "method": "lora", "precision": "fp32"})
     assert memory.dtype_bytes(lora)["trainable"] == 4
+
+
+def test_throughput_after_a_resume_counts_from_the_restored_step(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Trainer calls on_train_begin before it loads a checkpoint's state: the metrics
+    callback takes its starting point at the first step instead."""
+    from types import SimpleNamespace as S
+
+    clock = iter([10.0, 100.0, 102.0])
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    step = TrainStep.model_validate({"type": "train", "gpus": []})
+    metrics, _ = train.make_callbacks(step, tmp_path / "m.jsonl", tmp_path / "ckpt")
+    args = S(world_size=1, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    restored = S(global_step=4, num_input_tokens_seen=0, log_history=[{"step": 4, "num_tokens": 400.0}],
+                 is_world_process_zero=True, epoch=1.0)
+    metrics.on_step_begin(args, restored, None)  # at 100.0
+    metrics.on_step_begin(args, S(**{**vars(restored), "global_step": 5}), None)  # only the first counts
+    now = S(**{**vars(restored), "global_step": 6})
+    metrics.on_log(args, now, None, logs={"loss": 1.0, "num_tokens": 600.0})  # at 102.0
+    row = json.loads((tmp_path / "m.jsonl").read_text())
+    assert row["step_time_s"] == 1.0 and row["tokens_per_s"] == 100.0 and row["samples_per_s"] == 4.0

@@ -161,9 +161,14 @@ def make_callbacks(step: TrainStep, metrics_path: Path, ckpt_root: Path) -> list
             self.step_last = 0
             self.tokens_last = 0.0
             self.t0 = self.t_last
+            self.started = False
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            # After a resume, throughput counts from the restored step and token count.
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # Once, at the first step: by then a resumed run's state is loaded (on_train_begin
+            # comes before that), so throughput counts from the restored step and token count.
+            if self.started:
+                return
+            self.started = True
             self.t_last = time.perf_counter()
             self.step_last = state.global_step
             self.tokens_last = float(state.num_input_tokens_seen or 0)
