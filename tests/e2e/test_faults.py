@@ -28,10 +28,12 @@ EXECUTORS = ["local", pytest.param("docker", marks=pytest.mark.docker)]
 
 
 @pytest.fixture
-def machine_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+def machine_factory(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     made: list[Machine] = []
 
     def make(executor: str = "local", **kw) -> Machine:  # type: ignore[no-untyped-def]
+        if executor == "docker":
+            request.getfixturevalue("cpu_images")  # the CPU images, built once per session
         m = Machine(tmp_path, executor, **kw)
         made.append(m)
         return m

@@ -1,5 +1,7 @@
 """The CPU quickstart end to end, as the README runs it: the tiny model must measurably learn
-(at least 50 points on held-out prompts) and the run directory must explain the run."""
+(at least 50 points on held-out prompts) and the run directory must explain the run. The
+same plan run in the images (docker executor) gives the same eval result and a run
+directory of the same layout."""
 
 from __future__ import annotations
 
@@ -75,3 +77,43 @@ def test_served_model_answered_the_test_prompts(run_dir: Path) -> None:
     rows = [json.loads(x) for x in (run_dir / "steps/serve/responses.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["passed"] for r in rows), rows
     assert [r["answer"].strip() for r in rows] == ["fruit", "instrument"]
+
+
+def _layout(run: Path) -> set[str]:
+    """What a run directory holds, without the parts that differ by nature (checkpoint step
+    numbers, build logs of images built on first use, temp files)."""
+    out = set()
+    for p in run.rglob("*"):
+        rel = p.relative_to(run).as_posix()
+        if "/checkpoints/" in rel or rel.startswith("logs/images") or "-cpu-" in rel or "transformers-20" in rel:
+            continue
+        out.add(rel + ("/" if p.is_dir() else ""))
+    return out
+
+
+@pytest.fixture(scope="module")
+def docker_run_dir(tmp_path_factory: pytest.TempPathFactory, cpu_images) -> Path:  # type: ignore[no-untyped-def]
+    from tests.e2e.conftest import machine_profile
+
+    work = tmp_path_factory.mktemp("docker-runs")
+    machine = machine_profile(work / "machine.yaml", "ci-docker")
+    proc = run_ftkit("up", str(RECIPES / "quickstart.yaml"), "--machine", str(machine), "--runs-dir", str(work / "runs"),
+                     "--quiet", timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return Path(json.loads(proc.stdout)["run_dir"])
+
+
+@pytest.mark.docker
+def test_docker_executor_gives_the_same_result(run_dir: Path, docker_run_dir: Path) -> None:
+    local = json.loads((run_dir / "steps/eval/summary.json").read_text())
+    docker = json.loads((docker_run_dir / "steps/eval/summary.json").read_text())
+    assert docker["models"] == local["models"]
+    assert _layout(docker_run_dir) == _layout(run_dir)
+    state = json.loads((docker_run_dir / "state.json").read_text())
+    plan = json.loads((docker_run_dir / "plan.json").read_text())
+    assert plan["executor"] == "docker" and state["status"] == "succeeded"
+    assert all(state["steps"][s]["status"] == "succeeded" for s in ("tiny-model", "train", "merge", "serve", "eval"))
+    assert state["steps"]["train"]["process"]["container"]  # it ran in a container
+    from ftkit.gateways import docker as dk
+
+    assert dk.containers_with_label(f"dev.ftkit.run={docker_run_dir.name}") == []  # none left behind

@@ -44,7 +44,7 @@ def test_plan_text_golden(name: str) -> None:
 def test_mistral_plan_order_and_handoff() -> None:
     plan = plan_json(*PAIRS["mistral"])
     kinds = [s["kind"] for s in plan["steps"]]
-    assert kinds == ["power", "handoff-stop", "train", "merge", "power-restore", "serve", "power-restore"]
+    assert kinds == ["power", "handoff-stop", "train", "merge", "power-restore", "serve", "handoff-start", "power-restore"]
     assert plan["steps"][0]["power_caps_w"] == {"0": 350, "1": 350}
     stop = plan["steps"][1]
     assert stop["argv"] == ["systemctl", "stop", "vllm"]
@@ -60,7 +60,10 @@ def test_mistral_plan_order_and_handoff() -> None:
     assert "--quantization" in serve["argv"] and serve["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert serve["gpus"] == [1] and serve["lease"]["role"] == "serve" and serve["lease"]["gpus"] == [1]
     assert serve["ports"] == [{"container": 8000, "host": 8000, "host_ip": "127.0.0.1"}]
-    assert any("stays stopped" in w for w in plan["warnings"])
+    assert any("stays stopped after a successful run" in w for w in plan["warnings"])
+    # after a failure the service comes back (the previous model); after success the new server replaces it
+    start = plan["steps"][6]
+    assert start["always"] and start["argv"] == ["systemctl", "start", "vllm"] and start["replaced_by"] == "serve"
 
 
 def test_gemma_plan_generates_zero3_config() -> None:

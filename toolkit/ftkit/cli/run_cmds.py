@@ -172,7 +172,26 @@ def status(run: str | None, runs_dir: Path | None, machine_path: str | None, as_
         click.echo(f"  {sid:<22} {e.get('status', '?'):<12} {secs:>10}  {first}")
     if st.get("left_running"):
         click.echo("  left running: " + "; ".join(st["left_running"]))
+    _lease_lines(path)
     click.echo(f"  logs: {path / 'logs'}/")
+
+
+def _lease_lines(run: Path) -> None:
+    """Who holds or waits for the GPUs now (the lease directory the run's plan names)."""
+    from ftkit.files import read_json
+
+    try:
+        lease_dir = read_json(run / "plan.json").get("lease_dir")
+    except (OSError, ValueError):
+        return
+    if not lease_dir or not Path(lease_dir).is_dir():
+        return
+    from ftkit.lease import holders
+
+    for p in holders(lease_dir):
+        gpus = ",".join(str(g.get("index", g.get("uuid", "?"))) for g in p.gpus)
+        who = p.service or p.container or f"pid {p.pid}"
+        click.echo(f"  lease: GPU {gpus}: {p.role} {who} {p.state} since {p.since}")
 
 
 @click.command()

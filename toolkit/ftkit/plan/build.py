@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from ftkit.plan import cluster as cluster_plan
 from ftkit.plan import launch, memory, power
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
 from ftkit.plan.jobs import EvalJob, TinyJob, TrainJob
@@ -233,6 +234,7 @@ def build_plan(
     serving_replaced: str | None = None
     handoff_stopped = False
     port_offset = 0
+    cluster_info: dict[str, Any] = {}
 
     for step in recipe.steps:
         name = step.name or step.type
@@ -280,9 +282,13 @@ def build_plan(
                 ds_rel = f"configs/deepspeed-{name}.json"
                 files.append(GeneratedFile(ds_rel, launch.dump_json(ds_cfg)))
             acc_rel = f"configs/accelerate-{name}.yaml"
-            files.append(GeneratedFile(acc_rel, launch.dump_yaml(
-                launch.accelerate_config(step, deepspeed_file=places.run(ds_rel) if ds_rel else None,
-                                         cpu=bool(simulated_gpus)))))
+            acc_cfg = launch.accelerate_config(step, deepspeed_file=places.run(ds_rel) if ds_rel else None,
+                                               cpu=bool(simulated_gpus))
+            multinode = step.nodes > 1 and machine.cluster is not None
+            if multinode:  # one config for every node; each node's rank comes as a flag (plan.cluster)
+                acc_cfg = cluster_plan.accelerate_config(step, acc_cfg, machine.cluster, cpu=bool(simulated_gpus) or not gpus,
+                                                         deepspeed_file=places.run(ds_rel) if ds_rel else None)
+            files.append(GeneratedFile(acc_rel, launch.dump_yaml(acc_cfg)))
             engine_cfg = {
                 "model": model_cfg,
                 "dataset": _dataset_cfg(recipe, input_path),
@@ -297,7 +303,7 @@ def build_plan(
                 launcher = ["accelerate", "launch", "--config_file", places.run(acc_rel)]
             else:
                 launcher = [python, "-m", "accelerate.commands.launch", "--config_file", places.run(acc_rel)]
-            if len(gpus) > 1:
+            if len(gpus) > 1 and not multinode:
                 launcher += ["--main_process_port", str(29500 + port_offset)]
                 port_offset += 1
             argv = launcher + ["-m", "ftkit.engines.train", "--config", places.run(cfg_rel)]
@@ -309,6 +315,8 @@ def build_plan(
                               gpus=gpus, files=files, outputs=dict(train_outputs[name]), power_caps_w=dict(caps_now),
                               lease=lease("train", gpus, max_power_w={g: caps_now[g] for g in gpus if g in caps_now}),
                               shm_size="8g" if len(gpus) > 1 else None, notes=train_notes, description=f"train: {how}"))
+            if multinode:
+                _multinode(steps[-1], step, machine.cluster, run_id, visible(gpus), arch, cluster_info)
             if arch is None:
                 warnings.append(f"step {name}: no architecture figures for {recipe.model.id or recipe.model.path}; "
                                 "add model.arch to get a memory estimate")
@@ -372,6 +380,7 @@ def build_plan(
                 "stopping the recipe's server"
             )
         steps.append(start)
+    _sharding_notes(steps)
     if any(s.kind == "power" for s in steps):
         steps.append(StepSpec(id="power-restore-final", kind="power-restore", executor="nvml", gpus=all_gpus, always=True,
                               description="restore the power limits found at the start (also after a failure)"))
@@ -397,7 +406,49 @@ def build_plan(
         if executor == "docker" else {},
         telemetry={"enabled": machine.telemetry.enabled, "interval_s": machine.telemetry.interval_s},
         simulated_gpus=list(simulated_gpus) if simulated_gpus else None,
+        cluster=cluster_info,
     )
+
+
+def _multinode(s: StepSpec, step: TrainStep, cluster: Any, run_id: str, visible: str, arch: ModelArch | None,
+               info: dict[str, Any]) -> None:
+    """One trainer per node for a train step with `nodes:` (see plan.cluster)."""
+    s.nodes = cluster_plan.node_specs(step, cluster, argv=s.argv, run_id=run_id, visible=visible)
+    s.description = s.description.replace("train: ", f"train on {step.nodes} nodes: ", 1)
+    first = s.nodes[0]
+    s.argv = list(first.argv)  # what rank 0 runs; each node's argv and env (over s.env) are in s.nodes
+    if any(n.manual for n in s.nodes):
+        s.notes.append("nodes " + ", ".join(n.name for n in s.nodes if n.manual) + " are started by hand: "
+                       "`ftkit up` prints their commands and waits for the nodes it starts")
+    if not info:
+        info.update(cluster_plan.summary(cluster, step.nodes))
+    info["nodes_used"] = max(int(info.get("nodes_used", 0)), step.nodes)
+    if arch is not None:
+        trainable = (memory.lora_params(arch, step.lora.r, step.lora.target_modules) if step.method != "full"
+                     else arch.params_b * 1e9)
+        info.setdefault("gradient_bytes", {})[s.id] = cluster_plan.gradient_bytes(step, trainable)
+
+
+def _sharding_notes(steps: list[StepSpec]) -> None:
+    """Say how a server shares the GPUs with the GPU steps after it: on other GPUs they run
+    side by side (workload sharding, each GPU with one owner); on its GPUs the lease hands
+    them over (the server yields to training and comes back); a later server on its GPUs
+    replaces it."""
+    for i, server in enumerate(steps):
+        if not server.background or not server.gpus:
+            continue
+        for later in steps[i + 1:]:
+            if not later.gpus or later.lease is None:
+                continue
+            shared = sorted(set(server.gpus) & set(later.gpus))
+            if later.background and shared:
+                server.notes.append(f"replaced by {later.id} on GPU(s) {shared}: stopped when {later.id} starts")
+                break
+            if not shared:
+                server.notes.append(f"serves on GPU(s) {server.gpus} while {later.id} uses GPU(s) {later.gpus} "
+                                    "(workload sharding: one owner per GPU through the lease)")
+            else:
+                server.notes.append(f"yields GPU(s) {shared} to {later.id} through the lease and takes them back after")
 
 
 def _dataset_cfg(recipe: Recipe, input_path: Any) -> dict[str, Any]:

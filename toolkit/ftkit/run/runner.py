@@ -230,7 +230,12 @@ def _execute(ctx: Context, step: StepSpec) -> Outcome:
     if step.background:
         return _serve(ctx, step)
     with _telemetry(ctx, step), _progress(ctx, step):
-        ctx.executor.run(step, ctx.io(step))
+        if step.nodes:  # a multi-node train step: one container per node, each on its node's engine
+            from ftkit.run.executors.multinode import MultiNodeExecutor
+
+            MultiNodeExecutor(ctx.plan, ctx.run).run(step, ctx.io(step))
+        else:
+            ctx.executor.run(step, ctx.io(step))
     return Outcome("succeeded", _outputs(ctx, step))
 
 
@@ -270,7 +275,21 @@ def _outputs(ctx: Context, step: StepSpec) -> dict[str, Any]:
     return detail
 
 
+def _replace_servers(ctx: Context, step: StepSpec) -> None:
+    """A later serve step on GPUs an earlier server of this run holds replaces it: two
+    `serve` holders never preempt each other, so the new one would wait forever."""
+    for sid, handle in list(ctx.servers.items()):
+        earlier = ctx.plan.step(sid)
+        shared = sorted(set(earlier.gpus) & set(step.gpus))
+        if shared and handle.alive():
+            ctx.display.note(f"{step.id} replaces {sid} on GPU(s) {shared}: stopping {sid}")
+            handle.stop()
+            ctx.journal.step_detail(sid, stopped=True, replaced_by=step.id)
+            del ctx.servers[sid]
+
+
 def _serve(ctx: Context, step: StepSpec) -> Outcome:
+    _replace_servers(ctx, step)
     ready = step.ready or {}
     port = int(ready.get("port", 0))
     if port:
