@@ -4,6 +4,13 @@ all-linear LoRA adapter. Goal: at most 25% of peft's peak memory, and no slower.
 Also checks that the two outputs agree within bf16 tolerance.
 
     python bench/merge_bench.py [--workdir DIR] [--keep]
+    python bench/merge_bench.py --nf4 [--nf4-full]
+
+--nf4 measures the QLoRA merge path (`--nf4-dequantized-base`), which rounds each base weight
+through NF4 on the CPU: first one 32 MiB weight, the former whole-tensor rounding against the
+block-wise one (peak RSS growth over the weight itself, and the RAM `needs()` reports for it);
+with --nf4-full also the whole synthetic model through `ftkit merge --nf4-dequantized-base`,
+its peak RSS against the `ram_bytes` of `ftkit merge --dry-run`.
 """
 
 from __future__ import annotations
@@ -104,12 +111,80 @@ def compare(a: Path, b: Path) -> float:
     return worst
 
 
+NF4_MICRO = """
+import json, resource, sys, time, torch
+from pathlib import Path
+from ftkit.engines import merge as engine
+from ftkit.engines.safetensors_io import TensorInfo
+mode, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+torch.manual_seed(0)
+w = (torch.randn(4096, 2048) * 0.02).to(dtype)
+engine._nf4_fp32(torch.randn(1 << 14)); torch.isfinite(w[:8]).all()  # warm the kernels
+code = {torch.float32: "F32", torch.bfloat16: "BF16"}[dtype]
+info = TensorInfo("model.layers.0.mlp.up_proj.weight", code, list(w.shape), Path("w"), 0, w.numel() * w.element_size())
+plan = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True)
+before, t0 = peak(), time.perf_counter()
+if mode == "whole":  # the former implementation: all 16 code distances of every element at once
+    flat = w.float().reshape(-1); blocks = flat.reshape(-1, 64)
+    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    cb = torch.tensor(engine.NF4)
+    idx = (blocks / absmax).unsqueeze(-1).sub(cb).abs().argmin(dim=-1)
+    out = (cb[idx] * absmax).reshape(w.shape).to(w.dtype).to(torch.bfloat16)
+else:
+    out = engine.merged_tensor(plan, info, lambda i: w)
+print(json.dumps({"mode": mode, "dtype": sys.argv[2], "weight_mib": w.numel() * w.element_size() / 2**20,
+                  "growth_mib": round((peak() - before) / 2**20, 1), "seconds": round(time.perf_counter() - t0, 2),
+                  "needs_mib": round(engine.tensor_ram(plan, info) / 2**20, 1)}))
+"""
+
+
+def nf4_micro() -> list[dict]:
+    import subprocess
+
+    rows = []
+    for dtype in ("bfloat16", "float32"):
+        for mode in ("whole", "blockwise"):
+            proc = subprocess.run([sys.executable, "-c", NF4_MICRO, mode, dtype], capture_output=True, text=True, check=True)
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def nf4_full(work: Path) -> dict:
+    base, adapter, params = make_model(work)
+    exe = str(Path(sys.executable).parent / "ftkit")
+    out = work / "out-nf4"
+    argv = [exe, "merge", "--base", str(base), "--adapter", str(adapter), "-o", str(out), "--nf4-dequantized-base"]
+    import subprocess
+
+    dry = json.loads(subprocess.run(argv + ["--dry-run"], capture_output=True, text=True, check=True).stdout)
+    r = peak_rss(argv, env={"HF_HUB_OFFLINE": "1"})
+    r.pop("output", None)
+    return {"params": params, "run": r, "needs_ram_mib": round(dry["ram_bytes"] / 2**20, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--nf4", action="store_true", help="measure the NF4 (QLoRA) merge path instead")
+    ap.add_argument("--nf4-full", action="store_true", help="with --nf4: also merge the whole synthetic model")
     args = ap.parse_args()
+    if args.nf4:
+        result: dict = {"micro_32mib_weight": nf4_micro()}
+        print(json.dumps(result, indent=2), flush=True)
+        if args.nf4_full:
+            work = args.workdir or Path(tempfile.mkdtemp(prefix="ftkit-nf4-bench-"))
+            work.mkdir(parents=True, exist_ok=True)
+            try:
+                result["full_model"] = nf4_full(work)
+            finally:
+                if not args.keep and args.workdir is None:
+                    shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps(result, indent=2))
+        print(f"saved to {save('merge_nf4', result)}")
+        return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ftkit-merge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
