@@ -153,6 +153,9 @@ def execute_plan(run: RunDir, plan: Plan, *, display: Display | None = None, ech
             if current is not None:
                 journal.step(current.id, "failed", **_log_ref(ctx, current), error=message)
                 display.step_finished(current, "failed", message)
+            for step in plan.steps:
+                if not step.always and journal.status_of(step.id) in ("pending", "running"):
+                    journal.step(step.id, "skipped", reason=message)
         finally:
             gate.cleanup()
             succeeded = failed is None and stop is None
@@ -263,7 +266,7 @@ def _replaced(ctx: Context, start: StepSpec | None) -> bool:
 def _outputs(ctx: Context, step: StepSpec) -> dict[str, Any]:
     detail: dict[str, Any] = {"outputs": step.outputs}
     summary = None
-    if step.kind == "eval":
+    if step.kind == "eval" and "summary" in step.outputs:
         summary = ctx.run.file(step.outputs["summary"])
     elif step.kind == "train":
         summary = ctx.run.file(f"steps/{step.id}/train_summary.json")

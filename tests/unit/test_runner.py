@@ -1,0 +1,226 @@
+"""The runner on small synthetic plans (plain `python -c` steps, simulated GPUs): the journal
+tells the truth, guards unwind whatever happens, signals cannot stop a restore, resume
+skips what is done, and the console shows people progress, not third-party noise. Fast:
+no model is loaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ftkit.plan.spec import Plan, StepSpec
+from ftkit.run import runner
+from ftkit.run.display import Display
+from ftkit.run.rundir import RunDir
+from tests.conftest import RECIPES
+
+PY = sys.executable
+
+
+def step(sid: str, code: str, **kw) -> StepSpec:  # type: ignore[no-untyped-def]
+    return StepSpec(id=sid, kind=kw.pop("kind", "eval"), description=f"{sid} step", executor="local",
+                    argv=[PY, "-c", code], **kw)
+
+
+def plan_of(tmp: Path, *steps: StepSpec, gpus: bool = False) -> Plan:
+    all_steps = list(steps)
+    if any(s.kind == "power" for s in all_steps):
+        all_steps.append(StepSpec(id="power-restore-final", kind="power-restore", executor="nvml", gpus=[0, 1],
+                                  always=True, description="restore"))
+    return Plan(recipe="t", recipe_file="t.yaml", machine="m", executor="local", run_dir=str(tmp / "run"),
+                steps=all_steps, fit={}, psu=None, psu_uncapped=None, layout={}, python=PY,
+                simulated_gpus=["RTX 4090", "RTX 3090 Ti"] if gpus else None)
+
+
+def execute(tmp: Path, plan: Plan, **kw) -> tuple[runner.RunResult, str, dict]:  # type: ignore[no-untyped-def,type-arg]
+    run_path = tmp / "run"
+    run = runner.create_run(run_path, plan, {"name": "t"}, ["ftkit", "up", "t.yaml"]) if not run_path.exists() \
+        else RunDir(run_path)
+    out = io.StringIO()
+    result = runner.execute_plan(run, plan, display=Display(plan, stream=out), **kw)
+    return result, out.getvalue(), json.loads((run_path / "state.json").read_text())
+
+
+@pytest.fixture
+def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    state = tmp_path / "sim.json"
+    monkeypatch.setenv("FTKIT_SIMULATED_GPUS", "RTX 4090,RTX 3090 Ti")
+    monkeypatch.setenv("FTKIT_SIMULATED_GPUS_STATE", str(state))
+    monkeypatch.setenv("FTKIT_STATE_DIR", str(tmp_path / "state"))
+    return state
+
+
+def limits(sim: Path) -> list[float]:
+    return [g["power_limit_w"] for g in json.loads(sim.read_text())["gpus"]]
+
+
+def test_success_keeps_third_party_noise_in_the_logs(tmp_path: Path) -> None:
+    noisy = "import sys\nfor i in range(50): print(f'{i}%|####| tqdm noise'); sys.stderr.write('UserWarning: noise\\n')"
+    result, console, st = execute(tmp_path, plan_of(tmp_path, step("a", noisy), step("b", "print('ok')")))
+    assert result.status == "succeeded" and result.exit_code == 0
+    assert st["status"] == "succeeded" and st["finished"] and st["pid"] == os.getpid() and st["pid_start"]
+    assert [st["steps"][s]["status"] for s in ("a", "b")] == ["succeeded", "succeeded"]
+    assert "noise" not in console and "[1/2] a" in console
+    assert "tqdm noise" in (tmp_path / "run/logs/a.log").read_text()
+    assert st["steps"]["a"]["log"] == "logs/a.log" and st["steps"]["a"]["process"]["pid"]
+
+
+def test_a_failed_step_skips_the_rest_and_names_its_last_lines(tmp_path: Path) -> None:
+    bad = "import sys; print('loading...'); print('RuntimeError: out of memory'); sys.exit(3)"
+    result, console, st = execute(tmp_path, plan_of(tmp_path, step("a", bad), step("b", "print(1)")))
+    assert result.exit_code == 1 and result.failed_step == "a"
+    assert st["status"] == "failed" and st["failed_step"] == "a" and st["finished"]
+    assert "exit code 3" in st["steps"]["a"]["error"] and "out of memory" in st["steps"]["a"]["error"]
+    assert st["steps"]["b"]["status"] == "skipped" and "step a failed" in st["steps"]["b"]["reason"]
+    assert "FAILED" in console
+
+
+def test_an_exception_in_ftkit_itself_marks_the_run_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          sim: Path) -> None:
+    plan = plan_of(tmp_path, StepSpec(id="power", kind="power", executor="nvml", gpus=[0, 1],
+                                      power_caps_w={0: 300, 1: 300}, description="cap"), step("a", "print(1)"),
+                   gpus=True)
+    real = runner._execute
+
+    def broken(ctx, s):  # type: ignore[no-untyped-def]
+        if s.id == "a":
+            raise ValueError("a bug")
+        return real(ctx, s)
+
+    monkeypatch.setattr(runner, "_execute", broken)
+    result, console, st = execute(tmp_path, plan)
+    assert result.status == "failed" and st["status"] == "failed" and st["finished"]
+    assert st["steps"]["a"]["status"] == "failed" and "internal error: ValueError: a bug" in st["steps"]["a"]["error"]
+    assert "Traceback" in (tmp_path / "run/logs/ftkit.log").read_text()
+    assert limits(sim) == [450.0, 350.0]  # the guard still restored the caps
+
+
+def test_sigterm_interrupts_the_step_and_the_restore_still_runs(tmp_path: Path, sim: Path) -> None:
+    plan = plan_of(tmp_path, StepSpec(id="power", kind="power", executor="nvml", gpus=[0, 1],
+                                      power_caps_w={0: 300, 1: 280}, description="cap"),
+                   step("a", "import time; time.sleep(60)", gpus=[]), step("b", "print(1)"), gpus=True)
+    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    t0 = time.monotonic()
+    result, console, st = execute(tmp_path, plan)
+    assert time.monotonic() - t0 < 30
+    assert result.status == "interrupted" and result.exit_code == 143
+    assert st["status"] == "interrupted" and st["signal"] == "SIGTERM"
+    assert st["steps"]["a"]["status"] == "interrupted" and st["steps"]["b"]["status"] == "skipped"
+    assert st["steps"]["power-restore-final"]["status"] == "succeeded"
+    assert limits(sim) == [450.0, 350.0]
+    pid = st["steps"]["a"]["process"]["pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_second_signal_during_the_restore_is_ignored(tmp_path: Path, sim: Path) -> None:
+    from ftkit.gpu.nvml import SimulatedNvml
+
+    plan = plan_of(tmp_path, StepSpec(id="power", kind="power", executor="nvml", gpus=[0, 1],
+                                      power_caps_w={0: 300, 1: 300}, description="cap"),
+                   step("a", "import time; time.sleep(60)"), gpus=True)
+
+    def signals() -> None:
+        time.sleep(2)
+        SimulatedNvml(["RTX 4090", "RTX 3090 Ti"], str(sim))._sync(lambda s: s.update(delay_set_s=1.5))
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(4):  # Ctrl-C hammered while the GPUs go back
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=signals, daemon=True).start()
+    result, console, st = execute(tmp_path, plan)
+    assert result.exit_code == 130 and st["status"] == "interrupted"
+    assert "the restore goes on" in console
+    assert limits(sim) == [450.0, 350.0]
+    assert st["steps"]["power-restore-final"]["status"] == "succeeded"
+
+
+def test_one_gpu_failing_to_restore_does_not_stop_the_other(tmp_path: Path, sim: Path) -> None:
+    from ftkit.gpu.nvml import SimulatedNvml
+
+    fault = "from ftkit.gpu.nvml import SimulatedNvml\n" \
+            f"SimulatedNvml([], {str(sim)!r})._sync(lambda s: s.update(fail_set=[0]))"
+    plan = plan_of(tmp_path, StepSpec(id="power", kind="power", executor="nvml", gpus=[0, 1],
+                                      power_caps_w={0: 300, 1: 300}, description="cap"), step("a", fault), gpus=True)
+    result, console, st = execute(tmp_path, plan)
+    restore = st["steps"]["power-restore-final"]
+    assert restore["status"] == "failed" and "GPU 0" in restore["error"]
+    assert result.status == "failed" and result.exit_code == 1
+    assert limits(sim) == [300.0, 350.0]
+    SimulatedNvml([], str(sim))._sync(lambda s: s.update(fail_set=[]))
+    from ftkit.gpu import power
+    from ftkit.gpu.nvml import open_nvml
+
+    report = power.restore(open_nvml())
+    assert report.ok and limits(sim) == [450.0, 350.0]
+
+
+def test_originals_survive_a_crashed_run(tmp_path: Path, sim: Path) -> None:
+    """A crashed run left GPU 0 capped at 300 W: the next run must restore 450 W, not 300."""
+    from ftkit.gpu import power
+    from ftkit.gpu.nvml import open_nvml
+
+    power.set_limits(open_nvml(), {0: 300}, by="crashed-run")  # and then the process died
+    plan = plan_of(tmp_path, StepSpec(id="power", kind="power", executor="nvml", gpus=[0, 1],
+                                      power_caps_w={0: 320, 1: 320}, description="cap"), step("a", "print(1)"),
+                   gpus=True)
+    result, console, st = execute(tmp_path, plan)
+    assert result.status == "succeeded"
+    assert limits(sim) == [450.0, 350.0]
+    assert st["power"]["original_w"] == {"0": 450.0, "1": 350.0}
+
+
+def test_resume_skips_what_is_done(tmp_path: Path) -> None:
+    marker = tmp_path / "count"
+    counting = f"import pathlib; p = pathlib.Path({str(marker)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')"
+    gate = tmp_path / "gate"
+    flaky = f"import pathlib, sys; sys.exit(0 if pathlib.Path({str(gate)!r}).exists() else 1)"
+    plan = plan_of(tmp_path, step("a", counting), step("b", flaky), step("c", "print(1)"))
+    result, _, st = execute(tmp_path, plan)
+    assert result.status == "failed" and st["steps"]["c"]["status"] == "skipped"
+    gate.write_text("")
+    result, console, st = execute(tmp_path, plan, resume=True)
+    assert result.status == "succeeded"
+    assert marker.read_text() == "x"  # a ran once
+    assert st["steps"]["a"]["attempt"] == 1 and st["steps"]["b"]["attempt"] == 2
+    assert len(st["resumes"]) == 1
+
+
+def test_a_taken_port_fails_the_serve_step_before_anything_starts(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        serve = StepSpec(id="serve", kind="serve", executor="local", description="serve",
+                         argv=[PY, "-m", "http.server", str(port)], background=True,
+                         ready={"health": f"http://127.0.0.1:{port}/", "models": f"http://127.0.0.1:{port}/",
+                                "timeout_s": 5, "base_url": "", "served_name": "x", "port": port, "host": "127.0.0.1"},
+                         outputs={"responses": "steps/serve/responses.jsonl"})
+        result, console, st = execute(tmp_path, plan_of(tmp_path, serve))
+    assert result.status == "failed"
+    assert f"port {port} is already taken" in st["steps"]["serve"]["error"]
+    assert "process" not in st["steps"]["serve"]  # nothing was started
+
+
+@pytest.mark.parametrize("recipe,machine", [("mistral-small-24b-qlora-2x24gb.yaml", "zorac.yaml"),
+                                            ("gemma2-27b-qlora-zero3-2x4090.yaml", "dual-4090.yaml"),
+                                            ("quickstart.yaml", "cpu.yaml")])
+def test_plan_json_round_trips(recipe: str, machine: str) -> None:
+    """--resume executes the stored plan.json: it must rebuild the very same plan."""
+    from ftkit.run.planning import prepare
+
+    plan = prepare(str(RECIPES / recipe), str(RECIPES / "machines" / machine)).plan
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict(), default=str)))
+    assert again == plan
