@@ -224,3 +224,50 @@ def test_plan_json_round_trips(recipe: str, machine: str) -> None:
     plan = prepare(str(RECIPES / recipe), str(RECIPES / "machines" / machine)).plan
     again = Plan.from_dict(json.loads(json.dumps(plan.to_dict(), default=str)))
     assert again == plan
+
+
+DRIVER = """
+import sys
+from pathlib import Path
+from tests.unit.test_runner import execute, plan_of, step
+from ftkit.plan.spec import StepSpec
+tmp = Path(sys.argv[1])
+plan = plan_of(tmp, StepSpec(id="power", kind="power", executor="nvml", gpus=[0, 1], power_caps_w={0: 300, 1: 300},
+                             description="cap"), step("a", "import time; time.sleep(120)"), gpus=True)
+execute(tmp, plan)
+"""
+
+
+def test_ftkit_down_cleans_up_after_a_killed_ftkit(tmp_path: Path, sim: Path) -> None:
+    """SIGKILL cannot be caught: the caps stay and the journal says running. The next
+    ftkit sees the run is stale (pid + start time), and `ftkit down` puts the machine back,
+    stops what is left and closes the journal."""
+    import subprocess
+
+    from tests.conftest import ROOT, run_cli
+
+    proc = subprocess.Popen([PY, "-c", DRIVER, str(tmp_path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    state = tmp_path / "run" / "state.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if state.exists() and '"process"' in state.read_text():
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the run never started its step")
+    child = json.loads(state.read_text())["steps"]["a"]["process"]["pid"]
+    proc.kill()
+    proc.wait()
+    assert limits(sim) == [300.0, 300.0]
+    status = run_cli("status", str(tmp_path / "run"), "--json")
+    assert json.loads(status.out)["stale"] is True
+    result = run_cli("down", "--runs-dir", str(tmp_path))
+    assert result.code == 0, result.err
+    assert "power:" in result.out
+    assert limits(sim) == [450.0, 350.0]
+    st = json.loads(state.read_text())
+    assert st["status"] == "failed" and st["finished"] and st["steps"]["a"]["status"] == "interrupted"
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the step died with ftkit (parent-death signal)
+        os.kill(child, 0)
