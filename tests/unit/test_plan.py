@@ -115,3 +115,21 @@ def test_plan_against_machine_without_enough_gpus(tmp_path) -> None:  # type: ig
     result = run_cli("plan", str(RECIPES / "llama31-8b-lora-2gpu.yaml"), "--machine", str(RECIPES / "machines" / "cpu.yaml"))
     assert result.code == 2
     assert "llama31-8b-lora-2gpu.yaml:" in result.err and "GPU 0 is not on machine 'cpu'" in result.err
+
+
+def test_plan_escapes_control_characters_and_warns_about_open_binds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A recipe string cannot hide a flag from the person reading the plan, and a server
+    reachable from the network is said out loud."""
+    import shutil
+
+    shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", tmp_path / "train.jsonl")
+    (tmp_path / "r.yaml").write_text(
+        'ftkit: 1\nname: esc\nmodel: {tiny: {}}\ndataset: {path: train.jsonl, format: alpaca}\nsteps:\n'
+        '  - {type: train, max_steps: 1}\n  - {type: merge}\n'
+        '  - {type: serve, engine: transformers, prompts: [{prompt: "hi\\u001b[2J\\rrm -rf \\u202eoops"}]}\n')
+    (tmp_path / "m.yaml").write_text("ftkit: 1\nkind: machine\nname: open\nexecutor: local\nbind_address: 0.0.0.0\n")
+    result = run_cli("plan", str(tmp_path / "r.yaml"), "--machine", str(tmp_path / "m.yaml"))
+    assert result.code == 0, result.err
+    assert "\x1b" not in result.out and "\r" not in result.out and "\u202e" not in result.out
+    assert "\\x1b[2J\\rrm -rf \\u202eoops" in result.out
+    assert "reachable from the network" in result.out

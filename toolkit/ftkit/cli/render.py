@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import shlex
-import unicodedata
+from typing import Any
 
-from ftkit.plan.container import step_command
+from ftkit.plan.container import lease_argv, step_command
 from ftkit.plan.spec import Plan
+from ftkit.recipe.yamlpos import printable
 
 
 def esc(text: str) -> str:
-    """Control and format characters written as escapes, so a recipe string cannot hide a
-    flag or rewrite the line from the person reading the plan (ANSI codes, carriage
-    returns, bidi overrides, zero-width characters)."""
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            code = ord(ch)
-            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch) or
-                       (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"))
-        else:
-            out.append(ch)
-    return "".join(out)
+    """Control and invisible characters escaped (one implementation: the recipe layer's), so
+    a recipe string cannot hide a flag or rewrite the line from the person reading the plan."""
+    return printable(text)
 
 
 def _q(argv: list[str]) -> str:
@@ -65,7 +57,7 @@ def render_plan(plan: Plan) -> str:
         for p in s.prompts:
             exp = p.get("expect") or {}
             cond = ", ".join(f"{k} {v!r}" for k, v in exp.items() if v is not None) or "any answer"
-            w(f"   test prompt: {esc(repr(p['prompt'][:60]))} -> {esc(cond)}")
+            w(f"   test prompt: '{esc(p['prompt'][:60])}' -> {esc(cond)}")
         if s.background:
             w(f"   afterwards: {'left running' if s.keep_running else 'stopped at the end of the run'}")
         for f in s.files:
@@ -74,6 +66,14 @@ def render_plan(plan: Plan) -> str:
                 w(f"     | {esc(line)}")
         for note in s.notes:
             w(f"   note: {esc(note)}")
+        for node in s.nodes:  # a multi-node step: what differs per node
+            where = esc(node.docker_host) if node.docker_host else "this machine's engine"
+            how = "started by hand (ftkit prints the command)" if node.manual else f"through {where}"
+            w(f"   node {node.rank}: {esc(node.name)} at {esc(node.address)}, {how}, network {esc(node.network)}")
+            w(f"     run: {_q(lease_argv(s, ['ftkit']) + node.argv)}")
+            w("     env: " + " ".join(f"{k}={esc(shlex.quote(v))}" for k, v in sorted(node.env.items())))
+    if plan.cluster:
+        _cluster(plan, w)
     if plan.fit:
         w("")
         w("memory fit (estimate per GPU; every figure is per GPU):")
@@ -129,3 +129,26 @@ def render_plan(plan: Plan) -> str:
     for k, v in plan.layout.items():
         w(f"  {k:<24} {v}")
     return "\n".join(out)
+
+
+def _cluster(plan: Plan, w: Any) -> None:
+    c = plan.cluster
+    w("")
+    w(f"cluster: {len(c.get('nodes', []))} node(s), rendezvous {esc(str(c.get('rendezvous')))} (c10d), "
+      f"shared storage {esc(str(c.get('shared')))}")
+    measured = c.get("allreduce")
+    if not measured:
+        w("  all-reduce between the nodes: not measured yet (`ftkit bench RECIPE --allreduce`); run it before a "
+          "long multi-node job")
+        return
+    w(f"  all-reduce measured {measured.get('taken')} ({measured.get('backend')}, {measured.get('world_size')} processes):")
+    for row in measured.get("results", []):
+        w(f"    {row['bytes']:>12} bytes: algbw {row['algbw_gbps']:g} GB/s, busbw {row['busbw_gbps']:g} GB/s")
+    for sid, e in (c.get("expected_scaling") or {}).items():
+        if not e:
+            continue
+        w(f"  expected scaling of {sid}: {e['gradient_bytes']} bytes of gradients per optimizer step take about "
+          f"{e['allreduce_s_per_step'] * 1e3:.2f} ms to all-reduce ({e['basis']}); a node must compute at least "
+          f"{e['min_compute_s_per_step'] * 1e3:.2f} ms per step for {e['keep_efficiency']:.0%} scaling efficiency "
+          "(no overlap assumed)")
+

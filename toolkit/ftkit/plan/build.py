@@ -8,6 +8,7 @@ host's layout.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -381,6 +382,9 @@ def build_plan(
             )
         steps.append(start)
     _sharding_notes(steps)
+    if any(s.ports for s in steps) and not ipaddress.ip_address(machine.bind_address).is_loopback:
+        warnings.append(f"servers publish their port on {machine.bind_address} (machine profile bind_address): the "
+                        "OpenAI-compatible API is reachable from the network, without authentication")
     if any(s.kind == "power" for s in steps):
         steps.append(StepSpec(id="power-restore-final", kind="power-restore", executor="nvml", gpus=all_gpus, always=True,
                               description="restore the power limits found at the start (also after a failure)"))
