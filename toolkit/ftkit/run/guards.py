@@ -118,11 +118,16 @@ class GuardStack:
     def find(self, kind: type) -> Any:
         return next((g for g in self.guards if isinstance(g, kind)), None)
 
-    def unwind(self, succeeded: bool, report: Callable[[Guard, Outcome], None]) -> None:
+    def unwind(self, succeeded: bool, report: Callable[[Guard, Outcome], None],
+               starting: Callable[[Guard], None] = lambda g: None) -> None:
         """Undo everything in reverse order. Nothing stops the unwinding: each guard's
         failure becomes an Outcome and the next guard runs."""
         while self.guards:
             guard = self.guards.pop()
+            try:
+                starting(guard)
+            except Exception:  # noqa: BLE001 - journaling the start must not stop the undo
+                pass
             try:
                 outcome = guard.unwind(succeeded)
             except BaseException as e:  # noqa: BLE001 - a guard must never stop the others

@@ -334,10 +334,16 @@ def _left(ctx: Context, step: StepSpec, handle: Any) -> None:
 
 
 def _unwind(ctx: Context, succeeded: bool) -> None:
+    def journaled(guard: Any) -> bool:
+        return bool(guard.journal_id) and any(s.id == guard.journal_id for s in ctx.plan.steps)
+
+    def starting(guard: Any) -> None:
+        if journaled(guard):
+            ctx.journal.step(guard.journal_id, "running")
+
     def report(guard: Any, outcome: Outcome) -> None:
-        if guard.journal_id and any(s.id == guard.journal_id for s in ctx.plan.steps):
+        if journaled(guard):
             sid = guard.journal_id
-            ctx.journal.step(sid, "running")
             extra = {**outcome.detail, **_log_ref(ctx, ctx.plan.step(sid))}
             if outcome.status == "failed":
                 extra["error"] = outcome.message
@@ -352,7 +358,7 @@ def _unwind(ctx: Context, succeeded: bool) -> None:
         elif outcome.status == "failed":
             ctx.display.note(f"{guard.label}: {outcome.message}")
 
-    ctx.guards.unwind(succeeded, report)
+    ctx.guards.unwind(succeeded, report, starting)
 
 
 # --------------------------------------------------------------------------- around steps
