@@ -32,8 +32,12 @@ def _machine(machine_path: str | None):  # type: ignore[no-untyped-def]
 @click.option("--json", "as_json", is_flag=True, help="print a machine snapshot (facts + findings) for --compare")
 @click.option("--compare", nargs=2, type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               metavar="A.json B.json", help="show drift between two hosts' `doctor --json` snapshots")
+@click.option("--cluster", "cluster", is_flag=True,
+              help="run the doctor on every node of the profile's cluster (in the training image, through each "
+                   "node's engine) and compare each node with the first")
+@click.option("--image", default=None, help="--cluster: the image to check in (default: the profile's train image)")
 def doctor(machine_path: str | None, recipes: tuple[str, ...], runs_dir: Path | None, offline: bool, as_json: bool,
-           compare: tuple[Path, Path] | None) -> None:
+           compare: tuple[Path, Path] | None, cluster: bool, image: str | None) -> None:
     """Check this machine before running: Docker and the NVIDIA runtime, driver against the
     images' CUDA, each GPU's PCIe link and power limits, the PSU budget, free disk, clock
     skew, the GPU lease directory and runs that died. Exit 1 when anything is an error.
@@ -42,6 +46,9 @@ def doctor(machine_path: str | None, recipes: tuple[str, ...], runs_dir: Path | 
     CUDA, driver, ftkit, images and lock hashes of two hosts (exit 1 on error-level drift)."""
     from ftkit.observe import doctor as dr
 
+    if cluster:
+        _doctor_cluster(machine_path, image, as_json)
+        return
     if compare is not None:
         a, b = (dr.load_snapshot(p) for p in compare)
         drift = dr.compare(a, b)
@@ -106,8 +113,13 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
 
 @click.command()
 @click.argument("recipe", type=click.Path(path_type=str))
-@click.option("--gpus", "gpu_sets", multiple=True, required=True, metavar="LIST",
+@click.option("--gpus", "gpu_sets", multiple=True, metavar="LIST",
               help="a GPU set to run on, e.g. --gpus 0 --gpus 0,1 (repeat; the fewest GPUs is the baseline)")
+@click.option("--allreduce", is_flag=True,
+              help="instead: all-reduce bandwidth between the nodes of the recipe's multi-node train step, with its "
+                   "backend, rendezvous and interfaces (kept for `ftkit plan`'s expected scaling)")
+@click.option("--sizes", default=None, metavar="BYTES,...",
+              help="--allreduce: message sizes in bytes (default 1 MiB, 4 MiB, 16 MiB)")
 @click.option("--max-steps", type=int, default=100, show_default=True, help="training steps per run (short and fixed)")
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
               help="machine profile (default: this host, detected)")
@@ -122,15 +134,20 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
 @click.option("--bottleneck", help="your bottleneck statement (metric, threshold, why it matters), quoted in decision.md")
 @click.option("--dry-run", is_flag=True, help="print each GPU set's variant and plan; run nothing")
 @click.option("--verbose", "-v", is_flag=True, help="copy every step's output to the console")
-def bench(recipe: str, gpu_sets: tuple[str, ...], max_steps: int, machine_path: str | None, executor: str | None,
-          out_dir: Path | None, repeat: int, keep_efficiency: float, bottleneck: str | None, dry_run: bool,
-          verbose: bool) -> None:
+def bench(recipe: str, gpu_sets: tuple[str, ...], allreduce: bool, sizes: str | None, max_steps: int,
+          machine_path: str | None, executor: str | None, out_dir: Path | None, repeat: int, keep_efficiency: float,
+          bottleneck: str | None, dry_run: bool, verbose: bool) -> None:
     """The scaling test: the same recipe's training on each GPU set, everything else equal
     (data, steps, global batch, checkpoint policy, caps), as short fixed-step runs. Reports
     samples/s, tokens/s, scaling efficiency, peak temperature and power, throttling and
     checkpoint time, and writes decision.md: the bottleneck, the evidence and one decision -
     keep the multi-GPU plan, simplify to workload sharding, fix another bottleneck first, or
     stop scaling for now - with the rule that chose it."""
+    if allreduce:
+        _allreduce(recipe, machine_path, out_dir, sizes, verbose)
+        return
+    if not gpu_sets:
+        raise click.UsageError("give the GPU sets to compare (--gpus 0 --gpus 0,1), or --allreduce")
     from ftkit.observe import scaling
 
     th = scaling.Thresholds(keep_efficiency=keep_efficiency)
@@ -147,6 +164,63 @@ def bench(recipe: str, gpu_sets: tuple[str, ...], max_steps: int, machine_path: 
     click.echo(f"written: {result.decision_md}" + (f", {result.report}" if result.report else ""))
     if any(m.status != "succeeded" for m in result.measures):
         sys.exit(1)
+
+
+def _doctor_cluster(machine_path: str | None, image: str | None, as_json: bool) -> None:
+    from ftkit.errors import UserError
+    from ftkit.observe import nodes
+
+    if not machine_path:
+        raise UserError("--cluster needs the machine profile with the cluster (--machine)")
+    from ftkit.recipe.validate import load_machine
+
+    machine = load_machine(machine_path).machine
+    if image is None:
+        from ftkit.images.catalog import expected_refs
+
+        lock = Path(machine.docker.images_lock).expanduser() if machine.docker.images_lock else None
+        image = expected_refs(machine, lock)["train"]
+    report = nodes.check_cluster(machine, image, say=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        first = report.nodes[0].name if report.nodes else "?"
+        for n in report.nodes:
+            click.echo(f"node {n.name} ({n.host or 'this machine'}):")
+            for f in n.checks:
+                click.echo(f"  {MARK[f.severity]} {f.check:<10} {f.message}")
+                if f.remediation and f.severity != "ok":
+                    click.echo(f"  {'':5} {'':<10} fix: {f.remediation}")
+            if n.name != first and n.snapshot is not None:
+                if not n.drift:
+                    click.echo(f"  ok    drift      none against {first}")
+                for d in n.drift:
+                    click.echo(f"  {MARK.get(d.severity, d.severity)} drift      {d.field}: {first} {d.a}, "
+                               f"{n.name} {d.b} ({d.why})")
+        click.echo(f"{report.errors()} error(s) across {len(report.nodes)} node(s) (image {report.image})")
+    if report.errors():
+        sys.exit(1)
+
+
+def _allreduce(recipe: str, machine_path: str | None, out_dir: Path | None, sizes: str | None, verbose: bool) -> None:
+    from ftkit.errors import UserError
+    from ftkit.observe import allreduce as ar
+
+    try:
+        size_list = [int(x) for x in sizes.split(",") if x.strip()] if sizes else None
+    except ValueError:
+        raise UserError(f"--sizes {sizes!r}: expected byte counts separated by commas, e.g. 1048576,16777216") from None
+    if size_list is not None and (not size_list or any(not 4 <= n <= 1 << 34 for n in size_list)):
+        raise UserError(f"--sizes {sizes!r}: each size is 4 bytes to 16 GiB")
+    res = ar.run_bench(recipe, machine_path, out_dir=out_dir, sizes=size_list, echo=verbose,
+                       say=lambda m: click.echo(m, err=True))
+    r = res.result
+    click.echo(f"all-reduce between {', '.join(r.get('nodes', []))} ({r.get('backend')}, {r.get('world_size')} processes, "
+               f"rendezvous {r.get('rendezvous')}):")
+    for row in r.get("results", []):
+        click.echo(f"  {row['bytes']:>12} bytes  {row['time_s'] * 1e3:9.2f} ms  algbw {row['algbw_gbps']:8.3f} GB/s  "
+                   f"busbw {row['busbw_gbps']:8.3f} GB/s")
+    click.echo(f"written: {res.bench_dir / ar.RESULT}; kept for `ftkit plan`: {res.latest}")
 
 
 COMMANDS = [doctor, report, bench]

@@ -143,6 +143,7 @@ class ContainerRequest:
     network: str | None = None
     hostname: str | None = None
     stop_timeout: int | None = None
+    aliases: list[str] | None = None  # DNS names on `network` (a user-defined network), besides the container name
 
 
 def container_kwargs(req: ContainerRequest) -> dict[str, Any]:
@@ -167,6 +168,8 @@ def container_kwargs(req: ContainerRequest) -> dict[str, Any]:
         kw["restart_policy"] = {"Name": req.restart}
     if req.network:
         kw["network"] = req.network
+        if req.aliases and req.network not in ("host", "bridge", "none"):
+            kw["networking_config"] = {req.network: dt.EndpointConfig("1.41", aliases=list(req.aliases))}
     if req.hostname:
         kw["hostname"] = req.hostname
     # stop_timeout is not a docker-py model argument: ftkit passes the grace to every stop itself

@@ -190,6 +190,16 @@ def torch_build() -> dict[str, str | None]:
     return {"torch": dist.version, "torch_cuda": cuda}
 
 
+DIST_ENV_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "TORCHELASTIC_", "PYTHONPATH",
+                     "OMP_NUM_THREADS", "CUDA_DEVICE_ORDER", "UCX_", "FI_")
+
+
+def dist_env() -> dict[str, str]:
+    """The environment that changes how ranks talk to each other (NCCL/Gloo knobs, thread
+    counts, a PYTHONPATH shadowing packages): it must match across the nodes of a job."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(DIST_ENV_PREFIXES)}
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -251,6 +261,7 @@ class Doctor:
         }
         facts.update(torch_build())
         facts["images_lock"] = self._images_lock()
+        facts["dist_env"] = dist_env()
         return facts
 
     def _images_lock(self) -> dict[str, Any]:
@@ -859,6 +870,12 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[Drift]:
                 if ea.get(f) != eb.get(f):
                     out.append(Drift(f"{section}.{key}.{f}", _trim(ea.get(f)), _trim(eb.get(f)),
                                      "error" if f != "tag" else "warn", "not the same dependency set"))
+    ea, eb = a.get("dist_env") or {}, b.get("dist_env") or {}
+    for key in sorted(set(ea) | set(eb)):
+        if key.endswith("_SOCKET_IFNAME"):
+            continue  # interface names legitimately differ between hosts
+        diff(f"dist_env.{key}", ea.get(key), eb.get(key), "warn",
+             "the ranks' communication settings differ (NCCL/Gloo knobs, threads, PYTHONPATH)")
     ga = [g.get("name") for g in a.get("gpus") or []]
     gb = [g.get("name") for g in b.get("gpus") or []]
     diff("gpus", ga, gb, "info", "different GPUs (fine for sharding; for data parallelism the slowest sets the pace)")

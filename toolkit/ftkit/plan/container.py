@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ftkit.plan.spec import Mount, Plan, Port, StepSpec
+from ftkit.plan.spec import Mount, NodeSpec, Plan, Port, StepSpec
 
 WORKDIR = "/ftkit"
 
@@ -52,6 +52,9 @@ class ContainerSpec:
     workdir: str = WORKDIR
     simulated_gpus: bool = False
     stop_grace_s: int = 30  # docker stop's timeout: the lease's own grace for the engine, plus time to let go
+    network: str | None = None  # a multi-node step's nodes: host, or a user-defined network
+    hostname: str | None = None
+    aliases: list[str] = field(default_factory=list)  # the node's address on a user-defined network
 
 
 def container_name(plan: Plan, step: StepSpec) -> str:
@@ -83,3 +86,24 @@ def container_spec(step: StepSpec, plan: Plan) -> ContainerSpec:
         simulated_gpus=simulated and bool(step.gpus),
         stop_grace_s=(step.lease.grace_s + 10) if step.lease else 30,
     )
+
+
+def node_container_spec(step: StepSpec, plan: Plan, node: NodeSpec) -> ContainerSpec:
+    """The container of one node of a multi-node step: the step's container (image, mounts,
+    lease, labels) with the node's command, environment and GPUs, named and labelled for
+    the node, on the cluster's network. With `host` networking the trainer binds the
+    node's own interfaces; on a user-defined network (containers standing in for hosts)
+    the node's address is its DNS alias there."""
+    cs = container_spec(step, plan)
+    cs.command = lease_argv(step, ["ftkit"]) + list(node.argv)  # the same GPU indices on every node
+    cs.name = f"{cs.name}-{node.name}"[:128]
+    cs.env = {**step.env, **node.env}
+    cs.device_ids = [] if plan.simulated_gpus else [str(g) for g in node.gpus]
+    cs.labels = {**cs.labels, "dev.ftkit.node": node.name, "dev.ftkit.rank": str(node.rank)}
+    cs.network = node.network
+    if node.network != "host":
+        cs.hostname = node.name
+        cs.aliases = [node.address]
+    cs.ports = []  # nothing is published: the nodes reach each other directly
+    return cs
+

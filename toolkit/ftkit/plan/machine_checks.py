@@ -4,6 +4,8 @@ at the line that needs changing."""
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from ftkit.plan import power
 from ftkit.plan.spec import Plan
 from ftkit.recipe.checks import Finding
@@ -28,6 +30,7 @@ def findings(res: Resolved, plan: Plan) -> list[Finding]:
                 rng = power.allowed_range(gpu)
                 if rng and not rng[0] <= watts <= rng[1]:
                     out.append((sub, f"{watts} W is outside GPU {idx}'s allowed range {rng[0]}-{rng[1]} W ({gpu.model})", False))
+    out.extend(_multinode(res, plan))
     out.extend(_psu_phases(res, plan, first_power))
     out.extend(_serving_port(res, plan))
     for i, step in enumerate(res.recipe.steps):
@@ -91,3 +94,33 @@ def _serving_port(res: Resolved, plan: Plan) -> list[Finding]:
         out.append((("steps", i, "port"), f"port {step.port} is held by the machine's serving service {svc.service!r} "
                     f"({svc.manager}), which this plan does not stop first; choose another port", False))
     return out
+
+
+_INPUT_FIELDS = {"dataset": ("dataset", "path"), "model": ("model", "path"), "template": ("dataset", "template"),
+                 "eval": ("dataset", "eval", "path")}
+
+
+def _multinode(res: Resolved, plan: Plan) -> list[Finding]:
+    """A multi-node step runs in the images, and nodes on other hosts bind-mount the run
+    directory and the inputs from the same paths: those must be on the shared storage."""
+    out: list[Finding] = []
+    cluster = res.machine.cluster
+    for i, step in enumerate(res.recipe.steps):
+        if not isinstance(step, TrainStep) or step.nodes == 1:
+            continue
+        if plan.executor != "docker":
+            out.append((("steps", i, "nodes"), "a multi-node step runs in ftkit's images on every node: "
+                        "use executor docker", False))
+        if cluster is None:
+            continue
+        remote = [n.name for n in cluster.nodes[:step.nodes] if n.docker_host or n.manual]
+        if not remote:
+            continue
+        shared = PurePosixPath(cluster.shared)
+        for key, where in _INPUT_FIELDS.items():
+            path = res.host_paths.get(key)
+            if path is not None and shared not in PurePosixPath(path).parents:
+                out.append((where, f"{path} is not inside cluster.shared ({cluster.shared}): node(s) "
+                            f"{', '.join(remote)} mount it from the same path", False))
+    return out
+

@@ -54,6 +54,23 @@ class LeaseSpec:
 
 
 @dataclass
+class NodeSpec:
+    """One node of a multi-node step: where its trainer runs and how it differs from the
+    others (its rank, its launcher flags, its network interface). The image, the recipe's
+    configs and the mounts are the step's, the same on every node."""
+
+    rank: int  # the machine rank (accelerate --machine_rank); rank 0 hosts the c10d store
+    name: str
+    address: str  # how the other nodes reach this one (its alias on a user-defined Docker network)
+    argv: list[str]  # the engine command on this node (the step's argv plus its rank)
+    env: dict[str, str] = field(default_factory=dict)  # over the step's env on this node
+    gpus: list[int] = field(default_factory=list)  # host indices on this node
+    docker_host: str | None = None  # None: this machine's engine (the plan's docker.host)
+    network: str = "host"  # Docker network of the container
+    manual: bool = False  # ftkit cannot reach this node's engine: it prints the command instead
+
+
+@dataclass
 class StepSpec:
     id: str  # unique within the plan; names the log file, the journal entry and the compose service
     kind: str  # power | power-restore | handoff-stop | handoff-start | tiny-model | train | merge | serve | eval
@@ -79,6 +96,7 @@ class StepSpec:
     always: bool = False  # runs at the end even when an earlier step failed (restores)
     replaced_by: str | None = None  # handoff-start: not needed when this serve step succeeded and runs on
     notes: list[str] = field(default_factory=list)
+    nodes: list[NodeSpec] = field(default_factory=list)  # a multi-node train step: one trainer per node
 
 
 @dataclass
@@ -99,6 +117,7 @@ class Plan:
     docker: dict[str, Any] = field(default_factory=dict)  # host, base_image, wheelhouse, ca_bundle, build_missing
     telemetry: dict[str, Any] = field(default_factory=dict)  # enabled, interval_s
     simulated_gpus: list[str] | None = None  # GPU names of a simulated machine (no GPU exists)
+    cluster: dict[str, Any] = field(default_factory=dict)  # nodes, rendezvous, shared path, measured all-reduce
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +147,7 @@ def _step(s: dict[str, Any]) -> StepSpec:
     d["files"] = [GeneratedFile(**f) for f in d.get("files", [])]
     d["ports"] = [Port(**p) for p in d.get("ports", [])]
     d["power_caps_w"] = _int_keys(d.get("power_caps_w", {}))
+    d["nodes"] = [NodeSpec(**n) for n in d.get("nodes", [])]
     if d.get("lease"):
         lease = dict(d["lease"])
         lease["max_power_w"] = _int_keys(lease.get("max_power_w", {}))

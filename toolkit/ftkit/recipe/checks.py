@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ftkit.recipe import imagerefs
 from ftkit.recipe.models import (
+    Cluster,
     EvalStep,
     Machine,
     MergeStep,
@@ -552,8 +553,11 @@ def _train(step: TrainStep, here: Path_, out: list[Finding]) -> None:
             out.append(
                 (here + ("distribution",), f"{len(step.gpus)} GPUs listed but distribution is single; use ddp or deepspeed-zero2/3", False)
             )
-        if step.distribution != "single" and len(step.gpus) < 2:
+        if step.distribution != "single" and len(step.gpus) < 2 and step.nodes == 1:
             out.append((here + ("gpus",), f"{step.distribution} needs at least 2 GPUs", False))
+    if step.nodes > 1 and step.distribution == "single":
+        out.append((here + ("distribution",), f"nodes: {step.nodes} runs one process per GPU on every node: "
+                    "use ddp or deepspeed-zero2/3", False))
     if step.cpu_offload and not step.distribution.startswith("deepspeed"):
         out.append((here + ("cpu_offload",), "cpu_offload needs distribution deepspeed-zero2 or deepspeed-zero3", False))
     if step.optimizer in ("paged_adamw_8bit", "adamw_8bit") and step.distribution.startswith("deepspeed"):
@@ -687,7 +691,91 @@ def machine_findings(machine: Machine) -> list[Finding]:
         ipaddress.ip_address(machine.bind_address)
     except ValueError:
         out.append((("bind_address",), f"{machine.bind_address!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)", False))
+    if machine.cluster is not None:
+        out.extend(_cluster_findings(machine, machine.cluster))
     return out
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Set by the plan for every node: a profile may not override them per node.
+PLAN_SET_NODE_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "PET_RDZV_ID", "CUDA_VISIBLE_DEVICES",
+                     "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _address_problem(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(value):
+        return f"{value!r} is neither an IP address nor a host name"
+    return None
+
+
+def _docker_host_problem(value: str) -> str | None:
+    if value.startswith("-") or any(c.isspace() or not c.isprintable() for c in value):
+        return "not a DOCKER_HOST address (unix://..., tcp://host:port, ssh://...)"
+    return None
+
+
+def _cluster_findings(machine: Machine, cluster: Cluster) -> list[Finding]:
+    """A cluster's nodes: unique names and addresses, an interface for NCCL/Gloo on every
+    node, the rendezvous in the first node, and a run directory every node sees."""
+    out: list[Finding] = []
+    names: dict[str, int] = {}
+    addresses: dict[str, int] = {}
+    for i, node in enumerate(cluster.nodes):
+        here: Path_ = ("cluster", "nodes", i)
+        if node.name in names:
+            out.append((here + ("name",), f"node name {node.name!r} is used twice", False))
+        names.setdefault(node.name, i)
+        problem = _address_problem(node.address)
+        if problem:
+            out.append((here + ("address",), problem, False))
+        elif node.address in addresses:
+            out.append((here + ("address",), f"address {node.address!r} is also node "
+                        f"{cluster.nodes[addresses[node.address]].name!r}'s", False))
+        addresses.setdefault(node.address, i)
+        if node.docker_host is not None:
+            problem = _docker_host_problem(node.docker_host)
+            if problem:
+                out.append((here + ("docker_host",), problem, False))
+        if node.interface is None and cluster.interface is None:
+            out.append((here, f"node {node.name!r} names no network interface (set cluster.interface or this node's "
+                        "interface): without GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME, Gloo binds the address the host "
+                        "name resolves to (often 127.0.1.1) and start-up fails", False))
+        if len(set(node.gpus)) != len(node.gpus):
+            out.append((here + ("gpus",), "a GPU is listed twice", False))
+        for key, value in node.env.items():
+            if not _ENV_NAME.match(key):
+                out.append((here + ("env", key), f"{key!r} is not an environment variable name", True))
+            elif key in PLAN_SET_NODE_ENV:
+                out.append((here + ("env", key), f"{key} is set by the plan for every node", True))
+            elif any(not (c == " " or c.isprintable()) for c in value):
+                out.append((here + ("env", key), "the value contains control characters", False))
+    if cluster.nodes and cluster.rendezvous.host is not None and cluster.rendezvous.host not in (
+            cluster.nodes[0].address, cluster.nodes[0].name):
+        out.append((("cluster", "rendezvous", "host"), f"the c10d store runs in the first node's launcher "
+                    f"({cluster.nodes[0].name}, {cluster.nodes[0].address}): list that host first, or drop host", False))
+    if cluster.network == "none":
+        out.append((("cluster", "network"), "network none: the nodes could not reach each other", False))
+    problem = _machine_path_problem(cluster.shared, writable=True, kind="dir")
+    if problem:
+        out.append((("cluster", "shared"), problem, False))
+    elif machine.paths.runs is None:
+        out.append((("paths",), "a cluster needs paths.runs inside cluster.shared: every node writes checkpoints "
+                    "into the same run directory", False))
+    elif not _inside(machine.paths.runs, cluster.shared):
+        out.append((("paths", "runs"), f"{machine.paths.runs} is not inside cluster.shared ({cluster.shared}): "
+                    "the other nodes would not see the run directory", False))
+    return out
+
+
+def _inside(path: str, root: str) -> bool:
+    p, r = Path(path).expanduser(), Path(root).expanduser()
+    return p == r or r in p.parents
 
 
 def _machine_path_problem(value: str, *, writable: bool, kind: str) -> str | None:

@@ -182,6 +182,11 @@ class TrainStep(Strict):
     handoff: Literal["auto", "never"] = Field(
         "auto", description="auto: stop the machine's serving service if it holds these GPUs, restart it after"
     )
+    nodes: Int = Field(
+        1, ge=1, le=1024,
+        description="hosts to train on: more than 1 runs one trainer per node of the machine profile's cluster "
+        "(torch.distributed, c10d rendezvous); gpus then names the GPUs on each node",
+    )
 
 
 class MergeStep(Strict):
@@ -351,6 +356,55 @@ class Serving(Strict):
     port: Int | None = Field(None, ge=1, le=65535)
 
 
+IfName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:@-]{1,15}$", description="a network interface, e.g. eth0, enp5s0")]
+
+
+class ClusterNode(Strict):
+    """One host of a small cluster (the scaling guide's second shape). The first node hosts the
+    rendezvous; every node runs the same image, recipe and plan."""
+
+    name: Name
+    address: str = Field(..., description="host name or IP address the other nodes reach this node at")
+    docker_host: str | None = Field(
+        None, description="DOCKER_HOST of this node's engine (ssh://user@host, tcp://...); none: this machine's engine"
+    )
+    manual: bool = Field(
+        False, description="ftkit cannot reach this node's engine: `ftkit up` prints the command to run there"
+    )
+    gpus: list[GpuIndex] = Field(default_factory=list, description="GPU indices on this node; none: one CPU process")
+    interface: IfName | None = Field(
+        None, description="interface for NCCL and Gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME); default: cluster.interface"
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="extra environment for this node's containers (e.g. NCCL_IB_DISABLE: '1')"
+    )
+
+
+class Rendezvous(Strict):
+    """torch.distributed's c10d rendezvous: a TCP store in the first node's launcher."""
+
+    host: str | None = Field(None, description="the store's address; default (and the only valid one): the first node's address")
+    port: Int = Field(29400, ge=1, le=65535)
+    join_timeout_s: Int = Field(300, ge=10, le=86_400, description="how long the nodes wait for each other at start")
+
+
+class Cluster(Strict):
+    """Several hosts, one training job (a train step with `nodes:`)."""
+
+    nodes: list[ClusterNode] = Field(..., min_length=2, max_length=1024)
+    rendezvous: Rendezvous = Field(default_factory=Rendezvous)
+    interface: IfName | None = Field(None, description="default network interface of every node for NCCL and Gloo")
+    network: str = Field(
+        "host", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="Docker network of the trainer containers: host (real hosts), or a user-defined network where "
+        "containers stand in for hosts (each node's address is its alias there)",
+    )
+    shared: str = Field(
+        ..., description="a directory every node mounts at this same path (NFS, ...): paths.runs and the inputs "
+        "of multi-node steps must be inside it, so checkpoints and the run directory are the same on every node",
+    )
+
+
 class Machine(Strict):
     """What is specific to one machine. Recipes stay portable; this file does not travel."""
 
@@ -374,6 +428,7 @@ class Machine(Strict):
         "to the network (plan warns)",
     )
     telemetry: Telemetry = Field(default_factory=Telemetry)
+    cluster: Cluster | None = Field(None, description="the hosts a multi-node train step (`nodes:`) runs on")
 
     def gpu(self, index: int) -> GpuSpec | None:
         return next((g for g in self.gpus if g.index == index), None)

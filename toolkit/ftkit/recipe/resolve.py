@@ -57,13 +57,15 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
         if isinstance(step, TrainStep):
             if step.epochs is None and step.max_steps is None:
                 step.epochs = 1.0
-            if step.gpus == "all":
+            if step.nodes > 1:  # the GPUs of each cluster node, not of this machine
+                _nodes(step, i, machine, problem)
+            elif step.gpus == "all":
                 wanted = gpu_indices if step.distribution != "single" else gpu_indices[:1]
                 step.gpus = list(wanted)
-            for j, idx in enumerate(step.gpus):
+            for j, idx in enumerate(step.gpus if step.nodes == 1 else []):
                 if idx not in gpu_indices:
                     problem(("steps", i, "gpus", j), f"GPU {idx} is not on machine {machine.name!r} (has {gpu_indices or 'none'})")
-            if step.distribution != "single" and len(step.gpus) < 2:
+            if step.distribution != "single" and len(step.gpus) < 2 and step.nodes == 1:
                 problem(("steps", i, "distribution"), f"{step.distribution} needs 2+ GPUs; machine {machine.name!r} has {len(gpu_indices)}")
             if not step.gpus and step.method == "qlora":
                 problem(("steps", i, "method"), "QLoRA needs a CUDA GPU (bitsandbytes 4-bit); this machine has none")
@@ -123,6 +125,30 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
     if issues:
         raise ConfigError(issues)
     return Resolved(recipe, machine, loaded.path, host)
+
+
+def _nodes(step: TrainStep, i: int, machine: Machine, problem: Any) -> None:
+    """A multi-node step trains on the first `nodes` hosts of the machine's cluster; `gpus:
+    all` means the first node's GPUs, and every node must have the GPUs the step names."""
+    cluster = machine.cluster
+    if cluster is None:
+        problem(("steps", i, "nodes"), f"nodes: {step.nodes} needs a cluster: machine profile {machine.name!r} has no "
+                "cluster section (nodes, rendezvous, shared)")
+        if step.gpus == "all":
+            step.gpus = []
+        return
+    if len(cluster.nodes) < step.nodes:
+        problem(("steps", i, "nodes"), f"nodes: {step.nodes}, but machine profile {machine.name!r} lists "
+                f"{len(cluster.nodes)} cluster node(s)")
+    used = cluster.nodes[:step.nodes]
+    if step.gpus == "all":
+        step.gpus = list(used[0].gpus) if step.distribution != "single" else list(used[0].gpus[:1])
+    for node in used:
+        missing = [g for g in step.gpus if g not in node.gpus]
+        if missing:
+            problem(("steps", i, "gpus"), f"GPU(s) {missing} are not on cluster node {node.name!r} "
+                    f"(has {node.gpus or 'none'}); every node trains on the same GPU indices")
+            break
 
 
 def _last(recipe: Recipe, before: int, kind: type) -> str | None:

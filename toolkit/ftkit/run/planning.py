@@ -133,11 +133,35 @@ def plan_for(res: Resolved, *, run_dir: str | None, executor: str | None = None)
         run_dir = str(runs_root(res.machine) / f"<UTC timestamp>-{res.recipe.name}")
     executor = executor or res.machine.executor
     images = image_refs(res) if executor == "docker" else {}
-    return build_plan(res, run_dir=run_dir, python=sys.executable, images=images,
+    plan = build_plan(res, run_dir=run_dir, python=sys.executable, images=images,
                       local_model_config=local_model_config(res), executor=executor,
                       lease_dir=lease_dir(res.machine), simulated_gpus=simulated_gpus(),
                       simulated_state=os.path.abspath(os.environ[SIMULATED_STATE_ENV])
                       if simulated_gpus() and os.environ.get(SIMULATED_STATE_ENV) else None)
+    _expected_scaling(plan, res.machine)
+    return plan
+
+
+def _expected_scaling(plan: Plan, machine: Machine) -> None:
+    """A multi-node plan shows what the cluster's last `ftkit bench --allreduce` means for
+    each of its multi-node steps (plan.cluster.expected_scaling)."""
+    grads = plan.cluster.get("gradient_bytes") if plan.cluster else None
+    if not grads:
+        return
+    from ftkit.plan import cluster
+
+    path = runs_root(machine) / cluster.ALLREDUCE_FILE.format(machine=machine.name)
+    try:
+        measured = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        plan.cluster["allreduce"] = None
+        return
+    if not isinstance(measured, dict) or measured.get("ftkit_allreduce") != cluster.ALLREDUCE_FORMAT:
+        plan.cluster["allreduce"] = None
+        return
+    plan.cluster["allreduce"] = {"file": str(path), "taken": measured.get("taken"), "backend": measured.get("backend"),
+                                 "world_size": measured.get("world_size"), "results": measured.get("results", [])}
+    plan.cluster["expected_scaling"] = {sid: cluster.expected_scaling(int(b), measured) for sid, b in grads.items()}
 
 
 def prepare(recipe_path: str, machine_path: str | None, *, run_dir: str | Callable[[Resolved], str] | None = None,

@@ -38,6 +38,7 @@ def request(cs: ContainerSpec, *, restart: str | None = None) -> dk.ContainerReq
         ports=[(p.host_ip, p.host, p.container) for p in cs.ports] or None,
         shm_size=cs.shm_size, labels=cs.labels, working_dir=cs.workdir,
         user=f"{os.getuid()}:{os.getgid()}", restart=restart, stop_timeout=cs.stop_grace_s,
+        network=cs.network, hostname=cs.hostname, aliases=cs.aliases or None,
     )
 
 
