@@ -299,7 +299,9 @@ def build_plan(
                 "deepspeed_config": places.run(ds_rel) if ds_rel else None,
             }
             cfg_rel = f"configs/train-{name}.json"
-            files.append(GeneratedFile(cfg_rel, launch.dump_json(TrainJob.model_validate(engine_cfg).to_json())))
+            # the engine runs one process group either way: how many nodes it spans is the plan's business
+            job = TrainJob.model_validate(engine_cfg).model_dump(mode="json", exclude={"train": {"nodes"}})
+            files.append(GeneratedFile(cfg_rel, launch.dump_json(job)))
             if executor == "docker":
                 launcher = ["accelerate", "launch", "--config_file", places.run(acc_rel)]
             else:
