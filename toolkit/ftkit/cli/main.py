@@ -7,7 +7,16 @@ import sys
 import click
 
 from ftkit import __version__
-from ftkit.cli import config_cmds, engine_cmds, image_cmds, lease_cmds, observe_cmds, power_cmds, run_cmds
+from ftkit.cli import (
+    compose_cmds,
+    config_cmds,
+    engine_cmds,
+    image_cmds,
+    lease_cmds,
+    observe_cmds,
+    power_cmds,
+    run_cmds,
+)
 from ftkit.errors import FtkitError
 
 
@@ -17,7 +26,7 @@ def cli() -> None:
     """Fine-tune LLMs on one or a few GPUs, reproducibly, and get the result served."""
 
 
-for module in (config_cmds, image_cmds, engine_cmds, run_cmds, power_cmds, lease_cmds, observe_cmds):
+for module in (config_cmds, image_cmds, engine_cmds, run_cmds, compose_cmds, power_cmds, lease_cmds, observe_cmds):
     for command in module.COMMANDS:
         cli.add_command(command)
 

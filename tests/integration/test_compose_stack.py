@@ -1,0 +1,367 @@
+"""Generated stacks run by docker-compose itself, on a real Docker engine.
+
+1. The CPU quickstart's stack: `--profile train up` runs tiny-model -> train -> merge ->
+   eval and nothing else; `--profile serve up -d` starts only the server, which answers
+   the recipe's test prompts.
+2. The GPU lease across containers: a stack planned for a simulated two-GPU machine
+   (train on GPUs 0,1; the server on GPU 1, under the lease as a preemptible holder),
+   its engines replaced by stand-ins through an override file that keeps the generated
+   lease wrapper. Fifty rounds with random start orders, `docker-compose kill`,
+   `docker-compose restart`, SIGKILL of either container and a crash of the server's
+   init process: never two engines on one GPU, and the server is back after every
+   training run.
+
+Every container, network and volume is removed at the end (unique project names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RECIPES, run_ftkit
+from tests.integration.conftest import machine_profile
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+HERE = Path(__file__).parent
+ROUNDS = int(os.environ.get("FTKIT_LEASE_ROUNDS", "50"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_env(path: Path) -> dict[str, str]:
+    return dict(ln.split("=", 1) for ln in path.read_text().splitlines() if ln and not ln.startswith("#"))
+
+
+def set_env(path: Path, **values: str) -> None:
+    lines = []
+    for ln in path.read_text().splitlines():
+        key = ln.split("=", 1)[0]
+        lines.append(f"{key}={values[key]}" if not ln.startswith("#") and key in values else ln)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback test server
+            return r.status, r.read()
+    except Exception:  # noqa: BLE001 - not up (yet)
+        return 0, b""
+
+
+def use_images(stack: Path, images) -> int:  # type: ignore[no-untyped-def]
+    """Check the stack plans the fixture's images (or point .env at given ones); a free port."""
+    env = read_env(stack / ".env")
+    if images.exact:
+        assert (env["FTKIT_TRAIN_IMAGE"], env["FTKIT_SERVE_IMAGE"]) == (images.train, images.serve), \
+            "the test profile's docker settings plan other tags than the fixture built"
+    else:
+        set_env(stack / ".env", FTKIT_TRAIN_IMAGE=images.train, FTKIT_SERVE_IMAGE=images.serve)
+    return free_port()
+
+
+class Project:
+    """docker-compose on one stack under a unique project name; the SDK for quick looks."""
+
+    def __init__(self, stack: Path, files: list[str], log: Path) -> None:
+        from ftkit.gateways import docker as dk
+
+        exe = shutil.which("docker-compose")
+        if exe is None:
+            pytest.skip("docker-compose is not installed")
+        self.exe, self.stack, self.files, self.log = exe, stack, files, log
+        self.name = f"ftkit-test-{uuid.uuid4().hex[:10]}"
+        self.client = dk.client()
+
+    def dc(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [self.exe, "-p", self.name]
+        for f in self.files:
+            argv += ["-f", f]
+        argv += list(args) if "--profile" in args else ["--profile", "train", "--profile", "serve", *args]
+        proc = subprocess.run(argv, cwd=self.stack, capture_output=True, text=True, timeout=timeout, check=False)
+        with self.log.open("a") as fh:
+            fh.write(f"$ {' '.join(argv[3:])}  -> {proc.returncode}\n{proc.stdout}{proc.stderr}\n")
+        if check:
+            assert proc.returncode == 0, f"docker-compose {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def containers(self, service: str | None = None) -> list:  # type: ignore[type-arg]
+        labels = [f"com.docker.compose.project={self.name}"]
+        if service:
+            labels.append(f"com.docker.compose.service={service}")
+        return self.client.containers.list(all=True, filters={"label": labels})
+
+    def container(self, service: str):  # type: ignore[no-untyped-def]
+        found = self.containers(service)
+        assert len(found) == 1, f"{service}: {len(found)} containers"
+        return found[0]
+
+    def state(self, service: str) -> dict:  # type: ignore[type-arg]
+        c = self.container(service)
+        c.reload()
+        return dict(c.attrs["State"])
+
+    def cleanup(self) -> None:
+        try:
+            self.dc("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300)
+        finally:
+            for c in self.containers():  # whatever down left behind
+                try:
+                    c.remove(force=True)
+                except Exception:  # noqa: BLE001
+                    pass
+
+
+# -- 1. the CPU quickstart's stack -----------------------------------------------------------------
+
+
+def test_quickstart_stack_train_then_serve(cpu_images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    machine = machine_profile(tmp_path / "machine.yaml", "test-cpu-docker")
+    stack = tmp_path / "stack"
+    proc = run_ftkit("compose", str(RECIPES / "quickstart.yaml"), "--machine", str(machine), "-o", str(stack),
+                     env={"FTKIT_SIMULATED_GPUS": "", "FTKIT_LEASE_DIR": ""})
+    assert proc.returncode == 0, proc.stderr
+    port = use_images(stack, cpu_images)
+    set_env(stack / ".env", FTKIT_SERVE_PORT=str(port))  # moving the stack: .env alone
+    project = Project(stack, ["compose.yaml"], tmp_path / "docker-compose.log")
+    try:
+        proc = project.dc("--profile", "train", "up", "--no-color", timeout=1500, check=False)
+        assert proc.returncode == 0, (tmp_path / "docker-compose.log").read_text()[-6000:]
+        one_shot = ["tiny-model", "train", "merge", "eval"]
+        for name in one_shot:
+            st = project.state(name)
+            assert st["Status"] == "exited" and st["ExitCode"] == 0, (name, st)
+        assert project.containers("serve") == []  # the train profile starts no server
+        summary = json.loads((stack / "run" / "steps" / "eval" / "summary.json").read_text())
+        assert summary["passed"] is True and summary["models"]["merged"]["accuracy"] > \
+            summary["models"]["base"]["accuracy"], summary
+        started = {n: project.state(n)["StartedAt"] for n in one_shot}
+
+        project.dc("--profile", "serve", "up", "-d")
+        assert {n: project.state(n)["StartedAt"] for n in one_shot} == started  # nothing trained again
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        health = ""
+        while time.monotonic() < deadline:
+            health = (project.state("serve").get("Health") or {}).get("Status", "")
+            if health == "healthy" and get(f"{base}/health")[0] == 200:
+                break
+            assert project.state("serve")["Status"] == "running", project.dc("logs", "serve", check=False).stdout
+            time.sleep(2)
+        assert health == "healthy", project.dc("logs", "serve", check=False).stdout[-4000:]
+
+        from ftkit.gateways.serving import run_prompts
+        from ftkit.run.planning import prepare
+
+        plan = prepare(str(RECIPES / "quickstart.yaml"), str(machine), run_dir=str(stack / "run"), executor="docker").plan
+        step = plan.step("serve")
+        results = run_prompts(f"{base}/v1", step.ready["served_name"], step.prompts)  # type: ignore[index]
+        answers = [r["answer"].strip() for r in results]
+        assert answers == ["fruit", "instrument"], results
+        assert all(r["passed"] for r in results)
+    finally:
+        project.cleanup()
+    assert project.containers() == []
+
+
+# -- 2. the lease across containers ------------------------------------------------------------------
+
+
+SIM_RECIPE = """\
+ftkit: 1
+name: lease-sim
+model: {tiny: {hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, vocab_size: 300}}
+dataset: {path: data/train.jsonl, format: alpaca, template: alpaca}
+steps:
+  - {type: train, method: lora, gpus: [0, 1], distribution: ddp, max_steps: 1}
+  - {type: merge}
+  - {type: serve, engine: transformers, gpus: [1], port: 8765, keep_running: true, ready_timeout_s: 30}
+"""
+
+
+def _override(stack: Path, probe: Path) -> Path:
+    """Keep each generated command up to its `--` (the lease wrapper); run a stand-in after it."""
+    import yaml
+
+    data = yaml.safe_load((stack / "compose.yaml").read_text())
+    out: dict = {"services": {}}  # type: ignore[type-arg]
+    for name, args in (("train", ["train", "0,1"]), ("serve", ["serve", "1", "8765"])):
+        command = data["services"][name]["command"]
+        wrapper = command[: command.index("--") + 1]
+        assert wrapper[:2] == ["ftkit", "lease"], wrapper
+        out["services"][name] = {"command": [*wrapper, "python", "/probe/standin_engine.py", *args],
+                                 "volumes": [f"{probe}:/probe"]}
+    path = stack / "compose.test-override.yaml"
+    path.write_text(yaml.safe_dump(out, sort_keys=False))
+    return path
+
+
+def _events(probe: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = probe / "out" / "events.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "recipe" / "data").mkdir(parents=True)
+    shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", tmp_path / "recipe" / "data" / "train.jsonl")
+    recipe = tmp_path / "recipe" / "lease-sim.yaml"
+    recipe.write_text(SIM_RECIPE)
+    lease_dir = tmp_path / "lease"
+    lease_dir.mkdir(mode=0o1777)
+    machine = machine_profile(tmp_path / "machine.yaml", "sim-two-gpus", extra=(
+        "gpus:\n  - {index: 0, model: RTX 4090, vram_gib: 24}\n  - {index: 1, model: RTX 4090, vram_gib: 24}\n"
+        "serving: {service: serve, manager: compose, gpus: [1]}\n"))
+    stack = tmp_path / "stack"
+    proc = run_ftkit("compose", str(recipe), "--machine", str(machine), "-o", str(stack),
+                     env={"FTKIT_SIMULATED_GPUS": "RTX 4090,RTX 4090", "FTKIT_LEASE_DIR": str(lease_dir)})
+    assert proc.returncode == 0, proc.stderr
+    text = (stack / "compose.yaml").read_text()
+    assert "# SIMULATED GPUs" in text and "deploy:" not in text
+    env = read_env(stack / ".env")
+    assert env["FTKIT_LEASE_DIR"] == str(lease_dir)
+    port = use_images(stack, cpu_images)
+    set_env(stack / ".env", FTKIT_SERVE_PORT=str(port))
+    probe = tmp_path / "probe"
+    (probe / "out").mkdir(parents=True)
+    os.chmod(probe / "out", 0o777)
+    shutil.copy(HERE / "standin_engine.py", probe / "standin_engine.py")
+    override = _override(stack, probe)
+    log = tmp_path / "docker-compose.log"
+    project = Project(stack, ["compose.yaml", override.name], log)
+    rng = random.Random(int(os.environ.get("FTKIT_LEASE_SEED", "0")) or random.randrange(1 << 30))
+    health = f"http://127.0.0.1:{port}/health"
+    history: list[str] = []
+    t_start = time.monotonic()
+
+    def fail(msg: str) -> None:
+        tail = "\n".join(history[-12:])
+        events = "\n".join(json.dumps(e) for e in _events(probe)[-20:])
+        logs = project.dc("logs", "--no-color", "--tail", "40", "serve", "train", check=False).stdout
+        pytest.fail(f"{msg}\n--- rounds ---\n{tail}\n--- events ---\n{events}\n--- logs ---\n{logs[-5000:]}")
+
+    def serving_back(timeout: float = 45) -> None:
+        """/health answers (called once the training container has exited)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code, body = get(health)
+            if code == 200:
+                history.append(f"  served by {json.loads(body)}")
+                return
+            st = project.state("serve")
+            if st["Status"] == "exited" and not st.get("Restarting"):
+                fail(f"the server container exited ({st['ExitCode']}) and was not restarted")
+            time.sleep(0.2)
+        fail(f"serving did not come back within {timeout:g} s after the training run")
+
+    def wait_exited(service: str, timeout: float = 60) -> dict:  # type: ignore[type-arg]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = project.state(service)
+            if st["Status"] in ("exited", "dead", "created"):
+                return st
+            time.sleep(0.1)
+        fail(f"{service} still runs after {timeout:g} s")
+        return {}
+
+    try:
+        project.dc("up", "--no-start", "--no-deps", "train", "serve")
+        train, serve = project.container("train"), project.container("serve")
+        serve.start()
+        serving_back(timeout=120)
+        actions = ["none", "none", "compose-kill-serve", "compose-kill-train", "compose-restart-serve",
+                   "compose-restart-train", "sigkill-serve", "sigkill-train", "crash-serve"]
+        for n in range(ROUNDS):
+            serve.reload()
+            if rng.random() < 0.4 and serve.status == "running":
+                serve.stop(timeout=10)  # the next start order starts from a stopped server
+            order = rng.choice(["serve-first", "train-first", "together"])
+            action = rng.choice(actions)
+            gap = rng.uniform(0, 0.8)
+            history.append(f"round {n}: {order}, gap {gap:.2f} s, {action}")
+            t0 = time.time()
+            serve.reload()
+            start_serve = serve.status != "running"
+            if order == "together" and start_serve:
+                th = threading.Thread(target=serve.start)
+                th.start()
+                train.start()
+                th.join()
+            else:
+                first, second = (serve, train) if order == "serve-first" else (train, serve)
+                if first is train or start_serve:
+                    first.start()
+                time.sleep(gap)
+                if second is train or start_serve:
+                    second.start()
+            time.sleep(rng.uniform(0.1, 1.5))
+            if action == "compose-kill-serve":
+                project.dc("kill", "serve")
+            elif action == "compose-kill-train":
+                project.dc("kill", "train")
+            elif action == "compose-restart-serve":
+                project.dc("restart", "-t", "10", "serve")
+            elif action == "compose-restart-train":
+                project.dc("restart", "-t", "10", "train")
+            elif action == "sigkill-serve":
+                subprocess.run(["docker", "kill", "-s", "KILL", serve.id], capture_output=True, check=False)
+            elif action == "sigkill-train":
+                subprocess.run(["docker", "kill", "-s", "KILL", train.id], capture_output=True, check=False)
+            elif action == "crash-serve":
+                serve.reload()
+                pid = serve.attrs["State"]["Pid"]
+                if pid:
+                    os.kill(pid, signal.SIGKILL)  # not `docker kill`: the restart policy brings it back
+            st = wait_exited("train")
+            entered = [e for e in _events(probe) if e["role"] == "train" and e["event"] == "enter" and e["t"] >= t0]
+            if action == "none" and (st["ExitCode"] != 0 or not entered):
+                fail(f"round {n}: an undisturbed training run did not run (exit {st['ExitCode']})")
+            serve.reload()
+            if serve.status != "running" and action in ("compose-kill-serve", "sigkill-serve"):
+                serve.start()  # killed by hand: Docker leaves it down, as it should; bring it back
+            serving_back()
+            overlaps = [e for e in _events(probe) if e["event"] == "OVERLAP"]
+            if overlaps:
+                fail(f"round {n}: two engines held a GPU at once: {overlaps}")
+        events = _events(probe)
+        train_runs = sum(1 for e in events if e["role"] == "train" and e["event"] == "enter")
+        serve_runs = sum(1 for e in events if e["role"] == "serve" and e["event"] == "enter")
+        assert train_runs >= ROUNDS // 2 and serve_runs >= ROUNDS, (train_runs, serve_runs)
+        # engines that left on their own never overlapped on a GPU either (killed ones: the witness)
+        spans: dict[str, list[tuple[float, float, str]]] = {}
+        open_: dict[tuple[str, int], dict] = {}  # type: ignore[type-arg]
+        for e in sorted(events, key=lambda e: e["t"]):
+            key = (e["host"], e["pid"])
+            if e["event"] == "enter":
+                open_[key] = e
+            elif e["event"] == "leave" and key in open_:
+                start = open_.pop(key)
+                for g in e["gpus"]:
+                    spans.setdefault(g, []).append((start["t"], e["t"], e["role"]))
+        for g, s in spans.items():
+            s.sort()
+            for a, b in zip(s, s[1:], strict=False):
+                assert a[1] <= b[0], f"GPU {g}: {a} overlaps {b}"
+        print(f"{ROUNDS} rounds, {train_runs} training runs, {serve_runs} server starts, "
+              f"{time.monotonic() - t_start:.0f} s")
+    finally:
+        project.cleanup()
+    assert project.containers() == []
