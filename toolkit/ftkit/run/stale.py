@@ -97,17 +97,23 @@ def stop_leftovers(run: Path, plan: dict[str, Any] | None = None, *, docker_host
     if plan is not None and plan.get("executor") != "docker" and not any(
             s.get("executor") == "docker" for s in plan.get("steps", [])):
         return report
-    try:
-        from ftkit.gateways import docker as dk
+    # a multi-node step's containers run on each node's engine too (plan.cluster)
+    hosts = [docker_host] + sorted({n["docker_host"] for s in (plan or {}).get("steps", [])
+                                    for n in s.get("nodes") or [] if n.get("docker_host")} - {docker_host})
+    for host in hosts:
+        try:
+            from ftkit.gateways import docker as dk
 
-        if not dk.reachable(docker_host):
-            return report
-        for c in dk.containers_with_label(f"dev.ftkit.run={run.name}", docker_host):
-            dk.stop_container(c["Id"], 10, docker_host)
-            dk.remove_container(c["Id"], docker_host)
-            report.containers.append(c["Id"][:12])
-    except Exception as e:  # noqa: BLE001 - report, go on with the rest of the clean-up
-        report.problems.append(f"containers: {e}")
+            if not dk.reachable(host):
+                if host != docker_host:
+                    report.problems.append(f"containers on {host}: its Docker engine does not answer")
+                continue
+            for c in dk.containers_with_label(f"dev.ftkit.run={run.name}", host):
+                dk.stop_container(c["Id"], 10, host)
+                dk.remove_container(c["Id"], host)
+                report.containers.append(c["Id"][:12])
+        except Exception as e:  # noqa: BLE001 - report, go on with the rest of the clean-up
+            report.problems.append(f"containers: {e}")
     return report
 
 
