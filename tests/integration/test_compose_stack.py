@@ -247,7 +247,8 @@ def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path
     override = _override(stack, probe)
     log = tmp_path / "docker-compose.log"
     project = Project(stack, ["compose.yaml", override.name], log)
-    rng = random.Random(int(os.environ.get("FTKIT_LEASE_SEED", "0")) or random.randrange(1 << 30))
+    seed = int(os.environ.get("FTKIT_LEASE_SEED", "0")) or random.randrange(1, 1 << 30)
+    rng = random.Random(seed)
     health = f"http://127.0.0.1:{port}/health"
     history: list[str] = []
     t_start = time.monotonic()
@@ -256,7 +257,7 @@ def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path
         tail = "\n".join(history[-12:])
         events = "\n".join(json.dumps(e) for e in _events(probe)[-20:])
         logs = project.dc("logs", "--no-color", "--tail", "40", "serve", "train", check=False).stdout
-        pytest.fail(f"{msg}\n--- rounds ---\n{tail}\n--- events ---\n{events}\n--- logs ---\n{logs[-5000:]}")
+        pytest.fail(f"{msg} (FTKIT_LEASE_SEED={seed} repeats the rounds)\n--- rounds ---\n{tail}\n--- events ---\n{events}\n--- logs ---\n{logs[-5000:]}")
 
     def serving_back(timeout: float = 45) -> None:
         """/health answers (called once the training container has exited)."""
@@ -289,12 +290,13 @@ def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path
         serving_back(timeout=120)
         actions = ["none", "none", "compose-kill-serve", "compose-kill-train", "compose-restart-serve",
                    "compose-restart-train", "sigkill-serve", "sigkill-train", "crash-serve"]
-        for n in range(ROUNDS):
+        plan = actions + [rng.choice(actions) for _ in range(max(ROUNDS - len(actions), 0))]
+        rng.shuffle(plan)  # every disruption at least once, the rest at random
+        for n, action in enumerate(plan[:ROUNDS]):
             serve.reload()
             if rng.random() < 0.4 and serve.status == "running":
                 serve.stop(timeout=10)  # the next start order starts from a stopped server
             order = rng.choice(["serve-first", "train-first", "together"])
-            action = rng.choice(actions)
             gap = rng.uniform(0, 0.8)
             history.append(f"round {n}: {order}, gap {gap:.2f} s, {action}")
             t0 = time.time()
@@ -360,7 +362,8 @@ def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path
             s.sort()
             for a, b in zip(s, s[1:], strict=False):
                 assert a[1] <= b[0], f"GPU {g}: {a} overlaps {b}"
-        print(f"{ROUNDS} rounds, {train_runs} training runs, {serve_runs} server starts, "
+        counts = {a: plan[:ROUNDS].count(a) for a in actions}
+        print(f"seed {seed}: {ROUNDS} rounds ({counts}), {train_runs} training runs, {serve_runs} server starts, "
               f"{time.monotonic() - t_start:.0f} s")
     finally:
         project.cleanup()

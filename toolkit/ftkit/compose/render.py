@@ -404,6 +404,13 @@ def _readme(plan: Plan, stack: Stack, o: RenderOptions) -> str:
                  + (" Training refuses to start while a GPU's power limit is above the recipe's cap."
                     if any(s.lease is not None and s.lease.max_power_w for s in plan.steps) else ""))
         w.append("")
+        leased = [plan.step(s.id) for s in servers if plan.step(s.id).lease is not None]
+        if leased:
+            first = leased[0]
+            w.append("For `ftkit up` runs on this machine to borrow the server's GPUs the same way (instead of "
+                     "stopping a service), name it in the machine profile: "
+                     f"`serving: {{service: {first.id}, manager: compose, gpus: [{', '.join(map(str, first.gpus))}]}}`.")
+            w.append("")
     for s in servers:
         step = plan.step(s.id)
         w += _serve_examples(step, env)
