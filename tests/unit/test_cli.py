@@ -8,8 +8,8 @@ import sys
 
 from tests.conftest import RECIPES, run_cli
 
-COMMANDS = {"bench", "build", "compose", "doctor", "down", "images", "lease", "lock", "logs", "merge", "plan", "power",
-            "report", "schema", "status", "up", "validate"}
+COMMANDS = {"bench", "build", "compose", "doctor", "down", "export", "images", "lease", "lock", "logs", "merge", "plan",
+            "power", "report", "schema", "status", "up", "validate"}
 
 
 def test_help_lists_the_working_commands() -> None:
