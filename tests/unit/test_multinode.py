@@ -138,7 +138,7 @@ def test_one_node_entry_per_host_with_its_rank_flags_and_interface(lab: dict[str
         flags = dict(zip(n.argv[4:16:2], n.argv[5:16:2], strict=True))
         assert flags == {"--num_machines": "2", "--machine_rank": str(n.rank), "--main_process_ip": "10.0.0.1",
                          "--main_process_port": "29400", "--rdzv_backend": "c10d",
-                         "--rdzv_conf": f"is_host={1 - n.rank},join_timeout=300"}
+                         "--rdzv_conf": f"is_host={1 - n.rank},join_timeout=300,read_timeout=300"}
         assert n.argv[-4:-2] == ["-m", "ftkit.engines.train"] and n.env["PET_RDZV_ID"] == "r1"
     assert a.env["GLOO_SOCKET_IFNAME"] == a.env["NCCL_SOCKET_IFNAME"] == "enp5s0"
     assert b.env["GLOO_SOCKET_IFNAME"] == "enp6s0" and b.env["NCCL_IB_DISABLE"] == "1"
@@ -313,3 +313,25 @@ def test_a_single_node_recipe_exports_as_one_node(tmp_path: Path) -> None:
     cmd = job.spec.trainer.command
     assert job.spec.trainer.num_nodes == 1 and job.spec.trainer.resources_per_node is None
     assert cmd[cmd.index("--num_machines") + 1] == "$(PET_NNODES)"
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def test_compose_writes_one_stack_per_node_on_one_run_directory(lab: dict[str, Path], tmp_path: Path) -> None:
+    out = lab["shared"] / "stacks"
+    res = run_cli("compose", str(lab["recipe"]), "--machine", str(lab["machine"]), "-o", str(out), "--node", "all")
+    assert res.code == 0, res.err
+    a = yaml.safe_load((out / "node-a" / "compose.yaml").read_text())
+    b = yaml.safe_load((out / "node-b" / "compose.yaml").read_text())
+    assert list(a["services"]) == ["tiny-model", "train"] and list(b["services"]) == ["train"]  # earlier steps once
+    assert b["services"]["train"]["network_mode"] == "host" and "depends_on" not in b["services"]["train"]
+    cmd = b["services"]["train"]["command"]
+    assert cmd[cmd.index("--machine_rank") + 1] == "1" and b["services"]["train"]["labels"]["dev.ftkit.node"] == "node-b"
+    env_b = (out / "node-b" / ".env").read_text()
+    assert "FTKIT_RUN_DIR=../node-a/run" in env_b and "COMPOSE_PROJECT_NAME=ftkit-mn-node-b" in env_b
+    assert (out / "node-a" / "run" / "configs" / "accelerate-train.yaml").is_file()
+    assert not (out / "node-b" / "run").exists()
+    res = run_cli("compose", str(lab["recipe"]), "--machine", str(lab["machine"]), "-o", str(tmp_path / "x"),
+                  "--node", "node-z")
+    assert res.code == 2 and "--node 'node-z': step train runs on nodes node-a, node-b" in res.err

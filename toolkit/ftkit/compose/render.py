@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ftkit.errors import PlanError
-from ftkit.plan.container import ContainerSpec, container_spec
+from ftkit.plan.container import ContainerSpec, container_spec, node_container_spec
 from ftkit.plan.spec import Mount, Plan, StepSpec
 
 TRAIN_PROFILE = "train"
@@ -60,6 +60,7 @@ class RenderOptions:
     uid: int
     gid: int
     command: str = ""
+    node: str | None = None  # a multi-node step: the cluster node this stack is for (default: the first)
 
 
 @dataclass
@@ -88,9 +89,13 @@ class Stack:
     files: dict[str, str]  # path relative to the stack directory -> content (the run's generated configs)
     readme: str
     header: list[str] = field(default_factory=list)
+    networks: list[str] = field(default_factory=list)  # user-defined networks a multi-node step's node joins
 
     def compose_dict(self) -> dict[str, Any]:
-        return {"services": {s.id: s.body for s in self.services}}
+        out: dict[str, Any] = {"services": {s.id: s.body for s in self.services}}
+        if self.networks:
+            out["networks"] = {n: {"external": True} for n in self.networks}
+        return out
 
     def compose_yaml(self) -> str:
         text = yaml.safe_dump(self.compose_dict(), sort_keys=False, default_flow_style=False, width=10_000,
@@ -148,6 +153,9 @@ class _Renderer:
         self.plan, self.o = plan, o
         self.vars = _Vars()
         self.project = "ftkit-" + re.sub(r"[^a-z0-9_-]", "-", plan.recipe.lower())
+        multi = next((s for s in plan.steps if s.nodes), None)
+        if multi is not None:  # one stack per node: projects of their own, also on one engine
+            self.project += "-" + re.sub(r"[^a-z0-9_-]", "-", (o.node or multi.nodes[0].name).lower())
 
     def render(self) -> Stack:
         plan = self.plan
@@ -158,21 +166,41 @@ class _Renderer:
               "(`id -u` / `id -g` on the host)")
         v.ref("gid", "FTKIT_GID", str(self.o.gid), "")
         services: list[Service] = []
+        networks: list[str] = []
         previous: str | None = None
+        multi = next((s for s in plan.steps if s.nodes), None)
+        other_node = multi is not None and self.o.node not in (None, multi.nodes[0].name)
         for step in plan.steps:
-            if step.executor != "docker":
-                continue
-            cs = container_spec(step, plan)
+            if step.executor != "docker" or (other_node and not step.nodes):
+                continue  # the other steps run once, in the first node's stack
+            cs = container_spec(step, plan) if not step.nodes else self._node(step)
             svc = self._service(step, cs, previous)
+            if step.nodes:  # this node's trainer: on the host's network, or its alias on a user-defined one
+                if cs.network == "host":
+                    svc.body["network_mode"] = "host"
+                elif cs.network:
+                    svc.body["networks"] = {cs.network: {"aliases": list(cs.aliases)}}
+                    svc.body["hostname"] = cs.hostname
+                    networks.append(cs.network)
             services.append(svc)
             if not step.background:
                 previous = step.id
-        files = {f"run/{f.path}": f.content for s in plan.steps for f in s.files}
+        # the generated configs go into the run directory once: the first node's stack holds it
+        files = {} if other_node else {f"run/{f.path}": f.content for s in plan.steps for f in s.files}
         stack = Stack(project=self.project, recipe=plan.recipe, machine=plan.machine,
                       simulated_gpus=list(plan.simulated_gpus) if plan.simulated_gpus else None,
-                      services=services, env=v.items, files=files, readme="", header=self._header())
+                      services=services, env=v.items, files=files, readme="", header=self._header(),
+                      networks=sorted(set(networks)))
         stack.readme = _readme(plan, stack, self.o)
         return stack
+
+    def _node(self, step: StepSpec) -> ContainerSpec:
+        """A multi-node step is one stack per node: this stack's node (RenderOptions.node)."""
+        names = [n.name for n in step.nodes]
+        want = self.o.node or names[0]
+        if want not in names:
+            raise PlanError(f"--node {want!r}: step {step.id} runs on nodes {', '.join(names)}")
+        return node_container_spec(step, self.plan, step.nodes[names.index(want)])
 
     def _header(self) -> list[str]:
         p = self.plan
@@ -183,6 +211,15 @@ class _Renderer:
             "#   docker compose --profile train up     the one-shot steps in order (each waits for the one before)",
             "#   docker compose --profile serve up -d  the server(s), restarted unless stopped",
         ]
+        multi = next((s for s in p.steps if s.nodes), None)
+        if multi is not None:
+            node = next(n for n in multi.nodes if n.name == (self.o.node or multi.nodes[0].name))
+            out += [
+                f"# MULTI-NODE: this stack is node {node.name} (rank {node.rank} of {len(multi.nodes)}) of step {multi.id}.",
+                "# `ftkit compose --node all -o DIR` writes DIR/<node>/ for every node, all using the first node's",
+                "# run/ (DIR on storage every host mounts at the same path); start them together on their hosts:",
+                "# rank 0 hosts the rendezvous the others join, after its earlier steps.",
+            ]
         if p.simulated_gpus:
             out += [
                 f"# SIMULATED GPUs ({', '.join(p.simulated_gpus)}): planned with FTKIT_SIMULATED_GPUS, so no service",

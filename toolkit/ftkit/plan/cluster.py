@@ -77,7 +77,10 @@ def accelerate_config(step: TrainStep, base: dict[str, Any], cluster: Cluster, *
 def launcher_flags(rank: int, step: TrainStep, cluster: Cluster) -> list[str]:
     """The per-node flags of `accelerate launch` (they override the shared config file)."""
     host, port = rendezvous_endpoint(cluster)
-    conf = f"is_host={1 if rank == 0 else 0},join_timeout={cluster.rendezvous.join_timeout_s}"
+    # read_timeout: how long a node's launcher keeps trying to reach the store (default 60 s);
+    # nodes started by hand or by Compose may come up well before the first node's store
+    t = cluster.rendezvous.join_timeout_s
+    conf = f"is_host={1 if rank == 0 else 0},join_timeout={t},read_timeout={t}"
     return ["--num_machines", str(step.nodes), "--machine_rank", str(rank), "--main_process_ip", host,
             "--main_process_port", str(port), "--rdzv_backend", "c10d", "--rdzv_conf", conf]
 
