@@ -423,6 +423,11 @@ def _multinode(s: StepSpec, step: TrainStep, cluster: Any, run_id: str, visible:
     s.description = s.description.replace("train: ", f"train on {step.nodes} nodes: ", 1)
     first = s.nodes[0]
     s.argv = list(first.argv)  # what rank 0 runs; each node's argv and env (over s.env) are in s.nodes
+    remote = [n.name for n in s.nodes if n.docker_host or n.manual]
+    if s.lease is not None and s.lease.max_power_w and remote:
+        cmds = "; ".join(f"ftkit power set --gpus {g} --watts {w}" for g, w in sorted(s.lease.max_power_w.items()))
+        s.notes.append(f"power steps set limits on this machine only: on {', '.join(remote)} run `{cmds}` "
+                       "first (each node's lease refuses GPUs above the recipe's caps)")
     if any(n.manual for n in s.nodes):
         s.notes.append("nodes " + ", ".join(n.name for n in s.nodes if n.manual) + " are started by hand: "
                        "`ftkit up` prints their commands and waits for the nodes it starts")
