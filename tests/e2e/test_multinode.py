@@ -82,16 +82,18 @@ steps:
 
 
 @pytest.fixture(scope="session")
-def train_image() -> Any:
-    """train/cpu built as tests/integration builds it (a no-op when it exists); removed at
-    the end when this fixture built it."""
+def train_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """train/cpu built as tests/integration builds it (a no-op when it exists), and the
+    images.lock.json naming it: the profile runs that tag, whatever changes in the checkout
+    during the session. Removed at the end when this fixture built it."""
     from ftkit.gateways import docker as dk
 
-    lock = os.environ.get("FTKIT_TEST_IMAGES_LOCK")
-    if lock:  # developing: an images.lock.json naming an image already built (no rebuild per source change)
-        yield json.loads(Path(lock).read_text())["images"]["train/cpu"]["tag"]
+    given = os.environ.get("FTKIT_TEST_IMAGES_LOCK")
+    if given:  # developing: an images.lock.json naming an image already built
+        yield Path(given)
         return
-    args = ["build", "--image", "train", "--variant", "cpu", "--base-image", BASE]
+    lock = tmp_path_factory.mktemp("mn-images") / "images.lock.json"
+    args = ["build", "--image", "train", "--variant", "cpu", "--base-image", BASE, "--images-lock", str(lock)]
     if Path(CA).is_file():
         args += ["--ca-bundle", CA]
     if Path(WHEELHOUSE).is_dir():
@@ -100,7 +102,7 @@ def train_image() -> Any:
     assert proc.returncode == 0, proc.stderr[-5000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("ftkit/train:"))
     tag = line.split()[0].rstrip(":")
-    yield tag
+    yield lock
     if "up to date" not in line and os.environ.get("FTKIT_KEEP_TEST_IMAGES") != "1":
         try:
             dk.remove_image(tag)
@@ -109,7 +111,7 @@ def train_image() -> Any:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, train_image: str) -> Any:
+def cluster(tmp_path_factory: pytest.TempPathFactory, train_image: Path) -> Any:
     """A Docker network, the shared directory and a machine profile whose cluster is two
     containers on it."""
     from ftkit.gateways import docker as dk
@@ -122,9 +124,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, train_image: str) -> Any:
     (work / "data").mkdir()
     shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", work / "data")
     profile = work / "cluster.yaml"
-    profile.write_text(profile_text(shared, net))
+    profile.write_text(profile_text(shared, net, train_image))
     try:
-        yield {"work": work, "shared": shared, "net": net, "profile": profile, "image": train_image}
+        yield {"work": work, "shared": shared, "net": net, "profile": profile, "lock": train_image}
     finally:
         for run in (shared / "runs").glob("*-mn-*"):
             for c in dk.containers_with_label(f"dev.ftkit.run={run.name}"):
@@ -132,12 +134,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, train_image: str) -> Any:
         subprocess.run(["docker", "network", "rm", net], check=False, capture_output=True)
 
 
-def profile_text(shared: Path, net: str, node_b_env: str = "") -> str:
+def profile_text(shared: Path, net: str, lock: Path, node_b_env: str = "") -> str:
     lines = ["ftkit: 1", "kind: machine", "name: two-containers", "executor: docker",
              f"paths: {{runs: {shared / 'runs'}}}",
-             "docker:", f"  base_image: {BASE}", "  build_missing: false"]
-    if os.environ.get("FTKIT_TEST_IMAGES_LOCK"):
-        lines.append(f"  images_lock: {os.environ['FTKIT_TEST_IMAGES_LOCK']}")
+             "docker:", f"  base_image: {BASE}", "  build_missing: false", f"  images_lock: {lock}"]
     if Path(WHEELHOUSE).is_dir():
         lines.append(f"  wheelhouse: {WHEELHOUSE}")
     if Path(CA).is_file():
@@ -269,7 +269,8 @@ def test_doctor_cluster_flags_a_planted_difference(cluster: Any) -> None:
     plant.mkdir(parents=True)
     (plant / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 9.9.9\n")
     planted = work / "planted.yaml"
-    planted.write_text(profile_text(shared, cluster["net"], node_b_env=f", PYTHONPATH: {shared / 'plant'}"))
+    planted.write_text(profile_text(shared, cluster["net"], cluster["lock"],
+                                    node_b_env=f", PYTHONPATH: {shared / 'plant'}"))
     res = run_ftkit("doctor", "--cluster", "-m", str(planted), cwd=work, timeout=300)
     assert res.returncode == 1, res.stdout + res.stderr
     drift = [ln for ln in res.stdout.splitlines() if "drift      packages.torch:" in ln]

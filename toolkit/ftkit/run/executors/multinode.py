@@ -26,10 +26,12 @@ import shlex
 import sys
 import threading
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftkit.errors import CommandFailed, DockerError, FtkitError, PlanError
+from ftkit.errors import CommandFailed, DockerError, DockerUnavailable, FtkitError, PlanError
 from ftkit.gateways import docker as dk
 from ftkit.plan.container import ContainerSpec, node_container_spec
 from ftkit.plan.spec import NodeSpec, Plan, StepSpec
@@ -67,6 +69,15 @@ class _Running:
     stopped: bool = False
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     thread: threading.Thread | None = None
+
+
+@contextmanager
+def _on(r: _Running) -> Iterator[None]:
+    """A Docker error names the node (a bind source missing on that host, its engine down)."""
+    try:
+        yield
+    except (DockerError, DockerUnavailable) as e:
+        raise type(e)(f"node {r.node.name} ({r.host or 'this machine'}): {e.message}", hint=e.hint) from e
 
 
 def docker_run_command(cs: ContainerSpec) -> str:
@@ -156,11 +167,13 @@ class MultiNodeExecutor:
         exits: queue.Queue[_Running] = queue.Queue()
         try:
             for r in running:
-                dk.remove_container(r.cs.name, r.host)  # a leftover of an earlier attempt of this run
-                r.cid = dk.create_container(request(r.cs), r.host)
+                with _on(r):
+                    dk.remove_container(r.cs.name, r.host)  # a leftover of an earlier attempt of this run
+                    r.cid = dk.create_container(request(r.cs), r.host)
             self._manual(manual, io)
             for r in sorted(running, key=lambda r: r.node.rank):  # rank 0 hosts the rendezvous
-                dk.start_container(r.cid or "", r.host)
+                with _on(r):
+                    dk.start_container(r.cid or "", r.host)
                 r.thread = threading.Thread(target=self._follow, args=(r, log, io, exits), daemon=True,
                                             name=f"node-{r.node.name}")
                 r.thread.start()
