@@ -335,3 +335,17 @@ def test_compose_writes_one_stack_per_node_on_one_run_directory(lab: dict[str, P
     res = run_cli("compose", str(lab["recipe"]), "--machine", str(lab["machine"]), "-o", str(tmp_path / "x"),
                   "--node", "node-z")
     assert res.code == 2 and "--node 'node-z': step train runs on nodes node-a, node-b" in res.err
+
+
+def test_up_refuses_when_a_node_engine_does_not_answer(lab: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftkit.errors import PlanError
+    from ftkit.gateways import docker as dk
+    from ftkit.run import preflight
+
+    monkeypatch.setenv("FTKIT_SIMULATED_GPUS", "RTX 4090,RTX 4090")
+    plan = plan_of(lab)
+    monkeypatch.setattr(dk, "reachable", lambda host=None: host is None)  # this machine's engine only
+    with pytest.raises(PlanError, match=r"cluster node node-b: its Docker engine \(ssh://me@10.0.0.2\) does not answer"):
+        preflight.machine(plan)
+    plan.step("train").nodes[1].manual = True  # started by hand: nothing to reach
+    preflight.machine(plan)

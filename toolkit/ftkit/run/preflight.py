@@ -34,7 +34,9 @@ def inputs(prepared) -> None:  # type: ignore[no-untyped-def]
 
 def machine(plan: Plan) -> None:
     """The plan's GPUs exist (unless simulated) and Docker answers where steps need it."""
-    gpus = sorted({g for s in plan.steps for g in s.gpus})
+    # a multi-node step's GPUs are on its nodes: here only when a node runs on this machine's engine
+    gpus = sorted({g for s in plan.steps for g in s.gpus
+                   if not s.nodes or any(n.docker_host is None and not n.manual for n in s.nodes)})
     if gpus and not plan.simulated_gpus:
         from ftkit.gpu.nvml import open_nvml
 
@@ -57,3 +59,8 @@ def machine(plan: Plan) -> None:
         if not dk.reachable(plan.docker.get("host")):
             raise PlanError("this plan runs steps in containers, but no Docker engine answers",
                             hint="start dockerd (or set docker.host in the machine profile), or run with --executor local")
+        for node in {n.name: n for s in plan.steps for n in s.nodes if n.docker_host and not n.manual}.values():
+            if not dk.reachable(node.docker_host):
+                raise PlanError(f"cluster node {node.name}: its Docker engine ({node.docker_host}) does not answer",
+                                hint="check the host is up and `docker -H DOCKER_HOST info` works from here, or "
+                                     "mark the node manual: true in the cluster profile")
