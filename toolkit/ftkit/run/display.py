@@ -87,8 +87,10 @@ class Display:
         self.rows[step.id].note = reason
 
     def line(self, step: StepSpec, text: str) -> None:
-        """One line of a step's output: only the lease's messages reach the console."""
-        if text.startswith("ftkit lease") or text.startswith("ftkit: building"):
+        """One line of a step's output: only the lease's messages reach the console (and, for a
+        multi-node step, whose lines come as `[node] text`, the nodes started by hand)."""
+        body = text.split("] ", 1)[1] if step.nodes and text.startswith("[") and "] " in text else text
+        if body.startswith(("ftkit lease", "ftkit: building", "ftkit: start node")):
             self.say(f"    {step.id}: {text}")
 
     def progress(self, step: StepSpec, p: Progress) -> None:
