@@ -349,3 +349,24 @@ def test_up_refuses_when_a_node_engine_does_not_answer(lab: dict[str, Path], mon
         preflight.machine(plan)
     plan.step("train").nodes[1].manual = True  # started by hand: nothing to reach
     preflight.machine(plan)
+
+
+def test_a_node_started_by_hand_gets_its_command_written(lab: dict[str, Path], tmp_path: Path) -> None:
+    from ftkit.plan.container import node_container_spec
+    from ftkit.run.executors.base import StepIO
+    from ftkit.run.executors.multinode import MultiNodeExecutor, _Running
+    from ftkit.run.rundir import RunDir
+
+    plan = plan_of(lab)
+    train = plan.step("train")
+    node = train.nodes[1]
+    node.manual = True
+    run = RunDir(tmp_path)
+    lines: list[str] = []
+    MultiNodeExecutor(plan, run)._manual([_Running(node, None, node_container_spec(train, plan, node))],
+                                         StepIO(log=tmp_path / "x.log", on_line=lines.append))
+    script = tmp_path / "nodes" / "node-b.sh"
+    assert lines == [f"ftkit: start node node-b (rank 1) on its host: sh {script}"]
+    text = script.read_text()
+    assert text.startswith("#!/bin/sh\n# node node-b (rank 1)") and "exec docker run --rm --init" in text
+    assert "--machine_rank 1" in text and "--env GLOO_SOCKET_IFNAME=enp6s0" in text
