@@ -161,7 +161,7 @@ def test_one_gpu_failing_to_restore_does_not_stop_the_other(tmp_path: Path, sim:
     from ftkit.gpu import power
     from ftkit.gpu.nvml import open_nvml
 
-    report = power.restore(open_nvml())
+    report = power.restore(open_nvml())  # the run's ftkit is gone (this test process holds nothing)
     assert report.ok and limits(sim) == [450.0, 350.0]
 
 
@@ -170,7 +170,7 @@ def test_originals_survive_a_crashed_run(tmp_path: Path, sim: Path) -> None:
     from ftkit.gpu import power
     from ftkit.gpu.nvml import open_nvml
 
-    power.set_limits(open_nvml(), {0: 300}, by="crashed-run")  # and then the process died
+    power.set_limits(open_nvml(), {0: 300}, holder=power.Holder("crashed-run", 999999, 1))  # and then it died
     plan = plan_of(tmp_path, StepSpec(id="power", kind="power", executor="nvml", gpus=[0, 1],
                                       power_caps_w={0: 320, 1: 320}, description="cap"), step("a", "print(1)"),
                    gpus=True)

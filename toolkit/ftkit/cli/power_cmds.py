@@ -53,8 +53,9 @@ def show(as_json: bool) -> None:
     sim = " (SIMULATED GPUs)" if rows and rows[0]["simulated"] else ""
     click.echo(f"power limits{sim}; originals recorded in {pw.originals_path()}")
     for r in rows:
-        orig = f"original {r['original_w']:g} W (recorded {r['recorded']} by {r['by']})" if r["original_w"] is not None \
-            else "not changed by ftkit"
+        holders = ", ".join(f"{n} ({h['cap_w']:g} W{'' if h['alive'] else ', gone'})" for n, h in r["holders"].items())
+        orig = f"original {r['original_w']:g} W (recorded {r['recorded']}; capped by {holders or 'nobody now'})" \
+            if r["original_w"] is not None else "not changed by ftkit"
         rng = f", allowed {r['min_w']:g}-{r['max_w']:g} W" if r["min_w"] and r["max_w"] else ""
         click.echo(f"  GPU {r['index']} {r['name']}: {r['limit_w']:g} W now; {orig}; default {r['default_w']}{rng}")
 
@@ -77,7 +78,7 @@ def set_cmd(gpus: str, watts: int, dry_run: bool) -> None:
             click.echo(f"would record the current limits of GPU(s) {indices} in {pw.originals_path()} and set "
                        f"{watts} W")
             return
-        report = pw.set_limits(nv, {i: watts for i in indices}, by="ftkit power set")
+        report = pw.set_limits(nv, {i: watts for i in indices}, holder=pw.Holder(pw.MANUAL))
     finally:
         nv.close()
     click.echo(f"set {report.summary()}; originals recorded in {pw.originals_path()}")
@@ -85,10 +86,13 @@ def set_cmd(gpus: str, watts: int, dry_run: bool) -> None:
 
 @power.command()
 @click.option("--gpus", default="all", show_default=True, help="GPU indices, e.g. 0,1")
+@click.option("--force", is_flag=True, help="also GPUs a running ftkit run still caps (it may trip the PSU)")
+@click.option("--forget", is_flag=True, help="drop the records of GPUs NVML no longer finds (a card taken out)")
 @click.option("--dry-run", is_flag=True)
-def restore(gpus: str, dry_run: bool) -> None:
+def restore(gpus: str, force: bool, forget: bool, dry_run: bool) -> None:
     """Put GPUs back at the limits recorded before ftkit first changed them, each on its
-    own (one failure does not stop the others; exit 1 when any failed)."""
+    own (one failure does not stop the others; exit 1 when any failed). A GPU a running
+    ftkit run still caps keeps that cap unless --force."""
     from ftkit.gpu import power as pw
 
     recorded = pw.read_originals()
@@ -101,13 +105,15 @@ def restore(gpus: str, dry_run: bool) -> None:
         return
     nv = _nvml()
     try:
-        report = pw.restore(nv, _gpus(gpus))
+        report = pw.restore(nv, _gpus(gpus), force=force, forget=forget)
     finally:
         nv.close()
     for idx, watts in sorted(report.changed.items()):
         click.echo(f"GPU {idx}: restored to {watts:g} W")
-    for idx, why in sorted(report.failed.items()):
-        click.echo(f"GPU {idx}: FAILED: {why}", err=True)
+    for idx, why in sorted(report.kept.items()):
+        click.echo(f"GPU {idx}: {why}")
+    for who, why in sorted(report.failed.items()):
+        click.echo(f"{who}: FAILED: {why}", err=True)
     if report.failed:
         raise GpuError(f"{len(report.failed)} GPU(s) could not be restored; the record keeps their originals, "
                        "run `ftkit power restore` again")

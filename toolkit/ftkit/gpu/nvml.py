@@ -46,6 +46,7 @@ class Nvml(Protocol):
     def power_limit_w(self, index: int) -> float: ...
     def set_power_limit_w(self, index: int, watts: float) -> None: ...
     def uuid(self, index: int) -> str: ...
+    def index_by_uuid(self, uuid: str) -> int: ...
     def compute_processes(self, index: int) -> list[tuple[int, int]]: ...
     def enforced_power_limit_w(self, index: int) -> float: ...
     def sample(self, index: int) -> dict[str, Any]: ...
@@ -154,6 +155,12 @@ class RealNvml:
     def uuid(self, index: int) -> str:
         v = self._call("nvmlDeviceGetUUID", self._handle(index))
         return v.decode() if isinstance(v, bytes) else str(v)
+
+    def index_by_uuid(self, uuid: str) -> int:
+        """The index of one GPU, found by its UUID alone: a restore must reach each GPU even
+        when another one has fallen off the bus (a whole inventory would fail)."""
+        handle = self._call("nvmlDeviceGetHandleByUUID", uuid)
+        return int(self._call("nvmlDeviceGetIndex", handle))
 
     def compute_processes(self, index: int) -> list[tuple[int, int]]:
         """(pid, used MiB) of every compute process on the GPU. The driver knows no PID
@@ -290,7 +297,10 @@ class SimulatedNvml:
 
     def _sync(self, change: Any = None, call: dict[str, Any] | None = None) -> dict[str, Any]:
         """Load the state file (creating it from this process's view), apply `change(state)`,
-        append `call` to the call record, write it back. Without a file: memory only."""
+        append `call` to the call record, and write it back atomically (temp file + rename,
+        under an exclusive lock on FILE.lock): a reader never sees half a file, and an
+        unreadable file is an error, never a silent reset to the defaults. Without a file:
+        memory only."""
         if not self._state_file:
             state = {"gpus": [g.as_dict() for g in self._gpus], "fail_set": []}
             if change is not None:
@@ -301,38 +311,52 @@ class SimulatedNvml:
         import json
 
         path = self._state_file
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            raw = b""
-            while chunk := os.read(fd, 1 << 16):
-                raw += chunk
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                state = json.loads(raw) if raw.strip() else None
-            except json.JSONDecodeError:
-                state = None
-            if not isinstance(state, dict) or not isinstance(state.get("gpus"), list):
+                with open(path, "rb") as fh:
+                    raw = fh.read()
+            except FileNotFoundError:
+                raw = b""
+            if raw.strip():
+                try:
+                    state = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise GpuError(f"simulated GPUs: state file {path} is unreadable ({e})") from None
+                if not isinstance(state, dict) or not isinstance(state.get("gpus"), list):
+                    raise GpuError(f"simulated GPUs: state file {path} holds no GPU list")
+                dirty = False
+            else:
                 state = {"simulated": True, "gpus": [g.as_dict() for g in self._gpus], "fail_set": [], "calls": []}
+                dirty = True
             if change is not None:
                 change(state)
+                dirty = True
             if call is not None:
                 import datetime as dt
 
                 call = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
                         "pid": os.getpid(), **call}
                 state.setdefault("calls", []).append(call)
-            data = json.dumps(state, indent=1, sort_keys=True).encode()
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.ftruncate(fd, 0)
-            os.write(fd, data)
-            os.fsync(fd)
+                dirty = True
+            if dirty:
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "wb") as fh:
+                    fh.write(json.dumps(state, indent=1, sort_keys=True).encode())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
         finally:
-            os.close(fd)  # also drops the flock
+            os.close(lock)  # also drops the flock
         self._gpus = [GpuInfo(**{k: v for k, v in g.items() if k in GpuInfo.__dataclass_fields__}) for g in state["gpus"]]
         return state
 
     def inventory(self) -> list[GpuInfo]:
-        self._sync()
+        state = self._sync()
+        lost = state.get("lost") or []  # injected: a GPU that fell off the bus fails a whole listing
+        if lost:
+            raise GpuError(f"NVML nvmlDeviceGetHandleByIndex: GPU {lost[0]} is lost (simulated fault)")
         return [GpuInfo(**g.as_dict()) for g in self._gpus]
 
     def _gpu(self, index: int) -> GpuInfo:
@@ -426,6 +450,13 @@ class SimulatedNvml:
 
     def uuid(self, index: int) -> str:
         return self._gpu(index).uuid
+
+    def index_by_uuid(self, uuid: str) -> int:
+        self._sync()
+        for g in self._gpus:
+            if g.uuid == uuid:
+                return g.index
+        raise GpuError(f"NVML: no GPU with UUID {uuid} (simulated)")
 
     def compute_processes(self, index: int) -> list[tuple[int, int]]:
         """None, unless the state file lists some: `"processes": {"INDEX": [[pid, mib], ...]}`

@@ -3,9 +3,13 @@ written to a machine-wide state file BEFORE the change, so whatever happens next
 SIGKILL, a power cut) a later run or `ftkit power restore` puts back the true original,
 never a crashed run's cap.
 
-The record is per physical GPU (keyed by UUID, since indices move), kept until that GPU is
-restored. Restores go GPU by GPU: one that fails never stops the others, and every
-failure is reported.
+The record is per physical GPU (keyed by UUID, since indices move) and names who holds a
+cap on it: each run (its ftkit's pid and start time) and `ftkit power set` (until `ftkit
+power restore`). A GPU goes back to its original only when its last live holder lets go;
+while another run still trains on it, the lowest cap still asked for stays - one run ending
+must never uncap another (a PSU trip). Restores go GPU by GPU, each GPU found by its UUID
+alone: one that fails, or has fallen off the bus, never stops the others, and every failure
+is reported.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ftkit.gpu.nvml import Nvml
 
 STATE_ENV = "FTKIT_STATE_DIR"
 FILE = "power-originals.json"
+MANUAL = "manual"  # the holder name of `ftkit power set`
 
 
 def state_dir() -> Path:
@@ -45,8 +50,8 @@ def originals_path() -> Path:
 
 @contextmanager
 def _locked() -> Iterator[dict[str, Any]]:
-    """The originals record, read and rewritten under an exclusive lock (several ftkit
-    processes may cap GPUs at once)."""
+    """The originals record, read and rewritten (atomically) under an exclusive lock:
+    several ftkit processes may cap and restore GPUs at once."""
     path = originals_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -57,7 +62,8 @@ def _locked() -> Iterator[dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as e:
             raise GpuError(f"{path}: the record of original power limits is unreadable ({e}); "
                            "fix or remove it after checking the limits with `nvidia-smi -q -d POWER`") from e
-        data.setdefault("gpus", {})
+        if not isinstance(data, dict) or not isinstance(data.setdefault("gpus", {}), dict):
+            raise GpuError(f"{path}: not a record of power limits; fix or remove it")
         before = json.dumps(data, sort_keys=True)
         yield data
         if json.dumps(data, sort_keys=True) != before:
@@ -67,26 +73,51 @@ def _locked() -> Iterator[dict[str, Any]]:
 
 
 def read_originals() -> dict[str, dict[str, Any]]:
-    path = originals_path()
-    if not path.exists():
+    if not originals_path().exists():
         return {}
     with _locked() as data:
         return dict(data["gpus"])
 
 
-def _keys(nv: Nvml) -> dict[int, tuple[str, str]]:
-    """index -> (key, name); the key is the UUID (stable), the index where there is none."""
-    out = {}
-    for g in nv.inventory():
-        out[g.index] = (g.uuid or f"index-{g.index}", g.name)
-    return out
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a cap: a run (alive while its ftkit process is) or `ftkit power set`."""
+
+    name: str
+    pid: int | None = None
+    pid_start: int | None = None
+
+    @classmethod
+    def this_process(cls, name: str) -> Holder:
+        from ftkit.run.rundir import process_start
+
+        return cls(name, os.getpid(), process_start(os.getpid()))
+
+    def as_dict(self, cap_w: float) -> dict[str, Any]:
+        return {"pid": self.pid, "pid_start": self.pid_start, "cap_w": cap_w,
+                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _alive(entry: dict[str, Any]) -> bool:
+    if entry.get("pid") is None:
+        return True  # `ftkit power set`: held until `ftkit power restore`
+    from ftkit.run.rundir import is_alive
+
+    return is_alive(entry.get("pid"), entry.get("pid_start"))
+
+
+def _index_of(nv: Nvml, key: str, rec: dict[str, Any]) -> int:
+    if key.startswith("index-"):
+        return int(key.split("-", 1)[1])
+    return nv.index_by_uuid(key)
 
 
 @dataclass
 class PowerReport:
     changed: dict[int, float] = field(default_factory=dict)  # index -> watts now set
     originals: dict[int, float] = field(default_factory=dict)  # index -> recorded original
-    failed: dict[int, str] = field(default_factory=dict)  # index -> why
+    kept: dict[int, str] = field(default_factory=dict)  # index -> why it stays capped (another holder)
+    failed: dict[str, str] = field(default_factory=dict)  # "GPU i" or the UUID -> why
 
     @property
     def ok(self) -> bool:
@@ -94,70 +125,111 @@ class PowerReport:
 
     def summary(self) -> str:
         parts = [f"GPU {i}: {w:g} W" for i, w in sorted(self.changed.items())]
-        parts += [f"GPU {i}: FAILED ({why})" for i, why in sorted(self.failed.items())]
+        parts += [f"GPU {i}: kept capped ({why})" for i, why in sorted(self.kept.items())]
+        parts += [f"{who}: FAILED ({why})" for who, why in sorted(self.failed.items())]
         return ", ".join(parts) or "nothing to do"
 
 
-def set_limits(nv: Nvml, caps: dict[int, float], *, by: str) -> PowerReport:
+def set_limits(nv: Nvml, caps: dict[int, float], *, holder: Holder) -> PowerReport:
     """Record each GPU's current limit as its original (unless a record already holds the
-    true original), make that durable, then set the cap. Stops at the first failure: a
-    half-capped machine must not go on to train; the caller restores what was changed."""
-    keys = _keys(nv)
+    true original), name `holder` on it, make that durable, then set the cap - never above
+    a cap another live holder still asks for. Stops at the first failure: a half-capped
+    machine must not go on to train; the caller restores what it holds."""
     report = PowerReport()
     for idx, watts in sorted(caps.items()):
-        if idx not in keys:
-            raise GpuError(f"GPU {idx} is not on this machine (NVML sees {sorted(keys)})")
-        key, name = keys[idx]
+        key = nv.uuid(idx) or f"index-{idx}"
         with _locked() as data:
             rec = data["gpus"].get(key)
             if rec is None:
+                name = next((g.name for g in nv.inventory() if g.index == idx), "?")
                 rec = {"index": idx, "name": name, "original_w": nv.power_limit_w(idx),
-                       "recorded": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "by": by,
-                       "simulated": bool(nv.simulated)}
+                       "recorded": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                       "simulated": bool(nv.simulated), "holders": {}}
                 data["gpus"][key] = rec
+            holders = rec.setdefault("holders", {})
+            holders[holder.name] = holder.as_dict(float(watts))
+            others = [float(h["cap_w"]) for n, h in holders.items() if n != holder.name and _alive(h)]
+            target = min([float(watts), *others])
         report.originals[idx] = float(rec["original_w"])
-        nv.set_power_limit_w(idx, float(watts))
-        report.changed[idx] = float(watts)
+        nv.set_power_limit_w(idx, target)
+        report.changed[idx] = target
     return report
 
 
-def restore(nv: Nvml, indices: list[int] | None = None) -> PowerReport:
-    """Put every recorded GPU (or those in `indices`) back at its original limit, each on
-    its own: a failure is reported and the others still go back. A GPU's record is dropped
-    only once its limit is back."""
-    keys = _keys(nv)
-    by_key = {key: idx for idx, (key, _) in keys.items()}
+def release(nv: Nvml, *, holder: str | None, indices: list[int] | None = None, forget: bool = False,
+            force: bool = False) -> PowerReport:
+    """`holder` lets go of its caps (None: `ftkit power restore`, which lets go of the
+    by-hand caps and of runs whose ftkit is gone). A GPU whose last live holder let go goes
+    back to its original limit; one that a live run still caps keeps the lowest cap still
+    asked for (`force` overrides that). Each GPU is found by its UUID and restored on its
+    own: a failure is reported and the others still go back. A record is dropped only once
+    its GPU is back (`forget` drops it anyway: a GPU that is gone)."""
     report = PowerReport()
     for key, rec in sorted(read_originals().items()):
-        idx = by_key.get(key)
-        if idx is None:
-            report.failed[int(rec.get("index", -1))] = f"GPU {rec.get('name')} ({key}) is no longer visible to NVML"
-            continue
-        if indices is not None and idx not in indices:
-            continue
+        who = f"GPU {rec.get('index', '?')} ({rec.get('name', '?')}, {key})"
         try:
+            holders = rec.get("holders") or {}
+            if holder is not None and holder not in holders:
+                continue  # not ours: another run's or a by-hand cap
+            try:
+                idx = _index_of(nv, key, rec)
+            except GpuError as e:
+                if forget:
+                    with _locked() as data:
+                        data["gpus"].pop(key, None)
+                    report.kept[int(rec.get("index", -1))] = "record forgotten: the GPU is gone"
+                    continue
+                raise GpuError(f"not found by NVML: {e}") from e
+            if indices is not None and idx not in indices:
+                continue
+            if holder is None:
+                remaining = {} if force else {n: h for n, h in holders.items()
+                                              if h.get("pid") is not None and _alive(h)}
+            else:
+                remaining = {n: h for n, h in holders.items() if n != holder and _alive(h)}
+            if remaining:
+                target = min(float(h["cap_w"]) for h in remaining.values())
+                nv.set_power_limit_w(idx, target)
+                report.kept[idx] = f"{', '.join(sorted(remaining))} still holds {target:g} W"
+                with _locked() as data:
+                    cur = data["gpus"].get(key)
+                    if cur is not None:
+                        cur["holders"] = {n: h for n, h in (cur.get("holders") or {}).items() if n in remaining}
+                continue
             nv.set_power_limit_w(idx, float(rec["original_w"]))
-        except GpuError as e:
-            report.failed[idx] = str(e)
-            continue
-        except Exception as e:  # noqa: BLE001 - one GPU's surprise must not stop the others
-            report.failed[idx] = f"{e.__class__.__name__}: {e}"
-            continue
-        report.changed[idx] = float(rec["original_w"])
-        report.originals[idx] = float(rec["original_w"])
-        with _locked() as data:
-            data["gpus"].pop(key, None)
+            report.changed[idx] = float(rec["original_w"])
+            report.originals[idx] = float(rec["original_w"])
+            with _locked() as data:
+                data["gpus"].pop(key, None)
+        except Exception as e:  # noqa: BLE001 - one GPU's failure must never stop the others
+            report.failed[who] = str(e) if isinstance(e, GpuError) else f"{e.__class__.__name__}: {e}"
+            if holder is not None:  # we let go even so: the record keeps the original for `ftkit power restore`
+                try:
+                    with _locked() as data:
+                        cur = data["gpus"].get(key)
+                        if cur is not None:
+                            (cur.get("holders") or {}).pop(holder, None)
+                except Exception:  # noqa: BLE001
+                    pass
     return report
+
+
+def restore(nv: Nvml, indices: list[int] | None = None, *, force: bool = False, forget: bool = False) -> PowerReport:
+    """`ftkit power restore`: every recorded GPU (or those in `indices`) back to its original,
+    except where a live run still holds a cap (`force`: those too)."""
+    return release(nv, holder=None, indices=indices, force=force, forget=forget)
 
 
 def show(nv: Nvml) -> list[dict[str, Any]]:
-    """Each GPU's current limit, its default and the recorded original (None: not changed by ftkit)."""
+    """Each GPU's current limit, its default, the recorded original (None: not changed by
+    ftkit) and who holds a cap on it."""
     recorded = read_originals()
     rows = []
     for g in nv.inventory():
         rec = recorded.get(g.uuid or f"index-{g.index}")
+        holders = {n: {**h, "alive": _alive(h)} for n, h in ((rec or {}).get("holders") or {}).items()}
         rows.append({"index": g.index, "name": g.name, "uuid": g.uuid, "limit_w": nv.power_limit_w(g.index),
                      "default_w": g.power_default_w, "min_w": g.power_min_w, "max_w": g.power_max_w,
                      "original_w": rec["original_w"] if rec else None, "recorded": rec.get("recorded") if rec else None,
-                     "by": rec.get("by") if rec else None, "simulated": bool(nv.simulated)})
+                     "holders": holders, "simulated": bool(nv.simulated)})
     return rows

@@ -37,13 +37,15 @@ class Guard:
 
 
 class PowerGuard(Guard):
-    """The GPUs this run capped go back to the limits recorded before the first change."""
+    """This run lets go of its caps: each GPU goes back to the limit recorded before ftkit
+    first changed it - unless another live run still caps it (then that run's cap stays)."""
 
     journal_id = "power-restore-final"
     label = "power limits"
 
-    def __init__(self, nvml: Callable[[], Any]) -> None:
+    def __init__(self, nvml: Callable[[], Any], holder: str) -> None:
         self.nvml = nvml
+        self.holder = holder
         self.indices: set[int] = set()
 
     def restore(self, indices: list[int] | None = None) -> Outcome:
@@ -52,13 +54,13 @@ class PowerGuard(Guard):
         which = sorted(self.indices if indices is None else set(indices) & self.indices)
         if not which:
             return Outcome("skipped", message="no limit was changed")
-        report = power.restore(self.nvml(), which)
-        self.indices -= set(report.changed)
-        detail = {"restored_w": report.changed, "failed": report.failed}
+        report = power.release(self.nvml(), holder=self.holder, indices=which)
+        self.indices -= set(report.changed) | set(report.kept)
+        detail = {"restored_w": report.changed, "kept": report.kept, "failed": report.failed}
         if report.failed:
             return Outcome("failed", detail, "could not restore " + "; ".join(
-                f"GPU {i}: {why}" for i, why in sorted(report.failed.items())) + " (retry: ftkit power restore)")
-        return Outcome("succeeded", detail)
+                f"{who}: {why}" for who, why in sorted(report.failed.items())) + " (retry: ftkit power restore)")
+        return Outcome("succeeded", detail, "; ".join(f"GPU {i} {why}" for i, why in sorted(report.kept.items())))
 
     def unwind(self, succeeded: bool) -> Outcome:
         return self.restore()

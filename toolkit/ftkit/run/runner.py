@@ -247,9 +247,9 @@ def _cap(ctx: Context, step: StepSpec) -> Outcome:
         return Outcome("skipped", message="no GPUs on this machine: nothing to cap")
     from ftkit.gpu import power
 
-    guard = ctx.guards.find(PowerGuard) or ctx.guards.push(PowerGuard(ctx.nvml))
+    guard = ctx.guards.find(PowerGuard) or ctx.guards.push(PowerGuard(ctx.nvml, ctx.run.path.name))
     guard.indices |= set(step.power_caps_w)  # before the change: a half-done cap is undone too
-    report = power.set_limits(ctx.nvml(), step.power_caps_w, by=ctx.run.path.name)
+    report = power.set_limits(ctx.nvml(), step.power_caps_w, holder=power.Holder.this_process(ctx.run.path.name))
     ctx.journal.record("power", {"original_w": {str(k): v for k, v in report.originals.items()},
                                  "originals_file": str(power.originals_path())})
     return Outcome("succeeded", {"caps_w": step.power_caps_w, "original_w": report.originals,

@@ -158,10 +158,10 @@ def _restore_machine(run: Path, plan: dict[str, Any], report: CleanReport) -> No
                 report.problems.append("power: NVML is not available to restore the limits")
             else:
                 try:
-                    r = power.restore(nv, capped)
+                    r = power.release(nv, holder=run.name, indices=capped)
                     report.power = r.summary()
                     if r.failed:
-                        report.problems.append("power: " + "; ".join(f"GPU {i}: {w}" for i, w in r.failed.items()))
+                        report.problems.append("power: " + "; ".join(f"{who}: {w}" for who, w in r.failed.items()))
                 finally:
                     nv.close()
         except Exception as e:  # noqa: BLE001
