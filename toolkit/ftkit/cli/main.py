@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except BaseException as e:  # a run's signal gate raised outside a run's own handling
+        from ftkit.run.signals import Interrupted
+
+        if isinstance(e, Interrupted):
+            click.echo(f"interrupted by {e.name}", err=True)
+            sys.exit(e.exit_code)
+        raise
     except BrokenPipeError:
         sys.exit(0)
     sys.exit(0)

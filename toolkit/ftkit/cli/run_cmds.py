@@ -71,10 +71,29 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
             raise click.UsageError("give a RECIPE (or --resume RUN)")
         from ftkit.run.planning import prepare, runs_root
 
-        def where(res) -> str:  # type: ignore[no-untyped-def]
-            return str(runner.new_run_path(runs_dir or runs_root(res.machine), res.recipe.name))
+        made: list[Path] = []  # directories the reservation created, removed again if the run is refused
 
-        prepared = prepare(recipe, machine_path, run_dir=where, executor=executor)
+        def where(res) -> str:  # type: ignore[no-untyped-def]
+            root = (runs_dir or runs_root(res.machine)).resolve()
+            if not dry_run:
+                made.extend(p for p in [root, *root.parents] if not p.exists())
+            reserved = runner.new_run_path(root, res.recipe.name, reserve=not dry_run)
+            if not dry_run:
+                made.append(reserved)
+            return str(reserved)
+
+        def unreserve() -> None:
+            for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+                try:
+                    d.rmdir()  # the reserved, still empty directories: a refused run leaves nothing
+                except OSError:
+                    pass
+
+        try:
+            prepared = prepare(recipe, machine_path, run_dir=where, executor=executor)
+        except BaseException:
+            unreserve()
+            raise
         plan = prepared.plan
         path = Path(plan.run_dir)
         root = path.parent
@@ -88,9 +107,13 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
             return
         from ftkit.run import preflight
 
-        prepared.check()  # refuse before anything is written, capped or stopped
-        preflight.inputs(prepared)
-        preflight.machine(plan)
+        try:
+            prepared.check()  # refuse before anything is written, capped or stopped
+            preflight.inputs(prepared)
+            preflight.machine(plan)
+        except BaseException:
+            unreserve()
+            raise
         _clean_stale(root)
         run = runner.create_run(path, plan, prepared.res.to_yaml_data(), ["ftkit", *sys.argv[1:]])
     display = make_display(plan, live=False if quiet or verbose else None)
@@ -130,9 +153,14 @@ def _prepare_resume(run_dir: str, dry_run: bool):  # type: ignore[no-untyped-def
         raise UserError(f"{run_dir}: not a run directory (needs plan.json and state.json)")
     try:
         plan = Plan.from_dict(read_json(path / "plan.json"))
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"{path / 'plan.json'}: not a plan this ftkit can resume ({e})") from None
+        if not isinstance(plan.steps, list) or not isinstance(plan.docker, dict) or not plan.steps:
+            raise ValueError("no steps")
+    except Exception as e:  # noqa: BLE001 - a hand-edited or truncated plan.json: refuse, never trace back
+        raise UserError(f"{path / 'plan.json'}: not a plan this ftkit can resume ({e.__class__.__name__}: {e})") from None
     st = state_of(path)
+    if not (isinstance(st.get("steps"), dict) and isinstance(st.get("order"), list)
+            and all(isinstance(v, dict) for v in st["steps"].values())):
+        raise UserError(f"{path / 'state.json'}: not a journal this ftkit can resume (unreadable or edited)")
     if st.get("status") == "running" and not is_stale(path):
         raise UserError(f"{path.name} is still running (ftkit pid {st.get('pid')})",
                         hint="stop it first (Ctrl-C there, or kill -TERM that pid)")
@@ -157,6 +185,8 @@ def status(run: str | None, runs_dir: Path | None, machine_path: str | None, as_
 
     path = _find_run(run, _runs_root(runs_dir, machine_path))
     st = state_of(path)
+    if not isinstance(st.get("steps"), dict):
+        raise UserError(f"{path / 'state.json'}: unreadable or not a journal")
     stale = is_stale(path)
     if as_json:
         click.echo(json.dumps({"run_dir": str(path), "stale": stale, **st}, indent=2))
@@ -201,10 +231,12 @@ def _lease_lines(run: Path) -> None:
 @click.option("--follow", "-f", is_flag=True, help="keep printing as the log grows (until the run ends)")
 def logs(run: str, step: str | None, runs_dir: Path | None, follow: bool) -> None:
     """Print a step's log (default: the step running now, else the last one that ran)."""
-    from ftkit.run.stale import state_of
+    from ftkit.run.stale import is_stale, state_of
 
     path = _find_run(run, runs_dir or Path("runs"))
     st = state_of(path)
+    if not isinstance(st.get("steps"), dict):
+        raise UserError(f"{path / 'state.json'}: unreadable or not a journal")
     if step is None:
         ran = [s for s in st.get("order", []) if st["steps"].get(s, {}).get("status") not in ("pending", "skipped")]
         running = [s for s in ran if st["steps"][s].get("status") == "running"]
@@ -224,7 +256,7 @@ def logs(run: str, step: str | None, runs_dir: Path | None, follow: bool) -> Non
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
                 continue
-            if state_of(path).get("status") != "running":
+            if state_of(path).get("status") != "running" or is_stale(path):
                 break
             time.sleep(0.5)
 

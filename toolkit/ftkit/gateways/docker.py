@@ -37,6 +37,8 @@ def translated(action: str) -> Iterator[None]:
         raise DockerError(f"{action}: not found: {e.explanation or e}") from e
     except de.APIError as e:
         raise DockerError(f"{action}: {e.explanation or e}") from e
+    except rex.Timeout as e:  # an OSError by inheritance: it must not pass for a file problem
+        raise DockerError(f"{action}: the Docker engine did not answer in time ({e})") from e
     except (rex.ConnectionError, ConnectionError, FileNotFoundError, PermissionError) as e:
         raise DockerUnavailable(f"{action}: cannot reach the Docker engine ({e.__class__.__name__}: {e})",
                                 hint="start dockerd, or set DOCKER_HOST / the machine profile's docker.host") from e

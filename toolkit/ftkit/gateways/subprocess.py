@@ -120,18 +120,18 @@ def run(
             raise FtkitError(f"cannot run {argv[0]!r}: not found on PATH") from e
         except PermissionError as e:
             raise FtkitError(f"cannot run {argv[0]!r}: permission denied") from e
-        if on_start is not None:
-            on_start(proc)
-        if stdin_data is not None:
-            assert proc.stdin is not None  # we asked for a pipe above
-            proc.stdin.write(stdin_data)
-            proc.stdin.close()
         timer = None
-        if timeout is not None:
-            timer = threading.Timer(timeout, proc.kill)
-            timer.start()
-        assert proc.stdout is not None
-        try:
+        try:  # from here on, whatever happens (a signal while we record the pid), the child is stopped
+            if on_start is not None:
+                on_start(proc)
+            if stdin_data is not None:
+                assert proc.stdin is not None  # we asked for a pipe above
+                proc.stdin.write(stdin_data)
+                proc.stdin.close()
+            if timeout is not None:
+                timer = threading.Timer(timeout, proc.kill)
+                timer.start()
+            assert proc.stdout is not None
             for line in proc.stdout:
                 tail.append(line)
                 if capture:

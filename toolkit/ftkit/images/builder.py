@@ -272,7 +272,7 @@ def run_build(root: Path, spec: BuildSpec, *, force: bool = False, host: str | N
                     env["DOCKER_HOST"] = host
                 argv = buildkit_argv(spec, cli, str(ctx_dir))
                 progress.line("$ " + sp.quote(argv))
-                result = sp.run(argv, env=env, on_line=progress.line, check=False)
+                result = sp.run(argv, env=env, on_line=progress.line, check=False, die_with_parent=True)
                 if result.returncode != 0:
                     raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{progress.failure()}")
             else:

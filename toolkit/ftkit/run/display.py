@@ -58,6 +58,7 @@ class Display:
         self.order = [s.id for s in plan.steps]
         self._lock = threading.Lock()
         self._last_progress = 0.0
+        self._broken = False
 
     # -- events from the runner -----------------------------------------------------------
 
@@ -123,8 +124,15 @@ class Display:
         return f"{self.order.index(step.id) + 1}/{len(self.order)}"
 
     def say(self, text: str) -> None:
+        """Print a line; a console that fails (a closed terminal, EIO after SIGHUP) makes
+        the display go quiet, never the run fail: everything is in the journal and logs."""
+        if self._broken:
+            return
         with self._lock:
-            print(text, file=self.out, flush=True)
+            try:
+                print(text, file=self.out, flush=True)
+            except (OSError, ValueError):
+                self._broken = True
 
 
 def progress_text(p: Progress) -> str:

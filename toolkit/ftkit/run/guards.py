@@ -101,11 +101,18 @@ class ServerGuard(Guard):
         return f"server {self.step.id}"
 
     def unwind(self, succeeded: bool) -> Outcome:
-        if succeeded and self.step.keep_running and self.handle.alive():
-            self.left = True
-            self.on_left(self.step, self.handle)
-            return Outcome("skipped", {"left_running": self.handle.ident}, "left running")
+        alive = self.handle.alive()
+        if succeeded and self.step.keep_running:
+            if alive:
+                self.left = True
+                self.on_left(self.step, self.handle)
+                return Outcome("skipped", {"left_running": self.handle.ident}, "left running")
+            code = self.handle.stop()  # collect it (and its log stream)
+            return Outcome("failed", {"exit_code": code, "exited": True}, "the server the recipe keeps running exited "
+                           f"(exit code {code}) after its test prompts; see its log")
         code = self.handle.stop()
+        if self.handle.alive():
+            return Outcome("failed", {"exit_code": code}, "could not be stopped: still running")
         return Outcome("succeeded", {"stopped": True, "exit_code": code})
 
 
@@ -134,4 +141,7 @@ class GuardStack:
                 outcome = guard.unwind(succeeded)
             except BaseException as e:  # noqa: BLE001 - a guard must never stop the others
                 outcome = Outcome("failed", message=f"{guard.label}: {describe_failure(e)}")
-            report(guard, outcome)
+            try:
+                report(guard, outcome)
+            except Exception:  # noqa: BLE001 - a full disk (journal) or a dead terminal stops nothing
+                pass

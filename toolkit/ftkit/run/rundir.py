@@ -43,6 +43,57 @@ def is_alive(pid: int | None, start: int | None) -> bool:
     return pid is not None and start is not None and process_start(pid) == start
 
 
+OWNER_LOCK = ".owner.lock"
+
+
+class OwnerLock:
+    """The exclusive flock an ftkit process holds on RUN/.owner.lock while it drives the run.
+
+    The kernel drops it the moment that process dies, however it dies, so it answers "is
+    anyone driving this run?" truthfully across hostname changes, pid reuse and containers
+    (the tether in every step watches the same lock through the bind mount)."""
+
+    def __init__(self, run_path: Path) -> None:
+        import fcntl
+
+        self.path = run_path / OWNER_LOCK
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            from ftkit.errors import UserError
+
+            raise UserError(f"{run_path.name} is being driven by another ftkit right now",
+                            hint="wait for it, or stop it (Ctrl-C there)") from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def owner_state(run_path: Path) -> bool | None:
+    """True: an ftkit holds the run's owner lock; False: nobody does; None: the run has no
+    owner lock (made by an older ftkit, or not started)."""
+    import fcntl
+
+    path = run_path / OWNER_LOCK
+    if not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def utc_stamp(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
     return now.strftime("%Y%m%dT%H%M%SZ")
@@ -113,6 +164,9 @@ class Journal:
         self._flush()
 
     def owner_alive(self) -> bool:
+        held = owner_state(self.path.parent)
+        if held is not None:
+            return held
         if self.state.get("host") not in (None, socket.gethostname()):
             return True  # another host's run: not ours to judge
         return is_alive(self.state.get("pid"), self.state.get("pid_start"))

@@ -15,6 +15,7 @@ time, so a later ftkit can tell a live run from one whose ftkit died.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import traceback
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from ftkit.run import envinfo
 from ftkit.run.display import Display, Progress
 from ftkit.run.executors import Executor, Outcome, StepIO, executor_for
 from ftkit.run.guards import GuardStack, HandoffGuard, PowerGuard, ServerGuard, describe_failure
-from ftkit.run.rundir import Journal, RunDir, iso_now, utc_stamp
+from ftkit.run.rundir import Journal, OwnerLock, RunDir, iso_now, utc_stamp
 from ftkit.run.signals import Interrupted, SignalGate
 
 # Steps that establish machine state rather than produce artifacts: a resumed run does them
@@ -49,20 +50,34 @@ class RunResult:
     exit_code: int = 0
 
 
-def new_run_path(root: Path, name: str) -> Path:
-    """runs/<UTC timestamp>-<name>, not created yet: the plan is built with it first."""
+def new_run_path(root: Path, name: str, *, reserve: bool = False) -> Path:
+    """runs/<UTC timestamp>-<name>: the plan is built with it first. `reserve` creates the
+    (empty) directory at once, atomically, so two `ftkit up` in the same second get two;
+    the caller removes it again when the run is refused."""
     base = f"{utc_stamp()}-{name}"
+    if reserve:
+        root.mkdir(parents=True, exist_ok=True)
     for n in range(1000):
         path = (root / (base if n == 0 else f"{base}-{n}")).resolve()
-        if not path.exists():
-            return path
+        if not reserve:
+            if not path.exists():
+                return path
+            continue
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
     raise FtkitError(f"cannot find a free run directory name under {root}")  # pragma: no cover
 
 
 def create_run(path: Path, plan: Plan, resolved_yaml: dict[str, Any], argv: list[str]) -> RunDir:
-    """Make the run directory and write what explains the run before anything runs."""
+    """Make the run directory (or fill the one reserved) and write what explains the run
+    before anything runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir()
+    path.mkdir(exist_ok=True)
+    if any(path.iterdir()):
+        raise FtkitError(f"run directory {path} is not empty")
     (path / "logs").mkdir()
     run = RunDir(path)
     run.write_inputs(resolved_yaml, plan.to_dict(), argv, envinfo.snapshot(include_docker=plan.executor == "docker"))
@@ -80,6 +95,8 @@ class Context:
     guards: GuardStack = field(default_factory=GuardStack)
     left_running: list[str] = field(default_factory=list)
     servers: dict[str, Any] = field(default_factory=dict)  # serve step id -> handle
+    gate: Any = None  # the run's SignalGate (defers signals across a server's start and its guard)
+    unwind_failures: list[str] = field(default_factory=list)  # guards without a journal step of their own
     _nvml: Any = None
 
     def nvml(self) -> Any:
@@ -100,8 +117,16 @@ class Context:
 
 
 def execute_plan(run: RunDir, plan: Plan, *, display: Display | None = None, echo: bool = False,
-                 resume: bool = False) -> RunResult:
+                 resume: bool = False, owner: OwnerLock | None = None) -> RunResult:
+    owner = owner or OwnerLock(run.path)  # refuses (exit 2) when another ftkit drives this run
     display = display or Display(plan)
+    try:
+        return _drive(run, plan, display, echo=echo, resume=resume)
+    finally:
+        owner.release()
+
+
+def _drive(run: RunDir, plan: Plan, display: Display, *, echo: bool, resume: bool) -> RunResult:
     journal = Journal(run, [s.id for s in plan.steps])
     if resume:
         journal.record("resumes", [*journal.state.get("resumes", []), {"at": iso_now()}])
@@ -111,71 +136,102 @@ def execute_plan(run: RunDir, plan: Plan, *, display: Display | None = None, ech
     stop: Interrupted | None = None
     current: StepSpec | None = None
     display.start(str(run.path))
-    with SignalGate(display.say) as gate:
+    status = "failed"
+    with SignalGate() as gate:
+        ctx.gate = gate
         try:
-            if plan.executor == "docker":
-                try:
-                    _prepare_images(ctx)
-                except FtkitError as e:  # refused before any step changed the machine
-                    failed, message = "images", describe_failure(e)
-                    display.note(f"cannot start: {message}")
-            for step in plan.steps:
-                if step.always:
-                    continue
-                if failed or stop:
-                    why = (("images could not be prepared" if failed == "images" else f"step {failed} failed")
-                           if failed else f"the run was stopped by {stop.name}" if stop else "")
-                    journal.step(step.id, "skipped", reason=why)
-                    display.step_skipped(step, why)
-                    continue
-                if resume and journal.status_of(step.id) == "succeeded" and step.kind not in STATE_KINDS:
-                    display.step_skipped(step, "done before the resume")
-                    continue
-                current = step
-                outcome = _attempt(ctx, step)
-                current = None
-                if outcome.status == "failed":
-                    failed, message = step.id, outcome.message
-        except Interrupted as e:
-            stop = e
-            message = f"stopped by {e.name}"
-            if current is not None:
-                journal.step(current.id, "interrupted", **_log_ref(ctx, current), reason=message)
-                display.step_finished(current, "interrupted", message)
-            for step in plan.steps:
-                if not step.always and journal.status_of(step.id) in ("pending", "running") and step is not current:
-                    journal.step(step.id, "skipped", reason=message)
-            display.note(f"{message}; restoring the machine before exit")
-        except BaseException as e:  # noqa: BLE001 - a bug must still leave a true journal and a restored machine
-            failed = failed or (current.id if current else "ftkit")
-            message = f"internal error: {describe_failure(e)}"
-            _internal_error(ctx, e)
-            if current is not None:
-                journal.step(current.id, "failed", **_log_ref(ctx, current), error=message)
-                display.step_finished(current, "failed", message)
-            for step in plan.steps:
-                if not step.always and journal.status_of(step.id) in ("pending", "running"):
-                    journal.step(step.id, "skipped", reason=message)
+            try:
+                if plan.executor == "docker":
+                    try:
+                        _prepare_images(ctx)
+                    except FtkitError as e:  # refused before any step changed the machine
+                        failed, message = "images", describe_failure(e)
+                        display.note(f"cannot start: {message}")
+                for step in plan.steps:
+                    if step.always:
+                        continue
+                    if failed or stop:
+                        why = (("images could not be prepared" if failed == "images" else f"step {failed} failed")
+                               if failed else f"the run was stopped by {stop.name}" if stop else "")
+                        journal.step(step.id, "skipped", reason=why)
+                        display.step_skipped(step, why)
+                        continue
+                    if resume and journal.status_of(step.id) == "succeeded" and step.kind not in STATE_KINDS:
+                        display.step_skipped(step, "done before the resume")
+                        continue
+                    current = step
+                    outcome = _attempt(ctx, step)
+                    current = None
+                    if outcome.status == "failed":
+                        failed, message = step.id, outcome.message
+            except Interrupted as e:
+                gate.cleanup()
+                stop = e
+                message = f"stopped by {e.name}"
+                _close_steps(ctx, current, "interrupted", message)
+                display.note(f"{message}; restoring the machine before exit")
+            except BaseException as e:  # noqa: BLE001 - a bug must still leave a true journal and a restored machine
+                gate.cleanup()
+                failed = failed or (current.id if current else "ftkit")
+                message = f"internal error: {describe_failure(e)}"
+                _internal_error(ctx, e)
+                _close_steps(ctx, current, "failed", message)
+        except BaseException as e:  # noqa: BLE001 - a signal or error while handling the first one
+            gate.cleanup()
+            if isinstance(e, Interrupted):
+                stop = stop or e
+            else:
+                failed = failed or "ftkit"
+                message = message or f"internal error: {describe_failure(e)}"
         finally:
             gate.cleanup()
+            stop = stop or gate.first()  # a signal noted while a handler ran still counts
+            if stop is not None and not message:
+                message = f"stopped by {stop.name}"
             succeeded = failed is None and stop is None
-            _unwind(ctx, succeeded)
+            _quietly(ctx, "unwinding", lambda: _unwind(ctx, succeeded))
             for step in plan.steps:  # always-steps whose guard was never pushed: nothing to undo
                 if step.always and journal.status_of(step.id) == "pending":
-                    journal.step(step.id, "skipped", reason="nothing to undo")
+                    _quietly(ctx, "journal", lambda sid=step.id: journal.step(sid, "skipped", reason="nothing to undo"))
             if failed is None and stop is None:
                 bad = [s.id for s in plan.steps if journal.status_of(s.id) == "failed"]
                 if bad:
                     failed, message = bad[0], journal.state["steps"][bad[0]].get("error") or "restore failed"
+                elif ctx.unwind_failures:
+                    failed, message = "cleanup", "; ".join(ctx.unwind_failures)
             status = "interrupted" if stop else "failed" if failed else "succeeded"
-            journal.finish(status, failed_step=failed, message=message or None, left_running=ctx.left_running,
-                           signal=stop.name if stop else None)
+            _quietly(ctx, "journal", lambda: journal.finish(
+                status, failed_step=failed, message=message or None, left_running=ctx.left_running,
+                signal=stop.name if stop else None))
             if ctx._nvml is not None:
-                ctx._nvml.close()
-            display.finish(status, str(run.path))
-            display.close()
+                _quietly(ctx, "nvml", ctx._nvml.close)
+            _quietly(ctx, "display", lambda: display.finish(status, str(run.path)))
+            _quietly(ctx, "display", display.close)
     code = stop.exit_code if stop else (1 if failed else 0)
     return RunResult(run.path, status, failed, message, ctx.left_running, code)
+
+
+def _close_steps(ctx: Context, current: StepSpec | None, status: str, message: str) -> None:
+    """The step that was running ends as `status`; every step still to come is skipped."""
+    if current is not None:
+        _quietly(ctx, "journal", lambda: ctx.journal.step(current.id, status, **_log_ref(ctx, current),
+                                                          **({"error": message} if status == "failed" else
+                                                             {"reason": message})))
+        ctx.display.step_finished(current, status, message)
+    for step in ctx.plan.steps:
+        if not step.always and ctx.journal.status_of(step.id) in ("pending", "running"):
+            _quietly(ctx, "journal", lambda sid=step.id: ctx.journal.step(sid, "skipped", reason=message))
+
+
+def _quietly(ctx: Context, what: str, action: Any) -> None:
+    """Cleanup must go on: a full disk or a dead terminal cannot stop the rest of it."""
+    try:
+        action()
+    except Exception as e:  # noqa: BLE001
+        try:
+            os.write(2, f"ftkit: {what} failed during cleanup: {e}\n".encode())
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------- one step
@@ -300,9 +356,10 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
         if holder:
             raise EngineError(f"port {port} is already taken ({holder}); a stale server from an earlier run? "
                               "stop it (`ftkit down`) or choose another port")
-    handle = ctx.executor.start(step, ctx.io(step))
-    ctx.servers[step.id] = handle
-    ctx.guards.push(ServerGuard(step, handle, on_left=lambda s, h: _left(ctx, s, h)))
+    with ctx.gate.deferred() if ctx.gate else nullcontext():  # a server is never started without its guard
+        handle = ctx.executor.start(step, ctx.io(step))
+        ctx.servers[step.id] = handle
+        ctx.guards.push(ServerGuard(step, handle, on_left=lambda s, h: _left(ctx, s, h)))
     seconds = serving.wait_ready(ready, alive=handle.alive, log_tail=handle.tail)
     if not handle.alive():  # something answered, but not the server we started
         raise EngineError(f"port {port} answers, but the server this step started is not running\n"
@@ -352,13 +409,25 @@ def _unwind(ctx: Context, succeeded: bool) -> None:
             ctx.journal.step(sid, outcome.status, **extra)
             ctx.display.note(f"{sid}: {outcome.status}" + (f" ({outcome.message})" if outcome.message else ""))
         elif isinstance(guard, ServerGuard):
-            ctx.journal.step_detail(guard.step.id, **({"left_running": True} if guard.left else {"stopped": True}))
-            if outcome.status == "failed":
-                ctx.display.note(f"stopping {guard.step.id} failed: {outcome.message}")
+            if outcome.status == "failed":  # the journal must not claim a server stopped that was not
+                ident = guard.handle.ident
+                what = f"container {str(ident.get('container'))[:12]}" if "container" in ident else f"pid {ident.get('pid')}"
+                if outcome.detail.get("exited"):
+                    ctx.journal.step_detail(guard.step.id, exited=outcome.message)
+                else:
+                    ctx.left_running.append(f"{guard.step.id} ({what}): {outcome.message}")
+                    ctx.journal.step_detail(guard.step.id, stop_failed=outcome.message)
+                ctx.display.note(f"{guard.step.id}: {outcome.message}")
+                failures.append(f"{guard.step.id}: {outcome.message}")
+            else:
+                ctx.journal.step_detail(guard.step.id, **({"left_running": True} if guard.left else {"stopped": True}))
         elif outcome.status == "failed":
             ctx.display.note(f"{guard.label}: {outcome.message}")
 
+    failures: list[str] = []
     ctx.guards.unwind(succeeded, report, starting)
+    if failures:
+        ctx.unwind_failures.extend(failures)
 
 
 # --------------------------------------------------------------------------- around steps

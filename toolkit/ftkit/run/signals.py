@@ -10,9 +10,10 @@ for that, the power originals are on disk and `ftkit power restore` / `ftkit dow
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -37,11 +38,15 @@ class Interrupted(BaseException):
 
 
 class SignalGate:
-    """Installs the handlers for the span of a run (main thread only)."""
+    """Installs the handlers for the span of a run (main thread only).
 
-    def __init__(self, say: Callable[[str], None] | None = None) -> None:
-        self.say = say or (lambda m: print(m, file=sys.stderr, flush=True))
+    The handler takes no lock and touches no Python stream: it may run in the middle of
+    any code, including a print that holds the display's lock. It writes with os.write."""
+
+    def __init__(self) -> None:
         self.cleaning = False
+        self.deferring = 0
+        self.pending: int | None = None
         self.received: list[int] = []
         self._old: dict[int, Any] = {}
 
@@ -53,11 +58,32 @@ class SignalGate:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)
         if self.cleaning:
-            self.say(f"ftkit: {signal.Signals(signum).name} received while restoring the machine; the restore goes "
-                     "on (SIGKILL abandons it: then run `ftkit power restore` and `ftkit down`)")
+            _write(f"ftkit: {signal.Signals(signum).name} received while restoring the machine; the restore goes "
+                   "on (SIGKILL abandons it: then run `ftkit power restore` and `ftkit down`)")
+            return
+        if self.deferring:
+            self.pending = self.pending or signum  # raised when the deferred section ends
             return
         self.cleaning = True  # before raising: a second signal must not interrupt the unwinding
         raise Interrupted(signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold a signal back across a section that must finish as a whole (a server's
+        start and the guard that stops it); it is raised right after the section."""
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+            if not self.deferring and self.pending is not None and not self.cleaning:
+                signum, self.pending = self.pending, None
+                self.cleaning = True
+                raise Interrupted(signum)
+
+    def first(self) -> Interrupted | None:
+        """The first signal received, if any (also one noted while a handler ran)."""
+        return Interrupted(self.received[0]) if self.received else None
 
     def cleanup(self) -> None:
         """From now on signals are noted, never raised."""
@@ -66,3 +92,10 @@ class SignalGate:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _write(text: str) -> None:
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass

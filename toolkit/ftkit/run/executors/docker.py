@@ -23,16 +23,21 @@ from ftkit.gateways import docker as dk
 from ftkit.plan.container import ContainerSpec, container_spec
 from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run.executors.base import Outcome, StepIO
-from ftkit.run.rundir import RunDir
+from ftkit.run.rundir import OWNER_LOCK, RunDir
 
 TAG = re.compile(r"^ftkit/(?P<image>train|serve):(?P<variant>[\w.]+)-(?P<hash>[0-9a-f]{12})$")
 STOP_GRACE_S = 30
 
 
-def request(cs: ContainerSpec, *, restart: str | None = None) -> dk.ContainerRequest:
-    """A plan's container in the Docker engine's terms."""
+TETHER = ["python", "-m", "ftkit.run.tether", f"/ftkit/run/{OWNER_LOCK}", "--"]
+
+
+def request(cs: ContainerSpec, *, restart: str | None = None, tether: bool = False) -> dk.ContainerRequest:
+    """A plan's container in the Docker engine's terms. `tether`: the command dies with the
+    ftkit that started it (through the owner lock in the bind-mounted run directory) - a
+    container is no child of ftkit, so nothing else would stop it after a SIGKILL."""
     return dk.ContainerRequest(
-        image=cs.image, command=cs.command, name=cs.name, environment=cs.env,
+        image=cs.image, command=(TETHER if tether else []) + cs.command, name=cs.name, environment=cs.env,
         binds=[(m.host, m.container, m.read_only) for m in cs.mounts],
         gpu_device_ids=cs.device_ids or None,
         ports=[(p.host_ip, p.host, p.container) for p in cs.ports] or None,
@@ -174,7 +179,8 @@ class DockerExecutor:
     def _create(self, step: StepSpec, *, restart: str | None = None) -> str:
         cs = container_spec(step, self.plan)
         dk.remove_container(cs.name, self.host)  # a leftover of an earlier attempt of this run
-        return dk.create_container(request(cs, restart=restart), self.host)
+        tether = not (step.background and step.keep_running)  # a server meant to outlive the run is free
+        return dk.create_container(request(cs, restart=restart, tether=tether), self.host)
 
     def run(self, step: StepSpec, io: StepIO) -> Outcome:
         self.ensure_image(step, io)
@@ -190,15 +196,25 @@ class DockerExecutor:
                 raise CommandFailed(container_spec(step, self.plan).command, code, tail)
             return Outcome("succeeded", {"container": cid[:12]})
         except BaseException:
-            # Ctrl-C, SIGTERM (Interrupted) or a failure: the container must not outlive the step
+            # Ctrl-C, SIGTERM (Interrupted) or a failure: the container must not outlive the step.
+            # A stop that fails is said in the log, never raised: the first error (or the signal) stands.
             try:
                 dk.stop_container(cid, container_spec(step, self.plan).stop_grace_s, self.host)
+            except Exception as e:  # noqa: BLE001
+                io.on_line(f"ftkit: stopping container {cid[:12]} failed: {e}")
+                try:
+                    dk.kill_container(cid, host=self.host)
+                except Exception:  # noqa: BLE001
+                    pass
             finally:
                 if logs is not None:
                     logs.join(2)
             raise
         finally:
-            dk.remove_container(cid, self.host)
+            try:
+                dk.remove_container(cid, self.host)
+            except Exception as e:  # noqa: BLE001 - `ftkit down` finds it by its label
+                io.on_line(f"ftkit: removing container {cid[:12]} failed: {e}")
 
     def start(self, step: StepSpec, io: StepIO) -> DockerHandle:
         self.ensure_image(step, io)

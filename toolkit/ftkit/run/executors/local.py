@@ -15,7 +15,7 @@ from ftkit.gateways import subprocess as sp
 from ftkit.plan.container import step_command
 from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run.executors.base import Outcome, StepIO
-from ftkit.run.rundir import RunDir, process_start
+from ftkit.run.rundir import OWNER_LOCK, RunDir, process_start
 
 
 class LocalHandle:
@@ -48,17 +48,22 @@ class LocalExecutor:
 
         return on_line
 
+    def _tethered(self, step: StepSpec) -> list[str]:
+        """The command, tethered to this ftkit's owner lock: it dies with ftkit, whole tree."""
+        lock = str(self.run_dir.path / OWNER_LOCK)
+        return [self.plan.python, "-m", "ftkit.run.tether", lock, "--", *step_command(step, self.plan)]
+
     def run(self, step: StepSpec, io: StepIO) -> Outcome:
         def started(proc: Any) -> None:
             io.on_started({"pid": proc.pid, "pid_start": process_start(proc.pid)})
 
-        sp.run(step_command(step, self.plan), env=step.env, log_file=io.log, on_line=self._line(io),
+        sp.run(self._tethered(step), env=step.env, log_file=io.log, on_line=self._line(io),
                die_with_parent=True, on_start=started)
         return Outcome("succeeded")
 
     def start(self, step: StepSpec, io: StepIO) -> LocalHandle:
-        bg = sp.start(step_command(step, self.plan), log_file=io.log, env=step.env,
-                      die_with_parent=not step.keep_running)
+        argv = step_command(step, self.plan) if step.keep_running else self._tethered(step)
+        bg = sp.start(argv, log_file=io.log, env=step.env, die_with_parent=not step.keep_running)
         handle = LocalHandle(bg)
         io.on_started(handle.ident)
         return handle
