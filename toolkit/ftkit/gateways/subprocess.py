@@ -47,6 +47,18 @@ def _die_with_parent() -> None:
     SIGKILL lets a launcher (accelerate, torchrun, the lease) take its own children down."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != _PARENT[0]:  # the parent died before the line above took effect
+            os._exit(143)
+
+
+_PARENT = [os.getpid()]  # the pid the child must not outlive: the forking process, set just before each fork
+
+
+def _note_parent() -> None:
+    _PARENT[0] = os.getpid()
+
+
+os.register_at_fork(before=_note_parent)
 
 
 @dataclass
