@@ -132,6 +132,7 @@ class Project:
 # -- 1. the CPU quickstart's stack -----------------------------------------------------------------
 
 
+@pytest.mark.timeout(2400)  # the first user of `cpu_images` may build both images (minutes on two cores)
 def test_quickstart_stack_train_then_serve(cpu_images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     machine = machine_profile(tmp_path / "machine.yaml", "test-cpu-docker")
     stack = tmp_path / "stack"
@@ -220,6 +221,7 @@ def _events(probe: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+@pytest.mark.timeout(2400)
 def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "recipe" / "data").mkdir(parents=True)
     shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", tmp_path / "recipe" / "data" / "train.jsonl")
