@@ -516,6 +516,9 @@ def _serve(step: ServeStep, name: str, places: Places, base_ref: str, trains: di
             adapter = places.run(trains.get(step.adapter or "", {}).get("adapter", ""))
             argv += ["--enable-lora", "--lora-modules", f"{served}-lora={adapter}"]
         image = images.get("serve-vllm")
+        if places.hf_home:  # compiled graphs and kernels survive a new container
+            env["VLLM_CACHE_ROOT"] = (str(CONTAINER_ROOT / "hf-cache" / "vllm") if executor == "docker"
+                                      else f"{places.hf_home.rstrip('/')}/vllm")
     else:
         prefix = ["transformers"] if executor == "docker" else [places.python, "-m", "transformers.cli.transformers"]
         device = "cuda:0" if gpus and not simulated else "cpu"  # simulated GPUs: the work runs on the CPU
