@@ -169,7 +169,9 @@ class MultiNodeExecutor:
             for r in running:
                 with _on(r):
                     dk.remove_container(r.cs.name, r.host)  # a leftover of an earlier attempt of this run
-                    r.cid = dk.create_container(request(r.cs), r.host)
+                    # tethered to ftkit's owner lock where that lock is this machine's own file; a
+                    # node on another host is stopped by this executor, or by label (ftkit down)
+                    r.cid = dk.create_container(request(r.cs, tether=r.node.docker_host is None), r.host)
             self._manual(manual, io)
             for r in sorted(running, key=lambda r: r.node.rank):  # rank 0 hosts the rendezvous
                 with _on(r):
