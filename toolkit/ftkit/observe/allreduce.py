@@ -160,7 +160,7 @@ def run_bench(recipe_path: str, machine_path: str | None, *, out_dir: Path | Non
     from ftkit.run.executors.base import StepIO
     from ftkit.run.executors.multinode import MultiNodeExecutor
     from ftkit.run.planning import prepare, runs_root
-    from ftkit.run.rundir import RunDir, utc_stamp
+    from ftkit.run.rundir import OwnerLock, RunDir, utc_stamp
 
     def where(res: Any) -> str:
         root = out_dir.parent if out_dir else runs_root(res.machine)
@@ -191,7 +191,11 @@ def run_bench(recipe_path: str, machine_path: str | None, *, out_dir: Path | Non
         f"log: {bench_dir / 'logs' / 'allreduce.log'}")
     io = StepIO(log=run.log(step.id), on_line=lambda line: say(line) if "ftkit allreduce:" in line else None,
                 echo=echo)
-    MultiNodeExecutor(plan, run).run(step, io)
+    owner = OwnerLock(bench_dir)  # the nodes' tether watches it: they die with this process
+    try:
+        MultiNodeExecutor(plan, run).run(step, io)
+    finally:
+        owner.release()
     try:
         result = json.loads((bench_dir / RESULT).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
