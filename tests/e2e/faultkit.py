@@ -200,7 +200,10 @@ steps:
         if self.standin is not None:
             self.wait_for(lambda: answers(self.service_port), 60, "the machine's serving service came back")
 
-    def assert_nothing_left(self) -> None:
+    def assert_nothing_left(self, *, stopped_containers_ok: bool = False) -> None:
+        """No process of the run, no container of the run (`stopped_containers_ok`: none
+        running - after a SIGKILL nobody is left to remove an exited container until the
+        next `ftkit up --resume` or `ftkit down`)."""
         run = self.run_dir()
 
         def leftovers() -> list[str]:
@@ -214,7 +217,13 @@ steps:
         if self.executor == "docker":
             from ftkit.gateways import docker as dk
 
-            assert dk.containers_with_label(f"dev.ftkit.run={run.name}") == []
+            def containers() -> list[dict]:  # type: ignore[type-arg]
+                return dk.containers_with_label(f"dev.ftkit.run={run.name}", all=not stopped_containers_ok)
+
+            try:
+                self.wait_for(lambda: not containers(), 60, "containers of the run to end")
+            except AssertionError:
+                raise AssertionError(f"containers of the run are left: {containers()}") from None
 
     def cleanup(self) -> None:
         self.stop_service()
