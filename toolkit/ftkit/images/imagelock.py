@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import ImageError, UserError
+from ftkit.files import write_json
 from ftkit.recipe.checks import read_lock_file
 from ftkit.recipe.imagerefs import LOCK_VERSION, lock_problems
-from ftkit.run.files import write_json
 
 VERSION = LOCK_VERSION
 

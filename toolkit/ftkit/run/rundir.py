@@ -103,21 +103,6 @@ def iso_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def new_run_dir(runs_root: Path, name: str, now: dt.datetime | None = None) -> Path:
-    """Create runs/<stamp>-<name>/ (with a numeric suffix if that second is taken)."""
-    runs_root.mkdir(parents=True, exist_ok=True)
-    base = f"{utc_stamp(now)}-{name}"
-    for n in range(1000):
-        path = runs_root / (base if n == 0 else f"{base}-{n}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        (path / "logs").mkdir()
-        return path
-    raise RuntimeError(f"cannot create a run directory under {runs_root}")  # pragma: no cover
-
-
 @dataclass
 class RunDir:
     path: Path
