@@ -96,3 +96,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Two simulated GPUs (an RTX 4090 and an RTX 3090 Ti) whose state lives in a file, and a
+    private machine-wide state directory (the power originals record)."""
+    state = tmp_path / "sim.json"
+    monkeypatch.setenv("FTKIT_SIMULATED_GPUS", "RTX 4090,RTX 3090 Ti")
+    monkeypatch.setenv("FTKIT_SIMULATED_GPUS_STATE", str(state))
+    monkeypatch.setenv("FTKIT_STATE_DIR", str(tmp_path / "state"))
+    return state
+
+
+def limits(sim: Path) -> list[float]:
+    """The simulated GPUs' power limits as the backend's state file holds them."""
+    import json
+
+    return [g["power_limit_w"] for g in json.loads(sim.read_text())["gpus"]]

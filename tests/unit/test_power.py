@@ -13,20 +13,7 @@ import pytest
 
 from ftkit.gpu import power
 from ftkit.gpu.nvml import SimulatedNvml, open_nvml
-from tests.conftest import run_cli
-
-
-@pytest.fixture
-def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    state = tmp_path / "sim.json"
-    monkeypatch.setenv("FTKIT_SIMULATED_GPUS", "RTX 4090,RTX 3090 Ti")
-    monkeypatch.setenv("FTKIT_SIMULATED_GPUS_STATE", str(state))
-    monkeypatch.setenv("FTKIT_STATE_DIR", str(tmp_path / "state"))
-    return state
-
-
-def limits(sim: Path) -> list[float]:
-    return [g["power_limit_w"] for g in json.loads(sim.read_text())["gpus"]]
+from tests.conftest import limits, run_cli
 
 
 def inject(sim: Path, **fields) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run import runner
 from ftkit.run.display import Display
 from ftkit.run.rundir import RunDir
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, limits
 
 PY = sys.executable
 
@@ -47,19 +47,6 @@ def execute(tmp: Path, plan: Plan, **kw) -> tuple[runner.RunResult, str, dict]: 
     out = io.StringIO()
     result = runner.execute_plan(run, plan, display=Display(plan, stream=out), **kw)
     return result, out.getvalue(), json.loads((run_path / "state.json").read_text())
-
-
-@pytest.fixture
-def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    state = tmp_path / "sim.json"
-    monkeypatch.setenv("FTKIT_SIMULATED_GPUS", "RTX 4090,RTX 3090 Ti")
-    monkeypatch.setenv("FTKIT_SIMULATED_GPUS_STATE", str(state))
-    monkeypatch.setenv("FTKIT_STATE_DIR", str(tmp_path / "state"))
-    return state
-
-
-def limits(sim: Path) -> list[float]:
-    return [g["power_limit_w"] for g in json.loads(sim.read_text())["gpus"]]
 
 
 def test_success_keeps_third_party_noise_in_the_logs(tmp_path: Path) -> None:
