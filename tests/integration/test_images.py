@@ -2,7 +2,8 @@
 
 Builds the cpu training image and the transformers serving image through BuildKit, runs
 containers from each, shows the second build is a no-op, that neither the CA bundle nor a
-token reaches a layer, and that the classic-builder fallback installs the same packages.
+token reaches a layer, and (with FTKIT_TEST_CLASSIC_BUILD=1) that the classic-builder
+fallback installs the same packages.
 Every image a test creates is removed at the end (FTKIT_KEEP_TEST_IMAGES=1 keeps them).
 """
 
@@ -143,17 +144,22 @@ def test_images_lock_records_and_verifies(built: dict, tmp_path: Path) -> None: 
 def test_failed_build_names_the_step_and_its_last_lines(built: dict, tmp_path: Path, tracker: Tracker) -> None:  # type: ignore[type-arg]
     bad_ca = tmp_path / "bad-ca.pem"
     bad_ca.write_text("not a certificate\n")
-    args = ["build", "--image", "serve", "--base-image", BASE, "--ca-bundle", str(bad_ca), "--force",
+    # --no-cache: BuildKit does not key a step's cache on its secrets, so the dependency
+    # layer of the good build would be reused and nothing would fetch with the bad bundle
+    args = ["build", "--image", "serve", "--base-image", BASE, "--ca-bundle", str(bad_ca), "--force", "--no-cache",
             "--images-lock", str(tmp_path / "x.json")]
     if Path(WHEELHOUSE).is_dir():
         args += ["--wheelhouse", WHEELHOUSE]
     proc = run_ftkit(*args, timeout=600)
     assert proc.returncode == 1
-    assert "failing step: [build 5/6] RUN" in proc.stderr and "pip install" in proc.stderr
+    assert "failing step: [build 4/6] RUN" in proc.stderr and "pip install" in proc.stderr
     assert "SSL" in proc.stderr or "certificate" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.skipif(os.environ.get("FTKIT_TEST_CLASSIC_BUILD") != "1",
+                    reason="a classic-builder build has no layer or pip cache (about 3 minutes on 2 cores); "
+                           "FTKIT_TEST_CLASSIC_BUILD=1 runs it (CI leaves it out to stay under 30 minutes)")
 def test_classic_builder_installs_the_same_packages(built: dict, tmp_path: Path, tracker: Tracker) -> None:  # type: ignore[type-arg]
     lock = tmp_path / "classic.json"
     proc = build("--image", "serve", "--no-buildkit", "--force", lock=lock)

@@ -78,7 +78,9 @@ def docker_compose_config(out: Path, *files: str, env: dict[str, str] | None = N
 
 
 def normalise(text: str, out: Path) -> str:
-    text = text.replace(str(out), "<stack>").replace(str(ROOT), "<checkout>")
+    # a checkout that shares a tree with the output (both under /tmp, say) is written relative
+    rel = os.path.relpath(ROOT, out)
+    text = text.replace(rel + "/", "<checkout>/").replace(str(out), "<stack>").replace(str(ROOT), "<checkout>")
     return re.sub(r"(ftkit/(train|serve):[\w.]+-)[0-9a-f]{12}", r"\1<hash>", text)
 
 

@@ -129,6 +129,33 @@ def test_tag_is_a_content_address(project: Path) -> None:
     assert builder.plan_build(project, "train", "cpu").tag != a.tag
 
 
+def test_tag_does_not_depend_on_the_builder(project: Path) -> None:
+    """The tag names the content: BuildKit and the classic fallback (different Dockerfile
+    syntax, same packages) give the same tag, so a machine without buildx can use what
+    another built. The real classic build: tests/integration/test_images.py."""
+    for opts in ({}, {"ca_bundle": Path("/etc/ssl/certs/ca-certificates.crt")}):
+        kit = builder.plan_build(project, "serve", "transformers", buildkit=True, **opts)
+        classic = builder.plan_build(project, "serve", "transformers", buildkit=False, **opts)
+        assert kit.dockerfile != classic.dockerfile and kit.tag == classic.tag
+
+
+def test_no_cache_needs_force_and_reaches_the_build_command() -> None:
+    result = run_cli("build", "--image", "train", "--variant", "cpu", "--no-cache", "--dry-run")
+    assert result.code == 2 and "--force" in result.err
+    result = run_cli("build", "--image", "train", "--variant", "cpu", "--force", "--no-cache", "--dry-run")
+    assert result.code == 0, result.err
+    if "# command: docker SDK classic build" not in result.out:
+        assert " --no-cache " in result.out
+
+
+def test_dependencies_are_installed_before_ftkit_itself() -> None:
+    """ftkit's wheel changes with every source edit; copied before the locked dependencies
+    it would make every rebuild download and install them again."""
+    for opts in MODES.values():
+        text = rendered("train", "cpu", **opts)
+        assert text.index("-r /opt/ftkit/requirements.lock") < text.index("COPY dist/")
+
+
 def test_dry_run_prints_dockerfile_context_and_tag() -> None:
     result = run_cli("build", "--image", "train", "--variant", "cpu", "--dry-run", "--wheelhouse", str(ROOT / "images"))
     # images/ holds no wheels: a clear error, not a traceback

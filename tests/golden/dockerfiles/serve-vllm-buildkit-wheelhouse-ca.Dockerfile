@@ -12,13 +12,13 @@ FROM runtime AS build
 RUN python3 -c "import sys; v = '%d.%d' % sys.version_info[:2]; sys.exit(0 if v == '3.12' else 'base image has Python ' + v + '; this lock is for Python 3.12: pick a matching --base-image or variant')"
 RUN python3 -m venv /opt/ftkit/venv
 COPY requirements.lock /opt/ftkit/requirements.lock
-COPY dist/ /opt/ftkit/dist/
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca_bundle \
     --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     PIP_CERT=/run/secrets/ca_bundle /opt/ftkit/venv/bin/pip install \
       --require-hashes --no-deps --index-url https://pypi.org/simple --find-links /wheelhouse \
       -r /opt/ftkit/requirements.lock
+COPY dist/ /opt/ftkit/dist/
 RUN /opt/ftkit/venv/bin/pip install --no-cache-dir --no-deps --no-index /opt/ftkit/dist/ftkit-0.1.0-py3-none-any.whl \
  && /opt/ftkit/venv/bin/pip check
 

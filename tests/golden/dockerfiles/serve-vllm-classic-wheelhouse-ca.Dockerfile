@@ -14,12 +14,12 @@ LABEL dev.ftkit.build-stage="true"
 RUN python3 -c "import sys; v = '%d.%d' % sys.version_info[:2]; sys.exit(0 if v == '3.12' else 'base image has Python ' + v + '; this lock is for Python 3.12: pick a matching --base-image or variant')"
 RUN python3 -m venv /opt/ftkit/venv
 COPY requirements.lock /opt/ftkit/requirements.lock
-COPY dist/ /opt/ftkit/dist/
 COPY wheelhouse/ /wheelhouse/
 COPY ca-bundle.crt /tmp/ftkit-ca-bundle.crt
 RUN PIP_CERT=/tmp/ftkit-ca-bundle.crt /opt/ftkit/venv/bin/pip install --no-cache-dir \
       --require-hashes --no-deps --index-url https://pypi.org/simple --find-links /wheelhouse \
       -r /opt/ftkit/requirements.lock
+COPY dist/ /opt/ftkit/dist/
 RUN /opt/ftkit/venv/bin/pip install --no-cache-dir --no-deps --no-index /opt/ftkit/dist/ftkit-0.1.0-py3-none-any.whl \
  && /opt/ftkit/venv/bin/pip check
 

@@ -12,11 +12,11 @@ FROM runtime AS build
 RUN python3 -c "import sys; v = '%d.%d' % sys.version_info[:2]; sys.exit(0 if v == '3.12' else 'base image has Python ' + v + '; this lock is for Python 3.12: pick a matching --base-image or variant')"
 RUN python3 -m venv /opt/ftkit/venv
 COPY requirements.lock /opt/ftkit/requirements.lock
-COPY dist/ /opt/ftkit/dist/
 RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/ftkit/venv/bin/pip install \
       --require-hashes --no-deps --index-url https://pypi.org/simple --extra-index-url https://download.pytorch.org/whl/cu128 \
       -r /opt/ftkit/requirements.lock
+COPY dist/ /opt/ftkit/dist/
 RUN /opt/ftkit/venv/bin/pip install --no-cache-dir --no-deps --no-index /opt/ftkit/dist/ftkit-0.1.0-py3-none-any.whl \
  && /opt/ftkit/venv/bin/pip check
 

@@ -32,6 +32,8 @@ def _targets(image: str, variant: str | None, machine_has_gpus: bool) -> list[tu
               help="local wheels standing in for unreachable indexes (locks still apply)")
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="machine profile (ca_bundle, docker host)")
 @click.option("--force", is_flag=True, help="build even when the tag exists")
+@click.option("--no-cache", is_flag=True,
+              help="with --force: run every Dockerfile step again (fresh downloads), using no cached layer")
 @click.option("--no-buildkit", is_flag=True, help="use the docker SDK's classic builder")
 @click.option("--images-lock", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="where to record what was built (default: images.lock.json in the checkout)")
@@ -40,12 +42,14 @@ def _targets(image: str, variant: str | None, machine_has_gpus: bool) -> list[tu
 @click.option("--skip-driver-check", is_flag=True, help="do not check the NVIDIA driver against CUDA variants")
 @click.option("--dry-run", is_flag=True, help="print the Dockerfile(s), build context, tag and command; build nothing")
 def build(image: str, variant: str | None, base_image: str | None, ca_bundle: Path | None, wheelhouse: Path | None,
-          machine_path: str | None, force: bool, no_buildkit: bool, images_lock: Path | None, from_lock: Path | None,
+          machine_path: str | None, force: bool, no_cache: bool, no_buildkit: bool, images_lock: Path | None, from_lock: Path | None,
           skip_driver_check: bool, dry_run: bool) -> None:
     """Build the pinned training and serving images (content-addressed tags: a no-op when built)."""
     from ftkit.gateways import docker as dk
     from ftkit.images import builder, imagelock, project
 
+    if no_cache and not force:
+        raise click.UsageError("--no-cache rebuilds an image that exists: give --force with it")
     root = project.find_root()
     host = None
     machine = None
@@ -73,11 +77,11 @@ def build(image: str, variant: str | None, base_image: str | None, ca_bundle: Pa
         if from_lock is not None:
             imagelock.check_against(recorded[spec.key], content_hash=spec.content_hash)
         if dry_run:
-            _print_dry_run(spec, cli)
+            _print_dry_run(spec, cli, no_cache)
             continue
         if not skip_driver_check:
             _driver_check(root, img, var)
-        result = builder.run_build(root, spec, force=force, host=host)
+        result = builder.run_build(root, spec, force=force, no_cache=no_cache, host=host)
         if result.built:
             digest, count = builder.packages_digest(spec.tag, host)
         else:
@@ -142,14 +146,14 @@ def _driver_check(root: Path, image: str, variant: str) -> None:
         raise ImageError(f"{image}/{variant} will not run on this host's GPUs (see above); --skip-driver-check to build anyway")
 
 
-def _print_dry_run(spec, cli) -> None:  # type: ignore[no-untyped-def]
+def _print_dry_run(spec, cli, no_cache: bool = False) -> None:  # type: ignore[no-untyped-def]
     from ftkit.gateways import subprocess as sp
     from ftkit.images import builder
 
     click.echo(f"# image {spec.key} -> {spec.tag}")
     click.echo(f"# build context: {', '.join(spec.context_files)}")
     if cli is not None:
-        click.echo("# command: " + sp.quote(builder.buildkit_argv(spec, cli, "<context>")))
+        click.echo("# command: " + sp.quote(builder.buildkit_argv(spec, cli, "<context>", no_cache=no_cache)))
     else:
         click.echo("# command: docker SDK classic build of <context> (no BuildKit CLI found)")
     click.echo("# labels: " + json.dumps(spec.labels, sort_keys=True))

@@ -123,8 +123,10 @@ def plan_build(root: Path, image: str, variant: str, *, base_image: str | None =
                      labels, buildkit, wheelhouse, wh, ca_bundle, files)
 
 
-def buildkit_argv(spec: BuildSpec, cli: dk.BuildKitCli, context_dir: str) -> list[str]:
+def buildkit_argv(spec: BuildSpec, cli: dk.BuildKitCli, context_dir: str, *, no_cache: bool = False) -> list[str]:
     argv = cli.build_argv() + ["--progress=plain", "-t", spec.tag, "-f", f"{context_dir}/Dockerfile"]
+    if no_cache:
+        argv.append("--no-cache")
     for k, v in sorted(spec.labels.items()):
         argv += ["--label", f"{k}={v}"]
     if spec.ca_bundle is not None:
@@ -247,7 +249,7 @@ class BuildResult:
     size_bytes: int = 0
 
 
-def run_build(root: Path, spec: BuildSpec, *, force: bool = False, host: str | None = None,
+def run_build(root: Path, spec: BuildSpec, *, force: bool = False, no_cache: bool = False, host: str | None = None,
               log_dir: Path | None = None, live: bool | None = None,
               clock: Callable[[], float] | None = None) -> BuildResult:
     import time
@@ -270,20 +272,21 @@ def run_build(root: Path, spec: BuildSpec, *, force: bool = False, host: str | N
                 env = dict(cli.env())
                 if host:
                     env["DOCKER_HOST"] = host
-                argv = buildkit_argv(spec, cli, str(ctx_dir))
+                argv = buildkit_argv(spec, cli, str(ctx_dir), no_cache=no_cache)
                 progress.line("$ " + sp.quote(argv))
                 result = sp.run(argv, env=env, on_line=progress.line, check=False, die_with_parent=True)
                 if result.returncode != 0:
                     raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{progress.failure()}")
             else:
-                _classic_build(spec, ctx_dir, progress, host, log_path)
+                _classic_build(spec, ctx_dir, progress, host, log_path, no_cache=no_cache)
     attrs = dk.image_attrs(spec.tag, host)
     if attrs is None:
         raise BuildError(f"the build reported success but {spec.tag} is not in the engine")
     return BuildResult(spec, True, attrs["Id"], now() - t0, log_path, int(attrs.get("Size", 0)))
 
 
-def _classic_build(spec: BuildSpec, ctx_dir: Path, progress: Progress, host: str | None, log_path: Path) -> None:
+def _classic_build(spec: BuildSpec, ctx_dir: Path, progress: Progress, host: str | None, log_path: Path, *,
+                   no_cache: bool = False) -> None:
     """The docker SDK's classic builder, for engines without a BuildKit-capable CLI. The
     template was rendered without BuildKit-only syntax. The classic builder keeps the build
     stage (which held the CA bundle and wheelhouse) as an untagged image: remove it."""
@@ -291,7 +294,7 @@ def _classic_build(spec: BuildSpec, ctx_dir: Path, progress: Progress, host: str
         with dk.translated(f"build {spec.tag}"):
             api = dk.client(host).api
             for chunk in api.build(path=str(ctx_dir), tag=spec.tag, labels=spec.labels, rm=True, forcerm=True,
-                                   decode=True, pull=False):
+                                   nocache=no_cache, decode=True, pull=False):
                 if "stream" in chunk:
                     for ln in chunk["stream"].splitlines():
                         if ln.strip():
