@@ -89,7 +89,7 @@ class Holder:
 
     @classmethod
     def this_process(cls, name: str) -> Holder:
-        from ftkit.run.rundir import process_start
+        from ftkit.procs import process_start
 
         return cls(name, os.getpid(), process_start(os.getpid()))
 
@@ -101,7 +101,7 @@ class Holder:
 def _alive(entry: dict[str, Any]) -> bool:
     if entry.get("pid") is None:
         return True  # `ftkit power set`: held until `ftkit power restore`
-    from ftkit.run.rundir import is_alive
+    from ftkit.procs import is_alive
 
     return is_alive(entry.get("pid"), entry.get("pid_start"))
 

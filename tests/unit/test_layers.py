@@ -1,0 +1,58 @@
+"""Lower layers never import higher ones, also not inside a function (docs/architecture.md).
+
+Read from the source (every `import`, wherever it sits), so a lazy import that would only
+fail at run time, or quietly tie a low layer to a high one, fails here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[2] / "toolkit" / "ftkit"
+
+# package -> the ftkit packages it must never import
+FORBIDDEN = {
+    "files": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
+    "procs": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
+    "errors": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
+    "gateways": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli"},
+    "recipe": {"plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli"},
+    "gpu": {"images", "compose", "lease", "run", "observe", "engines", "cli"},
+    "lease": {"images", "compose", "run", "observe", "engines", "cli"},
+    "plan": {"images", "compose", "lease", "gpu", "run", "observe", "engines", "cli"},
+    "images": {"compose", "lease", "run", "observe", "engines", "cli"},
+    "compose": {"run", "observe", "engines", "cli"},
+    "run": {"compose", "observe", "engines", "cli"},  # the runner imports no engine
+    "engines": {"images", "compose", "lease", "run", "observe", "cli"},
+    "observe": {"cli"},
+}
+
+
+def _package(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _ftkit_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "ftkit"]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "ftkit" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_no_higher_layer(package: str) -> None:
+    files = [p for p in PKG.rglob("*.py") if _package(p) == package]
+    assert files, package
+    bad = {f"{p.relative_to(PKG)} imports ftkit.{m}" for p in files for m in _ftkit_imports(p) & FORBIDDEN[package]}
+    assert not bad, sorted(bad)
