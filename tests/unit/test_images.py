@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ftkit.errors import ImageError, LockError
+from ftkit.gateways import docker as dk
 from ftkit.gpu.nvml import GpuInfo
 from ftkit.images import builder, compat, locks, render
 from ftkit.images.variants import load
@@ -144,8 +145,11 @@ def test_no_cache_needs_force_and_reaches_the_build_command() -> None:
     assert result.code == 2 and "--force" in result.err
     result = run_cli("build", "--image", "train", "--variant", "cpu", "--force", "--no-cache", "--dry-run")
     assert result.code == 0, result.err
-    if "# command: docker SDK classic build" not in result.out:
-        assert " --no-cache " in result.out
+    spec = builder.plan_build(ROOT, "train", "cpu")
+    for mode in ("buildx", "legacy-buildkit"):
+        cli = dk.BuildKitCli("/usr/bin/docker", mode, "test")
+        assert "--no-cache" in builder.buildkit_argv(spec, cli, "ctx", no_cache=True)
+        assert "--no-cache" not in builder.buildkit_argv(spec, cli, "ctx")
 
 
 def test_dependencies_are_installed_before_ftkit_itself() -> None:

@@ -41,7 +41,9 @@ def _ftkit_imports(path: Path) -> set[str]:
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            found.add("<relative import: write it absolute, so this test can see it>")
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "ftkit"]
         for name in names:
             parts = name.split(".")
@@ -54,5 +56,6 @@ def _ftkit_imports(path: Path) -> set[str]:
 def test_package_imports_no_higher_layer(package: str) -> None:
     files = [p for p in PKG.rglob("*.py") if _package(p) == package]
     assert files, package
-    bad = {f"{p.relative_to(PKG)} imports ftkit.{m}" for p in files for m in _ftkit_imports(p) & FORBIDDEN[package]}
+    bad = {f"{p.relative_to(PKG)} imports ftkit.{m}" for p in files
+           for m in _ftkit_imports(p) if m in FORBIDDEN[package] or m.startswith("<")}
     assert not bad, sorted(bad)

@@ -22,7 +22,7 @@ def inject(sim: Path, **fields) -> None:  # type: ignore[no-untyped-def]
 
 def live_holder(name: str) -> tuple[power.Holder, subprocess.Popen[bytes]]:
     """A holder whose process is alive (another ftkit run, still training)."""
-    from ftkit.run.rundir import process_start
+    from ftkit.procs import process_start
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     return power.Holder(name, proc.pid, process_start(proc.pid)), proc

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ftkit.files import read_json, write_atomic, write_json
-from ftkit.procs import is_alive, process_start  # noqa: F401 - re-exported for run/
+from ftkit.procs import is_alive, process_start
 
 STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "interrupted")
 DONE = ("succeeded", "failed", "skipped", "interrupted")

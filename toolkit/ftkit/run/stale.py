@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.files import read_json
-from ftkit.run.rundir import DONE, Journal, RunDir, is_alive, owner_state
+from ftkit.procs import is_alive
+from ftkit.run.rundir import DONE, Journal, RunDir, owner_state
 
 
 def runs_in(root: Path) -> list[Path]:

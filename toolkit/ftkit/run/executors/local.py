@@ -14,8 +14,9 @@ from typing import Any
 from ftkit.gateways import subprocess as sp
 from ftkit.plan.container import step_command
 from ftkit.plan.spec import Plan, StepSpec
+from ftkit.procs import process_start
 from ftkit.run.executors.base import Outcome, StepIO
-from ftkit.run.rundir import OWNER_LOCK, RunDir, process_start
+from ftkit.run.rundir import OWNER_LOCK, RunDir
 
 
 class LocalHandle:
