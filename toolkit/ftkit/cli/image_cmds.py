@@ -33,7 +33,7 @@ def _targets(image: str, variant: str | None, machine_has_gpus: bool) -> list[tu
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="machine profile (ca_bundle, docker host)")
 @click.option("--force", is_flag=True, help="build even when the tag exists")
 @click.option("--no-cache", is_flag=True,
-              help="with --force: run every Dockerfile step again (fresh downloads), using no cached layer")
+              help="with --force: run every Dockerfile step again, reusing no cached layer (pip's download cache still applies)")
 @click.option("--no-buildkit", is_flag=True, help="use the docker SDK's classic builder")
 @click.option("--images-lock", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="where to record what was built (default: images.lock.json in the checkout)")
