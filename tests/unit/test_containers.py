@@ -38,7 +38,7 @@ def test_every_container_is_complete(recipe: str, machine: str) -> None:
         cs = container_spec(step, plan)
         args = create_args(request(cs))
         host = args["HostConfig"]
-        assert re.match(r"^ftkit/(train|serve):[\w.]+-[0-9a-f]{12}$", args["Image"]), args["Image"]
+        assert re.match(r"^ftkit/(train|serve):[\w.-]+?-[0-9a-f]{12}$", args["Image"]), args["Image"]
         assert args["Name"] == f"ftkit-20261123T000000Z-x-{step.id}"
         assert args["Labels"]["dev.ftkit.run"] == "20261123T000000Z-x" and args["Labels"]["dev.ftkit.step"] == step.id
         assert args["User"] and host["Init"] is True and not host.get("Privileged")

@@ -37,7 +37,7 @@ def test_plan_text_golden(name: str) -> None:
     # image tags depend on the ftkit sources; the golden file keeps their shape only
     import re
 
-    text = re.sub(r"(ftkit/(train|serve):[\w.]+-)[0-9a-f]{12}", r"\1<hash>", text)
+    text = re.sub(r"(ftkit/(train|serve):[\w.-]+?-)[0-9a-f]{12}", r"\1<hash>", text)
     check_golden(GOLDEN / "plans" / f"{name}.txt", text)
 
 
@@ -55,7 +55,8 @@ def test_mistral_plan_order_and_handoff() -> None:
     acc = yaml.safe_load(next(f["content"] for f in train["files"] if f["path"].startswith("configs/accelerate")))
     assert acc["distributed_type"] == "MULTI_GPU" and acc["num_processes"] == 2
     serve = plan["steps"][5]
-    assert serve["argv"][:3] == ["vllm", "serve", "/ftkit/run/steps/merge/model"]
+    assert serve["argv"][:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                 "/ftkit/run/steps/merge/model"]
     # in its container GPU 1 is the only device, renumbered 0; the device request names host GPU 1
     assert "--quantization" in serve["argv"] and serve["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert serve["gpus"] == [1] and serve["lease"]["role"] == "serve" and serve["lease"]["gpus"] == [1]

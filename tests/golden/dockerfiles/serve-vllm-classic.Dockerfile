@@ -29,4 +29,4 @@ WORKDIR /ftkit
 RUN ftkit --version
 
 EXPOSE 8000
-CMD ["vllm", "serve", "--help"]
+CMD ["python", "-m", "vllm.entrypoints.openai.api_server", "--help"]

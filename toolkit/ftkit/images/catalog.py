@@ -26,7 +26,7 @@ def expected_refs(machine: Machine, lock_file: Path | None = None, *, simulated:
     base = machine.docker.base_image
     train_variant = variant_for("train", machine, simulated)
     refs["train"] = builder.plan_build(root, "train", train_variant, base_image=base).tag
-    for variant in ("vllm", "transformers"):
+    for variant in ("vllm", "vllm-cpu", "transformers"):
         try:
             refs[f"serve-{variant}"] = builder.plan_build(root, "serve", variant, base_image=base).tag
         except Exception:  # noqa: BLE001 - a variant without a lock shows as not built

@@ -37,12 +37,21 @@ def lock_path(root: Path, image: str, variant: str) -> Path:
 
 
 def inputs_of(root: Path, v: Variant) -> dict[str, object]:
-    return {
+    inputs: dict[str, object] = {
         "requirements": sorted(v.requirements + ftkit_requirements(root)),
         "python": v.python,
         "platform": v.platform,
         "extra_index_urls": v.extra_index_urls,
     }
+    if v.exclude:  # only where there is one: the other locks' inputs hash stays what it was
+        inputs["exclude"] = sorted(v.exclude)
+    return inputs
+
+
+def overrides(v: Variant) -> str:
+    """uv overrides that drop the excluded packages from the resolution: a requirement on a
+    marker that is never true (uv's documented way to remove a transitive dependency)."""
+    return "".join(f"{name} ; sys_platform == 'never'\n" for name in sorted(v.exclude))
 
 
 def inputs_sha256(root: Path, v: Variant) -> str:
@@ -125,10 +134,12 @@ def uv_binary() -> str:
 
 
 def compile_argv(root: Path, v: Variant, infile: Path, outfile: Path, *, find_links: list[str],
-                 index_url: str, uv: str) -> list[str]:
+                 index_url: str, uv: str, overrides_file: Path | None = None) -> list[str]:
     argv = [uv, "pip", "compile", str(infile), "--generate-hashes", "--no-header", "--quiet",
             "--python-version", v.python, "--python-platform", v.platform,
             "--index-url", index_url, "--index-strategy", "unsafe-best-match", "-o", str(outfile)]
+    if overrides_file is not None:
+        argv += ["--overrides", str(overrides_file)]
     if find_links:
         # Local wheels stand in for the variant's extra indexes (as --wheelhouse does for
         # builds): the index may be out of reach, and the lock records the files' hashes.
@@ -148,7 +159,12 @@ def generate(root: Path, image: str, v: Variant, *, find_links: list[str] | None
     with tempfile.TemporaryDirectory(prefix="ftkit-lock-") as tmp:
         infile, outfile = Path(tmp) / "requirements.in", Path(tmp) / "requirements.txt"
         infile.write_text("\n".join(inputs_of(root, v)["requirements"]) + "\n")  # type: ignore[arg-type]
-        argv = compile_argv(root, v, infile, outfile, find_links=find_links or [], index_url=index_url, uv=uv)
+        ov = None
+        if v.exclude:
+            ov = Path(tmp) / "overrides.txt"
+            ov.write_text(overrides(v))
+        argv = compile_argv(root, v, infile, outfile, find_links=find_links or [], index_url=index_url, uv=uv,
+                            overrides_file=ov)
         if dry_run:
             return path, argv
         sp.run(argv, echo=True)

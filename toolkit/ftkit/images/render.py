@@ -69,6 +69,7 @@ def context(image: str, template_name: str, v: Variant, lock_sha256: str, opts: 
         "cuda": v.cuda,
         "env": dict(v.env),
         "command": list(v.command),
+        "exclude": sorted(v.exclude),
         "buildkit": opts.buildkit,
         "wheelhouse": opts.wheelhouse,
         "ca_bundle": opts.ca_bundle,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,6 +39,9 @@ class Variant(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     command: list[str] = Field(default_factory=lambda: ["ftkit", "--help"])
     requirements: list[str]
+    # Dependencies a requirement declares that must not be installed (they break the image);
+    # left out of the lock, and tolerated as missing by the build's `pip check`.
+    exclude: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]] = Field(default_factory=list)
 
 
 class ImageDef(BaseModel):
@@ -76,5 +79,5 @@ def load(root: Path) -> Variants:
         raise UserError(f"{path}: invalid variants:\n{e}") from e
 
 
-DEFAULT_VARIANT = {"train": "cpu", "serve": "transformers"}
+DEFAULT_VARIANT = {"train": "cpu", "serve": "vllm-cpu"}
 GPU_VARIANT = {"train": "cuda13.0", "serve": "vllm"}

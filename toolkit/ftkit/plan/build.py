@@ -14,12 +14,13 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ftkit.plan import cluster as cluster_plan
-from ftkit.plan import launch, memory, power
+from ftkit.plan import launch, memory, power, serving
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
 from ftkit.plan.jobs import EvalJob, TinyJob, TrainJob
-from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, Port, StepSpec
+from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, StepSpec
 from ftkit.recipe.models import (
     EvalStep,
+    LoadAdapterStep,
     MergeStep,
     PowerStep,
     Recipe,
@@ -126,10 +127,12 @@ def build_plan(
     lease_dir: str | None = None,
     simulated_gpus: list[str] | None = None,
     simulated_state: str | None = None,
+    vllm_local: bool = False,
 ) -> Plan:
     """`executor` overrides the profile's (`ftkit up --executor`); `lease_dir` is the host
     directory of the GPU lease; `simulated_gpus` names the GPUs of a machine that has none
-    (tests, CI): containers then get no device requests and a simulated NVML."""
+    (tests, CI): containers then get no device requests and a simulated NVML; `vllm_local`
+    says vLLM is installed in the Python the local executor runs (engine auto picks it)."""
     recipe, machine = res.recipe, res.machine
     executor = executor or machine.executor
     places = Places(executor, run_dir, python, machine.paths.hf_cache)
@@ -231,6 +234,15 @@ def build_plan(
 
     train_outputs: dict[str, dict[str, str]] = {}
     merge_outputs: dict[str, str] = {}
+    serve_ctx = serving.ServeContext(
+        executor=executor, bind=machine.bind_address, base_ref=base_ref, model_dtype=recipe.model.dtype,
+        model_head_dim=(recipe.model.tiny.hidden_size // recipe.model.tiny.heads) if recipe.model.tiny else None,
+        simulated=bool(simulated_gpus), vllm_local=vllm_local, hf_home=places.hf_home, python=python,
+        run=places.run, visible=visible, trains=train_outputs,
+        train_steps={s.name: s for s in recipe.steps if isinstance(s, TrainStep) and s.name},
+        merges=merge_outputs,
+        merge_dtypes={s.name: s.dtype for s in recipe.steps if isinstance(s, MergeStep) and s.name},
+        images=images, live=serving.live_adapters(recipe), warnings=warnings)
     caps_now: dict[int, int] = {}
     fit: dict[str, list[memory.FitEstimate]] = {}
     serving_replaced: str | None = None
@@ -347,11 +359,17 @@ def build_plan(
                               description=f"merge adapter of {step.adapter} into the base, streaming tensor by tensor",
                               env={"CUDA_VISIBLE_DEVICES": ""}))
         elif isinstance(step, ServeStep):
-            steps.append(_serve(step, name, places, base_ref, train_outputs, merge_outputs, images, executor, spec,
-                                bind=machine.bind_address, visible=visible, lease=lease,
-                                simulated=bool(simulated_gpus)))
+            fields = serving.serve_step(step, name, serve_ctx)
+            sleep_url = fields.pop("sleep_url")
+            steps.append(spec(**fields, lease=lease("serve", fields["gpus"], sleep_url=sleep_url)))
             if machine.serving and step.keep_running and set(machine.serving.gpus) & set(step.gpus or []):
                 serving_replaced = name
+        elif isinstance(step, LoadAdapterStep):
+            server = next((s for s in steps if s.id == step.server and s.kind == "serve"), None)
+            if server is not None and server.engine != "vllm":
+                warnings.append(f"step {name}: server {step.server} runs {server.engine}, which cannot load LoRA "
+                                "adapters at run time (runtime loading is vLLM's)")
+            steps.append(serving.load_adapter_step(step, name, server, serve_ctx))
         elif isinstance(step, EvalStep):
             eval_cfg = {
                 "model": model_cfg,
@@ -492,71 +510,3 @@ def _handoff(machine: Any, action: str, gpus: list[int]) -> StepSpec:
         desc = f"hand GPU(s) {svc.gpus} back to service {svc.service!r}"
     return StepSpec(id=f"handoff-{action}", kind=f"handoff-{action}", executor="service", argv=argv, gpus=list(svc.gpus),
                     always=action == "start", description=desc)
-
-
-def _serve(step: ServeStep, name: str, places: Places, base_ref: str, trains: dict, merges: dict,
-           images: dict[str, str], executor: str, spec: Any, *, bind: str, visible: Any, lease: Any,
-           simulated: bool = False) -> StepSpec:
-    gpus = list(step.gpus) if isinstance(step.gpus, list) else []
-    files: list[GeneratedFile] = []
-    env = {"CUDA_VISIBLE_DEVICES": visible(gpus)}
-    if step.model == "merged":
-        model = places.run(merges.get(step.adapter or "", ""))
-    else:
-        model = base_ref
-    # In a container the server listens on all of the container's interfaces; the port is
-    # published on the machine's bind address only. A host process binds that address itself.
-    host = "0.0.0.0" if executor == "docker" else bind
-    served = step.served_name or name
-    if step.engine == "vllm":
-        argv = ["vllm", "serve", model, "--host", host, "--port", str(step.port), "--served-model-name", served]
-        if len(gpus) > 1 and "tensor_parallel_size" not in step.args and "tensor-parallel-size" not in step.args:
-            argv += ["--tensor-parallel-size", str(len(gpus))]
-        if step.model == "adapter":
-            adapter = places.run(trains.get(step.adapter or "", {}).get("adapter", ""))
-            argv += ["--enable-lora", "--lora-modules", f"{served}-lora={adapter}"]
-        image = images.get("serve-vllm")
-        if places.hf_home:  # compiled graphs and kernels survive a new container
-            env["VLLM_CACHE_ROOT"] = (str(CONTAINER_ROOT / "hf-cache" / "vllm") if executor == "docker"
-                                      else f"{places.hf_home.rstrip('/')}/vllm")
-    else:
-        prefix = ["transformers"] if executor == "docker" else [places.python, "-m", "transformers.cli.transformers"]
-        device = "cuda:0" if gpus and not simulated else "cpu"  # simulated GPUs: the work runs on the CPU
-        argv = prefix + ["serve", model, "--host", host, "--port", str(step.port), "--device", device]
-        image = images.get("serve-transformers")
-        if places.hf_home is None:
-            # transformers serve lists /v1/models from the hub cache and answers 500 when the
-            # directory is missing; without a machine cache, give it one that exists.
-            files.append(GeneratedFile(f"steps/{name}/hub-cache/.keep", ""))
-            env["HF_HUB_CACHE"] = places.run(f"steps/{name}/hub-cache")
-    argv += _engine_args(step.args)
-    base = f"http://127.0.0.1:{step.port}"
-    prompts = [p.model_dump(mode="json") for p in step.prompts]
-    target = "the merged model" if step.model == "merged" else "the base model" if step.model == "base" else "base + LoRA adapter"
-    return spec(
-        id=name, kind="serve", recipe_step=name, executor=executor, image=image, argv=argv, gpus=gpus,
-        env=env, files=files, lease=lease("serve", gpus), ports=[Port(step.port, step.port, bind)],
-        shm_size="8g" if step.engine == "vllm" else None,
-        background=True, keep_running=step.keep_running,
-        ready={"health": f"{base}/health", "models": f"{base}/v1/models", "timeout_s": step.ready_timeout_s,
-               "base_url": f"{base}/v1", "served_name": served if step.engine == "vllm" else model,
-               "port": step.port, "host": bind},
-        prompts=prompts, outputs={"responses": f"steps/{name}/responses.jsonl"},
-        description=f"serve {target} with {step.engine} on port {step.port}, then send {len(prompts)} test prompt(s)",
-    )
-
-
-def _engine_args(args: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is False:
-            continue
-        elif isinstance(value, list):
-            out += [flag] + [str(v) for v in value]
-        else:
-            out += [flag, str(value)]
-    return out
-

@@ -73,9 +73,9 @@ class NodeSpec:
 @dataclass
 class StepSpec:
     id: str  # unique within the plan; names the log file, the journal entry and the compose service
-    kind: str  # power | power-restore | handoff-stop | handoff-start | tiny-model | train | merge | serve | eval
+    kind: str  # power | power-restore | handoff-stop | handoff-start | tiny-model | train | merge | serve | load-adapter | eval
     description: str
-    executor: str  # local | docker | nvml | service
+    executor: str  # local | docker | nvml | service | http (a request ftkit itself sends: load-adapter)
     recipe_step: str | None = None
     image: str | None = None
     argv: list[str] = field(default_factory=list)  # the engine command (the lease wrapper is added from `lease`)
@@ -97,6 +97,8 @@ class StepSpec:
     replaced_by: str | None = None  # handoff-start: not needed when this serve step succeeded and runs on
     notes: list[str] = field(default_factory=list)
     nodes: list[NodeSpec] = field(default_factory=list)  # a multi-node train step: one trainer per node
+    engine: str | None = None  # serve: vllm | transformers (decided at plan time, see plan.serving)
+    request: dict[str, Any] | None = None  # load-adapter: the server step, method, url and JSON body ftkit sends
 
 
 @dataclass

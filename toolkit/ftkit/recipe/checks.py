@@ -21,10 +21,12 @@ from ftkit.recipe import imagerefs
 from ftkit.recipe.models import (
     Cluster,
     EvalStep,
+    LoadAdapterStep,
     Machine,
     MergeStep,
     PowerStep,
     Recipe,
+    ServePrompt,
     ServeStep,
     TrainStep,
 )
@@ -60,6 +62,8 @@ PLAN_SET_SERVE_ARGS = {
     "lora-modules": "serve `model: adapter` instead",
     "device": "the device comes from the step's `gpus:`",
     "model": "the model comes from the step's `model:` and `adapter:`",
+    "max-lora-rank": "ftkit sets it from the ranks of the adapters the server gets",
+    "enable-sleep-mode": "set the step's `preempt: sleep` instead",
 }
 MAX_REGEX = 1000
 MAX_UNBOUNDED_ANY = 3
@@ -488,6 +492,7 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
     names: dict[str, int] = {}
     seen_train: list[tuple[int, TrainStep]] = []
     seen_merge: list[tuple[int, MergeStep]] = []
+    seen_serve: list[tuple[int, ServeStep]] = []
     ports: dict[int, int] = {}
     for i, step in enumerate(recipe.steps):
         name = recipe.step_name(i)
@@ -526,8 +531,12 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
                 out.append((here + ("port",), f"port {step.port} is also used by serve step "
                             f"{recipe.step_name(ports[step.port])!r}; give each serve step its own port", False))
             ports.setdefault(step.port, i)
+        elif isinstance(step, LoadAdapterStep):
+            _load_adapter(step, here, recipe, seen_train, seen_serve, out)
         elif isinstance(step, EvalStep):
             _eval(step, here, recipe, seen_train, seen_merge, out)
+        if isinstance(step, ServeStep):
+            seen_serve.append((i, step))
 
 
 def _find(name: str | None, seen: list, recipe: Recipe):  # type: ignore[no-untyped-def]
@@ -587,8 +596,18 @@ def _serve(step: ServeStep, here: Path_, recipe: Recipe, trains: list, merges: l
         target = _find(step.adapter, trains, recipe)
         if target is None or target.method == "full":
             out.append((here + ("model",), "serving an adapter needs a lora/qlora train step before this one", False))
-        if step.engine != "vllm":
+        if step.engine == "transformers":
             out.append((here + ("engine",), "base + adapter serving needs engine vllm (--enable-lora); merge for transformers", False))
+    for j, name in enumerate(step.adapters):
+        target = _find(name, trains, recipe)
+        if target is None or target.method == "full":
+            out.append((here + ("adapters", j), f"{name!r} is not a lora/qlora train step before this one", False))
+        elif name in step.adapters[:j]:
+            out.append((here + ("adapters", j), f"{name!r} is listed twice", False))
+    if step.adapters and step.engine == "transformers":
+        out.append((here + ("adapters",), "serving several LoRA adapters needs engine vllm (multi-LoRA)", False))
+    if step.preempt == "sleep" and step.engine == "transformers":
+        out.append((here + ("preempt",), "sleep mode is vLLM's; transformers serve can only be stopped", False))
     for key, value in step.args.items():
         if not re.match(r"^[a-z0-9][a-z0-9_-]*$", key):
             out.append((here + ("args", key), f"engine argument {key!r} should look like max_model_len", True))
@@ -605,15 +624,40 @@ def _serve(step: ServeStep, here: Path_, recipe: Recipe, trains: list, merges: l
     if isinstance(step.gpus, list) and len(set(step.gpus)) != len(step.gpus):
         out.append((here + ("gpus",), "a GPU is listed twice", False))
     for j, prompt in enumerate(step.prompts):
-        exp = prompt.expect
-        if exp is None:
-            continue
-        if exp.contains is None and exp.equals is None and exp.regex is None:
-            out.append((here + ("prompts", j, "expect"), "give contains, equals or regex (or drop expect)", False))
-        if exp.regex is not None:
-            problem = regex_problem(exp.regex)
-            if problem:
-                out.append((here + ("prompts", j, "expect", "regex"), problem, False))
+        _prompt_expect(prompt, here + ("prompts", j), out)
+
+
+def _load_adapter(step: LoadAdapterStep, here: Path_, recipe: Recipe, trains: list, serves: list,
+                  out: list[Finding]) -> None:
+    server = _find(step.server, serves, recipe)
+    if server is None:
+        what = f"serve step {step.server!r}" if step.server else "a serve step"
+        out.append((here + (("server",) if step.server else ()), f"load-adapter needs {what} before it: the "
+                    "adapter goes into that step's running server", False))
+    elif server.engine == "transformers":
+        out.append((here + ("server",), "runtime LoRA loading is vLLM's: the server's engine is transformers", False))
+    target = _find(step.adapter, trains, recipe)
+    if target is None or target.method == "full":
+        what = f"train step {step.adapter!r}" if step.adapter else "a train step"
+        out.append((here + (("adapter",) if step.adapter else ()), f"load-adapter needs {what} with method lora or "
+                    "qlora before it", False))
+    if server is not None and step.served_name is not None and step.served_name == server.served_name:
+        out.append((here + ("served_name",), f"{step.served_name!r} is the server's own model name; give the "
+                    "adapter another", False))
+    for j, prompt in enumerate(step.prompts):
+        _prompt_expect(prompt, here + ("prompts", j), out)
+
+
+def _prompt_expect(prompt: ServePrompt, where: Path_, out: list[Finding]) -> None:
+    exp = prompt.expect
+    if exp is None:
+        return
+    if exp.contains is None and exp.equals is None and exp.regex is None:
+        out.append((where + ("expect",), "give contains, equals or regex (or drop expect)", False))
+    if exp.regex is not None:
+        problem = regex_problem(exp.regex)
+        if problem:
+            out.append((where + ("expect", "regex"), problem, False))
 
 
 def _eval(step: EvalStep, here: Path_, recipe: Recipe, trains: list, merges: list, out: list[Finding]) -> None:

@@ -222,11 +222,23 @@ class ServePrompt(Strict):
 class ServeStep(Strict):
     type: Literal["serve"]
     name: Name | None = None
-    engine: Literal["vllm", "transformers"] = "vllm"
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="auto: vLLM where it runs (a GPU, ftkit's images, or vLLM installed here), "
+        "else transformers serve"
+    )
     model: Literal["merged", "base", "adapter"] = Field(
         "merged", description="merged: the merge step's output; adapter: base + the LoRA adapter (vLLM --enable-lora)"
     )
     adapter: str | None = Field(None, description="the train (adapter) or merge (merged) step to serve")
+    adapters: list[Name] = Field(
+        default_factory=list, max_length=64,
+        description="vLLM: more LoRA adapters served beside the model (multi-LoRA), by train step name; each is a "
+        "model name clients can ask for",
+    )
+    preempt: Literal["stop", "sleep"] = Field(
+        "stop", description="how the server gives its GPUs to a training step that waits for them: stop the engine, "
+        "or vLLM's sleep mode level 1 (CUDA only; weights kept in host RAM)"
+    )
     served_name: Name | None = None
     port: Int = Field(8000, ge=1, le=65535)
     gpus: GpuSel = "all"
@@ -236,6 +248,19 @@ class ServeStep(Strict):
     ready_timeout_s: Int = Field(600, ge=1, le=86_400)
     prompts: list[ServePrompt] = Field(default_factory=list)
     keep_running: bool = Field(True, description="leave the server up after the run (the service)")
+
+
+class LoadAdapterStep(Strict):
+    """Put a trained LoRA adapter live in a running vLLM server without restarting it
+    (vLLM's runtime LoRA loading), check that it answers, and record it."""
+
+    type: Literal["load-adapter"]
+    name: Name | None = None
+    server: Name | None = Field(None, description="the serve step whose server gets the adapter (default: the last one)")
+    adapter: Name | None = Field(None, description="the lora/qlora train step whose adapter to load (default: the last one)")
+    served_name: Name | None = Field(None, description="the model name clients ask for (default: the train step's name)")
+    prompts: list[ServePrompt] = Field(default_factory=list, description="test prompts sent to the adapter once live")
+    ready_timeout_s: Int = Field(600, ge=1, le=86_400, description="how long to wait for the server to answer first")
 
 
 class EvalPrompt(Strict):
@@ -262,7 +287,7 @@ class EvalStep(Strict):
     )
 
 
-Step = Annotated[PowerStep | TrainStep | MergeStep | ServeStep | EvalStep, Field(discriminator="type")]
+Step = Annotated[PowerStep | TrainStep | MergeStep | ServeStep | LoadAdapterStep | EvalStep, Field(discriminator="type")]
 
 
 class ImagePins(Strict):

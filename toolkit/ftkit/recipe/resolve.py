@@ -9,7 +9,7 @@ from typing import Any
 
 from ftkit.errors import ConfigError, ConfigIssue
 from ftkit.recipe.checks import PATH_VARS, kind_problem, lock_file_problem, uses_variable
-from ftkit.recipe.models import EvalStep, Machine, MergeStep, Recipe, ServeStep, TrainStep
+from ftkit.recipe.models import EvalStep, LoadAdapterStep, Machine, MergeStep, Recipe, ServeStep, TrainStep
 from ftkit.recipe.validate import LoadedRecipe
 from ftkit.recipe.yamlpos import Path_
 
@@ -72,8 +72,6 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
         elif isinstance(step, ServeStep):
             if step.gpus == "all":
                 step.gpus = list(gpu_indices)
-            if not step.gpus and step.engine == "vllm":
-                problem(("steps", i, "engine"), "vLLM needs a GPU; this machine has none: use engine transformers")
             for j, idx in enumerate(step.gpus):
                 if idx not in gpu_indices:
                     problem(("steps", i, "gpus", j), f"GPU {idx} is not on machine {machine.name!r}")
@@ -90,6 +88,10 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
         if isinstance(step, ServeStep) and step.adapter is None:
             kind = MergeStep if step.model == "merged" else TrainStep if step.model == "adapter" else None
             step.adapter = _last(recipe, i, kind) if kind else None
+        elif isinstance(step, LoadAdapterStep):
+            step.server = step.server or _last(recipe, i, ServeStep)
+            step.adapter = step.adapter or _last(recipe, i, TrainStep)
+            step.served_name = step.served_name or step.adapter
 
     host: dict[str, Path] = {}
     candidates: list[tuple[str, Path_, str | None]] = [

@@ -98,13 +98,25 @@ def image_refs(res: Resolved) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - no checkout templates here: plan shows placeholders
         refs.update({"train": "ftkit/train:<variant> (run ftkit build)",
                      "serve-vllm": "ftkit/serve:vllm (run ftkit build)",
+                     "serve-vllm-cpu": "ftkit/serve:vllm-cpu (run ftkit build)",
                      "serve-transformers": "ftkit/serve:transformers (run ftkit build)"})
     if res.recipe.images:
         if res.recipe.images.train:
             refs["train"] = res.recipe.images.train
         if res.recipe.images.serve:
-            refs["serve-vllm"] = refs["serve-transformers"] = res.recipe.images.serve
+            refs["serve-vllm"] = refs["serve-vllm-cpu"] = refs["serve-transformers"] = res.recipe.images.serve
     return refs
+
+
+def vllm_installed() -> bool:
+    """vLLM importable by this Python (the local executor's): `engine: auto` serves with it.
+    Looked up, not imported (importing vLLM takes seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def local_model_config(res: Resolved) -> dict[str, Any] | None:
@@ -136,6 +148,7 @@ def plan_for(res: Resolved, *, run_dir: str | None, executor: str | None = None)
     plan = build_plan(res, run_dir=run_dir, python=sys.executable, images=images,
                       local_model_config=local_model_config(res), executor=executor,
                       lease_dir=lease_dir(res.machine), simulated_gpus=simulated_gpus(),
+                      vllm_local=executor == "local" and vllm_installed(),
                       simulated_state=os.path.abspath(os.environ[SIMULATED_STATE_ENV])
                       if simulated_gpus() and os.environ.get(SIMULATED_STATE_ENV) else None)
     _expected_scaling(plan, res.machine)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import EngineError, FtkitError, GpuError
-from ftkit.gateways import serving
+from ftkit.errors import EngineError, FtkitError, GpuError, HttpError
+from ftkit.gateways import http, serving
 from ftkit.gateways import subprocess as sp
 from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run import envinfo
@@ -288,6 +289,8 @@ def _execute(ctx: Context, step: StepSpec) -> Outcome:
         return Outcome("succeeded")
     if step.background:
         return _serve(ctx, step)
+    if step.kind == "load-adapter":
+        return _load_adapter(ctx, step)
     with _telemetry(ctx, step), _progress(ctx, step):
         if step.nodes:  # a multi-node train step: one container per node, each on its node's engine
             from ftkit.run.executors.multinode import MultiNodeExecutor
@@ -334,9 +337,11 @@ def _outputs(ctx: Context, step: StepSpec) -> dict[str, Any]:
     return detail
 
 
-def _replace_servers(ctx: Context, step: StepSpec) -> None:
+def _replace_servers(ctx: Context, step: StepSpec) -> list[StepSpec]:
     """A later serve step on GPUs an earlier server of this run holds replaces it: two
-    `serve` holders never preempt each other, so the new one would wait forever."""
+    `serve` holders never preempt each other, so the new one would wait forever. Returns
+    the servers it stopped (started again if the new one fails)."""
+    stopped = []
     for sid, handle in list(ctx.servers.items()):
         earlier = ctx.plan.step(sid)
         shared = sorted(set(earlier.gpus) & set(step.gpus))
@@ -345,10 +350,12 @@ def _replace_servers(ctx: Context, step: StepSpec) -> None:
             handle.stop()
             ctx.journal.step_detail(sid, stopped=True, replaced_by=step.id)
             del ctx.servers[sid]
+            stopped.append(earlier)
+    return stopped
 
 
-def _serve(ctx: Context, step: StepSpec) -> Outcome:
-    _replace_servers(ctx, step)
+def _start_server(ctx: Context, step: StepSpec) -> tuple[Any, float]:
+    """Start a server under its guard and wait until it answers; (handle, seconds)."""
     ready = step.ready or {}
     port = int(ready.get("port", 0))
     if port:
@@ -360,10 +367,41 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
         handle = ctx.executor.start(step, ctx.io(step))
         ctx.servers[step.id] = handle
         ctx.guards.push(ServerGuard(step, handle, on_left=lambda s, h: _left(ctx, s, h)))
-    seconds = serving.wait_ready(ready, alive=handle.alive, log_tail=handle.tail)
+    seconds = serving.wait_ready(ready, alive=handle.alive, log_tail=lambda: handle.tail(200),
+                                 log_name=str(ctx.run.log(step.id)))
     if not handle.alive():  # something answered, but not the server we started
-        raise EngineError(f"port {port} answers, but the server this step started is not running\n"
-                          f"--- last log lines ---\n{handle.tail()}")
+        raise EngineError(f"port {port} answers, but the server this step started is not running "
+                          f"(see {ctx.run.log(step.id)})")
+    return handle, seconds
+
+
+def _restore_servers(ctx: Context, failed: StepSpec, previous: list[StepSpec]) -> None:
+    """A server that replaced earlier ones failed: stop it (it may hold the GPUs while it
+    hangs) and serve what was served before, as a failed hand-over of the serving service
+    does."""
+    handle = ctx.servers.pop(failed.id, None)
+    if handle is not None and handle.alive():
+        handle.stop()
+    for earlier in previous:
+        try:
+            _, seconds = _start_server(ctx, earlier)
+        except (FtkitError, OSError) as e:
+            ctx.display.note(f"{earlier.id} could not be started again: {describe_failure(e)}")
+            ctx.journal.step_detail(earlier.id, restore_failed=describe_failure(e))
+            continue
+        ctx.display.note(f"{failed.id} failed: {earlier.id} serves again (ready after {seconds:.1f} s)")
+        ctx.journal.step_detail(earlier.id, stopped=False, restored_after=failed.id)
+
+
+def _serve(ctx: Context, step: StepSpec) -> Outcome:
+    replaced = _replace_servers(ctx, step)
+    ready = step.ready or {}
+    try:
+        handle, seconds = _start_server(ctx, step)
+    except (FtkitError, OSError):
+        if replaced:
+            _restore_servers(ctx, step, replaced)
+        raise
     results = serving.run_prompts(ready["base_url"], ready["served_name"], step.prompts)
     ctx.display.prompts(step, results)
     from ftkit.files import write_atomic
@@ -377,6 +415,57 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
         why = first["error"] or f"answer {first['answer']!r} does not meet {first['expect']}"
         return Outcome("failed", detail, f"{len(failed)} of {len(results)} test prompt(s) failed; first: {why}")
     return Outcome("succeeded", detail)
+
+
+def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
+    """Put a trained adapter live in a running vLLM (POST /v1/load_lora_adapter): wait until
+    the server answers (it may be coming back from yielding its GPUs to training), load,
+    check that /v1/models lists the new name and that it answers, and journal how long the
+    adapter took from being written to answering."""
+    req = step.request or {}
+    sid = str(req.get("server"))
+    handle = ctx.servers.get(sid)
+    if handle is None or not handle.alive():
+        raise EngineError(f"server {sid} is not running: there is nothing to load the adapter into")
+    ready = step.ready or {}
+    log = ctx.run.log(sid)
+    serving.wait_ready(ready, alive=handle.alive, log_tail=lambda: handle.tail(200), log_name=str(log))
+    written = _written_at(ctx.run.file(str(req.get("adapter_dir", ""))))
+    name = str(req["body"]["lora_name"])
+    t0 = time.monotonic()
+    try:
+        http.request_json(str(req.get("method", "POST")), str(req["url"]), req["body"], timeout=300)
+    except HttpError as e:
+        raise EngineError(f"vLLM did not load the adapter {name!r}: {serving.http_reason(e)}") from None
+    load_s = time.monotonic() - t0
+    listed = serving.model_ids(str(ready["models"]))
+    if name not in listed:
+        raise EngineError(f"vLLM said it loaded {name!r}, but /v1/models lists only {listed}")
+    prompts = step.prompts or [{"prompt": "Hello", "max_tokens": 1}]  # at least: the new name answers
+    results = serving.run_prompts(str(ready["base_url"]), name, prompts)
+    live_after = time.time() - written if written else None
+    if step.prompts:
+        ctx.display.prompts(step, results)
+    from ftkit.files import write_atomic
+
+    write_atomic(ctx.run.file(step.outputs["responses"]), "".join(json.dumps(r) + "\n" for r in results))
+    failed = [r for r in results if not r["passed"]]
+    detail = {"loaded_as": name, "server": sid, "load_s": round(load_s, 3), "models": listed,
+              "live_after_written_s": round(live_after, 3) if live_after is not None else None,
+              "prompts": len(step.prompts), "passed": len(results) - len(failed), "outputs": step.outputs}
+    if failed:
+        first = failed[0]
+        why = first["error"] or f"answer {first['answer']!r} does not meet {first['expect']}"
+        return Outcome("failed", detail, f"{len(failed)} of {len(results)} test prompt(s) to {name!r} failed; first: {why}")
+    return Outcome("succeeded", detail, f"{name!r} live in {load_s:.2f} s, no restart")
+
+
+def _written_at(adapter_dir: Path) -> float | None:
+    """When the trainer finished writing the adapter (its newest file)."""
+    try:
+        return max(p.stat().st_mtime for p in adapter_dir.iterdir() if p.is_file())
+    except (OSError, ValueError):
+        return None
 
 
 def _left(ctx: Context, step: StepSpec, handle: Any) -> None:

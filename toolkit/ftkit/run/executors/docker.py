@@ -25,7 +25,7 @@ from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run.executors.base import Outcome, StepIO
 from ftkit.run.rundir import OWNER_LOCK, RunDir
 
-TAG = re.compile(r"^ftkit/(?P<image>train|serve):(?P<variant>[\w.]+)-(?P<hash>[0-9a-f]{12})$")
+TAG = re.compile(r"^ftkit/(?P<image>train|serve):(?P<variant>[\w.-]+?)-(?P<hash>[0-9a-f]{12})$")
 STOP_GRACE_S = 30
 
 
@@ -51,7 +51,7 @@ class _Logs:
     """Follows a container's output into the step log (and the display) in a thread."""
 
     def __init__(self, cid: str, io: StepIO, host: str | None) -> None:
-        self.tail: deque[str] = deque(maxlen=40)
+        self.tail: deque[str] = deque(maxlen=400)  # enough to find an engine's reason for failing (gateways.serving)
         self.io = io
         self._fh = open(io.log, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed in join()
         self._thread = threading.Thread(target=self._follow, args=(cid, host), daemon=True, name=f"logs-{cid[:12]}")

