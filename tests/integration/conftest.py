@@ -1,4 +1,5 @@
-"""Session fixtures for tests that run generated stacks: the CPU images, built once.
+"""Session fixtures for tests that run generated stacks: the CPU images (train/cpu and
+serve/vllm-cpu), built once.
 
 The build flags are the ones tests/integration/test_images.py uses (local base image, CA
 bundle, wheelhouse), so the tags are the same; a build whose tags exist is a no-op. A
@@ -44,7 +45,8 @@ def machine_profile(path: Path, name: str, extra: str = "") -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_images(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """The train/cpu and serve/transformers images of this checkout, built if missing.
+    """The train/cpu and serve/vllm-cpu images of this checkout (what a CPU machine's plans
+    run: vLLM's CPU build serves), built if missing.
 
     FTKIT_TEST_STACK_IMAGES=TRAIN_REF,SERVE_REF uses those images instead (stacks get them
     through .env): for iterating on the stack tests without a rebuild after every source
@@ -59,7 +61,7 @@ def cpu_images(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
         return
     root = project.find_root()
     expected = CpuImages(train=builder.plan_build(root, "train", "cpu", base_image=BASE).tag,
-                         serve=builder.plan_build(root, "serve", "transformers", base_image=BASE).tag)
+                         serve=builder.plan_build(root, "serve", "vllm-cpu", base_image=BASE).tag)
     missing = [t for t in (expected.train, expected.serve) if dk.image_attrs(t) is None]
     lock = tmp_path_factory.mktemp("images-lock") / "images.lock.json"
     args = ["build", "--image", "all", "--base-image", BASE, "--images-lock", str(lock)]
@@ -72,7 +74,7 @@ def cpu_images(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
         proc = run_ftkit(*args, timeout=2400)
         if lock.is_file():
             recorded = json.loads(lock.read_text())["images"]
-            built = tuple(recorded[k]["tag"] for k in ("train/cpu", "serve/transformers") if k in recorded)
+            built = tuple(recorded[k]["tag"] for k in ("train/cpu", "serve/vllm-cpu") if k in recorded)
             created |= set(built) - {expected.train, expected.serve}
             assert built == (expected.train, expected.serve), \
                 f"built {built}, planned {expected} (did the sources change during the build?)"

@@ -3,6 +3,15 @@ after `ftkit lease ... --`, and records when it holds its GPUs.
 
     python /probe/standin_engine.py train GPUS         hold for STANDIN_SECONDS (random 0.3-1.2 s), exit 0
     python /probe/standin_engine.py serve GPUS PORT    answer GET /health until SIGTERM
+    python /probe/standin_engine.py witness GPUS -- CMD...
+                                                       take the witnesses, then exec CMD (a real engine,
+                                                       e.g. vLLM): it holds them until it exits
+
+With STANDIN_SCAN=TOKEN a `train` stand-in also looks for any live process whose environment
+holds FTKIT_PROBE=TOKEN (the witness puts it into the engine's environment from
+STANDIN_ENGINE_TOKEN: the real engine's server, engine-core and worker processes; the
+container needs `pid: host` to see them) when it enters and before it leaves: one found means
+the engine, or a process it left behind, still ran while training held the GPU.
 
 Every event is one JSON line appended to /probe/out/events.jsonl (O_APPEND: whole lines
 from many containers). Besides the lease it takes a non-blocking flock on a witness file
@@ -55,18 +64,56 @@ def take_witnesses() -> list[int]:
     return fds
 
 
+def scan(token: str) -> list[str]:
+    """Live processes of the engine under test (by the marker in their environment)."""
+    found = []
+    mark = f"FTKIT_PROBE={token}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if mark not in fh.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue  # a zombie holds nothing
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                found.append(f"{pid} " + fh.read().replace(b"\0", b" ").decode(errors="replace")[:120])
+        except OSError:
+            continue
+    return found
+
+
 def on_signal(signum: int, _frame: object) -> None:
     log("leave", signal=signum)
     os._exit(0 if ROLE == "serve" else 128 + signum)
 
 
 def main() -> None:
+    if ROLE == "witness":
+        fds = take_witnesses()
+        for fd in fds:
+            os.set_inheritable(fd, True)  # exec keeps them: the engine holds the witnesses
+        log("enter")
+        command = sys.argv[sys.argv.index("--") + 1:]
+        token = os.environ.pop("STANDIN_ENGINE_TOKEN", "")
+        if token:  # marks the engine and every process it starts, not the lease around it
+            os.environ["FTKIT_PROBE"] = token
+        os.execvp(command[0], command)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     witnesses = take_witnesses()  # noqa: F841 - held until the process ends
     log("enter")
     if ROLE == "train":
+        token = os.environ.get("STANDIN_SCAN")
+        if token:
+            for proc in scan(token):
+                log("OVERLAP", process=proc, when="enter")
         time.sleep(float(os.environ.get("STANDIN_SECONDS") or random.uniform(0.3, 1.2)))
+        if token:
+            for proc in scan(token):
+                log("OVERLAP", process=proc, when="leave")
         log("leave")
         sys.exit(0)
     from http.server import BaseHTTPRequestHandler, HTTPServer

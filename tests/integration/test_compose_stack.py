@@ -5,11 +5,12 @@
    the recipe's test prompts.
 2. The GPU lease across containers: a stack planned for a simulated two-GPU machine
    (train on GPUs 0,1; the server on GPU 1, under the lease as a preemptible holder),
-   its engines replaced by stand-ins through an override file that keeps the generated
-   lease wrapper. Fifty rounds with random start orders, `docker-compose kill`,
-   `docker-compose restart`, SIGKILL of either container and a crash of the server's
-   init process: never two engines on one GPU, and the server is back after every
-   training run.
+   through an override file that keeps the generated lease wrapper. Rounds with random
+   start orders, `docker-compose kill`, `docker-compose restart`, SIGKILL of either
+   container and a crash of the server's init process: never two engines on one GPU, and
+   the server is back after every training run. Once with both engines stand-ins (30
+   quick rounds), once with the real vLLM serving (20 rounds, a cold start each; training
+   a stand-in that checks no process of the engine is alive while it holds the GPU).
 
 Every container, network and volume is removed at the end (unique project names).
 """
@@ -37,7 +38,8 @@ from tests.integration.conftest import machine_profile
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 HERE = Path(__file__).parent
-ROUNDS = int(os.environ.get("FTKIT_LEASE_ROUNDS", "50"))
+ROUNDS = int(os.environ.get("FTKIT_LEASE_ROUNDS", "30"))  # stand-in engines: about 2 s a round
+VLLM_ROUNDS = int(os.environ.get("FTKIT_VLLM_LEASE_ROUNDS", "20"))  # the real vLLM: a cold start every round
 
 
 def free_port() -> int:
@@ -188,27 +190,42 @@ def test_quickstart_stack_train_then_serve(cpu_images, tmp_path: Path) -> None: 
 SIM_RECIPE = """\
 ftkit: 1
 name: lease-sim
-model: {tiny: {hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, vocab_size: 300}}
+model: {tiny: {hidden_size: 64, layers: 1, heads: 2, intermediate_size: 64, vocab_size: 300}, dtype: fp32}
 dataset: {path: data/train.jsonl, format: alpaca, template: alpaca}
 steps:
   - {type: train, method: lora, gpus: [0, 1], distribution: ddp, max_steps: 1}
   - {type: merge}
-  - {type: serve, engine: transformers, gpus: [1], port: 8765, keep_running: true, ready_timeout_s: 30}
+  - {type: serve, engine: vllm, model: base, gpus: [1], port: 8765, keep_running: true, ready_timeout_s: 300}
 """
 
 
-def _override(stack: Path, probe: Path) -> Path:
-    """Keep each generated command up to its `--` (the lease wrapper); run a stand-in after it."""
+def _override(stack: Path, probe: Path, *, real_serve: bool, token: str) -> Path:
+    """Keep each generated command up to its `--` (the lease wrapper); run a stand-in after it.
+    `real_serve`: the server is the generated vLLM command itself, started through the
+    witness (which takes the per-GPU witness locks and execs vLLM, so vLLM holds them), and
+    the training stand-in sees the host's processes (`pid: host`) to find any process of the
+    engine - its API server, engine core or worker - still alive while it holds the GPU."""
     import yaml
 
     data = yaml.safe_load((stack / "compose.yaml").read_text())
     out: dict = {"services": {}}  # type: ignore[type-arg]
     for name, args in (("train", ["train", "0,1"]), ("serve", ["serve", "1", "8765"])):
         command = data["services"][name]["command"]
-        wrapper = command[: command.index("--") + 1]
+        cut = command.index("--") + 1
+        wrapper = command[:cut]
         assert wrapper[:2] == ["ftkit", "lease"], wrapper
-        out["services"][name] = {"command": [*wrapper, "python", "/probe/standin_engine.py", *args],
-                                 "volumes": [f"{probe}:/probe"]}
+        svc: dict = {"volumes": [f"{probe}:/probe"]}  # type: ignore[type-arg]
+        if name == "serve" and real_serve:
+            engine = command[cut:]
+            assert engine[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"], engine
+            svc["command"] = [*wrapper, "python", "/probe/standin_engine.py", "witness", "1", "--", *engine]
+            svc["environment"] = {"STANDIN_ENGINE_TOKEN": token}
+        else:
+            svc["command"] = [*wrapper, "python", "/probe/standin_engine.py", *args]
+        if name == "train" and real_serve:
+            svc["pid"] = "host"
+            svc["environment"] = {"STANDIN_SCAN": token}
+        out["services"][name] = svc
     path = stack / "compose.test-override.yaml"
     path.write_text(yaml.safe_dump(out, sort_keys=False))
     return path
@@ -221,8 +238,9 @@ def _events(probe: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-@pytest.mark.timeout(2400)
-def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def _sim_stack(cpu_images, tmp_path: Path, *, real_serve: bool) -> tuple[Project, Path, int, str]:  # type: ignore[no-untyped-def]
+    """The stack of SIM_RECIPE for a simulated two-GPU machine (the server under the lease on
+    GPU 1, training on 0,1), its engines replaced by stand-ins through an override file."""
     (tmp_path / "recipe" / "data").mkdir(parents=True)
     shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", tmp_path / "recipe" / "data" / "train.jsonl")
     recipe = tmp_path / "recipe" / "lease-sim.yaml"
@@ -246,14 +264,23 @@ def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path
     (probe / "out").mkdir(parents=True)
     os.chmod(probe / "out", 0o777)
     shutil.copy(HERE / "standin_engine.py", probe / "standin_engine.py")
-    override = _override(stack, probe)
-    log = tmp_path / "docker-compose.log"
-    project = Project(stack, ["compose.yaml", override.name], log)
+    token = uuid.uuid4().hex
+    override = _override(stack, probe, real_serve=real_serve, token=token)
+    project = Project(stack, ["compose.yaml", override.name], tmp_path / "docker-compose.log")
+    return project, probe, port, token
+
+
+def _lease_rounds(project: Project, probe: Path, port: int, rounds: int, *, serve_back_s: float,
+                  check_answers: bool = False) -> str:
+    """Random start orders, `docker-compose kill`, `restart`, SIGKILL of either container and a
+    crash of the server's init process, `rounds` times: never two engines on one GPU, and the
+    server is back after every training run. Returns a summary line."""
     seed = int(os.environ.get("FTKIT_LEASE_SEED", "0")) or random.randrange(1, 1 << 30)
     rng = random.Random(seed)
     health = f"http://127.0.0.1:{port}/health"
     history: list[str] = []
     t_start = time.monotonic()
+    answered = 0
 
     def fail(msg: str) -> None:
         tail = "\n".join(history[-12:])
@@ -261,13 +288,24 @@ def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path
         logs = project.dc("logs", "--no-color", "--tail", "40", "serve", "train", check=False).stdout
         pytest.fail(f"{msg} (FTKIT_LEASE_SEED={seed} repeats the rounds)\n--- rounds ---\n{tail}\n--- events ---\n{events}\n--- logs ---\n{logs[-5000:]}")
 
-    def serving_back(timeout: float = 45) -> None:
-        """/health answers (called once the training container has exited)."""
+    def serving_back(timeout: float = serve_back_s) -> None:
+        """/health answers (called once the training container has exited); with the real
+        engine, a completion too."""
+        nonlocal answered
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code, body = get(health)
             if code == 200:
-                history.append(f"  served by {json.loads(body)}")
+                history.append(f"  served ({body[:60]!r})")
+                if check_answers:
+                    from ftkit.gateways.serving import model_ids, run_prompts
+
+                    models = model_ids(f"http://127.0.0.1:{port}/v1/models")
+                    res = run_prompts(f"http://127.0.0.1:{port}/v1", models[0] if models else "?",
+                                      [{"prompt": "kiwi mango", "max_tokens": 2}])
+                    if not res[0]["passed"]:
+                        fail(f"the server is back but does not answer: {res[0]['error']}")
+                    answered += 1
                 return
             st = project.state("serve")
             if st["Status"] == "exited" and not st.get("Restarting"):
@@ -285,88 +323,115 @@ def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path
         fail(f"{service} still runs after {timeout:g} s")
         return {}
 
+    project.dc("up", "--no-start", "--no-deps", "train", "serve")
+    train, serve = project.container("train"), project.container("serve")
+    serve.start()
+    serving_back(timeout=max(serve_back_s, 120))
+    actions = ["none", "none", "compose-kill-serve", "compose-kill-train", "compose-restart-serve",
+               "compose-restart-train", "sigkill-serve", "sigkill-train", "crash-serve"]
+    plan = actions + [rng.choice(actions) for _ in range(max(rounds - len(actions), 0))]
+    rng.shuffle(plan)  # every disruption at least once, the rest at random
+    for n, action in enumerate(plan[:rounds]):
+        serve.reload()
+        if rng.random() < 0.4 and serve.status == "running":
+            serve.stop(timeout=10)  # the next start order starts from a stopped server
+        order = rng.choice(["serve-first", "train-first", "together"])
+        gap = rng.uniform(0, 0.8)
+        history.append(f"round {n}: {order}, gap {gap:.2f} s, {action}")
+        t0 = time.time()
+        serve.reload()
+        start_serve = serve.status != "running"
+        if order == "together" and start_serve:
+            th = threading.Thread(target=serve.start)
+            th.start()
+            train.start()
+            th.join()
+        else:
+            first, second = (serve, train) if order == "serve-first" else (train, serve)
+            if first is train or start_serve:
+                first.start()
+            time.sleep(gap)
+            if second is train or start_serve:
+                second.start()
+        time.sleep(rng.uniform(0.1, 1.5))
+        if action == "compose-kill-serve":
+            project.dc("kill", "serve")
+        elif action == "compose-kill-train":
+            project.dc("kill", "train")
+        elif action == "compose-restart-serve":
+            project.dc("restart", "-t", "10", "serve")
+        elif action == "compose-restart-train":
+            project.dc("restart", "-t", "10", "train")
+        elif action == "sigkill-serve":
+            subprocess.run(["docker", "kill", "-s", "KILL", serve.id], capture_output=True, check=False)
+        elif action == "sigkill-train":
+            subprocess.run(["docker", "kill", "-s", "KILL", train.id], capture_output=True, check=False)
+        elif action == "crash-serve":
+            serve.reload()
+            pid = serve.attrs["State"]["Pid"]
+            if pid:
+                os.kill(pid, signal.SIGKILL)  # not `docker kill`: the restart policy brings it back
+        st = wait_exited("train", timeout=max(60, serve_back_s))
+        entered = [e for e in _events(probe) if e["role"] == "train" and e["event"] == "enter" and e["t"] >= t0]
+        if action == "none" and (st["ExitCode"] != 0 or not entered):
+            fail(f"round {n}: an undisturbed training run did not run (exit {st['ExitCode']})")
+        serve.reload()
+        if serve.status != "running" and action in ("compose-kill-serve", "sigkill-serve"):
+            serve.start()  # killed by hand: Docker leaves it down, as it should; bring it back
+        serving_back()
+        overlaps = [e for e in _events(probe) if e["event"] == "OVERLAP"]
+        if overlaps:
+            fail(f"round {n}: two engines held a GPU at once: {overlaps}")
+    events = _events(probe)
+    train_runs = sum(1 for e in events if e["role"] == "train" and e["event"] == "enter")
+    serve_runs = sum(1 for e in events if e["role"] in ("serve", "witness") and e["event"] == "enter")
+    assert train_runs >= rounds // 2 and serve_runs >= rounds, (train_runs, serve_runs)
+    # engines that left on their own never overlapped on a GPU either (killed ones: the witness)
+    spans: dict[str, list[tuple[float, float, str]]] = {}
+    open_: dict[tuple[str, int], dict] = {}  # type: ignore[type-arg]
+    for e in sorted(events, key=lambda e: e["t"]):
+        key = (e["host"], e["pid"])
+        if e["event"] == "enter":
+            open_[key] = e
+        elif e["event"] == "leave" and key in open_:
+            start = open_.pop(key)
+            for g in e["gpus"]:
+                spans.setdefault(g, []).append((start["t"], e["t"], e["role"]))
+    for g, s in spans.items():
+        s.sort()
+        for a, b in zip(s, s[1:], strict=False):
+            assert a[1] <= b[0], f"GPU {g}: {a} overlaps {b}"
+    counts = {a: plan[:rounds].count(a) for a in actions}
+    return (f"seed {seed}: {rounds} rounds ({counts}), {train_runs} training runs, {serve_runs} server starts"
+            + (f", {answered} completions after a hand-over" if check_answers else "")
+            + f", {time.monotonic() - t_start:.0f} s")
+
+
+@pytest.mark.timeout(2400)
+def test_lease_keeps_gpus_exclusive_across_containers(cpu_images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Both engines stand-ins: many quick rounds of every disruption."""
+    project, probe, port, _ = _sim_stack(cpu_images, tmp_path, real_serve=False)
     try:
-        project.dc("up", "--no-start", "--no-deps", "train", "serve")
-        train, serve = project.container("train"), project.container("serve")
-        serve.start()
-        serving_back(timeout=120)
-        actions = ["none", "none", "compose-kill-serve", "compose-kill-train", "compose-restart-serve",
-                   "compose-restart-train", "sigkill-serve", "sigkill-train", "crash-serve"]
-        plan = actions + [rng.choice(actions) for _ in range(max(ROUNDS - len(actions), 0))]
-        rng.shuffle(plan)  # every disruption at least once, the rest at random
-        for n, action in enumerate(plan[:ROUNDS]):
-            serve.reload()
-            if rng.random() < 0.4 and serve.status == "running":
-                serve.stop(timeout=10)  # the next start order starts from a stopped server
-            order = rng.choice(["serve-first", "train-first", "together"])
-            gap = rng.uniform(0, 0.8)
-            history.append(f"round {n}: {order}, gap {gap:.2f} s, {action}")
-            t0 = time.time()
-            serve.reload()
-            start_serve = serve.status != "running"
-            if order == "together" and start_serve:
-                th = threading.Thread(target=serve.start)
-                th.start()
-                train.start()
-                th.join()
-            else:
-                first, second = (serve, train) if order == "serve-first" else (train, serve)
-                if first is train or start_serve:
-                    first.start()
-                time.sleep(gap)
-                if second is train or start_serve:
-                    second.start()
-            time.sleep(rng.uniform(0.1, 1.5))
-            if action == "compose-kill-serve":
-                project.dc("kill", "serve")
-            elif action == "compose-kill-train":
-                project.dc("kill", "train")
-            elif action == "compose-restart-serve":
-                project.dc("restart", "-t", "10", "serve")
-            elif action == "compose-restart-train":
-                project.dc("restart", "-t", "10", "train")
-            elif action == "sigkill-serve":
-                subprocess.run(["docker", "kill", "-s", "KILL", serve.id], capture_output=True, check=False)
-            elif action == "sigkill-train":
-                subprocess.run(["docker", "kill", "-s", "KILL", train.id], capture_output=True, check=False)
-            elif action == "crash-serve":
-                serve.reload()
-                pid = serve.attrs["State"]["Pid"]
-                if pid:
-                    os.kill(pid, signal.SIGKILL)  # not `docker kill`: the restart policy brings it back
-            st = wait_exited("train")
-            entered = [e for e in _events(probe) if e["role"] == "train" and e["event"] == "enter" and e["t"] >= t0]
-            if action == "none" and (st["ExitCode"] != 0 or not entered):
-                fail(f"round {n}: an undisturbed training run did not run (exit {st['ExitCode']})")
-            serve.reload()
-            if serve.status != "running" and action in ("compose-kill-serve", "sigkill-serve"):
-                serve.start()  # killed by hand: Docker leaves it down, as it should; bring it back
-            serving_back()
-            overlaps = [e for e in _events(probe) if e["event"] == "OVERLAP"]
-            if overlaps:
-                fail(f"round {n}: two engines held a GPU at once: {overlaps}")
-        events = _events(probe)
-        train_runs = sum(1 for e in events if e["role"] == "train" and e["event"] == "enter")
-        serve_runs = sum(1 for e in events if e["role"] == "serve" and e["event"] == "enter")
-        assert train_runs >= ROUNDS // 2 and serve_runs >= ROUNDS, (train_runs, serve_runs)
-        # engines that left on their own never overlapped on a GPU either (killed ones: the witness)
-        spans: dict[str, list[tuple[float, float, str]]] = {}
-        open_: dict[tuple[str, int], dict] = {}  # type: ignore[type-arg]
-        for e in sorted(events, key=lambda e: e["t"]):
-            key = (e["host"], e["pid"])
-            if e["event"] == "enter":
-                open_[key] = e
-            elif e["event"] == "leave" and key in open_:
-                start = open_.pop(key)
-                for g in e["gpus"]:
-                    spans.setdefault(g, []).append((start["t"], e["t"], e["role"]))
-        for g, s in spans.items():
-            s.sort()
-            for a, b in zip(s, s[1:], strict=False):
-                assert a[1] <= b[0], f"GPU {g}: {a} overlaps {b}"
-        counts = {a: plan[:ROUNDS].count(a) for a in actions}
-        print(f"seed {seed}: {ROUNDS} rounds ({counts}), {train_runs} training runs, {serve_runs} server starts, "
-              f"{time.monotonic() - t_start:.0f} s")
+        print(_lease_rounds(project, probe, port, ROUNDS, serve_back_s=45))
+    finally:
+        project.cleanup()
+    assert project.containers() == []
+
+
+@pytest.mark.timeout(3600)
+def test_lease_hands_the_gpu_between_real_vllm_and_training(cpu_images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The server is the real engine (vLLM's CPU build on the simulated GPU 1, the stack's own
+    command); training is a stand-in that holds the lease. Each round the training container
+    waits for GPU 1, the server stops vLLM with grace and lets go only when its whole tree is
+    gone - the trainer finds no process of the engine alive (API server, engine core,
+    worker) - and afterwards vLLM starts again and answers a completion."""
+    project, probe, port, _ = _sim_stack(cpu_images, tmp_path, real_serve=True)
+    try:
+        proc = project.dc("--profile", "train", "up", "--no-color", "tiny-model", timeout=600, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        print(_lease_rounds(project, probe, port, VLLM_ROUNDS, serve_back_s=240, check_answers=True))
+        witness = [e for e in _events(probe) if e["role"] == "witness" and e["event"] == "enter"]
+        assert len(witness) >= VLLM_ROUNDS  # the engine was started again each round
     finally:
         project.cleanup()
     assert project.containers() == []

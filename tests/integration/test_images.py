@@ -1,7 +1,7 @@
 """Real builds with a real Docker engine, from the local base image (no registry here).
 
-Builds the cpu training image and the transformers serving image through BuildKit, runs
-containers from each, shows the second build is a no-op, that neither the CA bundle nor a
+Builds the cpu training image and both CPU serving images (vLLM's CPU build and
+`transformers serve`) through BuildKit, runs containers from each, shows the second build is a no-op, that neither the CA bundle nor a
 token reaches a layer, and (with FTKIT_TEST_CLASSIC_BUILD=1) that the classic-builder
 fallback installs the same packages.
 Every image a test creates is removed at the end (FTKIT_KEEP_TEST_IMAGES=1 keeps them).
@@ -71,8 +71,12 @@ def built(tmp_path_factory: pytest.TempPathFactory, tracker: Tracker) -> dict:  
     tags = tags_in(proc.stdout)
     tracker.tags.update(tags)
     assert len(tags) == 2 and all(" built " in ln for ln in proc.stdout.splitlines() if ln.startswith("ftkit/"))
+    fallback = build("--image", "serve", "--variant", "transformers", "--force", lock=lock)
+    assert fallback.returncode == 0, fallback.stderr[-5000:]
+    tracker.tags.update(tags_in(fallback.stdout))
     return {"lock": lock, "train": next(t for t in tags if "/train:" in t),
-            "serve": next(t for t in tags if "/serve:" in t), "seconds": seconds}
+            "serve": next(t for t in tags if "/serve:vllm-cpu-" in t),
+            "transformers": tags_in(fallback.stdout)[0], "seconds": seconds}
 
 
 def test_train_image_imports_the_training_stack(built: dict) -> None:  # type: ignore[type-arg]
@@ -82,9 +86,23 @@ def test_train_image_imports_the_training_stack(built: dict) -> None:  # type: i
     assert "ftkit, version" in out and "2.13.0+cpu" in out
 
 
-def test_serve_image_runs(built: dict) -> None:  # type: ignore[type-arg]
-    code, out = dk.run_container(built["serve"], ["sh", "-c", "ftkit --version && python -c 'import fastapi, uvicorn, "
-                                 "transformers; print(transformers.__version__)' && transformers serve --help >/dev/null"])
+def test_vllm_cpu_image_has_the_engine_and_not_the_broken_extras(built: dict) -> None:  # type: ignore[type-arg]
+    """vllm-cpu at the CUDA image's release, on torch's CPU build; torchvision & co. left out
+    (they do not load against this torch, and vLLM imports torchvision when it is there)."""
+    code, out = dk.run_container(built["serve"], ["sh", "-c",
+                                 "ftkit --version && python -c 'import importlib.util as u, torch, vllm, transformers; "
+                                 "print(vllm.__version__, torch.__version__, transformers.__version__, "
+                                 "[m for m in (\"torchvision\", \"torchaudio\", \"torchcodec\") if u.find_spec(m)])' "
+                                 "&& python -m vllm.entrypoints.openai.api_server --help >/dev/null && echo entry-ok"])
+    assert code == 0, out
+    assert "ftkit, version" in out and "0.32.0 2.13.0+cpu 5.19.0 []" in out and "entry-ok" in out
+    pinned = json.loads(built["lock"].read_text())["images"]["serve/vllm-cpu"]
+    assert pinned["tag"] == built["serve"]
+
+
+def test_transformers_serve_image_runs(built: dict) -> None:  # type: ignore[type-arg]
+    code, out = dk.run_container(built["transformers"], ["sh", "-c", "ftkit --version && python -c 'import fastapi, "
+                                 "uvicorn, transformers; print(transformers.__version__)' && transformers serve --help >/dev/null"])
     assert code == 0, out
     assert "ftkit, version" in out
 
@@ -101,7 +119,7 @@ def test_second_build_is_a_noop(built: dict) -> None:  # type: ignore[type-arg]
 
 def test_no_token_or_ca_bundle_in_any_layer(built: dict) -> None:  # type: ignore[type-arg]
     ca_line = next(ln for ln in Path(CA).read_text().splitlines() if ln and not ln.startswith("-") and not ln.startswith("#"))
-    for tag in (built["train"], built["serve"]):
+    for tag in (built["train"], built["serve"], built["transformers"]):
         history = json.dumps(dk.image_history(tag))
         config = json.dumps(dk.image_attrs(tag))
         for text in (history, config):
@@ -134,7 +152,7 @@ def test_images_lock_records_and_verifies(built: dict, tmp_path: Path) -> None: 
     assert proc.returncode == 0, proc.stderr
     bad = tmp_path / "bad.json"
     data["images"]["train/cpu"]["packages_sha256"] = "0" * 64
-    del data["images"]["serve/transformers"]
+    del data["images"]["serve/vllm-cpu"]
     bad.write_text(json.dumps(data))
     proc = run_ftkit("build", "--from-lock", str(bad), "--wheelhouse", WHEELHOUSE, "--ca-bundle", CA,
                      "--images-lock", str(tmp_path / "again2.json"), timeout=600)
@@ -146,7 +164,8 @@ def test_failed_build_names_the_step_and_its_last_lines(built: dict, tmp_path: P
     bad_ca.write_text("not a certificate\n")
     # --no-cache: BuildKit does not key a step's cache on its secrets, so the dependency
     # layer of the good build would be reused and nothing would fetch with the bad bundle
-    args = ["build", "--image", "serve", "--base-image", BASE, "--ca-bundle", str(bad_ca), "--force", "--no-cache",
+    args = ["build", "--image", "serve", "--variant", "transformers", "--base-image", BASE, "--ca-bundle", str(bad_ca),
+            "--force", "--no-cache",
             "--images-lock", str(tmp_path / "x.json")]
     if Path(WHEELHOUSE).is_dir():
         args += ["--wheelhouse", WHEELHOUSE]
@@ -162,12 +181,12 @@ def test_failed_build_names_the_step_and_its_last_lines(built: dict, tmp_path: P
                            "FTKIT_TEST_CLASSIC_BUILD=1 runs it (CI leaves it out to stay under 30 minutes)")
 def test_classic_builder_installs_the_same_packages(built: dict, tmp_path: Path, tracker: Tracker) -> None:  # type: ignore[type-arg]
     lock = tmp_path / "classic.json"
-    proc = build("--image", "serve", "--no-buildkit", "--force", lock=lock)
+    proc = build("--image", "serve", "--variant", "transformers", "--no-buildkit", "--force", lock=lock)
     assert proc.returncode == 0, proc.stderr[-4000:]
     tags = tags_in(proc.stdout)
     tracker.tags.update(tags)
     # the tag names the content, not the builder that happens to be installed
-    assert tags == [built["serve"]] and " built " in proc.stdout
+    assert tags == [built["transformers"]] and " built " in proc.stdout
     classic = json.loads(lock.read_text())["images"]["serve/transformers"]
     buildkit = json.loads(built["lock"].read_text())["images"]["serve/transformers"]
     assert classic["packages_sha256"] == buildkit["packages_sha256"]

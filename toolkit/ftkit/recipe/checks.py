@@ -641,7 +641,7 @@ def _load_adapter(step: LoadAdapterStep, here: Path_, recipe: Recipe, trains: li
         what = f"train step {step.adapter!r}" if step.adapter else "a train step"
         out.append((here + (("adapter",) if step.adapter else ()), f"load-adapter needs {what} with method lora or "
                     "qlora before it", False))
-    if server is not None and step.served_name is not None and step.served_name == server.served_name:
+    if server is not None and step.served_name is not None and step.served_name == (server.served_name or recipe.name):
         out.append((here + ("served_name",), f"{step.served_name!r} is the server's own model name; give the "
                     "adapter another", False))
     for j, prompt in enumerate(step.prompts):

