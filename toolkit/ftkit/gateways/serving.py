@@ -29,6 +29,7 @@ _REASONS = (
     re.compile(r"(LoRA rank \d+ is greater than max_lora_rank \d+)"),
     re.compile(r"((?:OSError: )?\[Errno 98\][^\n]*)"),
     re.compile(r"(Invalid repository ID or local directory specified:[^\n]*)"),
+    re.compile(r"Value error, ([^\n]*)"),  # pydantic's ValidationError puts the reason on the next line
     re.compile(r"(Failed to import from vllm\._C: [^\n]*)"),
     re.compile(r"(Sleep mode is not supported on current platform[^\n]*)"),
 )
@@ -49,9 +50,14 @@ def engine_reason(log_text: str) -> str | None:
     last = None
     for line in log_text.splitlines():
         m = _PY_ERROR.match(line.strip())
-        if m and "Traceback" not in m.group(1):
+        if m and "Traceback" not in m.group(1) and not _WRAPPER.search(m.group(1)):
             last = m.group(1)
     return _clean(last) if last else None
+
+
+# vLLM's processes re-raise a worker's failure as their own: the first one says why.
+_WRAPPER = re.compile(r"Engine core initialization failed|WorkerProc initialization failed|EngineDeadError|"
+                      r"EngineCore encountered an issue|See (the )?(root cause|stack trace) above")
 
 
 def fatal_line(log_text: str) -> bool:

@@ -94,6 +94,9 @@ class ServerGuard(Guard):
     step: StepSpec
     handle: Handle
     on_left: Callable[[StepSpec, Handle], None] = lambda s, h: None
+    # the previous server, started again after the one replacing it failed: a server the
+    # recipe keeps running is the service, and stays up after the failed run too
+    restored: bool = False
     left: bool = field(default=False, init=False)
 
     @property
@@ -102,7 +105,7 @@ class ServerGuard(Guard):
 
     def unwind(self, succeeded: bool) -> Outcome:
         alive = self.handle.alive()
-        if succeeded and self.step.keep_running:
+        if (succeeded or self.restored) and self.step.keep_running:
             if alive:
                 self.left = True
                 self.on_left(self.step, self.handle)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import EngineError, FtkitError, GpuError, HttpError
+from ftkit.errors import EngineError, FtkitError, GpuError, HttpError, ServerNotReady
 from ftkit.gateways import http, serving
 from ftkit.gateways import subprocess as sp
 from ftkit.plan.spec import Plan, StepSpec
@@ -354,7 +354,7 @@ def _replace_servers(ctx: Context, step: StepSpec) -> list[StepSpec]:
     return stopped
 
 
-def _start_server(ctx: Context, step: StepSpec) -> tuple[Any, float]:
+def _start_server(ctx: Context, step: StepSpec, *, restored: bool = False) -> tuple[Any, float]:
     """Start a server under its guard and wait until it answers; (handle, seconds)."""
     ready = step.ready or {}
     port = int(ready.get("port", 0))
@@ -366,9 +366,15 @@ def _start_server(ctx: Context, step: StepSpec) -> tuple[Any, float]:
     with ctx.gate.deferred() if ctx.gate else nullcontext():  # a server is never started without its guard
         handle = ctx.executor.start(step, ctx.io(step))
         ctx.servers[step.id] = handle
-        ctx.guards.push(ServerGuard(step, handle, on_left=lambda s, h: _left(ctx, s, h)))
-    seconds = serving.wait_ready(ready, alive=handle.alive, log_tail=lambda: handle.tail(200),
-                                 log_name=str(ctx.run.log(step.id)))
+        ctx.guards.push(ServerGuard(step, handle, on_left=lambda s, h: _left(ctx, s, h), restored=restored))
+    try:
+        seconds = serving.wait_ready(ready, alive=handle.alive, log_tail=lambda: handle.tail(200),
+                                     log_name=str(ctx.run.log(step.id)))
+    except ServerNotReady:
+        # Nothing to save: a server whose engine failed can hang on SIGTERM (vLLM's API
+        # server after its engine core died), so do not give it the full grace period.
+        handle.stop(5)
+        raise
     if not handle.alive():  # something answered, but not the server we started
         raise EngineError(f"port {port} answers, but the server this step started is not running "
                           f"(see {ctx.run.log(step.id)})")
@@ -383,8 +389,10 @@ def _restore_servers(ctx: Context, failed: StepSpec, previous: list[StepSpec]) -
     if handle is not None and handle.alive():
         handle.stop()
     for earlier in previous:
+        # its first server is gone: the guard of the one started now speaks for the step
+        ctx.guards.guards = [g for g in ctx.guards.guards if not (isinstance(g, ServerGuard) and g.step.id == earlier.id)]
         try:
-            _, seconds = _start_server(ctx, earlier)
+            _, seconds = _start_server(ctx, earlier, restored=True)
         except (FtkitError, OSError) as e:
             ctx.display.note(f"{earlier.id} could not be started again: {describe_failure(e)}")
             ctx.journal.step_detail(earlier.id, restore_failed=describe_failure(e))

@@ -218,7 +218,10 @@ class DockerExecutor:
 
     def start(self, step: StepSpec, io: StepIO) -> DockerHandle:
         self.ensure_image(step, io)
-        cid = self._create(step, restart="unless-stopped" if step.keep_running else None)
+        # No restart policy while ftkit watches it: a server that fails must stay down, or
+        # Docker would restart it in a loop (its log stream ends, it looks alive again) until
+        # the readiness timeout. A server left running gets `unless-stopped` at the end.
+        cid = self._create(step)
         try:
             dk.start_container(cid, self.host)
         except BaseException:
