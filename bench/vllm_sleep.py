@@ -3,7 +3,7 @@ no GPU was lent to the task that wrote it; see docs/vllm.md for vLLM's own figur
 
 Needs a CUDA GPU, vLLM (the `serve/vllm` image has it) and a model on local disk. It runs:
 
-1. cold start: `vllm serve MODEL --enable-sleep-mode` (VLLM_SERVER_DEV_MODE=1) until
+1. cold start: `python -m vllm.entrypoints.openai.api_server --model MODEL --enable-sleep-mode` (VLLM_SERVER_DEV_MODE=1) until
    /v1/models answers, then the first and a warm request;
 2. sleep level 1: POST /sleep?level=1 - wall time, GPU memory used before/after (NVML),
    what the engine process keeps (CUDA context and the rest), GET /is_sleeping;
@@ -93,7 +93,7 @@ def complete(base: str, model: str) -> float:
 def start_vllm(args: argparse.Namespace, extra: list[str], env_extra: dict[str, str],
                log: Path, wrap: list[str] | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(args.gpu), "VLLM_SERVER_DEV_MODE": "1", **env_extra}
-    argv = ["vllm", "serve", args.model, "--host", "127.0.0.1", "--port", str(args.port),
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--host", "127.0.0.1", "--port", str(args.port),
             "--served-model-name", "m", "--enable-sleep-mode", *extra]
     with open(log, "ab") as fh:
         return subprocess.Popen([*(wrap or []), *argv], env=env, stdout=fh, stderr=subprocess.STDOUT,

