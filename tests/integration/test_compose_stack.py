@@ -1,8 +1,8 @@
 """Generated stacks run by docker-compose itself, on a real Docker engine.
 
 1. The CPU quickstart's stack: `--profile train up` runs tiny-model -> train -> merge ->
-   eval and nothing else; `--profile serve up -d` starts only the server, which answers
-   the recipe's test prompts.
+   eval and nothing else; `--profile serve up -d` starts only the server - vLLM's CPU
+   build - which answers the recipe's test prompts.
 2. The GPU lease across containers: a stack planned for a simulated two-GPU machine
    (train on GPUs 0,1; the server on GPU 1, under the lease as a preemptible holder),
    through an override file that keeps the generated lease wrapper. Rounds with random
@@ -142,6 +142,10 @@ def test_quickstart_stack_train_then_serve(cpu_images, tmp_path: Path) -> None: 
                      env={"FTKIT_SIMULATED_GPUS": "", "FTKIT_LEASE_DIR": ""})
     assert proc.returncode == 0, proc.stderr
     port = use_images(stack, cpu_images)
+    import yaml
+
+    command = yaml.safe_load((stack / "compose.yaml").read_text())["services"]["serve"]["command"]
+    assert "vllm.entrypoints.openai.api_server" in command  # the real vLLM serves the stack
     set_env(stack / ".env", FTKIT_SERVE_PORT=str(port))  # moving the stack: .env alone
     project = Project(stack, ["compose.yaml"], tmp_path / "docker-compose.log")
     try:
