@@ -249,3 +249,18 @@ def test_http_reason_takes_vllms_message() -> None:
     assert serving.http_reason(err) == "LoRA rank 32 is greater than max_lora_rank 16"
     err = HttpError('POST u: HTTP 404: {"error":{"message":"Loading lora bad failed: No adapter found for /x"}}')
     assert serving.http_reason(err) == "Loading lora bad failed: No adapter found for /x"
+
+
+def test_the_live_recipe_as_a_stack_puts_the_adapter_live_from_the_host(tmp_path: Path) -> None:
+    import yaml
+
+    out = tmp_path / "stack"
+    result = run_cli("compose", str(RECIPES / "quickstart-live.yaml"), "--machine",
+                     str(RECIPES / "machines" / "cpu-docker.yaml"), "-o", str(out))
+    assert result.code == 0, result.err
+    services = yaml.safe_load((out / "compose.yaml").read_text())["services"]
+    assert "go-live" not in services  # a request from the host, not a container
+    assert services["server"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    readme = (out / "README.md").read_text()
+    assert "curl -fsS -X POST http://127.0.0.1:8766/v1/load_lora_adapter" in readme
+    assert '"lora_name": "categories-v1"' in readme and '"load_inplace": true' in readme
