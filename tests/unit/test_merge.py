@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from ftkit.engines import merge as engine  # noqa: E402
+from ftkit.engines import nf4  # noqa: E402
 from ftkit.errors import UserError  # noqa: E402
 
 
@@ -183,7 +184,7 @@ def nf4_whole_tensor(w):  # type: ignore[no-untyped-def]
         flat = torch.cat([flat, flat.new_zeros(pad)])
     blocks = flat.reshape(-1, 64)
     absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-    code = torch.tensor(engine.NF4, dtype=torch.float32)
+    code = torch.tensor(nf4.NF4, dtype=torch.float32)
     idx = (blocks / absmax).unsqueeze(-1).sub(code).abs().argmin(dim=-1)
     deq = (code[idx] * absmax).reshape(-1)
     if pad:
@@ -194,18 +195,21 @@ def nf4_whole_tensor(w):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("shape,dtype", [((37, 33), torch.bfloat16), ((130, 7), torch.float32), ((5, 64), torch.float16),
                                          ((300, 96), torch.bfloat16)])
 def test_blockwise_nf4_equals_the_whole_tensor_reference(shape, dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The torch rounding (where bitsandbytes cannot run; tests/unit/test_nf4_bnb.py checks the
+    bitsandbytes one): block-wise equals the whole-tensor search, merged or not."""
     from ftkit.engines.safetensors_io import TensorInfo
 
-    monkeypatch.setattr(engine, "NF4_CHUNK", 128)  # many chunks and row blocks, even on small weights
+    monkeypatch.setattr(nf4, "CHUNK", 128)  # many chunks and row blocks, even on small weights
     monkeypatch.setattr(engine, "ROW_BLOCK_BYTES", 4 * 200)
     torch.manual_seed(3)
+    precision = "fp16" if dtype == torch.float16 else "bf16"
     w = (torch.randn(shape) * 0.05).to(dtype)
-    expected = nf4_whole_tensor(w)
-    assert torch.equal(engine.nf4_roundtrip(w), expected)
+    expected = nf4_whole_tensor(w.to(nf4.torch_dtype(precision)))  # rounded in the training precision
+    assert torch.equal(nf4.Rounder(w, precision, None).whole(w), expected)
     code = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}[dtype]
     info = TensorInfo("model.layers.0.mlp.up_proj.weight", code, list(shape), Path("w"), 0, w.numel() * w.element_size())
-    plan = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True)
-    assert torch.equal(engine.merged_tensor(plan, info, lambda i: w), expected)  # rounded, no LoRA
+    plan = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True, nf4_dtype=precision, nf4_bnb=False)
+    assert torch.equal(engine.merged_tensor(plan, info, lambda i: w), expected.to(dtype))  # rounded, no LoRA
     a = TensorInfo("a", "F32", [4, shape[1]], Path("a"), 0, 0)
     b = TensorInfo("b", "F32", [shape[0], 4], Path("a"), 0, 0)
     factors = {"a": torch.randn(4, shape[1]) * 0.1, "b": torch.randn(shape[0], 4) * 0.1}
@@ -217,30 +221,38 @@ def test_blockwise_nf4_equals_the_whole_tensor_reference(shape, dtype, monkeypat
 
 
 NF4_MEMORY = """
-import json, resource, torch
+import json, resource, sys, torch
 from pathlib import Path
+from ftkit.engines import bnb, nf4
 from ftkit.engines import merge as engine
 from ftkit.engines.safetensors_io import TensorInfo
 def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with_bnb = sys.argv[1] == "bitsandbytes"
 w = torch.randn(2048, 2048) * 0.02                      # a 16 MiB fp32 weight
-engine._nf4_fp32(torch.randn(1 << 14)); torch.isfinite(w[:8]).all()  # warm the kernels
+small = torch.randn(64, 256)
+nf4.Rounder(small, "bf16", bnb.quiet_functional() if with_bnb else None).whole(small)  # import, warm the kernels
+torch.isfinite(w[:8]).all()
 info = TensorInfo("model.layers.0.mlp.up_proj.weight", "F32", [2048, 2048], Path("w"), 0, w.numel() * 4)
-plan = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True)
+plan = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True, nf4_bnb=with_bnb)
 before = peak()
 out = engine.merged_tensor(plan, info, lambda i: w)
 print(json.dumps({"growth": peak() - before, "tensor_ram": engine.tensor_ram(plan, info), "weight": w.numel() * 4}))
 """
 
 
-def test_nf4_merge_memory_is_bounded_and_counted() -> None:
+@pytest.mark.parametrize("rounding", ["torch", "bitsandbytes"])
+def test_nf4_merge_memory_is_bounded_and_counted(rounding: str) -> None:
     """Peak growth stays at about the output plus bounded blocks (the whole-tensor version grew by
-    ~30x the weight), and needs() counts at least what is allocated."""
+    ~30x the weight), and needs() counts at least what is allocated (bitsandbytes' import, which
+    needs() adds once per merge, is made before the measurement)."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    proc = subprocess.run([sys.executable, "-c", NF4_MEMORY], capture_output=True, text=True, timeout=300,
+    if rounding == "bitsandbytes":
+        pytest.importorskip("bitsandbytes")
+    proc = subprocess.run([sys.executable, "-c", NF4_MEMORY, rounding], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "toolkit")}, check=True)
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert m["growth"] < m["weight"] + 64 * 2**20, m  # output + blocks; was ~30x the weight
@@ -252,5 +264,9 @@ def test_needs_counts_the_nf4_path() -> None:
 
     info = TensorInfo("model.layers.0.mlp.up_proj.weight", "BF16", [4096, 4096], Path("w"), 0, 4096 * 4096 * 2)
     plain = engine.MergePlan(Path("b"), Path("a"), [info])
-    nf4 = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True)
-    assert engine.tensor_ram(nf4, info) > engine.tensor_ram(plain, info) + engine.NF4_CHUNK * 64
+    in_torch = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True, nf4_bnb=False)
+    assert engine.tensor_ram(in_torch, info) > engine.tensor_ram(plain, info) + nf4.CHUNK * 64
+    with_bnb = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True, nf4_bnb=True)
+    assert engine.tensor_ram(with_bnb, info) > engine.tensor_ram(plain, info) + 4096 * 4096 // 64 * 4
+    out = Path("/nonexistent/out")
+    assert engine.needs(with_bnb, out).ram_bytes >= engine.tensor_ram(with_bnb, info) + engine.BNB_IMPORT_BYTES

@@ -185,3 +185,126 @@ def test_throughput_after_a_resume_counts_from_the_restored_step(tmp_path: Path,
     metrics.on_log(args, now, None, logs={"loss": 1.0, "num_tokens": 600.0})  # at 102.0
     row = json.loads((tmp_path / "m.jsonl").read_text())
     assert row["step_time_s"] == 1.0 and row["tokens_per_s"] == 100.0 and row["samples_per_s"] == 4.0
+
+
+# --------------------------------------------------------------------------- QLoRA on the CPU (issue #18)
+
+TINY64 = {**TINY, "hidden_size": 64, "intermediate_size": 128}  # bitsandbytes' CPU 4-bit matmul needs multiples of 64
+
+
+@pytest.fixture(scope="module")
+def base64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny64") / "model"
+    tiny.generate(TINY64, DATASET, out)
+    return out
+
+
+def _lora_grads(model: Any, ids: Any) -> dict[str, Any]:
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qlora_gradients_survive_an_evaluation_on_the_cpu(base64: Path) -> None:
+    """bitsandbytes (0.50.2) switches a 4-bit layer that runs in eval mode without gradients on
+    an AVX512-BF16 CPU, for good, to a packed inference layout whose kernel has no backward:
+    after the Trainer's first evaluation every step would lose the gradient through the frozen
+    base. The engine's model keeps the training layout, so an evaluation changes nothing."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+    import torch
+    from peft import get_peft_model
+
+    cfg = config(base64, base64.parent / "unused", method="qlora", precision="bf16",
+                 lora={"r": 8, "alpha": 16, "dropout": 0.0})  # no dropout: the same forward twice
+    step = TrainStep.model_validate(cfg["train"])
+    ids = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+
+    def peft_model(keep_layout: bool) -> Any:
+        torch.manual_seed(0)
+        model = train.load_model(cfg["model"], step)  # the engine's QLoRA load and preparation
+        if not keep_layout:  # what bitsandbytes does by default
+            for m in model.modules():
+                if hasattr(m, "support_avx512bf16_for_cpu"):
+                    m.support_avx512bf16_for_cpu = True
+        model = get_peft_model(model, train.lora_config(step))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)  # peft starts B at zero: no gradient would reach A
+        return model
+
+    def before_and_after_an_evaluation(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        before = _lora_grads(model, ids)
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids[:1, :5])
+        return before, _lora_grads(model, ids)
+
+    before, after = before_and_after_an_evaluation(peft_model(keep_layout=True))
+    assert before.keys() == after.keys() and len(before) == 2 * 7 * TINY64["layers"]
+    for n in before:
+        assert torch.equal(before[n], after[n]), n
+    if not bnbf.has_avx512bf16():
+        return  # no packed layout on this CPU: nothing more to show
+    before, after = before_and_after_an_evaluation(peft_model(keep_layout=False))
+    first = next(n for n in before if "layers.0." in n and "lora_A" in n)
+    assert not torch.allclose(before[first], after[first], atol=1e-3), \
+        "bitsandbytes' packed CPU layout now keeps gradients: engines.bnb.keep_training_layout may be unneeded"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_bitsandbytes_optimizers_run_on_the_cpu(optimizer: str) -> None:
+    """The Trainer's own bitsandbytes optimizers, on the CPU: 8-bit states (tensors of 4096+
+    elements), 20 steps within 5% of how far torch's AdamW moved the weights (measured 2.3%);
+    the paged one falls back to the same unpaged states (the same result)."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    def trajectory(name: str) -> tuple[Any, Any]:
+        args = TrainingArguments(output_dir="/nonexistent", optim=name, learning_rate=0.01, weight_decay=0.0,
+                                 use_cpu=True, report_to=[])
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(256, 512))
+        target = torch.randn(256, 512)
+        opt = cls([w], **kwargs)
+        for _ in range(20):
+            ((w - target) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return w.detach(), opt.state[w]
+
+    ours, state = trajectory(optimizer)
+    reference, _ = trajectory("adamw_torch")
+    torch.manual_seed(0)
+    moved = (reference - torch.randn(256, 512)).abs().mean()  # how far torch's AdamW moved the weights
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+    assert (ours - reference).abs().mean() < 0.05 * moved
+
+
+def test_qlora_with_a_paged_optimizer_trains_and_resumes_exactly_on_the_cpu(base64: Path, tmp_path: Path) -> None:
+    """The engine's real QLoRA path on the CPU: 4-bit layers, paged_adamw_8bit (bitsandbytes'
+    CPU fallback), checkpoints with the optimizer state; trained again from the first
+    checkpoint, the adapter ends bit-identical (the resume keeps trl's bf16 adapter: peft's
+    load would upcast it to fp32, see train.trainer_class)."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    kw = dict(method="qlora", precision="bf16", optimizer="paged_adamw_8bit", max_steps=4,
+              checkpoint={"every_steps": 2, "keep_last": 2}, gradient_checkpointing=True)
+    summary = train.run(config(base64, out, **kw))
+    assert summary["method"] == "qlora" and summary["global_step"] == 4
+    assert all(l == l and l < 20 for l in losses(out))  # finite  # noqa: E741
+    assert (out / "checkpoints" / "checkpoint-4" / "optimizer.pt").is_file()
+    first = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in first.values()} == {torch.bfloat16}
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    again = train.run(config(base64, out, **kw))
+    assert again["resumed_from"] == "checkpoint-2" and again["global_step"] == 4
+    second = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -110,6 +110,7 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
         try:
             prepared.check()  # refuse before anything is written, capped or stopped
             preflight.inputs(prepared)
+            preflight.engines(prepared)
             preflight.machine(plan)
         except BaseException:
             unreserve()
@@ -170,6 +171,7 @@ def _prepare_resume(run_dir: str, dry_run: bool):  # type: ignore[no-untyped-def
         from ftkit.run import preflight
 
         preflight.machine(plan)
+        preflight.engines_of_plan(plan)
         stop_leftovers(path, plan.to_dict(), docker_host=plan.docker.get("host"))
     return RunDir(path), plan
 

@@ -79,15 +79,37 @@ def load(cfg: dict[str, Any], which: str) -> Any:
         return AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(device).eval()
     if which == "full" or (which == "adapter" and cfg.get("full") and not cfg.get("adapters")):
         return AutoModelForCausalLM.from_pretrained(list(cfg["full"].values())[-1], dtype=dtype).to(device).eval()
-    model = AutoModelForCausalLM.from_pretrained(base_src, revision=m.get("revision"), dtype=dtype,
-                                                 trust_remote_code=m.get("trust_remote_code", False)).to(device)
+    kw: dict[str, Any] = {"revision": m.get("revision"), "trust_remote_code": m.get("trust_remote_code", False)}
+    if which == "adapter":
+        if not cfg.get("adapters"):
+            raise EngineError("eval asks for the adapter, but no lora/qlora train step ran before it")
+        train_step, adapter = list(cfg["adapters"].items())[-1]
+        precision = (cfg.get("qlora") or {}).get(train_step)
+        if precision is not None:
+            return _qlora_adapter(base_src, adapter, precision, kw)
+    model = AutoModelForCausalLM.from_pretrained(base_src, dtype=dtype, **kw).to(device)
     if which == "adapter":
         from peft import PeftModel
 
-        if not cfg.get("adapters"):
-            raise EngineError("eval asks for the adapter, but no lora/qlora train step ran before it")
-        model = PeftModel.from_pretrained(model, list(cfg["adapters"].values())[-1])
+        model = PeftModel.from_pretrained(model, adapter)
     return model.eval()
+
+
+def _qlora_adapter(base_src: str, adapter: str, precision: str, kw: dict[str, Any]) -> Any:
+    """A QLoRA adapter on the base as it trained against: quantized to 4 bits the same way,
+    its layers in the same (training) layout, computing in the same precision."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.engines import bnb
+
+    if torch.cuda.is_available():
+        kw["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(base_src, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+                                                 quantization_config=bnb.quantization_config(precision), **kw)
+    bnb.keep_training_layout(model)
+    return PeftModel.from_pretrained(model, adapter).eval()
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:

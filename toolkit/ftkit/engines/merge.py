@@ -11,10 +11,12 @@ The output keeps the base's dtype unless `dtype` asks for another: an fp32 base 
 
 QLoRA: the adapter was trained against 4-bit weights. Merging into the original 16-bit
 weights (the default) gives a model slightly different from what was trained; with
-`nf4_dequantized_base` the base is first rounded through NF4 (as QLoRA saw it), which
-matches training more closely but carries the quantization error into the merged model.
-On the CPU that rounding runs inside the same row blocks as the merge, in bounded chunks,
-so it adds a few tens of MiB, not a multiple of the weight.
+`nf4_dequantized_base` the base is first rounded through NF4 exactly as QLoRA's layers saw
+it (engines.nf4: cast to the training precision, bitsandbytes' own quantize/dequantize with
+double-quantized scales wherever bitsandbytes runs, CPU included), which matches training
+but carries the quantization error into the merged model. The rounding runs inside the same
+row blocks as the merge, so it adds tens of MiB (and bitsandbytes' import), not a multiple
+of the weight.
 
 Inputs are not trusted: every header, shape, rank and config value is checked before a byte
 is written (exit 2, one line), the adapter's values and every output tensor are checked
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftkit.engines import nf4 as nf4_round
 from ftkit.engines import safetensors_io as st
 from ftkit.engines.safetensors_io import BadModelFile
 from ftkit.errors import EngineError, UserError
@@ -52,14 +55,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
 TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")  # without one of these there is no tokenizer
 ROW_BLOCK_BYTES = 16 * 2**20  # merge at most this much of a weight (in fp32) at once
-NF4_CHUNK = 1 << 19  # elements quantized at once (a multiple of the NF4 block of 64): ~40 MiB of temporaries
-NF4_TEMP_BYTES_PER_ELEMENT = 80  # what one chunk element costs in the code search (see _nf4_fp32)
-NF4_BLOCK = 64
 FINITE_CHUNK = 1 << 24  # elements checked for inf/nan at once (a bool each)
-NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-       0.7229568362236023, 1.0]
+BNB_IMPORT_BYTES = 150 * 2**20  # what importing bitsandbytes adds to the process (measured: 150 MiB)
 OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
 CONFIG_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -86,6 +83,8 @@ class MergePlan:
     untie: bool = False
     out_dtype: str | None = None  # None: every tensor keeps the base's dtype
     nf4_dequantized_base: bool = False
+    nf4_dtype: str = "bf16"  # the precision QLoRA loaded (and quantized) the base in: the train step's
+    nf4_bnb: bool | None = None  # round with bitsandbytes (None: wherever it runs here)
     max_shard_bytes: int = 5 * 10**9
     config: dict[str, Any] = field(default_factory=dict)  # the base's config.json
     vocab_size: int | None = None  # set when the adapter resized the embeddings
@@ -97,6 +96,14 @@ class MergePlan:
         if self.out_dtype is not None and t.dtype in ("F32", "F16", "BF16"):
             return self.out_dtype
         return t.dtype
+
+    def nf4_with_bnb(self) -> bool:
+        """Whether the NF4 rounding is bitsandbytes' own (it imports and runs here)."""
+        if self.nf4_bnb is None:
+            from ftkit.engines import bnb
+
+            self.nf4_bnb = bnb.quiet_functional() is not None
+        return self.nf4_bnb
 
     def dtype_label(self) -> str:
         """What the output's floating-point weights are stored as, for people and config.json."""
@@ -247,9 +254,11 @@ def _is_vocab_rows(name: str) -> bool:
 
 
 def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str | None = None, nf4_dequantized_base: bool = False,
-               max_shard_gb: float = 5.0) -> MergePlan:
+               max_shard_gb: float = 5.0, nf4_dtype: str = "bf16") -> MergePlan:
     if dtype is not None and dtype not in OUT_DTYPES:
         raise UserError(f"dtype {dtype!r}: choose bf16, fp16 or fp32 (or leave it out to keep the base's)")
+    if nf4_dtype not in nf4_round.DTYPES:
+        raise UserError(f"--nf4-dtype {nf4_dtype!r}: QLoRA quantizes the base in bf16 or fp16 (the train step's precision)")
     check_shard_size(max_shard_gb)
     acfg = _adapter_config(adapter_dir)
     config = _base_config(base_dir)
@@ -259,7 +268,7 @@ def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str | None = None, n
     adapter, _ = st.read_header(adapter_dir / "adapter_model.safetensors")
     plan = MergePlan(base_dir, adapter_dir, list(base), fan_in_fan_out=bool(acfg.get("fan_in_fan_out")),
                      out_dtype=OUT_DTYPES[dtype] if dtype else None, nf4_dequantized_base=nf4_dequantized_base,
-                     max_shard_bytes=max(1, int(max_shard_gb * 10**9)), config=config)
+                     nf4_dtype=nf4_dtype, max_shard_bytes=max(1, int(max_shard_gb * 10**9)), config=config)
     pending: dict[str, dict[str, st.TensorInfo]] = {}
     for key, info in adapter.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -381,67 +390,10 @@ def check_shard_size(max_shard_gb: float) -> None:
 # --------------------------------------------------------------------------- arithmetic
 
 
-def _nf4_fp32(x: Any, blocksize: int = NF4_BLOCK) -> Any:
-    """NF4 round trip of a flat fp32 tensor whose blocks start at element 0, NF4_CHUNK elements
-    at a time. The nearest code is found among three candidates around the midpoint bucket
-    instead of all 16 codes (the former whole-tensor search held 16 floats per element, ~30-60x
-    a weight's size): the same fp32 distances and the same lowest-index tie rule as
-    argmin over all 16, so the result is bit-identical to it."""
-    import torch
+def _bnb_functional() -> Any:
+    from ftkit.engines import bnb
 
-    code = torch.tensor(NF4, dtype=torch.float32)
-    mid = (code[1:] + code[:-1]) / 2
-    out = torch.empty_like(x)
-    n = x.numel()
-    for i in range(0, n, NF4_CHUNK):
-        flat = x[i:i + NF4_CHUNK]
-        pad = (-flat.numel()) % blocksize
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
-        blocks = flat.reshape(-1, blocksize)
-        absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        scaled = blocks / absmax
-        k = torch.bucketize(scaled, mid)  # nearest code up to rounding at a midpoint: k-1, k or k+1
-        cand = torch.stack([(k - 1).clamp_min(0), k, (k + 1).clamp_max(len(NF4) - 1)], dim=-1)
-        del k
-        pick = (scaled.unsqueeze(-1) - code[cand]).abs().argmin(dim=-1, keepdim=True)
-        idx = cand.gather(-1, pick).squeeze(-1)
-        del cand, pick, scaled
-        deq = (code[idx] * absmax).reshape(-1)
-        out[i:i + NF4_CHUNK] = deq[:deq.numel() - pad] if pad else deq
-    return out
-
-
-def _cuda_nf4() -> Any:
-    """bitsandbytes' own NF4 (exact, with double-quantized scales) where a GPU is visible."""
-    import torch
-
-    if not torch.cuda.is_available():  # checked first: importing bitsandbytes alone costs ~100 MiB
-        return None
-    try:
-        import bitsandbytes.functional as bnbf
-    except ImportError:
-        return None
-    return bnbf
-
-
-def nf4_roundtrip(w: Any, blocksize: int = NF4_BLOCK) -> Any:
-    """Quantize to NF4 (absmax per block) and back, as QLoRA's frozen base looked in training.
-    Uses bitsandbytes on CUDA when present (exact), else the same arithmetic in torch without
-    the double quantization of the block scales (a difference far below the NF4 step), in
-    bounded chunks."""
-    bnbf = _cuda_nf4()
-    if bnbf is not None:
-        q, state = bnbf.quantize_4bit(w.cuda(), blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-        return bnbf.dequantize_4bit(q, state).to(w.dtype).cpu()
-    import torch
-
-    out = torch.empty_like(w)
-    flat, dst = w.reshape(-1), out.view(-1)
-    step = max(blocksize, (ROW_BLOCK_BYTES // 4) // blocksize * blocksize)
-    for i in range(0, flat.numel(), step):
-        dst[i:i + step] = _nf4_fp32(flat[i:i + step].float(), blocksize).to(w.dtype)
-    return out
+    return bnb.quiet_functional()
 
 
 def _is_quantized_linear(name: str, shape: list[int]) -> bool:
@@ -474,10 +426,11 @@ def merged_tensor(plan: MergePlan, t: st.TensorInfo, read: Callable[[st.TensorIn
         return w
     label = "adapter" if t.name in plan.replace else "base"
     nf4 = plan.nf4_dequantized_base and t.name not in plan.replace and _is_quantized_linear(t.name, t.shape)
-    if nf4 and _cuda_nf4() is not None:
-        if not _finite(w):
+    rounder = None
+    if nf4:
+        if not _finite(w):  # before bitsandbytes' first pass over the whole weight (its scales)
             raise NonFinite(f"{label} tensor {st._show(t.name)} holds inf or nan values")
-        w, nf4 = nf4_roundtrip(w), False
+        rounder = nf4_round.Rounder(w, plan.nf4_dtype, _bnb_functional() if plan.nf4_with_bnb() else None)
     pairs = plan.loras.get(t.name, [])
     if not pairs and not nf4:
         if not _finite(w):
@@ -493,14 +446,15 @@ def merged_tensor(plan: MergePlan, t: st.TensorInfo, read: Callable[[st.TensorIn
     cols = max(math.prod(w.shape[1:]), 1)
     rows = max(1, ROW_BLOCK_BYTES // (4 * cols))
     if nf4:  # each row block must start on an NF4 block boundary of the flattened weight
-        group = NF4_BLOCK // math.gcd(cols, NF4_BLOCK)
+        group = nf4_round.BLOCK // math.gcd(cols, nf4_round.BLOCK)
         rows = max(group, rows - rows % group)
     for i in range(0, w.shape[0], rows):
-        block = w[i:i + rows].float()
-        if not bool(torch.isfinite(block).all()):
-            raise NonFinite(f"{label} tensor {st._show(t.name)} holds inf or nan values")
-        if nf4:
-            block = _nf4_fp32(block.reshape(-1)).reshape(block.shape).to(w.dtype).float()
+        if rounder is not None:  # the base as QLoRA's 4-bit layer saw it, in its precision (checked finite)
+            block = rounder.rows(i, w[i:i + rows])
+        else:
+            block = w[i:i + rows].float()
+            if not bool(torch.isfinite(block).all()):
+                raise NonFinite(f"{label} tensor {st._show(t.name)} holds inf or nan values")
         for a, b, scale, transposed in factors:
             # Linear: W (out, in) += B (out, r) @ A (r, in). Embeddings (A: (r, vocab), B: (dim, r))
             # and fan_in_fan_out Conv1D layers store W transposed: W += (B @ A)^T = A^T @ B^T.
@@ -550,7 +504,9 @@ class Needs:
 def tensor_ram(plan: MergePlan, t: st.TensorInfo) -> int:
     """Bytes held while one output tensor is made: its source as read, the output, and for a
     merged (or NF4-rounded) weight the fp32 row block with its temporaries, the LoRA factors
-    (as read and in fp32), and the NF4 chunk's 16-way code search."""
+    (as read and in fp32), and the NF4 rounding's temporaries (bitsandbytes': the block in
+    the training dtype, its codes, the dequantized block, and the whole weight's scales;
+    torch's: the chunk's code search)."""
     src = plan.replace.get(t.name, t)
     elems = math.prod(t.shape)
     out_bytes = elems * st.DTYPE_SIZES[plan._out_code(t)]
@@ -563,16 +519,20 @@ def tensor_ram(plan: MergePlan, t: st.TensorInfo) -> int:
         ram += 4 * block  # fp32 block, delta, the cast back, the isfinite mask
         for p in pairs:
             ram += p.a.nbytes + p.b.nbytes + 4 * (math.prod(p.a.shape) + math.prod(p.b.shape))
-        if nf4:
-            ram += 2 * block + NF4_CHUNK * NF4_TEMP_BYTES_PER_ELEMENT  # rounded block and its cast; code search
-            if _cuda_nf4() is not None:
-                ram += src.nbytes  # bitsandbytes' result comes back as a whole tensor
+        if nf4:  # the fp32 block comes from the rounding (counted above), its chunk's temporaries
+            with_bnb = plan.nf4_with_bnb()
+            ram += nf4_round.temp_bytes(block // 4, with_bnb) - block
+            if with_bnb:
+                ram += nf4_round.scale_bytes(elems)
     return ram
 
 
 def needs(plan: MergePlan, out: Path) -> Needs:
-    """RAM: the most any one tensor needs (see tensor_ram). Disk: the whole output."""
+    """RAM: the most any one tensor needs (see tensor_ram), plus bitsandbytes' import when it
+    rounds the base. Disk: the whole output."""
     ram = max((tensor_ram(plan, t) for t in plan.tensors), default=0)
+    if plan.nf4_dequantized_base and plan.nf4_with_bnb():
+        ram += BNB_IMPORT_BYTES
     parent = out.parent if out.parent.exists() else Path(".")
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -663,16 +623,18 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 def merge(base: str, adapter: str, output: str, *, revision: str | None = None, dtype: str | None = None,
-          nf4_dequantized_base: bool = False, max_shard_gb: float = 5.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+          nf4_dequantized_base: bool = False, max_shard_gb: float = 5.0, nf4_dtype: str = "bf16",
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
     with torch.no_grad(), _terminate_as_exit():  # no_grad scoped: callers in the same process keep autograd
         return _merge(base, adapter, output, revision=revision, dtype=dtype,
-                      nf4_dequantized_base=nf4_dequantized_base, max_shard_gb=max_shard_gb, log=log)
+                      nf4_dequantized_base=nf4_dequantized_base, max_shard_gb=max_shard_gb, nf4_dtype=nf4_dtype,
+                      log=log)
 
 
 def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype: str | None, nf4_dequantized_base: bool,
-           max_shard_gb: float, log: Callable[[str], None]) -> dict[str, Any]:
+           max_shard_gb: float, nf4_dtype: str, log: Callable[[str], None]) -> dict[str, Any]:
     check_shard_size(max_shard_gb)
     out = Path(output)
     adapter_dir = Path(adapter)
@@ -680,8 +642,17 @@ def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype:
     base_dir = resolve_base(base, revision)
     check_output(out, base_dir, adapter_dir)
     plan = plan_merge(base_dir, adapter_dir, dtype=dtype, nf4_dequantized_base=nf4_dequantized_base,
-                      max_shard_gb=max_shard_gb)
+                      max_shard_gb=max_shard_gb, nf4_dtype=nf4_dtype)
     check_adapter_values(plan)
+    nf4_how = None
+    if nf4_dequantized_base:
+        from ftkit.engines import bnb
+
+        functional = bnb.quiet_functional(lambda s: log(f"merge: {s}"))
+        plan.nf4_bnb = functional is not None
+        nf4_how = f"bitsandbytes {bnb.version()}" if functional is not None else "torch (no double quantization)"
+        log(f"merge: rounding the base's linear weights through NF4 in {nf4_dtype}, as QLoRA loaded them, "
+            f"with {nf4_how}")
     warnings = warnings_for(plan)
     need = needs(plan, out)
     gib = 2**30
@@ -743,6 +714,8 @@ def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype:
                "replaced": len(plan.replace), "shards": len(groups), "bytes": plan.out_bytes(),
                "dtype": plan.dtype_label(), "dtype_from": "base" if dtype is None else "--dtype",
                "nf4_dequantized_base": nf4_dequantized_base, "warnings": warnings}
+    if nf4_how is not None:
+        summary.update(nf4_dtype=nf4_dtype, nf4_rounding=nf4_how)
     if plan.vocab_size is not None:
         summary["vocab_size"] = plan.vocab_size
     log(f"merge: wrote {out} ({len(groups)} shard(s), {plan.out_bytes() / gib:.2f} GiB)")

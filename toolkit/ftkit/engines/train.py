@@ -63,17 +63,9 @@ def load_model(model_cfg: dict[str, Any], step: TrainStep) -> Any:
         "dtype": _torch_dtype(step.precision),
     }
     if step.method == "qlora":
-        from transformers import BitsAndBytesConfig
+        from ftkit.engines import bnb
 
-        compute = _torch_dtype(step.precision)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-            # Stored in the compute dtype, the 4-bit weights are ordinary tensors ZeRO-3 can shard.
-            bnb_4bit_quant_storage=compute,
-        )
+        kwargs["quantization_config"] = bnb.quantization_config(step.precision)
         if step.distribution != "deepspeed-zero3" and torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
@@ -96,9 +88,19 @@ def prepare_qlora(model: Any, step: TrainStep) -> Any:
 
     Gradient checkpointing and input gradients come from the Trainer and trl in every case;
     trl casts the LoRA weights of a quantized model to bf16.
+
+    In every case the 4-bit layers stay in bitsandbytes' training layout: on a CPU with
+    AVX512-BF16 the first evaluation would otherwise switch them, for good, to a packed
+    inference layout without a backward pass (engines.bnb), and every training step after it
+    would lose the gradient through the frozen base.
     """
+    from ftkit.engines import bnb
     from ftkit.plan.memory import kbit_upcast
 
+    kept = bnb.keep_training_layout(model)
+    if kept:
+        print(f"ftkit: bitsandbytes {bnb.version()}: {kept} 4-bit layers on the CPU kept in the training layout "
+              "(its packed CPU inference layout has no backward pass)", flush=True)
     if not kbit_upcast(step):
         return model
     from peft import prepare_model_for_kbit_training
@@ -300,10 +302,37 @@ def sft_config(step: TrainStep, ckpt_root: Path, has_eval: bool, deepspeed: str 
     return SFTConfig(**kw)
 
 
+def trainer_class(step: TrainStep) -> Any:
+    """trl's SFTTrainer; for QLoRA one whose resume keeps the adapter in bf16.
+
+    trl casts a quantized model's LoRA weights to bf16 (the QLoRA paper's recipe, and what
+    plan.memory counts). Resuming, the Trainer loads the checkpoint's adapter with peft's
+    load_adapter, which ends by upcasting the adapter to fp32 (autocast_adapter_dtype): the
+    resumed run would go on in fp32, a different run from the one that was interrupted
+    (measured: LoRA weights 1.4e-3 apart after 12 steps, where LoRA resumes exactly). The
+    cast is applied again right after the load, before the optimizer and its state are."""
+    from trl import SFTTrainer
+
+    if step.method != "qlora":
+        return SFTTrainer
+
+    class QLoraTrainer(SFTTrainer):  # type: ignore[misc]
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if self.is_deepspeed_enabled:
+                return  # DeepSpeed casts every parameter to its own 16-bit dtype
+            import torch
+
+            for name, param in self.model.named_parameters():
+                if param.requires_grad and "lora_magnitude_vector" not in name:
+                    param.data = param.data.to(torch.bfloat16)
+
+    return QLoraTrainer
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import set_seed
-    from trl import SFTTrainer
 
     step = TrainStep.model_validate(cfg["train"])
     out = Path(cfg["output_dir"])
@@ -316,7 +345,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     train_ds, eval_ds = datasets_for(cfg["dataset"], tokenizer)
     model = load_model(cfg["model"], step)
     args = sft_config(step, ckpt_root, eval_ds is not None, cfg.get("deepspeed_config"))
-    trainer = SFTTrainer(
+    trainer = trainer_class(step)(
         model=model,
         args=args,
         train_dataset=train_ds,

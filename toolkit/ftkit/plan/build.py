@@ -233,6 +233,7 @@ def build_plan(
     base_ref = model_cfg.get("path") or model_cfg["id"]
 
     train_outputs: dict[str, dict[str, str]] = {}
+    qlora_precision: dict[str, str] = {}  # QLoRA train step -> the precision its 4-bit base was loaded in
     merge_outputs: dict[str, str] = {}
     serve_ctx = serving.ServeContext(
         executor=executor, bind=machine.bind_address, base_ref=base_ref, model_dtype=recipe.model.dtype,
@@ -289,6 +290,8 @@ def build_plan(
             final = "model" if step.method == "full" else "adapter"
             train_outputs[name] = {"adapter": f"{out_dir}/{final}", "checkpoints": f"{out_dir}/checkpoints",
                                    "metrics": f"{out_dir}/metrics.jsonl", "method": step.method}
+            if step.method == "qlora":
+                qlora_precision[name] = step.precision
             files = []
             ds_rel = None
             ds_cfg = launch.deepspeed_config(step)
@@ -327,6 +330,9 @@ def build_plan(
             if step.method == "qlora":
                 env["BNB_CUDA_VERSION"] = ""  # let bitsandbytes match torch's CUDA
             how = f"{step.method} on {len(gpus)} GPU(s) {gpus} with {step.distribution}" if gpus else f"{step.method} on the CPU"
+            if step.optimizer == "paged_adamw_8bit" and (not gpus or simulated_gpus):
+                train_notes.append("paged_adamw_8bit on the CPU: bitsandbytes pages optimizer states only on CUDA; "
+                                   "here it runs as adamw_8bit (the same 8-bit states, nothing to page)")
             steps.append(spec(id=name, kind="train", recipe_step=name, executor=executor, argv=argv, env=env,
                               gpus=gpus, files=files, outputs=dict(train_outputs[name]), power_caps_w=dict(caps_now),
                               lease=lease("train", gpus, max_power_w={g: caps_now[g] for g in gpus if g in caps_now}),
@@ -354,6 +360,8 @@ def build_plan(
                 argv += ["--revision", str(recipe.model.revision)]
             if step.base == "nf4-dequantized":
                 argv.append("--nf4-dequantized-base")
+                # the base is rounded in the precision the train step quantized it in
+                argv += ["--nf4-dtype", qlora_precision.get(step.adapter or "", "bf16")]
             steps.append(spec(id=name, kind="merge", recipe_step=name, executor=executor, argv=argv,
                               outputs={"model": out_rel},
                               description=f"merge adapter of {step.adapter} into the base, streaming tensor by tensor",
@@ -376,6 +384,7 @@ def build_plan(
                 "adapters": {k: places.run(v["adapter"]) for k, v in train_outputs.items() if v["method"] != "full"},
                 "merged": {k: places.run(v) for k, v in merge_outputs.items()},
                 "full": {k: places.run(v["adapter"]) for k, v in train_outputs.items() if v["method"] == "full"},
+                "qlora": dict(qlora_precision),
                 "output_dir": places.run(f"steps/{name}"),
             }
             cfg_rel = f"configs/eval-{name}.json"

@@ -66,6 +66,9 @@ class EvalJob(Job):
     adapters: dict[str, str] = {}
     merged: dict[str, str] = {}
     full: dict[str, str] = {}
+    # QLoRA train steps (-> the precision of their 4-bit base): their adapter is scored on the
+    # base quantized as in training, not on the 16-bit original
+    qlora: dict[str, Literal["bf16", "fp16"]] = {}
     output_dir: str
 
 

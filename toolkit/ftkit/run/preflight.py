@@ -7,8 +7,12 @@ with containers needs a Docker engine. Every refusal is exit 2 with the field or
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 from ftkit.errors import ConfigError, PlanError
-from ftkit.plan.spec import Plan
+from ftkit.plan.spec import Plan, StepSpec
 
 # where each input of Resolved.host_paths comes from in the recipe
 FIELDS = {"dataset": ("dataset", "path"), "eval": ("dataset", "eval", "path"), "model": ("model", "path"),
@@ -73,3 +77,83 @@ def machine(plan: Plan) -> None:
                 raise PlanError(f"cluster node {node.name}: its Docker engine ({node.docker_host}) does not answer",
                                 hint="check the host is up and `docker -H DOCKER_HOST info` works from here, or "
                                      "mark the node manual: true in the cluster profile")
+
+
+BNB_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit")
+# bitsandbytes' CPU kernels for 8-bit optimizer states and its paged-on-CPU fallback came in
+# 0.50.0 (0.49.0 has neither); QLoRA and these optimizers ran on the CPU here with 0.50.2.
+BNB_CPU_MIN = (0, 50)
+
+
+def _train_job(step: StepSpec) -> dict:  # type: ignore[type-arg]
+    for f in step.files:
+        if f.path.startswith("configs/train-") and f.path.endswith(".json"):
+            try:
+                return json.loads(f.content).get("train") or {}
+            except (ValueError, AttributeError):
+                return {}
+    return {}
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def bitsandbytes_problems(plan: Plan) -> list[tuple[str, str, str]]:
+    """(recipe step, field, message) for each train step this Python environment runs (local
+    executor) with QLoRA or a bitsandbytes optimizer while bitsandbytes is missing here, or
+    too old for a step on the CPU. Each message names the alternatives."""
+    if not os.path.exists(plan.python) or not os.path.samefile(plan.python, sys.executable):
+        return []  # another interpreter runs the steps: its packages are not ours to read
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        have: str | None = version("bitsandbytes")
+    except PackageNotFoundError:
+        have = None
+    out = []
+    for s in plan.steps:
+        if s.kind != "train" or s.executor != "local":
+            continue
+        job = _train_job(s)
+        field = "method" if job.get("method") == "qlora" else "optimizer" if job.get("optimizer") in BNB_OPTIMIZERS else None
+        if field is None:
+            continue
+        cpu = not s.gpus or bool(plan.simulated_gpus)
+        what = "QLoRA (4-bit NF4 layers)" if field == "method" else f"optimizer {job.get('optimizer')}"
+        instead = "method: lora" if field == "method" else "optimizer: adamw_torch"
+        if have is None:
+            problem = "bitsandbytes is not installed in this Python environment"
+        elif cpu and _version_tuple(have) < BNB_CPU_MIN:
+            problem = f"bitsandbytes {have} has no CPU kernels for it (0.50 added them)"
+        else:
+            continue
+        where = "on the CPU " if cpu else ""
+        out.append((s.recipe_step or s.id, field,
+                    f"{what} {where}needs bitsandbytes{' >= 0.50' if cpu else ''}; {problem}: "
+                    f"pip install 'bitsandbytes>=0.50' (Linux x86_64), run with --executor docker (the train "
+                    f"image has it), or use {instead}"))
+    return out
+
+
+def engines(prepared) -> None:  # type: ignore[no-untyped-def]
+    """Refuse, located in the recipe, a step whose engine could not start here (see
+    bitsandbytes_problems), before anything runs."""
+    problems = bitsandbytes_problems(prepared.plan)
+    if not problems:
+        return
+    names = [s.name for s in prepared.res.recipe.steps]
+    doc = prepared.loaded.doc
+    raise ConfigError([doc.issue(("steps", names.index(step), field) if step in names else ("steps",), message)
+                       for step, field, message in problems])
+
+
+def engines_of_plan(plan: Plan) -> None:
+    """The same refusal for `ftkit up --resume`, which has only the plan."""
+    problems = bitsandbytes_problems(plan)
+    if problems:
+        raise PlanError("; ".join(f"step {step}: {message}" for step, _, message in problems))
