@@ -275,8 +275,23 @@ def _sim_stack(cpu_images, tmp_path: Path, *, real_serve: bool) -> tuple[Project
     return project, probe, port, token
 
 
+def engine_processes(token: str) -> list[int]:
+    """Host pids of the processes the witness marked (the real engine and its children)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if f"FTKIT_PROBE={token}".encode() in fh.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def _lease_rounds(project: Project, probe: Path, port: int, rounds: int, *, serve_back_s: float,
-                  check_answers: bool = False, stop_first: float = 0.4) -> str:
+                  check_answers: bool = False, stop_first: float = 0.4, token: str | None = None) -> str:
     """Random start orders, `docker-compose kill`, `restart`, SIGKILL of either container and a
     crash of the server's init process, `rounds` times: never two engines on one GPU, and the
     server is back after every training run. Returns a summary line."""
@@ -332,6 +347,9 @@ def _lease_rounds(project: Project, probe: Path, port: int, rounds: int, *, serv
     train, serve = project.container("train"), project.container("serve")
     serve.start()
     serving_back(timeout=max(serve_back_s, 120))
+    if token:  # the check the trainer makes can see the engine: API server, engine core and worker
+        seen = engine_processes(token)
+        assert len(seen) >= 3, f"only {seen} of the serving engine's processes are visible"
     actions = ["none", "none", "compose-kill-serve", "compose-kill-train", "compose-restart-serve",
                "compose-restart-train", "sigkill-serve", "sigkill-train", "crash-serve"]
     plan = actions + [rng.choice(actions) for _ in range(max(rounds - len(actions), 0))]
@@ -430,12 +448,13 @@ def test_lease_hands_the_gpu_between_real_vllm_and_training(cpu_images, tmp_path
     waits for GPU 1, the server stops vLLM with grace and lets go only when its whole tree is
     gone - the trainer finds no process of the engine alive (API server, engine core,
     worker) - and afterwards vLLM starts again and answers a completion."""
-    project, probe, port, _ = _sim_stack(cpu_images, tmp_path, real_serve=True)
+    project, probe, port, token = _sim_stack(cpu_images, tmp_path, real_serve=True)
     try:
         proc = project.dc("--profile", "train", "up", "--no-color", "tiny-model", timeout=600, check=False)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         # fewer rounds that start from a stopped server: each costs a second cold start (~28 s)
-        print(_lease_rounds(project, probe, port, VLLM_ROUNDS, serve_back_s=240, check_answers=True, stop_first=0.15))
+        print(_lease_rounds(project, probe, port, VLLM_ROUNDS, serve_back_s=240, check_answers=True, stop_first=0.15,
+                            token=token))
         witness = [e for e in _events(probe) if e["role"] == "witness" and e["event"] == "enter"]
         assert len(witness) >= VLLM_ROUNDS  # the engine was started again each round
     finally:

@@ -258,3 +258,124 @@ def test_ftkit_down_cleans_up_after_a_killed_ftkit(tmp_path: Path, sim: Path) ->
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # the step died with ftkit (parent-death signal)
         os.kill(child, 0)
+
+
+# -- servers: load-adapter, restore, resume (a stand-in OpenAI-style server, not vLLM) ---------
+
+FAKE_SERVER = r'''
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, name, loads = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+models = [name]
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def _send(self, code, body, text=False):
+        data = body.encode() if text else json.dumps(body).encode()
+        self.send_response(code); self.send_header("Content-Length", str(len(data))); self.end_headers()
+        self.wfile.write(data)
+    def do_GET(self):
+        if self.path == "/health": return self._send(200, {})
+        if self.path == "/v1/models": return self._send(200, {"data": [{"id": m} for m in models]})
+        self._send(404, {})
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/v1/load_lora_adapter":
+            with open(loads, "a") as fh: fh.write(json.dumps(body) + "\n")
+            if body["lora_name"] not in models: models.append(body["lora_name"])
+            return self._send(200, f"Success: LoRA adapter {body['lora_name']!r} added successfully.", text=True)
+        model = body.get("model")
+        if model not in models:
+            return self._send(404, {"error": {"message": f"The model `{model}` does not exist."}})
+        self._send(200, {"choices": [{"text": "fruit" if model != name else "base"}]})
+print("serving", flush=True)
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server(tmp: Path, sid: str, *, gpus: list[int] | None = None, keep: bool = False, fail: bool = False,
+           prompts: list | None = None) -> StepSpec:  # type: ignore[type-arg]
+    script = tmp / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    failing = tmp / "failing_server.py"  # what vLLM prints when its engine cannot start
+    failing.write_text("import sys\nprint('RuntimeError: Cannot find any model weights')\n"
+                       "print('RuntimeError: Engine core initialization failed. See root cause above.')\nsys.exit(1)\n")
+    argv = [PY, str(failing)] if fail else [PY, str(script), str(port), sid, str(tmp / f"loads-{sid}.jsonl")]
+    return StepSpec(id=sid, kind="serve", description=f"{sid} server", executor="local", argv=argv, gpus=gpus or [],
+                    background=True, keep_running=keep, engine="vllm", outputs={"responses": f"steps/{sid}/r.jsonl"},
+                    prompts=prompts or [],
+                    ready={"health": f"{base}/health", "models": f"{base}/v1/models", "timeout_s": 30,
+                           "base_url": f"{base}/v1", "served_name": sid, "port": port, "host": "127.0.0.1"})
+
+
+def load(sid: str, srv: StepSpec, name: str, adapter: str = "steps/train/adapter") -> StepSpec:
+    ready = dict(srv.ready or {}, served_name=name)
+    url = f"http://127.0.0.1:{ready['port']}/v1/load_lora_adapter"
+    return StepSpec(id=sid, kind="load-adapter", description="load", executor="http", ready=ready,
+                    prompts=[{"prompt": "kiwi", "expect": {"equals": "fruit"}}], outputs={"responses": f"steps/{sid}/r.jsonl"},
+                    request={"server": srv.id, "method": "POST", "url": url, "adapter_dir": adapter,
+                             "body": {"lora_name": name, "lora_path": "/x", "load_inplace": True}})
+
+
+def adapter_written(tmp: Path) -> None:
+    d = tmp / "run" / "steps" / "train" / "adapter"
+    d.mkdir(parents=True)
+    (d / "adapter_model.safetensors").write_bytes(b"x")
+
+
+def test_load_adapter_puts_it_live_in_the_running_server_and_resume_loads_it_again(tmp_path: Path) -> None:
+    srv = server(tmp_path, "srv")
+    plan = plan_of(tmp_path, srv, step("train", "print('trained')", kind="train"), load("live", srv, "v1"))
+    create = runner.create_run(tmp_path / "run", plan, {"name": "t"}, ["ftkit"])
+    adapter_written(tmp_path)
+    result = runner.execute_plan(create, plan, display=Display(plan, stream=io.StringIO()))
+    st = json.loads((tmp_path / "run/state.json").read_text())
+    assert result.status == "succeeded", st
+    live = st["steps"]["live"]
+    assert live["loaded_as"] == "v1" and live["models"] == ["srv", "v1"] and live["passed"] == 1
+    assert live["live_after_written_s"] is not None and live["load_s"] < 5
+    assert [json.loads(x)["lora_name"] for x in (tmp_path / "loads-srv.jsonl").read_text().splitlines()] == ["v1"]
+    # --resume: the server is a new process, so the adapter goes into it again
+    result = runner.execute_plan(RunDir(tmp_path / "run"), plan, display=Display(plan, stream=io.StringIO()), resume=True)
+    assert result.status == "succeeded"
+    assert len((tmp_path / "loads-srv.jsonl").read_text().splitlines()) == 2
+
+
+def test_an_earlier_attempts_fatal_line_does_not_fail_a_new_start(tmp_path: Path) -> None:
+    srv = server(tmp_path, "srv")
+    plan = plan_of(tmp_path, srv)
+    run = runner.create_run(tmp_path / "run", plan, {"name": "t"}, ["ftkit"])
+    (tmp_path / "run/logs/srv.log").write_text("ERROR ... RuntimeError: Engine core initialization failed.\n")
+    result = runner.execute_plan(run, plan, display=Display(plan, stream=io.StringIO()))
+    assert result.status == "succeeded"
+
+
+def test_a_failed_replacement_restores_its_predecessor_with_its_adapters(tmp_path: Path) -> None:
+    old = server(tmp_path, "old", gpus=[0], keep=True)
+    new = server(tmp_path, "new", gpus=[0], keep=True, fail=True)
+    plan = plan_of(tmp_path, old, step("train", "print('trained')", kind="train"), load("live", old, "v1"), new)
+    run = runner.create_run(tmp_path / "run", plan, {"name": "t"}, ["ftkit"])
+    adapter_written(tmp_path)
+    out = io.StringIO()
+    result = runner.execute_plan(run, plan, display=Display(plan, stream=out))
+    st = json.loads((tmp_path / "run/state.json").read_text())
+    try:
+        assert result.status == "failed" and st["failed_step"] == "new"
+        error = st["steps"]["new"]["error"]
+        assert "RuntimeError: Cannot find any model weights" in error and "\n" not in error, error
+        assert st["steps"]["old"]["restored_after"] == "new"
+        assert any(x.startswith("old (") for x in result.left_running)  # the service stays up after the failure
+        assert len((tmp_path / "loads-old.jsonl").read_text().splitlines()) == 2  # its adapter loaded again
+        assert "old serves again" in out.getvalue()
+    finally:
+        pid = st["steps"]["old"]["process"]["pid"]
+        os.kill(pid, signal.SIGTERM)

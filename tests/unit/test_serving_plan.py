@@ -85,7 +85,7 @@ def test_auto_here_without_vllm_is_transformers_and_says_why(tmp_path: Path) -> 
     p = plan(recipe(tmp_path, SERVE), machine(tmp_path, "local"))
     s = step(p, "serve")
     assert s["engine"] == "transformers" and "transformers.cli.transformers" in s["argv"]
-    assert any("vLLM is not installed here" in n for n in s["notes"])
+    assert any("vLLM is not installed in this Python environment" in n for n in s["notes"])
 
 
 def test_auto_here_with_vllm_installed_starts_it_with_this_python(tmp_path: Path,
@@ -101,6 +101,18 @@ def test_auto_with_a_gpu_is_the_cuda_image_and_compiles(tmp_path: Path) -> None:
     s = step(p, "serve")
     assert s["engine"] == "vllm" and s["image"].startswith("ftkit/serve:vllm-") and "vllm-cpu" not in s["image"]
     assert "--enforce-eager" not in s["argv"] and "VLLM_CPU_KVCACHE_SPACE" not in s["env"]
+
+
+def test_auto_on_a_gpu_host_without_vllm_installed_is_transformers(tmp_path: Path) -> None:
+    s = step(plan(recipe(tmp_path, SERVE), machine(tmp_path, "local", gpus=True)), "serve")
+    assert s["engine"] == "transformers" and any("not installed in this Python" in n for n in s["notes"])
+
+
+def test_bf16_weights_keep_vllms_own_dtype_choice(tmp_path: Path) -> None:
+    text = recipe(tmp_path, SERVE).read_text().replace("dtype: fp32", "dtype: bf16")
+    (tmp_path / "recipe.yaml").write_text(text)
+    s = step(plan(tmp_path / "recipe.yaml", machine(tmp_path, "docker", gpus=True)), "serve")
+    assert "--dtype" not in s["argv"]  # fp16 where a GPU lacks bf16: vLLM decides
 
 
 def test_simulated_gpus_serve_on_the_cpu_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,9 +176,12 @@ def test_sleep_mode_on_a_gpu_and_a_warning_on_the_cpu(tmp_path: Path) -> None:
                for w in cpu_plan["warnings"])
 
 
-def test_a_head_size_vllms_cpu_attention_lacks_is_a_warning(tmp_path: Path) -> None:
-    p = plan(recipe(tmp_path, SERVE, heads=4), machine(tmp_path, "docker"))  # 64 / 4 = 16
-    assert any("head size 16" in w for w in p["warnings"])
+def test_a_head_size_vllms_cpu_attention_lacks(tmp_path: Path) -> None:
+    s = step(plan(recipe(tmp_path, SERVE, heads=4), machine(tmp_path, "docker")), "serve")  # 64 / 4 = 16
+    assert s["engine"] == "transformers" and any("head size 16" in n for n in s["notes"])  # auto steps aside
+    explicit = SERVE.replace("model: base", "engine: vllm, model: base")
+    result = run_cli("validate", str(recipe(tmp_path, explicit, heads=4)), "--machine", str(machine(tmp_path, "docker")))
+    assert result.code == 2 and ": model.tiny.heads: head size 16 is not one vLLM's CPU attention implements" in result.err
 
 
 @pytest.mark.parametrize("steps, where, says", [
@@ -189,11 +204,63 @@ def test_bad_serving_steps_are_located(tmp_path: Path, steps: str, where: str, s
     assert f": {where}: " in line and line.startswith(str(tmp_path / "recipe.yaml") + ":")
 
 
-def test_load_adapter_into_what_auto_makes_transformers_here_is_refused(tmp_path: Path) -> None:
-    steps = SERVE + train() + "  - {type: load-adapter}\n"
+@pytest.mark.parametrize("steps, says", [
+    (SERVE + train() + "  - {type: load-adapter}\n", "loading adapters at run time (a load-adapter step) needs vLLM"),
+    (train() + "  - {type: serve, name: serve, model: adapter, port: 8001}\n", "serving base + adapter (model: adapter)"),
+    (train() + "  - {type: serve, name: serve, model: base, adapters: [train], port: 8001}\n",
+     "serving LoRA adapters (adapters:) needs vLLM"),
+])
+def test_what_only_vllm_does_is_refused_where_auto_picks_transformers(tmp_path: Path, steps: str, says: str) -> None:
     result = run_cli("validate", str(recipe(tmp_path, steps)), "--machine", str(machine(tmp_path, "local")))
-    assert result.code == 2 and "steps[2].server: server 'serve' runs transformers here" in result.err
+    assert result.code == 2 and says in result.err and "engine here is transformers" in result.err, result.err
+    assert ".engine: " in result.err
     assert run_cli("validate", str(recipe(tmp_path, steps)), "--machine", str(machine(tmp_path, "docker"))).code == 0
+
+
+def test_explicit_vllm_here_without_vllm_is_refused_at_validate(tmp_path: Path) -> None:
+    steps = SERVE.replace("model: base", "engine: vllm, model: base")
+    result = run_cli("validate", str(recipe(tmp_path, steps)), "--machine", str(machine(tmp_path, "local")))
+    assert result.code == 2 and "steps[0].engine: vLLM is not installed in this Python environment" in result.err
+
+
+@pytest.mark.parametrize("steps, where, says", [
+    ("  - {type: serve, name: serve, model: base, port: 8001, served_name: train}\n" + train()
+     + "  - {type: load-adapter}\n", "steps[2].served_name", "'train' is already the served model"),
+    (train("srv-lora") + "  - {type: serve, name: serve, model: adapter, adapter: srv-lora, adapters: [srv-lora], "
+     "port: 8001}\n", "steps[1].adapters", "'srv-lora' is also"),
+    (train() + "  - {type: serve, name: serve, model: base, port: 8001, adapters: [train], args: {max_loras: 1}}\n"
+     + train("train-b") + "  - {type: load-adapter, adapter: train-b}\n", "steps[1].args.max_loras",
+     "1 is fewer than the 2 adapters"),
+])
+def test_one_name_for_one_thing_and_enough_lora_slots(tmp_path: Path, steps: str, where: str, says: str) -> None:
+    result = run_cli("validate", str(recipe(tmp_path, steps)), "--machine", str(machine(tmp_path, "docker")))
+    assert result.code == 2, result.out
+    assert any(f": {where}: " in ln and says in ln for ln in result.err.splitlines()), result.err
+
+
+def test_unauthenticated_control_endpoints_stay_on_loopback(tmp_path: Path) -> None:
+    m = machine(tmp_path, "docker")
+    m.write_text(m.read_text() + "bind_address: 0.0.0.0\n")
+    live = SERVE + train() + "  - {type: load-adapter}\n"
+    result = run_cli("validate", str(recipe(tmp_path, live)), "--machine", str(m))
+    assert result.code == 2 and "runtime LoRA loading (load any directory the server reads) has no authentication" \
+        in result.err
+    assert run_cli("validate", str(recipe(tmp_path, SERVE)), "--machine", str(m)).code == 0  # only a warning then
+
+
+def test_a_merged_model_takes_no_adapters(tmp_path: Path) -> None:
+    steps = (train() + "  - {type: merge}\n" + "  - {type: serve, name: serve, model: merged, adapters: [train], "
+             "port: 8001}\n  - {type: load-adapter}\n")
+    result = run_cli("validate", str(recipe(tmp_path, steps)))
+    assert result.code == 2 and "steps[2].adapters: LoRA adapters apply to the base" in result.err
+    assert "steps[3].server: the server serves a merged model" in result.err
+
+
+def test_a_gpu_step_after_a_runtime_load_is_warned_about(tmp_path: Path) -> None:
+    steps = ("  - {type: serve, name: serve, model: base, port: 8001, gpus: [0]}\n" + train("a")
+             + "  - {type: load-adapter, adapter: a}\n" + train("b").replace("max_steps: 1", "max_steps: 1, gpus: [0]"))
+    p = plan(recipe(tmp_path, steps), machine(tmp_path, "docker", gpus=True))
+    assert any("comes back without it" in w for w in p["warnings"])
 
 
 def test_a_replaced_server_cannot_take_an_adapter(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
       -r /opt/ftkit/requirements.lock
 COPY dist/ /opt/ftkit/dist/
 RUN /opt/ftkit/venv/bin/pip install --no-cache-dir --no-deps --no-index /opt/ftkit/dist/ftkit-0.1.0-py3-none-any.whl \
- && (/opt/ftkit/venv/bin/pip check || true) \
+ && (/opt/ftkit/venv/bin/pip check 2>&1 || true) \
   | grep -vxE 'No broken requirements found\.|[^ ]+ [^ ]+ requires (torchaudio|torchcodec|torchvision), which is not installed\.' \
   | (! grep .)
 

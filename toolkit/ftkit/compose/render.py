@@ -429,7 +429,7 @@ def _readme(plan: Plan, stack: Stack, o: RenderOptions) -> str:
                         "last one ends and fails when one fails):\n\n    docker compose --profile train up\n    "
                         "docker compose --profile train ps -a    # exit codes")
         else:
-            text = _host_step(step, restored)
+            text = _host_step(step, restored, env)
         if text:
             n += 1
             w.append(f"{n}. {text}")
@@ -460,7 +460,7 @@ def _readme(plan: Plan, stack: Stack, o: RenderOptions) -> str:
     return "\n".join(w)
 
 
-def _host_step(step: StepSpec, restored: set[str]) -> str | None:
+def _host_step(step: StepSpec, restored: set[str], env: dict[str, str] | None = None) -> str | None:
     """The README line for a step that acts on the host, or None when there is nothing to do."""
     gpus = ",".join(map(str, step.gpus))
     if step.kind == "power":
@@ -482,8 +482,15 @@ def _host_step(step: StepSpec, restored: set[str]) -> str | None:
     if step.kind == "load-adapter":
         req = step.request or {}
         body = shlex.quote(json.dumps(req.get("body", {})))
+        env = env or {}
+        port_var = f"FTKIT_{_var_part(str(req.get('server')))}_PORT"
+        bind = env.get("FTKIT_BIND", "127.0.0.1")
+        host = "127.0.0.1" if bind in ("0.0.0.0", "[::]") else bind
+        port = env.get(port_var, str(urlsplit(str(req.get("url"))).port))
         return (f"Once `{req.get('server')}` serves and the adapter is trained, put it live in the running server "
-                f"(no restart; vLLM's runtime LoRA loading):\n\n    curl -fsS -X POST {req.get('url')} "
+                f"(no restart; vLLM's runtime LoRA loading; the host side of the port is {port_var} in .env, and "
+                "FTKIT_API_KEY the key from .env if you set one):\n\n"
+                f"    curl -fsS -X POST http://{host}:{port}/v1/load_lora_adapter "
                 f"-H \"Authorization: Bearer $FTKIT_API_KEY\" -H 'Content-Type: application/json' -d {body}")
     cmd = shlex.join(step.argv) if step.argv else ""
     if not cmd:

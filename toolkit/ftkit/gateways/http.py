@@ -28,7 +28,7 @@ def request_json(
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http(s) URLs we build)
             body = resp.read()
     except urllib.error.HTTPError as e:
-        detail = e.read()[:500].decode("utf-8", "replace")
+        detail = e.read()[:4000].decode("utf-8", "replace")
         raise HttpError(f"{method} {url}: HTTP {e.code}: {detail}") from e
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)

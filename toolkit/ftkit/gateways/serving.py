@@ -6,6 +6,7 @@ while the server runs in a container or a child process.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -22,42 +23,50 @@ _FATAL = (
     re.compile(r"EngineCore failed to start"),
     re.compile(r"WorkerProc initialization failed"),
 )
-# The reason itself, most specific first: vLLM's own words where it has them.
+# vLLM's own words for the failures people meet, where they are more precise than the
+# exception line they sit in.
 _REASONS = (
-    re.compile(r"(Model architectures \[.*?\] (?:are|is) not supported.*?)(?:\.\s|$)"),
-    re.compile(r"(Unsupported CPU attention configuration:[^'\n]*)"),
+    re.compile(r"(Model architectures \[[^\]]{0,2000}\] (?:are|is) not supported[^.]{0,200})"),
+    re.compile(r"(Unsupported CPU attention configuration:[^'\n]{0,300})"),
     re.compile(r"(LoRA rank \d+ is greater than max_lora_rank \d+)"),
-    re.compile(r"((?:OSError: )?\[Errno 98\][^\n]*)"),
-    re.compile(r"(Invalid repository ID or local directory specified:[^\n]*)"),
-    re.compile(r"Value error, ([^\n]*)"),  # pydantic's ValidationError puts the reason on the next line
-    re.compile(r"(Failed to import from vllm\._C: [^\n]*)"),
-    re.compile(r"(Sleep mode is not supported on current platform[^\n]*)"),
+    re.compile(r"((?:OSError: )?\[Errno 98\][^\n]{0,300})"),
+    re.compile(r"(Invalid repository ID or local directory specified:[^\n]{0,300})"),
+    re.compile(r"Value error, ([^\n]{1,1000})"),  # pydantic's ValidationError puts the reason on the next line
+    re.compile(r"(Sleep mode is not supported on current platform[^\n]{0,200})"),
 )
-_PY_ERROR = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]*\] )?\s*((?:[A-Za-z_][\w.]*)?(?:Error|Exception|Exit)"
-                       r"[\w.]*: .+)$")
-_LOG_PREFIX = re.compile(r"^\((?:\w+) pid=\d+\) (?:\w+ \d\d-\d\d [\d:]+ \[[^\]]*\] )?")
-
-
-def engine_reason(log_text: str) -> str | None:
-    """One line that says why a model server failed, taken from its own log: vLLM's message
-    for the failures people meet (a model directory that is not one, an architecture it does
-    not implement, a taken port, a LoRA above --max-lora-rank, a missing system library),
-    else the last Python exception line. The whole log stays in the step's log file."""
-    for pattern in _REASONS:
-        found = pattern.findall(log_text)
-        if found:
-            return _clean(found[-1])
-    last = None
-    for line in log_text.splitlines():
-        m = _PY_ERROR.match(line.strip())
-        if m and "Traceback" not in m.group(1) and not _WRAPPER.search(m.group(1)):
-            last = m.group(1)
-    return _clean(last) if last else None
-
-
+# Warnings that explain a failure when nothing else does (a missing system library).
+_LAST_RESORT = (re.compile(r"(Failed to import from vllm\._C: [^\n]{0,300})"),)
+_PY_ERROR = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]{0,80}\] )?\s*((?:[A-Za-z_][\w.]{0,100})?(?:Error|Exception|Exit)"
+                       r"[\w.]{0,40}: .+)$")
+_LOG_PREFIX = re.compile(r"^\((?:\w+) pid=\d+\) (?:\w+ \d\d-\d\d [\d:]+ \[[^\]]{0,80}\] )?")
 # vLLM's processes re-raise a worker's failure as their own: the first one says why.
 _WRAPPER = re.compile(r"Engine core initialization failed|WorkerProc initialization failed|EngineDeadError|"
                       r"EngineCore encountered an issue|See (the )?(root cause|stack trace) above")
+MAX_LINE = 4000  # longer lines are cut before matching: a log line cannot make this slow
+
+
+def engine_reason(log_text: str) -> str | None:
+    """One line that says why a model server failed, taken from its own log: the failure
+    nearest the end - vLLM's own words where it has them (a model directory that is not one,
+    an architecture it does not implement, a taken port, a LoRA above --max-lora-rank), else
+    the last Python exception that is not a wrapper of another - and, only when there is none,
+    a warning that explains it (a missing system library). The whole log stays in the step's
+    log file."""
+    lines = [ln[:MAX_LINE] for ln in log_text.splitlines()[-2000:]]
+    for line in reversed(lines):
+        for pattern in _REASONS:
+            m = pattern.search(line)
+            if m:
+                return _clean(m.group(1))
+        m = _PY_ERROR.match(line.strip())
+        if m and "Traceback" not in m.group(1) and not _WRAPPER.search(m.group(1)):
+            return _clean(m.group(1))
+    for line in reversed(lines):
+        for pattern in _LAST_RESORT:
+            m = pattern.search(line)
+            if m:
+                return _clean(m.group(1))
+    return None
 
 
 def fatal_line(log_text: str) -> bool:
@@ -65,7 +74,8 @@ def fatal_line(log_text: str) -> bool:
 
 
 def _clean(text: str) -> str:
-    text = _LOG_PREFIX.sub("", text.strip())
+    """One printable line: a server's text reaches the journal and a terminal."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in _LOG_PREFIX.sub("", text.strip()))
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
@@ -78,8 +88,12 @@ def wait_ready(ready: dict[str, Any], *, alive: Callable[[], bool], log_tail: Ca
     deadline = t0 + float(ready["timeout_s"])
 
     def failed(why: str) -> ServerNotReady:
-        tail = log_tail()
-        reason = engine_reason(tail)
+        reason = engine_reason(log_tail())
+        for _ in range(4):  # a process that just exited: its last lines may still be on their way to the log
+            if reason:
+                break
+            sleep(0.25)
+            reason = engine_reason(log_tail())
         return ServerNotReady(f"{why}: {reason} (whole log: {log_name})" if reason else f"{why} (see {log_name})")
 
     while time.monotonic() < deadline:
@@ -155,20 +169,26 @@ def run_prompts(base_url: str, model: str, prompts: list[dict[str, Any]]) -> lis
 
 
 def http_reason(err: HttpError) -> str:
-    """The server's own message from an HTTP error answer (vLLM: {"error": {"message": ...}})."""
+    """The server's own message from an HTTP error answer (vLLM: {"error": {"message": ...}}),
+    on one printable line."""
     text = str(err)
-    m = re.search(r'"message"\s*:\s*"((?:[^"\\]|\\.)*)"', text)
-    if m:
-        msg = m.group(1).encode().decode("unicode_escape", "replace")
-        inner = engine_reason(msg)
-        return _clean(inner or msg)
+    start = text.find("{")
+    if start >= 0:
+        try:
+            body = json.loads(text[start:])
+            msg = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("detail")
+        except (ValueError, AttributeError):
+            msg = None
+        if isinstance(msg, str) and msg:
+            return engine_reason(msg) or _clean(msg)
     return _clean(text)
 
 
 def model_ids(models_url: str) -> list[str]:
-    """The model names /v1/models lists (the served model and every LoRA adapter)."""
-    try:
-        res = http.request_json("GET", models_url, timeout=30)
-        return [str(m.get("id")) for m in res.get("data", []) if isinstance(m, dict)]
-    except (HttpError, AttributeError, TypeError):
-        return []
+    """The model names /v1/models lists (the served model and every LoRA adapter); raises
+    HttpError when it does not answer with such a list."""
+    res = http.request_json("GET", models_url, timeout=30)
+    data = res.get("data") if isinstance(res, dict) else None
+    if not isinstance(data, list):
+        raise HttpError(f"GET {models_url}: not a model list: {str(res)[:200]!r}")
+    return [str(m.get("id")) for m in data if isinstance(m, dict)]

@@ -6,6 +6,7 @@ everything the template shows is computed here: the templates only place values.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ def context(image: str, template_name: str, v: Variant, lock_sha256: str, opts: 
         "env": dict(v.env),
         "command": list(v.command),
         "exclude": sorted(v.exclude),
+        "exclude_pattern": "|".join(re.escape(n) for n in sorted(v.exclude)),
         "buildkit": opts.buildkit,
         "wheelhouse": opts.wheelhouse,
         "ca_bundle": opts.ca_bundle,

@@ -409,6 +409,7 @@ def build_plan(
             )
         steps.append(start)
     _sharding_notes(steps)
+    warnings.extend(serving.lost_adapter_warnings(steps))
     if any(s.ports for s in steps) and not ipaddress.ip_address(machine.bind_address).is_loopback:
         warnings.append(f"servers publish their port on {machine.bind_address} (machine profile bind_address): the "
                         "OpenAI-compatible API is reachable from the network, without authentication")
@@ -438,6 +439,7 @@ def build_plan(
         telemetry={"enabled": machine.telemetry.enabled, "interval_s": machine.telemetry.interval_s},
         simulated_gpus=list(simulated_gpus) if simulated_gpus else None,
         cluster=cluster_info,
+        local_vllm=vllm_local,
     )
 
 

