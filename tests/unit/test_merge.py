@@ -270,3 +270,17 @@ def test_needs_counts_the_nf4_path() -> None:
     assert engine.tensor_ram(with_bnb, info) > engine.tensor_ram(plain, info) + 4096 * 4096 // 64 * 4
     out = Path("/nonexistent/out")
     assert engine.needs(with_bnb, out).ram_bytes >= engine.tensor_ram(with_bnb, info) + engine.BNB_IMPORT_BYTES
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_finite_check_sees_every_non_finite_value(dtype: torch.dtype, bad: float, where: str) -> None:
+    """The merge's one finiteness check per block (min and max, no mask) misses nothing:
+    a nan or an inf anywhere, in every float dtype, also in a non-contiguous view."""
+    n = 4099
+    x = torch.randn(n).to(dtype)
+    assert engine._finite(x) and engine._finite(x[::3]) and engine._finite(torch.empty(0, dtype=dtype))
+    x[{"first": 0, "middle": n // 2, "last": n - 1}[where]] = bad
+    assert not engine._finite(x)
+    assert not engine._finite(x.reshape(1, n).expand(2, n).T)  # a transposed, strided view
