@@ -347,9 +347,10 @@ def _lease_rounds(project: Project, probe: Path, port: int, rounds: int, *, serv
     train, serve = project.container("train"), project.container("serve")
     serve.start()
     serving_back(timeout=max(serve_back_s, 120))
-    if token:  # the check the trainer makes can see the engine: API server, engine core and worker
+    if token:  # the check the trainer makes can see the engine: the API server and its engine core
+        # (vLLM's CPU worker may run inside the engine core, so two processes are the floor, not three)
         seen = engine_processes(token)
-        assert len(seen) >= 3, f"only {seen} of the serving engine's processes are visible"
+        assert len(seen) >= 2, f"only {seen} of the serving engine's processes are visible"
     actions = ["none", "none", "compose-kill-serve", "compose-kill-train", "compose-restart-serve",
                "compose-restart-train", "sigkill-serve", "sigkill-train", "crash-serve"]
     plan = actions + [rng.choice(actions) for _ in range(max(rounds - len(actions), 0))]
