@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ftkit.errors import DockerError, DockerUnavailable
+from ftkit.dockerhost import HINT as HOST_HINT
+from ftkit.dockerhost import docker_host_problem
+from ftkit.errors import DockerError, DockerUnavailable, UserError
 
 CLI_ENV = "FTKIT_DOCKER_CLI"
 
@@ -46,10 +48,24 @@ def translated(action: str) -> Iterator[None]:
         raise DockerUnavailable(f"{action}: {e}", hint="start dockerd, or set DOCKER_HOST") from e
 
 
+def checked_host(host: str | None) -> str | None:
+    """`host`, or the inherited DOCKER_HOST when `host` is None, through the one strict
+    parser (ftkit.dockerhost): the SDK and the docker CLI would turn an `ssh://-o...` value
+    into ssh options. Refused as bad input before any connection."""
+    value, where = (host, "the Docker host") if host is not None else (os.environ.get("DOCKER_HOST"), "DOCKER_HOST")
+    if value is None or (host is None and value == ""):
+        return host
+    problem = docker_host_problem(value)
+    if problem:
+        raise UserError(f"{where} {value[:80]!r}: {problem}", hint=HOST_HINT)
+    return host
+
+
 @functools.lru_cache(maxsize=4)
 def client(host: str | None = None, timeout: int = 600) -> Any:
     import docker
 
+    checked_host(host)
     with translated("connect to Docker"):
         if host:
             return docker.DockerClient(base_url=host, timeout=timeout)
@@ -302,6 +318,7 @@ class BuildKitCli:
         return [self.path, "buildx", "build", "--load"] if self.mode == "buildx" else [self.path, "build"]
 
     def env(self) -> dict[str, str]:
+        checked_host(None)  # the CLI inherits DOCKER_HOST
         return {} if self.mode == "buildx" else {"DOCKER_BUILDKIT": "1"}
 
 

@@ -271,7 +271,7 @@ def run_build(root: Path, spec: BuildSpec, *, force: bool = False, no_cache: boo
             if cli is not None:
                 env = dict(cli.env())
                 if host:
-                    env["DOCKER_HOST"] = host
+                    env["DOCKER_HOST"] = dk.checked_host(host) or host
                 argv = buildkit_argv(spec, cli, str(ctx_dir), no_cache=no_cache)
                 progress.line("$ " + sp.quote(argv))
                 result = sp.run(argv, env=env, on_line=progress.line, check=False, die_with_parent=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from ftkit.dockerhost import DockerHostError, parse_docker_host
 from ftkit.plan import cluster as cluster_plan
 from ftkit.plan import launch, memory, power, serving
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
@@ -21,6 +22,7 @@ from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, StepSpec
 from ftkit.recipe.models import (
     EvalStep,
     LoadAdapterStep,
+    Machine,
     MergeStep,
     PowerStep,
     Recipe,
@@ -413,6 +415,7 @@ def build_plan(
     if any(s.ports for s in steps) and not ipaddress.ip_address(machine.bind_address).is_loopback:
         warnings.append(f"servers publish their port on {machine.bind_address} (machine profile bind_address): the "
                         "OpenAI-compatible API is reachable from the network, without authentication")
+    warnings.extend(_plaintext_docker_warnings(machine))
     if any(s.kind == "power" for s in steps):
         steps.append(StepSpec(id="power-restore-final", kind="power-restore", executor="nvml", gpus=all_gpus, always=True,
                               description="restore the power limits found at the start (also after a failure)"))
@@ -465,6 +468,24 @@ def _multinode(s: StepSpec, step: TrainStep, cluster: Any, run_id: str, visible:
         trainable = (memory.lora_params(arch, step.lora.r, step.lora.target_modules) if step.method != "full"
                      else arch.params_b * 1e9)
         info.setdefault("gradient_bytes", {})[s.id] = cluster_plan.gradient_bytes(step, trainable)
+
+
+def _plaintext_docker_warnings(machine: Machine) -> list[str]:
+    """tcp:// engines ftkit talks to without TLS: whoever reaches that port is root on that
+    host, and the traffic (environment, tokens in it) crosses the network in clear."""
+    hosts = [("docker.host", machine.docker.host)]
+    if machine.cluster is not None:
+        hosts += [(f"cluster node {n.name}", n.docker_host) for n in machine.cluster.nodes]
+    out = []
+    for where, host in hosts:
+        try:
+            plain = host is not None and parse_docker_host(host).plaintext_tcp
+        except DockerHostError:  # refused by the profile checks already
+            plain = False
+        if plain:
+            out.append(f"{where} {host} is tcp:// without TLS: the Docker API is unauthenticated and unencrypted "
+                       "(anyone who reaches it is root there); prefer ssh://user@host")
+    return out
 
 
 def _sharding_notes(steps: list[StepSpec]) -> None:

@@ -17,6 +17,7 @@ import re
 import stat
 from pathlib import Path
 
+from ftkit.dockerhost import docker_host_problem
 from ftkit.recipe import imagerefs
 from ftkit.recipe.models import (
     Cluster,
@@ -734,9 +735,10 @@ def machine_findings(machine: Machine) -> list[Finding]:
         problem = imagerefs.reference_problem(machine.docker.base_image)
         if problem:
             out.append((("docker", "base_image"), problem, False))
-    if machine.docker.host is not None and (machine.docker.host.startswith("-")
-                                            or any(c.isspace() or not c.isprintable() for c in machine.docker.host)):
-        out.append((("docker", "host"), "not a DOCKER_HOST address (unix://..., tcp://host:port, ssh://...)", False))
+    if machine.docker.host is not None:
+        problem = docker_host_problem(machine.docker.host)
+        if problem:
+            out.append((("docker", "host"), problem, False))
     try:
         ipaddress.ip_address(machine.bind_address)
     except ValueError:
@@ -764,12 +766,6 @@ def _address_problem(value: str) -> str | None:
     return None
 
 
-def _docker_host_problem(value: str) -> str | None:
-    if value.startswith("-") or any(c.isspace() or not c.isprintable() for c in value):
-        return "not a DOCKER_HOST address (unix://..., tcp://host:port, ssh://...)"
-    return None
-
-
 def _cluster_findings(machine: Machine, cluster: Cluster) -> list[Finding]:
     """A cluster's nodes: unique names and addresses, an interface for NCCL/Gloo on every
     node, the rendezvous in the first node, and a run directory every node sees."""
@@ -789,7 +785,7 @@ def _cluster_findings(machine: Machine, cluster: Cluster) -> list[Finding]:
                         f"{cluster.nodes[addresses[node.address]].name!r}'s", False))
         addresses.setdefault(node.address, i)
         if node.docker_host is not None:
-            problem = _docker_host_problem(node.docker_host)
+            problem = docker_host_problem(node.docker_host)
             if problem:
                 out.append((here + ("docker_host",), problem, False))
         if node.interface is None and cluster.interface is None:
