@@ -38,6 +38,8 @@ def workdir(tmp_path: Path, recipe: str = RECIPE) -> Path:
     work = tmp_path / "w"
     work.mkdir()
     shutil.copy(FIXTURES / "broken" / "data.jsonl", work / "data.jsonl")
+    with open(work / "data.jsonl", "a") as fh:  # enough rows for the eval split and a batch
+        fh.writelines(json.dumps({"instruction": f"i{n}", "output": f"o{n}"}) + "\n" for n in range(8))
     (work / "recipe.yaml").write_text(recipe)
     return work
 

@@ -63,7 +63,8 @@ def test_up_refuses_a_gpu_machine_it_is_not_on(tmp_path) -> None:  # type: ignor
 
     data = tmp_path / "datasets"
     data.mkdir()
-    (data / "my-writing.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    (data / "my-writing.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+                                           '"content": "b"}]}\n' * 40)  # enough for the eval split
     machine = tmp_path / "zorac.yaml"
     machine.write_text((R / "machines" / "zorac.yaml").read_text().replace("/srv/datasets", str(data)))
     result = run_cli("up", str(R / "mistral-small-24b-qlora-2x24gb.yaml"), "--machine", str(machine),

@@ -70,7 +70,7 @@ def docker_host_problem(value: str) -> str | None:
     try:
         parse_docker_host(value)
     except DockerHostError as e:
-        return f"not a usable DOCKER_HOST address: {e}"
+        return f"not a DOCKER_HOST address ftkit accepts: {e}"
     return None
 
 

@@ -6,7 +6,6 @@ name the row (1-based line in jsonl) and what is wrong, several at once.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,9 @@ from typing import Any
 
 from ftkit.engines import templates
 from ftkit.errors import DatasetError
+from ftkit.recipe import datarows
 
-MAX_REPORTED = 20
-ROLES = ("system", "user", "assistant")
+ROLES = datarows.ROLES
 
 
 @dataclass
@@ -27,16 +26,16 @@ class Example:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of any shape the trainer reads (objects; not yet checked against a format)."""
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"dataset {p}: no such file or directory")
+    problem = datarows.file_problem(p)
+    if problem:
+        raise DatasetError(f"{p}: {problem}")
     if p.is_dir():
         return _read_saved(p)
     suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(p)
-    if suffix == ".json":
-        return _read_json(p)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -44,46 +43,19 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             return pq.read_table(p).to_pylist()
         except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds
             raise DatasetError(f"dataset {p}: cannot read parquet: {e}") from e
-    raise DatasetError(f"dataset {p}: unknown file type {suffix!r} (jsonl, json, parquet, or a saved datasets directory)")
-
-
-def _read_jsonl(p: Path) -> list[dict[str, Any]]:
-    rows, errors = [], []
-    with open(p, encoding="utf-8", errors="strict") as fh:
-        try:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    errors.append(f"row {n}: not valid JSON ({e.msg} at column {e.colno})")
-                    continue
-                if not isinstance(obj, dict):
-                    errors.append(f"row {n}: expected a JSON object, got {type(obj).__name__}")
-                    continue
-                obj["__row__"] = n
-                rows.append(obj)
-        except UnicodeDecodeError as e:
-            raise DatasetError(f"dataset {p}: not UTF-8 ({e.reason})") from e
-    _raise(p, errors)
-    return rows
-
-
-def _read_json(p: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"dataset {p}: not valid JSON: {e}") from e
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DatasetError(f"dataset {p}: expected a list of objects (or {{'data': [...]}})")
+    sc = datarows.Scan()
+    if suffix == ".json":
+        sc.unit = "row"
+        items = list(enumerate(datarows.read_json(p, sc) or [], 1))
+    else:
+        items = list(datarows.iter_jsonl(p, sc))
     rows = []
-    for n, obj in enumerate(data, 1):
+    for n, obj in items:
         if not isinstance(obj, dict):
-            raise DatasetError(f"dataset {p}: row {n}: expected an object, got {type(obj).__name__}")
+            sc.add(n, f"expected a JSON object, got {datarows.kind(obj)}")
+            continue
         rows.append({**obj, "__row__": n})
+    _raise(sc, str(p))
     return rows
 
 
@@ -101,59 +73,44 @@ def _read_saved(p: Path) -> list[dict[str, Any]]:
     return [{**row, "__row__": n} for n, row in enumerate(ds, 1)]
 
 
-def _raise(p: Path | str, errors: list[str]) -> None:
-    if errors:
-        more = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
-        raise DatasetError(f"dataset {p}: {len(errors)} bad row(s):\n  " + "\n  ".join(errors[:MAX_REPORTED]) + more)
+def _raise(sc: datarows.Scan, source: str) -> None:
+    """One located line, the first problem, with a count of the rest: the trainer's ranks
+    each print what they raise, so it must be short (validate lists them all)."""
+    if sc.problems:
+        lines = sc.lines(source)
+        rest = len(sc.problems) - 1 + sc.more
+        raise DatasetError(lines[0] + (f" (and {rest} more bad row(s); `ftkit validate` lists them)" if rest else ""))
+
+
+def checked_rows(path: str | Path, fmt: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+    """The rows of `path`, each checked by the same code `ftkit validate` runs."""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"dataset {p}: no such file or directory")
+    sc = datarows.scan(p, fmt, fields, keep=True)
+    _raise(sc, str(p))
+    if p.is_dir() or p.suffix.lower() == ".parquet":  # read by datasets/pyarrow; checked row by row
+        rows = read_rows(p)
+        check_rows(rows, fmt, fields, str(p))
+        return rows
+    return sc.rows
 
 
 def check_rows(rows: list[dict[str, Any]], fmt: str, fields: dict[str, str], source: str) -> None:
-    """Every row has what the format needs; report all bad rows together."""
+    """Every row has what the format needs (datarows.row_problem, validate's checker)."""
     if not rows:
-        raise DatasetError(f"dataset {source}: empty (no rows)")
-    errors = []
+        raise DatasetError(f"{source}: empty (no rows)")
+    sc = datarows.Scan(unit="row")
     for row in rows:
-        n = row.get("__row__", "?")
-        problem = _row_problem(row, fmt, fields)
+        problem = datarows.row_problem(row, fmt, fields)
         if problem:
-            errors.append(f"row {n}: {problem}")
-    _raise(source, errors)
-
-
-def _row_problem(row: dict[str, Any], fmt: str, f: dict[str, str]) -> str | None:
-    def text_field(key: str, required: bool) -> str | None:
-        name = f[key]
-        if name not in row or row[name] is None:
-            return f"field {name!r} is missing" if required else None
-        if not isinstance(row[name], str):
-            return f"field {name!r} must be text, got {type(row[name]).__name__}"
-        if required and not row[name].strip():
-            return f"field {name!r} is empty"
-        return None
-
-    if fmt == "alpaca":
-        return text_field("instruction", True) or text_field("input", False) or text_field("output", True)
-    if fmt == "text":
-        return text_field("text", True)
-    msgs = row.get(f["messages"])
-    if not isinstance(msgs, list) or not msgs:
-        return f"field {f['messages']!r} must be a non-empty list of messages"
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            return f"message {i}: expected an object"
-        role, content = m.get(f["role"]), m.get(f["content"])
-        if role not in ROLES:
-            return f"message {i}: role {role!r} is not one of {', '.join(ROLES)}"
-        if not isinstance(content, str):
-            return f"message {i}: content must be text"
-    if msgs[-1].get(f["role"]) != "assistant":
-        return "the last message must be the assistant's (it is what the model learns)"
-    return None
+            sc.add(int(row.get("__row__", 0)), problem)
+    _raise(sc, source)
 
 
 def to_messages(row: dict[str, Any], fmt: str, f: dict[str, str], system: str | None) -> list[dict[str, str]]:
     if fmt == "chat":
-        msgs = [{"role": m[f["role"]], "content": m[f["content"]]} for m in row[f["messages"]]]
+        msgs = [{"role": datarows.role_of(m[f["role"]]), "content": m[f["content"]]} for m in row[f["messages"]]]
     else:
         user = row[f["instruction"]]
         if row.get(f["input"]):
@@ -193,18 +150,11 @@ class Splits:
 
 def load_splits(cfg: dict[str, Any]) -> Splits:
     """Train and held-out rows per the recipe's dataset section (deterministic split)."""
-    rows = read_rows(cfg["path"])
-    check_rows(rows, cfg["format"], cfg["fields"], cfg["path"])
+    rows = checked_rows(cfg["path"], cfg["format"], cfg["fields"])
     ev = cfg.get("eval") or {}
     if ev.get("path"):
-        eval_rows = read_rows(ev["path"])
-        check_rows(eval_rows, cfg["format"], cfg["fields"], ev["path"])
-        return Splits(rows, eval_rows)
-    n = 0
-    if ev.get("fraction"):
-        n = max(1, int(round(len(rows) * ev["fraction"])))
-    elif ev.get("size"):
-        n = int(ev["size"])
+        return Splits(rows, checked_rows(ev["path"], cfg["format"], cfg["fields"]))
+    n = datarows.eval_count(len(rows), ev.get("fraction"), ev.get("size"))
     if n == 0:
         return Splits(rows, [])
     if n >= len(rows):

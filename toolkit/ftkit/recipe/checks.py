@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 from ftkit.dockerhost import docker_host_problem
-from ftkit.recipe import imagerefs
+from ftkit.recipe import datarows, imagerefs
 from ftkit.recipe.models import (
     Cluster,
     EvalStep,
@@ -451,6 +451,7 @@ def _paths(recipe: Recipe, base_dir: Path, out: list[Finding]) -> None:
             problem = lock_file_problem(lock)
             if problem:
                 out.append((("images", "lock"), f"{recipe.images.lock}: {problem}", False))
+    datasets: dict[Path_, Path] = {}
     for path, value, kind, must_exist in candidates:
         if value is None:
             continue
@@ -468,6 +469,46 @@ def _paths(recipe: Recipe, base_dir: Path, out: list[Finding]) -> None:
             out.append((path, f"{value!r} does not exist (relative to {base_dir or '.'})", False))
         elif must_exist and not local.exists():
             out.append((path, f"{value!r} is a broken symbolic link", False))
+        elif path in (("dataset", "path"), ("dataset", "eval", "path")):
+            datasets[path] = local
+    out.extend(dataset_findings(recipe, datasets))
+
+
+def dataset_findings(recipe: Recipe, paths: dict[Path_, Path]) -> list[Finding]:
+    """Every row of the dataset (and of its eval file) through the trainer's own checker
+    (recipe.datarows), then its size against the eval split and each train step's batch.
+    `paths`: recipe field -> the file on this machine (only those that exist)."""
+    out: list[Finding] = []
+    ds = recipe.dataset
+    fields = ds.fields.model_dump()
+    counts: dict[Path_, int] = {}
+    for where, local in paths.items():
+        try:
+            sc = datarows.scan(local, ds.format, fields)
+        except OSError as e:
+            out.append((where, f"cannot read {local}: {e.strerror or e}", False))
+            continue
+        out.extend((where, printable(line), False) for line in sc.lines(str(local)))
+        if sc.ok and not local.is_dir() and local.suffix.lower() != ".parquet":
+            counts[where] = sc.count
+    total = counts.get(("dataset", "path"))
+    if total is None:
+        return out
+    ev = ds.eval
+    held = 0
+    if ev is not None and ev.path is None:
+        held = datarows.eval_count(total, ev.fraction, ev.size)
+        if held >= total:
+            what = ("size",) if ev.size else ("fraction",)
+            out.append((("dataset", "eval") + what, f"the eval split holds out {held} of the dataset's {total} "
+                        "row(s) and leaves none to train on", False))
+            return out
+    for i, step in enumerate(recipe.steps):
+        if isinstance(step, TrainStep) and total - held < step.batch_size:
+            out.append((("steps", i, "batch_size"), f"batch_size {step.batch_size} is more than the "
+                        f"{total - held} training row(s) the dataset has{' after the eval split' if held else ''}",
+                        False))
+    return out
 
 
 def _merge_output_problem(value: str, step: str) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import ConfigError, ConfigIssue
-from ftkit.recipe.checks import PATH_VARS, kind_problem, lock_file_problem, uses_variable
+from ftkit.recipe.checks import PATH_VARS, dataset_findings, kind_problem, lock_file_problem, uses_variable
 from ftkit.recipe.models import EvalStep, LoadAdapterStep, Machine, MergeStep, Recipe, ServeStep, TrainStep
 from ftkit.recipe.validate import LoadedRecipe
 from ftkit.recipe.yamlpos import Path_
@@ -105,6 +105,7 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
     for i, step in enumerate(recipe.steps):
         if isinstance(step, EvalStep) and step.path:
             candidates.append((f"eval:{step.name}", ("steps", i, "path"), step.path))
+    variable_datasets: dict[Path_, Path] = {}
     for key, path, value in candidates:
         if value is None:
             continue
@@ -124,6 +125,11 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
                 bad = lock_file_problem(resolved)
                 if bad:
                     problem(path, f"{resolved}: {bad}")
+            elif key in ("dataset", "eval") and uses_variable(value) and resolved.exists():
+                variable_datasets[path] = resolved  # a literal path was read at load time
+    if variable_datasets:
+        for path, message, _ in dataset_findings(recipe, variable_datasets):
+            problem(path, message)
     if issues:
         raise ConfigError(issues)
     return Resolved(recipe, machine, loaded.path, host)

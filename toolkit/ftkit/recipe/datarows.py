@@ -1,0 +1,244 @@
+"""Dataset rows: the one reader of jsonl lines and the one checker of a row's shape, shared by
+`ftkit validate` (through the recipe checks, so `plan`/`up` refuse before anything runs) and
+the trainer's loader (engines/data.py). Sharing them is the point: validate accepts exactly
+what the trainer accepts, and a row the trainer would refuse 11 s into `up` is refused here
+with its line.
+
+Streaming and bounded: a jsonl file is read line by line in binary with a cap per line
+(`MAX_LINE_BYTES`), decoded strictly as UTF-8, and at most `MAX_REPORTED` problems are kept
+(the rest are counted). Stdlib only: no datasets/pyarrow import at validate time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_REPORTED = 20
+MAX_LINE_BYTES = 16 * 1024 * 1024  # one example; a longer line is a broken or hostile file
+MAX_JSON_BYTES = 512 * 1024 * 1024  # a .json file is parsed whole
+ROLES = ("system", "user", "assistant")
+# ShareGPT's role names: mapped by `fields` (messages: conversations, role: from, content: value)
+# the rows read as chat; the trainer takes these names for its roles.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
+SHAREGPT_MAPPING = "dataset.fields: {messages: conversations, role: from, content: value}"
+SAVED_DIR_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+@dataclass
+class Scan:
+    """What a pass over a dataset found: the rows (when kept), their count, and the first
+    problems as `LINE: message` (the rest only counted)."""
+
+    count: int = 0
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (line or row, message); 0: the file
+    more: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    unit: str = "line"  # jsonl problems are at lines, a .json file's at list indices ("row")
+
+    def add(self, where: int, problem: str) -> None:
+        if len(self.problems) < MAX_REPORTED:
+            self.problems.append((where, problem))
+        else:
+            self.more += 1
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self, source: str) -> list[str]:
+        """One line per problem, `SOURCE:LINE: message` (a .json file: `SOURCE: row N: ...`),
+        then `... and N more`."""
+        out = [f"{source}:{n}: {m}" if n and self.unit == "line" else
+               f"{source}: row {n}: {m}" if n else f"{source}: {m}" for n, m in self.problems]
+        if self.more:
+            out.append(f"{source}: ... and {self.more} more bad row(s)")
+        return out
+
+
+def eval_count(total: int, fraction: float | None, size: int | None) -> int:
+    """How many rows the deterministic eval split holds out of `total` (0: none)."""
+    if fraction:
+        return max(1, int(round(total * fraction)))
+    return int(size or 0)
+
+
+def role_of(value: Any) -> Any:
+    return ROLE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+def row_problem(row: Any, fmt: str, f: dict[str, str]) -> str | None:
+    """Why the trainer could not use `row` under format `fmt` and field mapping `f`, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {kind(row)}"
+
+    def text_field(key: str, required: bool) -> str | None:
+        name = f[key]
+        if name not in row or row[name] is None:
+            return f"field {name!r} is missing" if required else None
+        if not isinstance(row[name], str):
+            return f"field {name!r} must be text, got {kind(row[name])}"
+        if "\x00" in row[name]:
+            return f"field {name!r} contains a NUL character"
+        if required and not row[name].strip():
+            return f"field {name!r} is empty"
+        return None
+
+    if fmt == "alpaca":
+        return text_field("instruction", True) or text_field("input", False) or text_field("output", True)
+    if fmt == "text":
+        return text_field("text", True)
+    msgs = row.get(f["messages"])
+    if msgs is None and f["messages"] == "messages" and isinstance(row.get("conversations"), list):
+        return f"this is ShareGPT (conversations with from/value): map it with {SHAREGPT_MAPPING}"
+    if not isinstance(msgs, list) or not msgs:
+        return f"field {f['messages']!r} must be a non-empty list of messages"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            return f"message {i}: expected an object, got {kind(m)}"
+        role, content = role_of(m.get(f["role"])), m.get(f["content"])
+        if role not in ROLES:
+            if f["role"] == "role" and "from" in m and "value" in m:
+                return f"message {i}: ShareGPT-style from/value: map it with {SHAREGPT_MAPPING}"
+            return f"message {i}: role {_short(role)} is not one of {', '.join(ROLES)}"
+        if not isinstance(content, str):
+            return f"message {i}: content must be text, got {kind(content)}"
+        if "\x00" in content:
+            return f"message {i}: content contains a NUL character"
+    if role_of(msgs[-1].get(f["role"])) != "assistant":
+        return "the last message must be the assistant's (it is what the model learns)"
+    return None
+
+
+def scan(path: Path, fmt: str, fields: dict[str, str], *, keep: bool = False) -> Scan:
+    """Check every row of the dataset at `path`; keep the rows (each with `__row__`, its line
+    or index) only when `keep` (the trainer). Problems are `LINE: message`; a problem with
+    the whole file is `0: message`."""
+    out = Scan()
+    problem = file_problem(path)
+    if problem:
+        out.add(0, problem)
+        return out
+    if path.is_dir():  # a saved datasets directory: the trainer reads it with `datasets`
+        return out
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for n, obj in iter_jsonl(path, out):
+            _take(out, n, obj, fmt, fields, keep)
+    elif suffix == ".json":
+        out.unit = "row"
+        data = read_json(path, out)
+        for n, obj in enumerate(data or [], 1):
+            _take(out, n, obj, fmt, fields, keep)
+    else:
+        return out  # parquet: read by pyarrow in the trainer
+    if out.ok and out.count == 0:
+        out.add(0, "empty (no rows)")
+    return out
+
+
+def file_problem(path: Path) -> str | None:
+    """What makes `path` not a dataset file the trainer reads at all (before any row)."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        if not any((path / m).is_file() for m in SAVED_DIR_MARKERS):
+            return ("a directory that is not a saved datasets directory (no dataset_info.json or "
+                    "dataset_dict.json)" + (f"; a {suffix} dataset is a file" if suffix else ""))
+        return None
+    if not path.is_file():
+        return "not a regular file"
+    if suffix not in (".jsonl", ".json", ".parquet"):
+        return (f"unknown file type {suffix or '(none)'!r}: the trainer reads .jsonl, .json, .parquet or a saved "
+                "datasets directory" + ("; convert CSV to jsonl" if suffix in (".csv", ".tsv") else ""))
+    if suffix == ".parquet":
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PAR1":
+                return "not a parquet file (no PAR1 header)"
+    return None
+
+
+def _take(out: Scan, n: int, obj: Any, fmt: str, fields: dict[str, str], keep: bool) -> None:
+    problem = row_problem(obj, fmt, fields)
+    if problem:
+        out.add(n, problem)
+        return
+    out.count += 1
+    if keep:
+        out.rows.append({**obj, "__row__": n})
+
+
+def iter_jsonl(path: Path, out: Scan) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as fh:
+        n = 0
+        while True:
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            n += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                out.add(n, f"longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB (one row per line)")
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line, bounded reads
+                    raw = fh.readline(MAX_LINE_BYTES)
+                continue
+            if b"\x00" in raw:
+                out.add(n, "contains a NUL byte (a binary file, or UTF-16?)")
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                out.add(n, f"not UTF-8 (byte {e.start + 1}: {e.reason})")
+                continue
+            if not line.strip():
+                continue  # a blank line (often the last) is no row
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                hint = "; a JSON array belongs in a .json file" if n == 1 and line.lstrip().startswith("[") else ""
+                out.add(n, f"not valid JSON ({e.msg} at column {e.colno}){hint}")
+                continue
+            except RecursionError:
+                out.add(n, "nested too deeply")
+                continue
+            yield n, obj
+
+
+def read_json(path: Path, out: Scan) -> list[Any] | None:
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+        out.add(0, f"{size // (1024 * 1024)} MiB is too large for one .json document; write it as .jsonl")
+        return None
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        out.add(0, "contains a NUL byte (a binary file, or UTF-16?)")
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        out.add(0, f"not UTF-8 (byte {e.start + 1}: {e.reason})")
+        return None
+    except json.JSONDecodeError as e:
+        out.add(0, f"not valid JSON (line {e.lineno}: {e.msg} at column {e.colno})")
+        return None
+    except RecursionError:
+        out.add(0, "nested too deeply")
+        return None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        out.add(0, f"expected a list of objects (or {{'data': [...]}}), got {kind(data)}")
+        return None
+    return data
+
+
+def kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
