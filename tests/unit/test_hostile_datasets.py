@@ -136,3 +136,16 @@ def test_a_variable_dataset_path_is_read_after_resolve(tmp_path: Path) -> None:
                                      f"paths: {{datasets: {tmp_path / 'ds'}}}\n")
     err = refused(run_cli("validate", "recipe.yaml", "--machine", "m.yaml", cwd=tmp_path), "'instruction' is missing")
     assert "d.jsonl:1:" in err
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False), ("3", False)])
+def test_a_bad_row_is_said_once_across_ranks(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                             rank: str, printed: bool) -> None:
+    from ftkit.engines.entry import guarded
+
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as e, guarded("train"):
+        raise DatasetError("d.jsonl:3: field 'output' is missing")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (err == "ftkit train: d.jsonl:3: field 'output' is missing\n") if printed else err == ""

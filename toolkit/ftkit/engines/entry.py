@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError
+from ftkit.errors import FtkitError, UserError
 
 
 @contextmanager
 def guarded(what: str) -> Iterator[None]:
+    """Every rank of a multi-GPU launch meets the same bad input (a dataset row, a config):
+    rank 0 says it, once; the others exit with the same code in silence."""
     try:
         yield
     except FtkitError as e:
-        print(f"ftkit {what}: {e.render()}", file=sys.stderr, flush=True)
+        if not isinstance(e, UserError) or os.environ.get("RANK", "0") in ("0", ""):
+            print(f"ftkit {what}: {e.render()}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
 
 
