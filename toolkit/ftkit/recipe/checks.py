@@ -741,6 +741,9 @@ def machine_findings(machine: Machine) -> list[Finding]:
         if gpu.index in seen:
             out.append((("gpus", i, "index"), f"GPU index {gpu.index} appears twice", False))
         seen.add(gpu.index)
+        if not _GPU_MODEL.match(gpu.model):
+            out.append((("gpus", i, "model"), f"GPU model {printable(gpu.model[:60])!r} is not a model name (letters, "
+                        "digits, spaces and - _ . ( ) +; no path, newline or control character)", False))
         if gpu.power is not None:
             p = gpu.power
             if p.min_w > p.max_w:
@@ -751,6 +754,13 @@ def machine_findings(machine: Machine) -> list[Finding]:
         for j, idx in enumerate(machine.serving.gpus):
             if idx not in seen:
                 out.append((("serving", "gpus", j), f"GPU {idx} is not listed under gpus", False))
+    if machine.psu is not None and machine.psu.watts * machine.psu.safety_margin <= machine.system_watts:
+        out.append((("psu", "watts"), f"{machine.psu.watts} W x {machine.psu.safety_margin:g} is no more than the "
+                    f"system's own {machine.system_watts} W (system_watts): nothing is left for the GPUs", False))
+    if machine.paths.lease is not None:
+        problem = _lease_dir_mode_problem(machine.paths.lease)
+        if problem:
+            out.append((("paths", "lease"), problem, False))
     for key in MACHINE_PATHS:
         value = getattr(machine.paths, key)
         if value is None:
@@ -863,6 +873,22 @@ def _cluster_findings(machine: Machine, cluster: Cluster) -> list[Finding]:
 def _inside(path: str, root: str) -> bool:
     p, r = Path(path).expanduser(), Path(root).expanduser()
     return p == r or r in p.parents
+
+
+_GPU_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,79}$")
+
+
+def _lease_dir_mode_problem(value: str) -> str | None:
+    """A lease directory everyone may write without the sticky bit lets any user delete or
+    replace another's lock files, and so take GPUs that are held (like /tmp without +t)."""
+    try:
+        st = os.stat(Path(value).expanduser())
+    except (OSError, ValueError):
+        return None  # created by ftkit with the right mode; other path problems are said elsewhere
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        return (f"{value} is writable by everyone without the sticky bit: any user could delete another's GPU "
+                f"locks; chmod +t {value} (or chmod o-w)")
+    return None
 
 
 def _machine_path_problem(value: str, *, writable: bool, kind: str) -> str | None:
