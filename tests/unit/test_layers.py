@@ -16,6 +16,7 @@ PKG = Path(__file__).resolve().parents[2] / "toolkit" / "ftkit"
 FORBIDDEN = {
     "files": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
     "procs": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
+    "text": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways", "files", "procs", "errors"},
     "dockerhost": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
     "errors": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
     "gateways": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli"},

@@ -1,9 +1,13 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file."""
+"""Atomic file writes (a reader, or a crash, never sees half a file) and bounded reads of
+files that someone else may have put in place (never blocking, never through a link)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,3 +47,82 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+# -- reading files that someone else may have put there ---------------------------------------
+
+class UnsafeFile(OSError):
+    """A file ftkit will not read: not a regular file, a link, too large, or unreadable.
+    `reason` is the short cause for a one-line message ("a FIFO, not a regular file")."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> int:
+    """A read-only descriptor on a regular file, never blocking and never through a final
+    symlink: a FIFO, a device or a socket in a shared or handed-over directory must not
+    hang the reader, and a link must not lead it elsewhere. The caller closes it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeFile(path, "a symlink (ftkit reads no links here)") from e
+        reason = e.strerror or str(e)
+        if e.errno == errno.ENXIO:  # a socket (or a FIFO nobody writes, opened for writing)
+            with contextlib.suppress(OSError):
+                reason = f"{_kind(os.lstat(path, dir_fd=dir_fd).st_mode)}, not a regular file"
+        raise UnsafeFile(path, reason) from e
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise UnsafeFile(path, e.strerror or str(e)) from e
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeFile(path, f"{_kind(st.st_mode)}, not a regular file")
+    return fd
+
+
+def read_bounded(path: str | os.PathLike[str], max_bytes: int, *, tail: bool = False) -> bytes:
+    """A regular file's bytes, at most `max_bytes` of them (see open_regular). A larger
+    file is refused, or with `tail=True` only its last `max_bytes` are returned (journals
+    read from the end)."""
+    fd = open_regular(path)
+    try:
+        return read_fd_bounded(fd, path, max_bytes, tail=tail)
+    finally:
+        os.close(fd)
+
+
+def read_fd_bounded(fd: int, path: str | os.PathLike[str], max_bytes: int, *, tail: bool = False) -> bytes:
+    try:
+        size = os.fstat(fd).st_size
+        if size > max_bytes and not tail:
+            raise UnsafeFile(path, f"{size} bytes, more than the {max_bytes} ftkit reads")
+        start = max(0, size - max_bytes) if tail else 0
+        chunks, got = [], 0
+        while got < max_bytes:  # the size may change under us; the cap holds regardless
+            chunk = os.pread(fd, min(1 << 20, max_bytes - got), start + got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if not tail and os.pread(fd, 1, start + got):
+            raise UnsafeFile(path, f"more than the {max_bytes} bytes ftkit reads")
+        return b"".join(chunks)
+    except OSError as e:
+        if isinstance(e, UnsafeFile):
+            raise
+        raise UnsafeFile(path, e.strerror or str(e)) from e

@@ -92,10 +92,13 @@ def _show(directory: Path, as_json: bool) -> None:
     if not parties:
         click.echo("nobody holds or waits for a GPU")
         return
-    for p in parties:
-        cmd = " ".join(p.command)
+    from ftkit.text import printable
+
+    for p in parties:  # anyone who may write the lease directory wrote these: shown escaped
+        cmd = printable(" ".join(p.command))
         cmd = cmd if len(cmd) <= 60 else cmd[:57] + "..."
-        click.echo(f"{p.state:<9} GPU {p.gpu_label:<7} {p.describe()}  {cmd}")
+        state = printable(p.state)[:20]
+        click.echo(f"{state:<9} GPU {p.gpu_label:<7} {p.describe()}  {cmd}")
 
 
 COMMANDS = [lease]

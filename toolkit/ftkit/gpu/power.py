@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import GpuError
-from ftkit.files import write_json
+from ftkit.files import UnsafeFile, read_bounded, write_json
 from ftkit.gpu.nvml import Nvml
+from ftkit.text import printable
 
 STATE_ENV = "FTKIT_STATE_DIR"
 FILE = "power-originals.json"
+RECORD_MAX_BYTES = 4 << 20  # a record of a few GPUs is a few KB; anything larger is not ours
 MANUAL = "manual"  # the holder name of `ftkit power set`
 
 
@@ -58,9 +60,14 @@ def _locked() -> Iterator[dict[str, Any]]:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        except (OSError, json.JSONDecodeError) as e:
-            raise GpuError(f"{path}: the record of original power limits is unreadable ({e}); "
+            data = json.loads(read_bounded(path, RECORD_MAX_BYTES).decode("utf-8")) if os.path.lexists(path) else {}
+        except UnsafeFile as e:
+            raise GpuError(f"{path}: the record of original power limits is unreadable ({e.reason}); "
+                           "fix or remove it after checking the limits with `nvidia-smi -q -d POWER`") from e
+        except (OSError, ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
+            why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "nested too deep" \
+                if isinstance(e, RecursionError) else printable(str(e))[:200]
+            raise GpuError(f"{path}: the record of original power limits is unreadable ({why}); "
                            "fix or remove it after checking the limits with `nvidia-smi -q -d POWER`") from e
         if not isinstance(data, dict) or not isinstance(data.setdefault("gpus", {}), dict):
             raise GpuError(f"{path}: not a record of power limits; fix or remove it")
@@ -73,7 +80,7 @@ def _locked() -> Iterator[dict[str, Any]]:
 
 
 def read_originals() -> dict[str, dict[str, Any]]:
-    if not originals_path().exists():
+    if not os.path.lexists(originals_path()):
         return {}
     with _locked() as data:
         return dict(data["gpus"])

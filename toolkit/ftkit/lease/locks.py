@@ -85,7 +85,7 @@ class GpuLocks:
             path = self.lease_dir / name
             try:
                 try:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
                     self.writable[name] = True
                     if os.fstat(fd).st_uid == os.getuid():
                         with contextlib.suppress(OSError):
@@ -93,7 +93,7 @@ class GpuLocks:
                 except PermissionError:
                     # Another user's lock file we may not write: flock works on a read-only
                     # descriptor; only the record copy inside it is skipped.
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
                     self.writable[name] = False
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     os.close(fd)

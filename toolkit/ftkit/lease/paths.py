@@ -4,6 +4,7 @@ the lease is nothing but flocks on the files in it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -41,20 +42,22 @@ def default_lease_dir(machine_paths_lease: str | None = None) -> Path:
 def ensure_lease_dir(path: Path) -> Path:
     """Create the directory (and `parties/`) if needed and check we can write there.
 
-    The system directory is made world-writable with the sticky bit, like /run/lock itself:
-    several users' leases meet there and nobody can delete another's files."""
+    Who may write the lease directory is the machine owner's choice (docs/lease-security.md):
+    the system directory ftkit creates is shared like /run/lock (1777: everyone, with the
+    sticky bit so nobody removes another's files); a directory that exists keeps its mode.
+    `parties/` is opened to exactly whoever may write the lease directory, with the sticky
+    bit, never more. Readers never trust what is in either (records.py)."""
     try:
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         if created and path == SYSTEM_DIR:
-            os.chmod(path, 0o1777)
+            with contextlib.suppress(PermissionError):
+                os.chmod(path, 0o1777)
         parties = path / "parties"
         if not parties.exists():
             parties.mkdir(exist_ok=True)
-            try:
-                os.chmod(parties, 0o1777)
-            except PermissionError:
-                pass
+            with contextlib.suppress(PermissionError):
+                os.chmod(parties, (path.stat().st_mode & 0o2777) | 0o1000)
     except OSError as e:
         raise UserError(f"lease directory {path}: cannot create it: {e.strerror or e}",
                         hint=f"set {ENV} or the machine profile's paths.lease to a writable directory") from e

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ftkit.errors import ConfigError, ConfigIssue
+from ftkit.text import printable  # noqa: F401  (re-exported: recipe code says yamlpos.printable)
 
 MAX_BYTES = 1 << 20  # 1 MiB: recipes are hand-written; anything larger is a mistake or an attack
 MAX_NODES = 200_000  # values after alias expansion
@@ -71,25 +72,6 @@ class Located:
     def issue(self, path: Path_, message: str, *, key: bool = False) -> ConfigIssue:
         line, col = self.where(path, key=key)
         return ConfigIssue(self.file, line, col, format_path(path), one_line(message))
-
-
-def printable(s: str) -> str:
-    """`s` with every control or invisible character escaped (\\n, \\t, \\x1b, \\u202e, ...)
-    and backslashes doubled, so what a person reads is what runs: no terminal escape, carriage
-    return or right-to-left override can hide a flag in a printed command line, and every
-    message stays on one line."""
-    out: list[str] = []
-    for ch in s:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch == " " or ch.isprintable():
-            out.append(ch)
-        elif ch in "\n\t\r":
-            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
-        else:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out)
 
 
 def format_path(path: Path_) -> str:

@@ -1,0 +1,26 @@
+"""Text shown to people that came from outside (a recipe, a file in a shared directory, a
+server's answer): escaped so it cannot steer the terminal or hide on another line.
+
+A module of its own, importing nothing of ftkit, so every layer (the lease inside a
+container included) can escape what it prints without pulling in the recipe parser."""
+
+from __future__ import annotations
+
+
+def printable(s: str) -> str:
+    """`s` with every control or invisible character escaped (\\n, \\t, \\x1b, \\u202e, ...)
+    and backslashes doubled, so what a person reads is what runs: no terminal escape, carriage
+    return or right-to-left override can hide a flag in a printed command line, and every
+    message stays on one line."""
+    out: list[str] = []
+    for ch in s:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == " " or ch.isprintable():
+            out.append(ch)
+        elif ch in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
