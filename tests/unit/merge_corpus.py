@@ -164,6 +164,20 @@ def _resized(adapter: Path, embed_rows: int, head_rows: int) -> None:
     _adapter(adapter, tensors=t)
 
 
+def _other_base(base: Path, adapter: Path) -> None:
+    """The adapter says it was trained on another local model of the same tensor shapes
+    (a different architecture in its config: shapes alone cannot tell them apart)."""
+    other = base.parent / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**BASE_CONFIG, "model_type": "mistral",
+                                                   "architectures": ["MistralForCausalLM"], "sliding_window": 4}))
+    _acfg(adapter, base_model_name_or_path=str(other))
+
+
+IDENTITY = ("adapter_trained_on_another_local_base", "adapter_weights_for_modules_its_config_does_not_name",
+            "adapter_weights_outside_layers_to_transform", "adapter_pattern_does_not_match_its_weights")
+
+
 CASES: dict[str, Case] = {
     # --- base safetensors headers
     "base_header_length_huge": Case(lambda b, a: _base(b, length=2**62), "header length"),
@@ -248,6 +262,15 @@ CASES: dict[str, Case] = {
     "adapter_update_overflows_fp16": Case(
         lambda b, a: _adapter(a, tensors=_with(adapter_tensors(), qb=np.full([8, R], 1e6, np.float32),
                                                qa=np.full([R, 8], 1e3, np.float32))), "overflows", args=["--dtype", "fp16"]),
+    # --- is it this base's adapter? (refused; --force merges with a warning: IDENTITY)
+    "adapter_trained_on_another_local_base": Case(lambda b, a: _other_base(b, a), "trained on"),
+    "adapter_weights_for_modules_its_config_does_not_name": Case(lambda b, a: _acfg(a, target_modules=["q_proj"]),
+                                                                 "do not name"),
+    "adapter_weights_outside_layers_to_transform": Case(lambda b, a: _acfg(a, layers_to_transform=[1]), "outside"),
+    "adapter_pattern_does_not_match_its_weights": Case(lambda b, a: _acfg(a, target_modules=r".*\.q_proj"),
+                                                       "does not match"),
+    "adapter_without_any_weights": Case(lambda b, a: write_safetensors(a / "adapter_model.safetensors", {}),
+                                        "nothing to merge"),
     # --- options and output
     "max_shard_nan": Case(lambda b, a: None, "max-shard-gb", args=["--max-shard-gb", "nan"]),
     "max_shard_negative": Case(lambda b, a: None, "max-shard-gb", args=["--max-shard-gb", "-1"]),

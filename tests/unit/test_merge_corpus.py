@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("torch")
 
 from ftkit.engines import merge as engine  # noqa: E402
+from ftkit.errors import UserError  # noqa: E402
 from tests.conftest import ROOT, run_cli  # noqa: E402
 from tests.unit import merge_corpus as corpus  # noqa: E402
 
@@ -202,3 +203,52 @@ def test_a_live_merge_partial_is_left_alone(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert engine.clean_stale_partials(out) == [live]
+
+
+@pytest.mark.parametrize("name", corpus.IDENTITY)
+def test_force_merges_what_may_be_another_bases_adapter_with_a_warning(name: str, tmp_path: Path) -> None:
+    base, adapter, case = corpus.make_case(tmp_path, name)
+    result = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "merged"), "--force")
+    assert result.code == 0, result.err
+    warnings = json.loads(result.out)["warnings"]
+    assert any(w.startswith("--force: ") and case.words in w for w in warnings), warnings
+    assert "merge: warning: --force: " in result.err
+
+
+def test_an_adapter_for_another_hub_model_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "hub" / "models--acme--small-a" / "snapshots" / "0123abc"
+    base, adapter = corpus.make_pair(root)
+    (adapter / "adapter_config.json").write_text(json.dumps({**corpus.ADAPTER_CONFIG,
+                                                              "base_model_name_or_path": "acme/small-b"}))
+    plan = engine.plan_merge(base, adapter)
+    assert plan.mismatches and "acme/small-b" in plan.mismatches[0], plan.mismatches
+    with pytest.raises(UserError, match="trained on 'acme/small-b'"):
+        engine.check_identity(plan, force=False)
+    (adapter / "adapter_config.json").write_text(json.dumps({**corpus.ADAPTER_CONFIG,
+                                                              "base_model_name_or_path": "ACME/small-a"}))
+    assert engine.plan_merge(base, adapter).mismatches == []
+    plan = engine.plan_merge(base, adapter, base_name="acme/other")  # as given on the command line
+    assert plan.mismatches
+
+
+def test_names_the_config_has_without_weights_are_only_noted(tmp_path: Path) -> None:
+    base, adapter = corpus.make_pair(tmp_path)
+    (adapter / "adapter_config.json").write_text(json.dumps({**corpus.ADAPTER_CONFIG,
+                                                              "target_modules": ["q_proj", "up_proj", "gate_proj"]}))
+    result = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "merged"))
+    assert result.code == 0, result.err
+    assert any("gate_proj" in w and "no LoRA weights" in w for w in json.loads(result.out)["warnings"])
+
+
+def test_the_same_base_elsewhere_is_no_mismatch(tmp_path: Path) -> None:
+    """Trained on a copy of the base (another path, the same model): merges without a word."""
+    import shutil
+
+    base, adapter = corpus.make_pair(tmp_path)
+    copy = tmp_path / "copy-of-base"
+    shutil.copytree(base, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "transformers_version": "9.9", "use_cache": False}))
+    (adapter / "adapter_config.json").write_text(json.dumps({**corpus.ADAPTER_CONFIG, "base_model_name_or_path": str(copy)}))
+    result = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "merged"))
+    assert result.code == 0 and json.loads(result.out)["warnings"] == [], result.err

@@ -21,10 +21,12 @@ import click
               help="with --nf4-dequantized-base: the precision QLoRA loaded the base in before quantizing it "
               "(the train step's precision)")
 @click.option("--max-shard-gb", type=float, default=5.0, show_default=True)
+@click.option("--force", is_flag=True, help="merge an adapter whose config says it was trained on another base, or "
+              "for other modules or layers than its weights (a warning instead of a refusal)")
 @click.option("--dry-run", is_flag=True, help="check the inputs, print the RAM and disk the merge needs and what it "
               "would do; write nothing")
 def merge(base: str, adapter: str, output: str, revision: str | None, dtype: str | None, nf4_dequantized_base: bool,
-          nf4_dtype: str, max_shard_gb: float, dry_run: bool) -> None:
+          nf4_dtype: str, max_shard_gb: float, force: bool, dry_run: bool) -> None:
     """Merge a LoRA adapter into its base model, streaming tensor by tensor.
 
     Peak memory is about the largest tensor, not the model. Writes sharded safetensors with
@@ -41,7 +43,8 @@ def merge(base: str, adapter: str, output: str, revision: str | None, dtype: str
         base_dir = engine.resolve_base(base, revision)
         engine.check_output(Path(output), base_dir, Path(adapter))
         plan = engine.plan_merge(base_dir, Path(adapter), dtype=dtype, nf4_dequantized_base=nf4_dequantized_base,
-                                 max_shard_gb=max_shard_gb, nf4_dtype=nf4_dtype)
+                                 max_shard_gb=max_shard_gb, nf4_dtype=nf4_dtype, base_name=base)
+        engine.check_identity(plan, force=force)
         engine.check_adapter_values(plan)
         need = engine.needs(plan, Path(output))
         nf4 = {"dtype": nf4_dtype, "bitsandbytes": plan.nf4_with_bnb()} if nf4_dequantized_base else None
@@ -56,7 +59,7 @@ def merge(base: str, adapter: str, output: str, revision: str | None, dtype: str
         return
     summary = engine.merge(base, adapter, output, revision=revision, dtype=dtype,
                            nf4_dequantized_base=nf4_dequantized_base, max_shard_gb=max_shard_gb, nf4_dtype=nf4_dtype,
-                           log=lambda s: click.echo(s, err=True))
+                           force=force, log=lambda s: click.echo(s, err=True))
     click.echo(json.dumps(summary))
 
 

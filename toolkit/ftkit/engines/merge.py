@@ -46,7 +46,7 @@ from typing import Any
 from ftkit.engines import nf4 as nf4_round
 from ftkit.engines import safetensors_io as st
 from ftkit.engines.safetensors_io import BadModelFile
-from ftkit.errors import EngineError, UserError
+from ftkit.errors import EngineError, FtkitError, UserError
 
 PREFIX = "base_model.model."
 COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -87,6 +87,8 @@ class MergePlan:
     max_shard_bytes: int = 5 * 10**9
     config: dict[str, Any] = field(default_factory=dict)  # the base's config.json
     vocab_size: int | None = None  # set when the adapter resized the embeddings
+    mismatches: list[str] = field(default_factory=list)  # the adapter may not be for this base (--force)
+    notes: list[str] = field(default_factory=list)  # harmless differences, said as warnings
 
     def out_bytes(self) -> int:
         return sum(math.prod(t.shape) * st.DTYPE_SIZES[self._out_code(t)] for t in self.tensors)
@@ -253,7 +255,7 @@ def _is_vocab_rows(name: str) -> bool:
 
 
 def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str | None = None, nf4_dequantized_base: bool = False,
-               max_shard_gb: float = 5.0, nf4_dtype: str = "bf16") -> MergePlan:
+               max_shard_gb: float = 5.0, nf4_dtype: str = "bf16", base_name: str | None = None) -> MergePlan:
     if dtype is not None and dtype not in OUT_DTYPES:
         raise UserError(f"dtype {dtype!r}: choose bf16, fp16 or fp32 (or leave it out to keep the base's)")
     if nf4_dtype not in nf4_round.DTYPES:
@@ -326,7 +328,110 @@ def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str | None = None, n
             plan.replace["lm_head.weight"] = plan.replace[embedding]  # tied in training: the head was the new embedding
     _check_replacements(plan)
     _check_shapes(plan)
+    if not plan.loras and not plan.replace:
+        raise UserError(f"{adapter_dir}: the adapter holds no LoRA weights and no whole tensors: nothing to merge")
+    _check_identity(plan, acfg, base_name)
     return plan
+
+
+# --------------------------------------------------------------------------- is it this base's adapter?
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
+# What tells two models apart when their tensor shapes agree; compared only where both configs
+# say it (a config re-saved by a newer transformers gains keys, and that is no other model).
+_IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rope_theta",
+                  "sliding_window", "hidden_act", "rms_norm_eps", "layer_norm_epsilon", "n_embd", "n_layer", "n_head")
+
+
+def _hub_id(name: str | None) -> str | None:
+    """The hub id a base is known by: an `org/name` that is no local path, or the id in an
+    HF cache path (`.../models--org--name/snapshots/<hash>`). None when it cannot be told."""
+    if not name or not isinstance(name, str):
+        return None
+    if _HUB_ID.match(name) and not name.startswith((".", "-")) and not os.path.lexists(name):
+        return name.lower()
+    m = re.search(r"models--([\w.-]+?)--([\w.-]+)(?:/|$)", name)
+    return f"{m.group(1)}/{m.group(2)}".lower() if m else None
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The identity keys on which two model configs (and their text_config) disagree."""
+    out = [k for k in _IDENTITY_KEYS if k in a and k in b and a[k] != b[k]]
+    ta, tb = a.get("text_config"), b.get("text_config")
+    if isinstance(ta, dict) and isinstance(tb, dict):
+        out += [f"text_config.{k}" for k in _IDENTITY_KEYS if k in ta and k in tb and ta[k] != tb[k]]
+    return out
+
+
+def _check_identity(plan: MergePlan, acfg: dict[str, Any], base_name: str | None) -> None:
+    """Whether the adapter was trained on this base, as far as its own config can tell.
+
+    Shapes are checked elsewhere; these catch what shapes cannot: another model of the same
+    size (adapter_config names another hub id, or a local base whose config differs), and
+    weights for modules or layers the adapter's config says it never adapted (a mixed-up or
+    tampered adapter). Each is a mismatch that `--force` turns into a warning. Names in the
+    config with no weights (peft allows target_modules the model lacks) are only noted."""
+    trained_on = acfg.get("base_model_name_or_path")
+    shown = st._show(trained_on)
+    want, have = _hub_id(trained_on if isinstance(trained_on, str) else None), \
+        _hub_id(base_name) or _hub_id(str(plan.base_dir))
+    if want and have and want != have:
+        plan.mismatches.append(f"the adapter was trained on {shown}, not on {st._show(base_name or str(plan.base_dir))}")
+    elif want and not have:
+        plan.notes.append(f"the adapter was trained on {shown}; whether {st._show(str(plan.base_dir))} is that model "
+                          "cannot be told from its files (only that the shapes fit)")
+    elif isinstance(trained_on, str) and os.path.isdir(trained_on) and not want:
+        other = Path(trained_on)
+        try:
+            theirs = None if other.resolve() == plan.base_dir.resolve() else \
+                st.load_json(other / "config.json", "the adapter's base config", limit=16 * 2**20)
+        except (OSError, FtkitError):
+            theirs = None  # cannot tell; the shapes decide
+        differ = _config_differences(theirs, plan.config) if isinstance(theirs, dict) else []
+        if differ:
+            plan.mismatches.append(f"the adapter was trained on {shown}, another model ({', '.join(differ[:4])} "
+                                   f"differ from {st._show(str(plan.base_dir / 'config.json'))})")
+    modules = sorted(t.removesuffix(".weight") for t in plan.loras)
+    targets = acfg.get("target_modules")
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        def named(m: str) -> bool:
+            return any(m == t or m.endswith("." + t) for t in targets)
+
+        stray = [m for m in modules if not named(m)]
+        if stray:
+            plan.mismatches.append(f"the adapter has LoRA weights for {st._show(stray[0])}"
+                                   f"{f' (and {len(stray) - 1} more)' if len(stray) > 1 else ''}, which its "
+                                   f"target_modules {st._show(sorted(targets))} do not name")
+        unused = sorted(t for t in targets if not any(m == t or m.endswith("." + t) for m in modules))
+        if unused and modules:
+            plan.notes.append(f"target_modules {st._show(unused)} have no LoRA weights in the adapter "
+                              "(the base has no such modules, or they were left out)")
+    elif isinstance(targets, str) and targets != "all-linear":
+        try:
+            stray = [m for m in modules if not re.fullmatch(targets, m)]
+        except re.error:
+            stray = []
+        if stray:
+            plan.mismatches.append(f"the adapter has LoRA weights for {st._show(stray[0])}, which its "
+                                   f"target_modules pattern {st._show(targets)} does not match")
+    layers = acfg.get("layers_to_transform")
+    wanted = {layers} if isinstance(layers, int) and not isinstance(layers, bool) else \
+        set(layers) if isinstance(layers, list) and all(isinstance(x, int) for x in layers) else None
+    if wanted is not None:
+        found = {int(m.group(1)) for mod in modules if (m := _LAYER.search(mod + "."))}
+        if found - wanted:
+            plan.mismatches.append(f"the adapter has LoRA weights in layer(s) {sorted(found - wanted)[:8]}, outside "
+                                   f"its layers_to_transform {sorted(wanted)[:8]}")
+
+
+def check_identity(plan: MergePlan, *, force: bool) -> None:
+    """Refuse an adapter that may not be for this base (plan.mismatches), unless `force`."""
+    if plan.mismatches and not force:
+        more = f" (and {len(plan.mismatches) - 1} more)" if len(plan.mismatches) > 1 else ""
+        raise UserError(f"{plan.adapter_dir}: {plan.mismatches[0]}{more}; merge it into the base it was trained on "
+                        "(--force merges anyway)")
 
 
 def _check_replacements(plan: MergePlan) -> None:
@@ -634,17 +739,17 @@ def _terminate_as_exit() -> Iterator[None]:
 
 def merge(base: str, adapter: str, output: str, *, revision: str | None = None, dtype: str | None = None,
           nf4_dequantized_base: bool = False, max_shard_gb: float = 5.0, nf4_dtype: str = "bf16",
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
     with torch.no_grad(), _terminate_as_exit():  # no_grad scoped: callers in the same process keep autograd
         return _merge(base, adapter, output, revision=revision, dtype=dtype,
                       nf4_dequantized_base=nf4_dequantized_base, max_shard_gb=max_shard_gb, nf4_dtype=nf4_dtype,
-                      log=log)
+                      force=force, log=log)
 
 
 def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype: str | None, nf4_dequantized_base: bool,
-           max_shard_gb: float, nf4_dtype: str, log: Callable[[str], None]) -> dict[str, Any]:
+           max_shard_gb: float, nf4_dtype: str, force: bool, log: Callable[[str], None]) -> dict[str, Any]:
     check_shard_size(max_shard_gb)
     out = Path(output)
     adapter_dir = Path(adapter)
@@ -652,7 +757,8 @@ def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype:
     base_dir = resolve_base(base, revision)
     check_output(out, base_dir, adapter_dir)
     plan = plan_merge(base_dir, adapter_dir, dtype=dtype, nf4_dequantized_base=nf4_dequantized_base,
-                      max_shard_gb=max_shard_gb, nf4_dtype=nf4_dtype)
+                      max_shard_gb=max_shard_gb, nf4_dtype=nf4_dtype, base_name=base)
+    check_identity(plan, force=force)
     check_adapter_values(plan)
     nf4_how = None
     if nf4_dequantized_base:
@@ -757,6 +863,7 @@ def warnings_for(plan: MergePlan) -> list[str]:
                    "the merged model has none; copy one in before serving it")
     if plan.vocab_size is not None:
         out.append(f"the adapter resized the vocabulary: the merged config says vocab_size {plan.vocab_size}")
+    out += [f"--force: {m}" for m in plan.mismatches] + plan.notes
     return out
 
 
