@@ -44,9 +44,63 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+JSON_MAX_BYTES = 64 << 20  # ftkit's own records are KB to a few MB; anything larger is not one of them
+
+
+class UnreadableJson(json.JSONDecodeError):
+    """A file (or line) that is not the JSON ftkit wrote: not UTF-8, not JSON, nested too
+    deep, a number too long to convert. A JSONDecodeError (so a ValueError), so every caller
+    that handles a torn file handles these too; `reason` is the short cause."""
+
+    def __init__(self, reason: str, doc: str = "", pos: int | None = None) -> None:
+        super().__init__(reason, doc, pos or 0)
+        self.reason = reason
+        self.located = pos is not None  # lineno and colno say where (a JSON syntax error)
+
+    def at(self, path: str | os.PathLike[str]) -> str:
+        """`FILE:LINE:COL: reason` where the place is known, else `FILE: reason`."""
+        return f"{path}:{self.lineno}:{self.colno}: {self.reason}" if self.located else f"{path}: {self.reason}"
+
+
+def parse_json(data: bytes | str) -> Any:
+    """json.loads for bytes that came from a file: every way it can fail is UnreadableJson."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as e:
+        raise UnreadableJson(f"not UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except UnreadableJson:
+        raise
+    except json.JSONDecodeError as e:
+        raise UnreadableJson(f"not JSON: {e.msg}", e.doc, e.pos) from None
+    except RecursionError:
+        raise UnreadableJson("nested too deep") from None
+    except ValueError as e:  # an integer of 100,000 digits
+        raise UnreadableJson(f"not JSON ftkit reads: {str(e)[:100]}") from None
+
+
+def read_json(path: str | os.PathLike[str], max_bytes: int = JSON_MAX_BYTES) -> Any:
+    """A JSON file ftkit wrote, read as if anyone could have put it there: without blocking,
+    not through a final symlink, regular files only, at most `max_bytes`. A missing file is
+    FileNotFoundError as ever; anything else wrong is an OSError (UnsafeFile) or a ValueError
+    (UnreadableJson), so callers handle it as they handle a torn file."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):
+            raise UnsafeFile(path, "a symlink (ftkit reads no links here)" if e.errno == errno.ELOOP
+                             else "not a regular file") from e
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(path, f"{_kind(st.st_mode)}, not a regular file")
+        data = read_fd_bounded(fd, path, max_bytes)
+    finally:
+        os.close(fd)
+    return parse_json(data)
 
 
 # -- reading files that someone else may have put there ---------------------------------------

@@ -54,13 +54,24 @@ def doctor(machine_path: str | None, recipes: tuple[str, ...], runs_dir: Path | 
         drift = dr.compare(a, b)
         if as_json:
             click.echo(json.dumps([d.__dict__ for d in drift], indent=2, default=str))
-        elif not drift:
-            click.echo(f"no drift between {a.get('host')} ({compare[0].name}) and {b.get('host')} ({compare[1].name})")
-        else:
-            click.echo(f"drift between A = {a.get('host')} ({compare[0].name}) and B = {b.get('host')} ({compare[1].name}):")
-            w = max(len(d.field) for d in drift)
-            for d in drift:
-                click.echo(f"  {MARK.get(d.severity, d.severity)} {d.field.ljust(w)}  A: {d.a}  B: {d.b}  ({d.why})")
+        else:  # every value came from a file someone handed us: shown escaped, cut short
+            from ftkit.text import printable
+
+            def shown(v: object, limit: int = 80) -> str:
+                text = printable(str(v))
+                return text if len(text) <= limit else text[: limit - 3] + "..."
+
+            ha, hb = shown(a.get("host")), shown(b.get("host"))
+            na, nb = printable(compare[0].name), printable(compare[1].name)
+            if not drift:
+                click.echo(f"no drift between {ha} ({na}) and {hb} ({nb})")
+            else:
+                click.echo(f"drift between A = {ha} ({na}) and B = {hb} ({nb}):")
+                fields = [shown(d.field, 60) for d in drift]
+                w = max(len(f) for f in fields)
+                for d, f in zip(drift, fields, strict=True):
+                    click.echo(f"  {MARK.get(d.severity, d.severity)} {f.ljust(w)}  A: {shown(d.a)}  B: {shown(d.b)}  "
+                               f"({d.why})")
         if any(d.severity == "error" for d in drift):
             sys.exit(1)
         return

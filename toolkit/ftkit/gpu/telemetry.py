@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import os
 import threading
 import time
@@ -317,9 +318,17 @@ class Sampler:
             self._write_failed = True
 
 
+CSV_MAX_BYTES = 512 << 20  # about a day of samples from 8 GPUs every second
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     """telemetry.csv as rows of strings (empty list when there is none)."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    from ftkit.files import read_bounded
+
+    data = read_bounded(path, CSV_MAX_BYTES)  # never blocks or follows a link; OSError when refused
+    try:
+        return list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+    except csv.Error as e:  # a field past csv's limit, a NUL byte: not the file ftkit wrote
+        raise ValueError(f"not CSV ftkit reads: {e}") from None

@@ -25,6 +25,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -738,13 +739,15 @@ def _stale_runs(root: Path) -> list[tuple[Path, dict[str, Any]]] | None:
 
 
 def _stale_runs_by_pid(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    import json
+    from ftkit.files import read_json
 
     out = []
     for p in sorted(root.iterdir()):
         try:
-            st = json.loads((p / "state.json").read_text(encoding="utf-8"))
+            st = read_json(p / "state.json")  # never blocks on a FIFO, never follows a link
         except (OSError, ValueError):
+            continue
+        if not isinstance(st, dict):
             continue
         pid = st.get("pid")
         if st.get("status") != "running" or not isinstance(pid, int):
@@ -895,17 +898,51 @@ def _short(v: Any) -> Any:
 
 
 def load_snapshot(path: Path) -> dict[str, Any]:
-    import json
 
     from ftkit.errors import UserError
+    from ftkit.files import UnreadableJson, UnsafeFile, read_json
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, SNAPSHOT_MAX_BYTES)
+    except UnsafeFile as e:
+        raise UserError(f"{path}: cannot read: {e.reason}") from e
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}:{e.colno}: not JSON: {e.msg}") from e
+    except UnreadableJson as e:
+        raise UserError(e.at(path)) from e
     if not isinstance(data, dict) or data.get("ftkit_doctor") != SNAPSHOT_FORMAT:
         raise UserError(f"{path}: not an `ftkit doctor --json` snapshot (format {SNAPSHOT_FORMAT})",
                         hint="make one on each host with `ftkit doctor --json > HOST.json`")
+    for key, (ok, what) in SNAPSHOT_FIELDS.items():
+        if data.get(key) is not None and not ok(data[key]):
+            raise UserError(f"{path}: {key} is {type(data[key]).__name__}, not {what}: not a snapshot `ftkit doctor "
+                            "--json` wrote")
     return data
+
+
+SNAPSHOT_MAX_BYTES = 16 << 20
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool))
+
+
+def _map_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, dict) and all(x is None or ok(x) for x in v.values())
+
+
+def _list_of_objects(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+# The shape `compare` relies on, field by field (a hand-edited or hostile snapshot is refused, not a traceback).
+SNAPSHOT_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (_scalar, "a string or number") for k in ("host", "python", "ftkit", "torch_cuda", "nvml", "arch")},
+    **{k: (lambda v: _scalar(v) or isinstance(v, dict), "a string or an object") for k in ("gpu_driver", "cuda_driver")},
+    "docker": (lambda v: isinstance(v, dict), "an object"),
+    "packages": (_map_of(_scalar), "an object of versions"),
+    "images": (_map_of(_list_of_objects), "an object of lists of builds"),
+    "images_lock": (_map_of(lambda v: isinstance(v, dict)), "an object of lock records"),
+    "dist_env": (_map_of(_scalar), "an object of strings"),
+    "gpus": (_list_of_objects, "a list of objects"),
+}

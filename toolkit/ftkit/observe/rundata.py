@@ -7,13 +7,14 @@ Everything here tolerates a run that died half way: a missing or torn file is a 
 from __future__ import annotations
 
 import datetime as dt
-import json
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftkit.errors import UserError
+from ftkit.files import UnsafeFile, parse_json, read_bounded, read_json
 
 THROTTLE_FLAGS = ("hw_slowdown", "hw_power_brake", "sw_power_cap", "sw_thermal_slowdown", "hw_thermal_slowdown")
 BUSY_UTIL = 50.0
@@ -110,36 +111,176 @@ class RunData:
 
 
 def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
-    if not path.is_file():
+    """A JSON object file of the run, or {} with a note: never blocks (a FIFO), never
+    follows a link, never raises (binary, truncated, too deep, too large, not an object)."""
+    if not os.path.lexists(path):
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        problems.append(f"{path.name}: unreadable ({e})")
+        data = read_json(path)
+    except FileNotFoundError:
         return {}
-    return data if isinstance(data, dict) else {}
+    except UnsafeFile as e:
+        problems.append(f"{path.name}: unreadable ({e.reason})")
+        return {}
+    except (OSError, ValueError) as e:
+        problems.append(f"{path.name}: unreadable ({getattr(e, 'reason', None) or e})")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path.name}: not a JSON object (left out)")
+        return {}
+    return data
 
 
 def _read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
-    rows = []
+    """The JSON-object lines of a journal-like file (metrics.jsonl): bounded (a longer file
+    is read from its end), each bad line noted with its number, the torn last line of a run
+    killed mid-write passed over quietly."""
+    rows: list[dict[str, Any]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        size = os.lstat(path).st_size
+        data = read_bounded(path, JSONL_MAX_BYTES, tail=True)
     except OSError as e:
-        problems.append(f"{path}: unreadable ({e})")
+        problems.append(f"{path.name}: unreadable ({getattr(e, 'reason', None) or e.strerror or e})")
         return rows
+    if size > JSONL_MAX_BYTES:
+        problems.append(f"{path.name}: {size} bytes; only its last {JSONL_MAX_BYTES >> 20} MiB read")
+        data = data[data.find(b"\n") + 1:]  # the first line is cut
+    lines = data.split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()
+    bad = 0
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            # the last line of a run killed mid-write is expected to be torn
-            if n != len(lines):
-                problems.append(f"{path.name} line {n}: not JSON")
+            row = parse_json(line)
+        except ValueError as e:
+            if n != len(lines):  # the last line of a run killed mid-write is expected to be torn
+                bad += 1
+                if bad <= 5:
+                    problems.append(f"{path.name} line {n}: {getattr(e, 'reason', None) or 'not JSON'}")
             continue
-        if isinstance(row, dict):
-            rows.append(row)
+        if not isinstance(row, dict):
+            bad += 1
+            if bad <= 5:
+                problems.append(f"{path.name} line {n}: not a JSON object")
+            continue
+        if "step" in row and not _is_int(row["step"]):
+            bad += 1
+            if bad <= 5:
+                problems.append(f"{path.name} line {n}: step is {_kind(row['step'])}, not an integer (left out)")
+            continue
+        rows.append(row)
+    if bad > 5:
+        problems.append(f"{path.name}: {bad - 5} more bad lines")
     return rows
+
+
+# --------------------------------------------------------------------------- typed views
+# The files of a run directory are ftkit's own, but anyone can hand `report` a directory: each
+# is checked against the shape its readers rely on, and what does not fit is left out with a
+# note, so a report of a damaged run still renders.
+
+JSONL_MAX_BYTES = 256 << 20
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -(1 << 62) < v < (1 << 62)
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _obj(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _obj_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+def _str_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+
+
+def _obj_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, dict) for x in v.values())
+
+
+_TEXT = (_is_str, "a string")
+STATE_FIELDS = {"status": _TEXT, "started": _TEXT, "finished": _TEXT, "message": _TEXT, "failed_step": _TEXT,
+                "order": (_str_list, "a list of step names"), "steps": (_obj_map, "an object of step records")}
+STATE_STEP_FIELDS = {"status": _TEXT, "started": _TEXT, "finished": _TEXT, "error": _TEXT, "message": _TEXT,
+                     "reason": _TEXT, "seconds": (_is_num, "a number")}
+PLAN_FIELDS = {"recipe": _TEXT, "machine": _TEXT, "steps": (_obj_list, "a list of steps")}
+PLAN_STEP_FIELDS = {"id": _TEXT, "kind": _TEXT, "outputs": (_str_map, "an object of paths")}
+ENV_FIELDS = {"packages": (_obj, "an object"), "gpus": (_obj_list, "a list of objects")}
+EVAL_FIELDS = {"models": (_obj_map, "an object of per-model results")}
+
+
+def _typed(data: dict[str, Any], fields: dict[str, tuple[Any, str]], where: str,
+           problems: list[str]) -> dict[str, Any]:
+    """`data` without the fields whose value is not of the shape its readers expect (null is
+    as good as missing), one note for each left out."""
+    for key, (ok, what) in fields.items():
+        if data.get(key) is not None and not ok(data[key]):
+            problems.append(f"{where}: {key} is {_kind(data[key])}, not {what} (left out)")
+            del data[key]
+    return data
+
+
+def _read_recipe(path: Path, problems: list[str]) -> dict[str, Any]:
+    """recipe.resolved.yaml as the fairness check reads it: an object whose `steps` are
+    objects. Read bounded and without blocking; YAML's aliases are refused (a few lines of
+    them can expand to gigabytes), since ftkit writes none."""
+    if not os.path.lexists(path):
+        return {}
+    import yaml
+
+    try:
+        text = read_bounded(path, 16 << 20).decode("utf-8")
+        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise ValueError("it uses YAML aliases, which ftkit never writes")
+        data = yaml.safe_load(text)
+    except UnsafeFile as e:
+        problems.append(f"{path.name}: unreadable ({e.reason})")
+        return {}
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+        why = "nested too deep" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        problems.append(f"{path.name}: unreadable ({why})")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path.name}: not a mapping (left out)")
+        return {}
+    return _typed(data, {"steps": (_obj_list, "a list of steps")}, path.name, problems)
+
+
+def _typed_state(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    _typed(data, STATE_FIELDS, "state.json", problems)
+    for sid, entry in (data.get("steps") or {}).items():
+        _typed(entry, STATE_STEP_FIELDS, f"state.json: step {sid}", problems)
+    return data
+
+
+def _typed_plan(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    _typed(data, PLAN_FIELDS, "plan.json", problems)
+    for n, step in enumerate(data.get("steps") or []):
+        _typed(step, PLAN_STEP_FIELDS, f"plan.json: steps[{n}]", problems)
+    return data
 
 
 def _checkpoints(root: Path, metrics: list[dict[str, Any]]) -> list[Checkpoint]:
@@ -178,18 +319,10 @@ def load_run(path: Path) -> RunData:
         raise UserError(f"{path}: not a run directory (no state.json or plan.json)",
                         hint="give a directory `ftkit up` made, e.g. runs/20260101T120000Z-quickstart")
     rd = RunData(path)
-    rd.state = _read_json(path / "state.json", rd.problems)
-    rd.plan = _read_json(path / "plan.json", rd.problems)
-    rd.env = _read_json(path / "env.json", rd.problems)
-    try:
-        import yaml
-
-        data = yaml.safe_load((path / "recipe.resolved.yaml").read_text(encoding="utf-8"))
-        rd.recipe = data if isinstance(data, dict) else {}
-    except FileNotFoundError:
-        pass
-    except (OSError, yaml.YAMLError) as e:
-        rd.problems.append(f"recipe.resolved.yaml: unreadable ({e})")
+    rd.state = _typed_state(_read_json(path / "state.json", rd.problems), rd.problems)
+    rd.plan = _typed_plan(_read_json(path / "plan.json", rd.problems), rd.problems)
+    rd.env = _typed(_read_json(path / "env.json", rd.problems), ENV_FIELDS, "env.json", rd.problems)
+    rd.recipe = _read_recipe(path / "recipe.resolved.yaml", rd.problems)
     steps = [s for s in rd.plan.get("steps") or [] if isinstance(s, dict)]
     trains = [s for s in steps if s.get("kind") == "train"]
     if not trains and not steps:  # no plan: look for the files themselves
@@ -199,25 +332,25 @@ def load_run(path: Path) -> RunData:
         sid = str(s.get("id"))
         outputs = s.get("outputs") or {}
         mpath = path / outputs.get("metrics", f"steps/{sid}/metrics.jsonl")
-        rd.metrics[sid] = _read_jsonl(mpath, rd.problems) if mpath.is_file() else []
+        rd.metrics[sid] = _read_jsonl(mpath, rd.problems) if os.path.lexists(mpath) else []
         rd.train_summaries[sid] = _read_json(path / "steps" / sid / "train_summary.json", rd.problems)
         rd.checkpoints[sid] = _checkpoints(path / "steps" / sid / "checkpoints", rd.metrics[sid])
     for s in steps:
         if s.get("kind") == "eval":
             sid = str(s.get("id"))
             summary = path / (s.get("outputs") or {}).get("summary", f"steps/{sid}/summary.json")
-            data = _read_json(summary, rd.problems)
+            data = _typed(_read_json(summary, rd.problems), EVAL_FIELDS, summary.name, rd.problems)
             if data:
                 rd.evals[sid] = data
     if not steps:
         for p in sorted(path.glob("steps/*/summary.json")):
-            rd.evals[p.parent.name] = _read_json(p, rd.problems)
+            rd.evals[p.parent.name] = _typed(_read_json(p, rd.problems), EVAL_FIELDS, p.name, rd.problems)
     from ftkit.gpu.telemetry import read_csv
 
     try:
         rd.telemetry = read_csv(path / "telemetry.csv")
     except (OSError, ValueError) as e:
-        rd.problems.append(f"telemetry.csv: unreadable ({e})")
+        rd.problems.append(f"telemetry.csv: unreadable ({getattr(e, 'reason', None) or e})")
     return rd
 
 
