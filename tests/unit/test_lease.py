@@ -227,7 +227,7 @@ def test_bad_arguments_exit_2(lease_env: dict[str, str], monkeypatch: pytest.Mon
         (["--gpus", "0"], "no command"),
         (["--gpus", "0", "--no-wait", "--timeout", "3", "--", "true"], "exclude each other"),
         (["--gpus", "0", "--sleep-url", "http://127.0.0.1:1", "--", "true"], "--sleep-url is for --role serve"),
-        (["--gpus", "0", "--role", "serve", "--sleep-url", "localhost:8000", "--", "true"], "not an http(s) URL"),
+        (["--gpus", "0", "--role", "serve", "--sleep-url", "localhost:8000", "--", "true"], "not a loopback http URL"),
         (["--gpus", "0", "--max-power-w", "1=300", "--", "true"], "GPU 1 is not among --gpus"),
         (["--gpus", "0", "--max-power-w", "lots", "--", "true"], "watts must be a number"),
         (["--gpus", "0", "--role", "boss", "--", "true"], "boss"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ftkit.cli.params import CheckedPath
 from ftkit.errors import UserError
 
 
@@ -25,7 +26,7 @@ def _user(text: str | None) -> tuple[int, int]:
 @click.argument("recipe", type=click.Path(path_type=str))
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
               help="machine profile (default: this host, detected)")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path),
               help="the stack directory: compose.yaml, .env, README.md and run/ go here")
 @click.option("--user", "user_text", metavar="UID:GID", default=None,
               help="the containers' user, written to .env (default: yours, so the run directory stays yours)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ftkit.cli.params import CheckedPath
 from ftkit.errors import ConfigError, ConfigIssue
 
 
@@ -59,7 +60,7 @@ def _check_against(loaded, machine) -> None:  # type: ignore[no-untyped-def]
 
 @click.command()
 @click.option("--kind", type=click.Choice(["recipe", "machine"]), default="recipe", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="write to a file instead of stdout")
+@click.option("-o", "--output", type=CheckedPath(dir_okay=False, path_type=str), help="write to a file instead of stdout")
 def schema(kind: str, output: str | None) -> None:
     """Print the JSON Schema of recipes (or machine profiles), for editors and CI."""
     from ftkit.recipe.models import json_schema
@@ -102,7 +103,7 @@ def plan(recipe: str, machine_path: str | None, executor: str | None, as_json: b
               "(default: ftkit-<recipe>)")
 @click.option("--namespace", default=None, help="the namespace of the TrainJob")
 @click.option("--image", default=None, help="the image as the cluster pulls it (default: the plan's tag)")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="write to a file instead of stdout")
+@click.option("-o", "--output", type=CheckedPath(dir_okay=False, path_type=str), help="write to a file instead of stdout")
 def export(recipe: str, machine_path: str | None, target: str, step_id: str | None, pvc: str | None,
            namespace: str | None, image: str | None, output: str | None) -> None:
     """Write the plan's (multi-node) train step for a cluster engine: a Kubeflow TrainJob
@@ -113,7 +114,12 @@ def export(recipe: str, machine_path: str | None, target: str, step_id: str | No
     from ftkit.errors import UserError
     from ftkit.plan import export_trainjob as tj
     from ftkit.run.planning import prepare
+    from ftkit.strict import dns_label, dns_subdomain
 
+    if namespace is not None:  # before the plan: kubectl would refuse the manifest only when applied
+        dns_label(namespace, "--namespace")
+    if pvc is not None:
+        dns_subdomain(pvc, "--pvc")
     prepared = prepare(recipe, machine_path, executor="docker", run_dir="/ftkit/run")
     prepared.check()
     try:

@@ -6,11 +6,13 @@ import json
 
 import click
 
+from ftkit.cli.params import CheckedPath, FiniteFloat
+
 
 @click.command()
 @click.option("--base", required=True, help="base model: a local directory or a hub id (with --revision)")
-@click.option("--adapter", required=True, type=click.Path(file_okay=False, path_type=str), help="LoRA adapter directory")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+@click.option("--adapter", required=True, type=CheckedPath(file_okay=False, path_type=str), help="LoRA adapter directory")
+@click.option("-o", "--output", required=True, type=CheckedPath(fills=True, system_ok=False, path_type=str),
               help="new directory for the merged model (not inside the base or the adapter)")
 @click.option("--revision", default=None, help="hub commit of the base model")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
@@ -20,7 +22,7 @@ import click
 @click.option("--nf4-dtype", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True,
               help="with --nf4-dequantized-base: the precision QLoRA loaded the base in before quantizing it "
               "(the train step's precision)")
-@click.option("--max-shard-gb", type=float, default=5.0, show_default=True)
+@click.option("--max-shard-gb", type=FiniteFloat(0, 10_000, min_open=True), default=5.0, show_default=True)
 @click.option("--force", is_flag=True, help="merge an adapter whose config says it was trained on another base, or "
               "for other modules or layers than its weights (a warning instead of a refusal)")
 @click.option("--dry-run", is_flag=True, help="check the inputs, print the RAM and disk the merge needs and what it "

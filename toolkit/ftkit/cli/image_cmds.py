@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ftkit.cli.params import CheckedPath
+
 IMAGES = ("train", "serve", "all")
 
 
@@ -26,18 +28,18 @@ def _targets(image: str, variant: str | None, machine_has_gpus: bool) -> list[tu
 @click.option("--variant", help="variant of that image (default: cpu/vllm-cpu on CPU machines, cuda13.0/vllm with GPUs)")
 @click.option("--base-image", callback=lambda ctx, param, value: _image_ref(value),
               help="build FROM this image instead of the variant's base (it must have the variant's Python)")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--ca-bundle", type=CheckedPath(dir_okay=False, path_type=Path),
               help="CA bundle for TLS-intercepting proxies; used during the build only, never left in the image")
-@click.option("--wheelhouse", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--wheelhouse", type=CheckedPath(file_okay=False, path_type=Path),
               help="local wheels standing in for unreachable indexes (locks still apply)")
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="machine profile (ca_bundle, docker host)")
 @click.option("--force", is_flag=True, help="build even when the tag exists")
 @click.option("--no-cache", is_flag=True,
               help="with --force: run every Dockerfile step again, reusing no cached layer (pip's download cache still applies)")
 @click.option("--no-buildkit", is_flag=True, help="use the docker SDK's classic builder")
-@click.option("--images-lock", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--images-lock", type=CheckedPath(dir_okay=False, path_type=Path), default=None,
               help="where to record what was built (default: images.lock.json in the checkout)")
-@click.option("--from-lock", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+@click.option("--from-lock", type=CheckedPath(dir_okay=False, exists=True, path_type=Path), default=None,
               help="rebuild what an images.lock.json records and verify the same dependency set came out")
 @click.option("--skip-driver-check", is_flag=True, help="do not check the NVIDIA driver against CUDA variants")
 @click.option("--dry-run", is_flag=True, help="print the Dockerfile(s), build context, tag and command; build nothing")
@@ -164,7 +166,7 @@ def _print_dry_run(spec, cli, no_cache: bool = False) -> None:  # type: ignore[n
 @click.command()
 @click.option("--image", type=click.Choice(IMAGES), default="all", show_default=True)
 @click.option("--variant", help="one variant (default: every variant of the image)")
-@click.option("--find-links", multiple=True, type=click.Path(file_okay=False, path_type=str),
+@click.option("--find-links", multiple=True, type=CheckedPath(file_okay=False, path_type=str),
               help="local wheel directories standing in for the variant's extra indexes "
                    "(e.g. the CPU torch wheel when download.pytorch.org is out of reach)")
 @click.option("--index-url", default="https://pypi.org/simple", show_default=True)

@@ -9,25 +9,28 @@ from pathlib import Path
 
 import click
 
+from ftkit.cli.params import SECONDS, CheckedPath
+
 
 @click.command(context_settings={"allow_interspersed_args": False})
 @click.option("--gpus", "gpus_text", metavar="0,1", help="host GPU indices (as the plan and nvidia-smi number "
               "them), or UUIDs; `none` or empty: no GPU, run the command directly")
 @click.option("--role", type=click.Choice(["train", "serve"]), default="train", show_default=True,
               help="train (also merge/eval) waits its turn and never yields; serve is preemptible")
-@click.option("--lease-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--lease-dir", type=CheckedPath(file_okay=False, path_type=Path), default=None,
               help="the lease directory (default: $FTKIT_LEASE_DIR, else /run/lock/ftkit where writable, "
               "else ~/.cache/ftkit/lease)")
 @click.option("--wait/--no-wait", default=True, help="wait for busy GPUs (default), or fail at once (exit 75)")
-@click.option("--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 75)")
+@click.option("--timeout", type=SECONDS, default=None, metavar="S", help="give up after S seconds (exit 75)")
 @click.option("--service", default=None, help="name in the holder record (default: $FTKIT_SERVICE)")
-@click.option("--grace", type=float, default=30.0, show_default=True, metavar="S",
+@click.option("--grace", type=SECONDS, default=30.0, show_default=True, metavar="S",
               help="serve: seconds between SIGTERM and SIGKILL when the engine yields")
 @click.option("--max-power-w", "max_power", default=None, metavar="W|0=W,1=W",
               help="refuse to start while a GPU's enforced power limit is above this cap")
 @click.option("--sleep-url", default=None, metavar="URL",
               help="serve: put vLLM to sleep (POST URL/sleep?level=1) instead of stopping it; needs "
-              "VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode; use a loopback URL")
+              "VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode; loopback only: http://127.0.0.1:PORT, "
+              "http://[::1]:PORT or http://localhost:PORT")
 @click.option("--show", is_flag=True, help="list who holds and who waits for GPUs, and exit")
 @click.option("--json", "as_json", is_flag=True, help="with --show: JSON")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -61,12 +64,10 @@ def lease(gpus_text: str | None, role: str, lease_dir: Path | None, wait: bool, 
                         hint="ftkit lease --gpus 0,1 --role train -- COMMAND...")
     if timeout is not None and not wait:
         raise UserError("--timeout and --no-wait exclude each other")
-    if timeout is not None and timeout < 0:
-        raise UserError("--timeout must be >= 0")
-    if grace < 0:
-        raise UserError("--grace must be >= 0")
-    if sleep_url is not None and not sleep_url.startswith(("http://", "https://")):
-        raise UserError(f"--sleep-url: {sleep_url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
+    if sleep_url is not None:
+        from ftkit.strict import loopback_http_url
+
+        loopback_http_url(sleep_url, "--sleep-url")
 
     from ftkit.lease.backstops import parse_power_caps
     from ftkit.lease.gpus import parse_gpus

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -37,6 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     except FtkitError as e:
         click.echo(e.render() if not e.render().startswith("ftkit:") else e.render(), err=True)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        # a path the kernel refuses by its length, wherever it was built (a name from a recipe, a profile's
+        # path): the flags are checked when read (ftkit.cli.params), this names the rest in one line
+        from ftkit.strict import describe_too_long
+
+        click.echo(describe_too_long(e), err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ftkit.cli.params import CheckedPath, FiniteFloat
+
 MARK = {"ok": "ok   ", "info": "info ", "warn": "WARN ", "error": "ERROR"}
 
 
@@ -26,11 +28,11 @@ def _machine(machine_path: str | None):  # type: ignore[no-untyped-def]
               help="machine profile to check against (default: this host, detected)")
 @click.option("--recipe", "recipes", multiple=True, type=click.Path(path_type=str),
               help="estimate the disk these recipes need (model download, checkpoints, merges); repeatable")
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--runs-dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None,
               help="where run directories are (default: the profile's paths.runs, else ./runs)")
 @click.option("--offline", is_flag=True, help="do not ask a web server for the time (clock-skew check)")
 @click.option("--json", "as_json", is_flag=True, help="print a machine snapshot (facts + findings) for --compare")
-@click.option("--compare", nargs=2, type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+@click.option("--compare", nargs=2, type=CheckedPath(dir_okay=False, exists=True, path_type=Path), default=None,
               metavar="A.json B.json", help="show drift between two hosts' `doctor --json` snapshots")
 @click.option("--cluster", "cluster", is_flag=True,
               help="run the doctor on every node of the profile's cluster (in the training image, through each "
@@ -100,8 +102,8 @@ def doctor(machine_path: str | None, recipes: tuple[str, ...], runs_dir: Path | 
 
 
 @click.command()
-@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.argument("runs", nargs=-1, required=True, type=CheckedPath(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", "-o", "out_dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None,
               help="where to write the report (default: RUN/report/, or RUN/report-vs-RUN2/ for two runs)")
 def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
     """Report on a run (or compare two): a self-contained HTML page, a Markdown summary and
@@ -136,11 +138,11 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
               help="machine profile (default: this host, detected)")
 @click.option("--executor", type=click.Choice(["docker", "local"]), default=None,
               help="run steps in the images or in this Python environment (default: the profile's)")
-@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "-o", "out_dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None,
               help="bench directory (default: RUNS/bench-<UTC timestamp>-<recipe>/)")
 @click.option("--repeat", type=click.IntRange(1, 10), default=1, show_default=True,
               help="runs per GPU set, alternating; the median stands")
-@click.option("--keep-efficiency", type=click.FloatRange(0.05, 1.0), default=0.70, show_default=True,
+@click.option("--keep-efficiency", type=FiniteFloat(0.05, 1.0), default=0.70, show_default=True,
               help="scaling efficiency at or above which the multi-GPU plan is kept")
 @click.option("--bottleneck", help="your bottleneck statement (metric, threshold, why it matters), quoted in decision.md")
 @click.option("--dry-run", is_flag=True, help="print each GPU set's variant and plan; run nothing")

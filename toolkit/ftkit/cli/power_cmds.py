@@ -20,13 +20,13 @@ def _nvml():  # type: ignore[no-untyped-def]
 
 
 def _gpus(text: str | None) -> list[int] | None:
+    """`all` -> None; `0,1` -> [0, 1], in ASCII digits only (the same reader as `ftkit lease`)."""
+    from ftkit.strict import gpu_index
+
     if text is None or text == "all":
         return None
-    try:
-        out = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"--gpus {text!r}: give GPU indices like 0,1 (or all)") from None
-    if not out or min(out) < 0:
+    out = sorted({gpu_index(x) for x in text.split(",") if x.strip()})
+    if not out:
         raise UserError(f"--gpus {text!r}: give GPU indices like 0,1 (or all)")
     return out
 
@@ -68,9 +68,10 @@ def set_cmd(gpus: str, watts: int, dry_run: bool) -> None:
     """Cap GPUs at WATTS (recording each GPU's original limit first). Needs root on a real GPU."""
     from ftkit.gpu import power as pw
 
+    wanted = _gpus(gpus)  # refused before NVML is opened
     nv = _nvml()
     try:
-        indices = _gpus(gpus) or [g.index for g in nv.inventory()]
+        indices = wanted or [g.index for g in nv.inventory()]
         for g in nv.inventory():
             if g.index in indices and g.power_min_w and g.power_max_w and not g.power_min_w <= watts <= g.power_max_w:
                 raise UserError(f"{watts} W is outside GPU {g.index}'s allowed range {g.power_min_w:g}-{g.power_max_w:g} W")
@@ -95,6 +96,7 @@ def restore(gpus: str, force: bool, forget: bool, dry_run: bool) -> None:
     ftkit run still caps keeps that cap unless --force."""
     from ftkit.gpu import power as pw
 
+    wanted = _gpus(gpus)  # refused before anything is read or changed
     recorded = pw.read_originals()
     if not recorded:
         click.echo("nothing to restore: no GPU limit was changed by ftkit")
@@ -105,7 +107,7 @@ def restore(gpus: str, force: bool, forget: bool, dry_run: bool) -> None:
         return
     nv = _nvml()
     try:
-        report = pw.restore(nv, _gpus(gpus), force=force, forget=forget)
+        report = pw.restore(nv, wanted, force=force, forget=forget)
     finally:
         nv.close()
     for idx, watts in sorted(report.changed.items()):

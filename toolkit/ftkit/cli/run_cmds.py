@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ftkit.cli.params import CheckedPath
 from ftkit.errors import UserError
 
 
@@ -42,11 +43,11 @@ def _find_run(run: str | None, root: Path) -> Path:
 @click.argument("recipe", required=False, type=click.Path(path_type=str))
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
               help="machine profile (default: this host, detected; steps run locally)")
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--runs-dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None,
               help="where run directories go (default: the profile's paths.runs, else ./runs)")
 @click.option("--executor", type=click.Choice(["docker", "local"]), default=None,
               help="run steps in the images (docker) or in this Python environment (local); default: the profile's")
-@click.option("--resume", "resume_run", type=click.Path(file_okay=False, path_type=str), default=None,
+@click.option("--resume", "resume_run", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=str), default=None,
               help="continue this run directory: finished steps are not redone, training resumes from its "
                    "newest complete checkpoint")
 @click.option("--dry-run", is_flag=True, help="print exactly what would run, and run nothing")
@@ -74,6 +75,11 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
         made: list[Path] = []  # directories the reservation created, removed again if the run is refused
 
         def where(res) -> str:  # type: ignore[no-untyped-def]
+            from ftkit.strict import checked_path
+
+            # the profile's paths.runs meets the same checks as --runs-dir (CheckedPath), before anything is made
+            checked_path(str(runs_dir or runs_root(res.machine)), "--runs-dir" if runs_dir else
+                         f"{res.machine.name}: paths.runs", fills=True, system_ok=False)
             root = (runs_dir or runs_root(res.machine)).resolve()
             if not dry_run:
                 made.extend(p for p in [root, *root.parents] if not p.exists())
@@ -178,7 +184,7 @@ def _prepare_resume(run_dir: str, dry_run: bool):  # type: ignore[no-untyped-def
 
 @click.command()
 @click.argument("run", required=False)
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--runs-dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None)
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="for its paths.runs")
 @click.option("--json", "as_json", is_flag=True)
 def status(run: str | None, runs_dir: Path | None, machine_path: str | None, as_json: bool) -> None:
@@ -229,7 +235,7 @@ def _lease_lines(run: Path) -> None:
 @click.command()
 @click.argument("run")
 @click.argument("step", required=False)
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--runs-dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None)
 @click.option("--follow", "-f", is_flag=True, help="keep printing as the log grows (until the run ends)")
 def logs(run: str, step: str | None, runs_dir: Path | None, follow: bool) -> None:
     """Print a step's log (default: the step running now, else the last one that ran)."""
@@ -265,7 +271,7 @@ def logs(run: str, step: str | None, runs_dir: Path | None, follow: bool) -> Non
 
 @click.command()
 @click.argument("run", required=False)
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--runs-dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None)
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="for its paths.runs")
 def down(run: str | None, runs_dir: Path | None, machine_path: str | None) -> None:
     """Stop what a run left running (servers, containers). A run whose ftkit died is also

@@ -13,10 +13,12 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 from ftkit.errors import GpuError, LeaseRefused, UserError
 from ftkit.lease.gpus import GpuRef
+from ftkit.strict import ascii_int, finite_float
 
 # After the previous holder exits, the driver takes a moment to free its memory.
 SETTLE_S = 10.0
 POWER_SLACK_W = 0.5  # NVML reports milliwatts; a limit set to the cap reads back exactly
+MAX_CAP_W = 5000  # `ftkit power set --watts` takes 1-5000: a cap above it is a typo, not a cap
 
 
 def parse_power_caps(text: str | None, gpus: Sequence[int | str]) -> dict[int | None, float]:
@@ -29,17 +31,19 @@ def parse_power_caps(text: str | None, gpus: Sequence[int | str]) -> dict[int | 
         watts = item
         if "=" in item:
             k, watts = (s.strip() for s in item.split("=", 1))
-            if not k.isdigit():
+            index = ascii_int(k)
+            if index is None:
                 raise UserError(f"--max-power-w: {item!r}: expected GPU=WATTS, e.g. 0=350")
-            key = int(k)
+            key = index
             if key not in gpus:
                 raise UserError(f"--max-power-w: GPU {key} is not among --gpus")
-        try:
-            w = float(watts)
-        except ValueError:
-            raise UserError(f"--max-power-w: {item!r}: watts must be a number") from None
+        w = finite_float(watts)  # not float(): it reads 1e999 as inf, and nan passes every bound
+        if w is None:
+            raise UserError(f"--max-power-w: {item!r}: watts must be a number (finite, in ASCII digits)")
         if not w > 0:
             raise UserError(f"--max-power-w: {item!r}: watts must be positive")
+        if w > MAX_CAP_W:
+            raise UserError(f"--max-power-w: {item!r}: watts must be at most {MAX_CAP_W} (as for ftkit power set)")
         if key in caps:
             raise UserError(f"--max-power-w: GPU {key if key is not None else '(all)'} is given twice")
         caps[key] = w

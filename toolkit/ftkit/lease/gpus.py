@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ftkit.errors import GpuError, UserError
+from ftkit.strict import MAX_GPU_INDEX, ascii_int
 
 VISIBLE_ENV = "NVIDIA_VISIBLE_DEVICES"
 _UUID = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]+$")
@@ -56,7 +57,8 @@ class GpuRef:
 
 
 def parse_gpus(text: str | None) -> list[int | str]:
-    """`0,1` -> [0, 1]; `none` or empty -> [] (no GPU); UUIDs pass through. Exit 2 on junk."""
+    """`0,1` -> [0, 1]; `none` or empty -> [] (no GPU); UUIDs pass through. Exit 2 on junk,
+    including digits that are not ASCII (`int("١")` is 1: a typo must not lease GPU 1)."""
     if text is None:
         return []
     text = text.strip()
@@ -64,13 +66,14 @@ def parse_gpus(text: str | None) -> list[int | str]:
         return []
     out: list[int | str] = []
     for tok in (t.strip() for t in text.split(",")):
-        if tok.isdigit():
-            item: int | str = int(tok)
-        elif _UUID.match(tok):
+        index = ascii_int(tok)
+        if index is not None and index <= MAX_GPU_INDEX:
+            item: int | str = index
+        elif _UUID.fullmatch(tok):
             item = tok
         else:
-            raise UserError(f"--gpus: {tok!r} is not a GPU index (0, 1, ...) or UUID (GPU-...)",
-                            hint="--gpus takes host indices, e.g. --gpus 0,1, or `none`")
+            raise UserError(f"--gpus: {tok!r} is not a GPU index (0, 1, ... in ASCII digits) or UUID (GPU-...); "
+                            "--gpus takes host indices, e.g. --gpus 0,1, or `none`")
         if item in out:
             raise UserError(f"--gpus: GPU {tok} is named twice")
         out.append(item)
@@ -115,7 +118,7 @@ def resolve(gpus: Sequence[int | str], nvml: object | None) -> tuple[list[GpuRef
     visible = _visible()
     # A container view: NVML sees exactly the devices Docker passed, renumbered.
     container = visible is not None and len(visible) == len(uuids) and len(visible) > 0
-    visible_idx = sorted(int(v) for v in visible) if container and visible and all(v.isdigit() for v in visible) else None
+    visible_idx = sorted(int(v) for v in visible) if container and visible and all(ascii_int(v) is not None for v in visible) else None
     refs = []
     for g in gpus:
         if isinstance(g, str):

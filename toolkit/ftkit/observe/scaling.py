@@ -41,6 +41,7 @@ from typing import Any
 
 from ftkit.errors import ConfigError, FtkitError, UserError
 from ftkit.observe.rundata import RunData, gpu_summary, load_run, throughput
+from ftkit.strict import gpu_index
 
 KEEP = "keep the multi-GPU plan"
 SIMPLIFY = "simplify to workload sharding"
@@ -132,11 +133,8 @@ class Decision:
 def parse_gpu_sets(values: tuple[str, ...] | list[str]) -> list[list[int]]:
     sets: list[list[int]] = []
     for v in values:
-        try:
-            gpus = [int(x) for x in v.replace(" ", "").split(",") if x != ""]
-        except ValueError:
-            raise UserError(f"--gpus {v!r}: give GPU indices separated by commas, e.g. --gpus 0 --gpus 0,1") from None
-        if not gpus or any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        gpus = [gpu_index(x) for x in v.replace(" ", "").split(",") if x != ""]  # ASCII digits only
+        if not gpus or len(set(gpus)) != len(gpus):
             raise UserError(f"--gpus {v!r}: give distinct GPU indices, e.g. 0,1")
         if sorted(gpus) in [sorted(s) for s in sets]:
             raise UserError(f"--gpus {v!r} is given twice")
