@@ -1,5 +1,6 @@
 """Atomic file writes (a reader, or a crash, never sees half a file) and bounded reads of
-files that someone else may have put in place (never blocking, never through a link)."""
+files that someone else may have put in place (never blocking, never through a link), and
+opening logs without following links (ftkit never writes through a link in a run directory)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
@@ -180,3 +181,29 @@ def read_fd_bounded(fd: int, path: str | os.PathLike[str], max_bytes: int, *, ta
         if isinstance(e, UnsafeFile):
             raise
         raise UnsafeFile(path, e.strerror or str(e)) from e
+
+
+def open_append(path: str | os.PathLike[str], *, binary: bool = False) -> IO[Any]:
+    """Open a log for appending, created 0644 when missing, never through a symlink and never
+    a FIFO or device (O_NOFOLLOW, O_NONBLOCK for the open, then a regular-file check): a link
+    planted where a log goes must not send ftkit's writes elsewhere. Raises OSError naming
+    the path."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # the last component is a symlink
+            raise OSError(e.errno, "a symbolic link: ftkit does not write through links", str(path)) from None
+        if e.errno == errno.ENXIO:  # a FIFO nobody reads (O_NONBLOCK: refused, not a hang)
+            raise OSError(e.errno, "not a regular file: ftkit writes logs only to regular files", str(path)) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file: ftkit writes logs only to regular files", str(path))
+        os.set_blocking(fd, True)
+        if binary:
+            return os.fdopen(fd, "ab")
+        return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+    except BaseException:
+        os.close(fd)
+        raise

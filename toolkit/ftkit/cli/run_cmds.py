@@ -150,21 +150,26 @@ def _clean_stale(root: Path) -> None:
 
 
 def _prepare_resume(run_dir: str, dry_run: bool):  # type: ignore[no-untyped-def]
-    from ftkit.files import read_json
-    from ftkit.plan.spec import Plan
-    from ftkit.run.rundir import RunDir
-    from ftkit.run.stale import is_stale, state_of, stop_leftovers
+    """Everything `--resume` trusts is checked here, before anything runs or is written: the
+    run directory is only its owner's and holds no links, plan.json is the one the run started
+    with (its digest), and it loads back into a Plan of the right types."""
+    from ftkit.plan.spec import Plan, PlanFormatError
+    from ftkit.run.rundir import RunDir, check_resumable
+    from ftkit.run.stale import is_stale, stop_leftovers
 
-    path = Path(run_dir).resolve()
-    if not (path / "plan.json").is_file() or not (path / "state.json").is_file():
-        raise UserError(f"{run_dir}: not a run directory (needs plan.json and state.json)")
     try:
-        plan = Plan.from_dict(read_json(path / "plan.json"))
-        if not isinstance(plan.steps, list) or not isinstance(plan.docker, dict) or not plan.steps:
-            raise ValueError("no steps")
-    except Exception as e:  # noqa: BLE001 - a hand-edited or truncated plan.json: refuse, never trace back
-        raise UserError(f"{path / 'plan.json'}: not a plan this ftkit can resume ({e.__class__.__name__}: {e})") from None
-    st = state_of(path)
+        path = Path(run_dir).resolve()
+    except (OSError, RuntimeError) as e:  # a link loop, a name too long
+        raise UserError(f"{run_dir}: not a run directory ({e})") from None
+    inputs = check_resumable(path)
+    try:
+        plan = Plan.from_dict(json.loads(inputs.plan_bytes))
+    except PlanFormatError as e:
+        raise UserError(f"{path / 'plan.json'}: not a plan this ftkit can resume ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or binary plan.json: refuse, never trace back
+        raise UserError(f"{path / 'plan.json'}: not a plan this ftkit can resume "
+                        f"({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    st = inputs.state
     if not (isinstance(st.get("steps"), dict) and isinstance(st.get("order"), list)
             and all(isinstance(v, dict) for v in st["steps"].values())):
         raise UserError(f"{path / 'state.json'}: not a journal this ftkit can resume (unreadable or edited)")

@@ -4,11 +4,15 @@ Refuses (exit 2, nothing written) to write into a directory that holds something
 than an ftkit stack, and to overwrite a `.env` that differs from the one it would write -
 that file is where people move a stack to another machine, so silently replacing it would
 throw their edits away (`--force` does it anyway; new image tags alone are not edits). Files are written atomically, compose.yaml
-last: a stack interrupted halfway has no compose.yaml to start.
+last: a stack interrupted halfway has no compose.yaml to start. A symbolic link inside the
+stack (`run/` or `run/configs` pointing elsewhere) is refused even with `--force`: the
+configs would be written wherever it points.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from ftkit.compose.render import HEADER_MARK, Stack
@@ -26,10 +30,14 @@ def stack_files(stack: Stack) -> dict[str, str]:
 
 
 def check_target(out_dir: Path, stack: Stack, *, force: bool) -> None:
-    """Raise UserError when writing the stack into `out_dir` would destroy something."""
+    """Raise UserError when writing the stack into `out_dir` would destroy something, or
+    would write through a link."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
-    if not out_dir.is_dir() or force:
+    if not out_dir.is_dir():
+        return
+    _refuse_links(out_dir, stack_files(stack))
+    if force:
         return
     compose = out_dir / "compose.yaml"
     entries = [p.name for p in out_dir.iterdir()]
@@ -50,11 +58,38 @@ def check_target(out_dir: Path, stack: Stack, *, force: bool) -> None:
 def write_stack(out_dir: Path, stack: Stack, *, force: bool = False) -> list[Path]:
     check_target(out_dir, stack, force=force)
     written = []
-    for rel, content in stack_files(stack).items():
+    files = stack_files(stack)
+    for rel, content in files.items():
         path = out_dir / rel
+        _refuse_links(out_dir, {rel: content})  # again just before: a directory made meanwhile
         write_atomic(path, content)
         written.append(path)
     return written
+
+
+def _refuse_links(out_dir: Path, files: dict[str, str]) -> None:
+    """Every directory between `out_dir` and a file of the stack, and the file itself, is a
+    real directory or regular file when it exists: never a link (lstat, not followed)."""
+    seen: set[Path] = set()
+    for rel in files:
+        here = out_dir
+        parts = rel.split("/")
+        for i, part in enumerate(parts):
+            here = here / part
+            last = i == len(parts) - 1
+            if here in seen:
+                continue
+            seen.add(here)
+            try:
+                mode = os.lstat(here).st_mode
+            except FileNotFoundError:
+                break
+            if stat.S_ISLNK(mode):
+                raise UserError(f"{here}: a symbolic link in the stack directory; ftkit compose does not write "
+                                "through links (remove it, or choose another directory)")
+            if not (stat.S_ISREG(mode) if last else stat.S_ISDIR(mode)):
+                raise UserError(f"{here}: not a {'regular file' if last else 'directory'}; ftkit compose writes "
+                                "the stack's files only over its own")
 
 
 def _values(text: str) -> dict[str, str]:

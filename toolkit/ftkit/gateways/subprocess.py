@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from ftkit.errors import CommandFailed, FtkitError
+from ftkit.files import open_append
 
 TAIL_LINES = 40
 PR_SET_PDEATHSIG = 1
@@ -111,7 +112,7 @@ def run(
     try:
         if log_file is not None:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            log = open(log_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+            log = open_append(log_file)  # never through a link planted where the log goes
             log.write(f"$ {quote(argv)}\n")
             log.flush()
         try:
@@ -251,7 +252,7 @@ def start(
     argv = [str(a) for a in argv]
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as log:
+    with open_append(path, binary=True) as log:
         log.write(f"$ {quote(argv)}\n".encode())
         log.flush()
         try:

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ftkit.files import open_append
 from ftkit.gpu.nvml import CLOCK_EVENT_FLAGS, SAMPLE_FIELDS, Nvml, decode_clock_events
 
 WALK_EVERY_S = 10.0  # run_dir_mib is refreshed this often (the walk is the costliest read)
@@ -304,8 +305,8 @@ class Sampler:
         try:
             with lock:
                 self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-                new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
-                with open(self.csv_path, "a", newline="", encoding="utf-8") as fh:
+                with open_append(self.csv_path) as fh:  # never through a link planted in the run directory
+                    new = os.fstat(fh.fileno()).st_size == 0
                     w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
                     if new:
                         w.writeheader()

@@ -10,6 +10,9 @@ executors stay thin and a plan can be read, diffed, stored (plan.json) and execu
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -131,39 +134,177 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """Rebuild a plan from plan.json (what `--resume` executes: never the recipe again)."""
+        """Rebuild a plan from plan.json (what `--resume` executes: never the recipe again).
+
+        plan.json is read back from disk, so its types are checked here, once, against the
+        dataclasses' annotations (an `argv` that is a string would otherwise run as a list of
+        its characters, or pass a dry run): PlanFormatError names the field, e.g.
+        `steps[2].argv`. Step ids and the paths the plan writes to must stay inside the run
+        directory."""
+        if not isinstance(data, dict):
+            raise PlanFormatError(f"<document>: expected an object, got {_kind(data)}")
         d = dict(data)
-        d["steps"] = [_step(s) for s in d["steps"]]
-        d["fit"] = {k: [FitEstimate(**e) for e in v] for k, v in (d.get("fit") or {}).items()}
-        d["psu"] = _budget(d.get("psu"))
-        d["psu_uncapped"] = _budget(d.get("psu_uncapped"))
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        steps = d.get("steps")
+        if not isinstance(steps, list) or not steps:
+            raise PlanFormatError(f"steps: expected a non-empty list, got {_kind(steps)}")
+        d["steps"] = [_step(s, f"steps[{i}]") for i, s in enumerate(steps)]
+        fit = d.get("fit") or {}
+        _expect(fit, dict[str, list[dict[str, Any]]], "fit")
+        d["fit"] = {k: [_build(FitEstimate, e, f"fit.{k}[{i}]") for i, e in enumerate(v)] for k, v in fit.items()}
+        d["psu"] = _budget(d.get("psu"), "psu")
+        d["psu_uncapped"] = _budget(d.get("psu_uncapped"), "psu_uncapped")
+        plan = _build(cls, d, "")
+        for f in dataclasses.fields(cls):
+            if f.name not in ("fit", "psu", "psu_uncapped"):  # informational; built above
+                _expect(getattr(plan, f.name), _hints(cls)[f.name], f.name)
+        ids = [s.id for s in plan.steps]
+        for i, step in enumerate(plan.steps):
+            where = f"steps[{i}]"
+            if not SAFE_NAME.fullmatch(step.id):
+                raise PlanFormatError(f"{where}.id: {step.id!r} is not a step id (it names the step's log file)")
+            if ids.count(step.id) > 1:
+                raise PlanFormatError(f"{where}.id: {step.id!r} is used by more than one step")
+            for j, gen in enumerate(step.files):
+                _inside(gen.path, f"{where}.files[{j}].path")
+            for key, rel in step.outputs.items():
+                _inside(rel, f"{where}.outputs.{key}")
+            for j, node in enumerate(step.nodes):
+                if not SAFE_NAME.fullmatch(node.name):
+                    raise PlanFormatError(f"{where}.nodes[{j}].name: {node.name!r} is not a node name")
+        return plan
 
 
-def _int_keys(d: dict[Any, Any]) -> dict[int, Any]:
-    return {int(k): v for k, v in d.items()}
+class PlanFormatError(ValueError):
+    """A plan.json that is not the shape of a Plan; the message starts with the field."""
 
 
-def _step(s: dict[str, Any]) -> StepSpec:
+# A step id or node name: it names a file in the run directory (logs/<id>.log, nodes/<name>.sh).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _inside(rel: str, where: str) -> None:
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or ".." in parts or "\0" in rel:
+        raise PlanFormatError(f"{where}: {rel!r} is not a path inside the run directory")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _expect(value: Any, hint: Any, where: str) -> None:
+    """Raise PlanFormatError unless `value` has the annotated type `hint` (str, int, float,
+    bool, None, Any, list[X], dict[K, V], X | None, and the plan's dataclasses). An int is
+    not a bool here, and a float field takes an int (JSON writes 300.0 as 300 elsewhere)."""
+    if hint is Any:
+        return
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:
+            _expect(value, others[0], where)
+            return
+        for arm in others:  # pragma: no cover - the plan has no such field today
+            try:
+                _expect(value, arm, where)
+                return
+            except PlanFormatError:
+                continue
+        raise PlanFormatError(f"{where}: expected {hint}, got {_kind(value)}")  # pragma: no cover
+    if origin is list:
+        if not isinstance(value, list):
+            raise PlanFormatError(f"{where}: expected a list{_of(args[0])}, got {_kind(value)}")
+        for i, item in enumerate(value):
+            _expect(item, args[0], f"{where}[{i}]")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PlanFormatError(f"{where}: expected an object, got {_kind(value)}")
+        for k, v in value.items():
+            _expect(k, args[0], f"{where} key {k!r}")
+            _expect(v, args[1], f"{where}.{k}")
+        return
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise PlanFormatError(f"{where}: expected an object, got {_kind(value)}")
+        for f in dataclasses.fields(hint):
+            _expect(getattr(value, f.name), _hints(hint)[f.name], f"{where}.{f.name}" if where else f.name)
+        return
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if hint is float
+          else isinstance(value, int) and not isinstance(value, bool) if hint is int
+          else isinstance(value, hint))
+    if not ok:
+        raise PlanFormatError(f"{where}: expected {_name(hint)}, got {_kind(value)}")
+
+
+def _name(hint: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(hint, str(hint))
+
+
+def _of(hint: Any) -> str:
+    return {str: " of strings", int: " of integers"}.get(hint, "")
+
+
+def _build(cls: Any, data: Any, where: str) -> Any:
+    """cls(**data) with the fields cls knows; a missing field or a non-object is located."""
+    if not isinstance(data, dict):
+        raise PlanFormatError(f"{where or '<document>'}: expected an object, got {_kind(data)}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except TypeError as e:  # a required field is missing: "X.__init__() missing 1 required ... 'kind'"
+        raise PlanFormatError(f"{where or '<document>'}: {str(e).split(') ', 1)[-1]}") from None
+
+
+def _int_keys(d: Any, where: str) -> dict[int, Any]:
+    if not isinstance(d, dict):
+        raise PlanFormatError(f"{where}: expected an object, got {_kind(d)}")
+    try:
+        return {int(k): v for k, v in d.items()}
+    except (TypeError, ValueError):
+        raise PlanFormatError(f"{where}: keys must be GPU indices (integers)") from None
+
+
+def _items(d: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = d.get(key, [])
+    if not isinstance(value, list):
+        raise PlanFormatError(f"{where}.{key}: expected a list, got {_kind(value)}")
+    return value
+
+
+def _step(s: Any, where: str) -> StepSpec:
+    if not isinstance(s, dict):
+        raise PlanFormatError(f"{where}: expected an object, got {_kind(s)}")
     d = dict(s)
-    d["mounts"] = [Mount(**m) for m in d.get("mounts", [])]
-    d["files"] = [GeneratedFile(**f) for f in d.get("files", [])]
-    d["ports"] = [Port(**p) for p in d.get("ports", [])]
-    d["power_caps_w"] = _int_keys(d.get("power_caps_w", {}))
-    d["nodes"] = [NodeSpec(**n) for n in d.get("nodes", [])]
+    for key, cls in (("mounts", Mount), ("files", GeneratedFile), ("ports", Port), ("nodes", NodeSpec)):
+        d[key] = [_build(cls, x, f"{where}.{key}[{i}]") for i, x in enumerate(_items(d, key, where))]
+    d["power_caps_w"] = _int_keys(d.get("power_caps_w", {}), f"{where}.power_caps_w")
     if d.get("lease"):
+        if not isinstance(d["lease"], dict):
+            raise PlanFormatError(f"{where}.lease: expected an object, got {_kind(d['lease'])}")
         lease = dict(d["lease"])
-        lease["max_power_w"] = _int_keys(lease.get("max_power_w", {}))
-        d["lease"] = LeaseSpec(**lease)
-    names = {f.name for f in dataclasses.fields(StepSpec)}
-    return StepSpec(**{k: v for k, v in d.items() if k in names})
+        lease["max_power_w"] = _int_keys(lease.get("max_power_w", {}), f"{where}.lease.max_power_w")
+        d["lease"] = _build(LeaseSpec, lease, f"{where}.lease")
+    return typing.cast(StepSpec, _build(StepSpec, d, where))
 
 
-def _budget(b: dict[str, Any] | None) -> PsuBudget | None:
+def _budget(b: Any, where: str) -> PsuBudget | None:
     if not b:
         return None
+    if not isinstance(b, dict):
+        raise PlanFormatError(f"{where}: expected an object, got {_kind(b)}")
     d = dict(b)
-    d["gpus"] = [GpuDraw(**g) for g in d.get("gpus", [])]
-    names = {f.name for f in dataclasses.fields(PsuBudget)}
-    return PsuBudget(**{k: v for k, v in d.items() if k in names})
+    d["gpus"] = [_build(GpuDraw, g, f"{where}.gpus[{i}]") for i, g in enumerate(_items(d, "gpus", where))]
+    return typing.cast(PsuBudget, _build(PsuBudget, d, where))

@@ -3,20 +3,31 @@
 runs/<UTC timestamp>-<name>/ holds the resolved recipe, the plan, the command line, the
 environment, the journal (state.json: each step's status and times, rewritten atomically
 on every change) and one log per step. Engines write their outputs under steps/<name>/.
+
+`ftkit up --resume` executes the stored plan.json, so a run directory is trusted only when
+nobody but its owner can write it (`check_resumable`): the directory, plan.json and
+state.json are the current user's, not group- or world-writable, no links; plan.json's
+bytes still have the sha256 the journal recorded when the run started; and nothing in the
+tree is a symbolic link (ftkit never makes one there, so a link is someone else's, and
+writing a log, a result or a step's outputs through it would land outside the run).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 import shlex
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ftkit.errors import FtkitError, UserError
 from ftkit.files import read_json, write_atomic, write_json
 from ftkit.procs import is_alive, process_start
 
@@ -38,13 +49,15 @@ class OwnerLock:
         import fcntl
 
         self.path = run_path / OWNER_LOCK
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the lock file is one ftkit created in the run directory
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot open the run's owner lock ({e.strerror}); "
+                            "ftkit does not write through links") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            from ftkit.errors import UserError
-
             raise UserError(f"{run_path.name} is being driven by another ftkit right now",
                             hint="wait for it, or stop it (Ctrl-C there)") from None
 
@@ -63,7 +76,7 @@ def owner_state(run_path: Path) -> bool | None:
     if not path.is_file():
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -84,15 +97,61 @@ def iso_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
+PLAN_LIMIT = 64 * 1024 * 1024  # plan.json and state.json are read whole: a bound, not a hang on /dev/zero
+
+
+def plan_digest(data: bytes) -> str:
+    """The sha256 of plan.json's bytes, recorded when the run starts and compared on resume."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def inside(rel: str) -> bool:
+    """True when `rel` names a path inside the run directory: relative, no `..`, no NUL."""
+    parts = rel.split("/")
+    return bool(rel) and "\0" not in rel and not rel.startswith("/") and ".." not in parts
+
+
 @dataclass
 class RunDir:
     path: Path
 
     def file(self, rel: str) -> Path:
+        if not inside(rel):  # the plan names these paths: one that leaves the run directory is refused
+            raise FtkitError(f"{rel!r}: not a path inside the run directory {self.path}")
         return self.path / rel
 
     def log(self, step_id: str) -> Path:
-        return self.path / "logs" / f"{step_id}.log"
+        """A step's log; logs/ checked to be a real directory (the log itself is opened with
+        O_NOFOLLOW by whoever writes it)."""
+        return self.real_parent(f"logs/{step_id}.log", create=False)
+
+    def real_parent(self, rel: str, *, create: bool = True) -> Path:
+        """The path for `rel`, after checking that every directory between the run directory
+        and it is a real directory, not a link (missing ones are created 0755 with `create`):
+        a link there would carry the write outside the run. The last component is left to
+        the writer (write_atomic replaces it, open_append refuses a link)."""
+        target = self.file(rel)
+        here = self.path
+        for part in rel.split("/")[:-1]:
+            if part in ("", "."):
+                continue
+            here = here / part
+            try:
+                st = os.lstat(here)
+            except FileNotFoundError:
+                if not create:
+                    break
+                here.mkdir(mode=0o755)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise FtkitError(f"{here}: not a directory ftkit made in the run directory (a link or a file); "
+                                 "ftkit does not write through links")
+        return target
+
+    def write(self, rel: str, content: str | bytes) -> None:
+        """Write a file ftkit owns in the run directory (a generated config, a result), atomically
+        and never through a link."""
+        write_atomic(self.real_parent(rel), content)
 
     def write_inputs(self, resolved_yaml: dict[str, Any], plan: dict[str, Any], argv: list[str], env: dict[str, Any]) -> None:
         write_atomic(self.file("recipe.resolved.yaml"), yaml.safe_dump(resolved_yaml, sort_keys=False))
@@ -102,7 +161,137 @@ class RunDir:
 
     def write_generated(self, files: list[dict[str, str]]) -> None:
         for f in files:
-            write_atomic(self.file(f["path"]), f["content"])
+            self.write(f["path"], f["content"])
+
+    def plan_sha256(self) -> str | None:
+        """The digest of plan.json as it is now (None: no plan.json, or unreadable)."""
+        try:
+            return plan_digest(_read_own(self.file("plan.json"), private=False))
+        except (OSError, UserError):
+            return None
+
+
+def _refuse(path: Path, why: str) -> UserError:
+    return UserError(f"{path}: {why}; ftkit resumes only a run directory that nobody but you can change")
+
+
+def _check_own(path: Path, st: os.stat_result, kind: str) -> None:
+    """Owned by this user and not writable by the group or others (ls -l: no w there)."""
+    if stat.S_ISLNK(st.st_mode):
+        raise _refuse(path, "a symbolic link")
+    want = stat.S_ISDIR if kind == "directory" else stat.S_ISREG
+    if not want(st.st_mode):
+        raise _refuse(path, f"not a {kind}")
+    if st.st_uid != os.getuid():
+        raise _refuse(path, f"owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise _refuse(path, f"writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o}; chmod go-w it if that is expected)")
+
+
+def _read_own(path: Path, *, private: bool = True) -> bytes:
+    """Read one of the run's own files: no link, no FIFO or device, bounded; with `private`,
+    owned by this user and not writable by others (checked on the open file, so it cannot be
+    swapped in between)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if os.path.islink(path):
+            raise _refuse(path, "a symbolic link") from None
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if private:
+            _check_own(path, st, "regular file")
+        elif not stat.S_ISREG(st.st_mode):
+            raise _refuse(path, "not a regular file")
+        if st.st_size > PLAN_LIMIT:
+            raise UserError(f"{path}: {st.st_size} bytes, more than a run's own file can be ({PLAN_LIMIT})")
+        chunks, size = [], 0
+        while size <= PLAN_LIMIT:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > PLAN_LIMIT:
+            raise UserError(f"{path}: grew past {PLAN_LIMIT} bytes while it was read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def first_link(root: Path, limit: int = 1_000_000) -> Path | None:
+    """The first symbolic link, FIFO, socket or device under `root` (links not followed), or
+    None. ftkit makes only directories and regular files in a run directory; anything else is
+    someone else's. Bounded: more than `limit` entries is refused as not a run ftkit made."""
+    stack, seen = [root], 0
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise UserError(f"{d}: cannot list it ({e.strerror})") from None
+        for e in entries:
+            seen += 1
+            if seen > limit:
+                raise UserError(f"{root}: more than {limit} entries; not a run directory ftkit resumes")
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:  # gone while listed
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(Path(e.path))
+            elif not stat.S_ISREG(st.st_mode):
+                return Path(e.path)
+    return None
+
+
+@dataclass
+class ResumeInputs:
+    """What `--resume` may trust, read once: plan.json's bytes (their digest checked against
+    the journal) and the journal itself."""
+
+    plan_bytes: bytes
+    state: dict[str, Any]
+
+
+def check_resumable(path: Path) -> ResumeInputs:
+    """Refuse (UserError, one line naming the file) a run directory that others could have
+    changed: see the module docstring. Nothing is written."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise UserError(f"{path}: not a run directory ({e.strerror})") from None
+    _check_own(path, st, "directory")
+    for name in ("plan.json", "state.json"):
+        if not os.path.lexists(path / name):
+            raise UserError(f"{path}: not a run directory (needs plan.json and state.json)")
+    plan_bytes = _read_own(path / "plan.json")
+    state_path = path / "state.json"
+    try:
+        state = json.loads(_read_own(state_path))
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - truncated, binary, deeply nested: refused, never a traceback
+        raise UserError(f"{state_path}: not a journal this ftkit can resume (unreadable or edited)") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{state_path}: not a journal this ftkit can resume (not a JSON object)")
+    recorded = state.get("plan_sha256")
+    if not isinstance(recorded, str):
+        raise UserError(f"{state_path}: records no digest of plan.json (a run started by an older ftkit, or an "
+                        "edited journal); ftkit resumes only a plan it can tell is unchanged: start the run again")
+    if plan_digest(plan_bytes) != recorded:
+        raise UserError(f"{path / 'plan.json'}: plan.json changed since the run started (sha256 "
+                        f"{plan_digest(plan_bytes)[:12]}, the journal recorded {recorded[:12]}); "
+                        "ftkit resumes only the plan it started: start a new run with `ftkit up`")
+    link = first_link(path)
+    if link is not None:
+        kind = "a symbolic link" if link.is_symlink() else "not a regular file or directory"
+        raise UserError(f"{link}: {kind} in the run directory; ftkit writes there only to files it made, never "
+                        "through a link (remove it, or start a new run)")
+    return ResumeInputs(plan_bytes, state)
 
 
 class Journal:
@@ -116,6 +305,7 @@ class Journal:
             self.state = {
                 "status": "running",
                 "started": iso_now(),
+                "plan_sha256": run.plan_sha256(),  # a resume refuses a plan.json edited since
                 "finished": None,
                 "steps": {sid: {"status": "pending"} for sid in (step_ids or [])},
                 "order": list(step_ids or []),

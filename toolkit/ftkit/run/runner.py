@@ -65,7 +65,7 @@ def new_run_path(root: Path, name: str, *, reserve: bool = False) -> Path:
                 return path
             continue
         try:
-            path.mkdir()
+            path.mkdir(mode=0o755)  # only its owner writes a run directory (--resume refuses one others may)
         except FileExistsError:
             continue
         return path
@@ -76,10 +76,10 @@ def create_run(path: Path, plan: Plan, resolved_yaml: dict[str, Any], argv: list
     """Make the run directory (or fill the one reserved) and write what explains the run
     before anything runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir(exist_ok=True)
+    path.mkdir(mode=0o755, exist_ok=True)  # only its owner writes it: --resume refuses one others may
     if any(path.iterdir()):
         raise FtkitError(f"run directory {path} is not empty")
-    (path / "logs").mkdir()
+    (path / "logs").mkdir(mode=0o755)
     run = RunDir(path)
     run.write_inputs(resolved_yaml, plan.to_dict(), argv, envinfo.snapshot(include_docker=plan.executor == "docker"))
     return run
@@ -440,9 +440,7 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
     if replaced and not all(r["passed"] for r in results):
         _restore_servers(ctx, step, replaced)
     ctx.display.prompts(step, results)
-    from ftkit.files import write_atomic
-
-    write_atomic(ctx.run.file(step.outputs["responses"]), "".join(json.dumps(r) + "\n" for r in results))
+    ctx.run.write(step.outputs["responses"], "".join(json.dumps(r) + "\n" for r in results))
     failed = [r for r in results if not r["passed"]]
     detail = {"ready_after_s": round(seconds, 2), "prompts": len(results), "passed": len(results) - len(failed),
               "outputs": step.outputs, **handle.ident}
@@ -486,9 +484,7 @@ def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
     results = first + serving.run_prompts(str(ready["base_url"]), name, prompts[1:])
     if step.prompts:
         ctx.display.prompts(step, results)
-    from ftkit.files import write_atomic
-
-    write_atomic(ctx.run.file(step.outputs["responses"]), "".join(json.dumps(r) + "\n" for r in results))
+    ctx.run.write(step.outputs["responses"], "".join(json.dumps(r) + "\n" for r in results))
     failed = [r for r in results if not r["passed"]]
     detail = {"loaded_as": name, "server": sid, "load_s": round(load_s, 3), "models": listed,
               "live_after_written_s": round(live_after, 3) if live_after is not None else None,
@@ -656,6 +652,8 @@ def _max_steps(step: StepSpec) -> int | None:
 
 def _internal_error(ctx: Context, err: BaseException) -> None:
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    with open(ctx.run.log("ftkit"), "a", encoding="utf-8") as fh:
+    from ftkit.files import open_append
+
+    with open_append(ctx.run.log("ftkit")) as fh:
         fh.write(f"{iso_now()} internal error\n{text}\n")
     ctx.display.note(f"internal error (traceback in {ctx.run.log('ftkit')}): {describe_failure(err)}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import CommandFailed, PlanError
+from ftkit.files import open_append
 from ftkit.gateways import docker as dk
 from ftkit.plan.container import ContainerSpec, container_spec
 from ftkit.plan.spec import Plan, StepSpec
@@ -53,7 +54,7 @@ class _Logs:
     def __init__(self, cid: str, io: StepIO, host: str | None) -> None:
         self.tail: deque[str] = deque(maxlen=400)  # enough to find an engine's reason for failing (gateways.serving)
         self.io = io
-        self._fh = open(io.log, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed in join()
+        self._fh = open_append(io.log)  # closed in join(); never through a link
         self._thread = threading.Thread(target=self._follow, args=(cid, host), daemon=True, name=f"logs-{cid[:12]}")
         self._thread.start()
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftkit.errors import CommandFailed, DockerError, DockerUnavailable, FtkitError, PlanError
+from ftkit.files import open_append
 from ftkit.gateways import docker as dk
 from ftkit.plan.container import ContainerSpec, node_container_spec
 from ftkit.plan.spec import NodeSpec, Plan, StepSpec
@@ -143,10 +144,10 @@ class MultiNodeExecutor:
     def _manual(self, running: list[_Running], io: StepIO) -> None:
         for r in running:
             line = docker_run_command(r.cs)
-            script = self.run_dir.file(f"nodes/{r.node.name}.sh")
-            script.parent.mkdir(parents=True, exist_ok=True)
-            script.write_text(f"#!/bin/sh\n# node {r.node.name} (rank {r.node.rank}): run this on that host\n"
-                              f"exec {line}\n", encoding="utf-8")
+            rel = f"nodes/{r.node.name}.sh"
+            self.run_dir.write(rel, f"#!/bin/sh\n# node {r.node.name} (rank {r.node.rank}): run this on that host\n"
+                                    f"exec {line}\n")  # never through a link
+            script = self.run_dir.file(rel)
             script.chmod(0o755)
             io.on_line(f"ftkit: start node {r.node.name} (rank {r.node.rank}) on its host: sh {script}")
 
@@ -163,7 +164,7 @@ class MultiNodeExecutor:
             raise PlanError(f"every node of step {step.id} is started by hand; ftkit has nothing to watch",
                             hint="start them with the scripts under nodes/ in the run directory")
         self._images(step, [r.node for r in running], io)
-        log = open(io.log, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed in finally
+        log = open_append(io.log)  # closed in finally; never through a link
         exits: queue.Queue[_Running] = queue.Queue()
         try:
             for r in running:
