@@ -379,3 +379,38 @@ def test_a_failed_replacement_restores_its_predecessor_with_its_adapters(tmp_pat
     finally:
         pid = st["steps"]["old"]["process"]["pid"]
         os.kill(pid, signal.SIGTERM)
+
+
+def test_a_step_that_exits_0_without_its_outputs_failed_and_resume_reruns_what_is_gone(tmp_path: Path) -> None:
+    """A merge that writes no model is not `succeeded` (the run used to fail later in serve and
+    could never complete: resume skipped the merge); resume runs a step again when its outputs
+    are gone since, and every step after it."""
+    run = tmp_path / "run"
+    count = tmp_path / "count"
+    counting = (f"import pathlib; p = pathlib.Path({str(count)!r}); "
+                "p.write_text(p.read_text() + 'x' if p.exists() else 'x')")
+    writes_model = ("import pathlib; d = pathlib.Path({0!r}); d.mkdir(parents=True, exist_ok=True); "
+                    "(d / 'config.json').write_text('{{}}'); (d / 'model.safetensors').write_bytes(b'x')")
+    gate = tmp_path / "gate"
+    merge = step("merge", f"import pathlib, sys; sys.exit(0) if not pathlib.Path({str(gate)!r}).exists() else None; "
+                 + writes_model.format(str(run / "steps" / "merge" / "model")),
+                 kind="merge", outputs={"model": "steps/merge/model"})
+    after = step("after", counting)
+    plan = plan_of(tmp_path, merge, after)
+    result, console, st = execute(tmp_path, plan)
+    assert result.status == "failed" and result.failed_step == "merge"
+    assert st["steps"]["merge"]["status"] == "failed"
+    assert "exited 0 but left no model at steps/merge/model" in st["steps"]["merge"]["error"]
+    assert st["steps"]["after"]["status"] == "skipped" and not count.exists()
+    gate.write_text("")
+    result, _, st = execute(tmp_path, plan, resume=True)
+    assert result.status == "succeeded" and count.read_text() == "x"
+    import shutil
+
+    shutil.rmtree(run / "steps" / "merge" / "model")  # gone since (a disk clean-up, a mistake)
+    result, console, st = execute(tmp_path, plan, resume=True)
+    assert result.status == "succeeded", result.message
+    assert "merge: done before the resume, but left no model at steps/merge/model" in console
+    assert (run / "steps" / "merge" / "model" / "config.json").is_file()
+    assert count.read_text() == "xx"  # the step after it ran again too
+    assert st["steps"]["merge"]["attempt"] == 3

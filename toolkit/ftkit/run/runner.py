@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 import time
 import traceback
@@ -39,6 +40,17 @@ from ftkit.run.signals import Interrupted, SignalGate
 # Steps that establish machine state rather than produce artifacts: a resumed run does them
 # again (caps are gone after `ftkit power restore`, a server is not running any more).
 STATE_KINDS = ("power", "handoff-stop", "serve", "load-adapter")  # load-adapter: into the server started again
+
+# What each kind of step must leave for the steps after it (key in step.outputs -> what it is).
+# Checked before a step is journaled succeeded - an engine that exits 0 without its output
+# failed - and again on resume: a step whose outputs are gone runs again, and so does every
+# step after it (their inputs may change).
+REQUIRED_OUTPUTS: dict[str, dict[str, str]] = {
+    "tiny-model": {"model": "model"},
+    "train": {"adapter": "model"},  # an adapter (LoRA, QLoRA) or a model (full)
+    "merge": {"model": "model"},
+    "eval": {"summary": "file"},
+}
 
 
 @dataclass
@@ -148,6 +160,7 @@ def _drive(run: RunDir, plan: Plan, display: Display, *, echo: bool, resume: boo
                     except FtkitError as e:  # refused before any step changed the machine
                         failed, message = "images", describe_failure(e)
                         display.note(f"cannot start: {message}")
+                rerun_from: str | None = None  # resume: the first succeeded step whose outputs were gone
                 for step in plan.steps:
                     if step.always:
                         continue
@@ -158,8 +171,14 @@ def _drive(run: RunDir, plan: Plan, display: Display, *, echo: bool, resume: boo
                         display.step_skipped(step, why)
                         continue
                     if resume and journal.status_of(step.id) == "succeeded" and step.kind not in STATE_KINDS:
-                        display.step_skipped(step, "done before the resume")
-                        continue
+                        gone = None if rerun_from else missing_output(run, step)
+                        if gone is None and rerun_from is None:
+                            display.step_skipped(step, "done before the resume")
+                            continue
+                        if gone is not None:
+                            rerun_from = step.id
+                            display.note(f"{step.id}: done before the resume, but {gone}: running it again "
+                                         "(and every step after it)")
                     current = step
                     outcome = _attempt(ctx, step)
                     current = None
@@ -298,7 +317,48 @@ def _execute(ctx: Context, step: StepSpec) -> Outcome:
             MultiNodeExecutor(ctx.plan, ctx.run).run(step, ctx.io(step))
         else:
             ctx.executor.run(step, ctx.io(step))
+    gone = missing_output(ctx.run, step)
+    if gone is not None:
+        return Outcome("failed", message=f"the step exited 0 but {gone}")
     return Outcome("succeeded", _outputs(ctx, step))
+
+
+def missing_output(run: RunDir, step: StepSpec) -> str | None:
+    """What `step` should have left (REQUIRED_OUTPUTS) and did not, in words; None when all
+    is there. A model is a real directory with its config and safetensors weights (an
+    adapter: adapter_config.json and adapter_model.safetensors); a file is a non-empty
+    regular file. Links do not count: ftkit made none."""
+    for key, what in REQUIRED_OUTPUTS.get(step.kind, {}).items():
+        rel = step.outputs.get(key)
+        if rel is None:
+            continue
+        try:
+            path = run.file(rel)
+            st = os.lstat(path)
+        except (OSError, FtkitError):
+            return f"left no {key} at {rel}"
+        if what == "file":
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                return f"left no {key} at {rel} (not a non-empty file)"
+        elif not stat.S_ISDIR(st.st_mode) or not _holds_weights(path):
+            return f"left no {key} at {rel} (no config and safetensors weights in it)"
+    return None
+
+
+def _holds_weights(d: Path) -> bool:
+    def regular(name: str) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(d / name).st_mode)
+        except OSError:
+            return False
+
+    if regular("adapter_config.json"):
+        return regular("adapter_model.safetensors")
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return False
+    return regular("config.json") and any(n.endswith(".safetensors") and regular(n) for n in names)
 
 
 def _cap(ctx: Context, step: StepSpec) -> Outcome:
