@@ -225,13 +225,11 @@ execute(tmp, plan)
 """
 
 
-def test_ftkit_down_cleans_up_after_a_killed_ftkit(tmp_path: Path, sim: Path) -> None:
-    """SIGKILL cannot be caught: the caps stay and the journal says running. The next
-    ftkit sees the run is stale (pid + start time), and `ftkit down` puts the machine back,
-    stops what is left and closes the journal."""
+def _killed_mid_step(tmp_path: Path) -> int:
+    """An ftkit run killed with SIGKILL while its step runs (caps set); the step's pid."""
     import subprocess
 
-    from tests.conftest import ROOT, run_cli
+    from tests.conftest import ROOT
 
     proc = subprocess.Popen([PY, "-c", DRIVER, str(tmp_path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     state = tmp_path / "run" / "state.json"
@@ -246,6 +244,17 @@ def test_ftkit_down_cleans_up_after_a_killed_ftkit(tmp_path: Path, sim: Path) ->
     child = json.loads(state.read_text())["steps"]["a"]["process"]["pid"]
     proc.kill()
     proc.wait()
+    return int(child)
+
+
+def test_ftkit_down_cleans_up_after_a_killed_ftkit(tmp_path: Path, sim: Path) -> None:
+    """SIGKILL cannot be caught: the caps stay and the journal says running. The next
+    ftkit sees the run is stale (pid + start time), and `ftkit down` puts the machine back,
+    stops what is left and closes the journal."""
+    from tests.conftest import run_cli
+
+    child = _killed_mid_step(tmp_path)
+    state = tmp_path / "run" / "state.json"
     assert limits(sim) == [300.0, 300.0]
     status = run_cli("status", str(tmp_path / "run"), "--json")
     assert json.loads(status.out)["stale"] is True
@@ -414,3 +423,29 @@ def test_a_step_that_exits_0_without_its_outputs_failed_and_resume_reruns_what_i
     assert (run / "steps" / "merge" / "model" / "config.json").is_file()
     assert count.read_text() == "xx"  # the step after it ran again too
     assert st["steps"]["merge"]["attempt"] == 3
+
+
+@pytest.mark.parametrize("damage", ["plan.json deleted", "state.json truncated", "both"])
+def test_ftkit_down_restores_the_caps_whatever_the_runs_files_say(tmp_path: Path, sim: Path, damage: str) -> None:
+    """After a SIGKILL, plan.json deleted or state.json torn: `down` still finds the run
+    stale and restores what the machine-wide record says it holds, and says so."""
+    from tests.conftest import run_cli
+
+    _killed_mid_step(tmp_path)
+    run = tmp_path / "run"
+    assert limits(sim) == [300.0, 300.0]
+    if damage in ("plan.json deleted", "both"):
+        (run / "plan.json").unlink()
+    if damage in ("state.json truncated", "both"):
+        (run / "state.json").write_text((run / "state.json").read_text()[:25])
+    result = run_cli("down", "--runs-dir", str(tmp_path))
+    assert result.code == 0 and "Traceback" not in result.err, result.err
+    assert "nothing was left running" not in result.out
+    assert "power: GPU 0: 450 W, GPU 1: 350 W" in result.out, result.out
+    if damage != "state.json truncated":  # no plan to say what was capped: the record says it
+        assert "from the machine-wide record" in result.out and "plan.json" in result.out, result.out
+    assert limits(sim) == [450.0, 350.0]
+    st = json.loads((run / "state.json").read_text())
+    assert st["status"] == "failed" and st["cleaned"] is True
+    again = run_cli("down", "--runs-dir", str(tmp_path))
+    assert again.code == 0 and limits(sim) == [450.0, 350.0]

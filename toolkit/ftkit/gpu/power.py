@@ -119,6 +119,18 @@ def _index_of(nv: Nvml, key: str, rec: dict[str, Any]) -> int:
     return nv.index_by_uuid(key)
 
 
+def dead_holdings(holder: str) -> list[int]:
+    """GPU indices the record says `holder` caps although its process is gone: what a run
+    killed with SIGKILL left capped, whatever its own (perhaps damaged) files say."""
+    out = []
+    for rec in read_originals().values():
+        entry = (rec.get("holders") or {}).get(holder) if isinstance(rec, dict) else None
+        if isinstance(entry, dict) and entry.get("pid") is not None and not _alive(entry):
+            idx = rec.get("index")
+            out.append(idx if isinstance(idx, int) and not isinstance(idx, bool) else -1)
+    return sorted(out)
+
+
 @dataclass
 class PowerReport:
     changed: dict[int, float] = field(default_factory=dict)  # index -> watts now set

@@ -40,6 +40,9 @@ def is_stale(run: Path) -> bool:
     """The journal says running, but no ftkit drives the run: its owner lock is free (the
     kernel dropped it when that ftkit died), or - for a run without one - its pid is gone."""
     st = state_of(run)
+    if not st:  # no journal, or a damaged one: the owner lock and the machine-wide record decide
+        held = owner_state(run)
+        return held is False or (held is None and bool(_capped_by_dead(run)))
     if st.get("status") != "running":
         return False
     held = owner_state(run)
@@ -146,32 +149,81 @@ def stop_leftovers(run: Path, plan: dict[str, Any] | None = None, *, docker_host
     return report
 
 
+def _capped_by_dead(run: Path) -> list[int]:
+    """GPUs the machine-wide power record says this run caps, its ftkit gone."""
+    try:
+        from ftkit.gpu import power
+
+        return power.dead_holdings(run.name)
+    except Exception:  # noqa: BLE001 - an unreadable record is reported where it is restored
+        return []
+
+
 def clean(run: Path, *, say: Callable[[str], None] = lambda m: None, restore_machine: bool = True) -> CleanReport:
     """Stop what a stale (or finished) run left running; for a stale run also put the machine
-    back and close its journal."""
+    back and close its journal. The power limits go back by what the machine-wide record
+    says this run holds, also when plan.json or state.json is gone or damaged."""
     plan = None
+    damaged: list[str] = []
     try:
         plan = read_json(run / "plan.json")
-    except (OSError, ValueError):
-        pass
-    docker_host = (plan or {}).get("docker", {}).get("host")
+        if not isinstance(plan, dict):
+            damaged.append("plan.json is not a plan")
+            plan = None
+    except (OSError, ValueError) as e:
+        damaged.append(f"plan.json: {getattr(e, 'reason', None) or getattr(e, 'strerror', None) or e}")
+    docker_host = ((plan or {}).get("docker") or {}).get("host") if isinstance((plan or {}).get("docker"), dict) else None
     report = stop_leftovers(run, plan, docker_host=docker_host)
     stale = is_stale(run)
-    if stale and restore_machine and plan is not None:
-        _restore_machine(run, plan, report)
+    if stale and restore_machine:
+        if plan is not None:
+            _restore_machine(run, plan, report)
+        if _capped_by_dead(run) or (plan is None and not report.power):
+            _restore_recorded_power(run, report)
+        if plan is None:
+            report.problems.append(f"{damaged[0] if damaged else 'plan.json is missing'}: power was restored from "
+                                   "the machine-wide record; a serving service this run stopped was not started "
+                                   "again (start it by hand)")
     if stale:
         journal = Journal.__new__(Journal)  # load without claiming: this ftkit does not drive the run
         journal.path = run / "state.json"
         journal.state = state_of(run)
-        for entry in journal.state.get("steps", {}).values():
-            if entry.get("status") == "running":
+        unreadable = not journal.state
+        steps = journal.state.get("steps")
+        for entry in (steps.values() if isinstance(steps, dict) else []):
+            if isinstance(entry, dict) and entry.get("status") == "running":
                 entry["status"] = "interrupted"
                 entry["reason"] = "ftkit died while this step ran"
-        journal.finish("failed", message=(journal.state.get("message") or "ftkit died (the run went stale)"),
+        message = journal.state.get("message") if isinstance(journal.state.get("message"), str) else None
+        journal.finish("failed", message=message or ("ftkit died (the run went stale); state.json was missing or "
+                                                     "unreadable" if unreadable else "ftkit died (the run went stale)"),
                        cleaned=True)
     for line in report.lines():
         say(line)
     return report
+
+
+def _restore_recorded_power(run: Path, report: CleanReport) -> None:
+    """Every cap the machine-wide record says this run holds goes back (another live holder's
+    lower cap stays), whatever the run's own files say."""
+    try:
+        from ftkit.gpu import power
+        from ftkit.gpu.nvml import open_nvml
+
+        nv = open_nvml()
+        if nv is None:
+            report.problems.append("power: NVML is not available to restore the limits")
+            return
+        try:
+            r = power.release(nv, holder=run.name)
+            if r.changed or r.kept:
+                report.power = "; ".join(x for x in (report.power, r.summary() + " (from the machine-wide record)") if x)
+            if r.failed:
+                report.problems.append("power: " + "; ".join(f"{who}: {w}" for who, w in r.failed.items()))
+        finally:
+            nv.close()
+    except Exception as e:  # noqa: BLE001
+        report.problems.append(f"power: {e}")
 
 
 def _restore_machine(run: Path, plan: dict[str, Any], report: CleanReport) -> None:
