@@ -225,6 +225,14 @@ class Tree:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def signal_orphans(self, sig: int) -> None:
+        """Send `sig` to what the command left that is not in its group: orphans
+        re-parented to us (we are a subreaper), such as a daemon in a session of its own."""
+        for p in self.leftovers():
+            if p > 0:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, sig)
+
     def _signal_all(self, sig: int) -> None:
         for p in self.leftovers():
             try:
