@@ -252,3 +252,34 @@ def test_the_same_base_elsewhere_is_no_mismatch(tmp_path: Path) -> None:
     (adapter / "adapter_config.json").write_text(json.dumps({**corpus.ADAPTER_CONFIG, "base_model_name_or_path": str(copy)}))
     result = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "merged"))
     assert result.code == 0 and json.loads(result.out)["warnings"] == [], result.err
+
+
+def test_a_disk_that_fills_during_the_merge_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from ftkit.engines import safetensors_io as st
+
+    base, adapter = corpus.make_pair(tmp_path)
+
+    def full(self, name, tensor):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st.StreamWriter, "write", full)
+    result = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "out" / "merged"))
+    assert result.code != 0 and "Traceback" not in result.err
+    errors = [ln for ln in result.err.splitlines() if ln.strip() and not ln.startswith("merge: ")]
+    assert len(errors) == 1 and f"no space left on the device holding {tmp_path / 'out'}" in errors[0], result.err
+    assert not (tmp_path / "out").exists()  # the partial output and the parent it made are gone
+
+
+def test_an_engine_out_of_disk_names_the_file(capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from ftkit.engines.entry import guarded
+
+    with pytest.raises(SystemExit) as exit_info, guarded("train", "/runs/r/steps/train"):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/r/steps/train/checkpoints/checkpoint-5/x")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on the device holding /runs/r/steps/train/checkpoints" in err[0]
+    assert "ftkit up --resume" in err[0]

@@ -449,3 +449,16 @@ def test_ftkit_down_restores_the_caps_whatever_the_runs_files_say(tmp_path: Path
     assert st["status"] == "failed" and st["cleaned"] is True
     again = run_cli("down", "--runs-dir", str(tmp_path))
     assert again.code == 0 and limits(sim) == [450.0, 350.0]
+
+
+def test_a_server_whose_gpu_vanished_says_so(tmp_path: Path, sim: Path) -> None:
+    """A GPU that fell off the bus: the server's own log says only that its engine failed;
+    the step's error names the GPU NVML no longer lists (simulated NVML, an injected loss)."""
+    from ftkit.gpu.nvml import SimulatedNvml
+
+    srv = server(tmp_path, "srv", gpus=[1], fail=True)
+    SimulatedNvml([], str(sim))._sync(lambda st: st.update(lost=[1]))
+    result, _, st = execute(tmp_path, plan_of(tmp_path, srv, gpus=True))
+    assert result.status == "failed"
+    error = st["steps"]["srv"]["error"]
+    assert "Cannot find any model weights" in error and "fallen off the bus" in error, error

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import sys
 
 import click
@@ -39,6 +41,15 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(e.render() if not e.render().startswith("ftkit:") else e.render(), err=True)
         sys.exit(e.exit_code)
     except OSError as e:
+        if isinstance(e, BrokenPipeError):  # `ftkit plan | head`: the reader left, nothing to say
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            click.echo(f"ftkit: no space left on the device{where} ({e.strerror}); free some and run it again",
+                       err=True)
+            sys.exit(1)
         if e.errno != errno.ENAMETOOLONG:
             raise
         # a path the kernel refuses by its length, wherever it was built (a name from a recipe, a profile's
@@ -63,8 +74,6 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(f"interrupted by {e.name}", err=True)
             sys.exit(e.exit_code)
         raise
-    except BrokenPipeError:
-        sys.exit(0)
     sys.exit(0)
 
 

@@ -27,6 +27,7 @@ leaves a locked hidden directory that the next merge to the same place removes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -815,13 +816,18 @@ def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype:
             out.rmdir()  # empty (checked above); os.replace cannot replace a directory
         os.replace(tmp, out)
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as e:
         if writer is not None:
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         for p in reversed(created):  # parents this merge made, if nothing else went into them
             with contextlib.suppress(OSError):
                 p.rmdir()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk filled while we wrote
+            free = shutil.disk_usage(out.parent if out.parent.exists() else Path("/")).free / 2**30
+            raise EngineError(f"no space left on the device holding {out.parent} while writing the merged model "
+                              f"({need.disk_bytes / gib:.2f} GiB needed, {free:.2f} GiB free now; the partial output "
+                              "was removed): free space there and run it again") from e
         raise
     finally:
         if lock_fd is not None:

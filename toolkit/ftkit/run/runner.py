@@ -492,9 +492,12 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
     ready = step.ready or {}
     try:
         handle, seconds = _start_server(ctx, step)
-    except (FtkitError, OSError):
+    except (FtkitError, OSError) as e:
         if replaced:
             _restore_servers(ctx, step, replaced)
+        gpu = _gpu_trouble(ctx, step.gpus) if isinstance(e, ServerNotReady) else None
+        if gpu is not None:  # the server's own words rarely say its GPU is gone
+            raise ServerNotReady(f"{e.message}; {gpu}") from e
         raise
     results = serving.run_prompts(ready["base_url"], ready["served_name"], step.prompts)
     if replaced and not all(r["passed"] for r in results):
@@ -509,6 +512,32 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
         why = first["error"] or f"answer {first['answer']!r} does not meet {first['expect']}"
         return Outcome("failed", detail, f"{len(failed)} of {len(results)} test prompt(s) failed; first: {why}")
     return Outcome("succeeded", detail)
+
+
+def _gpu_trouble(ctx: Context, gpus: list[int]) -> str | None:
+    """Why a server on `gpus` may have failed that its log would not say: NVML no longer
+    lists one of them (fallen off the bus: Xid 79), or cannot be read at all. None when the
+    GPUs look fine, or there is no NVML to ask (a CPU machine)."""
+    if not gpus:
+        return None
+    try:
+        from ftkit.gpu.nvml import open_nvml
+
+        nv = ctx._nvml or open_nvml()
+        if nv is None:
+            return None
+        if ctx._nvml is None:
+            ctx._nvml = nv
+        seen = {g.index for g in nv.inventory()}
+    except GpuError as e:
+        return f"NVML cannot read the GPUs ({e}): one may have fallen off the bus (`nvidia-smi`, dmesg for Xid 79)"
+    except Exception:  # noqa: BLE001 - a diagnosis must never hide the real failure
+        return None
+    gone = [i for i in gpus if i not in seen]
+    if gone:
+        return (f"GPU {', '.join(map(str, gone))} is no longer visible to NVML (fallen off the bus? "
+                "`nvidia-smi`, dmesg for Xid 79)")
+    return None
 
 
 def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
