@@ -209,3 +209,23 @@ def test_compare_shows_snapshot_values_escaped(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "\x1b" not in result.stdout and "\\x1b" in result.stdout
     assert "torch\\nfake line" in result.stdout and "\nfake line" not in result.stdout
+
+
+def test_compare_follows_a_link_the_user_names(tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(SNAP))
+    link = tmp_path / "baseline.json"
+    link.symlink_to(good)
+    result = ftkit("doctor", "--compare", str(link), str(good))
+    assert result.returncode == 0 and "no drift" in result.stdout, result.stderr
+
+
+def test_a_group_shared_lease_directory_gives_parties_its_group(tmp_path: Path) -> None:
+    from ftkit.lease import ensure_lease_dir
+
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o2775)
+    ensure_lease_dir(d)
+    st = (d / "parties").stat()
+    assert st.st_gid == d.stat().st_gid and st.st_mode & 0o7777 == 0o3775, oct(st.st_mode)

@@ -284,3 +284,15 @@ def test_compose_refuses_a_symlinked_run_dir(tmp_path: Path, monkeypatch: pytest
         assert f"{linked}: a symbolic link" in lines[0]
     assert list(elsewhere.iterdir()) == []
     assert snapshot(out) == before
+
+
+def test_a_step_directory_others_may_write_is_refused_on_resume(tmp_path: Path) -> None:
+    """A group member could have planted a link inside it after the last check."""
+    from ftkit.run.rundir import first_link
+
+    root = tmp_path / "r"
+    (root / "steps" / "train").mkdir(parents=True)
+    os.chmod(root / "steps" / "train", 0o775)
+    assert first_link(root) == root / "steps" / "train"
+    os.chmod(root / "steps" / "train", 0o755)
+    assert first_link(root) is None

@@ -129,9 +129,11 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
                "left_running": result.left_running}
     eval_summary = next(run.path.glob("steps/*/summary.json"), None)
     if eval_summary is not None:
+        from ftkit.files import read_json
+
         try:
-            summary["eval"] = json.loads(eval_summary.read_text())
-        except (OSError, json.JSONDecodeError):
+            summary["eval"] = read_json(eval_summary)  # bounded, never a FIFO or a link
+        except (OSError, ValueError):
             pass
     click.echo(json.dumps(summary, indent=2))
     if result.exit_code:

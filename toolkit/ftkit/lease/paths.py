@@ -56,8 +56,14 @@ def ensure_lease_dir(path: Path) -> Path:
         parties = path / "parties"
         if not parties.exists():
             parties.mkdir(exist_ok=True)
+            top = path.stat()
+            mode = (top.st_mode & 0o2777) | 0o1000
+            if top.st_mode & 0o020:  # shared by a group: parties/ is that group's too, and stays so
+                with contextlib.suppress(OSError):
+                    os.chown(parties, -1, top.st_gid)
+                mode |= 0o2000
             with contextlib.suppress(PermissionError):
-                os.chmod(parties, (path.stat().st_mode & 0o2777) | 0o1000)
+                os.chmod(parties, mode)
     except OSError as e:
         raise UserError(f"lease directory {path}: cannot create it: {e.strerror or e}",
                         hint=f"set {ENV} or the machine profile's paths.lease to a writable directory") from e

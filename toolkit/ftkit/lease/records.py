@@ -218,7 +218,14 @@ class Presence:
         d.mkdir(parents=True, exist_ok=True)
         self.path = d / f"{party.id}.json"
         tmp = d / f".tmp-{party.id}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except PermissionError as e:
+            from ftkit.errors import UserError
+
+            raise UserError(f"lease directory {d}: this user (uid {os.getuid()}) may not write its record there "
+                            f"({e.strerror})", hint="every user and container that takes GPU leases must be able to "
+                            "write the lease directory and its parties/ (docs/lease-security.md)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # before the file has its visible name
             self._fd = fd
@@ -356,10 +363,10 @@ def lock_file_record(path: Path) -> dict[str, Any] | None:
     try:
         data = read_bounded_tail(path)
     except UnsafeFile as e:
-        note_once(path, e.reason)
+        if not isinstance(e.__cause__, (FileNotFoundError, PermissionError)):  # gone, or another user's: no news
+            note_once(path, e.reason)
         return None
-    rec = _last_record(data)
-    return rec
+    return _last_record(data)
 
 
 def read_bounded_tail(path: Path) -> bytes:

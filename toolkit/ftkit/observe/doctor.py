@@ -902,10 +902,11 @@ def load_snapshot(path: Path) -> dict[str, Any]:
     from ftkit.errors import UserError
     from ftkit.files import UnreadableJson, UnsafeFile, read_json
 
-    try:
-        data = read_json(path, SNAPSHOT_MAX_BYTES)
+    try:  # a file the user names: a link to it is fine, its target must be a regular file
+        data = read_json(os.path.realpath(path), SNAPSHOT_MAX_BYTES)
     except UnsafeFile as e:
-        raise UserError(f"{path}: cannot read: {e.reason}") from e
+        raise UserError(f"{path}: cannot read: {e.reason} (save the snapshot to a file: "
+                        "`ftkit doctor --json > HOST.json`)") from e
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from e
     except UnreadableJson as e:

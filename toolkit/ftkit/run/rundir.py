@@ -223,7 +223,8 @@ def _read_own(path: Path, *, private: bool = True) -> bytes:
 
 def first_link(root: Path, limit: int = 1_000_000) -> Path | None:
     """The first symbolic link, FIFO, socket or device under `root` (links not followed), or
-    None. ftkit makes only directories and regular files in a run directory; anything else is
+    directory others may write, or None. ftkit makes only directories and regular files in a
+    run directory, writable by their owner alone (the runner's umask); anything else is
     someone else's. Bounded: more than `limit` entries is refused as not a run ftkit made."""
     stack, seen = [root], 0
     while stack:
@@ -242,6 +243,8 @@ def first_link(root: Path, limit: int = 1_000_000) -> Path | None:
             except OSError:  # gone while listed
                 continue
             if stat.S_ISDIR(st.st_mode):
+                if st.st_mode & 0o022:  # others could have put anything there (ftkit's run makes 0755)
+                    return Path(e.path)
                 stack.append(Path(e.path))
             elif not stat.S_ISREG(st.st_mode):
                 return Path(e.path)
@@ -288,7 +291,8 @@ def check_resumable(path: Path) -> ResumeInputs:
                         "ftkit resumes only the plan it started: start a new run with `ftkit up`")
     link = first_link(path)
     if link is not None:
-        kind = "a symbolic link" if link.is_symlink() else "not a regular file or directory"
+        kind = "a symbolic link" if link.is_symlink() else \
+            "a directory others may write" if link.is_dir() else "not a regular file or directory"
         raise UserError(f"{link}: {kind} in the run directory; ftkit writes there only to files it made, never "
                         "through a link (remove it, or start a new run)")
     return ResumeInputs(plan_bytes, state)

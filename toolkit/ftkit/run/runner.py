@@ -133,6 +133,9 @@ def execute_plan(run: RunDir, plan: Plan, *, display: Display | None = None, ech
                  resume: bool = False, owner: OwnerLock | None = None) -> RunResult:
     owner = owner or OwnerLock(run.path)  # refuses (exit 2) when another ftkit drives this run
     display = display or Display(plan)
+    # Everything the steps create in the run directory is writable by its owner alone (the
+    # engines and their children inherit this): a resume trusts only what the owner could write.
+    os.umask(os.umask(0o022) | 0o022)
     try:
         return _drive(run, plan, display, echo=echo, resume=resume)
     finally:
@@ -318,6 +321,9 @@ def _execute(ctx: Context, step: StepSpec) -> Outcome:
         else:
             ctx.executor.run(step, ctx.io(step))
     gone = missing_output(ctx.run, step)
+    for _ in range(3 if gone is not None and step.nodes else 0):  # shared storage: another node's writes land late
+        time.sleep(1.0)
+        gone = missing_output(ctx.run, step)
     if gone is not None:
         return Outcome("failed", message=f"the step exited 0 but {gone}")
     return Outcome("succeeded", _outputs(ctx, step))
@@ -553,7 +559,8 @@ def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
     ready = step.ready or {}
     log = ctx.run.log(sid)
     serving.wait_ready(ready, alive=handle.alive, log_tail=lambda: handle.tail(200), log_name=str(log))
-    written = _written_at(ctx.run.file(str(req.get("adapter_dir", ""))))
+    adapter_dir = req.get("adapter_dir")
+    written = _written_at(ctx.run.file(str(adapter_dir))) if isinstance(adapter_dir, str) and adapter_dir else None
     name = str(req["body"]["lora_name"])
     t0 = time.monotonic()
     try:
