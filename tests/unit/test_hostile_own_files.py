@@ -229,3 +229,29 @@ def test_a_group_shared_lease_directory_gives_parties_its_group(tmp_path: Path) 
     ensure_lease_dir(d)
     st = (d / "parties").stat()
     assert st.st_gid == d.stat().st_gid and st.st_mode & 0o7777 == 0o3775, oct(st.st_mode)
+
+
+STATUS_CASES = {
+    "status a list": {"status": ["running"]},
+    "order of numbers": {"order": [1, 2]},
+    "a step entry a string": {"steps": {"train": "done"}},
+    "error a list": {"steps": {"train": {"status": "failed", "error": ["x"]}}, "order": ["train"]},
+    "left_running an object": {"left_running": {"a": 1}},
+    "escapes": {"status": "failed\x1b[2J", "steps": {"t\x1b]0;x\x07": {"status": "ok\u202e", "error": "boom\x1b[31m"}},
+                "order": ["t\x1b]0;x\x07"]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATUS_CASES))
+def test_status_of_a_hostile_journal_is_escaped_and_never_a_traceback(tmp_path: Path, case: str) -> None:
+    run = tmp_path / "runs" / "20260101T000000Z-x"
+    run.mkdir(parents=True)
+    base = {"status": "failed", "started": "2026-01-01T00:00:00Z", "steps": {"train": {"status": "failed"}},
+            "order": ["train"]}
+    (run / "state.json").write_text(json.dumps({**base, **STATUS_CASES[case]}))
+    (run / "plan.json").write_text(json.dumps({"lease_dir": ["not", "a", "path"]}))
+    result = ftkit("status", str(run))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in (0, 2) and "\x1b" not in result.stdout + result.stderr
+    if case == "escapes":
+        assert "\\x1b" in result.stdout and "\\u202e" in result.stdout

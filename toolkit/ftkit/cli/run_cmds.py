@@ -206,19 +206,33 @@ def status(run: str | None, runs_dir: Path | None, machine_path: str | None, as_
     if as_json:
         click.echo(json.dumps({"run_dir": str(path), "stale": stale, **st}, indent=2))
         return
-    head = st.get("status", "?") + (" (STALE: its ftkit died; `ftkit down` cleans up)" if stale else "")
-    click.echo(f"{path.name}: {head}")
-    click.echo(f"  started {st.get('started')}, finished {st.get('finished') or '-'}")
-    for sid in st.get("order", []):
-        e = st["steps"].get(sid, {})
+    from ftkit.observe.rundata import typed_state
+    from ftkit.text import printable
+
+    problems: list[str] = []
+    st = typed_state(st, problems)  # what does not have its shape is left out, and said below
+
+    def shown(v: object, limit: int = 90) -> str:
+        text = printable(str(v))
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    head = shown(st.get("status") or "?") + (" (STALE: its ftkit died; `ftkit down` cleans up)" if stale else "")
+    click.echo(f"{printable(path.name)}: {head}")
+    click.echo(f"  started {shown(st.get('started'))}, finished {shown(st.get('finished') or '-')}")
+    steps = st.get("steps") or {}
+    for sid in st.get("order") or list(steps):
+        e = steps.get(sid) or {}
         secs = f"{e['seconds']:.1f} s" if isinstance(e.get("seconds"), (int, float)) else ""
         why = e.get("error") or e.get("reason") or e.get("message") or ""
-        first = why.splitlines()[0][:90] if why else ""
-        click.echo(f"  {sid:<22} {e.get('status', '?'):<12} {secs:>10}  {first}")
-    if st.get("left_running"):
-        click.echo("  left running: " + "; ".join(st["left_running"]))
+        first = shown(why.splitlines()[0]) if why.strip() else ""
+        click.echo(f"  {shown(sid, 22):<22} {shown(e.get('status', '?'), 12):<12} {secs:>10}  {first}")
+    left = st.get("left_running")
+    if isinstance(left, list) and left:
+        click.echo("  left running: " + "; ".join(shown(x, 200) for x in left))
+    for problem in problems:
+        click.echo(f"  note: {shown(problem, 200)}")
     _lease_lines(path)
-    click.echo(f"  logs: {path / 'logs'}/")
+    click.echo(f"  logs: {printable(str(path / 'logs'))}/")
 
 
 def _lease_lines(run: Path) -> None:
@@ -226,17 +240,19 @@ def _lease_lines(run: Path) -> None:
     from ftkit.files import read_json
 
     try:
-        lease_dir = read_json(run / "plan.json").get("lease_dir")
+        plan = read_json(run / "plan.json")
     except (OSError, ValueError):
         return
-    if not lease_dir or not Path(lease_dir).is_dir():
+    lease_dir = plan.get("lease_dir") if isinstance(plan, dict) else None
+    if not isinstance(lease_dir, str) or not lease_dir or not Path(lease_dir).is_dir():
         return
     from ftkit.lease import holders
+    from ftkit.text import printable
 
-    for p in holders(lease_dir):
-        gpus = ",".join(str(g.get("index", g.get("uuid", "?"))) for g in p.gpus)
+    for p in holders(lease_dir):  # records anyone who may write the lease directory wrote: escaped
         who = p.service or p.container or f"pid {p.pid}"
-        click.echo(f"  lease: GPU {gpus}: {p.role} {who} {p.state} since {p.since}")
+        click.echo(f"  lease: GPU {p.gpu_label}: {printable(str(p.role))[:20]} {printable(str(who))[:60]} "
+                   f"{printable(str(p.state))[:20]} since {printable(str(p.since))[:40]}")
 
 
 @click.command()

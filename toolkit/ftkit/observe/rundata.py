@@ -269,7 +269,7 @@ def _read_recipe(path: Path, problems: list[str]) -> dict[str, Any]:
     return _typed(data, {"steps": (_obj_list, "a list of steps")}, path.name, problems)
 
 
-def _typed_state(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+def typed_state(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     _typed(data, STATE_FIELDS, "state.json", problems)
     for sid, entry in (data.get("steps") or {}).items():
         _typed(entry, STATE_STEP_FIELDS, f"state.json: step {sid}", problems)
@@ -319,7 +319,7 @@ def load_run(path: Path) -> RunData:
         raise UserError(f"{path}: not a run directory (no state.json or plan.json)",
                         hint="give a directory `ftkit up` made, e.g. runs/20260101T120000Z-quickstart")
     rd = RunData(path)
-    rd.state = _typed_state(_read_json(path / "state.json", rd.problems), rd.problems)
+    rd.state = typed_state(_read_json(path / "state.json", rd.problems), rd.problems)
     rd.plan = _typed_plan(_read_json(path / "plan.json", rd.problems), rd.problems)
     rd.env = _typed(_read_json(path / "env.json", rd.problems), ENV_FIELDS, "env.json", rd.problems)
     rd.recipe = _read_recipe(path / "recipe.resolved.yaml", rd.problems)
