@@ -462,3 +462,29 @@ def test_a_server_whose_gpu_vanished_says_so(tmp_path: Path, sim: Path) -> None:
     assert result.status == "failed"
     error = st["steps"]["srv"]["error"]
     assert "Cannot find any model weights" in error and "fallen off the bus" in error, error
+
+
+def test_true_originals_come_back_from_the_dead_runs_journal(tmp_path: Path, sim: Path) -> None:
+    """The originals record was torn and removed as its message suggests, while a killed run
+    still caps the GPUs: the next run records the true originals from that run's journal
+    (not the cap), says where they came from, and `ftkit down` of the dead run puts them back."""
+    from ftkit.gpu import power
+    from tests.conftest import run_cli
+
+    _killed_mid_step(tmp_path)
+    assert limits(sim) == [300.0, 300.0]
+    power.originals_path().unlink()  # what the "fix or remove it" message led to
+    plan = plan_of(tmp_path, StepSpec(id="power", kind="power", executor="nvml", gpus=[0, 1],
+                                      power_caps_w={0: 250}, description="cap"), step("b", "print(1)"), gpus=True)
+    run2 = runner.create_run(tmp_path / "run2", plan, {"name": "t"}, ["ftkit", "up", "t.yaml"])
+    out = io.StringIO()
+    result = runner.execute_plan(run2, plan, display=Display(plan, stream=out))
+    assert result.status == "succeeded", result.message
+    console = out.getvalue()
+    assert "GPU 0: the machine-wide record had no original limit" in console and "450 W" in console, console
+    assert str(tmp_path / "run" / "state.json") in console
+    assert limits(sim)[0] == 450.0  # run 2 put back the true original, not run 1's cap
+    down = run_cli("down", "--runs-dir", str(tmp_path))
+    assert down.code == 0, down.err
+    assert limits(sim) == [450.0, 350.0], down.out
+    assert "the machine-wide record had lost them" in down.out, down.out

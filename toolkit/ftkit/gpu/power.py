@@ -119,6 +119,12 @@ def _index_of(nv: Nvml, key: str, rec: dict[str, Any]) -> int:
     return nv.index_by_uuid(key)
 
 
+def recorded_indices() -> set[int]:
+    """The GPU indices the machine-wide record holds an original for."""
+    return {rec["index"] for rec in read_originals().values()
+            if isinstance(rec, dict) and isinstance(rec.get("index"), int)}
+
+
 def dead_holdings(holder: str) -> list[int]:
     """GPU indices the record says `holder` caps although its process is gone: what a run
     killed with SIGKILL left capped, whatever its own (perhaps damaged) files say."""
@@ -137,6 +143,7 @@ class PowerReport:
     originals: dict[int, float] = field(default_factory=dict)  # index -> recorded original
     kept: dict[int, str] = field(default_factory=dict)  # index -> why it stays capped (another holder)
     failed: dict[str, str] = field(default_factory=dict)  # "GPU i" or the UUID -> why
+    recovered: dict[int, tuple[float, str]] = field(default_factory=dict)  # index -> (original, from where)
 
     @property
     def ok(self) -> bool:
@@ -149,11 +156,16 @@ class PowerReport:
         return ", ".join(parts) or "nothing to do"
 
 
-def set_limits(nv: Nvml, caps: dict[int, float], *, holder: Holder) -> PowerReport:
+def set_limits(nv: Nvml, caps: dict[int, float], *, holder: Holder,
+               known_originals: dict[int, tuple[float, str]] | None = None) -> PowerReport:
     """Record each GPU's current limit as its original (unless a record already holds the
     true original), name `holder` on it, make that durable, then set the cap - never above
     a cap another live holder still asks for. Stops at the first failure: a half-capped
-    machine must not go on to train; the caller restores what it holds."""
+    machine must not go on to train; the caller restores what it holds.
+
+    `known_originals` (index -> (watts, where it was found)): a true original another copy
+    holds (a dead run's journal) for a GPU this record has lost - its current limit is then
+    that run's cap, not the original. Used in place of the current limit, and said."""
     report = PowerReport()
     for idx, watts in sorted(caps.items()):
         key = nv.uuid(idx) or f"index-{idx}"
@@ -161,9 +173,13 @@ def set_limits(nv: Nvml, caps: dict[int, float], *, holder: Holder) -> PowerRepo
             rec = data["gpus"].get(key)
             if rec is None:
                 name = next((g.name for g in nv.inventory() if g.index == idx), "?")
-                rec = {"index": idx, "name": name, "original_w": nv.power_limit_w(idx),
+                known = (known_originals or {}).get(idx)
+                rec = {"index": idx, "name": name, "original_w": known[0] if known else nv.power_limit_w(idx),
                        "recorded": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                        "simulated": bool(nv.simulated), "holders": {}}
+                if known:
+                    rec["recovered_from"] = known[1]
+                    report.recovered[idx] = known
                 data["gpus"][key] = rec
             holders = rec.setdefault("holders", {})
             holders[holder.name] = holder.as_dict(float(watts))

@@ -374,11 +374,54 @@ def _cap(ctx: Context, step: StepSpec) -> Outcome:
 
     guard = ctx.guards.find(PowerGuard) or ctx.guards.push(PowerGuard(ctx.nvml, ctx.run.path.name))
     guard.indices |= set(step.power_caps_w)  # before the change: a half-done cap is undone too
-    report = power.set_limits(ctx.nvml(), step.power_caps_w, holder=power.Holder.this_process(ctx.run.path.name))
+    known = _originals_elsewhere(ctx, step)
+    report = power.set_limits(ctx.nvml(), step.power_caps_w, holder=power.Holder.this_process(ctx.run.path.name),
+                              known_originals=known)
+    for idx, (watts, where) in sorted(report.recovered.items()):
+        ctx.display.note(f"GPU {idx}: the machine-wide record had no original limit, and the GPU is still at "
+                         f"another run's cap: the original {watts:g} W comes from {where}")
     ctx.journal.record("power", {"original_w": {str(k): v for k, v in report.originals.items()},
                                  "originals_file": str(power.originals_path())})
     return Outcome("succeeded", {"caps_w": step.power_caps_w, "original_w": report.originals,
                                  "simulated": bool(ctx.nvml().simulated)})
+
+
+def _originals_elsewhere(ctx: Context, step: StepSpec) -> dict[int, tuple[float, str]]:
+    """True originals for GPUs the machine-wide record has lost (removed when it was torn),
+    from the other copy ftkit wrote: the journal of an earlier run in this runs directory
+    that capped the GPU and never put it back - its current limit is still that run's cap.
+    Newest run first; only a GPU whose limit now equals that run's recorded cap."""
+    from ftkit.gpu import power
+    from ftkit.run.stale import state_of
+
+    try:
+        need = [i for i in step.power_caps_w if i not in power.recorded_indices()]
+        if not need:
+            return {}
+        now = {i: ctx.nvml().power_limit_w(i) for i in need}
+        runs = sorted((p for p in ctx.run.path.parent.iterdir() if p != ctx.run.path and p.is_dir()),
+                      key=lambda p: p.name, reverse=True)[:200]
+    except (OSError, FtkitError):
+        return {}
+    found: dict[int, tuple[float, str]] = {}
+    for run in runs:
+        st = state_of(run)
+        originals = (st.get("power") or {}).get("original_w") if isinstance(st.get("power"), dict) else None
+        steps = st.get("steps") if isinstance(st.get("steps"), dict) else {}
+        caps: dict[str, Any] = {}
+        for entry in steps.values():
+            if isinstance(entry, dict) and isinstance(entry.get("caps_w"), dict):
+                caps.update(entry["caps_w"])
+        if not isinstance(originals, dict):
+            continue
+        for i in need:
+            orig, cap = originals.get(str(i)), caps.get(str(i), caps.get(i))
+            if i in found or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (orig, cap)):
+                continue
+            if abs(now[i] - float(cap)) < 0.5 and abs(float(orig) - float(cap)) >= 0.5:
+                found[i] = (float(orig), f"{run / 'state.json'} (that run capped it to {float(cap):g} W and never "
+                                         "put it back)")
+    return found
 
 
 def _replaced(ctx: Context, start: StepSpec | None) -> bool:

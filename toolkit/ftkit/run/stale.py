@@ -226,6 +226,30 @@ def _restore_recorded_power(run: Path, report: CleanReport) -> None:
         report.problems.append(f"power: {e}")
 
 
+def _restore_from_journal(run: Path, nv: Any, indices: list[int], report: CleanReport) -> None:
+    """GPUs this run capped that the machine-wide record no longer knows (it was torn and
+    removed): back to the originals the run's own journal recorded, and say so."""
+    st = state_of(run)
+    originals = (st.get("power") or {}).get("original_w") if isinstance(st.get("power"), dict) else None
+    done = []
+    for i in indices:
+        orig = originals.get(str(i)) if isinstance(originals, dict) else None
+        if not isinstance(orig, (int, float)) or isinstance(orig, bool):
+            report.problems.append(f"power: GPU {i}: no original limit in the machine-wide record or in "
+                                   f"{run / 'state.json'}; set it by hand (`nvidia-smi -q -d POWER` shows the default)")
+            continue
+        try:
+            if abs(nv.power_limit_w(i) - float(orig)) >= 0.5:
+                nv.set_power_limit_w(i, float(orig))
+                done.append(f"GPU {i}: {float(orig):g} W")
+        except Exception as e:  # noqa: BLE001 - one GPU's failure never stops the others
+            report.problems.append(f"power: GPU {i}: {e}")
+    if done:
+        report.power = "; ".join(x for x in (report.power if report.power != "nothing to do" else "",
+                                             ", ".join(done) + f" (from {run / 'state.json'}: the machine-wide "
+                                             "record had lost them)") if x)
+
+
 def _restore_machine(run: Path, plan: dict[str, Any], report: CleanReport) -> None:
     steps = plan.get("steps", [])
     capped = sorted({int(g) for s in steps if s.get("kind") == "power" for g in (s.get("power_caps_w") or {})})
@@ -239,10 +263,14 @@ def _restore_machine(run: Path, plan: dict[str, Any], report: CleanReport) -> No
                 report.problems.append("power: NVML is not available to restore the limits")
             else:
                 try:
+                    recorded = power.recorded_indices()
                     r = power.release(nv, holder=run.name, indices=capped)
                     report.power = r.summary()
                     if r.failed:
                         report.problems.append("power: " + "; ".join(f"{who}: {w}" for who, w in r.failed.items()))
+                    lost = [i for i in capped if i not in recorded]
+                    if lost:
+                        _restore_from_journal(run, nv, lost, report)
                 finally:
                     nv.close()
         except Exception as e:  # noqa: BLE001
