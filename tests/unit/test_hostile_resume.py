@@ -217,6 +217,42 @@ def test_run_directories_are_made_owner_writable_only(tmp_path: Path) -> None:
         os.umask(old)
     for rel in ("", "logs"):
         assert stat.S_IMODE(os.stat(tmp_path / "run" / rel).st_mode) == 0o755, rel
+    # the run's own files are written before the runner narrows the umask: 0644 all the same
+    for rel in ("plan.json", "state.json", "env.json", "command.txt", "recipe.resolved.yaml"):
+        assert stat.S_IMODE(os.stat(tmp_path / "run" / rel).st_mode) == 0o644, rel
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_the_run_directorys_files_follow_the_umask_but_are_never_writable_by_others(tmp_path: Path,
+                                                                                     umask: int) -> None:
+    """One rule: a file ftkit writes is 0666 less the umask (mkstemp's 0600 was the odd one
+    out); a run's own files (what a resume trusts) are 0644 less the umask."""
+    from ftkit.files import write_atomic
+
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "report.md", "# r\n")
+        run = RunDir(tmp_path)
+        run.write_inputs({"name": "r"}, {"steps": []}, ["ftkit", "up"], {})
+        run.write("configs/a.yaml", "a: 1\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "report.md").st_mode) == 0o666 & ~umask
+    for rel in ("plan.json", "env.json", "command.txt", "recipe.resolved.yaml", "configs/a.yaml"):
+        assert stat.S_IMODE(os.stat(tmp_path / rel).st_mode) == 0o644 & ~umask, rel
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_an_atomic_write_replaces_a_planted_link_and_never_writes_through_it(tmp_path: Path) -> None:
+    from ftkit.files import write_atomic
+
+    outside = tmp_path / "outside"
+    outside.write_text("keep me\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.md").symlink_to(outside)
+    write_atomic(tmp_path / "run" / "report.md", "new\n")
+    assert outside.read_text() == "keep me\n"
+    assert not (tmp_path / "run" / "report.md").is_symlink() and (tmp_path / "run" / "report.md").read_text() == "new\n"
 
 
 def test_logs_are_never_opened_through_a_link_or_a_fifo(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import csv
 import datetime as dt
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,23 @@ def test_report_of_a_run_without_telemetry_or_metrics(tmp_path: Path) -> None:
     res = make_report([run])
     assert {f.name for f in res.figures} == {"checkpoints"}
     assert "<h2>GPU telemetry</h2>" not in res.html.read_text()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_report_file_follows_the_umask_like_the_pngs(tmp_path: Path, umask: int) -> None:
+    """One rule for every file a report writes: 0666 less the umask (report.md and the HTML
+    were 0600 while the PNGs beside them were 0644)."""
+    from ftkit.observe.report import make_report
+
+    run = make_run(tmp_path)
+    old = os.umask(umask)
+    try:
+        res = make_report([run])
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in res.html.parent.iterdir()}
+    assert any(n.endswith(".png") for n in modes) and {"report.html", "report.md", "figures.json"} <= set(modes)
+    assert set(modes.values()) == {0o666 & ~umask}, {n: oct(m) for n, m in modes.items()}
 
 
 def test_recorded_checkpoint_times_win_and_cover_removed_checkpoints(tmp_path: Path) -> None:

@@ -8,17 +8,23 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over the target."""
+def write_atomic(path: str | os.PathLike[str], data: str | bytes, *, mode: int = 0o666) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over the target.
+
+    The file gets `mode` less the umask, as `open()` would create it (0644 under the usual
+    umask 022): the one rule for every file ftkit writes, reports and stacks alike. Callers
+    whose files must never be writable by others (a run's own records, which a resume
+    trusts) pass 0o644. The temp file is created with O_EXCL and O_NOFOLLOW under a random
+    name, so nothing planted in the directory - a link above all - is written through."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = _create_temp(target, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
@@ -41,8 +47,22 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
         pass
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+def _create_temp(target: Path, mode: int) -> tuple[int, str]:
+    """A new, empty file beside `target` under a random name, created `mode` & ~umask by the
+    kernel (not tempfile.mkstemp, whose 0600 would leave every file ftkit writes private
+    while the PNGs beside them follow the umask). O_EXCL: never an existing file or link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = str(target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(target.parent))  # pragma: no cover
+
+
+def write_json(path: str | os.PathLike[str], data: Any, *, mode: int = 0o666) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", mode=mode)
 
 
 JSON_MAX_BYTES = 64 << 20  # ftkit's own records are KB to a few MB; anything larger is not one of them

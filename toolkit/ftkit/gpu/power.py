@@ -74,7 +74,7 @@ def _locked() -> Iterator[dict[str, Any]]:
         before = json.dumps(data, sort_keys=True)
         yield data
         if json.dumps(data, sort_keys=True) != before:
-            write_json(path, data)
+            write_json(path, data, mode=0o644)  # restores follow it as root: only its owner writes it
     finally:
         os.close(lock)
 

@@ -33,6 +33,10 @@ from ftkit.procs import is_alive, process_start
 
 STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "interrupted")
 DONE = ("succeeded", "failed", "skipped", "interrupted")
+# The run's own files (plan, journal, inputs, generated configs): the umask decides who may
+# read them, like every file ftkit writes, but never group- or world-writable whatever the
+# umask (a user-private-group umask 002 included): a resume trusts only what its owner wrote.
+OWN_FILE_MODE = 0o644
 
 
 OWNER_LOCK = ".owner.lock"
@@ -151,13 +155,14 @@ class RunDir:
     def write(self, rel: str, content: str | bytes) -> None:
         """Write a file ftkit owns in the run directory (a generated config, a result), atomically
         and never through a link."""
-        write_atomic(self.real_parent(rel), content)
+        write_atomic(self.real_parent(rel), content, mode=OWN_FILE_MODE)
 
     def write_inputs(self, resolved_yaml: dict[str, Any], plan: dict[str, Any], argv: list[str], env: dict[str, Any]) -> None:
-        write_atomic(self.file("recipe.resolved.yaml"), yaml.safe_dump(resolved_yaml, sort_keys=False))
-        write_json(self.file("plan.json"), plan)
-        write_atomic(self.file("command.txt"), " ".join(shlex.quote(a) for a in argv) + "\n")
-        write_json(self.file("env.json"), env)
+        write_atomic(self.file("recipe.resolved.yaml"), yaml.safe_dump(resolved_yaml, sort_keys=False),
+                     mode=OWN_FILE_MODE)
+        write_json(self.file("plan.json"), plan, mode=OWN_FILE_MODE)
+        write_atomic(self.file("command.txt"), " ".join(shlex.quote(a) for a in argv) + "\n", mode=OWN_FILE_MODE)
+        write_json(self.file("env.json"), env, mode=OWN_FILE_MODE)
 
     def write_generated(self, files: list[dict[str, str]]) -> None:
         for f in files:
@@ -332,7 +337,7 @@ class Journal:
         return is_alive(self.state.get("pid"), self.state.get("pid_start"))
 
     def _flush(self) -> None:
-        write_json(self.path, self.state)
+        write_json(self.path, self.state, mode=OWN_FILE_MODE)
 
     def step(self, step_id: str, status: str, **extra: Any) -> None:
         assert status in STATUSES, status  # programming error, not user input
