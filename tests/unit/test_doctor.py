@@ -278,3 +278,19 @@ def test_doctor_runs_on_this_machine(tmp_path: Path) -> None:
     assert {f["check"] for f in snap["findings"]} >= {"docker", "nvml", "disk", "clock", "lease"}
     human = run_cli("doctor", "--machine", str(RECIPES / "machines" / "cpu.yaml"), "--offline")
     assert human.code in (0, 1) and "error(s)" in human.out
+
+
+@pytest.mark.parametrize("engine", [True, False])
+def test_a_machine_without_gpus_is_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: bool) -> None:
+    """The newcomer's first `ftkit doctor` on a laptop: no NVIDIA driver, with or without a
+    Docker engine, the detected host or the CPU profile. Nothing is wrong there: exit 0,
+    and the GPU checks say "a CPU machine" as a note, not an error."""
+    monkeypatch.delenv("FTKIT_SIMULATED_GPUS", raising=False)
+    monkeypatch.setattr(dr.Sources, "nvml", lambda self: None)
+    monkeypatch.setattr(dr.Sources, "docker_info", lambda self: _engine() if engine else None)
+    monkeypatch.setattr(dr.Sources, "ftkit_images", lambda self: [])
+    monkeypatch.setenv("FTKIT_STATE_DIR", str(tmp_path / "state"))
+    for machine in ([], ["--machine", str(RECIPES / "machines" / "cpu.yaml"), "--recipe", str(RECIPES / "quickstart.yaml")]):
+        res = run_cli("doctor", *machine, "--offline", "--runs-dir", str(tmp_path / "runs"))
+        assert res.code == 0, res.out + res.err
+        assert "0 error(s)" in res.out and "no NVIDIA driver: a CPU machine" in res.out

@@ -94,3 +94,46 @@ def test_an_unreadable_simulated_state_is_an_error_not_a_reset(sim: Path) -> Non
     sim.write_text('{"gpus": [')  # torn by something outside ftkit
     with pytest.raises(GpuError, match="unreadable"):
         open_nvml().power_limit_w(0)
+
+
+@pytest.fixture
+def no_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A machine without GPUs: no NVIDIA driver answers (whatever this host has)."""
+    import ftkit.gpu.nvml as nvml
+
+    monkeypatch.delenv("FTKIT_SIMULATED_GPUS", raising=False)
+    monkeypatch.setattr(nvml, "open_nvml", lambda: None)
+    monkeypatch.setenv("FTKIT_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
+def test_power_on_a_machine_without_gpus(no_gpus: Path) -> None:
+    """Nothing is wrong on a CPU machine: show and restore say so and exit 0; capping GPUs
+    that are not there is a mistake in the request: exit 2, one line."""
+    shown = run_cli("power", "show")
+    assert shown.code == 0, shown.err
+    assert "no GPUs here" in shown.out and shown.err == ""
+    as_json = json.loads(run_cli("power", "show", "--json").out)
+    assert as_json["gpus"] == [] and as_json["nvml"] is None
+    restored = run_cli("power", "restore")
+    assert restored.code == 0 and "nothing to restore" in restored.out
+    for args in (("--watts", "300"), ("--gpus", "0", "--watts", "300"), ("--watts", "300", "--dry-run")):
+        capped = run_cli("power", "set", *args)
+        assert capped.code == 2, (args, capped.out, capped.err)
+        assert len(capped.err.strip().splitlines()) == 1 and "no GPUs here" in capped.err, capped.err
+    assert not (no_gpus / "power-originals.json").exists()
+
+
+def test_power_show_without_a_driver_but_with_recorded_originals_is_an_error(no_gpus: Path) -> None:
+    """Originals recorded and no driver to put them back: that is worth exit 1."""
+    no_gpus.mkdir()
+    (no_gpus / "power-originals.json").write_text(json.dumps(
+        {"gpus": {"GPU-1": {"index": 0, "name": "RTX 4090", "original_w": 450.0, "holders": {}}}}))
+    shown = run_cli("power", "show")
+    assert shown.code == 1 and "GPU 0 (RTX 4090)" in shown.err and "ftkit power restore" in shown.err
+
+
+def test_power_set_names_a_gpu_that_is_not_there(sim: Path) -> None:
+    res = run_cli("power", "set", "--gpus", "0,5", "--watts", "300")
+    assert res.code == 2 and "GPU 5 is not on this machine" in res.err
+    assert not sim.exists() or limits(sim) == [450.0, 350.0]  # nothing capped

@@ -10,7 +10,13 @@ import click
 from ftkit.errors import GpuError, UserError
 
 
+NO_GPUS = "no GPUs here: no NVIDIA driver answers (NVML), so there are no power limits"
+
+
 def _nvml():  # type: ignore[no-untyped-def]
+    """NVML, or GpuError (exit 1) where something needs it and it is missing: the driver of
+    GPUs whose originals ftkit recorded. Commands with nothing to do on a machine without
+    GPUs check `open_nvml() is None` themselves."""
     from ftkit.gpu.nvml import open_nvml
 
     nv = open_nvml()
@@ -39,18 +45,36 @@ def power() -> None:
 @power.command()
 @click.option("--json", "as_json", is_flag=True)
 def show(as_json: bool) -> None:
-    """Each GPU's current limit and the original ftkit recorded before changing it."""
+    """Each GPU's current limit and the original ftkit recorded before changing it. On a
+    machine without GPUs: says so (exit 0); with originals recorded but no driver to
+    restore them: exit 1."""
     from ftkit.gpu import power as pw
+    from ftkit.gpu.nvml import open_nvml
 
-    nv = _nvml()
+    nv = open_nvml()
+    if nv is None:
+        recorded = pw.read_originals()
+        if recorded:  # caps were set here and the driver that must undo them is gone: not fine
+            gpus = ", ".join(f"GPU {r.get('index', '?')} ({r.get('name', '?')})" for r in recorded.values())
+            raise GpuError(f"no NVIDIA driver answers, but {pw.originals_path()} holds the original power limits of "
+                           f"{gpus}", hint="check the driver (nvidia-smi), then `ftkit power restore`")
+        if as_json:
+            click.echo(json.dumps({"originals_file": str(pw.originals_path()), "gpus": [], "nvml": None}, indent=2))
+        else:
+            click.echo(NO_GPUS)
+        return
     try:
         rows = pw.show(nv)
     finally:
         nv.close()
     if as_json:
-        click.echo(json.dumps({"originals_file": str(pw.originals_path()), "gpus": rows}, indent=2))
+        click.echo(json.dumps({"originals_file": str(pw.originals_path()), "gpus": rows,
+                               "nvml": "simulated" if nv.simulated else "real"}, indent=2))
         return
-    sim = " (SIMULATED GPUs)" if rows and rows[0]["simulated"] else ""
+    if not rows:
+        click.echo("no GPUs here: NVML answers but lists none, so there are no power limits")
+        return
+    sim = " (SIMULATED GPUs)" if rows[0]["simulated"] else ""
     click.echo(f"power limits{sim}; originals recorded in {pw.originals_path()}")
     for r in rows:
         holders = ", ".join(f"{n} ({h['cap_w']:g} W{'' if h['alive'] else ', gone'})" for n, h in r["holders"].items())
@@ -67,12 +91,22 @@ def show(as_json: bool) -> None:
 def set_cmd(gpus: str, watts: int, dry_run: bool) -> None:
     """Cap GPUs at WATTS (recording each GPU's original limit first). Needs root on a real GPU."""
     from ftkit.gpu import power as pw
+    from ftkit.gpu.nvml import open_nvml
 
     wanted = _gpus(gpus)  # refused before NVML is opened
-    nv = _nvml()
+    nv = open_nvml()
+    if nv is None:  # asking to cap GPUs that are not here is a mistake in the request
+        raise UserError(f"cannot set power limits: {NO_GPUS}")
     try:
-        indices = wanted or [g.index for g in nv.inventory()]
-        for g in nv.inventory():
+        inventory = nv.inventory()
+        present = [g.index for g in inventory]
+        if not present:
+            raise UserError("cannot set power limits: NVML lists no GPUs on this machine")
+        missing = [i for i in (wanted or []) if i not in present]
+        if missing:
+            raise UserError(f"--gpus {gpus}: GPU {missing[0]} is not on this machine (NVML lists {present})")
+        indices = wanted or present
+        for g in inventory:
             if g.index in indices and g.power_min_w and g.power_max_w and not g.power_min_w <= watts <= g.power_max_w:
                 raise UserError(f"{watts} W is outside GPU {g.index}'s allowed range {g.power_min_w:g}-{g.power_max_w:g} W")
         if dry_run:
