@@ -3,8 +3,10 @@ turns errors into one line and an exit code."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import RECIPES, run_cli
 
@@ -30,10 +32,44 @@ def _imports_after(args: list[str]) -> set[str]:
 
 
 def test_help_and_validate_do_not_import_heavy_modules() -> None:
-    for args in (["--help"], ["validate", str(RECIPES / "quickstart.yaml")]):
+    for args in (["--help"], ["validate", str(RECIPES / "quickstart.yaml")], ["report", "--help"]):
         mods = _imports_after(args)
-        for heavy in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "docker", "rich"):
+        for heavy in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "docker", "rich", "matplotlib",
+                      "numpy", "psutil"):
             assert heavy not in mods, (args, heavy)
+
+
+def _project() -> dict:  # type: ignore[type-arg]
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    return tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def _extra_closure(extra: str) -> list[str]:
+    """The requirements `pip install 'ftkit[EXTRA]'` brings, ftkit's own extras followed."""
+    project = _project()
+    out, todo, seen = list(project["dependencies"]), [extra], set()
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        for req in project["optional-dependencies"][name]:
+            m = re.fullmatch(r"ftkit\[([a-z,]+)\]", req.replace(" ", ""))
+            if m:
+                todo += [e for e in m.group(1).split(",") if e not in seen]
+            else:
+                out.append(req)
+    return out
+
+
+def test_the_quickstart_install_brings_what_report_needs() -> None:
+    """The README installs `.[train]` and then points at `ftkit report`: that install must
+    bring matplotlib (report's plots), while the base install stays light."""
+    names = {re.split(r"[<>=;\[ ]", r, maxsplit=1)[0].lower() for r in _extra_closure("train")}
+    assert {"matplotlib", "psutil", "torch"} <= names, names
+    base = _project()["dependencies"]
+    assert not [r for r in base if r.lower().startswith(("matplotlib", "torch"))]
 
 
 def test_version() -> None:

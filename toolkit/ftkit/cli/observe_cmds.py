@@ -109,8 +109,8 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
     """Report on a run (or compare two): a self-contained HTML page, a Markdown summary and
     PNG plots of loss, throughput, GPU power against its cap, temperature, utilization, checkpoint
     save times and disk growth, with the outcome, environment and evaluation. Two runs get a
-    fairness check (data slice, steps, global batch, checkpoint policy). Needs matplotlib
-    (pip install 'ftkit[observe]')."""
+    fairness check (data slice, steps, global batch, checkpoint policy). Needs matplotlib:
+    the quickstart's `ftkit[train]` brings it, `ftkit[observe]` alone too."""
     from ftkit.observe.report import make_report
 
     if len(runs) > 2:

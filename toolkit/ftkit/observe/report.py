@@ -132,7 +132,8 @@ def _plt() -> Any:
     try:
         import matplotlib
     except ImportError as e:
-        raise UserError("ftkit report needs matplotlib", hint="pip install 'ftkit[observe]' (or: pip install matplotlib)") from e
+        raise UserError("ftkit report needs matplotlib (the `train` and `observe` extras bring it)",
+                        hint="pip install 'ftkit[observe]' (or: pip install matplotlib)") from e
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
