@@ -176,6 +176,22 @@ def test_failed_build_names_the_step_and_its_last_lines(built: dict, tmp_path: P
     assert "Traceback" not in proc.stderr
 
 
+def test_unpullable_base_image_says_why_and_how_to_fix(tmp_path: Path) -> None:
+    """A base image the engine does not have and cannot pull (no registry here; elsewhere, no
+    such image): BuildKit's reason is printed, and the fix - a local base - is named."""
+    proc = run_ftkit("build", "--image", "train", "--base-image", "ftkit-test/no-such-base:1",
+                     "--images-lock", str(tmp_path / "x.json"), timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "failing step: [internal] load metadata for docker.io/ftkit-test/no-such-base:1" in lines, proc.stderr
+    reason = next((ln for ln in lines if ln.startswith("reason: ")), "")
+    assert len(reason) > 20 and ("no such host" in reason or "not found" in reason or "denied" in reason), reason
+    assert "hint: the base image docker.io/ftkit-test/no-such-base:1 cannot be pulled here" in proc.stderr
+    assert "--base-image IMAGE" in proc.stderr and "docker.base_image" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.skipif(os.environ.get("FTKIT_TEST_CLASSIC_BUILD") != "1",
                     reason="a classic-builder build has no layer or pip cache (about 3 minutes on 2 cores); "
                            "FTKIT_TEST_CLASSIC_BUILD=1 runs it (CI leaves it out to stay under 30 minutes)")

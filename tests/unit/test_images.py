@@ -187,3 +187,100 @@ def test_driver_compatibility() -> None:
     future = compat.check(cu13, "590.1", "13.1", [gpu(0, "Future", "13.0")])
     assert future[0].level == "warning"
     assert compat.check(variants.get("train", "cpu"), "x", "1.0", [gpu(0, "RTX 4090", "8.9")]) == []
+
+
+# -- a failed build says why ------------------------------------------------------------------------
+
+# Captured from docker 20.10's BuildKit (`DOCKER_BUILDKIT=1 docker build --progress=plain`) with a base
+# image that is not in the engine and no registry in reach.
+LEGACY_BASE_FAILURE = """\
+#1 [internal] load build definition from Dockerfile
+#1 sha256:60401a0a49860287ab8a9113252a7a9a684ca9fc9522d21de8869e9b86bbb397
+#1 transferring dockerfile: 1.21kB done
+#1 DONE 0.0s
+
+#3 [internal] load metadata for docker.io/library/python:3.11-slim-bookworm
+#3 sha256:9b427c8372bfaab8ed8125b262abb59ae3e88571b90466cb2a35c2f47d5d23fb
+#3 ERROR: failed to do request: Head "https://registry-1.docker.io/v2/library/python/manifests/3.11-slim-bookworm": \
+dial tcp: lookup registry-1.docker.io on 10.255.255.53:53: no such host
+------
+ > [internal] load metadata for docker.io/library/python:3.11-slim-bookworm:
+------
+failed to solve with frontend dockerfile.v0: failed to create LLB definition: failed to do request: Head \
+"https://registry-1.docker.io/v2/library/python/manifests/3.11-slim-bookworm": dial tcp: lookup registry-1.docker.io \
+on 10.255.255.53:53: no such host"""
+
+# buildx's shape of the same failure (a registry that answers: no such image).
+BUILDX_BASE_FAILURE = """\
+#2 [internal] load metadata for docker.io/library/python:3.11-slim-bookworm
+#2 ERROR: docker.io/library/python:3.11-slim-bookworm: not found
+------
+ > [internal] load metadata for docker.io/library/python:3.11-slim-bookworm:
+------
+ERROR: failed to solve: python:3.11-slim-bookworm: failed to resolve source metadata for \
+docker.io/library/python:3.11-slim-bookworm: docker.io/library/python:3.11-slim-bookworm: not found"""
+
+RUN_FAILURE = """\
+#9 [build 4/6] RUN pip install --require-hashes -r /opt/ftkit/requirements.lock
+#9 1.203 Looking in indexes: https://pypi.org/simple
+#9 3.411 ERROR: Could not find a version that satisfies the requirement torch==2.13.0+cpu
+#9 ERROR: executor failed running [/bin/sh -c pip install --require-hashes -r /opt/ftkit/requirements.lock]: \
+exit code: 1
+------
+ > [build 4/6] RUN pip install --require-hashes -r /opt/ftkit/requirements.lock:
+------
+executor failed running [/bin/sh -c pip install]: exit code: 1"""
+
+
+def progress_of(text: str, tmp_path: Path) -> builder.Progress:
+    with builder.Progress("building x", tmp_path / "build.log", live=False) as progress:
+        for line in text.splitlines():
+            progress.line(line)
+    return progress
+
+
+@pytest.mark.parametrize("output", [LEGACY_BASE_FAILURE, BUILDX_BASE_FAILURE], ids=["buildkit-20.10", "buildx"])
+def test_unpullable_base_names_the_reason_and_the_fix(output: str, tmp_path: Path) -> None:
+    failure = progress_of(output, tmp_path).explain()
+    assert failure.step == "[internal] load metadata for docker.io/library/python:3.11-slim-bookworm"
+    assert failure.base_ref == "docker.io/library/python:3.11-slim-bookworm"
+    text = failure.render()
+    assert text.splitlines()[0].startswith("failing step: [internal] load metadata for")
+    assert ("no such host" in text) if "no such host" in output else ("not found" in text)
+    assert text.splitlines()[1].startswith("reason: ")
+    hint = builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu"))
+    assert hint is not None and "--base-image" in hint and "docker.base_image" in hint and "Python 3.11" in hint
+
+
+def test_failed_run_step_keeps_its_output_and_gets_no_base_hint(tmp_path: Path) -> None:
+    failure = progress_of(RUN_FAILURE, tmp_path).explain()
+    assert failure.step and failure.step.startswith("[build 4/6] RUN pip install")
+    assert failure.reason and "exit code: 1" in failure.reason
+    assert any("Could not find a version" in ln for ln in failure.output)
+    assert builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu")) is None
+
+
+def test_classic_builder_failure_names_the_reason_and_the_fix(tmp_path: Path) -> None:
+    with builder.Progress("building x", tmp_path / "build.log", live=False) as progress:
+        progress.line("Step 1/12 : FROM python:3.11-slim-bookworm AS runtime")
+        progress.error("pull access denied for python, repository does not exist or may require 'docker login'")
+    failure = progress.explain()
+    assert failure.step == "Step 1/12: FROM python:3.11-slim-bookworm AS runtime"
+    assert failure.base_ref == "python:3.11-slim-bookworm"
+    assert failure.render().count("pull access denied") == 1  # the reason, not repeated as an output line
+    assert builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu")) is not None
+
+
+def test_build_with_a_machine_builds_from_its_base_image(tmp_path: Path) -> None:
+    """The fix the hint names: `docker.base_image` in the profile reaches `ftkit build --machine`
+    (the tag the machine's plans run depends on it)."""
+    machine = tmp_path / "m.yaml"
+    machine.write_text("ftkit: 1\nkind: machine\nname: local-base\nexecutor: docker\n"
+                       "docker: {base_image: 'ftkit-test/bookworm-python:latest'}\n")
+    result = run_cli("build", "--machine", str(machine), "--image", "train", "--dry-run")
+    assert result.code == 0, result.err
+    want = builder.plan_build(ROOT, "train", "cpu", base_image="ftkit-test/bookworm-python:latest").tag
+    assert f"# image train/cpu -> {want}" in result.out
+    assert "FROM ftkit-test/bookworm-python:latest AS runtime" in result.out
+    result = run_cli("build", "--machine", str(machine), "--image", "train", "--dry-run", "--base-image", "other/base:1")
+    assert "FROM other/base:1 AS runtime" in result.out  # the option wins over the profile

@@ -32,7 +32,9 @@ def _targets(image: str, variant: str | None, machine_has_gpus: bool) -> list[tu
               help="CA bundle for TLS-intercepting proxies; used during the build only, never left in the image")
 @click.option("--wheelhouse", type=CheckedPath(file_okay=False, path_type=Path),
               help="local wheels standing in for unreachable indexes (locks still apply)")
-@click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="machine profile (ca_bundle, docker host)")
+@click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
+              help="machine profile: its docker host, docker.base_image, docker.wheelhouse and ca_bundle (the "
+                   "options above override them)")
 @click.option("--force", is_flag=True, help="build even when the tag exists")
 @click.option("--no-cache", is_flag=True,
               help="with --force: run every Dockerfile step again, reusing no cached layer (pip's download cache still applies)")
@@ -55,6 +57,7 @@ def build(image: str, variant: str | None, base_image: str | None, ca_bundle: Pa
     root = project.find_root()
     host = None
     machine = None
+    machine_base = None
     if machine_path:
         from ftkit.recipe.validate import load_machine
 
@@ -62,6 +65,10 @@ def build(image: str, variant: str | None, base_image: str | None, ca_bundle: Pa
         host = machine.docker.host
         if ca_bundle is None and machine.ca_bundle:
             ca_bundle = Path(machine.ca_bundle).expanduser()
+        # the images this machine's plans run: FROM its base (the tag depends on it), with its wheels
+        machine_base = machine.docker.base_image
+        if wheelhouse is None and machine.docker.wheelhouse:
+            wheelhouse = Path(machine.docker.wheelhouse).expanduser()
     recorded: dict[str, dict] = {}
     if from_lock is not None:
         recorded = imagelock.read(from_lock)["images"]
@@ -73,7 +80,8 @@ def build(image: str, variant: str | None, base_image: str | None, ca_bundle: Pa
     use_buildkit = cli is not None
     lock_file = images_lock or (root / "images.lock.json")
     for img, var in targets:
-        base = base_image or (recorded.get(f"{img}/{var}", {}).get("base", {}).get("ref") if from_lock else None)
+        base = base_image or (recorded.get(f"{img}/{var}", {}).get("base", {}).get("ref") if from_lock else None) \
+            or machine_base
         spec = builder.plan_build(root, img, var, base_image=base, buildkit=use_buildkit, wheelhouse=wheelhouse,
                                   ca_bundle=ca_bundle)
         if from_lock is not None:

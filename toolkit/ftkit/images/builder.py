@@ -166,8 +166,8 @@ def assemble_context(root: Path, spec: BuildSpec, ctx_dir: Path) -> None:
 
 class Progress:
     """Live build progress: the current step and latest line on a terminal, step headers
-    otherwise; everything goes to the log file too. Keeps each step's title and last lines
-    so a failure can be explained without re-reading the log."""
+    otherwise; everything goes to the log file too. Keeps each step's title, last lines and
+    BuildKit's error for it, so a failure can be explained without re-reading the log."""
 
     STEP = re.compile(r"^#(?P<v>\d+) \[(?P<stage>[^\]]+)\] (?P<what>.*)$|^Step (?P<n>\d+/\d+) : (?P<cmd>.*)$")
     OUTPUT = re.compile(r"^#(?P<v>\d+) \d+\.\d+ (?P<text>.*)$")
@@ -181,7 +181,9 @@ class Progress:
         self.tail: deque[str] = deque(maxlen=60)
         self.titles: dict[str, str] = {}
         self.outputs: dict[str, deque[str]] = {}
+        self.errors: dict[str, str] = {}  # BuildKit's `#N ERROR: ...` line of each failed step
         self.failed: str | None = None
+        self.error_text: str | None = None  # the classic builder's error message
         self._status: Any = None
 
     def __enter__(self) -> Progress:
@@ -214,17 +216,26 @@ class Progress:
             self.outputs.setdefault(o.group("v"), deque(maxlen=15)).append(o.group("text"))
         elif (e := self.ERROR.match(text)) is not None:
             self.failed = e.group("v")
+            self.errors.setdefault(e.group("v"), e.group("text"))
         if self._status is not None:
             last = text.split(" ", 2)[-1][:80] if text.startswith("#") else text[:80]
             self._status.update(f"{self.title}  {self.step[:70]}  | {last}")
 
-    def failure(self) -> str:
-        """The failing step and its last output lines."""
+    def error(self, text: str) -> None:
+        """The classic builder's error message (its stream has no `#N ERROR:` lines)."""
+        self.line(text)
+        self.error_text = text.strip()
+
+    def explain(self) -> BuildFailure:
+        """What failed, and why, from what the builder printed."""
         if self.failed is not None:
-            title = self.titles.get(self.failed, f"step #{self.failed}")
-            lines = list(self.outputs.get(self.failed, []))
-            return f"failing step: {title}\n" + "\n".join(f"  {ln}" for ln in lines)
-        return failure_summary(list(self.tail))
+            return BuildFailure(self.titles.get(self.failed, f"step #{self.failed}"), self.errors.get(self.failed),
+                                list(self.outputs.get(self.failed, [])))
+        return explain_lines(list(self.tail), self.error_text)
+
+    def failure(self) -> str:
+        """The failing step, the builder's reason and the step's last output lines."""
+        return self.explain().render()
 
     def __exit__(self, *exc: Any) -> None:
         if self._status is not None:
@@ -232,11 +243,65 @@ class Progress:
         self._log.close()
 
 
-def failure_summary(lines: list[str]) -> str:
-    """The failing step and last lines from classic-builder output (or an unknown format)."""
+# A base image the engine cannot get: BuildKit fails resolving it (`[internal] load metadata
+# for REF`) or its FROM step; the classic builder fails at its FROM step.
+_BASE_STEP = re.compile(r"^(?:\[internal\] load metadata for (?P<meta>\S+)|\[[^\]]*\] FROM (?P<from>\S+)"
+                        r"|Step 1/\d+: FROM (?P<classic>\S+))")
+_TRAILER = re.compile(r"^(?:ERROR: |error: )?(?:failed to solve|failed to build|executor failed)", re.IGNORECASE)
+REASON_MAX = 400
+
+
+@dataclass
+class BuildFailure:
+    """One failed build, explained: the step, BuildKit's (or the classic builder's) reason,
+    the step's last output lines, and the base image when it is the base that failed."""
+
+    step: str | None
+    reason: str | None
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def base_ref(self) -> str | None:
+        """The image reference of a failed FROM (or its metadata lookup): the base cannot be had."""
+        m = _BASE_STEP.match(self.step or "")
+        if m is None:
+            return None
+        ref = m.group("meta") or m.group("from") or m.group("classic")
+        return ref.split(" AS ")[0] if ref else None
+
+    def render(self) -> str:
+        out = [f"failing step: {self.step}"] if self.step else []
+        if self.reason:
+            reason = " ".join(self.reason.split())
+            out.append("reason: " + (reason if len(reason) <= REASON_MAX else reason[:REASON_MAX] + "..."))
+        out += [f"  {ln}" for ln in self.output]
+        return "\n".join(out)
+
+
+def explain_lines(lines: list[str], error_text: str | None = None) -> BuildFailure:
+    """The failure in classic-builder output (or an unknown format): its last step, the
+    builder's error message (or BuildKit's closing `failed to solve` line), the last lines."""
     steps = [ln for ln in lines if ln.startswith("Step ")]
-    where = f"failing step: {steps[-1]}\n" if steps else ""
-    return where + "\n".join(f"  {ln}" for ln in lines[-15:])
+    step = None
+    if steps:
+        m = re.match(r"^Step (\d+/\d+) : (.*)$", steps[-1])
+        step = f"Step {m.group(1)}: {m.group(2)}" if m else steps[-1]
+    reason = error_text or next((ln.strip() for ln in reversed(lines) if _TRAILER.match(ln.strip())), None)
+    shown = [ln for ln in lines[-15:] if ln.strip() != (reason or "")]
+    return BuildFailure(step, reason, shown)
+
+
+def failure_hint(failure: BuildFailure, spec: BuildSpec) -> str | None:
+    """What to do about a failure ftkit recognises: a base image that cannot be pulled here
+    (no registry in reach, or no such image) is replaced by one the engine already has."""
+    ref = failure.base_ref
+    if ref is None:
+        return None
+    python = spec.labels.get(f"{LABEL_PREFIX}.python", "")
+    return (f"the base image {ref} cannot be pulled here (no registry in reach, or no such image): build FROM "
+            f"an image this engine already has - `ftkit build --base-image IMAGE` (one with Python {python}; "
+            "`docker images` lists them), or `docker.base_image: IMAGE` in the machine profile (`ftkit build "
+            "--machine PROFILE`, and `ftkit up` builds a missing image FROM it)")
 
 
 @dataclass
@@ -276,13 +341,19 @@ def run_build(root: Path, spec: BuildSpec, *, force: bool = False, no_cache: boo
                 progress.line("$ " + sp.quote(argv))
                 result = sp.run(argv, env=env, on_line=progress.line, check=False, die_with_parent=True)
                 if result.returncode != 0:
-                    raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{progress.failure()}")
+                    raise _failed(spec, log_path, progress)
             else:
                 _classic_build(spec, ctx_dir, progress, host, log_path, no_cache=no_cache)
     attrs = dk.image_attrs(spec.tag, host)
     if attrs is None:
         raise BuildError(f"the build reported success but {spec.tag} is not in the engine")
     return BuildResult(spec, True, attrs["Id"], now() - t0, log_path, int(attrs.get("Size", 0)))
+
+
+def _failed(spec: BuildSpec, log_path: Path, progress: Progress) -> BuildError:
+    failure = progress.explain()
+    return BuildError(f"building {spec.tag} failed (log: {log_path})\n{failure.render()}",
+                      hint=failure_hint(failure, spec))
 
 
 def _classic_build(spec: BuildSpec, ctx_dir: Path, progress: Progress, host: str | None, log_path: Path, *,
@@ -300,8 +371,8 @@ def _classic_build(spec: BuildSpec, ctx_dir: Path, progress: Progress, host: str
                         if ln.strip():
                             progress.line(ln)
                 if "error" in chunk:
-                    progress.line(chunk["error"])
-                    raise BuildError(f"building {spec.tag} failed (log: {log_path})\n{progress.failure()}")
+                    progress.error(str(chunk["error"]))
+                    raise _failed(spec, log_path, progress)
     finally:
         dk.prune_dangling(render.BUILD_STAGE_LABEL, host)
 
