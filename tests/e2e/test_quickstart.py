@@ -20,7 +20,7 @@ from tests.conftest import RECIPES, run_ftkit  # noqa: E402
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    proc = run_ftkit("up", str(RECIPES / "quickstart.yaml"), "--runs-dir", str(runs), "--quiet", timeout=900)
+    proc = run_ftkit("up", str(RECIPES / "quickstart.yaml"), "--runs-dir", str(runs), "--quiet", "--json", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout)
     assert summary["status"] == "succeeded"
@@ -101,7 +101,7 @@ def docker_run_dir(tmp_path_factory: pytest.TempPathFactory, cpu_images) -> Path
     work = tmp_path_factory.mktemp("docker-runs")
     machine = machine_profile(work / "machine.yaml", "ci-docker")
     proc = run_ftkit("up", str(RECIPES / "quickstart.yaml"), "--machine", str(machine), "--runs-dir", str(work / "runs"),
-                     "--quiet", timeout=1500)
+                     "--quiet", "--json", timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return Path(json.loads(proc.stdout)["run_dir"])
 

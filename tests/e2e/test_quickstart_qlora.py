@@ -58,7 +58,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     run = next(runs.iterdir())
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "interrupted" and state["steps"]["train"]["status"] == "interrupted"
-    resumed = run_ftkit("up", "--resume", str(run), "--quiet", timeout=900)
+    resumed = run_ftkit("up", "--resume", str(run), "--quiet", "--json", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert json.loads(resumed.stdout)["status"] == "succeeded"
     return run, err + resumed.stderr
@@ -112,7 +112,7 @@ def docker_run(tmp_path_factory: pytest.TempPathFactory, cpu_images) -> Path:  #
 
     work = tmp_path_factory.mktemp("qlora-docker")
     machine = machine_profile(work / "machine.yaml", "ci-docker")
-    proc = run_ftkit("up", str(RECIPE), "--machine", str(machine), "--runs-dir", str(work / "runs"), "--quiet",
+    proc = run_ftkit("up", str(RECIPE), "--machine", str(machine), "--runs-dir", str(work / "runs"), "--quiet", "--json",
                      timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for word in NOISE:

@@ -74,7 +74,7 @@ steps:
 def up(root: Path, profile: Path, recipe_path: Path, *extra: str):  # type: ignore[no-untyped-def]
     env = {"FTKIT_SIMULATED_GPUS": "RTX 4090", "FTKIT_SIMULATED_GPUS_STATE": str(root / "sim.json"),
            "FTKIT_STATE_DIR": str(root / "state")}
-    return run_ftkit("up", str(recipe_path), "--machine", str(profile), "--runs-dir", str(root / "runs"), "--quiet",
+    return run_ftkit("up", str(recipe_path), "--machine", str(profile), "--runs-dir", str(root / "runs"), "--quiet", "--json",
                      *extra, env=env, timeout=900)
 
 
@@ -149,7 +149,7 @@ def test_a_trained_adapter_goes_live_without_a_restart(lab, tmp_path: Path) -> N
     for name in ("quickstart-train.jsonl", "quickstart-eval.jsonl"):
         shutil.copy(RECIPES / "data" / name, tmp_path / "data" / name)
     cpu_profile = machine_profile(root / "cpu-machine.yaml", "vllm-lab-cpu")
-    proc = run_ftkit("up", str(live), "--machine", str(cpu_profile), "--runs-dir", str(root / "runs"), "--quiet",
+    proc = run_ftkit("up", str(live), "--machine", str(cpu_profile), "--runs-dir", str(root / "runs"), "--quiet", "--json",
                      env={"FTKIT_SIMULATED_GPUS": ""}, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = Path(json.loads(proc.stdout)["run_dir"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ftkit.cli.params import CheckedPath
-from ftkit.errors import UserError
+from ftkit.errors import FtkitError, UserError
 
 
 def _runs_root(runs_dir: Path | None, machine_path: str | None) -> Path:
@@ -25,9 +25,11 @@ def _runs_root(runs_dir: Path | None, machine_path: str | None) -> Path:
 
 
 def _find_run(run: str | None, root: Path) -> Path:
-    """A run directory: a path, a name under the runs root, or (None) the newest run."""
+    """A run directory: a path, a name under the runs root, or (None or `latest`) the newest run."""
     from ftkit.run.stale import runs_in
 
+    if run == "latest" and not (Path(run) / "state.json").is_file():
+        run = None
     if run:
         for cand in (Path(run), root / run):
             if (cand / "state.json").is_file():
@@ -53,8 +55,11 @@ def _find_run(run: str | None, root: Path) -> Path:
 @click.option("--dry-run", is_flag=True, help="print exactly what would run, and run nothing")
 @click.option("--quiet", "-q", is_flag=True, help="no live display: a few plain lines per step")
 @click.option("--verbose", "-v", is_flag=True, help="also copy every step's output to the console (it is in logs/ either way)")
+@click.option("--json", "as_json", is_flag=True,
+              help="when the run ends, print its summary (run directory, status, what was left running, the eval "
+                   "result) as JSON on stdout, for scripts; the console lines go to stderr either way")
 def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, executor: str | None,
-       resume_run: str | None, dry_run: bool, quiet: bool, verbose: bool) -> None:
+       resume_run: str | None, dry_run: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Run a recipe: power caps, training, merge, serving, test prompts, evaluation, power
     restored. Every run leaves runs/<UTC timestamp>-<name>/ with the resolved recipe, plan,
     environment, journal, logs, metrics and outputs."""
@@ -124,21 +129,31 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
         _clean_stale(root)
         run = runner.create_run(path, plan, prepared.res.to_yaml_data(), ["ftkit", *sys.argv[1:]])
     display = make_display(plan, live=False if quiet or verbose else None)
+    t0 = time.monotonic()
     result = runner.execute_plan(run, plan, display=display, echo=verbose, resume=bool(resume_run))
-    summary = {"run_dir": str(result.run_dir), "status": result.status, "failed_step": result.failed_step,
-               "left_running": result.left_running}
-    eval_summary = next(run.path.glob("steps/*/summary.json"), None)
-    if eval_summary is not None:
+    from ftkit.run.display import closing_lines
+
+    try:
+        for line in closing_lines(status=result.status, run_dir=result.run_dir, failed_step=result.failed_step,
+                                  message=result.message, left_running=result.left_running,
+                                  seconds=time.monotonic() - t0):
+            click.echo(line, err=True)
+    except OSError:
+        pass  # a console gone (SIGHUP): the journal says it all
+    if as_json:
+        summary = {"run_dir": str(result.run_dir), "status": result.status, "failed_step": result.failed_step,
+                   "left_running": result.left_running}
         from ftkit.files import read_json
 
-        try:
-            summary["eval"] = read_json(eval_summary)  # bounded, never a FIFO or a link
-        except (OSError, ValueError):
-            pass
-    click.echo(json.dumps(summary, indent=2))
+        for s in reversed(plan.steps):  # the last evaluation's result
+            if s.kind == "eval" and "summary" in s.outputs:
+                try:
+                    summary["eval"] = read_json(run.file(s.outputs["summary"]))  # bounded, never a FIFO or a link
+                    break
+                except (OSError, ValueError, FtkitError):
+                    continue
+        click.echo(json.dumps(summary, indent=2))
     if result.exit_code:
-        if result.status == "failed":
-            click.echo(f"run failed at step {result.failed_step}: {result.message}", err=True)
         sys.exit(result.exit_code)
 
 
@@ -195,7 +210,8 @@ def _prepare_resume(run_dir: str, dry_run: bool):  # type: ignore[no-untyped-def
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="for its paths.runs")
 @click.option("--json", "as_json", is_flag=True)
 def status(run: str | None, runs_dir: Path | None, machine_path: str | None, as_json: bool) -> None:
-    """Show a run's steps with status and times (default: the newest run)."""
+    """Show a run's steps with status and times, and a running step's progress. RUN: a run
+    directory, its name, or `latest` (the default: the newest run)."""
     from ftkit.run.stale import is_stale, state_of
 
     path = _find_run(run, _runs_root(runs_dir, machine_path))
@@ -225,6 +241,8 @@ def status(run: str | None, runs_dir: Path | None, machine_path: str | None, as_
         secs = f"{e['seconds']:.1f} s" if isinstance(e.get("seconds"), (int, float)) else ""
         why = e.get("error") or e.get("reason") or e.get("message") or ""
         first = shown(why.splitlines()[0]) if why.strip() else ""
+        if e.get("status") == "running" and not stale:
+            first = first or _running_note(path, sid, e)
         click.echo(f"  {shown(sid, 22):<22} {shown(e.get('status', '?'), 12):<12} {secs:>10}  {first}")
     left = st.get("left_running")
     if isinstance(left, list) and left:
@@ -233,6 +251,49 @@ def status(run: str | None, runs_dir: Path | None, machine_path: str | None, as_
         click.echo(f"  note: {shown(problem, 200)}")
     _lease_lines(path)
     click.echo(f"  logs: {printable(str(path / 'logs'))}/")
+
+
+def _running_note(run: Path, sid: str, entry: dict) -> str:  # type: ignore[type-arg]
+    """For a step running now: how long it has run, and for training its progress (step,
+    loss, tokens/s, ETA) from the newest line of its metrics.jsonl."""
+    from datetime import datetime, timezone
+
+    from ftkit.files import read_json
+    from ftkit.run.display import _fmt_s, latest_progress, progress_text
+
+    parts = []
+    started = entry.get("started")
+    if isinstance(started, str):
+        try:
+            since = (datetime.now(timezone.utc) - datetime.fromisoformat(started)).total_seconds()
+            if 0 <= since < 1e8:
+                parts.append(f"running for {_fmt_s(since)}")
+        except (ValueError, TypeError):
+            pass
+    try:
+        plan = read_json(run / "plan.json")
+        spec = next(s for s in plan["steps"] if isinstance(s, dict) and s.get("id") == sid)
+        metrics, total = spec["outputs"].get("metrics"), _max_steps_of(spec)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        metrics, total = None, None
+    from ftkit.run.rundir import inside
+
+    if isinstance(metrics, str) and inside(metrics):  # a train step
+        p = latest_progress(run / metrics, total)
+        parts.append(progress_text(p) if p is not None else "no training step logged yet")
+    return "; ".join(parts)
+
+
+def _max_steps_of(spec: dict) -> int | None:  # type: ignore[type-arg]
+    """max_steps from a train step's generated engine config in plan.json (None: by epochs)."""
+    for f in spec.get("files") or []:
+        if isinstance(f, dict) and str(f.get("path", "")).startswith("configs/train-"):
+            try:
+                value = json.loads(str(f.get("content")))["train"].get("max_steps")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return None
+            return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return None
 
 
 def _lease_lines(run: Path) -> None:
@@ -256,15 +317,17 @@ def _lease_lines(run: Path) -> None:
 
 
 @click.command()
-@click.argument("run")
+@click.argument("run", required=False)
 @click.argument("step", required=False)
 @click.option("--runs-dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None)
+@click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str), help="for its paths.runs")
 @click.option("--follow", "-f", is_flag=True, help="keep printing as the log grows (until the run ends)")
-def logs(run: str, step: str | None, runs_dir: Path | None, follow: bool) -> None:
-    """Print a step's log (default: the step running now, else the last one that ran)."""
+def logs(run: str | None, step: str | None, runs_dir: Path | None, machine_path: str | None, follow: bool) -> None:
+    """Print a step's log. RUN: a run directory, its name, or `latest` (default: the newest
+    run); STEP: default the step running now, else the last one that ran."""
     from ftkit.run.stale import is_stale, state_of
 
-    path = _find_run(run, runs_dir or Path("runs"))
+    path = _find_run(run, _runs_root(runs_dir, machine_path))
     st = state_of(path)
     if not isinstance(st.get("steps"), dict):
         raise UserError(f"{path / 'state.json'}: unreadable or not a journal")

@@ -126,7 +126,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
     results_path.write_text("")
-    summary: dict[str, Any] = {"score": ev["score"], "prompts": len(pairs), "models": {}}
+    # "order": the models as the step lists them (the JSON's keys are sorted): the first is what
+    # the improvement is measured against
+    summary: dict[str, Any] = {"score": ev["score"], "prompts": len(pairs), "models": {}, "order": list(ev["models"])}
     for which in ev["models"]:
         model = load(cfg, which)
         answers = generate(model, tokenizer, [p for p, _ in pairs], ev["max_new_tokens"])

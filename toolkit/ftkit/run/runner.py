@@ -31,7 +31,7 @@ from ftkit.gateways import http, serving
 from ftkit.gateways import subprocess as sp
 from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run import envinfo
-from ftkit.run.display import Display, Progress
+from ftkit.run.display import Display, progress_of
 from ftkit.run.executors import Executor, Outcome, StepIO, executor_for
 from ftkit.run.guards import GuardStack, HandoffGuard, PowerGuard, ServerGuard, describe_failure
 from ftkit.run.rundir import Journal, OwnerLock, RunDir, iso_now, utc_stamp
@@ -216,6 +216,7 @@ def _drive(run: RunDir, plan: Plan, display: Display, *, echo: bool, resume: boo
             for step in plan.steps:  # always-steps whose guard was never pushed: nothing to undo
                 if step.always and journal.status_of(step.id) == "pending":
                     _quietly(ctx, "journal", lambda sid=step.id: journal.step(sid, "skipped", reason="nothing to undo"))
+                    _quietly(ctx, "display", lambda s=step: display.step_skipped(s, "nothing to undo"))
             if failed is None and stop is None:
                 bad = [s.id for s in plan.steps if journal.status_of(s.id) == "failed"]
                 if bad:
@@ -244,6 +245,7 @@ def _close_steps(ctx: Context, current: StepSpec | None, status: str, message: s
     for step in ctx.plan.steps:
         if not step.always and ctx.journal.status_of(step.id) in ("pending", "running"):
             _quietly(ctx, "journal", lambda sid=step.id: ctx.journal.step(sid, "skipped", reason=message))
+            _quietly(ctx, "display", lambda s=step: ctx.display.step_skipped(s, message))
 
 
 def _quietly(ctx: Context, what: str, action: Any) -> None:
@@ -294,7 +296,10 @@ def _attempt(ctx: Context, step: StepSpec) -> Outcome:
     elif outcome.message:
         extra["message"] = outcome.message
     ctx.journal.step(step.id, outcome.status, **extra)
-    ctx.display.step_finished(step, outcome.status, outcome.message)
+    shown = outcome.detail
+    if step.kind == "eval" and outcome.status == "failed" and "summary" not in shown:
+        shown = _outputs(ctx, step)  # an eval below its bar still wrote the accuracies: show them
+    ctx.display.step_finished(step, outcome.status, outcome.message, shown)
     return outcome
 
 
@@ -438,11 +443,15 @@ def _outputs(ctx: Context, step: StepSpec) -> dict[str, Any]:
         summary = ctx.run.file(step.outputs["summary"])
     elif step.kind == "train":
         summary = ctx.run.file(f"steps/{step.id}/train_summary.json")
-    if summary is not None and summary.is_file():
+    if summary is not None:
+        from ftkit.files import read_json
+
         try:
-            detail["summary"] = json.loads(summary.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
+            found = read_json(summary)  # bounded; never a FIFO or a link
+        except (OSError, ValueError):
+            found = None
+        if isinstance(found, dict):
+            detail["summary"] = found
     return detail
 
 
@@ -661,6 +670,7 @@ def _unwind(ctx: Context, succeeded: bool) -> None:
     def starting(guard: Any) -> None:
         if journaled(guard):
             ctx.journal.step(guard.journal_id, "running")
+            ctx.display.step_started(ctx.plan.step(guard.journal_id))
 
     def report(guard: Any, outcome: Outcome) -> None:
         if journaled(guard):
@@ -671,7 +681,7 @@ def _unwind(ctx: Context, succeeded: bool) -> None:
             elif outcome.message:
                 extra["message"] = outcome.message
             ctx.journal.step(sid, outcome.status, **extra)
-            ctx.display.note(f"{sid}: {outcome.status}" + (f" ({outcome.message})" if outcome.message else ""))
+            ctx.display.step_finished(ctx.plan.step(sid), outcome.status, outcome.message)
         elif isinstance(guard, ServerGuard):
             if outcome.status == "failed":  # the journal must not claim a server stopped that was not
                 ident = guard.handle.ident
@@ -767,15 +777,10 @@ class _MetricsWatcher:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if "loss" in row:
+                if isinstance(row, dict) and "loss" in row:
                     last = row
             if last is not None:
-                p = Progress(step=int(last.get("step", 0)), total=self.total, loss=last.get("loss"),
-                             tokens_per_s=last.get("tokens_per_s"), epoch=last.get("epoch"))
-                t = last.get("time_s")
-                if self.total and p.step and t:
-                    p.eta_s = max(self.total - p.step, 0) * float(t) / p.step
-                self.ctx.display.progress(self.step, p)
+                self.ctx.display.progress(self.step, progress_of(last, self.total))
 
 
 def _max_steps(step: StepSpec) -> int | None:
