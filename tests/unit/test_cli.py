@@ -128,3 +128,21 @@ def test_up_refuses_a_recipe_that_does_not_fit(tmp_path) -> None:  # type: ignor
     result = run_cli("up", str(RECIPES / "llama31-8b-lora-2gpu.yaml"), "--machine", str(machine))
     assert result.code == 2
     assert "PSU budget exceeded" in result.err and "cap every GPU at" in result.err
+
+
+def test_the_hint_for_a_gpu_recipe_on_a_host_without_gpus_names_a_profile_that_plans_it(
+        tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("FTKIT_SIMULATED_GPUS", raising=False)
+    result = run_cli("plan", str(RECIPES / "llama31-8b-lora-1gpu.yaml"))
+    assert result.code == 2
+    hint = next(ln for ln in result.err.splitlines() if "hint:" in ln)
+    named = re.findall(r"\S+machines/\S+\.yaml", hint)
+    assert named and "cpu" not in named[0], hint  # not the first alphabetically (cpu-docker), which fails the same way
+    for profile in named:
+        assert run_cli("plan", str(RECIPES / "llama31-8b-lora-1gpu.yaml"), "--machine", profile.rstrip(",)")).code == 0
+    # no profile beside the recipe plans it: the hint says so instead of naming one that fails
+    (tmp_path / "machines").mkdir()
+    (tmp_path / "machines" / "cpu.yaml").write_text((RECIPES / "machines" / "cpu.yaml").read_text())
+    (tmp_path / "r.yaml").write_text((RECIPES / "llama31-8b-lora-1gpu.yaml").read_text())
+    result = run_cli("plan", str(tmp_path / "r.yaml"), cwd=tmp_path)
+    assert result.code == 2 and "none of the machine profiles beside the recipe plans it" in result.err

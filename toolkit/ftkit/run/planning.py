@@ -65,11 +65,29 @@ def _resolve(loaded: LoadedRecipe, recipe_path: str, machine_path: str | None) -
         return resolve(loaded, machine)
     except ConfigError as e:
         if machine_path is None and not machine.gpus and any("GPU" in i.message for i in e.issues):
-            profiles = _profiles_near(Path(recipe_path))
-            e.hint = ("this host has no GPU; plan for a machine with --machine PROFILE"
-                      + (f", e.g. --machine {profiles[0]}" if profiles else "")
-                      + (f" (profiles: {', '.join(profiles)})" if len(profiles) > 1 else ""))
+            fits = _profiles_that_plan(loaded, _profiles_near(Path(recipe_path)))
+            e.hint = (f"this host has no GPU; the recipe plans on --machine {fits[0]}"
+                      + (f" (also on {', '.join(fits[1:])})" if len(fits) > 1 else "") if fits else
+                      "this host has no GPU, and none of the machine profiles beside the recipe plans it: "
+                      "write one for the machine it is for (`ftkit schema --kind machine`) and pass --machine")
         raise
+
+
+def _profiles_that_plan(loaded: LoadedRecipe, profiles: list[str], limit: int = 3) -> list[str]:
+    """The profiles (of those beside the recipe) this recipe plans on without a problem: a
+    hint must name a machine that works, not the first one alphabetically. Only on the error
+    path; each try is a load, resolve and plan (tens of milliseconds)."""
+    fits = []
+    for path in profiles[:20]:
+        try:
+            res = resolve(loaded, load_machine(path).machine)
+            if not findings(res, plan_for(res, run_dir=None)):
+                fits.append(path)
+        except Exception:  # noqa: BLE001 - a profile that does not plan is simply not suggested
+            continue
+        if len(fits) >= limit:
+            break
+    return fits
 
 
 def _profiles_near(recipe: Path) -> list[str]:
