@@ -28,10 +28,13 @@ def _normalise(text: str) -> str:
     return text.replace(str(ROOT), "<checkout>")
 
 
-@pytest.mark.parametrize("name", sorted(PAIRS))
+@pytest.mark.parametrize("name", [*sorted(PAIRS), "gemma-configs"])
 def test_plan_text_golden(name: str) -> None:
-    recipe, machine = PAIRS[name]
-    result = run_cli("plan", str(RECIPES / recipe), "--machine", str(RECIPES / "machines" / machine))
+    """The plan as people read it; `-configs`: with every generated config's text (`--configs`,
+    what `ftkit up --dry-run` prints), otherwise one summary line per config."""
+    recipe, machine = PAIRS[name.removesuffix("-configs")]
+    extra = ["--configs"] if name.endswith("-configs") else []
+    result = run_cli("plan", str(RECIPES / recipe), "--machine", str(RECIPES / "machines" / machine), *extra)
     assert result.code == 0, result.err
     text = _normalise(result.out)
     # image tags depend on the ftkit sources; the golden file keeps their shape only

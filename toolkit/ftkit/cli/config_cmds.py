@@ -79,7 +79,9 @@ def schema(kind: str, output: str | None) -> None:
 @click.option("--executor", type=click.Choice(["docker", "local"]), default=None,
               help="plan for this executor instead of the profile's")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(recipe: str, machine_path: str | None, executor: str | None, as_json: bool) -> None:
+@click.option("--configs", "configs", is_flag=True,
+              help="print the generated configs (accelerate, DeepSpeed, the engines' jobs) in full, not one line each")
+def plan(recipe: str, machine_path: str | None, executor: str | None, as_json: bool, configs: bool) -> None:
     """Resolve defaults and print the ordered plan: images, commands, GPUs, power caps,
     generated configs, memory-fit estimates and the PSU budget. Runs nothing."""
     from ftkit.cli.render import render_plan
@@ -89,7 +91,7 @@ def plan(recipe: str, machine_path: str | None, executor: str | None, as_json: b
     if as_json:
         click.echo(json.dumps(loaded_plan.to_dict(), indent=2, default=str))
     else:
-        click.echo(render_plan(loaded_plan))
+        click.echo(render_plan(loaded_plan, configs=configs))
 
 
 @click.command("export")

@@ -20,7 +20,62 @@ def _q(argv: list[str]) -> str:
     return " ".join(esc(shlex.quote(a)) for a in argv)
 
 
-def render_plan(plan: Plan) -> str:
+def _file_summary(path: str, content: str) -> str:
+    """One line for a generated config: what a person checks in it (the distribution, ZeRO
+    stage and offload, the training settings), and its size; `--configs` shows the text."""
+    import json
+
+    lines = len(content.rstrip().splitlines())
+    size = f"{lines} line{'s' if lines != 1 else ''}" if lines else "empty"
+    try:
+        if path.endswith(".json"):
+            data = json.loads(content)
+        elif path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(content)
+        else:
+            return size
+    except ValueError:
+        return size
+    except Exception:  # noqa: BLE001 - a summary is never worth a failed plan
+        return size
+    if not isinstance(data, dict):
+        return size
+    name = path.rsplit("/", 1)[-1]
+    said: list[str] = []
+    if name.startswith("deepspeed-"):
+        zero = data.get("zero_optimization") or {}
+        said.append(f"ZeRO stage {zero.get('stage', 0)}")
+        for what in ("optimizer", "param"):
+            dev = (zero.get(f"offload_{what}") or {}).get("device")
+            if dev and dev != "none":
+                said.append(f"{what} offloaded to {dev}")
+    elif name.startswith("accelerate-"):
+        kind = data.get("distributed_type", "?")
+        said.append("one process, no distribution" if kind == "NO" else f"{kind}, {data.get('num_processes', '?')} processes")
+        if int(data.get("num_machines") or 1) > 1:
+            said.append(f"{data['num_machines']} machines")
+        if data.get("mixed_precision") not in (None, "no"):
+            said.append(f"mixed precision {data['mixed_precision']}")
+    elif name.startswith("train-") and isinstance(data.get("train"), dict):
+        t = data["train"]
+        said.append(str(t.get("method", "?")))
+        lora = t.get("lora") if isinstance(t.get("lora"), dict) else None
+        if lora and t.get("method") in ("lora", "qlora"):
+            said.append(f"r {lora.get('r')}, alpha {lora.get('alpha')}")
+        said.append(f"{t['max_steps']} steps" if t.get("max_steps") else f"{t.get('epochs')} epoch(s)")
+        said.append(f"batch {t.get('batch_size')} x {t.get('grad_accum', 1)} accumulated")
+        said.append(f"seq_len {t.get('seq_len')}, lr {t.get('learning_rate')}, {t.get('precision')}")
+    elif isinstance(data.get("eval"), dict):
+        e = data["eval"]
+        said.append(f"{e.get('score')} match on {', '.join(map(str, e.get('models') or []))}")
+    return esc("; ".join(said) + f" ({size})" if said else size)
+
+
+def render_plan(plan: Plan, *, configs: bool = False) -> str:
+    """The plan as text. Generated configs are one line each (what they set) unless
+    `configs`: then their whole text, as `ftkit up` will write it."""
     out: list[str] = []
     w = out.append
     w(f"plan: recipe {plan.recipe} ({plan.recipe_file}) on machine {plan.machine}, executor {plan.executor}")
@@ -66,9 +121,12 @@ def render_plan(plan: Plan) -> str:
         if s.background:
             w(f"   afterwards: {'left running' if s.keep_running else 'stopped at the end of the run'}")
         for f in s.files:
-            w(f"   writes {f.path}:")
-            for line in f.content.rstrip().splitlines():
-                w(f"     | {esc(line)}")
+            if configs:
+                w(f"   writes {f.path}:")
+                for line in f.content.rstrip().splitlines():
+                    w(f"     | {esc(line)}")
+            else:
+                w(f"   writes {f.path}: {_file_summary(f.path, f.content)}")
         for note in s.notes:
             w(f"   note: {esc(note)}")
         for node in s.nodes:  # a multi-node step: what differs per node
@@ -129,6 +187,9 @@ def render_plan(plan: Plan) -> str:
         w("")
         for warn in plan.warnings:
             w(f"warning: {esc(warn)}")
+    if not configs and any(s.files for s in plan.steps):
+        w("")
+        w("generated configs are summarised; `ftkit plan --configs` prints their text")
     w("")
     w("run directory layout:")
     for k, v in plan.layout.items():

@@ -70,7 +70,7 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
     if resume_run:
         run, plan = _prepare_resume(resume_run, dry_run)
         if dry_run:
-            click.echo(render_plan(plan))
+            click.echo(render_plan(plan, configs=True))  # exactly what would run and be written
             return
     else:
         if recipe is None:
@@ -109,7 +109,7 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
         path = Path(plan.run_dir)
         root = path.parent
         if dry_run:
-            click.echo(render_plan(plan))
+            click.echo(render_plan(plan, configs=True))  # exactly what would run and be written
             problems = prepared.problems()
             if problems:
                 click.echo("\n`ftkit up` would refuse this plan:")
