@@ -9,14 +9,13 @@ import click
 
 from ftkit.errors import GpuError, UserError
 
-
 NO_GPUS = "no GPUs here: no NVIDIA driver answers (NVML), so there are no power limits"
 
 
 def _nvml():  # type: ignore[no-untyped-def]
-    """NVML, or GpuError (exit 1) where something needs it and it is missing: the driver of
-    GPUs whose originals ftkit recorded. Commands with nothing to do on a machine without
-    GPUs check `open_nvml() is None` themselves."""
+    """NVML, or GpuError (exit 1): for `restore`, which has recorded originals to put back
+    and needs the driver to do it. `show` and `set` handle a machine without GPUs themselves
+    (nothing wrong there; a request to cap GPUs that are not there)."""
     from ftkit.gpu.nvml import open_nvml
 
     nv = open_nvml()
