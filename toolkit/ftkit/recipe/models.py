@@ -247,7 +247,9 @@ class ServeStep(Strict):
     )
     ready_timeout_s: Int = Field(600, ge=1, le=86_400)
     prompts: list[ServePrompt] = Field(default_factory=list)
-    keep_running: bool = Field(True, description="leave the server up after the run (the service)")
+    keep_running: bool = Field(True, description="leave the server running after the run ends (the default: serving the "
+                               "result is what the step is for; the run's last lines say where, and `ftkit down RUN` "
+                               "stops it); false: stopped at the end of the run, like every other step")
 
 
 class LoadAdapterStep(Strict):
