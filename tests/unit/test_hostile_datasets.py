@@ -5,6 +5,7 @@ dataset.path location, and `validate` refuses what the trainer would refuse 11 s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,8 @@ def test_chat_shapes_are_refused(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_bytes(lines(bad + [CHAT] * 6, tail=0))
     (tmp_path / "recipe.yaml").write_text(recipe("chat"))
     err = refused(run_cli("validate", "recipe.yaml", cwd=tmp_path), "non-empty list")
-    for n in range(1, 6):
-        assert f"data.jsonl:{n}:" in err
+    for n in range(1, 6):  # each bad row named: at the start of its line, or with the rows that share its problem
+        assert f"data.jsonl:{n}:" in err or re.search(rf"also at lines? [^)]*\b{n}\b", err), (n, err)
 
 
 def test_a_60_mb_line_is_refused_without_reading_it_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,10 +84,22 @@ def test_a_60_mb_line_is_refused_without_reading_it_whole(tmp_path: Path, monkey
 
 
 def test_many_bad_rows_are_capped_with_a_count(tmp_path: Path) -> None:
-    (tmp_path / "data.jsonl").write_bytes(lines([{"instruction": "i"}] * 50))
-    (tmp_path / "recipe.yaml").write_text(recipe())
+    def row(i: int) -> dict:  # type: ignore[type-arg]
+        return {"messages": [{"role": f"r{i}", "content": "x"}, {"role": "assistant", "content": "y"}]}
+
+    (tmp_path / "data.jsonl").write_bytes(lines([row(i) for i in range(50)], tail=0))
+    (tmp_path / "recipe.yaml").write_text(recipe("chat"))
     err = refused(run_cli("validate", "recipe.yaml", cwd=tmp_path), "and 30 more bad row(s)")
     assert len(err.strip().splitlines()) == datarows.MAX_REPORTED + 1
+
+
+def test_one_problem_on_every_row_is_said_once(tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").write_bytes(lines([{"instruction": "i"}] * 50))
+    (tmp_path / "recipe.yaml").write_text(recipe())
+    err = refused(run_cli("validate", "recipe.yaml", cwd=tmp_path), "field 'output' is missing")
+    assert err.strip().splitlines()[0].endswith("data.jsonl:1: field 'output' is missing (also at lines 2, 3, 4 and "
+                                                "46 more)"), err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_a_dataset_too_small_for_the_eval_split_or_the_batch(tmp_path: Path) -> None:
@@ -104,7 +117,7 @@ def test_sharegpt_without_a_mapping_names_the_mapping(tmp_path: Path) -> None:
     (tmp_path / "recipe.yaml").write_text(recipe("chat"))
     result = run_cli("validate", "recipe.yaml", cwd=tmp_path)
     err = refused(result, "fields: {messages: conversations, role: from, content: value}")
-    assert err.count("ShareGPT") == 8  # one line per row, no traceback
+    assert err.count("ShareGPT") == 1 and "(also at lines 2, 3, 4 and 4 more)" in err  # said once, no traceback
     # ... and with that mapping the same file validates, and the trainer reads it (human/gpt roles)
     (tmp_path / "recipe.yaml").write_text(recipe("chat", extra="  fields: {messages: conversations, role: from, "
                                                  "content: value}\n"))

@@ -39,10 +39,18 @@ class Scan:
     more: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
     unit: str = "line"  # jsonl problems are at lines, a .json file's at list indices ("row")
+    # a message said once: the other lines with the same problem (the first few) and their count
+    repeats: dict[str, list[int]] = field(default_factory=dict)
+    repeat_count: dict[str, int] = field(default_factory=dict)
 
     def add(self, where: int, problem: str) -> None:
-        if len(self.problems) < MAX_REPORTED:
+        if problem in self.repeats:  # the same problem again (every row of a ShareGPT file): said once
+            self.repeat_count[problem] += 1
+            if len(self.repeats[problem]) < 3:
+                self.repeats[problem].append(where)
+        elif len(self.problems) < MAX_REPORTED:
             self.problems.append((where, problem))
+            self.repeats[problem], self.repeat_count[problem] = [], 0
         else:
             self.more += 1
 
@@ -52,9 +60,19 @@ class Scan:
 
     def lines(self, source: str) -> list[str]:
         """One line per problem, `SOURCE:LINE: message` (a .json file: `SOURCE: row N: ...`),
+        a problem that recurs said once with where else (`also at lines 2, 3, 4 and 57 more`),
         then `... and N more`."""
-        out = [f"{source}:{n}: {m}" if n and self.unit == "line" else
-               f"{source}: row {n}: {m}" if n else f"{source}: {m}" for n, m in self.problems]
+        out = []
+        for n, m in self.problems:
+            text = (f"{source}:{n}: {m}" if n and self.unit == "line" else
+                    f"{source}: row {n}: {m}" if n else f"{source}: {m}")
+            again, count = self.repeats.get(m, []), self.repeat_count.get(m, 0)
+            if again:
+                listed = ", ".join(map(str, again))
+                rest = f" and {count - len(again)} more" if count > len(again) else ""
+                plural = "s" if count > 1 else ""
+                text += f" (also at {self.unit}{plural} {listed}{rest})"
+            out.append(text)
         if self.more:
             out.append(f"{source}: ... and {self.more} more bad row(s)")
         return out
