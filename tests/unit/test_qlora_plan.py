@@ -77,14 +77,16 @@ def test_a_paged_optimizer_on_the_cpu_is_noted(tmp_path: Path) -> None:
     assert any("runs as adamw_8bit" in n for n in train["notes"]), train["notes"]
 
 
+@pytest.mark.parametrize("command", ["validate", "plan", "up"])
 @pytest.mark.parametrize("installed,field,says", [
     (None, "method", "not installed"),
     ("0.49.0", "method", "has no CPU kernels"),
     (None, "optimizer", "not installed"),
 ])
-def test_up_refuses_bitsandbytes_steps_it_could_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_up_refuses_bitsandbytes_steps_it_could_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str,
                                                         installed: str | None, field: str, says: str) -> None:
-    """Before anything is written: exit 2, FILE:LINE:COL at the field, the alternatives named."""
+    """At plan time (validate --machine, plan, up), before anything is written: exit 2,
+    FILE:LINE:COL at the field, the alternatives named."""
     import importlib.metadata as md
 
     real = md.version
@@ -100,8 +102,10 @@ def test_up_refuses_bitsandbytes_steps_it_could_not_run(tmp_path: Path, monkeypa
     recipe = QLORA if field == "method" else variant(
         tmp_path, **{"method: qlora": "method: lora", "precision: bf16": "precision: fp32", "base: nf4-dequantized": "base: original"})
     runs = tmp_path / "runs"
-    result = run_cli("up", str(recipe), "--machine", CPU, "--runs-dir", str(runs))
+    args = ["--runs-dir", str(runs)] if command == "up" else []
+    result = run_cli(command, str(recipe), "--machine", CPU, *args)
     assert result.code == 2, result.err
+    assert not result.out.strip(), result.out  # no plan printed, no "ok:"
     found = [m for m in map(LINE.match, result.err.strip().splitlines()) if m]
     assert [m["path"] for m in found] == [f"steps[0].{field}"], result.err
     msg = found[0]["msg"]
@@ -121,3 +125,21 @@ def test_up_takes_bitsandbytes_0_50_on_the_cpu(monkeypatch: pytest.MonkeyPatch) 
     for good in ("0.50.0", "0.50.2", "1.0.0"):
         monkeypatch.setattr(md, "version", lambda name, v=good: v if name == "bitsandbytes" else real(name))
         assert preflight.bitsandbytes_problems(plan) == []
+
+
+def test_the_images_need_no_bitsandbytes_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The docker executor runs QLoRA in the train image (bitsandbytes is in its lock): what
+    this Python lacks does not matter there."""
+    import importlib.metadata as md
+
+    real = md.version
+
+    def version(name: str) -> str:
+        if name == "bitsandbytes":
+            raise md.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(md, "version", version)
+    docker = str(RECIPES / "machines" / "cpu-docker.yaml")
+    assert run_cli("validate", str(QLORA), "--machine", docker).code == 0
+    assert run_cli("plan", str(QLORA), "--machine", CPU, "--executor", "docker").code == 0

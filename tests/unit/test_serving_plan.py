@@ -219,8 +219,9 @@ def test_what_only_vllm_does_is_refused_where_auto_picks_transformers(tmp_path: 
 
 def test_explicit_vllm_here_without_vllm_is_refused_at_validate(tmp_path: Path) -> None:
     steps = SERVE.replace("model: base", "engine: vllm, model: base")
-    result = run_cli("validate", str(recipe(tmp_path, steps)), "--machine", str(machine(tmp_path, "local")))
-    assert result.code == 2 and "steps[0].engine: vLLM is not installed in this Python environment" in result.err
+    for command in ("validate", "plan"):  # plan too: its command would name an engine not here
+        result = run_cli(command, str(recipe(tmp_path, steps)), "--machine", str(machine(tmp_path, "local")))
+        assert result.code == 2 and "steps[0].engine: vLLM is not installed in this Python environment" in result.err
 
 
 @pytest.mark.parametrize("steps, where, says", [

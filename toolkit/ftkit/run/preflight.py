@@ -7,12 +7,8 @@ with containers needs a Docker engine. Every refusal is exit 2 with the field or
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-
 from ftkit.errors import ConfigError, PlanError
-from ftkit.plan.spec import Plan, StepSpec
+from ftkit.plan.spec import Plan
 
 # where each input of Resolved.host_paths comes from in the recipe
 FIELDS = {"dataset": ("dataset", "path"), "eval": ("dataset", "eval", "path"), "model": ("model", "path"),
@@ -79,78 +75,22 @@ def machine(plan: Plan) -> None:
                                      "mark the node manual: true in the cluster profile")
 
 
-BNB_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit")
-# bitsandbytes' CPU kernels for 8-bit optimizer states and its paged-on-CPU fallback came in
-# 0.50.0 (0.49.0 has neither); QLoRA and these optimizers ran on the CPU here with 0.50.2.
-BNB_CPU_MIN = (0, 50)
-
-
-def _train_job(step: StepSpec) -> dict:  # type: ignore[type-arg]
-    for f in step.files:
-        if f.path.startswith("configs/train-") and f.path.endswith(".json"):
-            try:
-                return json.loads(f.content).get("train") or {}
-            except (ValueError, AttributeError):
-                return {}
-    return {}
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
-        out.append(int(digits or 0))
-    return tuple(out)
-
-
 def bitsandbytes_problems(plan: Plan) -> list[tuple[str, str, str]]:
-    """(recipe step, field, message) for each train step this Python environment runs (local
-    executor) with QLoRA or a bitsandbytes optimizer while bitsandbytes is missing here, or
-    too old for a step on the CPU. Each message names the alternatives."""
-    # the path, not the file: two virtual environments share one interpreter binary
-    if os.path.normpath(os.path.abspath(plan.python)) != os.path.normpath(os.path.abspath(sys.executable)):
-        return []  # another interpreter runs the steps: its packages are not ours to read
-    from importlib.metadata import PackageNotFoundError, version
+    """plan.machine_checks.bitsandbytes_problems with what is installed here, for the steps
+    this Python environment runs; for `ftkit up --resume`, which has only the plan (a fresh
+    plan is checked by Prepared.check(), at validate --machine, plan and up alike)."""
+    from ftkit.plan.machine_checks import bitsandbytes_problems as problems
+    from ftkit.run.planning import bitsandbytes_version, runs_here
 
-    try:
-        have: str | None = version("bitsandbytes")
-    except PackageNotFoundError:
-        have = None
-    out = []
-    for s in plan.steps:
-        if s.kind != "train" or s.executor != "local":
-            continue
-        job = _train_job(s)
-        field = "method" if job.get("method") == "qlora" else "optimizer" if job.get("optimizer") in BNB_OPTIMIZERS else None
-        if field is None:
-            continue
-        cpu = not s.gpus or bool(plan.simulated_gpus)
-        what = "QLoRA (4-bit NF4 layers)" if field == "method" else f"optimizer {job.get('optimizer')}"
-        instead = "method: lora" if field == "method" else "optimizer: adamw_torch"
-        if have is None:
-            problem = "bitsandbytes is not installed in this Python environment"
-        elif cpu and _version_tuple(have) < BNB_CPU_MIN:
-            problem = f"bitsandbytes {have} has no CPU kernels for it (0.50 added them)"
-        else:
-            continue
-        where = "on the CPU " if cpu else ""
-        out.append((s.recipe_step or s.id, field,
-                    f"{what} {where}needs bitsandbytes{' >= 0.50' if cpu else ''}; {problem}: "
-                    f"pip install 'bitsandbytes>=0.50' (Linux x86_64), run with --executor docker (the train "
-                    f"image has it), or use {instead}"))
-    return out
+    if not runs_here(plan):
+        return []  # another interpreter runs the steps: its packages are not ours to read
+    return problems(plan, bitsandbytes_version())
 
 
 def engines(prepared) -> None:  # type: ignore[no-untyped-def]
-    """Refuse, located in the recipe, a step whose engine could not start here (see
-    bitsandbytes_problems), before anything runs."""
-    problems = bitsandbytes_problems(prepared.plan)
-    if not problems:
-        return
-    names = [s.name for s in prepared.res.recipe.steps]
-    doc = prepared.loaded.doc
-    raise ConfigError([doc.issue(("steps", names.index(step), field) if step in names else ("steps",), message)
-                       for step, field, message in problems])
+    """Refuse, located in the recipe, a step whose engine could not start here. Kept for its
+    callers: Prepared.check() already refuses the same (plan.machine_checks.engine_findings)."""
+    prepared.check_engines()
 
 
 def engines_of_plan(plan: Plan) -> None:
