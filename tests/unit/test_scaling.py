@@ -13,7 +13,7 @@ import pytest
 
 from ftkit.errors import UserError
 from ftkit.observe import scaling
-from ftkit.observe.scaling import FIX, KEEP, SIMPLIFY, STOP, Measure, Thresholds, decide
+from ftkit.observe.scaling import FIX, KEEP, NONE, SIMPLIFY, STOP, Measure, Thresholds, decide
 from tests.conftest import RECIPES, run_cli
 
 SIM = {"FTKIT_SIMULATED_GPUS": "RTX 4090,RTX 4090,RTX 4090"}
@@ -97,7 +97,10 @@ def test_dry_run_prints_each_variant_and_writes_nothing(tmp_path: Path, monkeypa
 
 
 def _m(label: str, sps: float | None, *, status: str = "succeeded", source: str = "nvml", **kw: Any) -> Measure:
+    """A run's measures; by default long enough (120 s) to judge, as one run per set."""
     gpus = [int(x) for x in label.split(",")]
+    kw.setdefault("train_runtime_s", 120.0)
+    kw.setdefault("steps", 100)
     return Measure(label, gpus, f"/runs/{label}", status, samples_per_s=sps, telemetry_source=source, **kw)
 
 
@@ -107,22 +110,24 @@ def _decide(*ms: Measure, th: Thresholds | None = None) -> scaling.Decision:
 
 
 @pytest.mark.parametrize(("base", "big", "choice", "rule"), [
-    (_m("0", 100), _m("0,1", 180), KEEP, 4),
-    (_m("0", 100), _m("0,1", 120), SIMPLIFY, 9),
-    (_m("0", 100), _m("0,1", 80), STOP, 8),
+    (_m("0", 100), _m("0,1", 180), KEEP, 5),
+    (_m("0", 100), _m("0,1", 120), SIMPLIFY, 10),
+    (_m("0", 100), _m("0,1", 80), STOP, 9),
     (_m("0", None, status="failed", message="OOM"), _m("0,1", 150), FIX, 1),
     (_m("0", 100), _m("0,1", None, status="failed", message="NCCL timeout"), FIX, 2),
     (_m("0", 100), _m("0,1", 190, throttle={"hw_power_brake": 0.1}), FIX, 3),
     (_m("0", 100), _m("0,1", 190, temp_max_c=91.0), FIX, 3),
     (_m("0", 100), _m("0,1", 190, throttle={"hw_thermal_slowdown": 0.02}), FIX, 3),
-    (_m("0", 100), _m("0,1", 120, pcie_narrow=["GPU 1 x4 of x16"]), FIX, 5),
-    (_m("0", 100, checkpoint_s=40.0, train_runtime_s=100.0), _m("0,1", 120), FIX, 6),
-    (_m("0", 100, util_mean=35.0), _m("0,1", 120), FIX, 7),
+    (_m("0", 100), _m("0,1", 120, pcie_narrow=["GPU 1 x4 of x16"]), FIX, 6),
+    (_m("0", 100, checkpoint_s=40.0, train_runtime_s=100.0), _m("0,1", 120), FIX, 7),
+    (_m("0", 100, util_mean=35.0), _m("0,1", 120), FIX, 8),
+    (_m("0", 100, train_runtime_s=3.3), _m("0,1", 220, train_runtime_s=1.5), NONE, 4),
+    (_m("0", 100), _m("0,1", 240), NONE, 4),
 ])
 def test_each_rule_fires_on_its_evidence(base: Measure, big: Measure, choice: str, rule: int) -> None:
     d = _decide(dataclasses.replace(base), dataclasses.replace(big))
     assert (d.choice, d.rule) == (choice, rule), d
-    assert d.choice in scaling.DECISIONS and d.reason and d.next_action
+    assert d.choice in (*scaling.DECISIONS, NONE) and d.reason and d.next_action
 
 
 def test_good_scaling_is_kept_despite_a_narrow_link_but_not_despite_a_power_brake() -> None:
@@ -134,7 +139,7 @@ def test_simulated_telemetry_never_decides() -> None:
     d = _decide(_m("0", 100, source="simulated", util_mean=10.0),
                 _m("0,1", 120, source="simulated", throttle={"hw_power_brake": 1.0}, temp_max_c=99.0,
                    pcie_narrow=["GPU 1 x1 of x16"]))
-    assert (d.choice, d.rule) == (SIMPLIFY, 9)
+    assert (d.choice, d.rule) == (SIMPLIFY, 10)
     assert any("simulated" in n for n in d.notes)
 
 
@@ -191,3 +196,137 @@ def test_a_stopped_run_stops_the_bench_without_a_decision(tmp_path: Path, monkey
                   "--gpus", "0,1", "--max-steps", "5", "--out", str(tmp_path / "b"))
     assert res.code == 130 and "bench stopped during GPUs 0" in res.err
     assert len(calls) == 1 and not (tmp_path / "b" / "decision.md").exists()
+
+
+# -- rule 4: runs that cannot tell ---------------------------------------------------------
+
+
+def test_a_short_run_decides_nothing_and_says_how_long_to_run() -> None:
+    """The issue's run: 12 steps, 3.3 s, efficiency 1.10 - it used to keep the multi-GPU plan."""
+    d = _decide(_m("0", 4.8, train_runtime_s=3.3, steps=12), _m("0,1", 10.56, train_runtime_s=1.5, steps=12))
+    assert (d.choice, d.rule) == (NONE, 4), d
+    assert "too short to judge" in d.reason and "1.5 s" in d.reason and "30 s" in d.reason
+    # 12 steps in 1.5 s: 30 s (and a quarter more) is 300 steps
+    assert "--max-steps 300" in d.next_action and "--repeat 3" in d.next_action
+    assert any("--repeat 3 measures it" in n for n in d.notes)
+    assert _decide(_m("0", 4.8, train_runtime_s=3.3), _m("0,1", 10.56, train_runtime_s=1.5),
+                   th=Thresholds(min_seconds=1.0)).rule == 4  # long enough now, but still beyond linear
+
+
+def test_beyond_linear_is_a_bad_measurement_not_a_reason_to_keep() -> None:
+    d = _decide(_m("0", 100), _m("0,1", 230))  # efficiency 1.15 from two-minute runs
+    assert (d.choice, d.rule) == (NONE, 4) and "faster than linear" in d.reason, d
+    assert _decide(_m("0", 100), _m("0,1", 208)).choice == KEEP  # 1.04: within what timing jitter gives
+
+
+def _repeats(label: str, rates: list[float], runtime: float = 120.0) -> Measure:
+    gpus = [int(x) for x in label.split(",")]
+    runs = [Measure(label, gpus, f"/runs/{label}-{i}", "succeeded", steps=100, samples_per_s=r,
+                    train_runtime_s=runtime + i, telemetry_source="nvml") for i, r in enumerate(rates)]
+    return scaling._median_measure(runs)
+
+
+def test_repeats_carry_their_spread_and_shortest_run() -> None:
+    m = _repeats("0", [100.0, 90.0, 110.0])
+    assert m.samples_per_s == 100.0 and m.runs == 3 and m.samples_per_s_runs == [90.0, 100.0, 110.0]
+    assert m.spread == pytest.approx(0.2) and m.train_runtime_min_s == 120.0
+    one = _repeats("0", [100.0])
+    assert one.runs == 1 and one.spread is None
+
+
+def test_noisy_repeats_decide_nothing() -> None:
+    d = _decide(_repeats("0", [100.0, 80.0, 120.0]), _repeats("0,1", [180.0, 182.0, 181.0]))
+    assert (d.choice, d.rule) == (NONE, 4) and "too noisy" in d.reason and "40%" in d.reason, d
+    assert "quiet machine" in d.next_action and "--repeat 5" in d.next_action
+    d = _decide(_repeats("0", [100.0, 80.0, 120.0]), _repeats("0,1", [180.0, 182.0, 181.0]),
+                th=Thresholds(max_spread=0.5))
+    assert d.choice == KEEP
+
+
+def test_repeats_that_straddle_a_threshold_decide_nothing() -> None:
+    # spread 8% each: efficiency anywhere from 0.67 to 0.75 around the 0.70 keep threshold
+    d = _decide(_repeats("0", [96.0, 100.0, 104.0]), _repeats("0,1", [134.0, 140.0, 145.0]))
+    assert (d.choice, d.rule) == (NONE, 4) and "both sides of the keep threshold 0.70" in d.reason, d
+    # the same spread well clear of it decides
+    assert _decide(_repeats("0", [96.0, 100.0, 104.0]), _repeats("0,1", [170.0, 176.0, 182.0])).choice == KEEP
+    d = _decide(_repeats("0", [96.0, 100.0, 104.0]), _repeats("0,1", [97.0, 100.0, 103.0]))
+    assert (d.choice, d.rule) == (NONE, 4) and "speedup of 1" in d.reason, d
+
+
+def _fake_runs(monkeypatch: pytest.MonkeyPatch, timings: dict[str, tuple[float, float]],
+               seen: list[dict[str, str | None]] | None = None) -> None:
+    """The runner replaced: each GPU set's run is a synthetic run directory that trained
+    `seconds` at `samples/s` (test_report's make_run, its final metrics rewritten)."""
+    import os
+
+    from ftkit.run import runner
+    from tests.unit.test_report import make_run
+
+    def execute_plan(run: Any, plan: Any, **kw: Any) -> Any:
+        path = Path(plan.run_dir)
+        label = ",".join(str(g) for g in next(s.gpus for s in plan.steps if s.kind == "train"))
+        seconds, rate = timings[label]
+        make_run(path.parent, path.name, gpus=tuple(int(g) for g in label.split(",")), max_steps=12, every_steps=6)
+        metrics = path / "steps" / "train" / "metrics.jsonl"
+        rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "train_runtime" not in r]
+        rows.append({"step": 12, "train_runtime": seconds, "train_samples_per_second": rate, "num_tokens": 6000.0})
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if seen is not None:
+            seen.append({k: os.environ.get(k) for k in ("FTKIT_SIMULATED_GPUS", "FTKIT_SIMULATED_GPUS_STATE",
+                                                         "FTKIT_STATE_DIR")})
+        return runner.RunResult(path, "succeeded", None, "", [], 0)
+
+    monkeypatch.setattr(runner, "create_run", lambda path, plan, resolved, argv: object())
+    monkeypatch.setattr(runner, "execute_plan", execute_plan)
+
+
+def test_a_short_bench_says_so_on_the_console_and_in_decision_md(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in SIM.items():
+        monkeypatch.setenv(k, v)
+    _fake_runs(monkeypatch, {"0": (3.3, 4.8), "0,1": (1.5, 10.56)})
+    res = run_cli("bench", str(RECIPES / "quickstart.yaml"), "--machine", str(_machine(tmp_path)), "--gpus", "0",
+                  "--gpus", "0,1", "--max-steps", "12", "--out", str(tmp_path / "b"))
+    assert res.code == 0, res.out + res.err
+    assert "decision: none - measure again (rule 4): the runs are too short to judge" in res.out
+    assert "next: bench again with --max-steps 300" in res.out and "keep the multi-GPU plan" not in res.out
+    md = (tmp_path / "b" / "decision.md").read_text()
+    assert "## Decision: none - measure again" in md and "too short to judge" in md
+    assert "Measurement: shortest run 1.5 s (GPUs 0,1; 30 s needed); 1 run(s) per GPU set, spread unknown." in md
+    assert "| 1 (-) |" in md
+    bench = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert bench["decision"]["choice"] == NONE and bench["thresholds"]["min_seconds"] == 30.0
+
+
+def test_simulate_runs_the_bench_on_a_machine_without_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--simulate N: the CPU path, named in the help and in the refusal that needs it; the
+    simulated GPUs' state and power record stay in the bench directory, and the environment
+    is as it was afterwards."""
+    import os
+
+    import ftkit.gpu.nvml as nvml
+
+    for k in ("FTKIT_SIMULATED_GPUS", "FTKIT_SIMULATED_GPUS_STATE", "FTKIT_STATE_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    real_open = nvml.open_nvml
+    monkeypatch.setattr(nvml, "open_nvml", lambda: real_open() if os.environ.get("FTKIT_SIMULATED_GPUS") else None)
+    monkeypatch.chdir(tmp_path)
+    args = ("bench", str(RECIPES / "quickstart.yaml"), "--gpus", "0", "--gpus", "0,1")
+    refused = run_cli(*args, "--dry-run")
+    assert refused.code == 2 and "has no GPUs" in refused.err and "--simulate 2" in refused.err
+    assert "--simulate N" in run_cli("bench", "--help").out
+    dry = run_cli(*args, "--simulate", "2", "--dry-run")
+    assert dry.code == 0, dry.err
+    assert "GPUs 0,1: ddp" in dry.out
+    assert run_cli(*args, "--gpus", "0,1,2", "--simulate", "2", "--dry-run").code == 2
+    profile = run_cli(*args, "--simulate", "2", "--machine", str(RECIPES / "machines" / "cpu.yaml"), "--dry-run")
+    assert profile.code == 2 and "lists 0 GPU(s)" in profile.err
+    seen: list[dict[str, str | None]] = []
+    _fake_runs(monkeypatch, {"0": (40.0, 4.8), "0,1": (30.0, 6.4)}, seen)
+    res = run_cli(*args, "--simulate", "2", "--out", str(tmp_path / "b"))
+    assert res.code == 0, res.out + res.err
+    assert len(seen) == 2 and seen[0] == {"FTKIT_SIMULATED_GPUS": "simulated,simulated",
+                                          "FTKIT_SIMULATED_GPUS_STATE": str(tmp_path / "b" / "simulated" / "gpus.json"),
+                                          "FTKIT_STATE_DIR": str(tmp_path / "b" / "simulated" / "state")}
+    assert "decision: simplify to workload sharding (rule 10)" in res.out and "note: the GPUs are simulated" in res.out
+    assert all(k not in os.environ for k in ("FTKIT_SIMULATED_GPUS", "FTKIT_SIMULATED_GPUS_STATE", "FTKIT_STATE_DIR"))

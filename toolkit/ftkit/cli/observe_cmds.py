@@ -133,7 +133,8 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
                    "backend, rendezvous and interfaces (kept for `ftkit plan`'s expected scaling)")
 @click.option("--sizes", default=None, metavar="BYTES,...",
               help="--allreduce: message sizes in bytes (default 1 MiB, 4 MiB, 16 MiB)")
-@click.option("--max-steps", type=int, default=100, show_default=True, help="training steps per run (short and fixed)")
+@click.option("--max-steps", type=int, default=100, show_default=True,
+              help="training steps per run (fixed; enough that every run trains --min-seconds)")
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
               help="machine profile (default: this host, detected)")
 @click.option("--executor", type=click.Choice(["docker", "local"]), default=None,
@@ -141,21 +142,37 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
 @click.option("--out", "-o", "out_dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None,
               help="bench directory (default: RUNS/bench-<UTC timestamp>-<recipe>/)")
 @click.option("--repeat", type=click.IntRange(1, 10), default=1, show_default=True,
-              help="runs per GPU set, alternating; the median stands")
+              help="runs per GPU set, alternating; the median stands, and their spread says whether they can be trusted")
+@click.option("--simulate", type=click.IntRange(1, 16), default=None, metavar="N",
+              help="a machine without GPUs: N simulated GPUs, each a training process on this CPU (real timings, "
+                   "synthetic GPU figures; e.g. --simulate 2 --gpus 0 --gpus 0,1)")
 @click.option("--keep-efficiency", type=FiniteFloat(0.05, 1.0), default=0.70, show_default=True,
               help="scaling efficiency at or above which the multi-GPU plan is kept")
+@click.option("--min-seconds", type=FiniteFloat(0, 86400), default=30.0, show_default=True,
+              help="no decision from a run that trained less (start-up and warm-up would weigh on it)")
+@click.option("--max-spread", type=FiniteFloat(0.0, 10.0), default=0.10, show_default=True,
+              help="no decision when one GPU set's repeats differ by more than this share of their median")
 @click.option("--bottleneck", help="your bottleneck statement (metric, threshold, why it matters), quoted in decision.md")
 @click.option("--dry-run", is_flag=True, help="print each GPU set's variant and plan; run nothing")
 @click.option("--verbose", "-v", is_flag=True, help="copy every step's output to the console")
 def bench(recipe: str, gpu_sets: tuple[str, ...], allreduce: bool, sizes: str | None, max_steps: int,
-          machine_path: str | None, executor: str | None, out_dir: Path | None, repeat: int, keep_efficiency: float,
-          bottleneck: str | None, dry_run: bool, verbose: bool) -> None:
+          machine_path: str | None, executor: str | None, out_dir: Path | None, repeat: int, simulate: int | None,
+          keep_efficiency: float, min_seconds: float, max_spread: float, bottleneck: str | None, dry_run: bool,
+          verbose: bool) -> None:
     """The scaling test: the same recipe's training on each GPU set, everything else equal
-    (data, steps, global batch, checkpoint policy, caps), as short fixed-step runs. Reports
+    (data, steps, global batch, checkpoint policy, caps), as fixed-step runs. Reports
     samples/s, tokens/s, scaling efficiency, peak temperature and power, throttling and
     checkpoint time, and writes decision.md: the bottleneck, the evidence and one decision -
     keep the multi-GPU plan, simplify to workload sharding, fix another bottleneck first, or
-    stop scaling for now - with the rule that chose it."""
+    stop scaling for now - with the rule that chose it.
+
+    No decision ("none - measure again") when the runs cannot tell: a run shorter than
+    --min-seconds, repeats that spread more than --max-spread, or faster than linear scaling
+    (a bad measurement); it says what to change (more steps, more repeats).
+
+    On a machine without GPUs: --simulate 2 (each simulated GPU is a training process on
+    this CPU), e.g. `ftkit bench recipes/quickstart.yaml --simulate 2 --gpus 0 --gpus 0,1
+    --max-steps 200`."""
     if allreduce:
         _allreduce(recipe, machine_path, out_dir, sizes, verbose)
         return
@@ -163,17 +180,24 @@ def bench(recipe: str, gpu_sets: tuple[str, ...], allreduce: bool, sizes: str | 
         raise click.UsageError("give the GPU sets to compare (--gpus 0 --gpus 0,1), or --allreduce")
     from ftkit.observe import scaling
 
-    th = scaling.Thresholds(keep_efficiency=keep_efficiency)
+    th = scaling.Thresholds(keep_efficiency=keep_efficiency, min_seconds=min_seconds, max_spread=max_spread)
     result = scaling.run_bench(recipe, machine_path, list(gpu_sets), max_steps=max_steps, out_dir=out_dir,
                                executor=executor, th=th, bottleneck=bottleneck, repeat=repeat, echo=verbose,
-                               dry_run=dry_run, say=lambda m: click.echo(m, err=True))
+                               dry_run=dry_run, simulate=simulate, say=lambda m: click.echo(m, err=True))
     if isinstance(result, list):
         click.echo(scaling.describe_variants(result))
         return
     for m in result.measures:
+        took = m.shortest_s()
+        runs = f", {m.runs} runs (spread {m.spread:.0%})" if m.runs > 1 and m.spread is not None else ""
         click.echo(f"GPUs {m.label}: {m.status}, {m.samples_per_s or '-'} samples/s, {m.tokens_per_s or '-'} tokens/s, "
-                   f"speedup {m.speedup or '-'}, efficiency {m.efficiency or '-'}")
-    click.echo(f"decision: {result.decision.choice} (rule {result.decision.rule}): {result.decision.reason}")
+                   f"speedup {m.speedup or '-'}, efficiency {m.efficiency or '-'}, "
+                   f"trained {'-' if took is None else f'{took:.1f}'} s{runs}")
+    d = result.decision
+    click.echo(f"decision: {d.choice} (rule {d.rule}): {d.reason}")
+    click.echo(f"next: {d.next_action}")
+    for note in d.notes:
+        click.echo(f"note: {note}")
     click.echo(f"written: {result.decision_md}" + (f", {result.report}" if result.report else ""))
     if any(m.status != "succeeded" for m in result.measures):
         sys.exit(1)

@@ -21,12 +21,25 @@ to real GPU figures (the simulated backend's are synthetic, and the note says so
 2. a multi-GPU variant failed                             -> fix another bottleneck first
 3. HwPowerBrake/HwSlowdown under load, thermal slowdown,
    or a GPU at >= 87 C                                    -> fix another bottleneck first (power, cooling)
-4. scaling efficiency of the largest set >= keep (0.70)  -> keep the multi-GPU plan
-5. a GPU's PCIe link under load narrower than it can be  -> fix another bottleneck first (slot, lanes)
-6. checkpoint saves >= 25% of the training time           -> fix another bottleneck first (storage)
-7. the baseline GPU busy < 60% of the time                -> fix another bottleneck first (input pipeline)
-8. more GPUs were slower (speedup < 1)                    -> stop scaling for now
-9. otherwise: faster, but well short of linear            -> simplify to workload sharding
+4. the runs cannot tell: a run trained < 30 s, repeats
+   spread > 10%, efficiency beyond linear (> 1.05), or
+   the repeats' range straddles a threshold               -> no decision: measure again (and how)
+5. scaling efficiency of the largest set >= keep (0.70)  -> keep the multi-GPU plan
+6. a GPU's PCIe link under load narrower than it can be  -> fix another bottleneck first (slot, lanes)
+7. checkpoint saves >= 25% of the training time           -> fix another bottleneck first (storage)
+8. the baseline GPU busy < 60% of the time                -> fix another bottleneck first (input pipeline)
+9. more GPUs were slower (speedup < 1)                    -> stop scaling for now
+10. otherwise: faster, but well short of linear           -> simplify to workload sharding
+
+Rule 4 is why a bench may decide nothing: the trainer's runtime holds fixed costs (start-up,
+the first steps' allocations, the DDP set-up) that a short run cannot amortise, so a 3 s run
+can show one GPU slower than two per GPU - "faster than linear", which data parallelism over
+the same global batch does not do. Decisions 5-10 compare throughputs, so they are made only
+from runs long and steady enough to compare; 1-3 are facts whatever the run's length.
+
+`--simulate N` (run_bench's `simulate`): N simulated GPUs for a machine without any, each a
+training process on this CPU (FTKIT_SIMULATED_GPUS, with its state and the power record kept
+in the bench directory, not the machine's). The timings are real; the GPU figures are not.
 """
 
 from __future__ import annotations
@@ -34,7 +47,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +63,10 @@ KEEP = "keep the multi-GPU plan"
 SIMPLIFY = "simplify to workload sharding"
 FIX = "fix another bottleneck first"
 STOP = "stop scaling for now"
-DECISIONS = (KEEP, SIMPLIFY, FIX, STOP)
+DECISIONS = (KEEP, SIMPLIFY, FIX, STOP)  # the guide's four
+NONE = "none - measure again"  # rule 4: the runs cannot tell; not one of the guide's decisions
+
+SIMULATED_NAME = "simulated"  # a --simulate GPU's model name, where no profile names one
 
 HOT_C = 87.0
 CKPT_SHARE = 0.25
@@ -68,6 +87,11 @@ class Thresholds:
     checkpoint_share: float = CKPT_SHARE
     low_util: float = LOW_UTIL
     hot_c: float = HOT_C
+    # rule 4, when the runs cannot tell. 30 s: a run's fixed costs (start-up, first steps, the
+    # DDP set-up: a few seconds) stay under ~10%, well inside the keep threshold's margin.
+    min_seconds: float = 30.0
+    max_spread: float = 0.10  # (max - min) / median samples/s over one GPU set's repeats
+    beyond_linear: float = 1.05  # efficiency above this (the repeats' low end) is a bad measurement
 
 
 @dataclass
@@ -116,6 +140,19 @@ class Measure:
     run_dir_growth_mib: float | None = None
     message: str | None = None
     simulated_gpus: bool = False  # FTKIT_SIMULATED_GPUS: the "GPUs" trained on the CPU
+    # the repeats of this GPU set (the run above is their median)
+    runs: int = 1
+    samples_per_s_runs: list[float] = field(default_factory=list)
+    spread: float | None = None  # (max - min) / median of samples_per_s_runs; None with one run
+    train_runtime_min_s: float | None = None  # the shortest repeat's training time
+    efficiency_low: float | None = None  # efficiency from the repeats' worst and best runs
+    efficiency_high: float | None = None
+
+    def rates(self) -> list[float]:
+        return self.samples_per_s_runs or ([self.samples_per_s] if self.samples_per_s else [])
+
+    def shortest_s(self) -> float | None:
+        return self.train_runtime_min_s if self.train_runtime_min_s is not None else self.train_runtime_s
 
 
 @dataclass
@@ -166,7 +203,8 @@ def make_variants(res: Any, gpu_sets: list[list[int]], *, max_steps: int) -> tup
     machine_gpus = [g.index for g in res.machine.gpus]
     if not machine_gpus:
         raise UserError(f"machine {res.machine.name!r} has no GPUs: bench compares GPU sets",
-                        hint="use a machine profile that lists them (FTKIT_SIMULATED_GPUS simulates GPUs for a dry run)")
+                        hint="on a machine without GPUs add --simulate 2 (two simulated GPUs, each a training process "
+                             "on this CPU), or use a machine profile that lists the GPUs (--machine)")
     for gpus in gpu_sets:
         missing = [g for g in gpus if g not in machine_gpus]
         if missing:
@@ -293,22 +331,95 @@ def measure(rd: RunData, label: str, gpus: list[int]) -> Measure:
 
 
 def _median_measure(ms: list[Measure]) -> Measure:
-    """Repeats of one variant: the run with the median throughput stands for it."""
+    """Repeats of one variant: the run with the median throughput stands for it, carrying
+    every repeat's samples/s, their spread and the shortest training time (rule 4)."""
     ok = [m for m in ms if m.samples_per_s is not None]
     if not ok:
         return ms[-1]
     ok.sort(key=lambda m: m.samples_per_s or 0)
-    return ok[len(ok) // 2]
+    mid = dataclasses.replace(ok[len(ok) // 2])
+    rates = [m.samples_per_s or 0.0 for m in ok]
+    mid.runs, mid.samples_per_s_runs = len(ok), rates
+    median = rates[len(rates) // 2] if len(rates) % 2 else (rates[len(rates) // 2 - 1] + rates[len(rates) // 2]) / 2
+    mid.spread = round((rates[-1] - rates[0]) / median, 3) if len(rates) > 1 and median else None
+    times = [m.train_runtime_s for m in ok]
+    mid.train_runtime_min_s = None if any(t is None for t in times) else min(t or 0.0 for t in times)
+    return mid
 
 
 def add_scaling(measures: list[Measure]) -> Measure:
-    """Speedup and efficiency against the baseline (the set with the fewest GPUs); returns it."""
+    """Speedup and efficiency against the baseline (the set with the fewest GPUs); returns it.
+    With repeats, also the efficiency's range: this set's slowest run against the baseline's
+    fastest, and its fastest against the baseline's slowest."""
     base = min(measures, key=lambda m: len(m.gpus))
     for m in measures:
         if base.samples_per_s and m.samples_per_s:
+            ratio = len(m.gpus) / len(base.gpus)
             m.speedup = round(m.samples_per_s / base.samples_per_s, 3)
-            m.efficiency = round(m.speedup / (len(m.gpus) / len(base.gpus)), 3)
+            m.efficiency = round(m.speedup / ratio, 3)
+            mine, theirs = m.rates(), base.rates()
+            if m is base or not (mine and theirs and min(theirs) > 0):
+                m.efficiency_low = m.efficiency_high = m.efficiency
+            else:
+                m.efficiency_low = round(min(mine) / max(theirs) / ratio, 3)
+                m.efficiency_high = round(max(mine) / min(theirs) / ratio, 3)
     return base
+
+
+def _steps_for(measures: list[Measure], th: Thresholds) -> int | None:
+    """--max-steps that makes the shortest run train at least min_seconds (with a margin),
+    from the steps and seconds measured; rounded up to a tidy number."""
+    rates = [m.steps / t for m in measures if m.steps and (t := m.shortest_s())]
+    if not rates:
+        return None
+    need = math.ceil(max(rates) * th.min_seconds * 1.25)  # the fastest set sets the pace
+    tidy = 10 ** max(0, len(str(need)) - 2)
+    return -(-need // tidy) * tidy
+
+
+def inconclusive(measures: list[Measure], th: Thresholds) -> tuple[str, str] | None:
+    """Rule 4: why these runs cannot tell one decision from another, and what to change; or
+    None when they can. Called once every run has succeeded."""
+    base = min(measures, key=lambda m: len(m.gpus))
+    big = max(measures, key=lambda m: len(m.gpus))
+    steps = _steps_for(measures, th)
+    longer = f"--max-steps {steps}" if steps else "more --max-steps"
+    repeats = max(m.runs for m in measures)
+    more = f"--repeat {max(3, repeats + 2)}"
+    untimed = [m.label for m in measures if m.shortest_s() is None]
+    if untimed:
+        return (f"the runs on GPU(s) {', '.join(untimed)} recorded no training time, so nothing can be compared",
+                "check the train step's metrics.jsonl (the trainer's final line holds its runtime), then bench again")
+    short = [m for m in measures if (m.shortest_s() or 0.0) < th.min_seconds]
+    if short:
+        worst = min(short, key=lambda m: m.shortest_s() or 0.0)
+        return (f"the runs are too short to judge: GPU(s) {worst.label} trained {worst.shortest_s():.1f} s, under the "
+                f"{th.min_seconds:g} s a run needs before start-up and warm-up stop weighing on its samples/s "
+                f"(efficiency {_f(big.efficiency)} from these runs says nothing)",
+                f"bench again with {longer} (every run >= {th.min_seconds:g} s) and {more} to see the spread")
+    noisy = [m for m in measures if m.spread is not None and m.spread > th.max_spread]
+    if noisy:
+        worst = max(noisy, key=lambda m: m.spread or 0.0)
+        return (f"the runs are too noisy to judge: samples/s on GPU(s) {worst.label} varied by {worst.spread:.0%} "
+                f"over its {worst.runs} runs (more than {th.max_spread:.0%})",
+                f"bench again on a quiet machine (nothing else training, serving or building), with {more} "
+                "and longer runs (--max-steps)")
+    low = big.efficiency_low if big.efficiency_low is not None else big.efficiency
+    high = big.efficiency_high if big.efficiency_high is not None else big.efficiency
+    if low is not None and low > th.beyond_linear:
+        return (f"GPUs {big.label} ran {big.speedup:.2f}x the baseline on {len(big.gpus)}x the GPUs: efficiency "
+                f"{big.efficiency:.2f}, faster than linear, which splitting the same global batch over more GPUs "
+                "does not do; the measurement is off (warm-up weighing on the baseline, other load, caching)",
+                f"bench again on a quiet machine with longer runs ({longer}) and {more}")
+    if repeats > 1 and low is not None and high is not None:
+        ratio = len(big.gpus) / len(base.gpus)
+        for threshold, what in ((th.keep_efficiency, f"the keep threshold {th.keep_efficiency:.2f}"),
+                                (1 / ratio, "a speedup of 1 (no faster than the baseline)")):
+            if low < threshold <= high:
+                return (f"the repeats put the efficiency of GPUs {big.label} anywhere from {low:.2f} to {high:.2f}, "
+                        f"on both sides of {what}: the runs cannot tell which decision holds",
+                        f"bench again with {more} and longer runs ({longer}), on a quiet machine")
+    return None
 
 
 # --------------------------------------------------------------------------- deciding
@@ -325,7 +436,7 @@ def decide(measures: list[Measure], th: Thresholds) -> Decision:
                      "host's CPU, so the timings are real but measure CPU processes, not GPUs")
     if not real:
         notes.append("GPU telemetry is simulated or missing: the power, thermal, PCIe and utilization rules "
-                     "(3, 5, 7) were not applied; run the bench on the real machine for them")
+                     "(3, 6, 8) were not applied; run the bench on the real machine for them")
     if base.status != "succeeded" or base.samples_per_s is None:
         return Decision(FIX, 1, f"the baseline on GPU(s) {base.label} did not complete ({base.message or base.status}): "
                         "there is no stable single-GPU run to scale from",
@@ -349,31 +460,36 @@ def decide(measures: list[Measure], th: Thresholds) -> Decision:
                 return Decision(FIX, 3, f"GPU(s) {m.label}: thermal limits (peak {m.temp_max_c} °C"
                                 + (f", {', '.join(thermal)}" if thermal else "") + ")",
                                 "improve airflow and spacing, or lower the power caps, then bench again", notes)
+    if max(m.runs for m in measures) == 1:
+        notes.append("one run per GPU set: the spread between runs is unknown; --repeat 3 measures it")
+    cannot = inconclusive(measures, th)
+    if cannot is not None:
+        return Decision(NONE, 4, cannot[0], cannot[1], notes)
     eff = big.efficiency or 0.0
     speed = big.speedup or 0.0
     if eff >= th.keep_efficiency:
-        return Decision(KEEP, 4, f"{len(big.gpus)} GPUs run {speed:.2f}x the baseline's samples/s: scaling efficiency "
+        return Decision(KEEP, 5, f"{len(big.gpus)} GPUs run {speed:.2f}x the baseline's samples/s: scaling efficiency "
                         f"{eff:.2f} >= {th.keep_efficiency:.2f}" + (" with no throttling" if real else ""),
                         "keep the multi-GPU recipe; rerun this bench after changes to the host or the recipe", notes)
     if real and big.pcie_narrow:
-        return Decision(FIX, 5, f"efficiency {eff:.2f} and PCIe links narrower than they can be under load: "
+        return Decision(FIX, 6, f"efficiency {eff:.2f} and PCIe links narrower than they can be under load: "
                         + ", ".join(big.pcie_narrow),
                         "move the card to a CPU-attached x16 slot (check lane sharing with M.2), then bench again", notes)
     for m in measures:
         if m.checkpoint_s and m.train_runtime_s and m.checkpoint_s / m.train_runtime_s >= th.checkpoint_share:
             share = m.checkpoint_s / m.train_runtime_s
-            return Decision(FIX, 6, f"checkpoint saves take {share:.0%} of the training time on GPU(s) {m.label}: "
+            return Decision(FIX, 7, f"checkpoint saves take {share:.0%} of the training time on GPU(s) {m.label}: "
                             "storage stalls the run, more GPUs will not", "put checkpoints on a faster disk or save "
                             "less often (checkpoint.every_steps), then bench again", notes)
     if real and base.util_mean is not None and base.util_mean < th.low_util:
-        return Decision(FIX, 7, f"the baseline GPU is busy only {base.util_mean:.0f}% of the time: the input pipeline or "
+        return Decision(FIX, 8, f"the baseline GPU is busy only {base.util_mean:.0f}% of the time: the input pipeline or "
                         "the host feeds it too slowly, and a second GPU would wait the same way",
                         "profile data loading and preprocessing (workers, packing, tokenization ahead of time)", notes)
     if speed < 1.0:
-        return Decision(STOP, 8, f"{len(big.gpus)} GPUs ran at {speed:.2f}x the baseline: slower than one; on this host "
+        return Decision(STOP, 9, f"{len(big.gpus)} GPUs ran at {speed:.2f}x the baseline: slower than one; on this host "
                         "more GPUs make this workload worse", "keep training on one GPU; do not add GPUs for this "
                         "workload here (a second GPU is still useful for evaluation or serving)", notes)
-    return Decision(SIMPLIFY, 9, f"{len(big.gpus)} GPUs run only {speed:.2f}x the baseline (efficiency {eff:.2f} < "
+    return Decision(SIMPLIFY, 10, f"{len(big.gpus)} GPUs run only {speed:.2f}x the baseline (efficiency {eff:.2f} < "
                     f"{th.keep_efficiency:.2f}): the gain does not pay for the synchronization and its failure modes",
                     "train on one GPU and give the other a separate role (evaluation or serving) so training never "
                     "blocks them", notes)
@@ -418,20 +534,23 @@ def decision_markdown(recipe: str, machine: str, variants: list[Variant], measur
               f"Same recipe, data and checkpoint policy; {v0.max_steps} steps; global batch {v0.global_batch} in every "
               "run; evaluation during training off.", "",
               "| GPUs | distribution | batch x accum | status | samples/s | tokens/s | steady tokens/s | speedup | "
-              "efficiency | train s | checkpoint s (n) | mean util % | peak °C | peak W / cap W | clock events |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "efficiency | train s | runs (spread) | checkpoint s (n) | mean util % | peak °C | peak W / cap W | "
+              "clock events |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, m in zip(variants, measures, strict=True):
         events = ", ".join(f"{k} {x:.0%}" for k, x in sorted(m.throttle.items())) or "none"
         sim = " (sim)" if m.telemetry_source == "simulated" else ""
         lines.append(f"| {m.label} | {v.distribution} | {v.batch_size} x {v.grad_accum} | {m.status} | "
                      f"{_f(m.samples_per_s)} | {_f(m.tokens_per_s, 0)} | {_f(m.steady_tokens_per_s, 0)} | "
                      f"{_f(m.speedup)} | {_f(m.efficiency)} | {_f(m.train_runtime_s, 1)} | "
+                     f"{m.runs} ({'-' if m.spread is None else f'{m.spread:.0%}'}) | "
                      f"{_f(m.checkpoint_s)} ({m.checkpoints}) | {_f(m.util_mean, 0)}{sim} | {_f(m.temp_max_c, 0)}{sim} | "
                      f"{_f(m.power_max_w, 0)} / {_f(m.limit_w, 0)}{sim} | {events}{sim} |")
     lines += ["", "samples/s and tokens/s: the trainer's runtime for the whole run (saves included); steady: "
               "median of logged intervals after the first. Efficiency = speedup / (GPUs / baseline GPUs)."]
     if any(m.checkpoint_approximate for m in measures):
         lines.append("Checkpoint times come from file times (a lower bound).")
+    lines.append(_measurement_line(measures, big, th))
     unfair = [f for f in fairness if not f.expected]
     lines.append("Fairness check: " + ("only GPUs, distribution and the per-device split of the same global batch "
                                        "differ." if not unfair else "DIFFERS in " + ", ".join(f.field for f in unfair)))
@@ -452,13 +571,32 @@ def decision_markdown(recipe: str, machine: str, variants: list[Variant], measur
               "1. the baseline failed -> fix another bottleneck first",
               "2. a multi-GPU run failed -> fix another bottleneck first",
               f"3. HwPowerBrake/HwSlowdown, thermal slowdown or >= {th.hot_c:g} °C -> fix another bottleneck first",
-              f"4. efficiency >= {th.keep_efficiency:.2f} -> keep the multi-GPU plan",
-              "5. PCIe under load narrower than it can be -> fix another bottleneck first",
-              f"6. checkpoint saves >= {th.checkpoint_share:.0%} of training time -> fix another bottleneck first",
-              f"7. baseline GPU busy < {th.low_util:.0f}% -> fix another bottleneck first",
-              "8. more GPUs were slower -> stop scaling for now",
-              "9. otherwise -> simplify to workload sharding", ""]
+              f"4. a run trained < {th.min_seconds:g} s, one GPU set's repeats spread > {th.max_spread:.0%}, efficiency "
+              f"beyond linear (> {th.beyond_linear:.2f}), or the repeats' range straddles a threshold -> no decision: "
+              "the runs cannot tell; measure again as the next action says",
+              f"5. efficiency >= {th.keep_efficiency:.2f} -> keep the multi-GPU plan",
+              "6. PCIe under load narrower than it can be -> fix another bottleneck first",
+              f"7. checkpoint saves >= {th.checkpoint_share:.0%} of training time -> fix another bottleneck first",
+              f"8. baseline GPU busy < {th.low_util:.0f}% -> fix another bottleneck first",
+              "9. more GPUs were slower -> stop scaling for now",
+              "10. otherwise -> simplify to workload sharding", ""]
     return "\n".join(lines)
+
+
+def _measurement_line(measures: list[Measure], big: Measure, th: Thresholds) -> str:
+    """Whether the runs can be compared at all (rule 4), in one line of evidence."""
+    timed = [m for m in measures if m.shortest_s() is not None]
+    shortest = min(timed, key=lambda m: m.shortest_s() or 0.0) if timed else None
+    parts = [f"shortest run {shortest.shortest_s():.1f} s (GPUs {shortest.label}; {th.min_seconds:g} s needed)"
+             if shortest else "no training time recorded"]
+    runs = max(m.runs for m in measures)
+    spreads = [m.spread for m in measures if m.spread is not None]
+    parts.append(f"{runs} run(s) per GPU set" + (f", spread up to {max(spreads):.0%} ({th.max_spread:.0%} allowed)"
+                                                 if spreads else ", spread unknown"))
+    if big.efficiency_low is not None and big.efficiency_high is not None and big.efficiency_low != big.efficiency_high:
+        parts.append(f"efficiency of GPUs {big.label} {big.efficiency_low:.2f} to {big.efficiency_high:.2f} over the "
+                     "repeats")
+    return "Measurement: " + "; ".join(parts) + "."
 
 
 @dataclass
@@ -470,19 +608,69 @@ class BenchResult:
     report: Path | None
 
 
+@contextmanager
+def _environ(*keys: str) -> Iterator[None]:
+    """Put `keys` of os.environ back as they were on the way out: --simulate sets them for
+    this bench only (its steps inherit them), not for whatever runs in this process next."""
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def simulated_names(n: int, machine_path: str | None, gpu_sets: list[list[int]]) -> list[str]:
+    """The models of `--simulate N`'s GPUs: a profile's first N (so its power ranges and
+    memory hold), else SIMULATED_NAME for this host's detected profile."""
+    outside = sorted({g for gs in gpu_sets for g in gs if g >= n})
+    if outside:
+        raise UserError(f"--gpus: GPU {outside[0]} is not simulated: --simulate {n} makes GPUs 0 to {n - 1}")
+    if not machine_path:
+        return [SIMULATED_NAME] * n
+    from ftkit.recipe.validate import load_machine
+
+    machine = load_machine(machine_path).machine
+    if len(machine.gpus) < n:
+        raise UserError(f"--simulate {n}: machine profile {machine.name!r} lists {len(machine.gpus)} GPU(s)",
+                        hint="leave out --machine (this host, with the simulated GPUs), or use a profile that "
+                             f"lists {n} GPUs")
+    return [g.model for g in sorted(machine.gpus, key=lambda g: g.index)][:n]
+
+
 def run_bench(recipe_path: str, machine_path: str | None, gpu_values: list[str], *, max_steps: int,
               out_dir: Path | None = None, executor: str | None = None, th: Thresholds | None = None,
               bottleneck: str | None = None, repeat: int = 1, echo: bool = False, dry_run: bool = False,
-              say: Any = None) -> BenchResult | list[Variant]:
+              simulate: int | None = None, say: Any = None) -> BenchResult | list[Variant]:
+    """Plan the variants, run them (`repeat` times, alternating), measure and decide.
+    `simulate`: that many simulated GPUs (see the module's docstring)."""
+    from ftkit.gpu.nvml import SIMULATED_ENV, SIMULATED_STATE_ENV
+    from ftkit.gpu.power import STATE_ENV
+
+    with _environ(SIMULATED_ENV, SIMULATED_STATE_ENV, STATE_ENV):
+        return _run_bench(recipe_path, machine_path, gpu_values, max_steps=max_steps, out_dir=out_dir,
+                          executor=executor, th=th or Thresholds(), bottleneck=bottleneck, repeat=repeat, echo=echo,
+                          dry_run=dry_run, simulate=simulate,
+                          say=say or (lambda msg: print(msg, file=sys.stderr, flush=True)))
+
+
+def _run_bench(recipe_path: str, machine_path: str | None, gpu_values: list[str], *, max_steps: int,
+               out_dir: Path | None, executor: str | None, th: Thresholds, bottleneck: str | None, repeat: int,
+               echo: bool, dry_run: bool, simulate: int | None, say: Any) -> BenchResult | list[Variant]:
     from ftkit.files import write_atomic, write_json
+    from ftkit.gpu.nvml import SIMULATED_ENV, SIMULATED_STATE_ENV
+    from ftkit.gpu.power import STATE_ENV
     from ftkit.run.planning import prepare, runs_root
     from ftkit.run.rundir import utc_stamp
 
-    th = th or Thresholds()
-    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if max_steps < 1:
         raise UserError("--max-steps must be at least 1")
     gpu_sets = parse_gpu_sets(gpu_values)
+    if simulate:
+        os.environ[SIMULATED_ENV] = ",".join(simulated_names(simulate, machine_path, gpu_sets))
     prepared = prepare(recipe_path, machine_path, executor=executor)
     res = prepared.res
     out = out_dir or (runs_root(res.machine) / f"bench-{utc_stamp()}-{res.recipe.name}")
@@ -490,7 +678,12 @@ def run_bench(recipe_path: str, machine_path: str | None, gpu_values: list[str],
     if dry_run:
         return variants
     out.mkdir(parents=True, exist_ok=True)
-    argv = ["ftkit", "bench", recipe_path, *[f"--gpus={g}" for g in gpu_values], f"--max-steps={max_steps}"]
+    if simulate:  # the simulated GPUs' limits and their power record stay with this bench (each run plans again)
+        (out / "simulated").mkdir(exist_ok=True)
+        os.environ[SIMULATED_STATE_ENV] = str((out / "simulated" / "gpus.json").absolute())
+        os.environ[STATE_ENV] = str((out / "simulated" / "state").absolute())
+    argv = ["ftkit", "bench", recipe_path, *[f"--gpus={g}" for g in gpu_values], f"--max-steps={max_steps}",
+            *([f"--simulate={simulate}"] if simulate else [])]
     per: dict[str, list[Measure]] = {v.label: [] for v in variants}
     for r in range(repeat):  # alternate the sets, so drift (heat, other load) hits each alike
         for v in variants:
