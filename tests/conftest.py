@@ -1,15 +1,23 @@
 """Shared fixtures. Tests that need a Docker engine carry the `docker` marker: they skip
-with a reason where none is reachable, and fail instead when FTKIT_REQUIRE_DOCKER=1 (CI)."""
+with a reason where none is reachable, and fail instead when FTKIT_REQUIRE_DOCKER=1 (CI).
+Tests of the real engines import them with `require("trl")` (not pytest.importorskip): a skip
+where one is missing, a failure when FTKIT_REQUIRE_ENGINES=1 (CI installs ftkit[train,dev],
+so a skip there is a test that silently never ran); `require_tool("docker-compose")` likewise
+under FTKIT_REQUIRE_DOCKER=1."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -53,6 +61,45 @@ def run_ftkit(*args: str, cwd: Path | None = None, env: dict[str, str] | None = 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "ftkit", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+def require(module: str, minversion: str | None = None) -> ModuleType:
+    """`pytest.importorskip(module)`, except that with FTKIT_REQUIRE_ENGINES=1 a module that
+    does not import (or is older than `minversion`) fails: the test, or at module level the
+    collection of its file (and so the run)."""
+    if os.environ.get("FTKIT_REQUIRE_ENGINES") != "1":
+        return pytest.importorskip(module, minversion=minversion)
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        why = f"{e.__class__.__name__}: {e}"
+    else:
+        why = None
+    if why is not None:  # outside the handler: one line, no chained traceback
+        missing(f"{module} does not import ({why}): pip install -e '.[train,dev]'")
+    if minversion is not None:
+        from packaging.version import Version
+
+        have = getattr(mod, "__version__", None)
+        if have is None or Version(str(have)) < Version(minversion):
+            missing(f"{module} {have} is older than {minversion}")
+    return mod
+
+
+def missing(reason: str, env: str = "FTKIT_REQUIRE_ENGINES") -> NoReturn:
+    """Skip for `reason`, or fail when `env` is 1 (CI, where what is missing must be there)."""
+    if os.environ.get(env) == "1":
+        pytest.fail(f"{env}=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tool(name: str, env: str = "FTKIT_REQUIRE_DOCKER") -> str:
+    """The path of the command `name`: a skip where it is not installed, a failure when
+    `env` is 1 (CI installs it)."""
+    exe = shutil.which(name)
+    if exe is None:
+        missing(f"{name} is not installed", env)
+    return exe
 
 
 def check_golden(path: Path, actual: str) -> None:

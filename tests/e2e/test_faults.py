@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("trl")
+from tests.conftest import require
+
+require("trl")
 
 from tests.e2e.faultkit import ORIGINALS, STANDIN, Machine, answers  # noqa: E402
 

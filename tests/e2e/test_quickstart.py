@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("trl")
+from tests.conftest import require
+
+require("trl")
 
 from tests.conftest import RECIPES, run_ftkit  # noqa: E402
 

@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require
 from tests.unit.test_report import make_run
 
-pytest.importorskip("matplotlib")
+require("matplotlib")
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

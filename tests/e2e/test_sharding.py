@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("trl")
+from tests.conftest import require
+
+require("trl")
 
 from tests.e2e.faultkit import Machine, answers, free_port  # noqa: E402
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("trl")
+from tests.conftest import require
+
+require("trl")
 
 from tests.conftest import RECIPES, run_ftkit  # noqa: E402
 from tests.e2e.faultkit import answers, free_port  # noqa: E402

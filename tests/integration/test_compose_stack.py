@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RECIPES, run_ftkit
+from tests.conftest import RECIPES, require_tool, run_ftkit
 from tests.integration.conftest import machine_profile
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -86,9 +86,7 @@ class Project:
     def __init__(self, stack: Path, files: list[str], log: Path) -> None:
         from ftkit.gateways import docker as dk
 
-        exe = shutil.which("docker-compose")
-        if exe is None:
-            pytest.skip("docker-compose is not installed")
+        exe = require_tool("docker-compose")  # a failure under FTKIT_REQUIRE_DOCKER=1 (CI)
         self.exe, self.stack, self.files, self.log = exe, stack, files, log
         self.name = f"ftkit-test-{uuid.uuid4().hex[:10]}"
         self.client = dk.client()

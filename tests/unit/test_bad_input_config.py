@@ -17,7 +17,7 @@ import pytest
 from ftkit.errors import ConfigError, UserError
 from ftkit.recipe import checks
 from ftkit.recipe.imagerefs import lock_problems, reference_problem
-from tests.conftest import FIXTURES, run_cli
+from tests.conftest import FIXTURES, require, run_cli
 
 LINE_RE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<path>\S+): (?P<msg>.+)$")
 RECIPE = """ftkit: 1
@@ -206,7 +206,7 @@ def test_accepted_patterns_finish_quickly_on_adversarial_answers(pattern: str) -
 
 
 def test_the_regex_screen_never_raises() -> None:
-    hypothesis = pytest.importorskip("hypothesis")
+    hypothesis = require("hypothesis")
     from hypothesis import given, settings
     from hypothesis import strategies as s
 

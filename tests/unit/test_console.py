@@ -23,7 +23,7 @@ import pytest
 from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run import runner
 from ftkit.run.display import Display, closing_lines, eval_text, latest_progress, prompt_labels, prompt_lines
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require
 
 PY = sys.executable
 PROMPTS = ["### Instruction:\nName the category of these words.\n\n### Input:\nkiwi mango lemon\n\n### Response:\n",
@@ -194,7 +194,7 @@ def _run_in_pty(script: str, cols: int = 100, rows: int = 60) -> bytes:
 
 
 def test_the_live_console_on_a_terminal_leaves_whole_lines_shown_once() -> None:
-    pyte = pytest.importorskip("pyte")
+    pyte = require("pyte")
     raw = _run_in_pty(LIVE_SCRIPT)
     assert b"ftkit up: q" in raw and b"step 60/100" in raw  # the live panel was drawn while it ran...
     screen = pyte.Screen(100, 60)

@@ -15,7 +15,7 @@ import yaml
 
 from ftkit.plan import launch
 from ftkit.recipe.models import TrainStep
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, require
 
 PAIRS = {
     "mistral": ("mistral-small-24b-qlora-2x24gb.yaml", "zorac.yaml"),
@@ -88,7 +88,7 @@ def check_deepspeed(path: Path, step: TrainStep, hidden: int) -> dict[str, Any]:
     """accelerate's DeepSpeedPlugin and transformers' HfTrainerDeepSpeedConfig read the file
     and fill every "auto" from the engine's own training arguments; DeepSpeed's
     DeepSpeedConfig then validates the result (its models forbid unknown keys)."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     from accelerate.utils import DeepSpeedPlugin
     from deepspeed.runtime.config import DeepSpeedConfig
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
@@ -167,7 +167,7 @@ def test_every_distribution_parses(name: str, dist: str, offload: bool, cpu: boo
 
 def test_deepspeed_rejects_a_mistyped_key(tmp_path: Path) -> None:
     """The parse above means something: DeepSpeed refuses keys it does not know."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     from deepspeed.runtime.config import DeepSpeedConfig
 
     step = variant_step("gemma", "deepspeed-zero3", True)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+from tests.conftest import require
+
+torch = require("torch")
+transformers = require("transformers")
+peft = require("peft")
 
 from ftkit.engines import merge as engine  # noqa: E402
 from ftkit.engines import nf4  # noqa: E402
@@ -251,7 +253,7 @@ def test_nf4_merge_memory_is_bounded_and_counted(rounding: str) -> None:
     from tests.conftest import ROOT
 
     if rounding == "bitsandbytes":
-        pytest.importorskip("bitsandbytes")
+        require("bitsandbytes")
     proc = subprocess.run([sys.executable, "-c", NF4_MEMORY, rounding], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "toolkit")}, check=True)
     m = json.loads(proc.stdout.strip().splitlines()[-1])

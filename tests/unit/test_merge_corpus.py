@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
+from tests.conftest import require
+
+require("torch")
 
 from ftkit.engines import merge as engine  # noqa: E402
 from ftkit.errors import UserError  # noqa: E402

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import RECIPES, run_cli
+from tests.conftest import RECIPES, require, run_cli
 
 RECIPE = """\
 ftkit: 1
@@ -152,7 +152,7 @@ def test_one_node_entry_per_host_with_its_rank_flags_and_interface(lab: dict[str
 
 
 def test_the_shared_config_is_read_by_accelerate_as_a_two_machine_job(lab: dict[str, Path], tmp_path: Path) -> None:
-    pytest.importorskip("accelerate")
+    require("accelerate")
     from accelerate.commands.config.config_args import ClusterConfig
 
     plan = plan_of(lab)
@@ -193,7 +193,8 @@ def test_each_node_gets_its_own_container(lab: dict[str, Path]) -> None:
     assert b.labels["dev.ftkit.node"] == "node-b" and b.labels["dev.ftkit.run"] == "r1"
     assert b.labels["dev.ftkit.step"] == "train" and b.env["NCCL_IB_DISABLE"] == "1"
     assert "NCCL_IB_DISABLE" not in a.env and a.device_ids == ["0", "1"] and a.ports == []
-    assert a.command[:2] == ["ftkit", "lease"] and a.command[a.command.index("--") + 1:] == train.nodes[0].argv
+    engine = a.command[a.command.index("--") + 1:]  # after ftkit.run.incontainer's `--`
+    assert engine[:2] == ["ftkit", "lease"] and engine[engine.index("--") + 1:] == train.nodes[0].argv
     args = dk.create_args(request(b))
     assert args["HostConfig"]["NetworkMode"] == "host"
     # containers standing in for hosts: a user-defined network, the address is the node's alias
@@ -268,7 +269,7 @@ def _validate_trainjob(data: dict[str, Any]) -> Any:
     """Kubeflow Trainer's own models: types and required fields on the way in, and nothing
     unknown or misplaced (their from_dict drops what the CRD does not have, so a round trip
     must give the manifest back unchanged)."""
-    models = pytest.importorskip("kubeflow_trainer_api.models.trainer_v1alpha1_train_job")
+    models = require("kubeflow_trainer_api.models.trainer_v1alpha1_train_job")
     job = models.TrainerV1alpha1TrainJob.from_dict(data)
     assert job.to_dict() == data
     return job

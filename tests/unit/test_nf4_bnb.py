@@ -22,10 +22,12 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+from tests.conftest import require
+
+torch = require("torch")
+transformers = require("transformers")
+peft = require("peft")
+require("bitsandbytes")
 
 from ftkit.engines import bnb, nf4  # noqa: E402
 from ftkit.engines import merge as engine  # noqa: E402

@@ -17,9 +17,9 @@ import yaml
 
 from ftkit.gpu.nvml import SimulatedNvml, decode_clock_events
 from ftkit.gpu.telemetry import COLUMNS
-from tests.conftest import run_cli
+from tests.conftest import require, run_cli
 
-pytest.importorskip("matplotlib")
+require("matplotlib")
 
 T0 = 1_790_000_000.0  # a fixed start: every number below is reproducible
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("trl")
+from tests.conftest import require
+
+require("trl")
 
 from ftkit.engines import tiny, train  # noqa: E402
 from ftkit.recipe.models import TrainStep  # noqa: E402
@@ -135,7 +137,7 @@ def test_qlora_dtypes_are_what_the_estimate_counts(base_model: Path) -> None:
     """trl's rule for QLoRA, checked on a real 4-bit model: bf16 stays uniform bf16 (no fp32
     embeddings), fp16 off ZeRO-3 gets peft's fp32 upcast, sharded QLoRA (ZeRO-3) none;
     trl casts the LoRA weights to bf16. plan.memory's byte counts must agree."""
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     import torch
     from trl import SFTTrainer
 
@@ -211,7 +213,7 @@ def test_qlora_gradients_survive_an_evaluation_on_the_cpu(base64: Path) -> None:
     an AVX512-BF16 CPU, for good, to a packed inference layout whose kernel has no backward:
     after the Trainer's first evaluation every step would lose the gradient through the frozen
     base. The engine's model keeps the training layout, so an evaluation changes nothing."""
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     import bitsandbytes.functional as bnbf
     import torch
     from peft import get_peft_model
@@ -259,7 +261,7 @@ def test_bitsandbytes_optimizers_run_on_the_cpu(optimizer: str) -> None:
     """The Trainer's own bitsandbytes optimizers, on the CPU: 8-bit states (tensors of 4096+
     elements), 20 steps within 5% of how far torch's AdamW moved the weights (measured 2.3%);
     the paged one falls back to the same unpaged states (the same result)."""
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -290,7 +292,7 @@ def test_qlora_with_a_paged_optimizer_trains_and_resumes_exactly_on_the_cpu(base
     CPU fallback), checkpoints with the optimizer state; trained again from the first
     checkpoint, the adapter ends bit-identical (the resume keeps trl's bf16 adapter: peft's
     load would upcast it to fp32, see train.trainer_class)."""
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     import torch
     from safetensors.torch import load_file
 

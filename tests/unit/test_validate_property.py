@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-hypothesis = pytest.importorskip("hypothesis")
+from tests.conftest import require
+
+hypothesis = require("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as s  # noqa: E402
 
