@@ -15,20 +15,34 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("trl")
-pytest.importorskip("bitsandbytes")
+from tests.conftest import require
 
-from tests.conftest import RECIPES, run_ftkit  # noqa: E402
+require("trl")
+require("bitsandbytes")
+
+from tests.conftest import RECIPES, ROOT, run_ftkit  # noqa: E402
 
 RECIPE = RECIPES / "quickstart-qlora.yaml"
+
+
+def locked(package: str, lock: str = "train-cpu") -> str:
+    """The version an image's lock pins (images/locks/LOCK.txt: `package==version \\`)."""
+    text = (ROOT / "images" / "locks" / f"{lock}.txt").read_text(encoding="utf-8")
+    found = re.search(rf"^{re.escape(package)}==(\S+)", text, re.MULTILINE)
+    assert found, f"{package} is not in the {lock} lock"
+    return found.group(1)
+
+
 NOISE = ("gemm_4bit_forward", "kernels-community", "bitsandbytes", "Traceback")
 
 
@@ -93,7 +107,8 @@ def test_the_real_qlora_path_ran_and_resumed(local_run: tuple[Path, str]) -> Non
     ckpts = sorted((run / "steps/train/checkpoints").glob("checkpoint-*"))
     assert ckpts and all((c / "ftkit-complete.json").is_file() and (c / "optimizer.pt").is_file() for c in ckpts)
     merge_out = json.loads((run / "logs/merge.log").read_text().strip().splitlines()[-1])
-    assert merge_out["nf4_rounding"] == "bitsandbytes 0.50.2" and merge_out["nf4_dtype"] == "bf16"
+    assert merge_out["nf4_rounding"] == f"bitsandbytes {version('bitsandbytes')}"  # the one installed here (>=0.50)
+    assert merge_out["nf4_dtype"] == "bf16"
 
 
 def test_bitsandbytes_noise_stays_in_the_step_log(local_run: tuple[Path, str]) -> None:
@@ -130,7 +145,7 @@ def test_docker_executor_gives_the_same_qlora_result(local_run: tuple[Path, str]
     summary = json.loads((docker_run / "steps/train/train_summary.json").read_text())
     assert summary["method"] == "qlora" and summary["resumed_from"] is None
     merge_out = json.loads((docker_run / "logs/merge.log").read_text().strip().splitlines()[-1])
-    assert merge_out["nf4_rounding"] == "bitsandbytes 0.50.2"  # bitsandbytes in the image
+    assert merge_out["nf4_rounding"] == f"bitsandbytes {locked('bitsandbytes')}"  # the image's, as its lock pins it
     from ftkit.gateways import docker as dk
 
     assert dk.containers_with_label(f"dev.ftkit.run={docker_run.name}") == []  # none left behind
