@@ -332,3 +332,26 @@ def test_the_live_recipe_as_a_stack_puts_the_adapter_live_from_the_host(tmp_path
     readme = (out / "README.md").read_text()
     assert "curl -fsS -X POST http://127.0.0.1:8766/v1/load_lora_adapter" in readme
     assert '"lora_name": "categories-v1"' in readme and '"load_inplace": true' in readme
+
+
+def test_a_server_that_replaces_another_takes_over_its_port(tmp_path: Path) -> None:
+    """Workload sharding's hand-over: a later server on the earlier one's GPUs stops it first,
+    so it may listen on the same port and clients keep their URL (the plan says so). Where the
+    two do not name shared GPUs both would run (`all` is no GPU on a CPU machine): the port is
+    refused, located."""
+    two = ("  - {type: serve, name: old, engine: vllm, model: base, port: 8000, gpus: GPUS_OLD}\n"
+           + train() + "  - {type: serve, name: new, engine: vllm, model: adapter, port: 8000, gpus: GPUS_NEW}\n")
+    r = recipe(tmp_path, two.replace("GPUS_OLD", "[0]").replace("GPUS_NEW", "[0]"))
+    notes = " ".join(step(plan(r, machine(tmp_path, gpus=True)), "old")["notes"])
+    assert "new takes over http://127.0.0.1:8000/v1: clients keep the URL" in notes
+    # different ports: the plan says where clients go
+    r = recipe(tmp_path, two.replace("GPUS_OLD", "[0]").replace("port: 8000, gpus: GPUS_NEW", "port: 8001, gpus: [0]"))
+    notes = " ".join(step(plan(r, machine(tmp_path, gpus=True)), "old")["notes"])
+    assert "new answers at http://127.0.0.1:8001/v1, not http://127.0.0.1:8000/v1: clients move there" in notes
+    # no shared GPU: refused at validate, located at the later step's port
+    r = recipe(tmp_path, two.replace("GPUS_OLD", "[0]").replace("GPUS_NEW", "[1]"))
+    res = run_cli("validate", str(r))
+    assert res.code == 2 and "recipe.yaml:8:" in res.err and "steps[2].port: port 8000 is also used by serve step 'old'" \
+        in res.err and "name the same GPUs in both" in res.err, res.err
+    r = recipe(tmp_path, two.replace("GPUS_OLD", "all").replace("GPUS_NEW", "all"))
+    assert run_cli("validate", str(r)).code == 2

@@ -446,6 +446,18 @@ def build_plan(
     )
 
 
+def _port_handover(old: StepSpec, new: StepSpec) -> str:
+    """What a client of a replaced server does: keep its URL when the new server takes over the
+    port, else move to the new one's."""
+    a, b = (old.ready or {}).get("base_url"), (new.ready or {}).get("base_url")
+    if not a or not b:
+        return ""
+    if a == b:
+        return f"; {new.id} takes over {a}: clients keep the URL (it answers again once the new model is loaded)"
+    return (f"; {new.id} answers at {b}, not {a}: clients move there (give both steps the same port to keep one "
+            "URL)")
+
+
 def _multinode(s: StepSpec, step: TrainStep, cluster: Any, run_id: str, visible: str, arch: ModelArch | None,
                info: dict[str, Any]) -> None:
     """One trainer per node for a train step with `nodes:` (see plan.cluster)."""
@@ -501,7 +513,8 @@ def _sharding_notes(steps: list[StepSpec]) -> None:
                 continue
             shared = sorted(set(server.gpus) & set(later.gpus))
             if later.background and shared:
-                server.notes.append(f"replaced by {later.id} on GPU(s) {shared}: stopped when {later.id} starts")
+                server.notes.append(f"replaced by {later.id} on GPU(s) {shared}: stopped when {later.id} starts"
+                                    f"{_port_handover(server, later)}")
                 break
             if not shared:
                 server.notes.append(f"serves on GPU(s) {server.gpus} while {later.id} uses GPU(s) {later.gpus} "

@@ -569,16 +569,26 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
             seen_merge.append((i, step))
         elif isinstance(step, ServeStep):
             _serve(step, here, recipe, seen_train, seen_merge, out)
-            if step.port in ports:
+            earlier = recipe.steps[ports[step.port]] if step.port in ports else None
+            if isinstance(earlier, ServeStep) and not _may_replace(step, earlier):
                 out.append((here + ("port",), f"port {step.port} is also used by serve step "
-                            f"{recipe.step_name(ports[step.port])!r}; give each serve step its own port", False))
-            ports.setdefault(step.port, i)
+                            f"{recipe.step_name(ports[step.port])!r}, which still runs then; give each serve step its own "
+                            "port, or name the same GPUs in both (`gpus: [1]`): then this one replaces it and "
+                            "takes over the port", False))
+            ports[step.port] = i
         elif isinstance(step, LoadAdapterStep):
             _load_adapter(step, here, recipe, seen_train, seen_serve, out)
         elif isinstance(step, EvalStep):
             _eval(step, here, recipe, seen_train, seen_merge, out)
         if isinstance(step, ServeStep):
             seen_serve.append((i, step))
+
+
+def _may_replace(later: ServeStep, earlier: ServeStep) -> bool:
+    """Whether `later` may take over `earlier`'s port: it replaces that server (the runner stops
+    it, then starts on its GPUs), which needs GPUs both name. `all` does not count: on a machine
+    without GPUs it is none, and both servers would run."""
+    return isinstance(later.gpus, list) and isinstance(earlier.gpus, list) and bool(set(later.gpus) & set(earlier.gpus))
 
 
 def _find(name: str | None, seen: list, recipe: Recipe):  # type: ignore[no-untyped-def]
