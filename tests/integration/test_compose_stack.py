@@ -213,10 +213,11 @@ def _override(stack: Path, probe: Path, *, real_serve: bool, token: str) -> Path
     data = yaml.safe_load((stack / "compose.yaml").read_text())
     out: dict = {"services": {}}  # type: ignore[type-arg]
     for name, args in (("train", ["train", "0,1"]), ("serve", ["serve", "1", "8765"])):
-        command = data["services"][name]["command"]
+        prefix = data["services"][name]["command"]  # ftkit.run.incontainer --journal NAME -- (kept: it journals)
+        prefix, command = prefix[:prefix.index("--") + 1], prefix[prefix.index("--") + 1:]
         cut = command.index("--") + 1
-        wrapper = command[:cut]
-        assert wrapper[:2] == ["ftkit", "lease"], wrapper
+        wrapper = prefix + command[:cut]
+        assert command[:2] == ["ftkit", "lease"], command
         svc: dict = {"volumes": [f"{probe}:/probe"]}  # type: ignore[type-arg]
         if name == "serve" and real_serve:
             engine = command[cut:]

@@ -77,9 +77,17 @@ def docker_compose_config(out: Path, *files: str, env: dict[str, str] | None = N
     return yaml.safe_load(proc.stdout)
 
 
+def engine(command: list[str]) -> list[str]:
+    """A service's command after the in-container prefix (ftkit.run.incontainer ... --)."""
+    assert command[:3] == ["python", "-m", "ftkit.run.incontainer"], command
+    return command[command.index("--") + 1:]
+
+
 def normalise(text: str, out: Path) -> str:
     # a checkout that shares a tree with the output (both under /tmp, say) is written relative
     rel = os.path.relpath(ROOT, out)
+    project = stack(out)[1]["COMPOSE_PROJECT_NAME"]  # its digest names where the stack lies (tmp_path)
+    text = text.replace(project, project[:-6] + "<where>")
     text = text.replace(rel + "/", "<checkout>/").replace(str(out), "<stack>").replace(str(ROOT), "<checkout>")
     return re.sub(r"(ftkit/(train|serve):[\w.-]+?-)[0-9a-f]{12}", r"\1<hash>", text)
 
@@ -175,7 +183,7 @@ def test_services_come_from_the_plans_container_specs(mistral: Path) -> None:
     docker_steps = [s for s in plan.steps if s.executor == "docker"]
     assert sorted(cfg["services"]) == sorted(s.id for s in docker_steps) == ["merge", "serve", "train"]
     for step in docker_steps:
-        cs = container_spec(step, plan)
+        cs = container_spec(step, plan, journal=True)
         svc = cfg["services"][step.id]
         assert svc["command"] == cs.command
         env = {k: v for k, v in svc["environment"].items() if k != "VLLM_API_KEY"}
@@ -188,9 +196,11 @@ def test_services_come_from_the_plans_container_specs(mistral: Path) -> None:
         assert [d["device_ids"] for d in devices] == ([cs.device_ids] if cs.device_ids else [])
         assert all(d["capabilities"] == ["gpu"] for d in devices)
     # the lease wraps the GPU steps: the command the docker executor would run
-    assert cfg["services"]["train"]["command"][:9] == ["ftkit", "lease", "--gpus", "0,1", "--role", "train",
-                                                       "--service", "train", "--max-power-w"]
-    assert cfg["services"]["serve"]["command"][:6] == ["ftkit", "lease", "--gpus", "1", "--role", "serve"]
+    assert engine(cfg["services"]["train"]["command"])[:9] == ["ftkit", "lease", "--gpus", "0,1", "--role", "train",
+                                                               "--service", "train", "--max-power-w"]
+    assert engine(cfg["services"]["serve"]["command"])[:6] == ["ftkit", "lease", "--gpus", "1", "--role", "serve"]
+    # each service journals its own step (no ftkit drives a compose run)
+    assert cfg["services"]["train"]["command"][3:6] == ["--journal", "train", "--"]
 
 
 def test_profiles_chain_and_server(mistral: Path) -> None:
@@ -263,7 +273,7 @@ def test_cpu_stack_has_no_gpu_lease_or_devices(tmp_path: Path) -> None:
     chain = [(n, list(s.get("depends_on", {}))) for n, s in data["services"].items() if n != "serve"]
     assert chain == [("tiny-model", []), ("train", ["tiny-model"]), ("merge", ["train"]), ("eval", ["merge"])]
     for svc in data["services"].values():
-        assert "deploy" not in svc and svc["command"][0] != "ftkit" or svc["command"][1] != "lease"
+        assert "deploy" not in svc and engine(svc["command"])[:2] != ["ftkit", "lease"]
     assert "FTKIT_LEASE_DIR" not in env  # no GPU, no lease
     assert "FTKIT_API_KEY" in env  # vLLM's CPU build serves, and takes an optional key
     # the plan's generated configs are in the stack's run directory
@@ -410,4 +420,84 @@ def test_local_executor_profile_still_renders_docker_services(tmp_path: Path) ->
     result = compose("recipes/quickstart.yaml", "recipes/machines/cpu.yaml", out)
     assert result.code == 0, result.err
     data, _ = stack(out)
-    assert data["services"]["train"]["command"][:2] == ["accelerate", "launch"]
+    assert engine(data["services"]["train"]["command"])[:2] == ["accelerate", "launch"]
+
+
+# -- project names ------------------------------------------------------------------------------------
+
+
+def test_two_stacks_of_one_recipe_never_share_a_project(tmp_path: Path) -> None:
+    from ftkit.compose.render import project_name
+
+    a, b = tmp_path / "a" / "qs", tmp_path / "b" / "qs"  # the same directory name, elsewhere
+    for out in (a, b):
+        assert compose("recipes/quickstart.yaml", "recipes/machines/cpu-docker.yaml", out).code == 0
+    pa, pb = (stack(out)[1]["COMPOSE_PROJECT_NAME"] for out in (a, b))
+    committed = project_name("quickstart", str(COMPOSE_DIR / "quickstart"), str(RECIPES))
+    assert len({pa, pb, committed}) == 3 and all(p.startswith("ftkit-quickstart-") for p in (pa, pb, committed))
+    assert f"# {pa}: recipe quickstart" in (a / "README.md").read_text()
+    # regenerated in place: the same project (its containers stay its own)
+    assert compose("recipes/quickstart.yaml", "recipes/machines/cpu-docker.yaml", a).code == 0
+    assert stack(a)[1]["COMPOSE_PROJECT_NAME"] == pa
+    # where the committed stacks are, relative to the recipes, every clone names them the same
+    assert committed == project_name("quickstart", "/elsewhere/clone/compose/quickstart", "/elsewhere/clone/recipes")
+    # sharing is said out loud
+    result = compose("recipes/quickstart.yaml", "recipes/machines/cpu-docker.yaml", b, "--project-name", pa)
+    assert result.code == 2 and "COMPOSE_PROJECT_NAME" in result.err  # an .env with another name: refused
+    result = compose("recipes/quickstart.yaml", "recipes/machines/cpu-docker.yaml", b, "--project-name", pa, "--force")
+    assert result.code == 0, result.err
+    assert stack(b)[1]["COMPOSE_PROJECT_NAME"] == pa and f"--project-name {pa}" in (b / "README.md").read_text()
+    docker_compose_config(b)
+
+
+@pytest.mark.parametrize("bad", ["Upper", "-dash", "a b", "x" * 64, "a.b"])
+def test_bad_project_name_is_refused(tmp_path: Path, bad: str) -> None:
+    result = compose("recipes/quickstart.yaml", "recipes/machines/cpu-docker.yaml", tmp_path / "s", "--project-name", bad)
+    assert result.code == 2 and "--project-name" in result.err and not (tmp_path / "s").exists()
+
+
+# -- images that are not built here -------------------------------------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("with_machine", [True, False], ids=["machine", "detected"])
+def test_missing_images_are_named_with_the_builds_that_make_exactly_them(tmp_path: Path, with_machine: bool) -> None:
+    from ftkit.gateways import docker as dk
+    from tests.conftest import _docker_reason, run_ftkit
+
+    reason = _docker_reason()
+    if reason:
+        pytest.skip(reason)
+    machine = ["--machine", "recipes/machines/cpu-docker.yaml"] if with_machine else []
+    proc = run_ftkit("compose", "recipes/quickstart.yaml", *machine, "-o", str(tmp_path / "s"), cwd=ROOT,
+                     env={"FTKIT_LEASE_DIR": "", "FTKIT_SIMULATED_GPUS": ""})
+    assert proc.returncode == 0, proc.stderr
+    env = stack(tmp_path / "s")[1]
+    refs = [env["FTKIT_TRAIN_IMAGE"], env["FTKIT_SERVE_IMAGE"]]
+    missing = [r for r in refs if dk.image_attrs(r) is None]
+    if not missing:
+        pytest.skip("this checkout's images are built here")
+    lines = proc.stderr.splitlines()
+    head = next(ln for ln in lines if ln.startswith("warning: "))
+    assert all(r in head for r in missing) and not any(r in head for r in refs if r not in missing)
+    commands = [ln.strip() for ln in lines[lines.index(head) + 1:] if ln.startswith("  ftkit build ")]
+    assert len(commands) == len(missing)
+    for command, ref in zip(commands, [r for r in refs if r in missing], strict=True):
+        assert command.startswith("ftkit build --machine recipes/machines/cpu-docker.yaml" if with_machine
+                                  else "ftkit build --image")
+        # the command, run as --dry-run, plans exactly the tag the stack names
+        dry = run_ftkit(*command.split()[1:], "--dry-run", cwd=ROOT)
+        assert dry.returncode == 0, dry.stderr
+        assert f"-> {ref}" in dry.stdout
+
+
+def test_no_engine_to_ask_is_said(tmp_path: Path) -> None:
+    from tests.conftest import run_ftkit
+
+    proc = run_ftkit("compose", "recipes/quickstart.yaml", "--machine", "recipes/machines/cpu-docker.yaml", "-o",
+                     str(tmp_path / "s"), cwd=ROOT,
+                     env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock", "FTKIT_LEASE_DIR": "", "FTKIT_SIMULATED_GPUS": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: no Docker engine reachable at unix://{tmp_path}/no.sock: cannot tell whether the stack's images " \
+           "are built here" in proc.stderr
+    assert "warning:" not in proc.stderr

@@ -32,10 +32,14 @@ def _user(text: str | None) -> tuple[int, int]:
               help="the containers' user, written to .env (default: yours, so the run directory stays yours)")
 @click.option("--node", default=None, metavar="NAME",
               help="a multi-node recipe: the cluster node this stack is for (one stack per node; default: the first)")
+@click.option("--project-name", "-p", "project", default=None, metavar="NAME",
+              help="the Compose project (COMPOSE_PROJECT_NAME in .env); default: ftkit-<recipe>-<6 hex of the "
+                   "directory beside the recipe>, so stacks of one recipe never share containers. Give two stacks "
+                   "one name to share them")
 @click.option("--force", is_flag=True, help="write into a directory that holds other files, or over an edited .env")
 @click.option("--dry-run", is_flag=True, help="print compose.yaml and .env, and write nothing")
-def compose(recipe: str, machine_path: str | None, out: Path, user_text: str | None, node: str | None, force: bool,
-            dry_run: bool) -> None:
+def compose(recipe: str, machine_path: str | None, out: Path, user_text: str | None, node: str | None,
+            project: str | None, force: bool, dry_run: bool) -> None:
     """Write RECIPE's plan as a Docker Compose stack in OUT: compose.yaml, .env (every host
     path, port and image: edit it to move the stack) and a README with the commands.
 
@@ -46,6 +50,7 @@ def compose(recipe: str, machine_path: str | None, out: Path, user_text: str | N
     from ftkit.run.planning import prepare
 
     uid, gid = _user(user_text)
+    _project(project)
     # real paths: the planner resolves the recipe's inputs, and they are compared with these
     out_dir = Path(os.path.realpath(out))
 
@@ -64,13 +69,15 @@ def compose(recipe: str, machine_path: str | None, out: Path, user_text: str | N
             raise UserError("--node all: the recipe has no multi-node step")
         for n in multi.nodes:
             _write_one(plan, recipe, machine_path, out / n.name, Path(out_dir / n.name), uid, gid, user_text, n.name,
-                       force, dry_run)
+                       f"{project}-{n.name}" if project else None, force, dry_run)
+        _missing_images(plan, machine_path)
         return
-    _write_one(plan, recipe, machine_path, out, out_dir, uid, gid, user_text, node, force, dry_run)
+    _write_one(plan, recipe, machine_path, out, out_dir, uid, gid, user_text, node, project, force, dry_run)
+    _missing_images(plan, machine_path)
 
 
 def _write_one(plan, recipe: str, machine_path: str | None, out: Path, out_dir: Path, uid: int, gid: int,  # type: ignore[no-untyped-def]
-               user_text: str | None, node: str | None, force: bool, dry_run: bool) -> None:
+               user_text: str | None, node: str | None, project: str | None, force: bool, dry_run: bool) -> None:
     from ftkit.compose.render import RenderOptions, render
     from ftkit.compose.write import check_target, stack_files, write_stack
 
@@ -79,8 +86,10 @@ def _write_one(plan, recipe: str, machine_path: str | None, out: Path, out_dir: 
         argv += ["--user", f"{uid}:{gid}"]
     if node is not None:
         argv += ["--node", node]
+    if project is not None:
+        argv += ["--project-name", project]
     options = RenderOptions(out_dir=str(out_dir), recipe_dir=os.path.dirname(os.path.realpath(recipe)),
-                            uid=uid, gid=gid, command=shlex.join(argv), node=node)
+                            uid=uid, gid=gid, command=shlex.join(argv), node=node, project=project)
     stack = render(plan, options)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -100,6 +109,75 @@ def _write_one(plan, recipe: str, machine_path: str | None, out: Path, out_dir: 
     if not names:
         click.echo("  (the plan has no container steps)")
     click.echo("  README.md lists the host steps (power caps, service handoff) and how to build the images")
+
+
+def _project(name: str | None) -> None:
+    from ftkit.compose.render import PROJECT_NAME
+
+    if name is not None and not PROJECT_NAME.match(name):
+        raise UserError(f"--project-name {name[:80]!r}: a Compose project name is 1 to 63 lowercase letters, digits, "
+                        "'-' and '_', starting with a letter or digit")
+
+
+def _missing_images(plan, machine_path: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Warn about the stack's images that the Docker engine here does not have, with the
+    `ftkit build` commands that make exactly those tags; or say that no engine could be asked."""
+    from ftkit.errors import DockerError, DockerUnavailable, FtkitError
+    from ftkit.gateways import docker as dk
+
+    refs = list(dict.fromkeys(s.image for s in plan.steps if s.executor == "docker" and s.image))  # plan order
+    if not refs:
+        return
+    host = plan.docker.get("host")
+    where = host or os.environ.get("DOCKER_HOST") or "the local socket"
+    unknown = "cannot tell whether the stack's images are built here (README.md says how to build them)"
+    try:
+        if not dk.reachable(host):
+            click.echo(f"note: no Docker engine reachable at {where}: {unknown}", err=True)
+            return
+        missing = [r for r in refs if dk.image_attrs(r, host) is None]
+    except (DockerUnavailable, DockerError) as e:
+        click.echo(f"note: the Docker engine at {where} did not answer ({e.message.splitlines()[0][:160]}): {unknown}",
+                   err=True)
+        return
+    except FtkitError as e:  # a DOCKER_HOST ftkit refuses to use
+        click.echo(f"note: {e.message.splitlines()[0]}: {unknown}", err=True)
+        return
+    if not missing:
+        return
+    click.echo(f"warning: {len(missing)} of the stack's images {'is' if len(missing) == 1 else 'are'} not in the "
+               f"Docker engine here: {', '.join(missing)}; build exactly {'it' if len(missing) == 1 else 'those'} "
+               "with:", err=True)
+    for ref in missing:
+        click.echo(f"  {_build_command(ref, plan.docker, machine_path)}", err=True)
+
+
+def _build_command(ref: str, docker: dict, machine_path: str | None) -> str:  # type: ignore[type-arg]
+    """The `ftkit build` that makes `ref` from this checkout (with the machine profile: its
+    base image, wheelhouse, CA bundle and engine), or what else gets it."""
+    from ftkit.compose.render import TAG
+
+    m = TAG.match(ref)
+    if m is None:  # pinned by the recipe (a digest, another registry): not ftkit's to build
+        return f"docker pull {shlex.quote(ref)}    # or docker load it"
+    image, variant = m["image"], m["variant"]
+    if machine_path:
+        command = f"ftkit build --machine {shlex.quote(machine_path)} --image {image} --variant {variant}"
+    else:
+        flags = "".join(f" --{k.replace('_', '-')} {shlex.quote(str(docker[k]))}"
+                        for k in ("base_image", "wheelhouse", "ca_bundle") if docker.get(k))
+        command = f"ftkit build --image {image} --variant {variant}{flags}"
+    try:
+        from ftkit.images import builder, project
+
+        tag = builder.plan_build(project.find_root(), image, variant, base_image=docker.get("base_image")).tag
+    except Exception:  # noqa: BLE001 - no lock for the variant, no checkout: the command still says what to build
+        return command
+    if tag != ref:  # the tag came from an images.lock.json (docker.images_lock), not from this checkout
+        lock = docker.get("images_lock")
+        return (f"ftkit build --from-lock {shlex.quote(str(lock))} --image {image}    # {ref}" if lock else
+                f"{command}    # builds {tag} from this checkout, not {ref}: docker load {ref} instead")
+    return command
 
 
 COMMANDS = [compose]

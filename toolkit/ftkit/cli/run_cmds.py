@@ -31,9 +31,13 @@ def _find_run(run: str | None, root: Path) -> Path:
     if run == "latest" and not (Path(run) / "state.json").is_file():
         run = None
     if run:
-        for cand in (Path(run), root / run):
-            if (cand / "state.json").is_file():
+        for cand in (Path(run), root / run, Path(run) / "run"):  # the last: a stack `ftkit compose` wrote
+            journal = cand / "state.json"
+            if journal.exists() or journal.is_symlink():  # a FIFO too: the reader says what is wrong
                 return cand.resolve()
+        if any((c / "plan.json").is_file() for c in (Path(run), Path(run) / "run")):
+            raise UserError(f"{run}: a stack's run directory that no step has started in yet (no state.json)",
+                            hint="its containers journal the run: docker compose --profile train up")
         raise UserError(f"{run}: not a run directory (no state.json)", hint=f"runs live under {root}/")
     runs = runs_in(root)
     if not runs:
@@ -363,7 +367,7 @@ def down(run: str | None, runs_dir: Path | None, machine_path: str | None) -> No
     """Stop what a run left running (servers, containers). A run whose ftkit died is also
     cleaned up: power limits back to the recorded originals, the serving service started
     again, the journal closed. Default: every stale run, else the newest run."""
-    from ftkit.run.stale import clean, is_stale, runs_in, state_of
+    from ftkit.run.stale import clean, compose_driven, is_stale, runs_in, state_of
 
     root = _runs_root(runs_dir, machine_path)
     if run is None:
@@ -372,6 +376,9 @@ def down(run: str | None, runs_dir: Path | None, machine_path: str | None) -> No
         targets = [_find_run(run, root)]
     for path in targets:
         st = state_of(path)
+        if compose_driven(st):
+            raise UserError(f"{path}: docker compose drives this run, not ftkit",
+                            hint="stop it in its stack directory: docker compose --profile train --profile serve down")
         if st.get("status") == "running" and not is_stale(path):
             raise UserError(f"{path.name} is running (ftkit pid {st.get('pid')}): stop it there (Ctrl-C) or with "
                             f"kill -TERM {st.get('pid')}")

@@ -51,8 +51,12 @@ def check_target(out_dir: Path, stack: Stack, *, force: bool) -> None:
         # image tags follow the checkout (every regeneration after an upgrade changes them): not edits
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.endswith("_IMAGE"))
         if changed:
+            hint = "move the edits to the machine profile and pass --force to overwrite it"
+            if "COMPOSE_PROJECT_NAME" in changed and old.get("COMPOSE_PROJECT_NAME"):
+                hint += (f"; --project-name {old['COMPOSE_PROJECT_NAME']} keeps the project name (containers started "
+                         "under the old one are not the new project's)")
             raise UserError(f"{env}: differs from the generated one ({', '.join(changed)}); it may hold your edits",
-                            hint="move the edits to the machine profile and pass --force to overwrite it")
+                            hint=hint)
 
 
 def write_stack(out_dir: Path, stack: Stack, *, force: bool = False) -> list[Path]:

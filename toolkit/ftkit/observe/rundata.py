@@ -315,6 +315,8 @@ def _checkpoints(root: Path, metrics: list[dict[str, Any]]) -> list[Checkpoint]:
 def load_run(path: Path) -> RunData:
     """Read a run directory. Raises UserError only when `path` is not a run directory."""
     path = Path(path)
+    if (path / "compose.yaml").is_file() and (path / "run" / "plan.json").is_file():  # a stack: its run
+        path = path / "run"
     if not path.is_dir() or not ((path / "state.json").is_file() or (path / "plan.json").is_file()):
         raise UserError(f"{path}: not a run directory (no state.json or plan.json)",
                         hint="give a directory `ftkit up` made, e.g. runs/20260101T120000Z-quickstart")

@@ -38,6 +38,17 @@ def step_command(step: StepSpec, plan: Plan) -> list[str]:
     return lease_argv(step, prefix) + list(step.argv)
 
 
+# What every step's container runs first (ftkit.run.incontainer): threads sized to the
+# container's CPU allowance where nothing sized them, then the command (exec'd: its signals and
+# exit code are the command's own). With --journal (a stack run by plain `docker compose`) it
+# records the step's start and end in the run's state.json, which `ftkit up` does itself.
+IN_CONTAINER = ["python", "-m", "ftkit.run.incontainer"]
+
+
+def in_container(step: StepSpec, command: list[str], *, journal: bool = False) -> list[str]:
+    return IN_CONTAINER + (["--journal", step.id] if journal else []) + ["--"] + command
+
+
 @dataclass
 class ContainerSpec:
     name: str
@@ -64,10 +75,11 @@ def container_name(plan: Plan, step: StepSpec) -> str:
     return name[:128]
 
 
-def container_spec(step: StepSpec, plan: Plan) -> ContainerSpec:
+def container_spec(step: StepSpec, plan: Plan, *, journal: bool = False) -> ContainerSpec:
     """The container for one docker step. GPUs are device requests by host index (the
     container sees them renumbered from 0, which the step's CUDA_VISIBLE_DEVICES already
-    says); on a simulated machine there is no device to request."""
+    says); on a simulated machine there is no device to request. `journal`: the container
+    journals its step itself (no ftkit drives the run: a stack run by docker compose)."""
     if step.executor != "docker":
         raise ValueError(f"step {step.id} runs with the {step.executor} executor, not in a container")
     if not step.image:
@@ -76,7 +88,7 @@ def container_spec(step: StepSpec, plan: Plan) -> ContainerSpec:
     return ContainerSpec(
         name=container_name(plan, step),
         image=step.image,
-        command=step_command(step, plan),
+        command=in_container(step, step_command(step, plan), journal=journal),
         env=dict(step.env),
         mounts=list(step.mounts),
         device_ids=[] if simulated else [str(g) for g in step.gpus],
@@ -88,14 +100,15 @@ def container_spec(step: StepSpec, plan: Plan) -> ContainerSpec:
     )
 
 
-def node_container_spec(step: StepSpec, plan: Plan, node: NodeSpec) -> ContainerSpec:
+def node_container_spec(step: StepSpec, plan: Plan, node: NodeSpec, *, journal: bool = False) -> ContainerSpec:
     """The container of one node of a multi-node step: the step's container (image, mounts,
     lease, labels) with the node's command, environment and GPUs, named and labelled for
     the node, on the cluster's network. With `host` networking the trainer binds the
     node's own interfaces; on a user-defined network (containers standing in for hosts)
     the node's address is its DNS alias there."""
     cs = container_spec(step, plan)
-    cs.command = lease_argv(step, ["ftkit"]) + list(node.argv)  # the same GPU indices on every node
+    # the same GPU indices on every node; `journal`: the first node's (the run directory is its)
+    cs.command = in_container(step, lease_argv(step, ["ftkit"]) + list(node.argv), journal=journal)
     cs.name = f"{cs.name}-{node.name}"[:128]
     cs.env = {**step.env, **node.env}
     cs.device_ids = [] if plan.simulated_gpus else [str(g) for g in node.gpus]

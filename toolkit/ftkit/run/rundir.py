@@ -286,6 +286,9 @@ def check_resumable(path: Path) -> ResumeInputs:
         raise UserError(f"{state_path}: not a journal this ftkit can resume (unreadable or edited)") from None
     if not isinstance(state, dict):
         raise UserError(f"{state_path}: not a journal this ftkit can resume (not a JSON object)")
+    if state.get("driver") == "compose":  # ftkit.run.stackjournal: host paths in its plan are .env's names
+        raise UserError(f"{path}: the run directory of a stack that docker compose drives, not ftkit; run it again "
+                        "there (`docker compose --profile train up` in the stack directory)")
     recorded = state.get("plan_sha256")
     if not isinstance(recorded, str):
         raise UserError(f"{state_path}: records no digest of plan.json (a run started by an older ftkit, or an "

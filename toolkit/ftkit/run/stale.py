@@ -43,7 +43,7 @@ def is_stale(run: Path) -> bool:
     if not st:  # no journal, or a damaged one: the owner lock and the machine-wide record decide
         held = owner_state(run)
         return held is False or (held is None and bool(_capped_by_dead(run)))
-    if st.get("status") != "running":
+    if st.get("status") != "running" or compose_driven(st):  # docker compose drives it: no ftkit to die
         return False
     held = owner_state(run)
     if held is not None:
@@ -53,6 +53,13 @@ def is_stale(run: Path) -> bool:
     if st.get("host") not in (None, socket.gethostname()):
         return False
     return not is_alive(st.get("pid"), st.get("pid_start"))
+
+
+def compose_driven(state: dict[str, Any]) -> bool:
+    """A run plain `docker compose` drives (ftkit.run.stackjournal): its containers journal it."""
+    from ftkit.run.stackjournal import DRIVER
+
+    return state.get("driver") == DRIVER
 
 
 @dataclass
@@ -163,6 +170,12 @@ def clean(run: Path, *, say: Callable[[str], None] = lambda m: None, restore_mac
     """Stop what a stale (or finished) run left running; for a stale run also put the machine
     back and close its journal. The power limits go back by what the machine-wide record
     says this run holds, also when plan.json or state.json is gone or damaged."""
+    if compose_driven(state_of(run)):  # its containers are a compose project's, not this run's to stop
+        report = CleanReport(problems=["docker compose drives this run, not ftkit: stop it in its stack directory "
+                                       "(`docker compose --profile train --profile serve down`)"])
+        for line in report.lines():
+            say(line)
+        return report
     plan = None
     damaged: list[str] = []
     try:

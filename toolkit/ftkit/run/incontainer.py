@@ -1,0 +1,236 @@
+"""What every step's container runs first: `python -m ftkit.run.incontainer [--journal STEP] -- CMD...`
+(plan.container puts it in front of every container command, so `ftkit up` and a stack run by
+plain `docker compose` start the same thing).
+
+Threads. torch's and OpenMP's thread pools, and `accelerate launch` (OMP_NUM_THREADS from
+psutil's count of physical cores), are sized from the CPUs the process can see: the host's
+cores, whatever the container's CPU quota (`--cpus`, `deploy.resources.limits.cpus`) and, for
+accelerate, whatever its cpuset. A container allowed 2 CPUs on a 32-core host then runs 32
+threads that the kernel throttles in turns, and OpenMP's spinning barriers make that many
+times slower than 2 threads. Where nothing set OMP_NUM_THREADS (the recipe's or the machine
+profile's env, `docker run -e`, a compose override), it is set here from the container's
+allowance: the physical cores of its affinity mask, no more than its CPU quota (cgroup v2
+cpu.max, v1 cfs quota; the tightest of its cgroup and their parents), at least 1. torch's
+intra-op pool and accelerate's launcher both follow OMP_NUM_THREADS.
+
+Then CMD replaces this process (exec: its signals and exit code are its own). With
+`--journal STEP` (the stacks `ftkit compose` writes: no ftkit drives the run) CMD runs as a
+child instead, its output copied to the container's output and to RUN/logs/STEP.log, and
+its start and end go into RUN/state.json (ftkit.run.stackjournal). Journaling never stops
+the step: a journal that cannot be written is a note on stderr.
+
+Light on purpose (no torch, no click): it starts before every step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+THREAD_VARS = ("OMP_NUM_THREADS",)
+RUN_DIR = Path("/ftkit/run")  # plan.container's run mount: the same in every step's container
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CPU_SYS = Path("/sys/devices/system/cpu")
+
+
+def _say(msg: str) -> None:
+    try:
+        os.write(2, f"ftkit: {msg}\n".encode())
+    except OSError:
+        pass
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _cgroup_dirs(root: Path, rel: str) -> list[Path]:
+    """The cgroup directory `rel` under the mount `root` and its parents up to the mount; in a
+    container whose cgroup is mounted as the root (docker's namespace), the root alone."""
+    here = root / rel.lstrip("/")
+    if not here.is_dir() or root not in (here, *here.parents):
+        here = root
+    out = [here]
+    while out[-1] != root:
+        out.append(out[-1].parent)
+    return out
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPUs this process's cgroup (or a parent's) may use per period, e.g. 1.5; None when
+    nothing limits it. cgroup v2's cpu.max (`max 100000`, `150000 100000`) or v1's
+    cpu.cfs_quota_us / cpu.cfs_period_us (-1: unlimited)."""
+    lines = (_read(proc_cgroup) or "").splitlines()
+    quotas: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":  # v2: 0::/path
+            for d in _cgroup_dirs(root, rel):
+                fields = (_read(d / "cpu.max") or "").split()
+                if len(fields) == 2 and fields[0] != "max":
+                    try:
+                        quotas.append(int(fields[0]) / int(fields[1]))
+                    except (ValueError, ZeroDivisionError):
+                        pass
+        elif "cpu" in controllers.split(","):  # v1: N:cpu,cpuacct:/path
+            for mount in (root / controllers, root / "cpu,cpuacct", root / "cpu"):
+                if not mount.is_dir():
+                    continue
+                for d in _cgroup_dirs(mount, rel):
+                    try:
+                        q, p = int(_read(d / "cpu.cfs_quota_us") or "-1"), int(_read(d / "cpu.cfs_period_us") or "0")
+                    except ValueError:
+                        continue
+                    if q > 0 and p > 0:
+                        quotas.append(q / p)
+                break
+    return min(quotas) if quotas else None
+
+
+def physical_cores(cpus: set[int], sysfs: Path = CPU_SYS) -> int:
+    """Distinct cores (package, core id) among `cpus`: hyper-threads of one core count once.
+    The number of CPUs where the topology cannot be read."""
+    cores = set()
+    for cpu in cpus:
+        topo = sysfs / f"cpu{cpu}" / "topology"
+        package, core = _read(topo / "physical_package_id"), _read(topo / "core_id")
+        if package is None or core is None:
+            return len(cpus)
+        cores.add((package, core))
+    return len(cores) or len(cpus)
+
+
+def cpu_allowance(affinity: set[int] | None = None, quota: float | None = None, *, sysfs: Path = CPU_SYS) -> int:
+    """Threads worth running here: the physical cores this process may run on, no more than
+    its CPU quota (rounded down: a thread over the quota is throttled, and with OpenMP's
+    barriers every thread waits for it), at least 1."""
+    cpus = affinity if affinity is not None else set(os.sched_getaffinity(0))
+    n = physical_cores(cpus, sysfs) if cpus else 1
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota + 1e-9)))
+    return max(1, n)
+
+
+def thread_env(environ: dict[str, str], allowance: int) -> dict[str, str]:
+    """The variables to set: each of THREAD_VARS nobody set (an empty value counts as unset)."""
+    return {k: str(allowance) for k in THREAD_VARS if not environ.get(k, "").strip()}
+
+
+def apply_threads() -> None:
+    try:
+        quota = cpu_quota()
+        allowance = cpu_allowance(quota=quota)
+    except Exception as e:  # noqa: BLE001 - never stop a step over a thread count
+        _say(f"could not read the container's CPU allowance ({e}); threads left to the engine")
+        return
+    chosen = thread_env(dict(os.environ), allowance)
+    os.environ.update(chosen)
+    seen = os.cpu_count() or 0
+    if chosen and allowance < seen:  # only worth a line where it changes what the engine would do
+        why = f"CPU quota {quota:g}" if quota is not None and quota < seen else "CPUs it may run on"
+        _say(f"{', '.join(f'{k}={v}' for k, v in chosen.items())}: this container's {why}, of {seen} it sees")
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _forwarding(proc: subprocess.Popen[bytes], stopped: list[int]) -> dict[int, Any]:
+    """Signals to this process go to CMD (as tini would send them to CMD without this process
+    between); returns the handlers they replaced."""
+    def forward(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    return {sig: signal.signal(sig, forward) for sig in FORWARDED}
+
+
+def run_journaled(run: Path, step_id: str, cmd: list[str]) -> int:
+    """CMD as a child, journaled and logged; returns its exit status (128+N after signal N)."""
+    import threading
+
+    from ftkit.run import stackjournal
+
+    stackjournal.started(run, step_id, cmd, say=_say)
+    log = stackjournal.open_log(run, step_id, cmd, say=_say)
+    tail: deque[bytes] = deque(maxlen=200)
+    stopped: list[int] = []
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: S603 - the plan's
+    except OSError as e:
+        _say(f"cannot start {cmd[0]}: {e.strerror or e}")
+        stackjournal.ended(run, step_id, 127, [], f"cannot start {cmd[0]}: {e.strerror or e}", say=_say)
+        return 127
+    previous = _forwarding(proc, stopped)
+
+    def copy() -> None:  # CMD's output to the container's (docker logs) and to the step's log
+        out = log
+        assert proc.stdout is not None  # noqa: S101 - Popen(stdout=PIPE) made it
+        while chunk := proc.stdout.read1(65536):
+            tail.extend(chunk.splitlines(keepends=True))
+            try:
+                os.write(1, chunk)
+            except OSError:
+                pass
+            if out is not None:
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except (OSError, ValueError):  # ValueError: closed after the wait below gave up on the pipe
+                    out = None
+
+    reader = threading.Thread(target=copy, name="output", daemon=True)
+    reader.start()
+    code = proc.wait()
+    reader.join(timeout=5)  # a process CMD left behind may hold the pipe open: not for long
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    status = 128 - code if code < 0 else code
+    if log is not None:
+        try:
+            log.close()
+        except OSError:
+            pass
+    try:
+        output = b"".join(list(tail)).decode("utf-8", "replace")
+    except RuntimeError:  # still being copied (the pipe held open): no reason from it
+        output = ""
+    stackjournal.ended(run, step_id, status, stopped, output, say=_say)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    journal: str | None = None
+    if args[:1] == ["--journal"] and len(args) >= 2:
+        journal, args = args[1], args[2:]
+    if len(args) < 2 or args[0] != "--":
+        _say("usage: python -m ftkit.run.incontainer [--journal STEP] -- CMD...")
+        return 2
+    cmd = args[1:]
+    apply_threads()
+    if journal is not None:
+        return run_journaled(RUN_DIR, journal, cmd)
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as e:
+        _say(f"cannot start {cmd[0]}: {e.strerror or e}")
+        return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main())
