@@ -105,6 +105,9 @@ def test_transformers_serve_image_runs(built: dict) -> None:  # type: ignore[typ
                                  "uvicorn, transformers; print(transformers.__version__)' && transformers serve --help >/dev/null"])
     assert code == 0, out
     assert "ftkit, version" in out
+    # 5.24 and later list the model a server is pinned to at /v1/models (tests/unit/test_transformers_serve.py)
+    version = tuple(int(x) for x in out.strip().splitlines()[-1].split(".")[:2])
+    assert version >= (5, 24), out
 
 
 def test_second_build_is_a_noop(built: dict) -> None:  # type: ignore[type-arg]

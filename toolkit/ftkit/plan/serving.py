@@ -217,8 +217,9 @@ def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
         if step.preempt == "sleep":
             c.warnings.append(f"step {name}: preempt: sleep needs vLLM; transformers serve is stopped instead")
         if c.hf_home is None:
-            # transformers serve lists /v1/models from the hub cache and answers 500 when the
-            # directory is missing; without a machine cache, give it one that exists.
+            # The model on the command line is what /v1/models lists from transformers 5.24 (the
+            # image and the `train` extra pin such a release); older releases listed only the hub
+            # cache and answered 500 when its directory is missing: give them one that exists.
             files.append(GeneratedFile(f"steps/{name}/hub-cache/.keep", ""))
             env["HF_HUB_CACHE"] = c.run(f"steps/{name}/hub-cache")
     argv += engine_args(step.args)
