@@ -246,6 +246,39 @@ def test_a_damaged_originals_record_is_one_line_naming_it(sim: Path, case: str) 
         assert str(path) in lines[0] and why in lines[0], (args, result.err)
 
 
+@pytest.mark.parametrize("case", sorted(BAD_ORIGINALS))
+def test_up_with_a_damaged_originals_record_names_it_and_caps_nothing(sim: Path, tmp_path: Path, case: str) -> None:
+    """`ftkit up` (a power step on two simulated GPUs; a model directory, so no tiny-model
+    step runs first): the power step fails in one line naming the record and why (it used to
+    be "internal error: UnicodeDecodeError" for bytes that are not UTF-8), the closing line
+    says the same, no traceback, no GPU capped."""
+    from ftkit.gpu import power
+    from tests.conftest import RECIPES, limits
+
+    content, why = BAD_ORIGINALS[case]
+    path = power.originals_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text((RECIPES / "data" / "quickstart-train.jsonl").read_text())
+    (tmp_path / "model").mkdir()
+    machine = tmp_path / "machine.yaml"
+    machine.write_text("ftkit: 1\nkind: machine\nname: sim\nexecutor: local\npsu: {watts: 1500}\n"
+                       "gpus:\n  - {index: 0, model: RTX 4090}\n  - {index: 1, model: RTX 3090 Ti}\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("ftkit: 1\nname: caps\nmodel: {path: model}\n"
+                      "dataset: {path: data/train.jsonl, format: alpaca, template: alpaca}\n"
+                      "steps:\n  - {type: power, caps_w: 300}\n")
+    result = run_cli("up", str(recipe), "--machine", str(machine), "--runs-dir", str(tmp_path / "runs"), "-q")
+    assert result.code == 1 and "Traceback" not in result.err + result.out, result.err
+    assert "internal error" not in result.err and "UnicodeDecodeError" not in result.err
+    failed = [ln for ln in result.err.splitlines() if "FAILED" in ln or "failed at step" in ln]
+    assert failed and all(str(path) in ln and why in ln for ln in failed), result.err
+    assert any("failed at step power" in ln for ln in failed), result.err
+    assert 300 not in (limits(sim) if sim.exists() else [])  # nothing capped
+    assert path.read_bytes() == content  # the record is left for a person to look at
+
+
 def test_a_fifo_in_place_of_the_originals_record_does_not_hang(sim: Path) -> None:
     from ftkit.gpu import power
 

@@ -255,3 +255,35 @@ def test_status_of_a_hostile_journal_is_escaped_and_never_a_traceback(tmp_path: 
     assert result.returncode in (0, 2) and "\x1b" not in result.stdout + result.stderr
     if case == "escapes":
         assert "\\x1b" in result.stdout and "\\u202e" in result.stdout
+
+
+JOURNALS = {
+    "FIFO": None,
+    "deep nesting": b"[" * 200_000,
+    "huge integer": b'{"status": ' + b"9" * 100_000 + b"}",
+    "binary": b"\xff\xfe\x00garbage",
+}
+
+
+@pytest.mark.parametrize("by", ["path", "latest"])
+@pytest.mark.parametrize("case", sorted(JOURNALS))
+def test_status_of_an_unreadable_journal_is_one_line_naming_it(tmp_path: Path, case: str, by: str) -> None:
+    """A FIFO (never opened blocking), deep nesting, a 100,000-digit integer, binary: one line
+    naming state.json, exit 2, whether the run is named or found as the newest (a directory
+    whose journal is not a regular file is no run to find: "no runs under" it says then)."""
+    root = tmp_path / "runs"
+    run = root / "20260101T000000Z-x"
+    run.mkdir(parents=True)
+    (run / "plan.json").write_text("{}")
+    content = JOURNALS[case]
+    if content is None:
+        os.mkfifo(run / "state.json")
+    else:
+        (run / "state.json").write_bytes(content)
+    result = ftkit("status", str(run)) if by == "path" else ftkit("status", "--runs-dir", str(root))
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    if content is None and by == "latest":
+        assert lines[0] == f"no runs under {root}/", result.stderr
+        return
+    assert len(lines) == 1 and lines[0].startswith(f"{run / 'state.json'}: "), result.stderr

@@ -7,7 +7,9 @@ compose` does not write a stack's configs through a symlinked `run/` either.
 
 Every refusal: exit 2, one line naming the file, no traceback, nothing written (neither in the
 run directory nor where a link points). Runs are real but tiny (`python -c` steps, as in
-test_runner); one uid only, so ownership by another user is covered by the mode bits."""
+test_runner). A run directory or file owned by another user is refused too (as root, as CI
+runs: chowned to nobody; elsewhere those cases skip), and a journal that is not JSON ftkit reads
+(deeply nested, a 100,000-digit integer, binary) is one line, as a FIFO is."""
 
 from __future__ import annotations
 
@@ -101,6 +103,23 @@ def _fifo(rel: str) -> Mutation:
     return mutate
 
 
+def _chown(rel: str) -> Mutation:
+    """Give `rel` (the run directory itself when empty) to nobody: only root can."""
+    def mutate(run: Path, _out: Path) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root (CI runs these as root)")
+        os.chown(run / rel if rel else run, NOBODY, NOBODY)
+    return mutate
+
+
+def _state_bytes(content: bytes) -> Mutation:
+    """state.json's content replaced, the file itself (owner, mode) kept."""
+    return lambda run, _out: (run / "state.json").write_bytes(content)
+
+
+NOBODY = 65534
+
+
 def _argv(value: object, *, index: int = 1) -> Mutation:
     def change(plan: dict) -> None:  # type: ignore[type-arg]
         plan["steps"][index]["argv"] = value
@@ -138,6 +157,13 @@ CORPUS: dict[str, tuple[Mutation, str, str]] = {
     "plan.json a symlink": (_relink("plan.json"), "a symbolic link", "plan.json"),
     "state.json a symlink": (_relink("state.json"), "a symbolic link", "state.json"),
     "state.json a FIFO": (_fifo("state.json"), "not a regular file", "state.json"),
+    "state.json deeply nested": (_state_bytes(b"[" * 200_000), "not a journal this ftkit can resume", "state.json"),
+    "state.json a huge integer": (_state_bytes(b'{"status": ' + b"9" * 100_000 + b"}"),
+                                  "not a journal this ftkit can resume", "state.json"),
+    "state.json binary": (_state_bytes(b"\xff\xfe\x00garbage"), "not a journal this ftkit can resume", "state.json"),
+    "run dir owned by nobody": (_chown(""), f"owned by uid {NOBODY}, not by you", "run"),
+    "plan.json owned by nobody": (_chown("plan.json"), f"owned by uid {NOBODY}, not by you", "plan.json"),
+    "state.json owned by nobody": (_chown("state.json"), f"owned by uid {NOBODY}, not by you", "state.json"),
     "plan.json edited after start": (_edited_after_start, "plan.json changed since the run started", "plan.json"),
     "journal without the digest": (_no_digest, "records no digest of plan.json", "state.json"),
     "argv a string": (_argv("python -c 'print(1)'"), "steps[1].argv: expected a list of strings, got str",
