@@ -488,3 +488,56 @@ def test_true_originals_come_back_from_the_dead_runs_journal(tmp_path: Path, sim
     assert down.code == 0, down.err
     assert limits(sim) == [450.0, 350.0], down.out
     assert "the machine-wide record had lost them" in down.out, down.out
+
+
+STOPPED_DRIVER = """
+import sys
+from pathlib import Path
+from tests.unit.test_runner import execute, plan_of, PY
+from tests.unit.test_tether import STUBBORN
+from ftkit.plan.spec import StepSpec
+tmp, mode = Path(sys.argv[1]), sys.argv[2]
+plan = plan_of(tmp, StepSpec(id="a", kind="eval", description="a step", executor="local",
+                             argv=[PY, "-c", STUBBORN, str(tmp / "daemon.pid"), mode]))
+result, _, _ = execute(tmp, plan)
+sys.exit(result.exit_code)
+"""
+
+
+@pytest.mark.parametrize("mode", ["obey", "ignore"])
+def test_sigterm_to_ftkit_stops_a_daemon_that_ignores_it(tmp_path: Path, mode: str) -> None:
+    """ftkit gets SIGTERM while a step runs whose child double-forked a daemon that ignores
+    SIGTERM: ftkit exits 143 and the daemon is gone (it used to run on under PID 1), whether
+    the command obeys SIGTERM (the tether kills the daemon LEFTOVER_GRACE_S after the signal)
+    or ignores it too (ftkit's SIGKILL after its grace: the tether takes the whole tree
+    along). The step's log says what was stopped and how."""
+    import subprocess
+
+    from tests.conftest import ROOT
+    from tests.unit.test_tether import _daemon_pid, _gone_within, _kill
+
+    proc = subprocess.Popen([PY, "-c", STOPPED_DRIVER, str(tmp_path), mode], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    daemon = None
+    try:
+        daemon = _daemon_pid(tmp_path / "daemon.pid")
+        log = tmp_path / "run" / "logs" / "a.log"
+        deadline = time.monotonic() + 30
+        while "up" not in (log.read_text() if log.exists() else "").splitlines():
+            assert time.monotonic() < deadline, "the step never started"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+        assert time.monotonic() - t0 < (9 if mode == "obey" else 16)
+        assert _gone_within(daemon, 5), "ftkit stopped by SIGTERM left the step's daemon running"
+        text = log.read_text()
+        assert "ftkit tether: SIGTERM: passed to the command's process group" in text, text
+        assert "SIGKILL to" in text and str(daemon) in text and "stopped: everything the step started is gone" in text, text
+    finally:
+        _kill(daemon)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(30)

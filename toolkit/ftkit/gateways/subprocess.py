@@ -22,6 +22,8 @@ from ftkit.errors import CommandFailed, FtkitError
 from ftkit.files import open_append
 
 TAIL_LINES = 40
+STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a child stopped because we were interrupted
+DRAIN_S = 3.0  # after that stop: how long its last lines may take to reach the log
 PR_SET_PDEATHSIG = 1
 
 
@@ -161,6 +163,8 @@ def run(
             # Ctrl-C, SIGTERM (the runner turns it into an exception) or a bug: never
             # leave the child and its children running behind us.
             _stop_group(proc)
+            if log is not None:  # what it said while it stopped (the tether names what it stopped, and how)
+                _drain(proc.stdout, log)
             raise
         finally:
             if timer is not None:
@@ -190,7 +194,10 @@ def output(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout
     return cp.stdout
 
 
-def _stop_group(proc: subprocess.Popen[str], grace_s: float = 10.0) -> None:
+def _stop_group(proc: subprocess.Popen[str], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the child's process group, SIGKILL after `grace_s`. Our SIGKILL need not be
+    the end of its story: a child that owns a tree of its own (the tether) turns it into
+    SIGKILL for the whole tree and says so on its output, which `_drain` still collects."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -201,6 +208,33 @@ def _stop_group(proc: subprocess.Popen[str], grace_s: float = 10.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _drain(stream: IO[str] | None, log: IO[str], seconds: float = DRAIN_S) -> None:
+    """Copy what a stopped child still writes into its log until its output closes, for at most
+    `seconds` (a process stuck in the kernel may hold the pipe open for ever). In a thread,
+    so the wait is bounded; it writes nothing once the wait is over (the log is closed then)."""
+    if stream is None:
+        return
+    over = threading.Event()
+    lock = threading.Lock()
+
+    def copy() -> None:
+        try:
+            for line in stream:
+                with lock:
+                    if over.is_set():
+                        return
+                    log.write(line)
+                    log.flush()
+        except (OSError, ValueError):
+            pass
+
+    reader = threading.Thread(target=copy, daemon=True, name="drain")
+    reader.start()
+    reader.join(seconds)
+    with lock:
+        over.set()
 
 
 @dataclass
