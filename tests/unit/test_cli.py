@@ -32,10 +32,11 @@ def _imports_after(args: list[str]) -> set[str]:
 
 
 def test_help_and_validate_do_not_import_heavy_modules() -> None:
-    for args in (["--help"], ["validate", str(RECIPES / "quickstart.yaml")], ["report", "--help"]):
+    for args in (["--help"], ["validate", str(RECIPES / "quickstart.yaml")], ["report", "--help"],
+                 ["export", "--help"]):
         mods = _imports_after(args)
         for heavy in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "docker", "rich", "matplotlib",
-                      "numpy", "psutil"):
+                      "numpy", "psutil", "gguf", "llama_cpp"):
             assert heavy not in mods, (args, heavy)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from ftkit.cli.params import CheckedPath
-from ftkit.errors import ConfigError, ConfigIssue
+from ftkit.errors import ConfigError, ConfigIssue, UserError
 
 
 @click.command()
@@ -98,25 +99,61 @@ def plan(recipe: str, machine_path: str | None, executor: str | None, as_json: b
 
 
 @click.command("export")
-@click.argument("recipe", type=click.Path(path_type=str))
+@click.argument("source", metavar="RECIPE|RUN", required=False, type=click.Path(path_type=str))
+@click.option("--to", "target", type=click.Choice(["trainjob", "gguf"]), default="trainjob", show_default=True,
+              help="trainjob: a recipe's train step as a Kubeflow Trainer TrainJob (trainer.kubeflow.org/v1alpha1); "
+              "gguf: a run's merged model (or --model DIR) as one GGUF file for llama.cpp and Ollama, with a Modelfile")
 @click.option("--machine", "-m", "machine_path", type=click.Path(path_type=str),
-              help="machine profile (default: this host, detected)")
-@click.option("--to", "target", type=click.Choice(["trainjob"]), default="trainjob", show_default=True,
-              help="the cluster engine: a Kubeflow Trainer TrainJob (trainer.kubeflow.org/v1alpha1)")
-@click.option("--step", "step_id", default=None, help="the train step to export (default: the first)")
-@click.option("--pvc", default=None, help="the ReadWriteMany PersistentVolumeClaim for run/ and inputs/ "
+              help="trainjob: machine profile (default: this host, detected)")
+@click.option("--step", "step_id", default=None, help="trainjob: the train step to export (default: the first)")
+@click.option("--pvc", default=None, help="trainjob: the ReadWriteMany PersistentVolumeClaim for run/ and inputs/ "
               "(default: ftkit-<recipe>)")
-@click.option("--namespace", default=None, help="the namespace of the TrainJob")
-@click.option("--image", default=None, help="the image as the cluster pulls it (default: the plan's tag)")
-@click.option("-o", "--output", type=CheckedPath(dir_okay=False, path_type=str), help="write to a file instead of stdout")
-def export(recipe: str, machine_path: str | None, target: str, step_id: str | None, pvc: str | None,
-           namespace: str | None, image: str | None, output: str | None) -> None:
-    """Write the plan's (multi-node) train step for a cluster engine: a Kubeflow TrainJob
-    with the same image, configs and command; Kubernetes gives each pod its rank. Prints
-    what the volume must hold."""
+@click.option("--namespace", default=None, help="trainjob: the namespace of the TrainJob")
+@click.option("--image", default=None, help="trainjob: the image as the cluster pulls it (default: the plan's tag)")
+@click.option("--model", "model_dir", type=CheckedPath(path_type=str), default=None,
+              help="gguf: export this model directory instead of a run's merged model")
+@click.option("--quant", default=None, help="gguf: f32, f16, bf16 or q8_0 (written by gguf-py; default q8_0); "
+              "q4_k_m, q5_k_m, q6_k, q4_0 and llama.cpp's other types need llama-cpp-python (its quantizer)")
+@click.option("--template", default=None, help="gguf with --model: the template the model was trained with "
+              "(alpaca, chatml, llama3, gemma, mistral, text, tokenizer; default: the tokenizer's own)")
+@click.option("--name", default=None, help="gguf: the model's name in the GGUF (default: the recipe's)")
+@click.option("--dry-run", is_flag=True, help="gguf: check the model, print what would be written (the Modelfile in "
+              "full), the RAM and disk it needs; write nothing")
+@click.option("-o", "--output", type=CheckedPath(system_ok=False, path_type=str),
+              help="trainjob: write to this file instead of stdout; gguf: the new directory for model.gguf and "
+              "Modelfile (default: ./<recipe>-<quant>-gguf)")
+def export(source: str | None, target: str, machine_path: str | None, step_id: str | None, pvc: str | None,
+           namespace: str | None, image: str | None, model_dir: str | None, quant: str | None, template: str | None,
+           name: str | None, dry_run: bool, output: str | None) -> None:
+    """Export for another system. --to trainjob (RECIPE): the plan's (multi-node) train step
+    for a cluster engine, a Kubeflow TrainJob with the same image, configs and command;
+    Kubernetes gives each pod its rank; prints what the volume must hold. --to gguf (RUN, a
+    run directory, its name or `latest`; or --model DIR): the merged model as GGUF with an
+    Ollama Modelfile whose template is the one the model was trained with."""
+    given = {"--machine": machine_path, "--step": step_id, "--pvc": pvc, "--namespace": namespace, "--image": image,
+             "--model": model_dir, "--quant": quant, "--template": template, "--name": name,
+             "--dry-run": dry_run or None}
+    other = ("--model", "--quant", "--template", "--name", "--dry-run") if target == "trainjob" else \
+        ("--machine", "--step", "--pvc", "--namespace", "--image")
+    wrong = [flag for flag in other if given[flag] is not None]
+    if wrong:
+        raise UserError(f"{wrong[0]} is for --to {'gguf' if target == 'trainjob' else 'trainjob'}, not --to {target}")
+    if target == "gguf":
+        from ftkit.cli import export_gguf
+
+        export_gguf.run(source, model_dir, quant or "q8_0", template, name, output, dry_run)
+        return
+    if source is None:
+        raise click.UsageError("give a RECIPE (--to trainjob exports a recipe's train step)")
+    if output is not None and os.path.isdir(output):
+        raise UserError(f"--output {output}: a directory; --to trainjob writes one file")
+    _export_trainjob(source, machine_path, step_id, pvc, namespace, image, output)
+
+
+def _export_trainjob(recipe: str, machine_path: str | None, step_id: str | None, pvc: str | None,
+                     namespace: str | None, image: str | None, output: str | None) -> None:
     import yaml
 
-    from ftkit.errors import UserError
     from ftkit.plan import export_trainjob as tj
     from ftkit.run.planning import prepare
     from ftkit.strict import dns_label, dns_subdomain

@@ -1,0 +1,522 @@
+"""`ftkit export --to gguf`: the GGUF holds the same model (read back with llama.cpp's own
+reader, gguf-py's GGUFReader, and run by transformers' GGUF loader: f32 gives the same
+logits, f16/bf16/q8_0 close ones, the same greedy answer), its tokenizer encodes as the
+model's, and its metadata says what llama.cpp needs. Where llama-cpp-python is installed,
+llama.cpp itself answers as transformers does (FTKIT_REQUIRE_LLAMA_CPP=1 makes its absence a
+failure; CI does not compile it). The Modelfile's template renders, with Go's text/template
+as Ollama executes it, exactly the prompt the model was trained on. Hostile inputs end in
+exit 2 with one line and write nothing; --dry-run writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RECIPES, missing, require, require_tool, run_cli
+
+gguf = require("gguf")
+torch = require("torch")
+transformers = require("transformers")
+
+from ftkit.engines import data, gguf_export, modelfile, templates, tiny  # noqa: E402
+
+DATASET = {
+    "path": str(RECIPES / "data" / "quickstart-train.jsonl"), "format": "alpaca", "template": "alpaca",
+    "system_prompt": None, "eval": {"path": str(RECIPES / "data" / "quickstart-eval.jsonl")},
+    "fields": {"instruction": "instruction", "input": "input", "output": "output", "messages": "messages",
+               "role": "role", "content": "content", "text": "text"},
+}
+TINY = {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128, "vocab_size": 400,
+        "max_position_embeddings": 256, "initializer_range": 0.1, "seed": 0}
+PROMPT = "### Instruction:\nName the category of these words.\n\n### Input:\nkiwi mango lemon\n\n### Response:\n"
+# max |logit difference| / max |logit| allowed per type, read back by transformers (measured on
+# the tiny model: f16 9e-4, bf16 7e-3, q8_0 2.4e-2) and run by llama.cpp (f32 6e-4: its KV cache
+# is f16; q8_0 3.6e-2: it also rounds the activations to 8 bits): about twice what was measured
+TOLERANCE = {"f32": 0.0, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 5e-2}
+LLAMA_CPP_TOLERANCE = {"f32": 2e-3, "q8_0": 7e-2}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    tiny.generate(TINY, DATASET, out)
+    return out
+
+
+def export(model: Path, out: Path, quant: str = "f32", *extra: str):  # type: ignore[no-untyped-def]
+    return run_cli("export", "--to", "gguf", "--model", str(model), "--template", "alpaca", "--quant", quant,
+                   "-o", str(out), *extra)
+
+
+def logits(m, ids):  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0]
+
+
+def greedy(m, ids: list[int], n: int = 8) -> list[int]:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        out = m.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0][len(ids):].tolist()
+
+
+def test_f32_export_reads_back_as_the_same_model(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gguf"
+    result = export(model, out)
+    assert result.code == 0, result.err
+    summary = json.loads(result.out.splitlines()[0])
+    assert summary["quant"] == "f32" and summary["template"] == "alpaca"
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export.json", "model.gguf"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial directory left
+    reader = gguf.GGUFReader(out / "model.gguf")
+    meta = {f.name: f for f in reader.fields.values()}
+
+    def value(key: str):  # type: ignore[no-untyped-def]
+        return meta[key].contents()
+
+    assert value("general.architecture") == "llama"
+    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
+    assert value("llama.block_count") == 2 and value("llama.attention.head_count") == 2
+    assert len(value("tokenizer.ggml.tokens")) == 400
+    assert value("tokenizer.ggml.add_bos_token") is False  # the tiny tokenizer adds none: neither does llama.cpp
+    assert value("tokenizer.chat_template") == modelfile.ALPACA_JINJA
+    assert {t.name for t in reader.tensors} >= {"token_embd.weight", "output.weight", "blk.0.attn_q.weight"}
+    # transformers' GGUF loader (gguf-py's reader, Q/K un-permuted) gives the very same logits
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    gtok = transformers.AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    ids = tok(PROMPT).input_ids
+    assert gtok(PROMPT).input_ids == ids  # the GGUF's tokenizer encodes as the model's
+    assert torch.equal(logits(ref, ids), logits(back, ids))
+    assert greedy(ref, ids) == greedy(back, ids)
+
+
+@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0"])
+def test_quantized_exports_stay_close(model: Path, tmp_path: Path, quant: str) -> None:
+    out = tmp_path / "gguf"
+    result = export(model, out, quant)
+    assert result.code == 0, result.err
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    assert types == ({quant.upper(), "F32"})  # norms stay F32, as llama.cpp's converter writes them
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    ids = transformers.AutoTokenizer.from_pretrained(model)(PROMPT).input_ids
+    a, b = logits(ref, ids), logits(back, ids)
+    assert ((a - b).abs().max() / a.abs().max()).item() <= TOLERANCE[quant]
+    assert a[-1].argmax() == b[-1].argmax()
+
+
+def test_sizes_follow_the_type(model: Path, tmp_path: Path) -> None:
+    sizes = {}
+    for quant in ("f32", "f16", "q8_0"):
+        assert export(model, tmp_path / quant, quant).code == 0
+        sizes[quant] = (tmp_path / quant / "model.gguf").stat().st_size
+    assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
+
+
+def _variant(model: Path, root: Path, **config) -> Path:  # type: ignore[no-untyped-def]
+    """The tiny model's tokenizer with another Llama config (GQA, tied embeddings, llama3 rope, bf16)."""
+    dtype = config.pop("dtype", torch.float32)
+    cfg = transformers.LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                   **config)
+    torch.manual_seed(1)
+    m = transformers.LlamaForCausalLM(cfg).to(dtype)
+    out = root / "variant"
+    m.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gqa-tied", "llama3-rope", "bf16"])
+def test_llama_variants_read_back(model: Path, tmp_path: Path, kind: str) -> None:
+    config = {"gqa-tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+              "llama3-rope": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 64}),
+              "bf16": dict(dtype=torch.bfloat16)}[kind]
+    src = _variant(model, tmp_path, **config)
+    quant = "bf16" if kind == "bf16" else "f32"
+    assert export(src, tmp_path / "gguf", quant).code == 0
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").tensors}
+    assert ("output.weight" in names) == (kind != "gqa-tied")  # tied: llama.cpp uses the embedding
+    assert ("rope_freqs.weight" in names) == (kind == "llama3-rope")
+    if kind == "llama3-rope":
+        return  # transformers' GGUF loader does not read rope_freqs back; llama.cpp does (test below)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf",
+                                                             dtype=torch.float32)
+    ids = transformers.AutoTokenizer.from_pretrained(model)(PROMPT).input_ids
+    assert torch.equal(logits(ref, ids), logits(back, ids))  # bf16 to bf16 is exact too
+
+
+# --------------------------------------------------------------------------- llama.cpp itself
+
+
+def _llama_cpp():  # type: ignore[no-untyped-def]
+    try:
+        import llama_cpp
+    except ImportError:
+        missing("llama-cpp-python is not installed (it compiles llama.cpp: pip install llama-cpp-python)",
+                env="FTKIT_REQUIRE_LLAMA_CPP")
+    return llama_cpp
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_llama_cpp_answers_as_transformers(model: Path, tmp_path: Path, quant: str) -> None:
+    llama_cpp = _llama_cpp()
+    out = tmp_path / "gguf"
+    assert export(model, out, quant).code == 0
+    llm = llama_cpp.Llama(str(out / "model.gguf"), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(model)
+        ids = tok(PROMPT).input_ids
+        assert llm.tokenize(PROMPT.encode(), add_bos=False, special=True) == ids  # llama.cpp's gpt-2 pre-tokenizer
+        ref = transformers.AutoModelForCausalLM.from_pretrained(model)
+        llm.eval(ids)
+        theirs = torch.tensor(llm.scores[: len(ids)])
+        ours = logits(ref, ids)
+        assert ((theirs - ours).abs().max() / ours.abs().max()).item() <= LLAMA_CPP_TOLERANCE[quant]
+        llm.reset()
+        answer = llm.create_completion(PROMPT, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+        expected = greedy(ref, ids)
+        if quant == "f32":
+            assert answer == tok.decode(expected, skip_special_tokens=True)
+        else:  # a random model's near-ties may flip later tokens under 8-bit weights: the first must hold
+            assert answer.startswith(tok.decode(expected[:1], skip_special_tokens=True))
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_reads_llama3_rope(model: Path, tmp_path: Path) -> None:
+    llama_cpp = _llama_cpp()
+    src = _variant(model, tmp_path, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    assert export(src, tmp_path / "gguf", "f32").code == 0
+    llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=256, n_threads=2, verbose=False,
+                          logits_all=True)
+    try:
+        ids = transformers.AutoTokenizer.from_pretrained(model)(PROMPT).input_ids
+        llm.eval(ids)
+        ours = logits(transformers.AutoModelForCausalLM.from_pretrained(src), ids)
+        theirs = torch.tensor(llm.scores[: len(ids)])
+        assert ((theirs - ours).abs().max() / ours.abs().max()).item() <= LLAMA_CPP_TOLERANCE["f32"]
+    finally:
+        llm.close()
+
+
+# --------------------------------------------------------------------------- the Modelfile
+
+
+GO_RENDER = r"""
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string
+	Content string
+}
+
+type Case struct {
+	Messages []Message
+}
+
+// Ollama's template.Execute for a template over .Messages: System is the system messages
+// joined by a blank line, consecutive messages of one role are joined (template.collate).
+func main() {
+	var in struct {
+		Template string
+		Cases    []Case
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("").Parse(in.Template))
+	var out []string
+	for _, c := range in.Cases {
+		var system []string
+		var msgs []*Message
+		for i := range c.Messages {
+			m := c.Messages[i]
+			if m.Role == "system" {
+				system = append(system, m.Content)
+			}
+			if len(msgs) > 0 && msgs[len(msgs)-1].Role == m.Role {
+				msgs[len(msgs)-1].Content += "\n\n" + m.Content
+			} else {
+				msgs = append(msgs, &m)
+			}
+		}
+		var b strings.Builder
+		if err := t.Execute(&b, map[string]any{"System": strings.Join(system, "\n\n"), "Messages": msgs,
+			"Prompt": "", "Response": ""}); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+def go_render(template: str, conversations: list[list[dict[str, str]]], tmp: Path) -> list[str]:
+    go = require_tool("go", env="FTKIT_REQUIRE_ENGINES")
+    src = tmp / "render.go"
+    src.write_text(GO_RENDER)
+    cases = [{"Messages": [{"Role": m["role"], "Content": m["content"]} for m in conv]} for conv in conversations]
+    env = {**os.environ, "GOCACHE": str(tmp / "gocache"), "GOPATH": str(tmp / "gopath"), "GO111MODULE": "off"}
+    proc = subprocess.run([go, "run", str(src)], input=json.dumps({"Template": template, "Cases": cases}), text=True,
+                          capture_output=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def modelfile_template(text: str) -> str:
+    """TEMPLATE \"\"\"...\"\"\" as Ollama's parser reads it: the text between the triple quotes."""
+    start = text.index('TEMPLATE """') + len('TEMPLATE """')
+    return text[start:text.index('"""', start)]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Name the category of these words.\n\nkiwi mango lemon"},
+     {"role": "assistant", "content": "fruit"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "cello flute drum?"},
+     {"role": "assistant", "content": "instrument"}],
+    [{"role": "user", "content": "first"}, {"role": "assistant", "content": "one"},
+     {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"}],
+]
+
+
+@pytest.mark.parametrize("name", sorted(templates.CHAT_TEMPLATES))
+def test_modelfile_template_renders_the_trained_prompt(model: Path, tmp_path: Path, name: str) -> None:
+    """For each conversation, the prompt training built (templates.split_chat on the tokenizer
+    with the named template installed) equals the Modelfile's TEMPLATE executed by Go over the
+    conversation without its last answer, with BOS as llama.cpp adds it (the tiny tokenizer
+    adds none, so the template carries its text)."""
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    templates.apply_named(tok, name)
+    tok.save_pretrained(tmp_path / "tok")
+    src = tmp_path / "model"
+    shutil.copytree(model, src)
+    for f in (tmp_path / "tok").iterdir():
+        shutil.copy(f, src / f.name)  # as training saves the tokenizer with the adapter, and merge copies it
+    assert run_cli("export", "--to", "gguf", "--model", str(src), "--quant", "f32", "-o", str(tmp_path / "g")).code == 0
+    text = (tmp_path / "g" / "Modelfile").read_text()
+    assert "FROM ./model.gguf\n" in text
+    conversations = [c for c in CONVERSATIONS if name != "gemma" or c[0]["role"] != "system"]
+    trained = [templates.split_chat(tok, conv)[0] for conv in conversations]
+    rendered = go_render(modelfile_template(text), [conv[:-1] for conv in conversations], tmp_path)
+    assert rendered == trained
+    stops = [ln.split(" ", 2)[2].strip('"') for ln in text.splitlines() if ln.startswith("PARAMETER stop ")]
+    ends = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "mistral": "</s>"}
+    assert ends[name] in stops and "</s>" in stops
+    meta = {f.name: f for f in gguf.GGUFReader(tmp_path / "g" / "model.gguf").fields.values()}
+    assert meta["tokenizer.chat_template"].contents() == templates.CHAT_TEMPLATES[name]
+
+
+def test_alpaca_modelfile_and_gguf_template_render_alpaca_prompts(model: Path, tmp_path: Path) -> None:
+    """alpaca: the user message INSTRUCTION (with "\\n\\n### Input:\\nINPUT" when the row has an
+    input) renders as alpaca_prompt does, in Go (Ollama) and in the GGUF's Jinja (llama.cpp)."""
+    rows = [{"instruction": "Name the category of these words.", "input": "kiwi mango lemon", "output": "fruit"},
+            {"instruction": "Say hello.", "input": "", "output": "hello"}]
+    cfg = {**DATASET, "system_prompt": None}
+    trained = [data.to_example(r, cfg, "alpaca", None).prompt for r in rows]
+    trained.append(templates.alpaca_prompt("Say hello.", "", "Be brief."))
+    convs = [[{"role": "user", "content": r["instruction"] + (f"\n\n### Input:\n{r['input']}" if r["input"] else "")}]
+             for r in rows]
+    convs.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}])
+    assert export(model, tmp_path / "g").code == 0
+    text = (tmp_path / "g" / "Modelfile").read_text()
+    assert go_render(modelfile_template(text), convs, tmp_path) == trained
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    tok.chat_template = modelfile.ALPACA_JINJA
+    assert [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs] == trained
+    # chat data trained with `template: alpaca` (data.to_example joins the turns): the same prompt
+    chat = {**DATASET, "format": "chat"}
+    row = {"messages": CONVERSATIONS[2]}
+    prompt = data.to_example(row, chat, "alpaca", None).prompt
+    assert go_render(modelfile_template(text), [CONVERSATIONS[2][:-1]], tmp_path) == [prompt]
+    assert tok.apply_chat_template(CONVERSATIONS[2][:-1], tokenize=False, add_generation_prompt=True) == prompt
+
+
+def test_own_template_is_carried_but_not_translated(model: Path, tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    shutil.copytree(model, src)
+    own = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}<<assistant>>"
+    (src / "chat_template.jinja").write_text(own)
+    result = run_cli("export", "--to", "gguf", "--model", str(src), "-o", str(tmp_path / "g"))
+    assert result.code == 0, result.err
+    text = (tmp_path / "g" / "Modelfile").read_text()
+    assert "TEMPLATE" not in text.replace("# no TEMPLATE", "") and "no Ollama translation" in result.err
+    meta = {f.name: f for f in gguf.GGUFReader(tmp_path / "g" / "model.gguf").fields.values()}
+    assert meta["tokenizer.chat_template"].contents() == own
+
+
+# --------------------------------------------------------------------------- from a run directory
+
+
+def _fake_run(model: Path, root: Path, system: str | None = None) -> Path:
+    """A run directory as `ftkit up` leaves it after the merge: plan.json from `ftkit plan
+    --json` of the quickstart, state.json, and the (here untrained) model as the merge's output."""
+    result = run_cli("plan", "--json", str(RECIPES / "quickstart.yaml"))
+    assert result.code == 0, result.err
+    plan = json.loads(result.out)
+    run = root / "runs" / "20260101T000000Z-quickstart"
+    plan["run_dir"] = str(run)
+    if system is not None:
+        train = next(s for s in plan["steps"] if s["kind"] == "train")
+        for f in train["files"]:
+            if f["path"].endswith(".json"):
+                job = json.loads(f["content"])
+                job["dataset"]["system_prompt"] = system
+                f["content"] = json.dumps(job)
+    (run / "steps" / "merge").mkdir(parents=True)
+    (run / "plan.json").write_text(json.dumps(plan))
+    (run / "state.json").write_text(json.dumps({"status": "succeeded", "steps": {}}))
+    shutil.copytree(model, run / "steps" / "merge" / "model")
+    return run
+
+
+def test_export_from_a_run_uses_its_plan(model: Path, tmp_path: Path) -> None:
+    run = _fake_run(model, tmp_path, system="Answer in one word.")
+    result = run_cli("export", "--to", "gguf", str(run), "-o", str(tmp_path / "g"))
+    assert result.code == 0, result.err
+    summary = json.loads(result.out.splitlines()[0])
+    assert summary["quant"] == "q8_0" and summary["template"] == "alpaca" and summary["source"].startswith("run ")
+    text = (tmp_path / "g" / "Modelfile").read_text()
+    assert 'SYSTEM "Answer in one word."' in text
+    meta = {f.name: f for f in gguf.GGUFReader(tmp_path / "g" / "model.gguf").fields.values()}
+    assert meta["general.name"].contents() == "quickstart"
+    # its name under ./runs and `latest` find it too
+    latest = run_cli("export", "--to", "gguf", "latest", "--dry-run", "-o", str(tmp_path / "h"), cwd=tmp_path)
+    assert latest.code == 0, latest.err
+    assert json.loads(latest.out)["model_dir"].endswith("steps/merge/model")
+
+
+def test_dry_run_says_what_it_would_write_and_writes_nothing(model: Path, tmp_path: Path) -> None:
+    result = export(model, tmp_path / "g", "q8_0", "--dry-run")
+    assert result.code == 0, result.err
+    plan = json.loads(result.out)
+    assert plan["writes"] == [str(tmp_path / "g" / n) for n in ("model.gguf", "Modelfile", "export.json")]
+    assert plan["tensor_types"] == {"Q8_0": 16, "F32": 5}  # 2 layers of 7 matrices, embedding, output
+    assert plan["modelfile"].startswith("# written by") and "FROM ./model.gguf" in plan["modelfile"]
+    assert plan["ram_bytes"] > 0 and plan["disk_bytes"] > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def _fifo(p: Path) -> None:
+    p.unlink(missing_ok=True)
+    os.mkfifo(p)
+
+
+def _config(p: Path, **change) -> None:  # type: ignore[no-untyped-def]
+    cfg = json.loads((p / "config.json").read_text())
+    cfg.update(change)
+    (p / "config.json").write_text(json.dumps(cfg))
+
+
+def _tokenizer(p: Path, fn) -> None:  # type: ignore[no-untyped-def]
+    tok = json.loads((p / "tokenizer.json").read_text())
+    fn(tok)
+    (p / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def _nan_weight(p: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(p / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(sd, p / "model.safetensors")
+
+
+HOSTILE = {
+    # name: (break the copy of the model, extra args, words the one-line error must hold)
+    "not-a-directory": (lambda p: (shutil.rmtree(p), p.write_text("x")), [], "not a directory"),
+    "no-config": (lambda p: (p / "config.json").unlink(), [], "not a model directory"),
+    "config-not-json": (lambda p: (p / "config.json").write_text("{"), [], "not valid JSON"),
+    "config-fifo": (lambda p: _fifo(p / "config.json"), [], "FIFO"),
+    "architecture": (lambda p: _config(p, architectures=["GPT2LMHeadModel"]), [], "not one ftkit's GGUF export"),
+    "heads-string": (lambda p: _config(p, num_attention_heads="2"), [], "num_attention_heads"),
+    "heads-not-dividing": (lambda p: _config(p, num_attention_heads=3, head_dim=None), [], "multiple"),
+    "eps-nan": (lambda p: (p / "config.json").write_text(
+        (p / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": NaN')), [], "not valid JSON"),
+    "rope-yarn": (lambda p: _config(p, rope_parameters={"rope_type": "yarn", "factor": 4.0}), [], "rope_type"),
+    "quantized": (lambda p: _config(p, quantization_config={"quant_method": "gptq"}), [], "quantized"),
+    "no-tokenizer": (lambda p: (p / "tokenizer.json").unlink(), [], "no tokenizer"),
+    "tokenizer-fifo": (lambda p: _fifo(p / "tokenizer.json"), [], "FIFO"),
+    "tokenizer-link-to-fifo": (lambda p: ((p / "tokenizer.json").unlink(), os.mkfifo(p.parent / "fifo"),
+                                          (p / "tokenizer.json").symlink_to(p.parent / "fifo")), [], "FIFO"),
+    "sentencepiece": (lambda p: _tokenizer(p, lambda t: t["model"].update(byte_fallback=True)), [], "SentencePiece"),
+    "unknown-pre-tokenizer": (lambda p: _tokenizer(p, lambda t: t.update(pre_tokenizer={
+        "type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "\\w+"}, "behavior": "Isolated",
+                                               "invert": False}, {"type": "ByteLevel", "use_regex": False}]})), [],
+        "pre-tokenizer"),
+    "token-id-too-big": (lambda p: _tokenizer(p, lambda t: t["model"]["vocab"].update({"zzz": 4000})), [],
+                         "vocab_size"),
+    "merges-not-list": (lambda p: _tokenizer(p, lambda t: t["model"].update(merges="a b")), [], "merges"),
+    "weights-missing": (lambda p: (p / "model.safetensors").unlink(), [], "no model.safetensors"),
+    "weights-truncated": (lambda p: os.truncate(p / "model.safetensors", 1000), [], "safetensors"),
+    "weights-nan": (_nan_weight, [], "inf or nan"),
+    "model-is-link": (lambda p: (shutil.move(p, p.parent / "real"), p.symlink_to(p.parent / "real")), [],
+                      "symbolic link"),
+    "output-exists": (lambda p: (p.parent / "out").mkdir(), [], "exists"),
+    "output-is-file": (lambda p: (p.parent / "out").write_text(""), [], "exists"),
+    "output-is-link": (lambda p: (p.parent / "out").symlink_to(p.parent / "elsewhere"), [], "symbolic link"),
+    "output-inside-model": (lambda p: None, ["-o", "{model}/gguf"], "inside the model"),
+    "unknown-quant": (lambda p: None, ["--quant", "q3_x"], "--quant"),
+    "unknown-template": (lambda p: None, ["--template", "vicuna"], "--template"),
+    "trainjob-flag": (lambda p: None, ["--pvc", "data"], "--pvc is for --to trainjob"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_input_is_refused_in_one_line(model: Path, tmp_path: Path, name: str) -> None:
+    src = tmp_path / "model"
+    shutil.copytree(model, src)
+    breaker, extra, words = HOSTILE[name]
+    breaker(src)
+    args = [a.replace("{model}", str(src)) for a in extra]
+    output = [] if "-o" in args else ["-o", str(tmp_path / "out")]
+    template = [] if "--template" in args else ["--template", "alpaca"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli("export", "--to", "gguf", "--model", str(src), *template, *output, *args)
+    assert result.code == 2, (result.code, result.err)
+    # a weight's inf/nan shows while it is converted, after the progress lines ("gguf: ...")
+    lines = [ln for ln in result.err.strip().splitlines() if not ln.startswith("gguf: ")]
+    assert len(lines) == 1 and words in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no partial directory
+
+
+def test_llama_cpp_quant_without_llama_cpp_is_refused(model: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gguf_export, "llama_cpp_available", lambda: False)
+    result = export(model, tmp_path / "g", "q4_k_m")
+    assert result.code == 2 and "llama-cpp-python" in result.err and "q8_0" in result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "g").exists()
+
+
+def test_run_without_a_merged_model_is_refused(model: Path, tmp_path: Path) -> None:
+    run = _fake_run(model, tmp_path)
+    shutil.rmtree(run / "steps" / "merge" / "model")
+    result = run_cli("export", "--to", "gguf", str(run), "-o", str(tmp_path / "g"))
+    assert result.code == 2 and "has not written its model" in result.err
+    (run / "plan.json").write_text('{"steps": "merge"}')
+    result = run_cli("export", "--to", "gguf", str(run), "-o", str(tmp_path / "g"))
+    assert result.code == 2 and "plan.json" in result.err and len(result.err.strip().splitlines()) == 1
