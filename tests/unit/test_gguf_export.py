@@ -194,6 +194,29 @@ def test_llama_cpp_answers_as_transformers(model: Path, tmp_path: Path, quant: s
         llm.close()
 
 
+def test_k_quant_by_llama_cpps_quantizer(model: Path, tmp_path: Path) -> None:
+    """q4_k_m: gguf-py writes the f32 GGUF, llama.cpp's quantizer makes q4_k_m from it (the
+    tiny model's rows of 64 are no whole k-quant block of 256: llama.cpp falls back, and says
+    so); the metadata and chat template come through, llama.cpp runs it."""
+    llama_cpp = _llama_cpp()
+    out = tmp_path / "gguf"
+    result = export(model, out, "q4_k_m")
+    assert result.code == 0, result.err
+    assert "required fallback quantization" in result.err and "converting to" not in result.err  # its log: a file
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export.json", "llama-quantize.log", "model.gguf"]
+    assert "converting to q5_0" in (out / "llama-quantize.log").read_text()
+    reader = gguf.GGUFReader(out / "model.gguf")
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert reader.fields["tokenizer.chat_template"].contents() == modelfile.ALPACA_JINJA
+    assert export(model, tmp_path / "q8", "q8_0").code == 0
+    assert (out / "model.gguf").stat().st_size < (tmp_path / "q8" / "model.gguf").stat().st_size
+    llm = llama_cpp.Llama(str(out / "model.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    try:
+        assert llm.create_completion(PROMPT, max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    finally:
+        llm.close()
+
+
 def test_llama_cpp_reads_llama3_rope(model: Path, tmp_path: Path) -> None:
     llama_cpp = _llama_cpp()
     src = _variant(model, tmp_path, rope_parameters={

@@ -777,22 +777,46 @@ def write_gguf(plan: ExportPlan, path: Path, log: Callable[[str], None]) -> None
     log(f"gguf: wrote {done} tensors as {plan.written_type} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
-def quantize_with_llama_cpp(src: Path, dst: Path, quant: str, log: Callable[[str], None]) -> None:
-    """llama.cpp's own quantizer (llama_model_quantize) from the f16/bf16/f32 GGUF."""
+QUANTIZE_LOG = "llama-quantize.log"
+
+
+def quantize_with_llama_cpp(src: Path, dst: Path, quant: str, log: Callable[[str], None]) -> str:
+    """llama.cpp's own quantizer (llama_model_quantize) from the f16/bf16/f32 GGUF. Its log
+    (a line per tensor) is collected, not printed: it is returned for the output directory,
+    and its warnings (tensors that needed a fallback type) are said in one line each."""
     try:
+        import ctypes
+
         import llama_cpp
+        from llama_cpp import _logger
     except ImportError:
         raise UserError(f"--quant {quant} needs llama.cpp's quantizer: pip install llama-cpp-python "
                         f"(it compiles llama.cpp); without it: {', '.join(PURE_QUANTS)}") from None
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def collect(level: int, text: bytes, user_data: Any) -> None:
+        lines.append(text.decode("utf-8", errors="replace"))
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     params.nthread = max(1, os.cpu_count() or 1)
     start = time.monotonic()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    text = "".join(lines)
     if rc != 0:
-        raise EngineError(f"llama.cpp's quantizer failed ({rc}) making {quant} from {src.name}")
+        last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "no log")
+        raise EngineError(f"llama.cpp's quantizer failed ({rc}) making {quant} from {src.name}: {last.strip()}")
+    for line in text.splitlines():
+        if "WARNING" in line:
+            log(f"gguf: llama.cpp: {line.split('WARNING:', 1)[-1].strip()}")
     log(f"gguf: llama.cpp quantized to {quant} in {time.monotonic() - start:.1f}s "
-        f"({dst.stat().st_size / 2**20:.1f} MiB)")
+        f"({dst.stat().st_size / 2**20:.1f} MiB; its log: {QUANTIZE_LOG})")
+    return text
 
 
 def export(plan: ExportPlan, out: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -819,8 +843,9 @@ def export(plan: ExportPlan, out: Path, *, log: Callable[[str], None] = print) -
         if plan.via_llama_cpp:
             first = tmp / f".model-{plan.written_type}.gguf"
             write_gguf(plan, first, log)
-            quantize_with_llama_cpp(first, tmp / GGUF_NAME, plan.quant, log)
+            qlog = quantize_with_llama_cpp(first, tmp / GGUF_NAME, plan.quant, log)
             first.unlink()
+            (tmp / QUANTIZE_LOG).write_text(qlog, encoding="utf-8")
         else:
             write_gguf(plan, tmp / GGUF_NAME, log)
         (tmp / MODELFILE).write_text(text, encoding="utf-8")
@@ -863,7 +888,8 @@ def describe(plan: ExportPlan, out: Path) -> dict[str, Any]:
         types[t.qtype] = types.get(t.qtype, 0) + 1
     return {
         "source": plan.source_label, "model_dir": str(plan.model_dir), "output": str(out),
-        "writes": [str(out / GGUF_NAME), str(out / MODELFILE), str(out / SUMMARY)],
+        "writes": [str(out / GGUF_NAME), str(out / MODELFILE), str(out / SUMMARY)]
+        + ([str(out / QUANTIZE_LOG)] if plan.via_llama_cpp else []),
         "architecture": plan.arch.gguf, "hf_architecture": plan.hf_arch, "quant": plan.quant,
         "written_by": (f"gguf-py writes {plan.written_type}, then llama.cpp's quantizer makes {plan.quant}"
                        if plan.via_llama_cpp else "gguf-py"),
