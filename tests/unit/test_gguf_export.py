@@ -120,13 +120,21 @@ def test_sizes_follow_the_type(model: Path, tmp_path: Path) -> None:
 
 
 def _variant(model: Path, root: Path, **config) -> Path:  # type: ignore[no-untyped-def]
-    """The tiny model's tokenizer with another Llama config (GQA, tied embeddings, llama3 rope, bf16)."""
+    """The tiny model's tokenizer with another config: GQA, tied embeddings, llama3 rope, bf16,
+    or Qwen2 (biases on Q, K and V, given values: peft and HF start them at zero)."""
     dtype = config.pop("dtype", torch.float32)
-    cfg = transformers.LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                                   **config)
+    qwen = config.pop("qwen2", False)
+    common = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(1)
-    m = transformers.LlamaForCausalLM(cfg).to(dtype)
+    if qwen:
+        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, num_key_value_heads=2, **config))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+    else:
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **config)).to(dtype)
     out = root / "variant"
     m.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -134,19 +142,28 @@ def _variant(model: Path, root: Path, **config) -> Path:  # type: ignore[no-unty
     return out
 
 
-@pytest.mark.parametrize("kind", ["gqa-tied", "llama3-rope", "bf16"])
-def test_llama_variants_read_back(model: Path, tmp_path: Path, kind: str) -> None:
-    config = {"gqa-tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
-              "llama3-rope": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                   "original_max_position_embeddings": 64}),
-              "bf16": dict(dtype=torch.bfloat16)}[kind]
-    src = _variant(model, tmp_path, **config)
+VARIANTS = {
+    "gqa-tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "llama3-rope": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 64}),
+    "bf16": dict(dtype=torch.bfloat16),
+    "qwen2-tied": dict(qwen2=True, tie_word_embeddings=True),
+    "qwen2": dict(qwen2=True, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(VARIANTS))
+def test_variants_read_back(model: Path, tmp_path: Path, kind: str) -> None:
+    src = _variant(model, tmp_path, **VARIANTS[kind])
     quant = "bf16" if kind == "bf16" else "f32"
     assert export(src, tmp_path / "gguf", quant).code == 0
-    names = {t.name for t in gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").tensors}
-    assert ("output.weight" in names) == (kind != "gqa-tied")  # tied: llama.cpp uses the embedding
+    reader = gguf.GGUFReader(tmp_path / "gguf" / "model.gguf")
+    names = {t.name for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == ("qwen2" if "qwen2" in kind else "llama")
+    assert ("output.weight" in names) == ("tied" not in kind)  # tied: llama.cpp uses the embedding
     assert ("rope_freqs.weight" in names) == (kind == "llama3-rope")
+    assert ("blk.0.attn_q.bias" in names) == kind.startswith("qwen2")
     if kind == "llama3-rope":
         return  # transformers' GGUF loader does not read rope_freqs back; llama.cpp does (test below)
     ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -217,11 +234,10 @@ def test_k_quant_by_llama_cpps_quantizer(model: Path, tmp_path: Path) -> None:
         llm.close()
 
 
-def test_llama_cpp_reads_llama3_rope(model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["llama3-rope", "qwen2", "qwen2-tied", "gqa-tied"])
+def test_llama_cpp_runs_the_variants(model: Path, tmp_path: Path, kind: str) -> None:
     llama_cpp = _llama_cpp()
-    src = _variant(model, tmp_path, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64})
+    src = _variant(model, tmp_path, **VARIANTS[kind])
     assert export(src, tmp_path / "gguf", "f32").code == 0
     llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=256, n_threads=2, verbose=False,
                           logits_all=True)
@@ -231,6 +247,52 @@ def test_llama_cpp_reads_llama3_rope(model: Path, tmp_path: Path) -> None:
         ours = logits(transformers.AutoModelForCausalLM.from_pretrained(src), ids)
         theirs = torch.tensor(llm.scores[: len(ids)])
         assert ((theirs - ours).abs().max() / ours.abs().max()).item() <= LLAMA_CPP_TOLERANCE["f32"]
+    finally:
+        llm.close()
+
+
+TOKENIZER_TEXTS = [
+    "Hello world", "I've been 'told he's there, 'RE you sure? 'M not", "3 33 333 3333 12345 3.3 3..3",
+    "tabs\tand\nnewlines\n\n  spaces   end  ", "émoji 🚀 done 😶\u200d🌫️", "CamelCaseWords and UPPER lower MiXeD",
+    "a/b/c path/to/x\n", "你好世界 нещо на Български", "\n \n\n \t\t \n", "------======= ......!!!!!! ''''",
+]
+
+
+@pytest.mark.parametrize("pre", sorted(name for name, _ in gguf_export.PRE_TOKENIZERS.values()))
+def test_llama_cpp_pre_tokenizes_as_the_tokenizer(model: Path, tmp_path: Path, pre: str) -> None:
+    """A byte-level BPE tokenizer built with each pre-tokenizer regex ftkit recognises (Llama
+    3's, Qwen2's with its NFC, Tekken's, GPT-2's) encodes like llama.cpp under the name written."""
+    llama_cpp = _llama_cpp()
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    regex, ignore = next((r, ig) for r, (name, ig) in gguf_export.PRE_TOKENIZERS.items() if name == pre)
+    tok = Tokenizer(models.BPE(ignore_merges=ignore))
+    if pre == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    rows = [json.loads(x) for x in Path(DATASET["path"]).read_text().splitlines()]
+    tok.train_from_iterator([" ".join(r.values()) for r in rows] + TOKENIZER_TEXTS * 20, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    src = tmp_path / "model"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=256)).save_pretrained(src)
+    fast.save_pretrained(src)
+    assert export(src, tmp_path / "gguf", "f32").code == 0
+    assert gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").fields["tokenizer.ggml.pre"].contents() == pre
+    llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    try:
+        for text in TOKENIZER_TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == fast(text).input_ids, text
     finally:
         llm.close()
 
