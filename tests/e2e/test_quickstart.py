@@ -82,6 +82,49 @@ def test_served_model_answered_the_test_prompts(run_dir: Path) -> None:
     assert [r["answer"].strip() for r in rows] == ["fruit", "instrument"]
 
 
+def test_gguf_export_answers_as_the_merged_model(run_dir: Path, tmp_path: Path) -> None:
+    """`ftkit export --to gguf RUN` (q8_0): the GGUF, read back with llama.cpp's reader
+    (gguf-py's GGUFReader, through transformers' GGUF loader), answers the serve step's test
+    prompts exactly as the merged model does greedily, and as the run's server did; llama.cpp
+    itself too where llama-cpp-python is installed (CI does not compile it)."""
+    require("gguf")
+    torch = require("torch")
+    transformers = require("transformers")
+    out = tmp_path / "gguf"
+    proc = run_ftkit("export", "--to", "gguf", str(run_dir), "-o", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.splitlines()[0])["template"] == "alpaca"
+    plan = json.loads((run_dir / "plan.json").read_text())
+    prompts = [p for s in plan["steps"] if s["kind"] == "serve" for p in s["prompts"]]
+    merged = run_dir / "steps/merge/model"
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+
+    def answers(model) -> list[str]:  # type: ignore[no-untyped-def]
+        out_text = []
+        for p in prompts:
+            ids = tok(p["prompt"], return_tensors="pt").input_ids
+            with torch.no_grad():
+                gen = model.generate(ids, max_new_tokens=p["max_tokens"], do_sample=False, pad_token_id=tok.pad_token_id)
+            out_text.append(tok.decode(gen[0][ids.shape[1]:], skip_special_tokens=True).strip())
+        return out_text
+
+    expected = answers(transformers.AutoModelForCausalLM.from_pretrained(merged))
+    assert expected == ["fruit", "instrument"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    assert answers(back) == expected
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(str(out / "model.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    try:
+        got = [llm.create_completion(p["prompt"], max_tokens=p["max_tokens"], temperature=0.0)["choices"][0]["text"]
+               for p in prompts]
+    finally:
+        llm.close()
+    assert [g.strip() for g in got] == expected
+
+
 def _layout(run: Path) -> set[str]:
     """What a run directory holds, without the parts that differ by nature (checkpoint step
     numbers, build logs of images built on first use, temp files, and the hub cache directory
