@@ -6,7 +6,9 @@
 - a server that replaces another and fails gives way to the one it replaced, which serves
   again (and, kept running by the recipe, stays up after the failed run);
 - a trained adapter goes live in a running vLLM without a restart (recipes/quickstart-live.yaml),
-  beside the base, and an adapter above the server's --max-lora-rank is refused in one line.
+  beside the base, and an adapter above the server's --max-lora-rank is refused in one line;
+- a server started with several adapters (multi-LoRA, `adapters:`) lists each in /v1/models,
+  and each answers.
 """
 
 from __future__ import annotations
@@ -180,6 +182,44 @@ def test_a_trained_adapter_goes_live_without_a_restart(lab, tmp_path: Path) -> N
                               {"lora_name": "big", "lora_path": "/ftkit/run/steps/big-adapter"}, text_answer=True)
         assert serving.http_reason(e.value) == "LoRA rank 32 is greater than max_lora_rank 16"
         assert answers(port, "/health")  # and the server goes on serving
+    finally:
+        down = run_ftkit("down", str(run), timeout=300)
+    assert down.returncode == 0, down.stderr
+    no_containers_of(run)
+
+
+@pytest.mark.timeout(1800)
+def test_every_adapter_of_a_multi_lora_server_is_listed_and_answers(lab) -> None:  # type: ignore[no-untyped-def]
+    """`adapters: [a, b]`: the serve step starts vLLM with both (--lora-modules), checks that
+    /v1/models lists the served model and each adapter (the step fails naming one missing)
+    and journals the list; each name answers a completion. Two one-step train steps make the
+    adapters (`adapters:` names train steps of the recipe); one cold start."""
+    root, profile = lab
+    port = free_port()
+    train = ("method: lora, lora: {{r: 8, alpha: 16, target_modules: all-linear}}, max_steps: 1, batch_size: 2, "
+             "seq_len: 64, precision: fp32, gradient_checkpointing: false, learning_rate: 0.01, seed: {seed}")
+    path = recipe(root, "multi", "tiny", f"""\
+  - {{type: train, name: a, {train.format(seed=1)}}}
+  - {{type: train, name: b, {train.format(seed=2)}}}
+  - {{type: serve, name: multi, engine: vllm, model: base, adapters: [a, b], port: {port}, ready_timeout_s: 240,
+      keep_running: true, prompts: [{{prompt: kiwi, max_tokens: 2}}]}}
+""")
+    cpu_profile = machine_profile(root / "cpu-models.yaml", "vllm-lab-cpu-models",
+                                  extra=f"paths: {{models: {root / 'models'}}}\n")
+    proc = run_ftkit("up", str(path), "--machine", str(cpu_profile), "--runs-dir", str(root / "runs"), "--quiet",
+                     "--json", env={"FTKIT_SIMULATED_GPUS": ""}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = Path(json.loads(proc.stdout)["run_dir"])
+    try:
+        served = state(run)["steps"]["multi"]
+        assert served["status"] == "succeeded" and served["models"] == ["multi", "a", "b"], served
+        for name in ("multi", "a", "b"):
+            body = json.dumps({"model": name, "prompt": "kiwi", "max_tokens": 2, "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310 - loopback test server
+                answer = json.loads(r.read())
+            assert answer["model"] == name and answer["choices"][0]["text"], answer
     finally:
         down = run_ftkit("down", str(run), timeout=300)
     assert down.returncode == 0, down.stderr

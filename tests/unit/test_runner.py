@@ -275,7 +275,7 @@ FAKE_SERVER = r'''
 import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 port, name, loads = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-models = [name]
+models = [name, *sys.argv[4:]]  # the served model, then the adapters it was started with
 class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
     def _send(self, code, body, text=False):
@@ -290,6 +290,9 @@ class H(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/v1/load_lora_adapter":
             with open(loads, "a") as fh: fh.write(json.dumps(body) + "\n")
+            if body["lora_name"].startswith("big"):  # what vLLM answers for a LoRA above --max-lora-rank
+                return self._send(400, {"error": {"message": "LoRA rank 32 is greater than max_lora_rank 16.",
+                                                  "type": "BadRequestError", "param": None, "code": 400}})
             if body["lora_name"] not in models: models.append(body["lora_name"])
             return self._send(200, f"Success: LoRA adapter {body['lora_name']!r} added successfully.", text=True)
         model = body.get("model")
@@ -310,7 +313,10 @@ def _free_port() -> int:
 
 
 def server(tmp: Path, sid: str, *, gpus: list[int] | None = None, keep: bool = False, fail: bool = False,
-           prompts: list | None = None) -> StepSpec:  # type: ignore[type-arg]
+           prompts: list | None = None, adapters: list[str] | None = None,  # type: ignore[type-arg]
+           listed: list[str] | None = None) -> StepSpec:
+    """A stand-in vLLM step; `adapters`: what the plan started it with (ready["adapters"]),
+    `listed`: the adapters it lists in /v1/models (default: all of them)."""
     script = tmp / "fake_server.py"
     script.write_text(FAKE_SERVER)
     port = _free_port()
@@ -318,12 +324,14 @@ def server(tmp: Path, sid: str, *, gpus: list[int] | None = None, keep: bool = F
     failing = tmp / "failing_server.py"  # what vLLM prints when its engine cannot start
     failing.write_text("import sys\nprint('RuntimeError: Cannot find any model weights')\n"
                        "print('RuntimeError: Engine core initialization failed. See root cause above.')\nsys.exit(1)\n")
-    argv = [PY, str(failing)] if fail else [PY, str(script), str(port), sid, str(tmp / f"loads-{sid}.jsonl")]
+    argv = [PY, str(failing)] if fail else [PY, str(script), str(port), sid, str(tmp / f"loads-{sid}.jsonl"),
+                                            *(adapters or [] if listed is None else listed)]
     return StepSpec(id=sid, kind="serve", description=f"{sid} server", executor="local", argv=argv, gpus=gpus or [],
                     background=True, keep_running=keep, engine="vllm", outputs={"responses": f"steps/{sid}/r.jsonl"},
                     prompts=prompts or [],
                     ready={"health": f"{base}/health", "models": f"{base}/v1/models", "timeout_s": 30,
-                           "base_url": f"{base}/v1", "served_name": sid, "port": port, "host": "127.0.0.1"})
+                           "base_url": f"{base}/v1", "served_name": sid, "port": port, "host": "127.0.0.1",
+                           "adapters": adapters or []})
 
 
 def load(sid: str, srv: StepSpec, name: str, adapter: str = "steps/train/adapter") -> StepSpec:
@@ -388,6 +396,67 @@ def test_a_failed_replacement_restores_its_predecessor_with_its_adapters(tmp_pat
     finally:
         pid = st["steps"]["old"]["process"]["pid"]
         os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("listed", [None, ["a1"]], ids=["all listed", "one missing"])
+def test_a_multi_lora_server_must_list_every_adapter(tmp_path: Path, listed: list[str] | None) -> None:
+    """A server started with several adapters (`adapters:`): /v1/models must list the served
+    model and each of them, or the step fails in one line naming the one missing (no prompts
+    sent); the list is journaled either way."""
+    srv = server(tmp_path, "srv", adapters=["a1", "a2"], listed=listed, prompts=[{"prompt": "kiwi", "max_tokens": 1}])
+    result, console, st = execute(tmp_path, plan_of(tmp_path, srv))
+    entry = st["steps"]["srv"]
+    if listed is None:
+        assert result.status == "succeeded", entry
+        assert entry["models"] == ["srv", "a1", "a2"] and entry["passed"] == 1
+        return
+    assert result.status == "failed" and result.failed_step == "srv"
+    assert entry["error"] == "vLLM is ready, but /v1/models does not list the adapter 'a2' (it lists 'srv', 'a1')"
+    assert entry["models"] == ["srv", "a1"] and "prompts" not in entry
+    assert console.count("does not list the adapter 'a2'") == 1
+    assert entry["stopped"] is True  # the guard stopped it: nothing left running
+    assert result.left_running == []
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["stopped at the end", "kept running"])
+def test_an_adapter_vllm_refuses_fails_the_step_in_vllms_words_and_the_server_goes_on(tmp_path: Path,
+                                                                                      keep: bool) -> None:
+    """vLLM answers POST /v1/load_lora_adapter with 400 and its JSON error (a LoRA above
+    --max-lora-rank): the load-adapter step fails with one line in vLLM's words, the steps
+    after it are skipped, and the server is not harmed: it serves on, and is stopped at the
+    end or left running as the recipe says."""
+    srv = server(tmp_path, "srv", keep=keep)
+    plan = plan_of(tmp_path, srv, step("train", "print('trained')", kind="train"), load("live", srv, "big"),
+                   step("after", "print(1)"))
+    run = runner.create_run(tmp_path / "run", plan, {"name": "t"}, ["ftkit"])
+    adapter_written(tmp_path)
+    out = io.StringIO()
+    result = runner.execute_plan(run, plan, display=Display(plan, stream=out))
+    st = json.loads((tmp_path / "run/state.json").read_text())
+    pid = st["steps"]["srv"]["process"]["pid"]
+    try:
+        assert result.status == "failed" and result.failed_step == "live"
+        error = st["steps"]["live"]["error"]
+        assert error == "vLLM did not load the adapter 'big': LoRA rank 32 is greater than max_lora_rank 16", error
+        assert out.getvalue().count("LoRA rank 32 is greater than max_lora_rank 16") == 1
+        assert st["steps"]["after"]["status"] == "skipped"
+        assert "exited" not in st["steps"]["srv"]  # the refusal did not take the server down
+        if keep:
+            assert any(x.startswith("srv (") for x in result.left_running)
+            assert st["steps"]["srv"]["left_running"] is True
+            os.kill(pid, 0)  # still up, and still answering
+            port = srv.ready["port"]  # type: ignore[index]
+            from ftkit.gateways import http
+
+            assert http.answers(f"http://127.0.0.1:{port}/health")
+        else:
+            assert result.left_running == [] and st["steps"]["srv"]["stopped"] is True
+            time.sleep(0.5)
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if keep:
+            os.kill(pid, signal.SIGTERM)
 
 
 def test_a_step_that_exits_0_without_its_outputs_failed_and_resume_reruns_what_is_gone(tmp_path: Path) -> None:
@@ -541,3 +610,19 @@ def test_sigterm_to_ftkit_stops_a_daemon_that_ignores_it(tmp_path: Path, mode: s
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait(30)
+
+
+def test_a_replacing_server_takes_over_the_port(tmp_path: Path) -> None:
+    """Workload sharding's hand-over on one URL: the new server on the old one's GPUs and port
+    starts once the old one is stopped (its test prompts' connections closed), and answers there."""
+    old = server(tmp_path, "old", gpus=[0], prompts=[{"prompt": "kiwi", "max_tokens": 1}])
+    new = server(tmp_path, "new", gpus=[0], keep=False, prompts=[{"prompt": "kiwi", "max_tokens": 1}])
+    port = old.ready["port"]  # type: ignore[index]
+    new.argv[2] = str(port)
+    new.ready = {k: (v.replace(str(new.ready["port"]), str(port)) if isinstance(v, str) else v)  # type: ignore[index]
+                 for k, v in (new.ready or {}).items()}
+    new.ready["port"] = port
+    result, console, st = execute(tmp_path, plan_of(tmp_path, old, new))
+    assert result.status == "succeeded", (console, st)
+    assert st["steps"]["old"]["replaced_by"] == "new" and st["steps"]["new"]["passed"] == 1
+    assert "new replaces old on GPU(s) [0]: stopping old" in console

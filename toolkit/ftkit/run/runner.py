@@ -557,6 +557,12 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
         if gpu is not None:  # the server's own words rarely say its GPU is gone
             raise ServerNotReady(f"{e.message}; {gpu}") from e
         raise
+    listed, unlisted = _models_listed(step)
+    if unlisted:
+        if replaced:
+            _restore_servers(ctx, step, replaced)
+        return Outcome("failed", {"ready_after_s": round(seconds, 2), "models": listed, "outputs": step.outputs,
+                                  **handle.ident}, unlisted)
     results = serving.run_prompts(ready["base_url"], ready["served_name"], step.prompts)
     if replaced and not all(r["passed"] for r in results):
         _restore_servers(ctx, step, replaced)
@@ -564,12 +570,46 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
     ctx.run.write(step.outputs["responses"], "".join(json.dumps(r) + "\n" for r in results))
     failed = [r for r in results if not r["passed"]]
     detail = {"ready_after_s": round(seconds, 2), "prompts": len(results), "passed": len(results) - len(failed),
-              "outputs": step.outputs, **handle.ident}
+              "outputs": step.outputs, **handle.ident, **({"models": listed} if listed is not None else {})}
     if failed:
         first = failed[0]
         why = first["error"] or f"answer {first['answer']!r} does not meet {first['expect']}"
         return Outcome("failed", detail, f"{len(failed)} of {len(results)} test prompt(s) failed; first: {why}")
     return Outcome("succeeded", detail)
+
+
+def _models_listed(step: StepSpec) -> tuple[list[str] | None, str]:
+    """What a ready vLLM lists in /v1/models, and, when it lacks the served model or one of
+    the adapters the plan gave it (`adapters:`, model: adapter), one line naming what is
+    missing ("" when all is there). Other engines are not asked: transformers serve lists its
+    hub cache, not what it serves."""
+    if step.engine != "vllm":
+        return None, ""
+    ready = step.ready or {}
+    try:
+        listed = serving.model_ids(str(ready["models"]))
+    except HttpError as e:
+        return None, f"the server is ready, but /v1/models did not answer: {serving.http_reason(e)}"
+    adapters = [str(a) for a in ready.get("adapters") or []]
+    names = [n for n in (_flag(step.argv, "--served-model-name"), ready.get("served_name")) if n and n not in adapters]
+    missing_models = [n for n in dict.fromkeys(names) if n not in listed]
+    missing = [a for a in adapters if a not in listed]
+    said = ([f"the served model {', '.join(map(repr, missing_models))}"] if missing_models else []) + \
+        ([f"the adapter{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"] if missing else [])
+    if not said:
+        return listed, ""
+    shown = ", ".join(map(repr, listed[:10])) + (f" and {len(listed) - 10} more" if len(listed) > 10 else "")
+    return listed, f"vLLM is ready, but /v1/models does not list {' or '.join(said)} (it lists {shown or 'nothing'})"
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in a command line (`--flag VALUE` or `--flag=VALUE`)."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    return None
 
 
 def _gpu_trouble(ctx: Context, gpus: list[int]) -> str | None:
@@ -618,6 +658,8 @@ def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
     try:
         http.request_json(str(req.get("method", "POST")), str(req["url"]), req["body"], timeout=300, text_answer=True)
     except HttpError as e:
+        if handle.alive():
+            _serves_on(ctx, sid)
         raise EngineError(f"vLLM did not load the adapter {name!r}: {serving.http_reason(e)}") from None
     load_s = time.monotonic() - t0
     try:
@@ -642,6 +684,16 @@ def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
         why = first["error"] or f"answer {first['answer']!r} does not meet {first['expect']}"
         return Outcome("failed", detail, f"{len(failed)} of {len(results)} test prompt(s) to {name!r} failed; first: {why}")
     return Outcome("succeeded", detail, f"{name!r} live in {load_s:.2f} s, no restart")
+
+
+def _serves_on(ctx: Context, sid: str) -> None:
+    """vLLM refused an adapter (a rank above --max-lora-rank, a directory it cannot read):
+    the server serves exactly what it served before the step, so the failed run does not
+    take it down - a server the recipe keeps running stays up, as one started again after a
+    failed replacement does; one it does not keep is stopped at the end as always."""
+    for guard in ctx.guards.guards:
+        if isinstance(guard, ServerGuard) and guard.step.id == sid:
+            guard.restored = True
 
 
 def _written_at(adapter_dir: Path) -> float | None:
