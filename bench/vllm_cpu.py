@@ -9,20 +9,31 @@
 3. the hand-over through the lease: vLLM under `ftkit lease --role serve` on a simulated
    GPU (the lease directory shared with the host); `ftkit lease --role train` on the host
    waits for that GPU: time from the train lease starting to its command running (vLLM
-   stopped with grace, every process gone), and from its exit to vLLM answering again.
+   stopped with grace, every process gone), and from its exit to vLLM answering again;
+4. ftkit's own path, in whole `ftkit up` runs: recipes/quickstart-live.yaml in the images
+   (docker executor), and its train step alone on the local executor. From the journal and
+   the files' times: the adapter's last file written -> its completion marker -> the
+   load-adapter step starting -> the first answer naming it (`live_after_written_s`), and
+   beside it when the train step ended (its process exited, its container was removed):
+   what the load waited for before it went as soon as the adapter was complete.
 
-    python bench/vllm_cpu.py [--image ftkit/serve:vllm-cpu-...] [--rounds 3]
+    python bench/vllm_cpu.py [--image ftkit/serve:vllm-cpu-...] [--rounds 3] [--parts cold,lora,handover,ftkit]
+                             [--machine DOCKER_PROFILE]
 
 The image defaults to this checkout's tag (build it first: `ftkit build --image serve
---variant vllm-cpu ...`). Needs the train extra here (torch, transformers, peft: it makes the
-tiny model and the adapters). Results go to bench/results/vllm_cpu.json.
+--variant vllm-cpu ...`); part 4 runs the images a docker machine profile plans (--machine;
+default: one building FROM --base-image, missing images built). Needs the train extra here
+(torch, transformers, peft: it makes the tiny model and the adapters, and runs the local
+train step). Results go to bench/results/vllm_cpu.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -195,12 +206,74 @@ def handover(image: str, work: Path, rounds: int) -> dict[str, Any]:
             "median_take_s": statistics.median(take), "median_back_s": statistics.median(back)}
 
 
+ROOT = HERE.parent
+
+
+def _seconds(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+def _up(recipe: Path, machine: Path, runs: Path, env: dict[str, str] | None = None) -> Path:
+    proc = subprocess.run([sys.executable, "-m", "ftkit", "up", str(recipe), "--machine", str(machine), "--runs-dir",
+                           str(runs), "--quiet", "--json"], env={**os.environ, "FTKIT_SIMULATED_GPUS": "", **(env or {})},
+                          capture_output=True, text=True, timeout=3600, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"ftkit up {recipe.name} failed:\n{proc.stderr[-3000:]}")
+    return Path(json.loads(proc.stdout)["run_dir"])
+
+
+def _path_times(run: Path, train: str = "train", load: str | None = "go-live") -> dict[str, Any]:
+    """Where the time between the adapter written and it answering went, from one run."""
+    from ftkit.plan.jobs import complete_marker
+
+    st = json.loads((run / "state.json").read_text())
+    adapter = run / "steps" / train / "adapter"
+    written = max(p.stat().st_mtime for p in adapter.iterdir() if p.is_file())
+    marker = Path(complete_marker(str(adapter))).stat().st_mtime
+    out: dict[str, Any] = {"marker_after_written_s": round(marker - written, 3),
+                           "train_step_ended_after_written_s": round(_seconds(st["steps"][train]["finished"]) - written, 3)}
+    if load is not None:
+        entry = st["steps"][load]
+        out.update(live_after_written_s=entry["live_after_written_s"], load_s=entry["load_s"],
+                   load_started_after_marker_s=round(_seconds(entry["started"]) - marker, 3),
+                   loaded_during_train_step=entry.get("during_step") == train)
+    return out
+
+
+def ftkit_path(work: Path, machine: Path | None, base_image: str) -> dict[str, Any]:
+    """Part 4: the adapter written -> answering through `ftkit up`, docker and local executors."""
+    for name in ("quickstart-train.jsonl", "quickstart-eval.jsonl"):
+        (work / "data").mkdir(exist_ok=True)
+        shutil.copy(ROOT / "recipes" / "data" / name, work / "data" / name)
+    text = (ROOT / "recipes" / "quickstart-live.yaml").read_text()
+    live = work / "quickstart-live.yaml"
+    live.write_text(text.replace("port: 8766", f"port: {free_port()}"))
+    if machine is None:
+        machine = work / "docker-machine.yaml"
+        machine.write_text(f"ftkit: 1\nkind: machine\nname: bench-docker\nexecutor: docker\n"
+                           f"docker: {{base_image: {base_image}}}\n")
+    docker = _path_times(_up(live, machine, work / "runs"))
+    # the train step alone on the local executor (its wind-down: no container; fewer steps, same ending)
+    head, steps = text.split("steps:\n", 1)
+    train = steps[steps.index("  - type: train"):steps.index("  - type: load-adapter")]
+    alone = work / "train-alone.yaml"
+    alone.write_text(head.replace("name: quickstart-live", "name: train-alone") + "steps:\n"
+                     + train.replace("max_steps: 200", "max_steps: 20"))
+    local_machine = work / "local-machine.yaml"
+    local_machine.write_text("ftkit: 1\nkind: machine\nname: bench-local\nexecutor: local\n")
+    local = _path_times(_up(alone, local_machine, work / "runs"), load=None)
+    return {"docker": docker, "local": local}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image")
     ap.add_argument("--base-image", default="ftkit-test/bookworm-python:latest")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--parts", default="cold,lora,handover,ftkit", help="which parts to run (comma-separated)")
+    ap.add_argument("--machine", type=Path, help="a docker machine profile for part 4 (ftkit up)")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
     image = a.image
     if image is None:
         from ftkit.images import builder, project
@@ -211,9 +284,16 @@ def main() -> None:
         os.chmod(work, 0o755)
         make_model(work)
         os.system(f"chmod -R a+rX {work}")  # noqa: S605
-        out = {"image": image, "rounds": a.rounds, "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "cold_start": cold_starts(image, work, a.rounds), "adapter_live": adapter_live(image, work, a.rounds),
-               "handover": handover(image, work, a.rounds)}
+        out: dict[str, Any] = {"image": image, "rounds": a.rounds,
+                               "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if "cold" in parts:
+            out["cold_start"] = cold_starts(image, work, a.rounds)
+        if "lora" in parts:
+            out["adapter_live"] = adapter_live(image, work, a.rounds)
+        if "handover" in parts:
+            out["handover"] = handover(image, work, a.rounds)
+        if "ftkit" in parts:
+            out["ftkit_path"] = ftkit_path(work, a.machine.resolve() if a.machine else None, a.base_image)
     dest = HERE / "results" / "vllm_cpu.json"
     dest.parent.mkdir(exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n")

@@ -274,6 +274,7 @@ def test_ftkit_down_cleans_up_after_a_killed_ftkit(tmp_path: Path, sim: Path) ->
 FAKE_SERVER = r'''
 import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 port, name, loads = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 models = [name, *sys.argv[4:]]  # the served model, then the adapters it was started with
 class H(BaseHTTPRequestHandler):
@@ -293,6 +294,8 @@ class H(BaseHTTPRequestHandler):
             if body["lora_name"].startswith("big"):  # what vLLM answers for a LoRA above --max-lora-rank
                 return self._send(400, {"error": {"message": "LoRA rank 32 is greater than max_lora_rank 16.",
                                                   "type": "BadRequestError", "param": None, "code": 400}})
+            if body["lora_name"].startswith("slow"):
+                time.sleep(30)
             if body["lora_name"] not in models: models.append(body["lora_name"])
             return self._send(200, f"Success: LoRA adapter {body['lora_name']!r} added successfully.", text=True)
         model = body.get("model")
@@ -457,6 +460,88 @@ def test_an_adapter_vllm_refuses_fails_the_step_in_vllms_words_and_the_server_go
     finally:
         if keep:
             os.kill(pid, signal.SIGTERM)
+
+
+def trainer(tmp: Path, *, wind_s: float, marker: bool = True, code: int = 0) -> str:
+    """A train step's code: writes the final adapter, then (`marker`) its completion marker as
+    the engine does, then takes `wind_s` to exit (an engine winding down)."""
+    from ftkit.plan.jobs import complete_marker
+
+    d = tmp / "run" / "steps" / "train" / "adapter"
+    return ("import pathlib, sys, time\n"
+            f"d = pathlib.Path({str(d)!r}); d.mkdir(parents=True, exist_ok=True)\n"
+            "(d / 'adapter_config.json').write_text('{}'); (d / 'adapter_model.safetensors').write_bytes(b'x')\n"
+            + (f"pathlib.Path({complete_marker(str(d))!r}).write_text('{{}}')\n" if marker else "")
+            + f"time.sleep({wind_s}); sys.exit({code})\n")
+
+
+def loads_of(tmp: Path, sid: str) -> list[str]:
+    return [json.loads(x)["lora_name"] for x in (tmp / f"loads-{sid}.jsonl").read_text().splitlines()]
+
+
+def test_the_adapter_goes_live_as_soon_as_it_is_written_while_the_trainer_winds_down(tmp_path: Path) -> None:
+    """The train engine marks its adapter complete before its process ends (seconds of
+    interpreter, launcher and container teardown): the load-adapter step right after it runs
+    then, journaled under its own step, and the run goes on as before; a resume loads it
+    again after the (skipped) train step, as it always did."""
+    srv = server(tmp_path, "srv")
+    train = step("train", trainer(tmp_path, wind_s=4), kind="train", outputs={"adapter": "steps/train/adapter"})
+    plan = plan_of(tmp_path, srv, train, load("live", srv, "v1"), step("after", "print(1)"))
+    result, console, st = execute(tmp_path, plan)
+    assert result.status == "succeeded", result.message
+    live, tr = st["steps"]["live"], st["steps"]["train"]
+    assert live["status"] == "succeeded" and live["during_step"] == "train" and live["passed"] == 1
+    assert live["live_after_written_s"] < 1.0, live  # not the 4 s the trainer takes to end
+    assert live["finished"] < tr["finished"] and tr["seconds"] >= 4
+    assert st["steps"]["after"]["status"] == "succeeded"
+    assert loads_of(tmp_path, "srv") == ["v1"]  # loaded once: the runner did not load it again after the step
+    assert "'v1' live in" in console and "as soon as train wrote it" in console
+    assert console.index("[3/4] live: ok") < console.index("[2/4] train: ok")
+    result, console, st = execute(tmp_path, plan, resume=True)
+    assert result.status == "succeeded", result.message
+    assert "during_step" not in st["steps"]["live"] and st["steps"]["live"]["attempt"] == 2
+    assert loads_of(tmp_path, "srv") == ["v1", "v1"]  # the new server process got it again
+
+
+@pytest.mark.parametrize("why", ["the server yields the trainer's GPU", "only an earlier attempt's marker"])
+def test_the_load_waits_for_the_train_step_when_it_cannot_go_early(tmp_path: Path, sim: Path, why: str) -> None:
+    """A server on a GPU the trainer holds is not serving while it trains (it yielded): the
+    load waits for the step to end, as before. So does a load whose only marker is older than
+    this attempt of the train step (a resumed run's)."""
+    from ftkit.plan.jobs import complete_marker
+
+    shared = why.startswith("the server")
+    srv = server(tmp_path, "srv", gpus=[0] if shared else [])
+    train = step("train", trainer(tmp_path, wind_s=2, marker=shared), kind="train", gpus=[0] if shared else [],
+                 outputs={"adapter": "steps/train/adapter"})
+    plan = plan_of(tmp_path, srv, train, load("live", srv, "v1"), gpus=True)
+    run = runner.create_run(tmp_path / "run", plan, {"name": "t"}, ["ftkit"])
+    if not shared:  # an earlier attempt's adapter and marker
+        adapter_written(tmp_path)
+        (tmp_path / "run/steps/train/adapter/adapter_config.json").write_text("{}")
+        Path(complete_marker(str(tmp_path / "run/steps/train/adapter"))).write_text("{}")
+    result = runner.execute_plan(run, plan, display=Display(plan, stream=io.StringIO()))
+    st = json.loads((tmp_path / "run/state.json").read_text())
+    assert result.status == "succeeded", result.message
+    live, tr = st["steps"]["live"], st["steps"]["train"]
+    assert "during_step" not in live and live["started"] >= tr["finished"]
+    assert loads_of(tmp_path, "srv") == ["v1"]
+
+
+def test_a_load_still_going_when_the_train_step_fails_is_left_and_marked_interrupted(tmp_path: Path) -> None:
+    """The trainer fails after its adapter was marked complete, while vLLM is still loading
+    it (here: a load that takes 30 s): the run does not wait for the load, marks it
+    interrupted, and fails at the train step."""
+    srv = server(tmp_path, "srv")
+    train = step("train", trainer(tmp_path, wind_s=1, code=3), kind="train", outputs={"adapter": "steps/train/adapter"})
+    plan = plan_of(tmp_path, srv, train, load("live", srv, "slow-v1"))
+    t0 = time.monotonic()
+    result, console, st = execute(tmp_path, plan)
+    assert time.monotonic() - t0 < 25
+    assert result.status == "failed" and result.failed_step == "train"
+    live = st["steps"]["live"]
+    assert live["status"] == "interrupted" and live["reason"] == "train ended while the adapter was being loaded"
+    assert st["steps"]["srv"]["stopped"] is True
 
 
 def test_a_step_that_exits_0_without_its_outputs_failed_and_resume_reruns_what_is_gone(tmp_path: Path) -> None:

@@ -72,6 +72,40 @@ def test_same_seed_same_loss_curve(base_model: Path, tmp_path: Path) -> None:
     assert summary["global_step"] == 12 and summary["resumed_from"] is None
 
 
+def test_the_adapter_is_marked_complete_after_its_last_file_and_an_old_marker_goes_first(base_model: Path,
+                                                                                          tmp_path: Path) -> None:
+    """The completion marker the runner loads the adapter on comes after every file of the
+    adapter (the tokenizer too) and before the summary; an earlier attempt's marker is
+    removed when the engine starts, so it never stands for an adapter still being trained."""
+    from ftkit.plan.jobs import complete_marker
+
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = Path(complete_marker(str(out / "adapter")))
+    marker.write_text("{}")  # an earlier attempt's
+    seen: list[bool] = []
+    real = train.trainer_class
+
+    def spying(step):  # type: ignore[no-untyped-def]
+        cls = real(step)
+
+        class Spy(cls):  # type: ignore[misc,valid-type]
+            def train(self, *a, **kw):  # type: ignore[no-untyped-def]
+                seen.append(marker.exists())  # while training: no marker
+                return super().train(*a, **kw)
+
+        return Spy
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "trainer_class", spying)
+        train.run(config(base_model, out, max_steps=2))
+    assert seen == [False]
+    written = json.loads(marker.read_text())
+    newest = max(p.stat().st_mtime for p in (out / "adapter").iterdir())
+    assert marker.stat().st_mtime >= newest and written["final"] == str(out / "adapter")
+    assert (out / "train_summary.json").stat().st_mtime >= marker.stat().st_mtime
+
+
 def test_resume_quarantines_an_interrupted_checkpoint(base_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train.run(config(base_model, out))  # checkpoints at 6 and 12

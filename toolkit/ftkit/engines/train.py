@@ -5,7 +5,9 @@ Launched by the plan as
 so DDP and DeepSpeed ZeRO-2/3 come from generated configs, never hand-written ones. Writes
 metrics.jsonl (one row per log event, each with `wall_time` in unix seconds to join
 telemetry.csv), crash-safe checkpoints (see engines.checkpoints), the final adapter (or
-model for full fine-tuning) and train_summary.json under the step's directory.
+model for full fine-tuning), then `adapter.complete` beside it (plan.jobs.complete_marker: the
+runner may load the adapter into a running server from that moment), and train_summary.json
+under the step's directory.
 
 Run again in the same directory (what `ftkit up --resume` does), it quarantines checkpoints
 whose save was cut short, continues from the newest complete one, moves the metrics rows
@@ -24,6 +26,7 @@ from typing import Any
 
 from ftkit.engines import checkpoints, data, templates
 from ftkit.files import write_json
+from ftkit.plan.jobs import complete_marker
 from ftkit.recipe.models import TrainStep
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -338,8 +341,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg["output_dir"])
     ckpt_root = out / "checkpoints"
     metrics_path = Path(cfg["metrics_path"])
+    marker = Path(complete_marker(str(final_dir(out, step))))
     if int(os.environ.get("RANK", "0")) == 0:
         out.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)  # an earlier attempt's: this attempt's adapter is not written yet
     set_seed(step.seed)
     tokenizer = load_tokenizer(cfg["model"])
     train_ds, eval_ds = datasets_for(cfg["dataset"], tokenizer)
@@ -395,6 +400,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         summary["eval_loss_first"], summary["eval_loss_last"] = evals[0], evals[-1]
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
+        # every file of the final adapter is written: a load-adapter step waiting on it can go
+        # now, while this process (and its launcher, and its container) winds down
+        write_json(marker, {"final": str(final), "written_at": round(time.time(), 3)})
         write_json(out / "train_summary.json", summary)
     return summary
 

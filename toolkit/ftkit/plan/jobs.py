@@ -58,6 +58,14 @@ class TrainJob(Job):
     deepspeed_config: str | None = None
 
 
+def complete_marker(final: str) -> str:
+    """The file the train engine writes beside its final adapter (or model) once every file
+    of it is written, before the engine's process winds down: the runner loads the adapter
+    into a running server the moment it appears, instead of after the trainer has exited
+    (and its container is gone). Outside the directory, so it never changes the adapter."""
+    return final.rstrip("/") + ".complete"
+
+
 class EvalJob(Job):
     model: ModelRef
     dataset: DatasetJob

@@ -29,6 +29,7 @@ from typing import Any
 from ftkit.errors import EngineError, FtkitError, GpuError, HttpError, ServerNotReady
 from ftkit.gateways import http, serving
 from ftkit.gateways import subprocess as sp
+from ftkit.plan.jobs import complete_marker
 from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run import envinfo
 from ftkit.run.display import Display, progress_of
@@ -49,6 +50,7 @@ REQUIRED_OUTPUTS: dict[str, dict[str, str]] = {
     "tiny-model": {"model": "model"},
     "train": {"adapter": "model"},  # an adapter (LoRA, QLoRA) or a model (full)
     "merge": {"model": "model"},
+    "quantize": {"model": "model", "summary": "file"},
     "eval": {"summary": "file"},
 }
 
@@ -110,6 +112,7 @@ class Context:
     servers: dict[str, Any] = field(default_factory=dict)  # serve step id -> handle
     gate: Any = None  # the run's SignalGate (defers signals across a server's start and its guard)
     unwind_failures: list[str] = field(default_factory=list)  # guards without a journal step of their own
+    early: dict[str, Outcome] = field(default_factory=dict)  # load-adapter steps done while their train step ended
     _nvml: Any = None
 
     def nvml(self) -> Any:
@@ -166,6 +169,11 @@ def _drive(run: RunDir, plan: Plan, display: Display, *, echo: bool, resume: boo
                 rerun_from: str | None = None  # resume: the first succeeded step whose outputs were gone
                 for step in plan.steps:
                     if step.always:
+                        continue
+                    done = ctx.early.pop(step.id, None)
+                    if done is not None:  # done as soon as the adapter was written: journaled and shown then
+                        if done.status == "failed" and not failed:
+                            failed, message = step.id, done.message
                         continue
                     if failed or stop:
                         why = (("images could not be prepared" if failed == "images" else f"step {failed} failed")
@@ -290,6 +298,12 @@ def _attempt(ctx: Context, step: StepSpec) -> Outcome:
         outcome = _execute(ctx, step)
     except (FtkitError, OSError) as e:
         outcome = Outcome("failed", message=describe_failure(e))
+    _finished(ctx, step, outcome)
+    return outcome
+
+
+def _finished(ctx: Context, step: StepSpec, outcome: Outcome) -> None:
+    """A step's outcome into the journal and onto the console."""
     extra = {**outcome.detail, **_log_ref(ctx, step)}
     if outcome.status == "failed":
         extra["error"] = outcome.message
@@ -300,7 +314,6 @@ def _attempt(ctx: Context, step: StepSpec) -> Outcome:
     if step.kind == "eval" and outcome.status == "failed" and "summary" not in shown:
         shown = _outputs(ctx, step)  # an eval below its bar still wrote the accuracies: show them
     ctx.display.step_finished(step, outcome.status, outcome.message, shown)
-    return outcome
 
 
 def _execute(ctx: Context, step: StepSpec) -> Outcome:
@@ -318,7 +331,7 @@ def _execute(ctx: Context, step: StepSpec) -> Outcome:
         return _serve(ctx, step)
     if step.kind == "load-adapter":
         return _load_adapter(ctx, step)
-    with _telemetry(ctx, step), _progress(ctx, step):
+    with _telemetry(ctx, step), _progress(ctx, step), _early_loads(ctx, step):
         if step.nodes:  # a multi-node train step: one container per node, each on its node's engine
             from ftkit.run.executors.multinode import MultiNodeExecutor
 
@@ -833,6 +846,106 @@ class _MetricsWatcher:
                     last = row
             if last is not None:
                 self.ctx.display.progress(self.step, progress_of(last, self.total))
+
+
+def _early_loads(ctx: Context, step: StepSpec) -> Any:
+    """A train step followed at once by load-adapter steps of its adapter: load it the moment
+    the engine marks it complete, while the trainer process (its launcher, its container)
+    winds down - seconds the adapter would otherwise wait. Only into a server whose GPUs the
+    trainer does not hold (it is not yielding them to this step); the loads are journaled
+    under their own steps. Anything else, and a server found gone or busy at that moment,
+    leaves them to run after the train step, as before."""
+    if step.kind != "train" or "adapter" not in step.outputs:
+        return nullcontext()
+    loads = []
+    for later in ctx.plan.steps[ctx.plan.steps.index(step) + 1:]:
+        if later.always:
+            continue
+        req = later.request or {}
+        server = next((s for s in ctx.plan.steps if s.id == req.get("server")), None)
+        if (later.kind != "load-adapter" or req.get("adapter_dir") != step.outputs["adapter"] or server is None
+                or set(server.gpus) & set(step.gpus)):
+            break
+        loads.append(later)
+    return _EarlyLoads(ctx, step, loads) if loads else nullcontext()
+
+
+class _EarlyLoads:
+    """Watches a train step for its adapter's completion marker and runs the load-adapter
+    steps after it from this thread, one by one, while the step's process ends. The journal
+    entry of a load is written by whoever owns it: this thread until the train step ends,
+    then the runner (a load still going when a signal stops the run is marked interrupted)."""
+
+    POLL_S = 0.05  # a stat() each time: nothing next to training, a small part of the 1 s target
+
+    def __init__(self, ctx: Context, step: StepSpec, loads: list[StepSpec]) -> None:
+        self.ctx, self.step, self.loads = ctx, step, loads
+        self.marker = ctx.run.file(complete_marker(step.outputs["adapter"]))
+        self.adapter = ctx.run.file(step.outputs["adapter"])
+        self.since = time.time()  # a marker older than this attempt is an earlier attempt's
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._running: StepSpec | None = None
+        self._thread = threading.Thread(target=self._watch, daemon=True, name=f"early-load-{step.id}")
+
+    def __enter__(self) -> _EarlyLoads:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._stop.set()
+        try:
+            # a load under way finishes (its requests have their own timeouts); after a
+            # failure or a signal it gets a few seconds, then it is left behind
+            self._thread.join(None if exc_type is None else 5.0)
+        finally:
+            with self._lock:
+                self._closed = True
+                running, self._running = self._running, None
+            if running is not None:
+                why = (f"stopped by {exc.name}" if isinstance(exc, Interrupted)
+                       else f"{self.step.id} ended while the adapter was being loaded")
+                _quietly(self.ctx, "journal", lambda: self.ctx.journal.step(running.id, "interrupted", reason=why))
+                _quietly(self.ctx, "display", lambda: self.ctx.display.step_finished(running, "interrupted", why))
+                self.ctx.early[running.id] = Outcome("interrupted", message=why)
+
+    def _complete(self) -> bool:
+        try:
+            st = os.lstat(self.marker)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_mtime >= self.since and _holds_weights(self.adapter)
+
+    def _watch(self) -> None:
+        while not self._complete():
+            if self._stop.wait(self.POLL_S):
+                return  # the step ended first: its loads run after it
+        for load in self.loads:
+            handle = self.ctx.servers.get(str((load.request or {}).get("server")))
+            with self._lock:
+                if self._closed or handle is None or not handle.alive():
+                    return
+                self._running = load
+                self.ctx.journal.step(load.id, "running", during_step=self.step.id)
+                self.ctx.display.step_started(load)
+            try:
+                outcome = _load_adapter(self.ctx, load)
+            except (FtkitError, OSError) as e:
+                outcome = Outcome("failed", message=describe_failure(e))
+            except Exception as e:  # noqa: BLE001 - a bug here must not pass for a load that never ran
+                outcome = Outcome("failed", message=f"internal error: {describe_failure(e)}")
+            if outcome.status == "succeeded":
+                outcome.message = f"{outcome.message}, as soon as {self.step.id} wrote it"
+            with self._lock:
+                if self._closed:
+                    return
+                self._running = None
+                outcome.detail["during_step"] = self.step.id
+                _finished(self.ctx, load, outcome)
+                self.ctx.early[load.id] = outcome
+            if outcome.status != "succeeded":
+                return
 
 
 def _max_steps(step: StepSpec) -> int | None:
