@@ -159,6 +159,22 @@ def test_quickstart_stack_train_then_serve(cpu_images, tmp_path: Path) -> None: 
         assert summary["passed"] is True and summary["models"]["merged"]["accuracy"] > \
             summary["models"]["base"]["accuracy"], summary
         started = {n: project.state(n)["StartedAt"] for n in one_shot}
+        # the containers journaled the run: `ftkit status` and `ftkit report` read it as an `ftkit up` run
+        run = stack / "run"
+        status = run_ftkit("status", str(run), "--json")
+        assert status.returncode == 0, status.stderr
+        journal = json.loads(status.stdout)
+        assert journal["status"] == "succeeded" and journal["stale"] is False and journal["driver"] == "compose", journal
+        assert [journal["steps"][n]["status"] for n in one_shot] == ["succeeded"] * 4, journal["steps"]
+        assert journal["steps"]["serve"]["status"] == "pending" and journal["steps"]["power"]["status"] == "skipped"
+        assert all((run / "logs" / f"{n}.log").stat().st_size > 0 for n in one_shot)
+        shown = run_ftkit("status", str(stack))  # the stack directory names its run too
+        assert shown.returncode == 0 and "succeeded" in shown.stdout and "STALE" not in shown.stdout, shown
+        report = run_ftkit("report", str(run))
+        assert report.returncode == 0, report.stderr
+        md = (run / "report" / "report.md").read_text()
+        assert "succeeded" in md and "merged" in md, md[:2000]  # the outcome and the eval's models
+        assert any(p.suffix == ".png" for p in (run / "report").iterdir())  # the loss curve from metrics.jsonl
 
         project.dc("--profile", "serve", "up", "-d")
         assert {n: project.state(n)["StartedAt"] for n in one_shot} == started  # nothing trained again
@@ -182,6 +198,13 @@ def test_quickstart_stack_train_then_serve(cpu_images, tmp_path: Path) -> None: 
         answers = [r["answer"].strip() for r in results]
         assert answers == ["fruit", "instrument"], results
         assert all(r["passed"] for r in results)
+        journal = json.loads(run_ftkit("status", str(run), "--json").stdout)
+        assert journal["steps"]["serve"]["status"] == "running" and journal["status"] == "succeeded", journal
+        assert journal["left_running"] and journal["left_running"][0].startswith("serve (compose service serve")
+        project.dc("--profile", "serve", "stop", "-t", "60", "serve")  # SIGTERM: the journal records the stop
+        journal = json.loads(run_ftkit("status", str(run), "--json").stdout)
+        assert journal["steps"]["serve"]["status"] == "succeeded", journal["steps"]["serve"]
+        assert journal["steps"]["serve"]["message"] == "stopped (SIGTERM)" and journal["left_running"] == []
     finally:
         project.cleanup()
     assert project.containers() == []

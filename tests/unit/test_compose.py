@@ -200,7 +200,7 @@ def test_services_come_from_the_plans_container_specs(mistral: Path) -> None:
                                                                "--service", "train", "--max-power-w"]
     assert engine(cfg["services"]["serve"]["command"])[:6] == ["ftkit", "lease", "--gpus", "1", "--role", "serve"]
     # each service journals its own step (no ftkit drives a compose run)
-    assert cfg["services"]["train"]["command"][3:6] == ["--journal", "train", "--"]
+    assert cfg["services"]["train"]["command"][3:8] == ["--journal", "train", "--processes", "2", "--"]
 
 
 def test_profiles_chain_and_server(mistral: Path) -> None:

@@ -38,9 +38,12 @@ def test_every_container_is_complete(recipe: str, machine: str) -> None:
         cs = container_spec(step, plan)
         args = create_args(request(cs))
         host = args["HostConfig"]
-        # first the container's own start: threads sized to its CPU allowance, then the step's command
-        assert args["Cmd"][:4] == ["python", "-m", "ftkit.run.incontainer", "--"], args["Cmd"]
-        assert args["Cmd"][4:] == step_command(step, plan)
+        # first the container's own start: threads sized to its CPU allowance (shared by the processes
+        # accelerate starts, one per GPU with DDP or DeepSpeed), then the step's command
+        cmd = args["Cmd"]
+        processes = ["--processes", str(len(step.gpus))] if len(step.gpus) > 1 and step.kind == "train" else []
+        assert cmd[:3 + len(processes) + 1] == ["python", "-m", "ftkit.run.incontainer", *processes, "--"], cmd
+        assert cmd[cmd.index("--") + 1:] == step_command(step, plan)
         assert re.match(r"^ftkit/(train|serve):[\w.-]+?-[0-9a-f]{12}$", args["Image"]), args["Image"]
         assert args["Name"] == f"ftkit-20261123T000000Z-x-{step.id}"
         assert args["Labels"]["dev.ftkit.run"] == "20261123T000000Z-x" and args["Labels"]["dev.ftkit.step"] == step.id
@@ -58,7 +61,7 @@ def test_every_container_is_complete(recipe: str, machine: str) -> None:
             assert req["DeviceIDs"] == [str(g) for g in step.gpus] and req["Capabilities"] == [["gpu"]]
             env = dict(e.split("=", 1) for e in args["Env"])
             assert env["CUDA_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(len(step.gpus)))
-            assert "/ftkit/lease" in targets and args["Cmd"][4:6] == ["ftkit", "lease"]
+            assert "/ftkit/lease" in targets and cmd[cmd.index("--") + 1:][:2] == ["ftkit", "lease"]
             assert args["Cmd"][args["Cmd"].index("--gpus") + 1] == ",".join(map(str, step.gpus))
         else:
             assert not host.get("DeviceRequests")

@@ -99,6 +99,27 @@ def test_prefix_sets_threads_then_execs_the_command() -> None:
     assert _prefix("/no/such/engine").returncode == 127
 
 
+def test_processes_of_one_container_share_its_allowance() -> None:
+    """accelerate launch with one process per GPU: each gets its share (torchrun would give each
+    the whole OMP_NUM_THREADS), never less than one."""
+    from ftkit.plan.container import container_spec, local_processes
+    from ftkit.run.planning import prepare
+    from tests.conftest import RECIPES
+
+    plan = prepare(str(RECIPES / "mistral-small-24b-qlora-2x24gb.yaml"), str(RECIPES / "machines" / "zorac.yaml"),
+                   run_dir="/runs/x", executor="docker").plan
+    train, merge = plan.step("train"), plan.step("merge")
+    assert len(train.gpus) == 2 and local_processes(train, train.argv) == 2 and local_processes(merge, merge.argv) == 1
+    assert container_spec(train, plan).command[3:6] == ["--processes", "2", "--"]
+    assert "--processes" not in container_spec(merge, plan).command
+    show = "import os; print(os.environ.get('OMP_NUM_THREADS'))"
+    full = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([PY, "-m", "ftkit.run.incontainer", "--processes", "2", "--", PY, "-c", show],
+                          capture_output=True, text=True, env=full, timeout=60, check=False)
+    allowance = incontainer.cpu_allowance(quota=incontainer.cpu_quota())
+    assert proc.stdout.strip() == str(max(1, allowance // 2)), proc.stderr
+
+
 @pytest.mark.docker
 def test_a_container_with_a_cpu_quota_gets_that_many_threads() -> None:
     """The case that made a compose run's training slow: the container may use 1 CPU, torch and

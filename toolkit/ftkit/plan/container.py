@@ -45,8 +45,29 @@ def step_command(step: StepSpec, plan: Plan) -> list[str]:
 IN_CONTAINER = ["python", "-m", "ftkit.run.incontainer"]
 
 
-def in_container(step: StepSpec, command: list[str], *, journal: bool = False) -> list[str]:
-    return IN_CONTAINER + (["--journal", step.id] if journal else []) + ["--"] + command
+def local_processes(step: StepSpec, argv: list[str]) -> int:
+    """How many engine processes `argv` starts in its container, which share its CPUs:
+    `accelerate launch`'s processes on this machine (num_processes over num_machines of the
+    launch config the plan generated, e.g. one per GPU with DDP or DeepSpeed), else 1."""
+    if "--config_file" not in argv[:-1]:
+        return 1
+    target = argv[argv.index("--config_file") + 1]
+    generated = next((f for f in step.files if target.endswith("/" + f.path)), None)
+    if generated is None:
+        return 1
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(generated.content) or {}
+        return max(1, int(cfg.get("num_processes", 1)) // max(1, int(cfg.get("num_machines", 1))))
+    except (yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return 1
+
+
+def in_container(step: StepSpec, command: list[str], *, journal: bool = False, processes: int = 1) -> list[str]:
+    """`command` behind the container's first process; `processes`: how many share its CPUs."""
+    return (IN_CONTAINER + (["--journal", step.id] if journal else [])
+            + (["--processes", str(processes)] if processes > 1 else []) + ["--"] + command)
 
 
 @dataclass
@@ -88,7 +109,8 @@ def container_spec(step: StepSpec, plan: Plan, *, journal: bool = False) -> Cont
     return ContainerSpec(
         name=container_name(plan, step),
         image=step.image,
-        command=in_container(step, step_command(step, plan), journal=journal),
+        command=in_container(step, step_command(step, plan), journal=journal,
+                             processes=local_processes(step, step.argv)),
         env=dict(step.env),
         mounts=list(step.mounts),
         device_ids=[] if simulated else [str(g) for g in step.gpus],
@@ -108,7 +130,8 @@ def node_container_spec(step: StepSpec, plan: Plan, node: NodeSpec, *, journal: 
     the node's address is its DNS alias there."""
     cs = container_spec(step, plan)
     # the same GPU indices on every node; `journal`: the first node's (the run directory is its)
-    cs.command = in_container(step, lease_argv(step, ["ftkit"]) + list(node.argv), journal=journal)
+    cs.command = in_container(step, lease_argv(step, ["ftkit"]) + list(node.argv), journal=journal,
+                              processes=local_processes(step, node.argv))
     cs.name = f"{cs.name}-{node.name}"[:128]
     cs.env = {**step.env, **node.env}
     cs.device_ids = [] if plan.simulated_gpus else [str(g) for g in node.gpus]

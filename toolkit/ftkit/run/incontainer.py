@@ -1,4 +1,4 @@
-"""What every step's container runs first: `python -m ftkit.run.incontainer [--journal STEP] -- CMD...`
+"""What every step's container runs first: `python -m ftkit.run.incontainer [--journal STEP] [--processes N] -- CMD...`
 (plan.container puts it in front of every container command, so `ftkit up` and a stack run by
 plain `docker compose` start the same thing).
 
@@ -11,7 +11,9 @@ times slower than 2 threads. Where nothing set OMP_NUM_THREADS (the recipe's or 
 profile's env, `docker run -e`, a compose override), it is set here from the container's
 allowance: the physical cores of its affinity mask, no more than its CPU quota (cgroup v2
 cpu.max, v1 cfs quota; the tightest of its cgroup and their parents), at least 1. torch's
-intra-op pool and accelerate's launcher both follow OMP_NUM_THREADS.
+intra-op pool and accelerate's launcher both follow OMP_NUM_THREADS. A command that starts
+several engine processes (`--processes N`: accelerate launch with one per GPU) gives each its
+share of the allowance.
 
 Then CMD replaces this process (exec: its signals and exit code are its own). With
 `--journal STEP` (the stacks `ftkit compose` writes: no ftkit drives the run) CMD runs as a
@@ -128,19 +130,24 @@ def thread_env(environ: dict[str, str], allowance: int) -> dict[str, str]:
     return {k: str(allowance) for k in THREAD_VARS if not environ.get(k, "").strip()}
 
 
-def apply_threads() -> None:
+def apply_threads(processes: int = 1) -> None:
+    """OMP_NUM_THREADS from the allowance, shared by the `processes` the command starts (one
+    per GPU under accelerate launch: torchrun would otherwise give each the whole allowance
+    from the variable, or 1 without it)."""
     try:
         quota = cpu_quota()
         allowance = cpu_allowance(quota=quota)
     except Exception as e:  # noqa: BLE001 - never stop a step over a thread count
         _say(f"could not read the container's CPU allowance ({e}); threads left to the engine")
         return
-    chosen = thread_env(dict(os.environ), allowance)
+    each = max(1, allowance // max(1, processes))
+    chosen = thread_env(dict(os.environ), each)
     os.environ.update(chosen)
     seen = os.cpu_count() or 0
     if chosen and allowance < seen:  # only worth a line where it changes what the engine would do
         why = f"CPU quota {quota:g}" if quota is not None and quota < seen else "CPUs it may run on"
-        _say(f"{', '.join(f'{k}={v}' for k, v in chosen.items())}: this container's {why}, of {seen} it sees")
+        per = f" over {processes} processes" if processes > 1 else ""
+        _say(f"{', '.join(f'{k}={v}' for k, v in chosen.items())}: this container's {why}{per}, of {seen} it sees")
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -216,13 +223,18 @@ def run_journaled(run: Path, step_id: str, cmd: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     journal: str | None = None
-    if args[:1] == ["--journal"] and len(args) >= 2:
-        journal, args = args[1], args[2:]
+    processes = 1
+    while args[:1] in (["--journal"], ["--processes"]) and len(args) >= 2:
+        if args[0] == "--journal":
+            journal = args[1]
+        elif args[1].isdigit() and 0 < int(args[1]) < 100_000:
+            processes = int(args[1])
+        args = args[2:]
     if len(args) < 2 or args[0] != "--":
-        _say("usage: python -m ftkit.run.incontainer [--journal STEP] -- CMD...")
+        _say("usage: python -m ftkit.run.incontainer [--journal STEP] [--processes N] -- CMD...")
         return 2
     cmd = args[1:]
-    apply_threads()
+    apply_threads(processes)
     if journal is not None:
         return run_journaled(RUN_DIR, journal, cmd)
     try:
