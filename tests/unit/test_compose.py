@@ -89,7 +89,7 @@ def normalise(text: str, out: Path) -> str:
     project = stack(out)[1]["COMPOSE_PROJECT_NAME"]  # its digest names where the stack lies (tmp_path)
     text = text.replace(project, project[:-6] + "<where>")
     text = text.replace(rel + "/", "<checkout>/").replace(str(out), "<stack>").replace(str(ROOT), "<checkout>")
-    return re.sub(r"(ftkit/(train|serve):[\w.-]+?-)[0-9a-f]{12}", r"\1<hash>", text)
+    return re.sub(r"(ftkit/(train|serve|quantize):[\w.-]+?-)[0-9a-f]{12}", r"\1<hash>", text)
 
 
 # -- golden stacks ----------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_services_come_from_the_plans_container_specs(mistral: Path) -> None:
                    run_dir=str(mistral / "run"), executor="docker").plan
     cfg = docker_compose_config(mistral)
     docker_steps = [s for s in plan.steps if s.executor == "docker"]
-    assert sorted(cfg["services"]) == sorted(s.id for s in docker_steps) == ["merge", "serve", "train"]
+    assert sorted(cfg["services"]) == sorted(s.id for s in docker_steps) == ["merge", "quantize", "serve", "train"]
     for step in docker_steps:
         cs = container_spec(step, plan, journal=True)
         svc = cfg["services"][step.id]

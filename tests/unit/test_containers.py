@@ -44,7 +44,7 @@ def test_every_container_is_complete(recipe: str, machine: str) -> None:
         processes = ["--processes", str(len(step.gpus))] if len(step.gpus) > 1 and step.kind == "train" else []
         assert cmd[:3 + len(processes) + 1] == ["python", "-m", "ftkit.run.incontainer", *processes, "--"], cmd
         assert cmd[cmd.index("--") + 1:] == step_command(step, plan)
-        assert re.match(r"^ftkit/(train|serve):[\w.-]+?-[0-9a-f]{12}$", args["Image"]), args["Image"]
+        assert re.match(r"^ftkit/(train|serve|quantize):[\w.-]+?-[0-9a-f]{12}$", args["Image"]), args["Image"]
         assert args["Name"] == f"ftkit-20261123T000000Z-x-{step.id}"
         assert args["Labels"]["dev.ftkit.run"] == "20261123T000000Z-x" and args["Labels"]["dev.ftkit.step"] == step.id
         assert args["User"] and host["Init"] is True and not host.get("Privileged")

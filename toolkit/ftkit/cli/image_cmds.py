@@ -10,21 +10,23 @@ import click
 
 from ftkit.cli.params import CheckedPath
 
-IMAGES = ("train", "serve", "all")
+IMAGES = ("train", "serve", "quantize", "all")
 
 
 def _targets(image: str, variant: str | None, machine_has_gpus: bool) -> list[tuple[str, str]]:
     from ftkit.images.variants import DEFAULT_VARIANT, GPU_VARIANT
 
+    # all: what every recipe runs; the quantize image is built on its own, or by the first run that needs it
     images = ["train", "serve"] if image == "all" else [image]
     if variant is not None and image == "all":
-        raise click.UsageError("--variant names one image's variant; give --image train or --image serve")
+        raise click.UsageError("--variant names one image's variant; give --image train, serve or quantize")
     table = GPU_VARIANT if machine_has_gpus else DEFAULT_VARIANT
     return [(img, variant or table[img]) for img in images]
 
 
 @click.command()
-@click.option("--image", type=click.Choice(IMAGES), default="all", show_default=True)
+@click.option("--image", type=click.Choice(IMAGES), default="all", show_default=True,
+              help="all: train and serve (quantize: llm-compressor's image, for recipes with a quantize step)")
 @click.option("--variant", help="variant of that image (default: cpu/vllm-cpu on CPU machines, cuda13.0/vllm with GPUs)")
 @click.option("--base-image", callback=lambda ctx, param, value: _image_ref(value),
               help="build FROM this image instead of the variant's base (it must have the variant's Python)")

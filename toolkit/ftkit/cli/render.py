@@ -67,6 +67,12 @@ def _file_summary(path: str, content: str) -> str:
         said.append(f"{t['max_steps']} steps" if t.get("max_steps") else f"{t.get('epochs')} epoch(s)")
         said.append(f"batch {t.get('batch_size')} x {t.get('grad_accum', 1)} accumulated")
         said.append(f"seq_len {t.get('seq_len')}, lr {t.get('learning_rate')}, {t.get('precision')}")
+    elif name.startswith("quantize-") and isinstance(data.get("quantize"), dict):
+        q = data["quantize"]
+        said.append(f"{str(q.get('method', '?')).upper()} {q.get('scheme')}")
+        said.append(f"up to {q.get('calibration_samples')} calibration rows of {q.get('max_seq_len')} tokens")
+        if q.get("ignore"):
+            said.append(f"16-bit: {', '.join(map(str, q['ignore']))}")
     elif isinstance(data.get("eval"), dict):
         e = data["eval"]
         said.append(f"{e.get('score')} match on {', '.join(map(str, e.get('models') or []))}")
@@ -147,7 +153,8 @@ def render_plan(plan: Plan, *, configs: bool = False) -> str:
                 w(f"  {step} on {dev}: {e.total_gib:g} GiB -> {e.verdict}")
                 w(f"    components (GiB per GPU): {parts}")
                 rot = f" -> {e.rule_of_thumb_verdict}" if e.rule_of_thumb_verdict != "unknown" else ""
-                w(f"    rule of thumb: {e.rule_of_thumb} = {e.rule_of_thumb_gib:g} GiB per GPU{rot}")
+                if e.rule_of_thumb:  # training's; serving and quantizing have none
+                    w(f"    rule of thumb: {e.rule_of_thumb} = {e.rule_of_thumb_gib:g} GiB per GPU{rot}")
                 if e.disagreement:
                     w("    warning: the estimate and the rule of thumb disagree about fitting")
                 for note in e.notes:

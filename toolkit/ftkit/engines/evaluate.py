@@ -77,6 +77,13 @@ def load(cfg: dict[str, Any], which: str) -> Any:
             raise EngineError("eval asks for the merged model, but no merge step ran before it")
         src = list(cfg["merged"].values())[-1]
         return AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(device).eval()
+    if which == "quantized":
+        if not cfg.get("quantized"):
+            raise EngineError("eval asks for the quantized model, but no quantize step ran before it")
+        # transformers reads compressed-tensors (installed beside llm-compressor) and unpacks the
+        # 4-bit weights: scored as rounded, in the merged model's dtype
+        src = list(cfg["quantized"].values())[-1]
+        return AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(device).eval()
     if which == "full" or (which == "adapter" and cfg.get("full") and not cfg.get("adapters")):
         return AutoModelForCausalLM.from_pretrained(list(cfg["full"].values())[-1], dtype=dtype).to(device).eval()
     kw: dict[str, Any] = {"revision": m.get("revision"), "trust_remote_code": m.get("trust_remote_code", False)}

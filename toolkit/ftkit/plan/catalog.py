@@ -68,6 +68,14 @@ class ModelArch:
     kv_heads: int
     vocab_size: int
     tied_embeddings: bool = False
+    max_position: int | None = None  # the context the model was built for: vLLM's default max-model-len
+    kv_head_dim: int | None = None  # the attention head size where the config sets it apart from hidden/heads
+
+    @property
+    def kv_dim(self) -> int:
+        """The head size the KV cache stores (the serving fit; the training estimate still uses
+        hidden/heads for its LoRA shapes, as it always has)."""
+        return self.kv_head_dim or self.head_dim
 
     @property
     def head_dim(self) -> int:
@@ -76,13 +84,17 @@ class ModelArch:
 
 # Public figures from the models' config.json files.
 ARCHS: dict[str, ModelArch] = {
-    "mistralai/Mistral-Small-24B-Instruct-2501": ModelArch(23.57, 40, 5120, 32768, 32, 8, 131072),
-    "mistralai/Mistral-Small-24B-Base-2501": ModelArch(23.57, 40, 5120, 32768, 32, 8, 131072),
-    "google/gemma-2-27b-it": ModelArch(27.23, 46, 4608, 36864, 32, 16, 256000, tied_embeddings=True),
-    "google/gemma-2-27b": ModelArch(27.23, 46, 4608, 36864, 32, 16, 256000, tied_embeddings=True),
-    "meta-llama/Llama-3.1-8B-Instruct": ModelArch(8.03, 32, 4096, 14336, 32, 8, 128256),
-    "meta-llama/Llama-3.1-8B": ModelArch(8.03, 32, 4096, 14336, 32, 8, 128256),
-    "NousResearch/Meta-Llama-3.1-8B-Instruct": ModelArch(8.03, 32, 4096, 14336, 32, 8, 128256),
+    "mistralai/Mistral-Small-24B-Instruct-2501": ModelArch(23.57, 40, 5120, 32768, 32, 8, 131072, max_position=32768,
+                                                                 kv_head_dim=128),
+    "mistralai/Mistral-Small-24B-Base-2501": ModelArch(23.57, 40, 5120, 32768, 32, 8, 131072, max_position=32768,
+                                                                 kv_head_dim=128),
+    "google/gemma-2-27b-it": ModelArch(27.23, 46, 4608, 36864, 32, 16, 256000, tied_embeddings=True, max_position=8192,
+                                           kv_head_dim=128),
+    "google/gemma-2-27b": ModelArch(27.23, 46, 4608, 36864, 32, 16, 256000, tied_embeddings=True, max_position=8192,
+                                           kv_head_dim=128),
+    "meta-llama/Llama-3.1-8B-Instruct": ModelArch(8.03, 32, 4096, 14336, 32, 8, 128256, max_position=131072),
+    "meta-llama/Llama-3.1-8B": ModelArch(8.03, 32, 4096, 14336, 32, 8, 128256, max_position=131072),
+    "NousResearch/Meta-Llama-3.1-8B-Instruct": ModelArch(8.03, 32, 4096, 14336, 32, 8, 128256, max_position=131072),
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ftkit.recipe.models import EvalStep, TinyModel, TrainStep
+from ftkit.recipe.models import EvalStep, QuantizeStep, TinyModel, TrainStep
 
 
 class Job(BaseModel):
@@ -77,7 +77,19 @@ class EvalJob(Job):
     # QLoRA train steps (-> the precision of their 4-bit base): their adapter is scored on the
     # base quantized as in training, not on the 16-bit original
     qlora: dict[str, Literal["bf16", "fp16"]] = {}
+    quantized: dict[str, str] = {}  # quantize step -> its model (compressed-tensors, W4A16)
     output_dir: str
 
 
-JOBS: dict[str, type[Job]] = {"tiny-model": TinyJob, "train": TrainJob, "eval": EvalJob}
+class QuantizeJob(Job):
+    """The quantize engine's job: the merged model, the data it calibrates on (the training rows
+    after the eval split, shaped by the recipe's template) and where the 4-bit model goes."""
+
+    model_dir: str
+    dataset: DatasetJob
+    quantize: QuantizeStep
+    output_dir: str
+    summary_path: str
+
+
+JOBS: dict[str, type[Job]] = {"tiny-model": TinyJob, "train": TrainJob, "eval": EvalJob, "quantize": QuantizeJob}

@@ -13,13 +13,15 @@ from pathlib import PurePosixPath
 from ftkit.plan import power
 from ftkit.plan.spec import Plan, StepSpec
 from ftkit.recipe.checks import Finding
-from ftkit.recipe.models import LoadAdapterStep, PowerStep, ServeStep, TrainStep
+from ftkit.recipe.models import LoadAdapterStep, PowerStep, QuantizeStep, ServeStep, TrainStep
 from ftkit.recipe.resolve import Resolved
 
 
-def findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None) -> list[Finding]:
+def findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None,
+             packages: dict[str, str | None] | None = None) -> list[Finding]:
     """Everything that stops the plan on this machine. `bitsandbytes`: the version of the
-    bitsandbytes distribution in the plan's Python (None: not installed)."""
+    bitsandbytes distribution in the plan's Python (None: not installed); `packages`: the
+    versions of llmcompressor and compressed-tensors there (see engine_findings)."""
     out: list[Finding] = []
     machine = res.machine
     first_power: int | None = None
@@ -41,8 +43,16 @@ def findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None) -> list[Fin
     out.extend(_serving_port(res, plan))
     out.extend(_live_adapters(res, plan))
     out.extend(_serving(res, plan))
-    out.extend(engine_findings(res, plan, bitsandbytes=bitsandbytes))
+    out.extend(engine_findings(res, plan, bitsandbytes=bitsandbytes, packages=packages))
+    out.extend(_serving_fit(res, plan))
     for i, step in enumerate(res.recipe.steps):
+        if isinstance(step, QuantizeStep):
+            for est in plan.fit.get(step.name or "quantize", []):
+                if est.verdict == "does not fit":
+                    where = f"GPU {est.gpu} ({est.vram_gib:g} GiB)" if est.gpu is not None else "host RAM"
+                    out.append((("steps", i, "gpus" if est.gpu is not None else "type"),
+                                f"quantizing needs an estimated {est.total_gib:.1f} GiB on {where}: does not fit. "
+                                f"{' '.join(est.notes[-1:])}; try: {'; '.join(est.suggestions[:2])}", False))
         if not isinstance(step, TrainStep):
             continue
         for est in plan.fit.get(step.name or "train", []):
@@ -52,6 +62,26 @@ def findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None) -> list[Fin
                     (("steps", i, "method"), f"estimated {est.total_gib:.1f} GiB on GPU {est.gpu} "
                      f"({est.vram_gib:g} GiB): does not fit. Try: {tries}", False)
                 )
+    return out
+
+
+def _serving_fit(res: Resolved, plan: Plan) -> list[Finding]:
+    """A served model that does not fit its GPU (plan.servefit): vLLM would refuse to start
+    (or run out of memory loading). Located at the step's `model:`; for a 16-bit merged model
+    the first fix named is the quantize step."""
+    out: list[Finding] = []
+    for i, step in enumerate(res.recipe.steps):
+        if not isinstance(step, ServeStep):
+            continue
+        for est in plan.fit.get(step.name or "serve", []):
+            if est.verdict != "does not fit":
+                continue
+            need = next((n for n in est.notes if n.startswith("needs ")), f"needs {est.total_gib:.1f} GiB")
+            what = {"merged": "the merged model", "quantized": "the quantized model", "base": "the base model"}.get(
+                step.model, "the model")
+            out.append((("steps", i, "model"), f"{what} does not fit GPU {est.gpu} ({est.vram_gib:g} GiB): it {need}. "
+                        f"Try: {'; '.join(est.suggestions[:2])}", False))
+            break  # the same on every GPU of a tensor-parallel server
     return out
 
 
@@ -211,12 +241,20 @@ def _multinode(res: Resolved, plan: Plan) -> list[Finding]:
 
 
 
-def engine_findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None) -> list[Finding]:
+def engine_findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None,
+                    packages: dict[str, str | None] | None = None) -> list[Finding]:
     """Steps whose engine could not start in the Python environment the local executor runs
     them in: vLLM where it is not installed, QLoRA or a bitsandbytes optimizer where
-    bitsandbytes is missing or too old for the CPU. `ftkit plan` refuses these too (the plan's
-    commands name this Python), while fit and PSU findings only stop `up`."""
+    bitsandbytes is missing or too old for the CPU, a quantize step without llmcompressor, an
+    eval of the quantized model without compressed-tensors (`packages`: their versions there,
+    None: not installed; not given: not looked up, nothing said). `ftkit plan` refuses these too
+    (the plan's commands name this Python), while fit and PSU findings only stop `up`."""
     out: list[Finding] = []
+    if packages is not None:
+        index = {res.recipe.step_name(i): i for i in range(len(res.recipe.steps))}
+        for step, field, message in quantize_problems(plan, packages):
+            out.append((("steps", index[step]) + ((field,) if field else ()) if step in index else ("steps",),
+                        message, False))
     for i, step in enumerate(res.recipe.steps):
         if not isinstance(step, ServeStep):
             continue
@@ -229,6 +267,40 @@ def engine_findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None) -> l
     for step, field, message in bitsandbytes_problems(plan, bitsandbytes):
         out.append((("steps", index[step], field) if step in index else ("steps",), message, False))
     return out
+
+
+LLMCOMPRESSOR = "llmcompressor"
+COMPRESSED_TENSORS = "compressed-tensors"
+
+
+def quantize_problems(plan: Plan, packages: dict[str, str | None]) -> list[tuple[str, str | None, str]]:
+    """(recipe step, field, message) for the local steps that need llm-compressor (quantize) or
+    compressed-tensors (an eval that scores the quantized model) where this Python lacks it.
+    In the images both are in the quantize image's lock."""
+    out: list[tuple[str, str | None, str]] = []
+    for s in plan.steps:
+        if s.executor != "local":
+            continue
+        if s.kind == "quantize" and packages.get(LLMCOMPRESSOR) is None:
+            out.append((s.recipe_step or s.id, None, f"llm-compressor is not installed in this Python environment "
+                        f"({plan.python}): run with --executor docker (the quantize image has it), or install "
+                        "llmcompressor in a Python environment of its own (it pins transformers 5.17) and run ftkit "
+                        "from there"))
+        elif s.kind == "eval" and packages.get(COMPRESSED_TENSORS) is None and _eval_models(s, "quantized"):
+            out.append((s.recipe_step or s.id, "models", f"scoring the quantized model needs compressed-tensors, "
+                        f"which is not installed in this Python environment ({plan.python}): run with --executor "
+                        "docker (the eval runs in the quantize image), or install llmcompressor here"))
+    return out
+
+
+def _eval_models(step: StepSpec, model: str) -> bool:
+    for f in step.files:
+        if f.path.startswith("configs/eval-") and f.path.endswith(".json"):
+            try:
+                return model in (json.loads(f.content).get("eval") or {}).get("models", [])
+            except (ValueError, AttributeError):
+                return False
+    return False
 
 
 BNB_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit")

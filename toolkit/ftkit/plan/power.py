@@ -24,7 +24,7 @@ from ftkit.recipe.models import GpuSpec, Machine
 # A GPU with no kernels running (a CUDA context at most) draws roughly 10-30 W and does not
 # spike; counted at the top of that range.
 IDLE_GPU_W = 30
-WORK_KINDS = ("tiny-model", "train", "merge", "serve", "eval")
+WORK_KINDS = ("tiny-model", "train", "merge", "quantize", "serve", "eval")
 
 
 @dataclass

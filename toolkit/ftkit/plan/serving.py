@@ -76,6 +76,8 @@ def needs_vllm(step: ServeStep, live: LiveAdapters, name: str) -> str | None:
     """What in a serve step only vLLM can do, or None."""
     if step.model == "adapter":
         return "serving base + adapter (model: adapter)"
+    if step.model == "quantized":
+        return "serving the quantized model (model: quantized, compressed-tensors)"
     if step.adapters:
         return "serving LoRA adapters (adapters:)"
     if live.by_server.get(name):
@@ -124,6 +126,7 @@ class ServeContext:
     train_steps: dict[str, TrainStep]
     merges: dict[str, str]
     merge_dtypes: dict[str, str | None]
+    quantized: dict[str, str]  # quantize step -> its model (relative to the run)
     images: dict[str, str]
     live: LiveAdapters
     warnings: list[str]
@@ -142,6 +145,10 @@ def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
     if step.model == "merged":
         model = c.run(c.merges.get(step.adapter or "", ""))
         dtype = c.merge_dtypes.get(step.adapter or "") or c.model_dtype
+    elif step.model == "quantized":
+        # compressed-tensors' 4-bit kernels compute in 16-bit: vLLM picks bf16 (or fp16) itself,
+        # whatever dtype the merged model had
+        model, dtype = c.run(c.quantized.get(step.adapter or "", "")), "auto"
     else:
         model, dtype = c.base_ref, c.model_dtype
     # Left to vLLM ("auto": the config's dtype, fp16 where a GPU lacks bf16) except for fp32
@@ -225,8 +232,8 @@ def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
     argv += engine_args(step.args)
     base = f"http://127.0.0.1:{step.port}"
     prompts = [p.model_dump(mode="json") for p in step.prompts]
-    target = ("the merged model" if step.model == "merged" else "the base model" if step.model == "base"
-              else "base + LoRA adapter")
+    target = {"merged": "the merged model", "quantized": "the quantized model (W4A16)",
+              "base": "the base model"}.get(step.model, "base + LoRA adapter")
     if lora_names and step.model != "adapter":
         target += " + LoRA adapter(s) " + ", ".join(lora_names)
     return dict(

@@ -26,6 +26,7 @@ from ftkit.recipe.models import (
     Machine,
     MergeStep,
     PowerStep,
+    QuantizeStep,
     Recipe,
     ServePrompt,
     ServeStep,
@@ -412,7 +413,7 @@ def _model(recipe: Recipe, out: list[Finding]) -> None:
         if len(given) != 1:
             out.append((("dataset", "eval"), "give exactly one of fraction, size or path", False))
     if recipe.images is not None:
-        for key in ("train", "serve"):
+        for key in ("train", "serve", "quantize"):
             ref = getattr(recipe.images, key)
             if ref is not None:
                 problem = imagerefs.reference_problem(ref, require_digest=True)
@@ -433,8 +434,8 @@ def _paths(recipe: Recipe, base_dir: Path, out: list[Finding]) -> None:
         candidates.append((("dataset", "template"), tmpl, "file", True))
     merge_outputs: dict[str, int] = {}
     for i, step in enumerate(recipe.steps):
-        if isinstance(step, MergeStep) and step.output is not None:
-            problem = _merge_output_problem(step.output, recipe.step_name(i))
+        if isinstance(step, (MergeStep, QuantizeStep)) and step.output is not None:
+            problem = _merge_output_problem(step.output, recipe.step_name(i), step.type)
             if problem:
                 out.append((("steps", i, "output"), problem, False))
             else:
@@ -511,20 +512,21 @@ def dataset_findings(recipe: Recipe, paths: dict[Path_, Path]) -> list[Finding]:
     return out
 
 
-def _merge_output_problem(value: str, step: str) -> str | None:
+def _merge_output_problem(value: str, step: str, kind: str = "merge") -> str | None:
+    """A merge's (or quantize step's) output: a directory of its own inside the run."""
     if uses_variable(value) or value.startswith(("/", "~")) or ".." in value.replace("\\", "/").split("/"):
-        return "merge output is a directory inside the run; no variables, absolute paths or .."
+        return f"{kind} output is a directory inside the run; no variables, absolute paths or .."
     problem = path_problem(value)
     if problem:
         return problem
     parts = [p for p in value.split("/") if p not in ("", ".")]
     if not parts:
-        return "merge output names the run directory itself; give a directory inside it"
+        return f"{kind} output names the run directory itself; give a directory inside it"
     if any(p.startswith(".") for p in parts):
-        return "merge output may not contain hidden (.name) directories; the merge keeps its partial output there"
+        return f"{kind} output may not contain hidden (.name) directories; the {kind} keeps its partial output there"
     if parts[0] == "steps":
         if len(parts) < 3 or parts[1] != step:
-            return f"under steps/ a merge writes only into its own directory: steps/{step}/<dir>"
+            return f"under steps/ a {kind} step writes only into its own directory: steps/{step}/<dir>"
     elif parts[0] in RUN_ENTRIES:
         return f"{parts[0]!r} belongs to the run directory (journal, logs, configs); choose another name"
     return None
@@ -535,6 +537,7 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
     seen_train: list[tuple[int, TrainStep]] = []
     seen_merge: list[tuple[int, MergeStep]] = []
     seen_serve: list[tuple[int, ServeStep]] = []
+    seen_quantize: list[tuple[int, QuantizeStep]] = []
     ports: dict[int, int] = {}
     for i, step in enumerate(recipe.steps):
         name = recipe.step_name(i)
@@ -567,8 +570,11 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
             elif step.base == "nf4-dequantized" and target.method != "qlora":
                 out.append((here + ("base",), "nf4-dequantized applies to QLoRA adapters only", False))
             seen_merge.append((i, step))
+        elif isinstance(step, QuantizeStep):
+            _quantize(step, here, recipe, seen_merge, out)
+            seen_quantize.append((i, step))
         elif isinstance(step, ServeStep):
-            _serve(step, here, recipe, seen_train, seen_merge, out)
+            _serve(step, here, recipe, seen_train, seen_merge, out, seen_quantize)
             earlier = recipe.steps[ports[step.port]] if step.port in ports else None
             if isinstance(earlier, ServeStep) and not _may_replace(step, earlier):
                 out.append((here + ("port",), f"port {step.port} is also used by serve step "
@@ -579,7 +585,7 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
         elif isinstance(step, LoadAdapterStep):
             _load_adapter(step, here, recipe, seen_train, seen_serve, out)
         elif isinstance(step, EvalStep):
-            _eval(step, here, recipe, seen_train, seen_merge, out)
+            _eval(step, here, recipe, seen_train, seen_merge, out, seen_quantize)
         if isinstance(step, ServeStep):
             seen_serve.append((i, step))
 
@@ -640,10 +646,48 @@ def _arg_value_problem(value: object) -> str | None:
     return None
 
 
-def _serve(step: ServeStep, here: Path_, recipe: Recipe, trains: list, merges: list, out: list[Finding]) -> None:
+W4A16_GROUP = 128  # the W4A16 scheme's group: every quantized Linear's input size must be a multiple
+
+
+def _quantize(step: QuantizeStep, here: Path_, recipe: Recipe, merges: list, out: list[Finding]) -> None:
+    tiny = recipe.model.tiny
+    if tiny is not None:
+        for key in ("hidden_size", "intermediate_size"):
+            size = getattr(tiny, key)
+            if size % W4A16_GROUP:
+                up = (size // W4A16_GROUP + 1) * W4A16_GROUP
+                out.append((("model", "tiny", key), f"{size}: W4A16 quantizes each Linear in groups of "
+                            f"{W4A16_GROUP} inputs, so its layer sizes must be multiples of {W4A16_GROUP} (use {up}); "
+                            f"quantize step {recipe.step_name(int(here[1]))!r} needs it", False))
+    if _find(step.merge, merges, recipe) is None:
+        what = f"merge step {step.merge!r}" if step.merge else "a merge step"
+        out.append((here + (("merge",) if step.merge else ()), f"quantize needs {what} before it: it quantizes "
+                    "the merged model", bool(step.merge)))
+    for j, pattern in enumerate(step.ignore):
+        if not pattern or any(not c.isprintable() for c in pattern):
+            out.append((here + ("ignore", j), "a module name or re: pattern, without control characters", False))
+        elif pattern.startswith("re:"):
+            problem = regex_problem(pattern[3:])
+            if problem:
+                out.append((here + ("ignore", j), problem, False))
+
+
+def _serve(step: ServeStep, here: Path_, recipe: Recipe, trains: list, merges: list, out: list[Finding],
+           quantized: list | None = None) -> None:
     if step.model == "merged":
         if _find(step.adapter, merges, recipe) is None:
             out.append((here + ("model",), "serving the merged model needs a merge step before this one", False))
+    elif step.model == "quantized":
+        if _find(step.adapter, quantized or [], recipe) is None:
+            what = f"quantize step {step.adapter!r}" if step.adapter else "a quantize step"
+            out.append((here + ("model",), f"serving the quantized model needs {what} before this one", False))
+        if step.engine == "transformers":
+            out.append((here + ("engine",), "the quantized model (compressed-tensors, 4-bit) is served by vLLM: use "
+                        "engine vllm or auto", False))
+        for key in ("quantization", "dtype"):
+            if key in step.args:
+                out.append((here + ("args", key), f"the quantized model carries its own quantization "
+                            f"(compressed-tensors): drop args.{key}", True))
     elif step.model == "adapter":
         target = _find(step.adapter, trains, recipe)
         if target is None or target.method == "full":
@@ -718,7 +762,8 @@ def _prompt_expect(prompt: ServePrompt, where: Path_, out: list[Finding]) -> Non
             out.append((where + ("expect", "regex"), problem, False))
 
 
-def _eval(step: EvalStep, here: Path_, recipe: Recipe, trains: list, merges: list, out: list[Finding]) -> None:
+def _eval(step: EvalStep, here: Path_, recipe: Recipe, trains: list, merges: list, out: list[Finding],
+          quantized: list | None = None) -> None:
     if step.prompts is not None and step.path is not None:
         out.append((here, "give prompts or path, not both", False))
     if step.prompts is None and step.path is None and recipe.dataset.eval is None:
@@ -734,6 +779,12 @@ def _eval(step: EvalStep, here: Path_, recipe: Recipe, trains: list, merges: lis
             out.append((here + ("models", j), "no merge step before this one", False))
         if model == "adapter" and not [t for _, t in trains if t.method != "full"]:
             out.append((here + ("models", j), "no lora/qlora train step before this one", False))
+        if model == "quantized" and not quantized:
+            out.append((here + ("models", j), "no quantize step before this one", False))
+    if "quantized" in step.models and "adapter" in step.models:
+        out.append((here + ("models", step.models.index("adapter")), "an eval of the quantized model runs in the "
+                    "quantize image (llm-compressor's transformers and compressed-tensors), which has no peft: "
+                    "score the adapter in an eval step of its own", False))
     if step.min_improvement is not None and len(step.models) < 2:
         out.append((here + ("min_improvement",), "needs two models to compare", True))
 

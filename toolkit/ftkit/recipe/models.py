@@ -70,6 +70,9 @@ class Arch(Strict):
     heads: Int | None = Field(None, ge=1, le=100_000)
     kv_heads: Int | None = Field(None, ge=1, le=100_000)
     vocab_size: Int = Field(..., ge=1, le=100_000_000)
+    max_position_embeddings: Int | None = Field(
+        None, ge=16, le=100_000_000, description="the context length (what vLLM serves without max_model_len)"
+    )
 
 
 class ModelSpec(Strict):
@@ -206,6 +209,42 @@ class MergeStep(Strict):
     max_shard_gb: Float = Field(5.0, gt=0, le=10_000)
 
 
+class QuantizeStep(Strict):
+    """4-bit weight-only quantization (W4A16) of the merged model with llm-compressor, the vLLM
+    project's library: compressed-tensors that vLLM serves with its Marlin kernels on a GPU (and
+    its CPU kernels here). Calibrated on the recipe's own training data. Runs in ftkit's
+    `quantize` image: llm-compressor pins a transformers and compressed-tensors that neither the
+    train nor the serve image has."""
+
+    type: Literal["quantize"]
+    name: Name | None = None
+    merge: Name | None = Field(None, description="the merge step whose model to quantize (default: the last one)")
+    method: Literal["gptq", "awq"] = Field(
+        "gptq", description="gptq: GPTQ's second-order rounding (llm-compressor's GPTQModifier); awq: activation-aware "
+        "scaling, then the same 4-bit rounding (AWQModifier)"
+    )
+    scheme: Literal["W4A16"] = Field(
+        "W4A16", description="4-bit integer weights in groups of 128 with a 16-bit scale each; activations stay 16-bit"
+    )
+    calibration_samples: Int = Field(
+        128, ge=1, le=100_000,
+        description="rows of the recipe's training data (after the eval split) run through the model to calibrate; "
+        "fewer when the data has fewer",
+    )
+    max_seq_len: Int = Field(512, ge=16, le=1_048_576, description="calibration rows are cut to this many tokens")
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="modules left in 16-bit (llm-compressor names or re: patterns); the output head by default",
+    )
+    gpus: list[GpuIndex] | None = Field(
+        None, max_length=1,
+        description="the GPU that calibrates, one layer at a time (default: the machine's first GPU, or the CPU "
+        "on a machine without one)",
+    )
+    seed: Seed = Field(0, description="which calibration rows are drawn")
+    output: str | None = Field(None, description="relative directory in the run (default: steps/<name>/model)")
+
+
 class Expect(Strict):
     contains: str | None = None
     equals: str | None = None
@@ -226,10 +265,13 @@ class ServeStep(Strict):
         "auto", description="auto: vLLM where it runs (a GPU, ftkit's images, or vLLM installed here), "
         "else transformers serve"
     )
-    model: Literal["merged", "base", "adapter"] = Field(
-        "merged", description="merged: the merge step's output; adapter: base + the LoRA adapter (vLLM --enable-lora)"
+    model: Literal["merged", "quantized", "base", "adapter"] = Field(
+        "merged", description="merged: the merge step's output; quantized: the quantize step's (4-bit, vLLM); "
+        "adapter: base + the LoRA adapter (vLLM --enable-lora)"
     )
-    adapter: str | None = Field(None, description="the train (adapter) or merge (merged) step to serve")
+    adapter: str | None = Field(
+        None, description="the train (adapter), merge (merged) or quantize (quantized) step to serve"
+    )
     adapters: list[Name] = Field(
         default_factory=list, max_length=64,
         description="vLLM: more LoRA adapters served beside the model (multi-LoRA), by train step name; each is a "
@@ -279,8 +321,10 @@ class EvalStep(Strict):
     prompts: list[EvalPrompt] | None = Field(None, description="inline prompts (default: the dataset's eval split)")
     path: str | None = Field(None, description="a jsonl file of {prompt, expected}")
     score: Literal["exact", "contains"] = "exact"
-    models: list[Literal["base", "adapter", "merged"]] = Field(
-        default_factory=lambda: ["base", "merged"], min_length=1, max_length=3
+    models: list[Literal["base", "adapter", "merged", "quantized"]] = Field(
+        default_factory=lambda: ["base", "merged"], min_length=1, max_length=4,
+        description="quantized: the quantize step's model (scored in the quantize image, which reads "
+        "compressed-tensors); [merged, quantized] measures what quantization costs",
     )
     max_new_tokens: Int = Field(32, ge=1, le=131_072)
     limit: Int | None = Field(None, ge=1, le=100_000_000)
@@ -289,7 +333,8 @@ class EvalStep(Strict):
     )
 
 
-Step = Annotated[PowerStep | TrainStep | MergeStep | ServeStep | LoadAdapterStep | EvalStep, Field(discriminator="type")]
+Step = Annotated[PowerStep | TrainStep | MergeStep | QuantizeStep | ServeStep | LoadAdapterStep | EvalStep,
+                 Field(discriminator="type")]
 
 
 class ImagePins(Strict):
@@ -297,6 +342,7 @@ class ImagePins(Strict):
 
     train: str | None = Field(None, pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$")
     serve: str | None = Field(None, pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$")
+    quantize: str | None = Field(None, pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$")
     lock: str | None = Field(None, description="relative path to an images.lock.json")
 
 

@@ -9,7 +9,16 @@ from typing import Any
 
 from ftkit.errors import ConfigError, ConfigIssue
 from ftkit.recipe.checks import PATH_VARS, dataset_findings, kind_problem, lock_file_problem, uses_variable
-from ftkit.recipe.models import EvalStep, LoadAdapterStep, Machine, MergeStep, Recipe, ServeStep, TrainStep
+from ftkit.recipe.models import (
+    EvalStep,
+    LoadAdapterStep,
+    Machine,
+    MergeStep,
+    QuantizeStep,
+    Recipe,
+    ServeStep,
+    TrainStep,
+)
 from ftkit.recipe.validate import LoadedRecipe
 from ftkit.recipe.yamlpos import Path_
 
@@ -82,11 +91,22 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
                 step.output = f"steps/{step.name}/model"
             if step.adapter is None:
                 step.adapter = _last(recipe, i, TrainStep)
+        elif isinstance(step, QuantizeStep):
+            if step.output is None:
+                step.output = f"steps/{step.name}/model"
+            if step.merge is None:
+                step.merge = _last(recipe, i, MergeStep)
+            if step.gpus is None:  # the machine's first GPU calibrates; none: the CPU
+                step.gpus = list(gpu_indices[:1])
+            for j, idx in enumerate(step.gpus):
+                if idx not in gpu_indices:
+                    problem(("steps", i, "gpus", j), f"GPU {idx} is not on machine {machine.name!r}")
         elif isinstance(step, EvalStep) and step.prompts is None and step.path is None:
             pass  # the dataset's eval split, resolved by the engine
     for i, step in enumerate(recipe.steps):
         if isinstance(step, ServeStep) and step.adapter is None:
-            kind = MergeStep if step.model == "merged" else TrainStep if step.model == "adapter" else None
+            kind = (MergeStep if step.model == "merged" else QuantizeStep if step.model == "quantized"
+                    else TrainStep if step.model == "adapter" else None)
             step.adapter = _last(recipe, i, kind) if kind else None
         elif isinstance(step, LoadAdapterStep):
             step.server = step.server or _last(recipe, i, ServeStep)

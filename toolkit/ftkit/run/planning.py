@@ -38,7 +38,7 @@ class Prepared:
 
     def problems(self) -> list[Any]:
         """Everything that stops this recipe on this machine, located in the recipe file."""
-        found = findings(self.res, self.plan, bitsandbytes=bitsandbytes_version())
+        found = findings(self.res, self.plan, bitsandbytes=bitsandbytes_version(), packages=quantize_packages())
         return [self.loaded.doc.issue(p, m, key=k) for p, m, k in found]
 
     def check(self) -> None:
@@ -50,7 +50,7 @@ class Prepared:
     def check_engines(self) -> None:
         """Raise (exit 2) when a step's engine could not start in this Python environment
         (what `ftkit plan` refuses: the plan's commands would name an engine not here)."""
-        found = engine_findings(self.res, self.plan, bitsandbytes=bitsandbytes_version())
+        found = engine_findings(self.res, self.plan, bitsandbytes=bitsandbytes_version(), packages=quantize_packages())
         if found:
             raise ConfigError([self.loaded.doc.issue(p, m, key=k) for p, m, k in found])
 
@@ -89,7 +89,8 @@ def _profiles_that_plan(loaded: LoadedRecipe, profiles: list[str], limit: int = 
     for path in profiles[:20]:
         try:
             res = resolve(loaded, load_machine(path).machine)
-            if not findings(res, plan_for(res, run_dir=None), bitsandbytes=bitsandbytes_version()):
+            if not findings(res, plan_for(res, run_dir=None), bitsandbytes=bitsandbytes_version(),
+                            packages=quantize_packages()):
                 fits.append(path)
         except Exception:  # noqa: BLE001 - a profile that does not plan is simply not suggested
             continue
@@ -125,12 +126,15 @@ def image_refs(res: Resolved) -> dict[str, str]:
         refs.update({"train": "ftkit/train:<variant> (run ftkit build)",
                      "serve-vllm": "ftkit/serve:vllm (run ftkit build)",
                      "serve-vllm-cpu": "ftkit/serve:vllm-cpu (run ftkit build)",
-                     "serve-transformers": "ftkit/serve:transformers (run ftkit build)"})
+                     "serve-transformers": "ftkit/serve:transformers (run ftkit build)",
+                     "quantize": "ftkit/quantize:<variant> (run ftkit build --image quantize)"})
     if res.recipe.images:
         if res.recipe.images.train:
             refs["train"] = res.recipe.images.train
         if res.recipe.images.serve:
             refs["serve-vllm"] = refs["serve-vllm-cpu"] = refs["serve-transformers"] = res.recipe.images.serve
+        if res.recipe.images.quantize:
+            refs["quantize"] = res.recipe.images.quantize
     return refs
 
 
@@ -167,6 +171,20 @@ def bitsandbytes_version() -> str | None:
         return None
     except (OSError, ValueError):  # a broken installation's metadata: as good as none
         return None
+
+
+def quantize_packages() -> dict[str, str | None]:
+    """The versions of llmcompressor (the quantize step) and compressed-tensors (scoring its
+    model) in this Python, None where missing; looked up, not imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for dist in ("llmcompressor", "compressed-tensors"):
+        try:
+            out[dist] = version(dist)
+        except (PackageNotFoundError, OSError, ValueError):
+            out[dist] = None
+    return out
 
 
 def runs_here(plan: Plan) -> bool:

@@ -95,6 +95,11 @@ def engines(prepared) -> None:  # type: ignore[no-untyped-def]
 
 def engines_of_plan(plan: Plan) -> None:
     """The same refusal for `ftkit up --resume`, which has only the plan."""
-    problems = bitsandbytes_problems(plan)
+    from ftkit.plan.machine_checks import quantize_problems
+    from ftkit.run.planning import quantize_packages, runs_here
+
+    problems = [(step, field or "", message) for step, field, message in
+                (quantize_problems(plan, quantize_packages()) if runs_here(plan) else [])]
+    problems += bitsandbytes_problems(plan)
     if problems:
         raise PlanError("; ".join(f"step {step}: {message}" for step, _, message in problems))

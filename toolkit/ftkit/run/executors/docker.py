@@ -26,7 +26,7 @@ from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run.executors.base import Outcome, StepIO
 from ftkit.run.rundir import OWNER_LOCK, RunDir
 
-TAG = re.compile(r"^ftkit/(?P<image>train|serve):(?P<variant>[\w.-]+?)-(?P<hash>[0-9a-f]{12})$")
+TAG = re.compile(r"^ftkit/(?P<image>train|serve|quantize):(?P<variant>[\w.-]+?)-(?P<hash>[0-9a-f]{12})$")
 STOP_GRACE_S = 30
 
 
