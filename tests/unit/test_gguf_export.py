@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -500,6 +501,29 @@ def test_dry_run_says_what_it_would_write_and_writes_nothing(model: Path, tmp_pa
     assert plan["modelfile"].startswith("# written by") and "FROM ./model.gguf" in plan["modelfile"]
     assert plan["ram_bytes"] > 0 and plan["disk_bytes"] > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_partial_export_left_behind_is_removed(model: Path, tmp_path: Path) -> None:
+    """A killed export leaves its hidden directory (no lock held): the next export to the same
+    place removes it; one whose lock is held (a live export) is left alone."""
+    stale = tmp_path / ".g.partial-1-deadbeef"
+    stale.mkdir()
+    (stale / "model.gguf").write_bytes(b"half")
+    os.utime(stale, (1, 1))
+    result = export(model, tmp_path / "g")
+    assert result.code == 0, result.err
+    assert not stale.exists() and "gguf: removed .g.partial-1-deadbeef" in result.err
+
+
+def test_the_gguf_extra_needs_no_torch(model: Path, tmp_path: Path) -> None:
+    """`pip install ftkit[gguf]` is enough for f32/f16/bf16/q8_0: the export imports no torch."""
+    code = ("import sys; sys.modules['torch'] = sys.modules['transformers'] = None\n"
+            "from ftkit.cli.main import main\n"
+            f"main(['export', '--to', 'gguf', '--model', {str(model)!r}, '--template', 'alpaca', '-o', "
+            f"{str(tmp_path / 'g')!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "g" / "model.gguf").stat().st_size > 0
 
 
 # --------------------------------------------------------------------------- hostile inputs

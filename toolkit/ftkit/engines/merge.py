@@ -666,7 +666,7 @@ def _partials(out: Path) -> list[Path]:
         return []
 
 
-def clean_stale_partials(out: Path, log: Callable[[str], None] = lambda s: None) -> list[Path]:
+def clean_stale_partials(out: Path, log: Callable[[str], None] = lambda s: None, what: str = "merge") -> list[Path]:
     """Remove hidden partial outputs of merges that died (SIGKILL, power loss). A live merge
     holds a flock on its directory's `.lock`; the kernel drops it when the process dies, in
     whatever container or PID namespace it ran."""
@@ -693,7 +693,7 @@ def clean_stale_partials(out: Path, log: Callable[[str], None] = lambda s: None)
                     continue  # a merge is writing it
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
-            log(f"merge: removed {p.name}, left by a merge that did not finish")
+            log(f"{what}: removed {p.name}, left by a {what} that did not finish")
         finally:
             if fd is not None:
                 os.close(fd)
