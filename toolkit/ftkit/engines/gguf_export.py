@@ -207,8 +207,7 @@ def _llama3_rope_factors(rope: dict[str, Any], dim: int) -> Any:
 
 
 def check_model_dir(model_dir: Path) -> None:
-    if os.path.islink(model_dir):
-        raise UserError(f"{model_dir}: a symbolic link; give the model directory itself")
+    """A directory with a config.json (a link to one is fine: only the output is never a link)."""
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: not a directory" if os.path.lexists(model_dir) else f"{model_dir}: no such directory")
     if not os.path.lexists(model_dir / "config.json"):
