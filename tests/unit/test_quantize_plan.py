@@ -305,8 +305,9 @@ def test_the_quickstart_quantize_renders_as_a_stack(tmp_path: Path) -> None:
      "left no model at steps/q/model (no config and safetensors weights in it)"),
     ({"steps/q/model/config.json": b"{}", "steps/q/model/model.safetensors": b"x"},
      "left no summary at steps/q/quantize.json"),
-    ({"steps/q/model/config.json": b"{}", "steps/q/model/model.safetensors": b"x", "steps/q/quantize.json": b"{}"},
-     None),
+    ({"steps/q/model/config.json": b"{}", "steps/q/model/model.safetensors": b"x",
+      "steps/q/quantize.json": b'{"method": "gptq", "scheme": "W4A16", "rows": 64, "input_bytes": 863640, '
+                               b'"output_bytes": 380416}'}, None),
 ])
 def test_a_quantize_step_that_exits_0_without_its_model_failed(tmp_path: Path, files: dict, says: str | None) -> None:
     from tests.unit.test_runner import execute, plan_of
@@ -315,9 +316,11 @@ def test_a_quantize_step_that_exits_0_without_its_model_failed(tmp_path: Path, f
 
     outputs = {"model": "steps/q/model", "summary": "steps/q/quantize.json"}
     plan = plan_of(tmp_path, runner_step("q", writes(tmp_path / "run", files), kind="quantize", outputs=outputs))
-    result, _, st = execute(tmp_path, plan)
+    result, console, st = execute(tmp_path, plan)
     if says is None:
         assert result.status == "succeeded", st["steps"]["q"]
+        # the step's last line says what it made
+        assert "q: ok in" in console and "(GPTQ W4A16 on 64 rows, 863.64 kB -> 380.42 kB on disk)" in console
     else:
         assert result.status == "failed" and f"the step exited 0 but {says}" in st["steps"]["q"]["error"]
 

@@ -100,7 +100,8 @@ class Display:
             self.say(f"    {step.id}: {eval_text(summary)}")
         took = f" in {_fmt_s(row.seconds)}" if row.seconds is not None else ""
         text = f"[{self._n(step)}] {step.id}: {MARK.get(status, status)}{took}"
-        extra = train_text(summary) if step.kind == "train" and isinstance(summary, dict) else ""
+        extra = (train_text(summary) if step.kind == "train" and isinstance(summary, dict)
+                 else quantize_text(summary) if step.kind == "quantize" and isinstance(summary, dict) else "")
         if message:
             lines = message.splitlines() or [""]
             sep = ": " if status in ("failed", "interrupted") else " ("
@@ -189,6 +190,26 @@ def train_text(summary: dict[str, Any]) -> str:
     if first is not None and last is not None:
         parts.append(f"eval loss {first:.4f} -> {last:.4f}")
     return ", ".join(parts)
+
+
+def quantize_text(summary: dict[str, Any]) -> str:
+    """`GPTQ W4A16 on 64 rows, 0.86 MB -> 0.38 MB` from the quantize engine's quantize.json."""
+    parts = []
+    method, scheme, rows = summary.get("method"), summary.get("scheme"), _number(summary.get("rows"))
+    if isinstance(method, str) and isinstance(scheme, str):
+        parts.append(f"{printable(method.upper())[:10]} {printable(scheme)[:10]}"
+                     + (f" on {int(rows)} rows" if rows is not None else ""))
+    before, after = _number(summary.get("input_bytes")), _number(summary.get("output_bytes"))
+    if before and after:
+        parts.append(f"{_bytes(before)} -> {_bytes(after)} on disk")
+    return ", ".join(parts)
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def eval_text(summary: dict[str, Any]) -> str:

@@ -456,6 +456,8 @@ def _outputs(ctx: Context, step: StepSpec) -> dict[str, Any]:
         summary = ctx.run.file(step.outputs["summary"])
     elif step.kind == "train":
         summary = ctx.run.file(f"steps/{step.id}/train_summary.json")
+    elif step.kind == "quantize" and "summary" in step.outputs:
+        summary = ctx.run.file(step.outputs["summary"])
     if summary is not None:
         from ftkit.files import read_json
 
