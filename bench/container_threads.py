@@ -1,9 +1,9 @@
 """One training step of the CPU quickstart three ways - in this Python environment (`ftkit up
 --executor local`), in a container started by the docker executor (`ftkit up` with a docker
-profile) and in the stack `ftkit compose` writes, run by docker-compose - and the stack again
-under a CPU quota, with the thread count ftkit.run.incontainer chooses and with the one the
-engines would choose without it (OMP_NUM_THREADS = the host's cores: what accelerate launch
-sets from psutil, whatever the quota). Issue #21: a compose run's training container took
+profile) and in the stack `ftkit compose` writes, run by docker-compose - locally again with
+one thread, and the stack again under a CPU quota, with the thread count ftkit.run.incontainer
+chooses and with the one the engines would choose without it (OMP_NUM_THREADS = the host's
+cores: what accelerate launch sets from psutil, whatever the quota). Issue #21: a compose run's training container took
 182 s against 6.9 s locally on a loaded machine.
 
 Each variant runs the recipe's tiny-model and train steps (the train step trimmed to
@@ -43,9 +43,9 @@ FTKIT = str(Path(sys.executable).parent / "ftkit")
 
 def recipe(tmp: Path, steps: int) -> Path:
     data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
-    for key in ("path",):
-        data["dataset"][key] = str(ROOT / "recipes" / data["dataset"][key])
-    data["dataset"]["eval"]["path"] = str(ROOT / "recipes" / data["dataset"]["eval"]["path"])
+    for rel in (data["dataset"]["path"], data["dataset"]["eval"]["path"]):  # recipes name their data relatively
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "recipes" / rel, tmp / rel)
     train = next(s for s in data["steps"] if s["type"] == "train")
     train.update(max_steps=steps, checkpoint={"every_steps": steps, "keep_last": 1}, eval_every_steps=steps,
                  logging_steps=max(1, steps // 5))
@@ -84,24 +84,33 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def up(recipe_path: Path, runs: Path, profile: Path | None) -> dict[str, Any]:
+def newest_run(runs: Path) -> Path:
+    return max((p for p in runs.iterdir() if (p / "state.json").is_file()), key=lambda p: p.stat().st_mtime)
+
+
+def up(recipe_path: Path, runs: Path, profile: Path | None, env: dict[str, str] | None = None) -> dict[str, Any]:
     argv = [FTKIT, "up", str(recipe_path), "--runs-dir", str(runs), "--quiet", "--json"]
     argv += ["--machine", str(profile)] if profile else ["--executor", "local"]
-    r = run_measured(argv)
+    r = run_measured(argv, env=env)
     if r["rc"] != 0:
         raise SystemExit(f"`{' '.join(argv)}` failed:\n{r['output'][-3000:]}")
-    run = max((p for p in runs.iterdir() if (p / "state.json").is_file()), key=lambda p: p.stat().st_mtime)
-    return train_numbers(run)
+    return train_numbers(newest_run(runs))
 
 
-def stack(recipe_path: Path, profile: Path, out: Path, quota: float | None, threads: str | None) -> dict[str, Any]:
-    """The stack written fresh into `out`, its train chain run by docker-compose under a unique
-    project; an override file sets the CPU quota and (to show the old behaviour) the threads."""
+def stack(recipe_path: Path, profile: Path, out: Path, image: str, quota: float | None,
+          threads: str | None) -> dict[str, Any]:
+    """The stack written fresh into `out` (its .env pointed at `image`: the sources of a shared
+    checkout change under a long benchmark, and with them the content tag), its train chain run
+    by docker-compose under a unique project; an override file sets the CPU quota and (to show
+    what the engines do without ftkit.run.incontainer) the threads."""
     if out.exists():
         shutil.rmtree(out)
     r = run_measured([FTKIT, "compose", str(recipe_path), "--machine", str(profile), "-o", str(out)])
     if r["rc"] != 0:
         raise SystemExit(f"ftkit compose failed:\n{r['output'][-3000:]}")
+    env = out / ".env"
+    env.write_text("".join(f"FTKIT_TRAIN_IMAGE={image}\n" if ln.startswith("FTKIT_TRAIN_IMAGE=") else ln + "\n"
+                           for ln in env.read_text().splitlines()))
     files = ["-f", "compose.yaml"]
     if quota is not None or threads is not None:
         svc: dict[str, Any] = {}
@@ -120,7 +129,10 @@ def stack(recipe_path: Path, profile: Path, out: Path, quota: float | None, thre
             raise SystemExit(f"docker-compose up failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
     finally:
         subprocess.run([*base, "down", "-v", "-t", "5"], cwd=out, capture_output=True, timeout=300, check=False)
-    return train_numbers(out / "run")
+    result = train_numbers(out / "run")  # the journal the stack's containers kept
+    if result["status"] != "succeeded":
+        raise SystemExit(f"the stack's train step {result['status']}: {(out / 'run' / 'state.json').read_text()[-3000:]}")
+    return result
 
 
 def main() -> None:
@@ -137,22 +149,30 @@ def main() -> None:
         tmp = Path(d)
         rec, prof = recipe(tmp, args.steps), machine(tmp, args)
         up(rec, tmp / "warm", prof)  # builds the image if missing; not timed
+        built = next(s["image"] for s in json.loads((newest_run(tmp / "warm") / "plan.json").read_text())["steps"]
+                     if s["id"] == "train")
+        image = f"ftkit-bench/train:threads-{uuid.uuid4().hex[:8]}"  # a tag nobody else removes meanwhile
+        subprocess.run(["docker", "tag", built, image], check=True)
         variants = {
             "local": lambda: up(rec, tmp / "runs-local", None),
+            "local, OMP_NUM_THREADS=1": lambda: up(rec, tmp / "runs-local1", None, {"OMP_NUM_THREADS": "1"}),
             "docker executor": lambda: up(rec, tmp / "runs-docker", prof),
-            "compose stack": lambda: stack(rec, prof, tmp / "stack", None, None),
-            f"compose stack, --cpus {args.quota:g}": lambda: stack(rec, prof, tmp / "stack", args.quota, None),
-            f"compose stack, --cpus {args.quota:g}, OMP_NUM_THREADS={host} (no fix)":
-                lambda: stack(rec, prof, tmp / "stack", args.quota, str(host)),
+            "compose stack": lambda: stack(rec, prof, tmp / "stack", image, None, None),
+            f"compose stack, --cpus {args.quota:g}": lambda: stack(rec, prof, tmp / "stack", image, args.quota, None),
+            f"compose stack, --cpus {args.quota:g}, OMP_NUM_THREADS={host} (as without incontainer)":
+                lambda: stack(rec, prof, tmp / "stack", image, args.quota, str(host)),
         }
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
-        for i in range(args.repeat):
-            for name, fn in variants.items():
-                before = load()
-                result = fn()
-                result.update(load_before=before, load_after=load())
-                runs[name].append(result)
-                print(f"[{i + 1}/{args.repeat}] {name}: {json.dumps(result)}", flush=True)
+        try:
+            for i in range(args.repeat):
+                for name, fn in variants.items():
+                    before = load()
+                    result = fn()
+                    result.update(load_before=before, load_after=load())
+                    runs[name].append(result)
+                    print(f"[{i + 1}/{args.repeat}] {name}: {json.dumps(result)}", flush=True)
+        finally:
+            subprocess.run(["docker", "rmi", image], capture_output=True, check=False)
     summary = {}
     for name, rs in runs.items():
         def med(key: str, rs: list[dict[str, Any]] = rs) -> float | None:

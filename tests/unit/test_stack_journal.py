@@ -151,6 +151,7 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     result = run_cli("compose", "recipes/quickstart.yaml", "--machine", "recipes/machines/cpu-docker.yaml",
                      "-o", str(out), cwd=ROOT)
     assert result.code == 0, result.err
+    assert f"ftkit status {out} && ftkit report {out}/run" in result.out  # where the run's journal is read
     return out
 
 

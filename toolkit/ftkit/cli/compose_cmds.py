@@ -108,6 +108,8 @@ def _write_one(plan, recipe: str, machine_path: str | None, out: Path, out_dir: 
         click.echo(f"  cd {shlex.quote(str(out))} && docker compose --profile serve up -d")
     if not names:
         click.echo("  (the plan has no container steps)")
+    else:  # the containers journal the run into run/: read like an `ftkit up` run
+        click.echo(f"  ftkit status {shlex.quote(str(out))} && ftkit report {shlex.quote(str(out / 'run'))}")
     click.echo("  README.md lists the host steps (power caps, service handoff) and how to build the images")
 
 
