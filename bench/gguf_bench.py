@@ -8,7 +8,7 @@ weights, the same as bench/merge_bench.py; the tiny tokenizer stands in for its 
 vocabulary, the rest of the ids are unused tokens). Random weights change no size, time or
 speed figure.
 
-    python bench/gguf_bench.py [--workdir DIR] [--skip-large] [--quants f16,q8_0,...] [--threads N]
+    python bench/gguf_bench.py [--workdir DIR] [--skip-large] [--quants f16,q8_0,...] [--threads N] [--repeat N]
 """
 
 from __future__ import annotations
@@ -69,18 +69,26 @@ def export(model: Path, out: Path, quant: str, template: str) -> dict:
             "stated_disk_mib": round(stated["disk_bytes"] / 2**20, 1)}
 
 
-def speed(gguf: Path, threads: int, n_gen: int) -> dict | None:
+def speed(gguf: Path, threads: int, n_gen: int, repeat: int) -> dict | None:
+    """llama.cpp's prompt and generation tokens/s, median of `repeat` runs (each its own
+    process), with the load average seen (the CI machine is shared: a busy one reads slower)."""
+    import os
+    import statistics
     import subprocess
 
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         return None
-    proc = subprocess.run([sys.executable, "-c", LLAMA_CPP_SPEED, str(gguf), str(threads), str(n_gen), PROMPT],
-                          capture_output=True, text=True, check=False, timeout=1800)
-    if proc.returncode != 0:
-        raise SystemExit(f"llama.cpp failed on {gguf}:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeat):
+        proc = subprocess.run([sys.executable, "-c", LLAMA_CPP_SPEED, str(gguf), str(threads), str(n_gen), PROMPT],
+                              capture_output=True, text=True, check=False, timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"llama.cpp failed on {gguf}:\n{proc.stderr[-3000:]}")
+        runs.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "load_avg_1m": round(os.getloadavg()[0], 2)})
+    return {"prompt_tok_s": statistics.median(r["prompt_tok_s"] for r in runs),
+            "gen_tok_s": statistics.median(r["gen_tok_s"] for r in runs), "runs": runs}
 
 
 def make_large(root: Path) -> Path:
@@ -99,6 +107,7 @@ def main() -> None:
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--quants", default="f32,f16,bf16,q8_0,q4_0,q4_k_m,q6_k")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="llama.cpp speed runs per file (median)")
     args = ap.parse_args()
     from ftkit.engines import gguf_export, tiny
 
@@ -130,7 +139,7 @@ def main() -> None:
             out = work / f"{label}-{quant}"
             shutil.rmtree(out, ignore_errors=True)
             row = export(model, out, quant, "alpaca")
-            row["speed"] = speed(out / "model.gguf", args.threads, n_gen)
+            row["speed"] = speed(out / "model.gguf", args.threads, n_gen, args.repeat)
             print(json.dumps({"model": label, **row}), flush=True)
             rows.append(row)
             shutil.rmtree(out)
