@@ -102,6 +102,20 @@ def require_tool(name: str, env: str = "FTKIT_REQUIRE_DOCKER") -> str:
     return exe
 
 
+def run_label(run: Path) -> str:
+    """The `dev.ftkit.run` label of a run's containers, as its plan.json gave them (the label
+    is the run directory's name plus a digest of its path: see ftkit.plan.spec.run_label)."""
+    import json
+
+    from ftkit.plan.spec import run_label as label_of
+
+    try:
+        steps = json.loads((run / "plan.json").read_text())["steps"]
+        return next(s["labels"]["dev.ftkit.run"] for s in steps if s.get("labels", {}).get("dev.ftkit.run"))
+    except (OSError, ValueError, KeyError, StopIteration):
+        return label_of(str(run))
+
+
 def check_golden(path: Path, actual: str) -> None:
     """Compare with a golden file; FTKIT_UPDATE_GOLDEN=1 rewrites it."""
     if UPDATE_GOLDEN or not path.exists():

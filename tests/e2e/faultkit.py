@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, run_label
 
 GPUS = "RTX 4090,RTX 3090 Ti"
 ORIGINALS = {0: 450.0, 1: 350.0}
@@ -218,7 +218,7 @@ steps:
             from ftkit.gateways import docker as dk
 
             def containers() -> list[dict]:  # type: ignore[type-arg]
-                return dk.containers_with_label(f"dev.ftkit.run={run.name}", all=not stopped_containers_ok)
+                return dk.containers_with_label(f"dev.ftkit.run={run_label(run)}", all=not stopped_containers_ok)
 
             try:
                 self.wait_for(lambda: not containers(), 60, "containers of the run to end")
@@ -234,7 +234,7 @@ steps:
                     try:
                         from ftkit.gateways import docker as dk
 
-                        for c in dk.containers_with_label(f"dev.ftkit.run={run.name}"):
+                        for c in dk.containers_with_label(f"dev.ftkit.run={run_label(run)}"):
                             dk.remove_container(c["Id"])
                     except Exception:  # noqa: BLE001
                         pass

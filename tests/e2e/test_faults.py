@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import require, run_label
 
 require("trl")
 
@@ -227,7 +227,7 @@ def test_trainer_container_killed_mid_step(machine_factory) -> None:  # type: ig
     proc = m.up()
     m.wait_checkpoint(proc)
     run = m.run_dir()
-    [c] = dk.containers_with_label(f"dev.ftkit.run={run.name}", all=False)
+    [c] = dk.containers_with_label(f"dev.ftkit.run={run_label(run)}", all=False)
     dk.kill_container(c["Id"])
     code, out, err = finish(proc)
     assert code == 1, err[-3000:]

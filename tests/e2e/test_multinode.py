@@ -43,7 +43,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RECIPES, run_ftkit
+from tests.conftest import RECIPES, run_ftkit, run_label
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -129,7 +129,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, train_image: Path) -> Any:
         yield {"work": work, "shared": shared, "net": net, "profile": profile, "lock": train_image}
     finally:
         for run in (shared / "runs").glob("*-mn-*"):
-            for c in dk.containers_with_label(f"dev.ftkit.run={run.name}"):
+            for c in dk.containers_with_label(f"dev.ftkit.run={run_label(run)}"):
                 dk.remove_container(c["Id"])
         subprocess.run(["docker", "network", "rm", net], check=False, capture_output=True)
 
@@ -174,7 +174,7 @@ def complete_checkpoint(run: Path) -> Path | None:
 def run_containers(run: Path) -> list[dict[str, Any]]:
     from ftkit.gateways import docker as dk
 
-    return dk.containers_with_label(f"dev.ftkit.run={run.name}")
+    return dk.containers_with_label(f"dev.ftkit.run={run_label(run)}")
 
 
 def test_two_nodes_train_like_one_and_resume_after_losing_a_node(cluster: Any) -> None:

@@ -16,7 +16,7 @@ from tests.conftest import require
 
 require("trl")
 
-from tests.conftest import RECIPES, run_ftkit  # noqa: E402
+from tests.conftest import RECIPES, run_ftkit, run_label  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -170,4 +170,4 @@ def test_docker_executor_gives_the_same_result(run_dir: Path, docker_run_dir: Pa
     assert state["steps"]["train"]["process"]["container"]  # it ran in a container
     from ftkit.gateways import docker as dk
 
-    assert dk.containers_with_label(f"dev.ftkit.run={docker_run_dir.name}") == []  # none left behind
+    assert dk.containers_with_label(f"dev.ftkit.run={run_label(docker_run_dir)}") == []  # none left behind

@@ -30,7 +30,7 @@ from tests.conftest import require
 require("trl")
 require("bitsandbytes")
 
-from tests.conftest import RECIPES, ROOT, run_ftkit  # noqa: E402
+from tests.conftest import RECIPES, ROOT, run_ftkit, run_label  # noqa: E402
 
 RECIPE = RECIPES / "quickstart-qlora.yaml"
 
@@ -148,4 +148,4 @@ def test_docker_executor_gives_the_same_qlora_result(local_run: tuple[Path, str]
     assert merge_out["nf4_rounding"] == f"bitsandbytes {locked('bitsandbytes')}"  # the image's, as its lock pins it
     from ftkit.gateways import docker as dk
 
-    assert dk.containers_with_label(f"dev.ftkit.run={docker_run.name}") == []  # none left behind
+    assert dk.containers_with_label(f"dev.ftkit.run={run_label(docker_run)}") == []  # none left behind

@@ -26,7 +26,7 @@ from tests.conftest import require
 
 require("trl")
 
-from tests.conftest import RECIPES, run_ftkit  # noqa: E402
+from tests.conftest import RECIPES, run_ftkit, run_label  # noqa: E402
 from tests.e2e.faultkit import answers, free_port  # noqa: E402
 from tests.integration.conftest import machine_profile  # noqa: E402
 
@@ -90,7 +90,7 @@ def state(run: Path) -> dict:  # type: ignore[type-arg]
 def no_containers_of(run: Path) -> None:
     from ftkit.gateways import docker as dk
 
-    assert dk.containers_with_label(f"dev.ftkit.run={run.name}") == []
+    assert dk.containers_with_label(f"dev.ftkit.run={run_label(run)}") == []
 
 
 @pytest.mark.parametrize("model, says", [

@@ -11,6 +11,7 @@ import pytest
 
 from ftkit.gateways.docker import create_args
 from ftkit.plan.container import container_spec, step_command
+from ftkit.plan.spec import run_label
 from ftkit.run.executors.docker import request
 from ftkit.run.planning import prepare
 from tests.conftest import RECIPES
@@ -45,8 +46,10 @@ def test_every_container_is_complete(recipe: str, machine: str) -> None:
         assert cmd[:3 + len(processes) + 1] == ["python", "-m", "ftkit.run.incontainer", *processes, "--"], cmd
         assert cmd[cmd.index("--") + 1:] == step_command(step, plan)
         assert re.match(r"^ftkit/(train|serve|quantize):[\w.-]+?-[0-9a-f]{12}$", args["Image"]), args["Image"]
-        assert args["Name"] == f"ftkit-20261123T000000Z-x-{step.id}"
-        assert args["Labels"]["dev.ftkit.run"] == "20261123T000000Z-x" and args["Labels"]["dev.ftkit.step"] == step.id
+        label = run_label("/runs/20261123T000000Z-x")  # the run directory's name and a digest of its path
+        assert re.fullmatch(r"20261123T000000Z-x-[0-9a-f]{8}", label)
+        assert args["Name"] == f"ftkit-{label}-{step.id}"
+        assert args["Labels"]["dev.ftkit.run"] == label and args["Labels"]["dev.ftkit.step"] == step.id
         assert args["User"] and host["Init"] is True and not host.get("Privileged")
         targets = [m["Target"] for m in host["Mounts"]]
         assert all(m["Source"].startswith("/") for m in host["Mounts"])

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ftkit.plan.spec import run_label
 from tests.conftest import RECIPES, require, run_cli
 
 RECIPE = """\
@@ -139,7 +140,7 @@ def test_one_node_entry_per_host_with_its_rank_flags_and_interface(lab: dict[str
         assert flags == {"--num_machines": "2", "--machine_rank": str(n.rank), "--main_process_ip": "10.0.0.1",
                          "--main_process_port": "29400", "--rdzv_backend": "c10d",
                          "--rdzv_conf": f"is_host={1 - n.rank},join_timeout=300,read_timeout=300"}
-        assert n.argv[-4:-2] == ["-m", "ftkit.engines.train"] and n.env["PET_RDZV_ID"] == "r1"
+        assert n.argv[-4:-2] == ["-m", "ftkit.engines.train"] and n.env["PET_RDZV_ID"] == run_label("/shared/runs/r1")
     assert a.env["GLOO_SOCKET_IFNAME"] == a.env["NCCL_SOCKET_IFNAME"] == "enp5s0"
     assert b.env["GLOO_SOCKET_IFNAME"] == "enp6s0" and b.env["NCCL_IB_DISABLE"] == "1"
     assert "NCCL_IB_DISABLE" not in a.env and "NCCL_IB_DISABLE" not in train.env  # per node, not leaked
@@ -183,6 +184,7 @@ def test_plan_json_rebuilds_the_nodes(lab: dict[str, Path]) -> None:
 def test_each_node_gets_its_own_container(lab: dict[str, Path]) -> None:
     from ftkit.gateways import docker as dk
     from ftkit.plan.container import node_container_spec
+    from ftkit.plan.spec import run_label
     from ftkit.run.executors.docker import request
     from ftkit.run.executors.multinode import docker_run_command
 
@@ -190,7 +192,7 @@ def test_each_node_gets_its_own_container(lab: dict[str, Path]) -> None:
     train = plan.step("train")
     a, b = (node_container_spec(train, plan, n) for n in train.nodes)
     assert a.name.endswith("-train-node-a") and b.name.endswith("-train-node-b")
-    assert b.labels["dev.ftkit.node"] == "node-b" and b.labels["dev.ftkit.run"] == "r1"
+    assert b.labels["dev.ftkit.node"] == "node-b" and b.labels["dev.ftkit.run"] == run_label(plan.run_dir)
     assert b.labels["dev.ftkit.step"] == "train" and b.env["NCCL_IB_DISABLE"] == "1"
     assert "NCCL_IB_DISABLE" not in a.env and a.device_ids == ["0", "1"] and a.ports == []
     engine = a.command[a.command.index("--") + 1:]  # after ftkit.run.incontainer's `--`

@@ -711,3 +711,23 @@ def test_a_replacing_server_takes_over_the_port(tmp_path: Path) -> None:
     assert result.status == "succeeded", (console, st)
     assert st["steps"]["old"]["replaced_by"] == "new" and st["steps"]["new"]["passed"] == 1
     assert "new replaces old on GPU(s) [0]: stopping old" in console
+
+
+def test_ftkit_down_stops_only_its_own_runs_containers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs whose directories share a name (every compose stack's is `run`; tests make many)
+    get different container labels, and cleaning one up asks Docker only for its own: a label
+    from the directory's name alone let `ftkit down` of one stop the other's containers."""
+    from ftkit.gateways import docker as dk
+    from ftkit.plan.spec import run_label
+    from ftkit.run import stale
+
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert run_label(str(a)) != run_label(str(b)) and run_label(str(a)).startswith("run-")
+    asked: list[str] = []
+    monkeypatch.setattr(dk, "reachable", lambda host: True)
+    monkeypatch.setattr(dk, "containers_with_label", lambda label, host=None, **kw: asked.append(label) or [])
+    a.mkdir(parents=True)
+    plan = {"executor": "docker", "steps": [{"executor": "docker", "labels": {"dev.ftkit.run": run_label(str(a))}}]}
+    stale.stop_leftovers(a, plan)
+    stale.stop_leftovers(a, None)  # plan.json gone: the label its path gives
+    assert asked == [f"dev.ftkit.run={run_label(str(a))}"] * 2

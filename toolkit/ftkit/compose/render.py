@@ -22,6 +22,7 @@ the recipe's caps whichever way it is started.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import posixpath
@@ -153,11 +154,17 @@ class _Vars:
 
 class _Renderer:
     def __init__(self, plan: Plan, o: RenderOptions) -> None:
-        self.plan, self.o = plan, o
         self.vars = _Vars()
         multi = next((s for s in plan.steps if s.nodes), None)
         node = (o.node or multi.nodes[0].name) if multi is not None else None
         self.project = o.project or project_name(plan.recipe, o.out_dir, o.recipe_dir, node)
+        # The stack's containers carry its project as their run label: unique per stack like the
+        # project, the same in every clone (ftkit up's label digests the run directory's path)
+        plan = copy.deepcopy(plan)
+        for s in plan.steps:
+            if "dev.ftkit.run" in s.labels:
+                s.labels["dev.ftkit.run"] = self.project
+        self.plan, self.o = plan, o
 
     def render(self) -> Stack:
         plan = self.plan

@@ -18,7 +18,7 @@ from ftkit.plan import cluster as cluster_plan
 from ftkit.plan import launch, memory, power, servefit, serving
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
 from ftkit.plan.jobs import EvalJob, QuantizeJob, TinyJob, TrainJob
-from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, StepSpec
+from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, StepSpec, run_label
 from ftkit.recipe.models import (
     EvalStep,
     LoadAdapterStep,
@@ -150,7 +150,7 @@ def build_plan(
     warnings: list[str] = []
     all_gpus = [g.index for g in machine.gpus]
     arch = arch_for(recipe, local_model_config)
-    run_id = PurePosixPath(run_dir).name
+    run_id = run_label(run_dir)
     container_lease = str(CONTAINER_ROOT / "lease")
 
     # Inputs the engines read. Docker mounts each one (a file or a directory) read-only at

@@ -14,6 +14,7 @@ import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from ftkit.plan.memory import FitEstimate
@@ -71,6 +72,17 @@ class NodeSpec:
     docker_host: str | None = None  # None: this machine's engine (the plan's docker.host)
     network: str = "host"  # Docker network of the container
     manual: bool = False  # ftkit cannot reach this node's engine: it prints the command instead
+
+
+def run_label(run_dir: str) -> str:
+    """The `dev.ftkit.run` label of a run's containers (and the middle of their names):
+    the run directory's name and a digest of its whole path. The name alone is not unique -
+    every compose stack's run directory is `run`, tests make many - and `ftkit down` stops the
+    containers carrying a run's label, so a label two runs share stops the other's too."""
+    import hashlib
+
+    name = PurePosixPath(run_dir).name or "run"
+    return f"{name}-{hashlib.sha256(run_dir.encode()).hexdigest()[:8]}"
 
 
 @dataclass

@@ -124,6 +124,24 @@ def _kill_group(pid: int, start: int | None, grace_s: float = 10.0) -> bool:
     return True
 
 
+def _run_containers(run: Path, plan: dict[str, Any] | None, host: str | None) -> list[dict[str, Any]]:
+    """The containers of this run: by the labels its plan gave its steps (the plan is the one
+    source; runs planned before labels were unique carry their directory's name), else by
+    the label its path gives (plan.json gone)."""
+    from ftkit.gateways import docker as dk
+    from ftkit.plan.spec import run_label
+
+    labels = {str(s["labels"]["dev.ftkit.run"]) for s in (plan or {}).get("steps") or []
+              if isinstance(s, dict) and isinstance(s.get("labels"), dict) and s["labels"].get("dev.ftkit.run")}
+    if not labels:
+        labels = {run_label(str(run.resolve()))}
+    seen: dict[str, dict[str, Any]] = {}
+    for label in sorted(labels):
+        for c in dk.containers_with_label(f"dev.ftkit.run={label}", host):
+            seen.setdefault(c["Id"], c)
+    return list(seen.values())
+
+
 def stop_leftovers(run: Path, plan: dict[str, Any] | None = None, *, docker_host: str | None = None,
                    report: CleanReport | None = None) -> CleanReport:
     """Containers labelled with this run and recorded processes that are still alive."""
@@ -147,7 +165,7 @@ def stop_leftovers(run: Path, plan: dict[str, Any] | None = None, *, docker_host
                 if host != docker_host:
                     report.problems.append(f"containers on {host}: its Docker engine does not answer")
                 continue
-            for c in dk.containers_with_label(f"dev.ftkit.run={run.name}", host):
+            for c in _run_containers(run, plan, host):
                 dk.stop_container(c["Id"], 10, host)
                 dk.remove_container(c["Id"], host)
                 report.containers.append(c["Id"][:12])
