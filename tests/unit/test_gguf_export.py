@@ -629,3 +629,18 @@ def test_run_without_a_merged_model_is_refused(model: Path, tmp_path: Path) -> N
     (run / "plan.json").write_text('{"steps": "merge"}')
     result = run_cli("export", "--to", "gguf", str(run), "-o", str(tmp_path / "g"))
     assert result.code == 2 and "plan.json" in result.err and len(result.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--to", "gguf"], "give one of them"),
+    (["--to", "gguf", "some-run", "--model", "m"], "give one of them"),
+    (["--to", "gguf", "some-run", "--template", "chatml"], "--template is for --model"),
+    (["recipes/quickstart.yaml", "--quant", "q8_0"], "--quant is for --to gguf"),
+    (["recipes/quickstart.yaml", "--dry-run"], "--dry-run is for --to gguf"),
+    (["--to", "gguf", "no-such-run"], "not a run directory"),
+])
+def test_export_arguments_are_checked_in_one_line(tmp_path: Path, args: list[str], words: str) -> None:
+    result = run_cli("export", *args, cwd=tmp_path)
+    assert result.code == 2 and words in result.err, result.err
+    assert len(result.err.strip().splitlines()) <= 2  # the message, and at most a hint
+    assert list(tmp_path.iterdir()) == []

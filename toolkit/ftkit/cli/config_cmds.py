@@ -121,7 +121,7 @@ def plan(recipe: str, machine_path: str | None, executor: str | None, as_json: b
               "full), the RAM and disk it needs; write nothing")
 @click.option("-o", "--output", type=CheckedPath(system_ok=False, path_type=str),
               help="trainjob: write to this file instead of stdout; gguf: the new directory for model.gguf and "
-              "Modelfile (default: ./<recipe>-<quant>-gguf)")
+              "Modelfile (default: ./<recipe, or the model directory's name>-<quant>-gguf)")
 def export(source: str | None, target: str, machine_path: str | None, step_id: str | None, pvc: str | None,
            namespace: str | None, image: str | None, model_dir: str | None, quant: str | None, template: str | None,
            name: str | None, dry_run: bool, output: str | None) -> None:
