@@ -546,12 +546,16 @@ def _tokenizer(p: Path, fn) -> None:  # type: ignore[no-untyped-def]
     (p / "tokenizer.json").write_text(json.dumps(tok))
 
 
-def _nan_weight(p: Path) -> None:
+def _set_weight(p: Path, value: float) -> None:
     from safetensors.torch import load_file, save_file
 
     sd = load_file(p / "model.safetensors")
-    sd["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    sd["model.layers.0.mlp.up_proj.weight"][3, 5] = value
     save_file(sd, p / "model.safetensors")
+
+
+def _nan_weight(p: Path) -> None:
+    _set_weight(p, float("nan"))
 
 
 HOSTILE = {
@@ -582,6 +586,7 @@ HOSTILE = {
     "weights-missing": (lambda p: (p / "model.safetensors").unlink(), [], "no model.safetensors"),
     "weights-truncated": (lambda p: os.truncate(p / "model.safetensors", 1000), [], "safetensors"),
     "weights-nan": (_nan_weight, [], "inf or nan"),
+    "weight-beyond-f16": (lambda p: _set_weight(p, 7e4), ["--quant", "f16"], "beyond f16's range"),
     "model-link-to-file": (lambda p: (shutil.rmtree(p), (p.parent / "f").write_text(""), p.symlink_to(p.parent / "f")),
                            [], "not a directory"),
     "output-exists": (lambda p: (p.parent / "out").mkdir(), [], "exists"),
@@ -604,8 +609,9 @@ def test_hostile_input_is_refused_in_one_line(model: Path, tmp_path: Path, name:
     args = [a.replace("{model}", str(src)) for a in extra]
     output = [] if "-o" in args else ["-o", str(tmp_path / "out")]
     template = [] if "--template" in args else ["--template", "alpaca"]
+    quant = [] if "--quant" in args else ["--quant", "f32"]
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = run_cli("export", "--to", "gguf", "--model", str(src), *template, *output, *args)
+    result = run_cli("export", "--to", "gguf", "--model", str(src), *template, *quant, *output, *args)
     assert result.code == 2, (result.code, result.err)
     # a weight's inf/nan shows while it is converted, after the progress lines ("gguf: ...")
     lines = [ln for ln in result.err.strip().splitlines() if not ln.startswith("gguf: ")]

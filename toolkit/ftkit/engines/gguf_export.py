@@ -458,7 +458,11 @@ def _encode(gguf: Any, rows: Any, src_dtype: str, qtype: str) -> Any:
     if qtype == "F32":
         return np.ascontiguousarray(rows, dtype=np.float32).view(np.uint8)
     if qtype == "F16":
-        return np.ascontiguousarray(rows.astype(np.float16)).view(np.uint8)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, not warned about
+            half = np.ascontiguousarray(rows.astype(np.float16))
+        if not np.isfinite(half).all():  # the source was finite (checked): a value beyond f16's 65504
+            raise Overflow("a weight is beyond f16's range (65504); export bf16 or f32")
+        return half.view(np.uint8)
     return gguf.quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), gguf.GGMLQuantizationType[qtype])
 
 
@@ -483,6 +487,10 @@ def _finite(block: Any, src_dtype: str) -> bool:
 
 class NonFinite(BadModelFile):
     """A weight holds inf or nan (exit 2: nothing written)."""
+
+
+class Overflow(UserError):
+    """A weight does not fit the chosen type (exit 2: nothing written)."""
 
 
 def _write_metadata(gguf: Any, w: Any, plan: ExportPlan) -> None:
@@ -564,7 +572,10 @@ def write_gguf(plan: ExportPlan, path: Path, log: Callable[[str], None]) -> None
                     rows = _permute(rows, rows.shape[0] // (t.shape[0] // t.permute_heads))
                 if len(t.shape) == 1:
                     rows = rows.reshape(-1)
-                data = np.ascontiguousarray(_encode(gguf, rows, t.source.dtype, t.qtype)).reshape(-1)
+                try:
+                    data = np.ascontiguousarray(_encode(gguf, rows, t.source.dtype, t.qtype)).reshape(-1)
+                except Overflow as e:
+                    raise Overflow(f"{t.source.file}: tensor {st._show(t.source.name)}: {e}") from None
                 fout.write(data.data)
                 written += data.nbytes
         if written != t.nbytes:
