@@ -191,7 +191,10 @@ def test_services_come_from_the_plans_container_specs(mistral: Path) -> None:
         binds = sorted((v.split(":")[0], v.split(":")[1], v.endswith(":ro")) for v in svc["volumes"])
         assert binds == sorted((m.host, m.container, m.read_only) for m in cs.mounts)
         assert svc["image"] == cs.image and svc["working_dir"] == cs.workdir
-        assert svc.get("labels", {}) == cs.labels
+        # the run label is the stack's project (as unique as the project, the same in every clone)
+        project = next(ln.split("=", 1)[1] for ln in (mistral / ".env").read_text().splitlines()
+                       if ln.startswith("COMPOSE_PROJECT_NAME="))
+        assert svc.get("labels", {}) == {**cs.labels, "dev.ftkit.run": project}
         devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         assert [d["device_ids"] for d in devices] == ([cs.device_ids] if cs.device_ids else [])
         assert all(d["capabilities"] == ["gpu"] for d in devices)

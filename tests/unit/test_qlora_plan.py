@@ -43,7 +43,7 @@ def test_the_qlora_quickstart_plans_on_a_cpu_machine() -> None:
     assert run_cli("validate", str(QLORA), "--machine", CPU).code == 0
     plan = plan_json(QLORA)
     steps = {s["id"]: s for s in plan["steps"]}
-    assert steps["train"]["description"] == "train: qlora on the CPU" and steps["train"]["gpus"] == []
+    assert steps["train"]["description"] == "qlora training on the CPU" and steps["train"]["gpus"] == []
     merge = steps["merge"]["argv"]
     assert merge[merge.index("--nf4-dequantized-base") + 1:] == ["--nf4-dtype", "bf16"]  # as the train step loaded it
     eval_cfg = json.loads(next(f["content"] for f in steps["eval"]["files"] if f["path"].startswith("configs/eval")))

@@ -339,14 +339,15 @@ def build_plan(
             env = {"CUDA_VISIBLE_DEVICES": visible(gpus)}
             if step.method == "qlora":
                 env["BNB_CUDA_VERSION"] = ""  # let bitsandbytes match torch's CUDA
-            how = f"{step.method} on {len(gpus)} GPU(s) {gpus} with {step.distribution}" if gpus else f"{step.method} on the CPU"
+            how = (f"{step.method} training on {len(gpus)} GPU(s) {gpus} with {step.distribution}" if gpus else
+                   f"{step.method} training on the CPU")
             if step.optimizer == "paged_adamw_8bit" and (not gpus or simulated_gpus):
                 train_notes.append("paged_adamw_8bit on the CPU: bitsandbytes pages optimizer states only on CUDA; "
                                    "here it runs as adamw_8bit (the same 8-bit states, nothing to page)")
             steps.append(spec(id=name, kind="train", recipe_step=name, executor=executor, argv=argv, env=env,
                               gpus=gpus, files=files, outputs=dict(train_outputs[name]), power_caps_w=dict(caps_now),
                               lease=lease("train", gpus, max_power_w={g: caps_now[g] for g in gpus if g in caps_now}),
-                              shm_size="8g" if len(gpus) > 1 else None, notes=train_notes, description=f"train: {how}"))
+                              shm_size="8g" if len(gpus) > 1 else None, notes=train_notes, description=f"{how}"))
             if multinode:
                 _multinode(steps[-1], step, machine.cluster, run_id, visible(gpus), arch, cluster_info)
             if arch is None:
@@ -534,7 +535,7 @@ def _multinode(s: StepSpec, step: TrainStep, cluster: Any, run_id: str, visible:
                info: dict[str, Any]) -> None:
     """One trainer per node for a train step with `nodes:` (see plan.cluster)."""
     s.nodes = cluster_plan.node_specs(step, cluster, argv=s.argv, run_id=run_id, visible=visible)
-    s.description = s.description.replace("train: ", f"train on {step.nodes} nodes: ", 1)
+    s.description = s.description.replace(" training on ", f" training on {step.nodes} nodes, each on ", 1)
     first = s.nodes[0]
     s.argv = list(first.argv)  # what rank 0 runs; each node's argv and env (over s.env) are in s.nodes
     remote = [n.name for n in s.nodes if n.docker_host or n.manual]
