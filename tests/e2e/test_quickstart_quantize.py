@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def quantize_image(cpu_images):  # type: ignore[no-untyped-def]
+def quantize_image(cpu_images, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """This checkout's quantize/cpu image, built like the session's train and serve images
     (same base, wheelhouse and CA bundle, so a profile with those settings plans its tag);
     removed afterwards when this fixture built it (FTKIT_KEEP_TEST_IMAGES=1 keeps it)."""
@@ -35,7 +35,8 @@ def quantize_image(cpu_images):  # type: ignore[no-untyped-def]
     tag = builder.plan_build(project.find_root(), "quantize", "cpu", base_image=BASE).tag
     built = dk.image_attrs(tag) is None
     if built:
-        args = ["build", "--image", "quantize", "--variant", "cpu", "--base-image", BASE]
+        lock = tmp_path_factory.mktemp("quantize-lock") / "images.lock.json"  # not the checkout's
+        args = ["build", "--image", "quantize", "--variant", "cpu", "--base-image", BASE, "--images-lock", str(lock)]
         if Path(CA).is_file():
             args += ["--ca-bundle", CA]
         if Path(WHEELHOUSE).is_dir():
