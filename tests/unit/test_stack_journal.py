@@ -292,6 +292,25 @@ def test_a_one_shot_step_stopped_is_interrupted_and_the_run_not_stale(stack: Pat
     assert result.code == 2 and "docker compose drives" in result.err
 
 
+def test_a_stop_before_the_command_starts_is_journaled_and_nothing_starts(stack: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker compose stop in the moment between the journal's start and the command's."""
+    run = stack / "run"
+    real, before = stackjournal.started, signal.getsignal(signal.SIGTERM)
+
+    def started_then_stopped(*args, **kwargs):  # type: ignore[no-untyped-def]
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # to this process: run_journaled's handler takes it
+
+    monkeypatch.setattr(stackjournal, "started", started_then_stopped)
+    marker = run / "started-anyway"
+    assert step(run, "tiny-model", f"touch {marker}") == 128 + signal.SIGTERM
+    assert not marker.exists()
+    entry = state(run)["steps"]["tiny-model"]
+    assert entry["status"] == "interrupted" and entry["message"].startswith("stopped by SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) == before  # this process's own handler is back
+
+
 def test_concurrent_containers_never_lose_an_entry(stack: Path) -> None:
     """Writers in separate processes at once (a server and the chain, several stacks' worth):
     every start and end lands, state.json is whole JSON at every moment."""

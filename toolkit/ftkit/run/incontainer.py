@@ -33,7 +33,6 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
 
 THREAD_VARS = ("OMP_NUM_THREADS",)
 RUN_DIR = Path("/ftkit/run")  # plan.container's run mount: the same in every step's container
@@ -153,71 +152,80 @@ def apply_threads(processes: int = 1) -> None:
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _forwarding(proc: subprocess.Popen[bytes], stopped: list[int]) -> dict[int, Any]:
-    """Signals to this process go to CMD (as tini would send them to CMD without this process
-    between); returns the handlers they replaced."""
-    def forward(signum: int, frame: object) -> None:
-        stopped.append(signum)
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
-    return {sig: signal.signal(sig, forward) for sig in FORWARDED}
-
-
 def run_journaled(run: Path, step_id: str, cmd: list[str]) -> int:
-    """CMD as a child, journaled and logged; returns its exit status (128+N after signal N)."""
+    """CMD as a child, journaled and logged; returns its exit status (128+N after signal N).
+    Signals to this process go to CMD (as tini would send them to CMD without this process
+    between); one that comes before CMD has started stops the step before it starts."""
     import threading
 
     from ftkit.run import stackjournal
 
-    stackjournal.started(run, step_id, cmd, say=_say)
-    log = stackjournal.open_log(run, step_id, cmd, say=_say)
-    tail: deque[bytes] = deque(maxlen=200)
     stopped: list[int] = []
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: S603 - the plan's
-    except OSError as e:
-        _say(f"cannot start {cmd[0]}: {e.strerror or e}")
-        stackjournal.ended(run, step_id, 127, [], f"cannot start {cmd[0]}: {e.strerror or e}", say=_say)
-        return 127
-    previous = _forwarding(proc, stopped)
+    child: list[subprocess.Popen[bytes]] = []
 
-    def copy() -> None:  # CMD's output to the container's (docker logs) and to the step's log
-        out = log
-        assert proc.stdout is not None  # noqa: S101 - Popen(stdout=PIPE) made it
-        while chunk := proc.stdout.read1(65536):
-            tail.extend(chunk.splitlines(keepends=True))
+    def forward(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        for proc in child:
             try:
-                os.write(1, chunk)
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        stackjournal.started(run, step_id, cmd, say=_say)
+        log = stackjournal.open_log(run, step_id, cmd, say=_say)
+        if stopped:  # stopped while it was being journaled: CMD never starts
+            if log is not None:
+                log.close()
+            stackjournal.ended(run, step_id, 128 + stopped[0], stopped, "", say=_say)
+            return 128 + stopped[0]
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: S603 - the plan's
+        except OSError as e:
+            _say(f"cannot start {cmd[0]}: {e.strerror or e}")
+            stackjournal.ended(run, step_id, 127, [], f"cannot start {cmd[0]}: {e.strerror or e}", say=_say)
+            return 127
+        child.append(proc)
+        if stopped:  # came between the check above and now: CMD gets it too
+            proc.send_signal(stopped[0])
+        tail: deque[bytes] = deque(maxlen=200)
+
+        def copy() -> None:  # CMD's output to the container's (docker logs) and to the step's log
+            out = log
+            assert proc.stdout is not None  # noqa: S101 - Popen(stdout=PIPE) made it
+            while chunk := proc.stdout.read1(65536):
+                tail.extend(chunk.splitlines(keepends=True))
+                try:
+                    os.write(1, chunk)
+                except OSError:
+                    pass
+                if out is not None:
+                    try:
+                        out.write(chunk)
+                        out.flush()
+                    except (OSError, ValueError):  # ValueError: closed after the wait below gave up on the pipe
+                        out = None
+
+        reader = threading.Thread(target=copy, name="output", daemon=True)
+        reader.start()
+        code = proc.wait()
+        reader.join(timeout=5)  # a process CMD left behind may hold the pipe open: not for long
+        status = 128 - code if code < 0 else code
+        if log is not None:
+            try:
+                log.close()
             except OSError:
                 pass
-            if out is not None:
-                try:
-                    out.write(chunk)
-                    out.flush()
-                except (OSError, ValueError):  # ValueError: closed after the wait below gave up on the pipe
-                    out = None
-
-    reader = threading.Thread(target=copy, name="output", daemon=True)
-    reader.start()
-    code = proc.wait()
-    reader.join(timeout=5)  # a process CMD left behind may hold the pipe open: not for long
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-    status = 128 - code if code < 0 else code
-    if log is not None:
         try:
-            log.close()
-        except OSError:
-            pass
-    try:
-        output = b"".join(list(tail)).decode("utf-8", "replace")
-    except RuntimeError:  # still being copied (the pipe held open): no reason from it
-        output = ""
-    stackjournal.ended(run, step_id, status, stopped, output, say=_say)
-    return status
+            output = b"".join(list(tail)).decode("utf-8", "replace")
+        except RuntimeError:  # still being copied (the pipe held open): no reason from it
+            output = ""
+        stackjournal.ended(run, step_id, status, stopped, output, say=_say)
+        return status
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
