@@ -98,7 +98,7 @@ def test_prompts_that_share_a_template_are_told_apart() -> None:
 def test_eval_text_takes_a_hostile_summary_without_a_traceback() -> None:
     assert eval_text({"models": [1, 2], "prompts": "x"}) == "no accuracy recorded"
     assert eval_text({"models": {"a": {"accuracy": 1}, "b": {"accuracy": 2}}, "order": ["b", 3, "zz"]}) == "b 2.0% -> a 1.0%"
-    assert eval_text({"models": {"\x1b[2J": {"accuracy": True}, "b": {"accuracy": 1e309}}}) == "b inf%"
+    assert eval_text({"models": {"\x1b[2J": {"accuracy": True}, "b": {"accuracy": 1e309}}}) == "no accuracy recorded"
     assert "\x1b" not in eval_text({"models": {"\x1b[2Jbase": {"accuracy": 3}}, "score": "\x1b"})
 
 
@@ -220,3 +220,35 @@ def test_the_live_console_on_a_terminal_leaves_whole_lines_shown_once() -> None:
     for got, want in zip(shown, expected, strict=True):
         assert got.startswith(want), "\n".join(shown)
     assert shown[3].endswith("(100 steps, loss 0.5000)")
+
+
+def test_what_came_from_files_or_steps_reaches_the_console_escaped_and_never_breaks_it(tmp_path: Path) -> None:
+    """A step's last lines, a skip reason, a note and a lease line may carry a model's or a
+    file's text: escaped, one line each. Numbers from files that JSON allows but no format
+    takes (NaN, Infinity, 1e308, a 400-digit integer) are left out, never a crash."""
+    plan = _plan(tmp_path, power=False)
+    out = io.StringIO()
+    d = Display(plan, stream=out)
+    evil = "row \x1b]0;owned\x07\x1b[2J"
+    d.step_started(plan.steps[0])
+    d.step_finished(plan.steps[0], "failed", f"exit 1\n--- last lines ---\nValueError: {evil}")
+    d.step_skipped(plan.steps[1], f"because {evil}")
+    d.note(f"server said {evil}\nsecond line")
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and text.count("\\x1b") == 6, text
+    for bad in (float("nan"), float("inf"), 1e308, 10**400, -5.0):
+        summary = {"global_step": bad, "train_loss": bad, "rows": bad, "input_bytes": bad, "prompts": bad,
+                   "models": {"base": {"accuracy": bad, "correct": bad}}, "improvement_points": bad}
+        d.step_finished(plan.steps[0], "succeeded", "", {"summary": summary})
+        d.step_finished(plan.steps[1], "succeeded", "", {"summary": summary})
+        assert eval_text(summary) in ("no accuracy recorded", "base -5.0% (-5/-5); -5.0 points")
+    m = tmp_path / "m.jsonl"
+    for t in ("1e308", "Infinity", "NaN", "-1"):
+        m.write_text('{"step": 5, "loss": 1.0, "time_s": ' + t + "}\n")
+        p = latest_progress(m, 10)
+        assert p is not None and p.step == 5 and (p.eta_s is None or p.eta_s >= 0)
+        from ftkit.run.display import progress_text
+
+        progress_text(p)
+    m.write_text("[" * 200_000 + "\n")
+    assert latest_progress(m, 10) is None

@@ -290,10 +290,12 @@ def _running_note(run: Path, sid: str, entry: dict) -> str:  # type: ignore[type
 
 def _max_steps_of(spec: dict) -> int | None:  # type: ignore[type-arg]
     """max_steps from a train step's generated engine config in plan.json (None: by epochs)."""
+    from ftkit.files import parse_json
+
     for f in spec.get("files") or []:
         if isinstance(f, dict) and str(f.get("path", "")).startswith("configs/train-"):
             try:
-                value = json.loads(str(f.get("content")))["train"].get("max_steps")
+                value = parse_json(str(f.get("content")))["train"].get("max_steps")  # bounded: never a RecursionError
             except (ValueError, KeyError, TypeError, AttributeError):
                 return None
             return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -13,6 +13,7 @@ line every 15 s instead.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -52,13 +53,21 @@ class Row:
 
 
 def _fmt_s(s: float | None) -> str:
-    if s is None:
+    if s is None or not math.isfinite(s) or s < 0:
         return ""
     return f"{s:.1f} s" if s < 120 else f"{int(s // 60)} min {int(s % 60):02d} s"
 
 
 def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    """A number read from a file ftkit's engines wrote (but anyone may have): finite and of a
+    size an int() or a format takes (JSON allows NaN, Infinity and 1e999), else None."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # a 400-digit integer
+        return None
+    return f if math.isfinite(f) and abs(f) < 1e15 else None
 
 
 class Display:
@@ -102,8 +111,8 @@ class Display:
         text = f"[{self._n(step)}] {step.id}: {MARK.get(status, status)}{took}"
         extra = (train_text(summary) if step.kind == "train" and isinstance(summary, dict)
                  else quantize_text(summary) if step.kind == "quantize" and isinstance(summary, dict) else "")
-        if message:
-            lines = message.splitlines() or [""]
+        if message:  # a failure's reason ends with the step's last output lines: escaped
+            lines = [printable(ln) for ln in message.splitlines()] or [""]
             sep = ": " if status in ("failed", "interrupted") else " ("
             text += f"{sep}{lines[0]}" + (")" if sep == " (" else "")
             rest = lines[1:]
@@ -118,14 +127,14 @@ class Display:
     def step_skipped(self, step: StepSpec, reason: str) -> None:
         row = self.rows[step.id]
         row.status, row.note = "skipped", reason
-        self.say(f"[{self._n(step)}] {step.id}: skipped" + (f" ({reason})" if reason else ""))
+        self.say(f"[{self._n(step)}] {step.id}: skipped" + (f" ({printable(reason)})" if reason else ""))
 
     def line(self, step: StepSpec, text: str) -> None:
         """One line of a step's output: only the lease's messages reach the console (and, for a
         multi-node step, whose lines come as `[node] text`, the nodes started by hand)."""
         body = text.split("] ", 1)[1] if step.nodes and text.startswith("[") and "] " in text else text
         if body.startswith(("ftkit lease", "ftkit: building", "ftkit: start node")):
-            self.say(f"    {step.id}: {text}")
+            self.say(f"    {step.id}: {printable(text)}")
 
     def progress(self, step: StepSpec, p: Progress) -> None:
         last = self.rows[step.id].progress
@@ -142,7 +151,9 @@ class Display:
             self.say(f"    {line}")
 
     def note(self, text: str) -> None:
-        self.say(f"ftkit: {text}")
+        """A runner's note; it may quote a server's or a file's words: every line escaped."""
+        for n, line in enumerate(text.splitlines() or [""]):
+            self.say(("ftkit: " if n == 0 else "       ") + printable(line))
 
     def finish(self, status: str, run_dir: str) -> None:
         """The run is over (the runner calls it once, after the machine is put back)."""
@@ -409,9 +420,11 @@ def latest_progress(metrics: Path, total: int | None, *, tail_bytes: int = 65536
         chunk = read_bounded(metrics, tail_bytes, tail=True).decode("utf-8", errors="replace")
     except (OSError, ValueError):
         return None
+    from ftkit.files import parse_json
+
     for line in reversed(chunk.splitlines()):
         try:
-            row = json.loads(line)
+            row = parse_json(line)  # never a RecursionError
         except ValueError:
             continue
         if isinstance(row, dict) and _number(row.get("loss")) is not None:

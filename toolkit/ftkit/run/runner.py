@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import EngineError, FtkitError, GpuError, HttpError, ServerNotReady
+from ftkit.files import parse_json
 from ftkit.gateways import http, serving
 from ftkit.gateways import subprocess as sp
 from ftkit.plan.jobs import complete_marker
@@ -841,8 +842,8 @@ class _MetricsWatcher:
                 continue
             for line in chunk.splitlines():
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                    row = parse_json(line)  # a file anyone may write: never a RecursionError
+                except ValueError:
                     continue
                 if isinstance(row, dict) and "loss" in row:
                     last = row
