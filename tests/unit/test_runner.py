@@ -731,3 +731,24 @@ def test_ftkit_down_stops_only_its_own_runs_containers(tmp_path: Path, monkeypat
     stale.stop_leftovers(a, plan)
     stale.stop_leftovers(a, None)  # plan.json gone: the label its path gives
     assert asked == [f"dev.ftkit.run={run_label(str(a))}"] * 2
+
+
+def test_an_early_load_that_never_finished_fails_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The early-load thread dies after journaling the load as running (a bug, a full disk):
+    the run does not end `succeeded` with no adapter loaded, and no thread traceback reaches
+    the console (ftkit's log has it)."""
+    srv = server(tmp_path, "srv")
+    train = step("train", trainer(tmp_path, wind_s=2), kind="train", outputs={"adapter": "steps/train/adapter"})
+    plan = plan_of(tmp_path, srv, train, load("live", srv, "v1"))
+    real = Display.step_started
+
+    def broken(self, s):  # type: ignore[no-untyped-def]
+        if s.id == "live" and threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("display broke")
+        return real(self, s)
+
+    monkeypatch.setattr(Display, "step_started", broken)
+    result, console, st = execute(tmp_path, plan)
+    assert result.status == "failed" and result.failed_step == "live", (result, console)
+    assert st["steps"]["live"]["status"] == "interrupted" and "Traceback" not in console
+    assert "display broke" in (tmp_path / "run/logs/ftkit.log").read_text()

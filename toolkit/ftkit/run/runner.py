@@ -173,8 +173,12 @@ def _drive(run: RunDir, plan: Plan, display: Display, *, echo: bool, resume: boo
                         continue
                     done = ctx.early.pop(step.id, None)
                     if done is not None:  # done as soon as the adapter was written: journaled and shown then
-                        if done.status == "failed" and not failed:
-                            failed, message = step.id, done.message
+                        if done.status != "succeeded" and not failed and not stop:  # failed, or never finished
+                            failed, message = step.id, done.message or "the early load did not finish"
+                        elif done.status == "succeeded" and failed:
+                            note = f"the adapter went live before {failed} failed; the server keeps it loaded"
+                            _quietly(ctx, "journal", lambda sid=step.id, n=note: journal.step_detail(sid, note=n))
+                            display.note(f"{step.id}: {note}")
                         continue
                     if failed or stop:
                         why = (("images could not be prepared" if failed == "images" else f"step {failed} failed")
@@ -654,11 +658,17 @@ def _gpu_trouble(ctx: Context, gpus: list[int]) -> str | None:
     return None
 
 
-def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
+def _load_adapter(ctx: Context, step: StepSpec, cancelled: Any = lambda: False) -> Outcome:
     """Put a trained adapter live in a running vLLM (POST /v1/load_lora_adapter): wait until
     the server answers (it may be coming back from yielding its GPUs to training), load,
     check that /v1/models lists the new name and that it answers, and journal how long the
-    adapter took from being written to answering."""
+    adapter took from being written to answering. `cancelled`: an early load (while its
+    train step ends) the runner has given up on stops before its next request or display."""
+
+    def check() -> None:
+        if cancelled():
+            raise EngineError("the early load was given up (its train step ended or the run was stopped)")
+
     req = step.request or {}
     sid = str(req.get("server"))
     handle = ctx.servers.get(sid)
@@ -670,10 +680,12 @@ def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
     adapter_dir = req.get("adapter_dir")
     written = _written_at(ctx.run.file(str(adapter_dir))) if isinstance(adapter_dir, str) and adapter_dir else None
     name = str(req["body"]["lora_name"])
+    check()
     t0 = time.monotonic()
     try:
         http.request_json(str(req.get("method", "POST")), str(req["url"]), req["body"], timeout=300, text_answer=True)
     except HttpError as e:
+        check()  # given up: the unwinding owns the server's guard now
         if handle.alive():
             _serves_on(ctx, sid)
         raise EngineError(f"vLLM did not load the adapter {name!r}: {serving.http_reason(e)}") from None
@@ -685,9 +697,11 @@ def _load_adapter(ctx: Context, step: StepSpec) -> Outcome:
     if name not in listed:
         raise EngineError(f"vLLM said it loaded {name!r}, but /v1/models lists only {listed}")
     prompts = step.prompts or [{"prompt": "Hello", "max_tokens": 1}]  # at least: the new name answers
+    check()
     first = serving.run_prompts(str(ready["base_url"]), name, prompts[:1])
     live_after = time.time() - written if written else None  # written -> its first answer
     results = first + serving.run_prompts(str(ready["base_url"]), name, prompts[1:])
+    check()
     if step.prompts:
         ctx.display.prompts(step, results)
     ctx.run.write(step.outputs["responses"], "".join(json.dumps(r) + "\n" for r in results))
@@ -902,6 +916,9 @@ class _EarlyLoads:
             # a load under way finishes (its requests have their own timeouts); after a
             # failure or a signal it gets a few seconds, then it is left behind
             self._thread.join(None if exc_type is None else 5.0)
+        except BaseException as e:  # a signal while waiting for it: that is why the load stops
+            exc = e
+            raise
         finally:
             with self._lock:
                 self._closed = True
@@ -921,6 +938,12 @@ class _EarlyLoads:
         return stat.S_ISREG(st.st_mode) and st.st_mtime >= self.since and _holds_weights(self.adapter)
 
     def _watch(self) -> None:
+        try:
+            self._loads()
+        except Exception as e:  # noqa: BLE001 - a thread's traceback must not reach the console: ftkit's log has it
+            _quietly(self.ctx, "early load", lambda err=e: _internal_error(self.ctx, err))
+
+    def _loads(self) -> None:
         while not self._complete():
             if self._stop.wait(self.POLL_S):
                 return  # the step ended first: its loads run after it
@@ -933,7 +956,7 @@ class _EarlyLoads:
                 self.ctx.journal.step(load.id, "running", during_step=self.step.id)
                 self.ctx.display.step_started(load)
             try:
-                outcome = _load_adapter(self.ctx, load)
+                outcome = _load_adapter(self.ctx, load, cancelled=lambda: self._closed)
             except (FtkitError, OSError) as e:
                 outcome = Outcome("failed", message=describe_failure(e))
             except Exception as e:  # noqa: BLE001 - a bug here must not pass for a load that never ran
