@@ -546,6 +546,26 @@ def _tokenizer(p: Path, fn) -> None:  # type: ignore[no-untyped-def]
     (p / "tokenizer.json").write_text(json.dumps(tok))
 
 
+def _tokenizer_config(p: Path, **change) -> None:  # type: ignore[no-untyped-def]
+    cfg = json.loads((p / "tokenizer_config.json").read_text())
+    cfg.update(change)
+    (p / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def _rename_token(p: Path, old: str, new: str) -> None:
+    """A token of tokenizer.json (vocab or added) with another text, tokenizer_config.json's too."""
+    def rename(t) -> None:  # type: ignore[no-untyped-def]
+        vocab = t["model"]["vocab"]
+        if old in vocab:
+            vocab[new] = vocab.pop(old)
+        for entry in t["added_tokens"]:
+            if entry["content"] == old:
+                entry["content"] = new
+    _tokenizer(p, rename)
+    tcfg = json.loads((p / "tokenizer_config.json").read_text())
+    (p / "tokenizer_config.json").write_text(json.dumps({k: new if v == old else v for k, v in tcfg.items()}))
+
+
 def _set_weight(p: Path, value: float) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -596,6 +616,20 @@ HOSTILE = {
     "unknown-quant": (lambda p: None, ["--quant", "q3_x"], "--quant"),
     "unknown-template": (lambda p: None, ["--template", "vicuna"], "--template"),
     "trainjob-flag": (lambda p: None, ["--pvc", "data"], "--pvc is for --to trainjob"),
+    # BOS/EOS go into the templates and stop words: a text that is no token is refused (it used to
+    # reach the Modelfile, where a \"\"\" in it was a traceback)
+    "eos-not-a-token": (lambda p: _tokenizer_config(p, eos_token='</s>"""\nFROM /etc/passwd'),
+                        ["--template", "mistral"], "eos_token"),
+    "bos-not-a-token": (lambda p: _tokenizer_config(p, bos_token="<bos>"), ["--template", "llama3"], "bos_token"),
+    "eos-not-text": (lambda p: _tokenizer_config(p, eos_token=["</s>"]), [], "eos_token"),
+    "token-lone-surrogate": (lambda p: _rename_token(p, "<pad>", "\ud800"), [], "lone surrogate"),
+    # config.json against the tensors' shapes
+    "intermediate-size": (lambda p: _config(p, intermediate_size=4096), [], "intermediate_size"),
+    "vocab-size": (lambda p: _config(p, vocab_size=401), [], "vocab_size"),
+    "hidden-size": (lambda p: _config(p, hidden_size=128), [], "hidden_size"),
+    "kv-heads": (lambda p: _config(p, num_key_value_heads=1), [], "num_key_value_heads"),
+    "head-dim": (lambda p: _config(p, head_dim=16), [], "head_dim"),
+    "layers-missing": (lambda p: _config(p, num_hidden_layers=3), [], "num_hidden_layers"),
 }
 
 
@@ -650,3 +684,104 @@ def test_export_arguments_are_checked_in_one_line(tmp_path: Path, args: list[str
     assert result.code == 2 and words in result.err, result.err
     assert len(result.err.strip().splitlines()) <= 2  # the message, and at most a hint
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_modelfile_that_cannot_be_written_is_refused_in_one_line(model: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TEMPLATE no Modelfile string can hold: exit 2 and one line, not a traceback."""
+    monkeypatch.setitem(modelfile._GO, "chatml", 'x"""y')
+    result = run_cli("export", "--to", "gguf", "--model", str(model), "--template", "chatml", "--dry-run",
+                     "-o", str(tmp_path / "g"))
+    assert result.code == 2 and "TEMPLATE" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_token_texts_are_printed_by_the_go_template_never_run(model: Path, tmp_path: Path) -> None:
+    """BOS and EOS come from the tokenizer's files: the Modelfile's TEMPLATE prints them as Go
+    string literals. Tokens holding template actions, quotes, backslashes, a carriage return
+    and an escape render, by Go's text/template, exactly as the plain tokens do."""
+    bos, eos = '{{ .Prompt }}"<s>\\', '{{ .System }}{{ template "x" }}\\ "q" }}\r\n\x1b'
+    src = tmp_path / "model"
+    shutil.copytree(model, src)
+    _rename_token(src, "<s>", bos)
+    _rename_token(src, "</s>", eos)
+    convs = [CONVERSATIONS[1][:-1], CONVERSATIONS[2][:-1], CONVERSATIONS[2]]
+    rendered = {}
+    for name, source in (("plain", model), ("hostile", src)):
+        result = run_cli("export", "--to", "gguf", "--model", str(source), "--template", "mistral", "--quant", "f32",
+                         "-o", str(tmp_path / name))
+        assert result.code == 0, result.err
+        template = modelfile_template((tmp_path / name / "Modelfile").read_text())
+        assert "\r" not in template and "\x1b" not in template  # one line per line for Ollama's parser
+        rendered[name] = go_render(template, convs, tmp_path)
+    assert rendered["plain"][2].count("</s>") == 2 and rendered["plain"][0].startswith("<s>")
+    assert rendered["hostile"] == [r.replace("<s>", bos).replace("</s>", eos) for r in rendered["plain"]]
+
+
+def test_the_source_path_stays_in_its_comment(model: Path, tmp_path: Path) -> None:
+    """Ollama's Modelfile parser ends a line at \\r as at \\n: a model path holding either cannot
+    start a command of its own; what is printed is escaped too."""
+    import re
+
+    src = tmp_path / "m\rFROM evil.gguf\nSYSTEM x\x1b[2J"
+    shutil.copytree(model, src)
+    result = export(src, tmp_path / "g")
+    assert result.code == 0, result.err
+    lines = re.split(r"[\r\n]", (tmp_path / "g" / "Modelfile").read_text())
+    assert lines[0].startswith("# written by") and lines[1].startswith("# ") and lines[2] == "FROM ./model.gguf"
+    assert not any(ln.startswith(("FROM evil", "SYSTEM x")) for ln in lines)
+    assert "\r" not in result.err and "\x1b" not in result.err
+
+
+def test_a_config_value_in_a_warning_is_escaped_and_short(model: Path, tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    shutil.copytree(model, src)
+    _config(src, sliding_window="\x1b[2J\r" + "w" * 500)
+    result = export(src, tmp_path / "g")
+    assert result.code == 0, result.err
+    shown = [ln for ln in result.err.splitlines() if "sliding_window" in ln]
+    assert len(shown) == 1 and len(shown[0]) < 300 and "\x1b" not in result.err and "\r" not in result.err
+    warnings = json.loads((tmp_path / "g" / "export.json").read_text())["warnings"]
+    assert [w for w in warnings if "sliding_window" in w and "\x1b" not in w and len(w) < 300]
+
+
+def test_the_next_line_is_escaped(model: Path, tmp_path: Path) -> None:
+    """The command line printed for people: one line, no terminal control, shell-quoted."""
+    import shlex
+
+    out = tmp_path / "g\x1b[2J\rx y"
+    result = export(model, out)
+    assert result.code == 0, result.err
+    assert "\x1b" not in result.err and "\r" not in result.err
+    line = next(ln for ln in result.err.splitlines() if ln.startswith("next: "))
+    assert shlex.split(line)[3] == str(out / "model.gguf").replace("\x1b", "\\x1b").replace("\r", "\\r")
+
+
+@pytest.mark.parametrize("recipe", ["../escaped/x", "{abs}/x", "quick\nstart", ".."])
+def test_a_runs_recipe_never_chooses_where_the_export_writes(model: Path, tmp_path: Path, recipe: str) -> None:
+    """plan.json may have been written by anyone: a `recipe` that is no recipe name (a path,
+    absolute or up, a newline) is not used; the default output is named after the run directory."""
+    run = _fake_run(model, tmp_path)
+    plan = json.loads((run / "plan.json").read_text())
+    plan["recipe"] = recipe.replace("{abs}", str(tmp_path / "abs"))
+    (run / "plan.json").write_text(json.dumps(plan))
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli("export", "--to", "gguf", str(run), "--quant", "f32", cwd=work)
+    assert result.code == 0, result.err
+    assert [p.name for p in work.iterdir()] == [f"{run.name}-f32-gguf"]
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "abs").exists()
+    meta = {f.name: f for f in gguf.GGUFReader(work / f"{run.name}-f32-gguf" / "model.gguf").fields.values()}
+    assert meta["general.name"].contents() == run.name
+
+
+def test_a_train_steps_job_config_nested_too_deep_is_refused(model: Path, tmp_path: Path) -> None:
+    run = _fake_run(model, tmp_path)
+    plan = json.loads((run / "plan.json").read_text())
+    train = next(s for s in plan["steps"] if s["kind"] == "train")
+    job = next(f for f in train["files"] if f["path"].endswith(".json"))
+    job["content"] = "[" * 200_000
+    (run / "plan.json").write_text(json.dumps(plan))
+    result = run_cli("export", "--to", "gguf", str(run), "--dry-run", "-o", str(tmp_path / "g"))
+    assert result.code == 2 and "nested too deep" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "g").exists()

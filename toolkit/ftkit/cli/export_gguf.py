@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import click
 
 from ftkit.errors import UserError
+from ftkit.text import printable
 
 TEMPLATES = ("auto", "tokenizer", "alpaca", "chatml", "llama3", "gemma", "mistral", "text")
 
@@ -64,8 +66,20 @@ def from_run(run: str) -> Source:
         raise UserError(f"{model_dir}: the merge step {merge.id!r} has not written its model "
                         f"({'status ' + status if status else 'no state'}); run or resume the run first")
     template, fmt, system = _trained_with(plan, merge)
-    return Source(model_dir, template, fmt, system, plan.recipe or run_dir.name,
+    return Source(model_dir, template, fmt, system, _run_name(plan.recipe, run_dir),
                   f"run {run_dir.name} (step {merge.id})")
+
+
+def _run_name(recipe: str, run_dir: Path) -> str:
+    """The name an export of a run goes by (its default output directory, the GGUF's name):
+    the recipe's name when plan.json's is one the recipe layer accepts, else the run
+    directory's name. plan.json is a file anyone may have written: a `recipe` of
+    `../../x` or `/tmp/x` must not choose where the export writes."""
+    import re
+
+    from ftkit.recipe.models import NAME_PATTERN
+
+    return recipe if re.fullmatch(NAME_PATTERN, recipe) else run_dir.name
 
 
 def _step_status(run_dir: Path, step_id: str) -> str | None:
@@ -91,13 +105,15 @@ def _trained_with(plan: Any, merge: Any) -> tuple[str, str | None, str | None]:
     if train is None:
         raise UserError(f"plan.json: no train step made the adapter the merge step {merge.id!r} merged "
                         f"({adapter!r}); export its model with --model DIR --template NAME")
+    from ftkit import files
+
     for f in train.files:
         if not f.path.endswith(".json"):
             continue
         try:
-            job = json.loads(f.content)
-        except ValueError:
-            continue
+            job = files.parse_json(f.content)
+        except files.UnreadableJson as e:
+            raise UserError(f"plan.json: the train step {train.id!r}'s file {printable(f.path)}: {e.reason}") from None
         ds = job.get("dataset") if isinstance(job, dict) else None
         if isinstance(ds, dict) and isinstance(ds.get("format"), str):
             template = ds.get("template") if isinstance(ds.get("template"), str) else "auto"
@@ -113,7 +129,9 @@ def from_model(model_dir: str, template: str | None) -> Source:
 
 
 def default_output(source: Source, quant: str) -> Path:
-    return Path(f"{source.name}-{quant}-gguf")
+    """NAME-QUANT-gguf in the working directory: always one name there, never a path."""
+    name = source.name if "/" not in source.name and source.name not in ("", ".", "..") else "model"
+    return Path(f"{name}-{quant}-gguf")
 
 
 def run(source_arg: str | None, model_dir: str | None, quant: str, template: str | None, name: str | None,
@@ -141,16 +159,21 @@ def run(source_arg: str | None, model_dir: str | None, quant: str, template: str
         return
     gib = 2**30
     need = engine.needs(plan, out)
-    click.echo(f"gguf: {source.label}: {plan.arch.gguf}, {plan.params:,} parameters, {len(plan.tensors)} tensors -> "
+    click.echo(f"gguf: {printable(source.label)}: {plan.arch.gguf}, {plan.params:,} parameters, {len(plan.tensors)} tensors -> "
                f"{quant} ({'llama.cpp quantizer' if plan.via_llama_cpp else 'gguf-py'}); prompt format "
                f"{plan.fmt.name}; needs ~{need.ram_bytes / gib:.2f} GiB RAM and {need.disk_bytes / gib:.2f} GiB disk",
                err=True)
     for w in plan.warnings:
-        click.echo(f"gguf: warning: {w}", err=True)
-    summary = engine.export(plan, out, log=lambda s: click.echo(s, err=True))
+        click.echo(f"gguf: warning: {printable(w)}", err=True)
+    summary = engine.export(plan, out, log=lambda s: click.echo(printable(s), err=True))
     click.echo(json.dumps(summary))
-    click.echo(f"next: llama-cli -m {os.path.join(out, engine.GGUF_NAME)}   or   "
-               f"cd {out} && ollama create {_ollama_name(plan.name)} -f Modelfile", err=True)
+    click.echo(f"next: llama-cli -m {_shown(os.path.join(out, engine.GGUF_NAME))}   or   "
+               f"cd {_shown(str(out))} && ollama create {_ollama_name(plan.name)} -f Modelfile", err=True)
+
+
+def _shown(path: str) -> str:
+    """A path in a command line people copy: escaped (one line, no terminal control), then shell-quoted."""
+    return shlex.quote(printable(path))
 
 
 def _ollama_name(name: str) -> str:

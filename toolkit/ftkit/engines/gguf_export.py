@@ -325,28 +325,86 @@ def plan_export(model_dir: Path, quant: str, *, template: str, fmt_name: str | N
         if not t.shape or len(t.shape) > 2 or 0 in t.shape:
             raise BadModelFile(f"{model_dir}: tensor {st._show(t.name)} has shape {t.shape}; a {arch.gguf} model's "
                                "tensors are 1-D or 2-D")
+        _check_shape(t, new, cfg, cfg_path)
         permute = 0
-        if arch.permute_qk and t.name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-            permute = n_head if "q_proj" in t.name else n_kv
-            if t.shape[0] != permute * head_dim or head_dim % 2:
-                raise BadModelFile(f"{model_dir}: {st._show(t.name)} has {t.shape[0]} rows; {permute} heads of "
-                                   f"{head_dim} need {permute * head_dim}")
+        if arch.permute_qk and new.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            permute = n_head if ".attn_q." in new else n_kv
+            if head_dim % 2:
+                raise BadModelFile(f"{cfg_path}: head_dim {head_dim} is odd: llama.cpp's rotary layout pairs "
+                                   f"the rows of {st._show(t.name)}")
         qtype = _qtype_for(gguf, new, t.shape, written)
         out.append(TensorOut(new, t, qtype, list(t.shape), _nbytes(gguf, list(t.shape), qtype), permute))
         params += math.prod(t.shape)
     for want in ("token_embd.weight", "output_norm.weight"):
         if want not in seen:
             raise BadModelFile(f"{model_dir}: no tensor for {want} (the embedding and the final norm)")
+    for i in range(n_layers):
+        for part in _LAYER_TENSORS:
+            if f"blk.{i}.{part}.weight" not in seen:
+                raise BadModelFile(f"{model_dir}: no tensor for blk.{i}.{part}.weight, but {cfg_path.name}'s "
+                                   f"num_hidden_layers is {n_layers}")
     warnings: list[str] = []
     if cfg.get("sliding_window") and arch.gguf == "llama":
-        warnings.append(f"config sliding_window {cfg['sliding_window']}: llama.cpp's llama attends to the whole "
-                        "context (as the converter writes it)")
+        warnings.append(f"config sliding_window {st._show(cfg['sliding_window'])}: llama.cpp's llama attends to "
+                        "the whole context (as the converter writes it)")
     label = source_label or str(model_dir)
     plan = ExportPlan(model_dir, arch, hf_arch, cfg, quant, written, out, tokenizer, fmt,
                       name or model_dir.resolve().name, params, label, warnings)
-    _, mf_warnings = mf.modelfile(GGUF_NAME, fmt, source=label)
+    try:
+        _, mf_warnings = mf.modelfile(GGUF_NAME, fmt, source=label)
+    except ValueError as e:
+        raise UserError(f"{model_dir}: the Modelfile's TEMPLATE {e}") from None
     plan.warnings += mf_warnings
     return plan
+
+
+# The tensors every layer has in the GGUF (biases are optional: Qwen2's Q/K/V, attention_bias, mlp_bias).
+_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                  "ffn_down")
+
+
+def _expected_shape(gguf_name: str, cfg: dict[str, Any]) -> tuple[list[int], list[str]] | None:
+    """The shape config.json implies for a tensor (by its GGUF name, HF order: rows first) and
+    the config keys that say it; None for a name it says nothing about."""
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    hd = _head_dim(cfg)
+    heads = "num_attention_heads and head_dim" if cfg.get("head_dim") is not None else \
+        "num_attention_heads (hidden_size / num_attention_heads per head)"
+    kv = "num_key_value_heads and head_dim" if cfg.get("head_dim") is not None else \
+        "num_key_value_heads (hidden_size / num_attention_heads per head)"
+    part, kind = gguf_name.rsplit(".", 2)[-2:]
+    weight = kind == "weight"
+    table: dict[str, tuple[list[int], list[str]]] = {
+        "token_embd": ([vocab, hidden], ["vocab_size", "hidden_size"]),
+        "output": ([vocab, hidden], ["vocab_size", "hidden_size"]),
+        "output_norm": ([hidden], ["hidden_size"]),
+        "attn_norm": ([hidden], ["hidden_size"]),
+        "ffn_norm": ([hidden], ["hidden_size"]),
+        "attn_q": ([n_head * hd, hidden] if weight else [n_head * hd], [heads, "hidden_size"]),
+        "attn_k": ([n_kv * hd, hidden] if weight else [n_kv * hd], [kv, "hidden_size"]),
+        "attn_v": ([n_kv * hd, hidden] if weight else [n_kv * hd], [kv, "hidden_size"]),
+        "attn_output": ([hidden, n_head * hd] if weight else [hidden], ["hidden_size", heads]),
+        "ffn_gate": ([inter, hidden] if weight else [inter], ["intermediate_size", "hidden_size"]),
+        "ffn_up": ([inter, hidden] if weight else [inter], ["intermediate_size", "hidden_size"]),
+        "ffn_down": ([hidden, inter] if weight else [hidden], ["hidden_size", "intermediate_size"]),
+    }
+    return table.get(part)
+
+
+def _check_shape(t: st.TensorInfo, gguf_name: str, cfg: dict[str, Any], cfg_path: Path) -> None:
+    """Each tensor has the shape config.json says (llama.cpp sizes its buffers from the
+    metadata written from the config, and refuses or misreads a file where they disagree)."""
+    expected = _expected_shape(gguf_name, cfg)
+    if expected is None:  # rope_freqs (made here from the config), experts, the router: not a dense model's
+        raise UserError(f"{t.file}: tensor {st._show(t.name)} ({gguf_name}) has no place in the dense model "
+                        "ftkit's GGUF export writes (use llama.cpp's convert_hf_to_gguf.py)")
+    shape, keys = expected[0], expected[1][: len(expected[0])]  # keys[i] says shape[i]
+    if list(t.shape) != shape:
+        differ = [k for i, k in enumerate(keys) if len(t.shape) != len(shape) or t.shape[i] != shape[i]]
+        raise BadModelFile(f"{t.file}: tensor {st._show(t.name)} ({gguf_name}) has shape {list(t.shape)}, but "
+                           f"{cfg_path.name}'s {' and '.join(dict.fromkeys(differ))} make it {shape}")
 
 
 def resolve_format(model_dir: Path, template: str, fmt_name: str | None, tok: Tokenizer,

@@ -110,6 +110,22 @@ def _token_text(value: Any) -> str | None:
     return None
 
 
+def _special_token(tcfg: dict[str, Any], key: str, texts: set[str], model_dir: Path) -> str | None:
+    """tokenizer_config.json's bos_token or eos_token: a token of the vocabulary, or a refusal.
+    Its text goes into the GGUF's template, the Modelfile's TEMPLATE and its stop words: text
+    that is no token would be matched as plain text (or, pasted there, run as template code)."""
+    value = tcfg.get(key)
+    if value is None:
+        return None
+    text = _token_text(value)
+    where = model_dir / "tokenizer_config.json"
+    if text is None:
+        raise BadModelFile(f"{where}: {key} must be a token's text, got {st._show(value)}")
+    if text not in texts:
+        raise BadModelFile(f"{where}: {key} {st._show(text)} is not a token of tokenizer.json's vocabulary")
+    return text
+
+
 def _pre_tokenizer(tok: dict[str, Any], path: Path) -> str:
     """The llama.cpp pre-tokenizer name of a byte-level BPE tokenizer.json, or a refusal."""
     model = tok.get("model")
@@ -200,13 +216,15 @@ def plan_tokenizer(model_dir: Path, vocab_size: int) -> Tokenizer:
         text = by_id[i]
         if i in added_type and added_type[i] == int(gguf.TokenType.USER_DEFINED):
             text = text.replace("\u2581", " ")  # the converter pre-normalizes user-defined spaces
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadModelFile(f"{path}: token {i} is not text ({st._show(text)} holds a lone surrogate)") from None
         tokens.append(text)
         types.append(added_type.get(i, int(gguf.TokenType.NORMAL)))
     special = _special_vocab(raw, vocab_size, path)
-    bos, eos = _token_text(tcfg.get("bos_token")), _token_text(tcfg.get("eos_token"))
-    ids = {v: k for k, v in by_id.items()}
-    if bos is not None and bos not in ids:
-        bos = None
+    texts = set(by_id.values())
+    bos, eos = (_special_token(tcfg, key, texts, model_dir) for key in ("bos_token", "eos_token"))
     if eos is None and "eos" in special.special_token_ids:
         eos = by_id.get(special.special_token_ids["eos"])
     return Tokenizer(pre, tokens, types, bos, eos, bool(special.add_special_token.get("bos", False)), special,

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftkit.engines import templates
+from ftkit.text import printable
 
 # alpaca as a chat template: what data.to_example builds with `template: alpaca` from a
 # conversation (the first system message as the head, the other turns joined by a blank
@@ -115,11 +116,33 @@ def chat_format(name: str, *, own_template: str | None, bos: str | None, eos: st
         name = named
     if name not in _GO:
         raise ValueError(f"template {name!r} has no chat format")  # callers pass resolved names only
-    go = _GO[name].replace("{EOS}", eos or "")
+    go = _GO[name].replace("{EOS}", go_string(eos) if eos else "")
     if name in _STARTS_WITH_BOS and bos and not adds_bos:
-        go = bos + go  # the token's text: llama.cpp and Ollama parse it as the token
+        go = go_string(bos) + go  # renders the token's text: llama.cpp and Ollama parse it as the token
     stops = list(_STOPS[name]) + ([eos] if eos and eos not in _STOPS[name] else [])
     return ChatFormat(name, jinja_for(name), go, stops, system)
+
+
+def go_string(text: str) -> str:
+    """`text` as a Go template action that prints it: {{ "..." }}, a Go string literal.
+
+    BOS and EOS are token texts from the model's tokenizer files: pasted into the template as
+    they are, a `{{ .System }}` or `{{ template "x" }}` in one would be executed by Ollama. In a
+    literal they are only printed: backslash and quote escaped, and every character that is
+    not printable (newlines, carriage returns, which also end a line for Ollama's Modelfile
+    parser, and the ones it drops) written as an escape, so the literal is one line of
+    printable text."""
+    out: list[str] = []
+    for ch in text:
+        if ch in '\\"':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+    return '{{ "' + "".join(out) + '" }}'
 
 
 def _quoted(text: str) -> str:
@@ -135,7 +158,7 @@ def modelfile(gguf_name: str, fmt: ChatFormat, *, source: str) -> tuple[str, lis
     """The Modelfile text and the warnings about it. `source` names where the model came from
     (a comment)."""
     warnings: list[str] = []
-    lines = [f"# written by `ftkit export --to gguf` from {source.replace(chr(10), ' ')}",
+    lines = [f"# written by `ftkit export --to gguf` from {printable(source)}",
              f"# ollama create NAME -f Modelfile (in this directory); the prompt format: {fmt.name}",
              f"FROM ./{gguf_name}"]
     if fmt.go is not None:

@@ -31,7 +31,8 @@ def _no_bool(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_no_bool)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 Seed = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=2**32 - 1)]
-Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="lowercase letters, digits, . _ -")]
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"  # also what a run's plan.json may call its recipe (export)
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lowercase letters, digits, . _ -")]
 Dtype = Literal["bf16", "fp16", "fp32"]
 Scalar = str | int | float | bool
 GpuIndex = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=1023)]
