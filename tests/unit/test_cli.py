@@ -147,3 +147,14 @@ def test_the_hint_for_a_gpu_recipe_on_a_host_without_gpus_names_a_profile_that_p
     (tmp_path / "r.yaml").write_text((RECIPES / "llama31-8b-lora-1gpu.yaml").read_text())
     result = run_cli("plan", str(tmp_path / "r.yaml"), cwd=tmp_path)
     assert result.code == 2 and "none of the machine profiles beside the recipe plans it" in result.err
+
+
+def test_error_messages_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    """Whatever a message quotes (a run name, a path, a server's words), the one place errors
+    are printed escapes its control characters; its own line breaks (the hint) stay."""
+    for args in (["status", "x\x1b]0;owned\x07\x1b[2J", "--runs-dir", str(tmp_path)],
+                 ["logs", "x\x1b[2J\ry", "--runs-dir", str(tmp_path)]):
+        result = run_cli(*args)
+        assert result.code == 2
+        assert "\x1b" not in result.err and "\x07" not in result.err and "\r" not in result.err, result.err
+        assert "\\x1b" in result.err and "\n  hint: " in result.err

@@ -24,3 +24,12 @@ def printable(s: str) -> str:
             code = ord(ch)
             out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
     return "".join(out)
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with its line breaks kept and every other control or invisible character
+    escaped, backslashes left alone: the last pass over an error message before it reaches a
+    terminal (parts already escaped with printable() are not escaped twice). A file name or a
+    server's words inside the message can then neither steer the terminal nor fake a line."""
+    return "\n".join("".join(ch if ch == " " or ch.isprintable() else printable(ch) for ch in line)
+                     for line in text.split("\n"))

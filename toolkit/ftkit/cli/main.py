@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="ftkit", standalone_mode=False)
     except FtkitError as e:
-        click.echo(e.render() if not e.render().startswith("ftkit:") else e.render(), err=True)
+        from ftkit.text import terminal_safe
+
+        click.echo(terminal_safe(e.render()), err=True)  # a path or a server's words in it: escaped
         sys.exit(e.exit_code)
     except OSError as e:
         if isinstance(e, BrokenPipeError):  # `ftkit plan | head`: the reader left, nothing to say
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = f" writing {e.filename}" if e.filename else ""
+            from ftkit.text import printable
+
+            where = f" writing {printable(str(e.filename))}" if e.filename else ""
             click.echo(f"ftkit: no space left on the device{where} ({e.strerror}); free some and run it again",
                        err=True)
             sys.exit(1)
