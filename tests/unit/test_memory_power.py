@@ -277,3 +277,83 @@ def test_a_phase_over_budget_is_a_finding_at_its_power_step(tmp_path) -> None:  
     restore_line = next(i for i, ln in enumerate(recipe.splitlines(), 1) if "name: power-restore" in ln)
     assert f"r.yaml:{restore_line - 1}:" in lines[0] or f"r.yaml:{restore_line}:" in lines[0]
     assert "after power-restore (default limits)" in lines[0] and "serve" in lines[0]
+
+
+# --------------------------------------------------------------------------- model.arch without kv_heads
+
+ARCH_8B = {"params_b": 8.03, "layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "heads": 32,
+           "vocab_size": 128256}
+
+
+def _arch_recipe(tmp_path, model: dict):  # type: ignore[no-untyped-def]
+    import yaml
+
+    doc = yaml.safe_load((RECIPES / "llama31-8b-lora-sharded.yaml").read_text())
+    doc["model"] = model
+    for s in doc["steps"]:
+        if s["type"] == "serve":
+            s["args"]["max_model_len"] = 24576
+    path = tmp_path / "arch.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_model_arch_without_kv_heads_takes_the_known_models(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The sharded recipe with model.arch stating no kv_heads: the catalog knows Llama-3.1-8B's
+    8 KV heads; taking 32 (one per head) made the KV cache 4x and refused a server that fits."""
+    import json
+
+    from ftkit.plan.build import arch_for
+    from ftkit.recipe.models import Recipe
+    from tests.conftest import run_cli
+
+    model = {"id": "meta-llama/Llama-3.1-8B-Instruct", "revision": "0e9e39f249a16976918f6564b8830bc894c89659",
+             "dtype": "bf16", "arch": ARCH_8B}
+    path = _arch_recipe(tmp_path, model)
+    machine = str(RECIPES / "machines" / "dual-4090.yaml")
+    result = run_cli("validate", str(path), "--machine", machine)
+    assert result.code == 0, result.err
+    fit = json.loads(run_cli("plan", str(path), "--machine", machine, "--json").out)["fit"]["serve-new"][0]
+    assert fit["verdict"] == "fits" and not any("assumes" in n for n in fit["notes"])
+    import yaml
+
+    recipe = Recipe.model_validate(yaml.safe_load(path.read_text()))
+    arch = arch_for(recipe)
+    assert arch is not None and (arch.kv_heads, arch.kv_heads_assumed) == (8, False)
+    # a local model's config.json knows them too
+    local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"id": None, "revision": None})})
+    assert arch_for(local, {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                            "num_key_value_heads": 8, "vocab_size": 128256}).kv_heads == 8  # type: ignore[union-attr]
+    unknown = arch_for(local)
+    assert unknown is not None and (unknown.kv_heads, unknown.kv_heads_assumed) == (32, True)
+
+
+def test_an_unknown_models_kv_heads_are_an_assumption_not_a_refusal(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No id, no config.json: kv_heads = heads is an upper bound. Where only that bound is
+    over the budget the plan says so (tight, with how to give the figure) instead of refusing."""
+    import json
+
+    from tests.conftest import run_cli
+
+    (tmp_path / "weights").mkdir()
+    path = _arch_recipe(tmp_path, {"path": "weights", "dtype": "bf16", "arch": ARCH_8B})
+    machine = str(RECIPES / "machines" / "dual-4090.yaml")
+    result = run_cli("validate", str(path), "--machine", machine)
+    assert result.code == 0, result.err
+    fit = json.loads(run_cli("plan", str(path), "--machine", machine, "--json").out)["fit"]["serve-new"][0]
+    assert fit["verdict"] == "tight", fit
+    assert any("assumes 32 KV heads, one per attention head" in n for n in fit["notes"])
+    assert any(n.startswith("may not fit: ") for n in fit["notes"])
+    assert fit["suggestions"][0].startswith("model.arch.kv_heads: ")
+
+
+def test_a_config_head_dim_sizes_the_attention_weights() -> None:
+    """Mistral-Small's config.json: 32 heads of 128 (not 5120 / 32 = 160): its parameters come
+    to the published 23.57 B, not ~24.9 B."""
+    from ftkit.plan.build import config_arch
+
+    config = {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "head_dim": 128, "intermediate_size": 32768, "vocab_size": 131072, "max_position_embeddings": 32768}
+    arch = config_arch(config)
+    assert arch is not None and arch.params_b == pytest.approx(23.57, abs=0.01) and arch.kv_dim == 128
+    assert config_arch({**config, "num_attention_heads": 0}) is None  # no ZeroDivisionError from a broken config

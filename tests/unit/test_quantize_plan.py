@@ -337,3 +337,154 @@ def test_resume_refuses_a_local_quantize_without_llm_compressor(monkeypatch: pyt
     monkeypatch.setattr(planning, "quantize_packages", lambda: {"llmcompressor": None, "compressed-tensors": None})
     with pytest.raises(PlanError, match="step quantize: llm-compressor is not installed"):
         preflight.engines_of_plan(plan)
+
+
+# --------------------------------------------------------------------------- review: fits that said the wrong thing
+
+LLAMA = find_arch("meta-llama/Llama-3.1-8B-Instruct")
+SHARDED = RECIPES / "llama31-8b-lora-sharded.yaml"
+
+
+def _fit(args: dict, arch=LLAMA, gpus=(1,), vram=24.0, form="bf16"):  # type: ignore[no-untyped-def]
+    return servefit.serve_fit(arch, form, gpus=list(gpus), vram={g: vram for g in gpus}, args=args, engine="vllm",
+                              platform="cuda", dtype="bf16", quantize_hint=None)
+
+
+def test_max_model_len_with_vllms_suffixes_is_the_length_vllm_serves() -> None:
+    """"8k" is 8000 tokens to vLLM (K: 8192); it used to be read as unset, so the fit took the
+    model's 131072 and refused a server that starts."""
+    [k] = _fit({"max_model_len": "8k", "gpu_memory_utilization": 0.9})
+    assert k.verdict == "fits" and "4 sequence(s) of max_model_len 8000" in k.notes[-1]
+    [big_k] = _fit({"max-model-len": "8K"})
+    assert "max_model_len 8192" in big_k.notes[-1]
+
+
+def test_max_model_len_auto_is_lowered_to_what_the_cache_holds() -> None:
+    """-1 / auto: vLLM 0.32 fits the context to its KV cache, so no refusal; the plan says
+    how far it comes down."""
+    for value in ("auto", -1):
+        [e] = _fit({"max_model_len": value})
+        assert e.verdict == "tight" and "vLLM lowers the context to ~38825 tokens" in e.notes[-1], e.notes
+        assert e.total_gib == pytest.approx(21.6, abs=0.01)  # the budget: the cache is what is left
+
+
+def test_a_budget_the_card_cannot_give_after_the_cuda_context_does_not_fit(tmp_path: Path) -> None:
+    """vLLM asks for gpu_memory_utilization x VRAM free at start-up; the CUDA context has taken
+    its part by then, so 1 (and 0.97 of 24 GiB) never starts. 0 no longer becomes the default."""
+    for util in (1, 0.97):
+        [e] = _fit({"max_model_len": 8192, "gpu_memory_utilization": util})
+        assert e.verdict == "does not fit", e
+        assert any(n.startswith("needs its budget of") and "CUDA context" in n for n in e.notes), e.notes
+        assert e.suggestions == ["gpu_memory_utilization: 0.95 or less"]
+    [ok] = _fit({"max_model_len": 8192, "gpu_memory_utilization": 0.95})
+    assert ok.verdict == "fits"
+    doc = yaml.safe_load(SHARDED.read_text())
+    doc["steps"][-1]["args"]["gpu_memory_utilization"] = 1
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    result = run_cli("validate", str(tmp_path / "r.yaml"), "--machine", str(RECIPES / "machines" / "dual-4090.yaml"))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert ": steps[4].model: the merged model does not fit GPU 1 (24 GiB): it needs its budget of 24.0 GiB" \
+        in result.err and "try: gpu_memory_utilization: 0.95 or less" in result.err.lower(), result.err
+
+
+def test_kv_heads_split_over_tensor_parallel_gpus_at_least_one_each() -> None:
+    """vLLM replicates a KV head over the GPUs that share it: with 2 KV heads on 4 GPUs each
+    holds one, not half of one."""
+    import dataclasses
+
+    assert LLAMA is not None and MISTRAL is not None
+    two = dataclasses.replace(LLAMA, kv_heads=2)
+    per_head = 2 * 32 * 128 * 2  # K and V of 32 layers, 128 wide, bf16
+    assert [servefit.kv_bytes_per_token(two, tp=tp) for tp in (1, 2, 4)] == [2 * per_head, per_head, per_head]
+    assert servefit.kv_bytes_per_token(MISTRAL, tp=2) == 2 * 40 * 4 * 128 * 2
+    fits = servefit.serve_fit(two, "bf16", gpus=[0, 1, 2, 3], vram={g: None for g in range(4)},
+                              args={"max_model_len": 8192}, engine="vllm", platform="cuda", dtype="bf16",
+                              quantize_hint=None)
+    assert {e.components_gib["kv_cache_one_sequence"] for e in fits} == {round(per_head * 8192 / 2**30, 2)}
+
+
+def _quantize_8b(tmp_path: Path, gpu: str, ram: int) -> tuple[Path, Path]:
+    doc = yaml.safe_load(SHARDED.read_text())
+    doc["steps"] = [s for s in doc["steps"] if s["type"] in ("train", "merge")] + [{"type": "quantize", "gpus": [0]}]
+    (tmp_path / "baseline-slice.jsonl").write_text((json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n") * 200)
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    machine = tmp_path / "m.yaml"
+    machine.write_text(f"ftkit: 1\nkind: machine\nname: m\nexecutor: docker\nram_gib: {ram}\n"
+                       f"paths: {{datasets: {tmp_path}}}\ngpus:\n  - {{index: 0, {gpu}}}\n")
+    return path, machine
+
+
+@pytest.mark.parametrize(("gpu", "ram", "field", "says", "not_said"), [
+    # VRAM unknown, 8 GiB of RAM: the plan used to crash formatting the GPU's VRAM
+    ("model: Mystery GPU", 8, "type", "it needs host RAM 16.5 GiB of 8 GiB", "on GPU"),
+    # a 24 GiB card with room: only host RAM is short (it used to say "on GPU 0 (24 GiB): does not fit")
+    ("model: RTX 4090", 8, "type", "it needs host RAM 16.5 GiB of 8 GiB", "GPU 0"),
+    # both short: both said
+    ("model: Small GPU, vram_gib: 2", 8, "gpus", "on GPU 0 (2 GiB) and host RAM 16.5 GiB of 8 GiB", "Traceback"),
+    ("model: Small GPU, vram_gib: 2", 64, "gpus", "it needs an estimated", "host RAM 16.5"),
+])
+def test_a_quantize_step_that_does_not_fit_says_what_is_short(tmp_path: Path, gpu: str, ram: int, field: str,
+                                                               says: str, not_said: str) -> None:
+    recipe_path, machine = _quantize_8b(tmp_path, gpu, ram)
+    result = run_cli("validate", str(recipe_path), "--machine", str(machine))
+    assert result.code == 2 and "Traceback" not in result.err, result.out + result.err
+    [line] = [ln for ln in result.err.splitlines() if ": steps[2]." in ln]  # (a 2 GiB card refuses the train step too)
+    assert line.startswith(f"{recipe_path}:") and f": steps[2].{field}: quantizing does not fit: " in line, line
+    assert says in line and not_said not in line, line
+    dry = run_cli("up", str(recipe_path), "--machine", str(machine), "--dry-run")  # it used to crash too
+    assert dry.code == 0 and "`ftkit up` would refuse this plan" in dry.out and line in dry.out, dry.out + dry.err
+
+
+def test_w4a16_groups_in_model_arch_are_checked_at_validate(tmp_path: Path) -> None:
+    path = recipe(tmp_path, "  - {type: quantize}\n")
+    text = path.read_text().replace(
+        "model: {tiny: {hidden_size: 128, layers: 1, heads: 4, intermediate_size: 256, vocab_size: 300}, dtype: fp32}",
+        "model: {tiny: {hidden_size: 128, layers: 1, heads: 4, intermediate_size: 256, vocab_size: 300}, dtype: fp32,\n"
+        "        arch: {params_b: 1, layers: 2, hidden_size: 4000, intermediate_size: 11000, vocab_size: 300}}")
+    path.write_text(text)
+    result = run_cli("validate", str(path))
+    assert result.code == 2
+    lines = result.err.strip().splitlines()
+    assert any(": model.arch.hidden_size: 4000: W4A16 quantizes each Linear in groups of 128" in ln for ln in lines)
+    assert any(": model.arch.intermediate_size: 11000: W4A16" in ln and "(use 11008)" in ln for ln in lines), lines
+
+
+def _local_model(tmp_path: Path, **config: int) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    cfg = {"hidden_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+           "intermediate_size": 256, "vocab_size": 300, "max_position_embeddings": 256, **config}
+    (model / "config.json").write_text(json.dumps(cfg))
+    path = recipe(tmp_path, "  - {type: quantize}\n")
+    path.write_text(path.read_text().replace(
+        "model: {tiny: {hidden_size: 128, layers: 1, heads: 4, intermediate_size: 256, vocab_size: 300}, dtype: fp32}",
+        "model: {path: model, dtype: fp32}"))
+    return path
+
+
+def test_w4a16_groups_of_a_local_models_config_are_checked_with_the_machine(tmp_path: Path) -> None:
+    path = _local_model(tmp_path, intermediate_size=300)
+    assert run_cli("validate", str(path)).code == 0  # the recipe alone does not know the layer sizes
+    result = run_cli("validate", str(path), "--machine", str(CPU_DOCKER))
+    assert result.code == 2, result.err
+    assert ": model.path: config.json: intermediate_size (the input of down_proj) 300 is not a multiple of 128" \
+        in result.err and "quantize step 'quantize'" in result.err, result.err
+    (tmp_path / "ok").mkdir()
+    ok = _local_model(tmp_path / "ok")  # 128 and 256: whole groups
+    assert run_cli("validate", str(ok), "--machine", str(CPU_DOCKER)).code == 0
+
+
+def test_a_4_bit_model_served_over_gpus_needs_whole_groups_per_gpu(tmp_path: Path) -> None:
+    """Row-parallel layers (o_proj, down_proj) split their inputs over the GPUs: 128 inputs
+    over 2 GPUs are 64 each, less than one group (vLLM's Marlin refuses)."""
+    steps = "  - {type: quantize, gpus: [0]}\n  - {type: serve, model: quantized, engine: vllm, gpus: GPUS}\n"
+    machine = tmp_path / "two.yaml"
+    machine.write_text("ftkit: 1\nkind: machine\nname: two\nexecutor: docker\ngpus:\n"
+                       "  - {index: 0, model: RTX 4090}\n  - {index: 1, model: RTX 4090}\n")
+    result = run_cli("validate", str(recipe(tmp_path, steps.replace("GPUS", "[0, 1]"))), "--machine", str(machine))
+    assert result.code == 2, result.err
+    line = next(ln for ln in result.err.splitlines() if "o_proj" in ln)
+    assert ": steps[3].gpus: num_attention_heads x head_dim (the input of o_proj) 128 is 64 per GPU over 2 GPUs" in line
+    assert "down_proj" not in result.err  # 256 over 2 is 128: whole groups
+    assert run_cli("validate", str(recipe(tmp_path, steps.replace("GPUS", "[1]"))), "--machine", str(machine)).code == 0

@@ -355,3 +355,77 @@ def test_a_server_that_replaces_another_takes_over_its_port(tmp_path: Path) -> N
         in res.err and "name the same GPUs in both" in res.err, res.err
     r = recipe(tmp_path, two.replace("GPUS_OLD", "all").replace("GPUS_NEW", "all"))
     assert run_cli("validate", str(r)).code == 2
+
+
+def test_a_server_stopped_by_an_earlier_replacement_frees_its_port(tmp_path: Path) -> None:
+    """serve-current (GPU 1, 8000) is replaced by serve-mid (GPU 1, 8001): port 8000 is free
+    when serve-new starts on GPU 0, so it may listen there. A server that still runs keeps
+    its port (serve-mid's 8001 is refused to a server on GPU 0)."""
+    chain = ("  - {type: serve, name: serve-current, engine: vllm, model: base, port: 8000, gpus: [1]}\n"
+             "  - {type: serve, name: serve-mid, engine: vllm, model: base, port: 8001, gpus: [1]}\n"
+             "  - {type: serve, name: serve-new, engine: vllm, model: base, port: PORT, gpus: [0]}\n")
+    res = run_cli("validate", str(recipe(tmp_path, chain.replace("PORT", "8000"))))
+    assert res.code == 0, res.err
+    res = run_cli("validate", str(recipe(tmp_path, chain.replace("PORT", "8001"))))
+    assert res.code == 2 and "steps[2].port: port 8001 is also used by serve step 'serve-mid'" in res.err, res.err
+
+
+# --------------------------------------------------------------------------- engine arguments the fit reads
+
+ARGS = "  - {type: serve, name: serve, engine: vllm, model: base, port: 8001, args: ARGS}\n"
+
+
+@pytest.mark.parametrize(("args", "where", "says"), [
+    ('{max_model_len: "nan"}', "args.max_model_len", "'nan' is not a whole number"),
+    ('{max-model-len: "nan"}', "args.max-model-len", "'nan' is not a whole number"),
+    ('{max_model_len: "1e400"}', "args.max_model_len", "'1e400' is not a whole number"),
+    ("{max_model_len: -8192}", "args.max_model_len", "-8192 must be at least 1"),
+    ("{max_model_len: 0}", "args.max_model_len", "0 must be at least 1"),
+    ("{max_model_len: 8192.5}", "args.max_model_len", "8192.5 is not a whole number"),
+    ('{max_model_len: "1.5K"}', "args.max_model_len", "'1.5K' has decimals with the binary suffix K"),
+    ('{max_num_seqs: "nan"}', "args.max_num_seqs", "'nan' is not a whole number"),
+    ('{max_num_batched_tokens: "inf"}', "args.max_num_batched_tokens", "'inf' is not a whole number"),
+    ('{gpu_memory_utilization: "inf"}', "args.gpu_memory_utilization", "'inf' must be above 0 and at most 1"),
+    ('{gpu_memory_utilization: "nan"}', "args.gpu_memory_utilization", "'nan' must be above 0 and at most 1"),
+    ("{gpu_memory_utilization: 0}", "args.gpu_memory_utilization", "0 must be above 0 and at most 1"),
+    ("{gpu_memory_utilization: 1.5}", "args.gpu_memory_utilization", "1.5 must be above 0 and at most 1"),
+    ("{gpu_memory_utilization: -1}", "args.gpu_memory_utilization", "-1 must be above 0 and at most 1"),
+    ('{gpu-memory-utilization: "0.95x"}', "args.gpu-memory-utilization", "'0.95x' is not a number"),
+    ("{max_model_len: 8192, max-model-len: 4096}", "args.max-model-len", "also given as max_model_len"),
+])
+def test_engine_arguments_the_fit_reads_are_read_as_vllm_reads_them(tmp_path: Path, args: str, where: str,
+                                                                     says: str) -> None:
+    """Located, one line, exit 2 at validate and before any plan (which used to crash on
+    int(nan), or fit a server vLLM would refuse to start); with a machine too."""
+    r = recipe(tmp_path, ARGS.replace("ARGS", args))
+    for extra in ((), ("--machine", str(machine(tmp_path, "docker", gpus=True)))):
+        result = run_cli("validate", str(r), *extra)
+        assert result.code == 2, result.out + result.err
+        lines = result.err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.err, result.err
+        assert lines[0].startswith(f"{r}:6:") and f": steps[0].{where}: {says}" in lines[0], result.err
+    assert run_cli("plan", str(r), "--machine", str(machine(tmp_path, "docker", gpus=True))).code == 2
+
+
+@pytest.mark.parametrize("args", ['{max_model_len: "8k"}', '{max_model_len: "8K"}', '{max_model_len: "0.5k"}',
+                                  "{max_model_len: auto}", "{max_model_len: -1}", "{gpu_memory_utilization: 1}",
+                                  '{max_num_batched_tokens: "2k", max_num_seqs: 4}'])
+def test_what_vllm_accepts_validates(tmp_path: Path, args: str) -> None:
+    result = run_cli("validate", str(recipe(tmp_path, ARGS.replace("ARGS", args))))
+    assert result.code == 0, result.err
+
+
+def test_vllms_human_readable_integers() -> None:
+    """vllm/utils/argparse_utils.py (0.32): k/m/g/t are decimal, K/M/G/T binary and whole."""
+    from ftkit.recipe import serveargs
+
+    assert [serveargs.token_count(v) for v in ("8k", "8K", "25.6k", "2M", "1g", 8192, " 4096 ")] == \
+        [8000, 8192, 25600, 2 * 2**20, 10**9, 8192, 4096]
+    assert serveargs.token_count("auto", auto=True) == serveargs.token_count(-1, auto=True) == serveargs.AUTO
+    for bad in ("8.5K", "nan", "1e400", "-8192", "0", "8kk", "", "٣", True, 8192.0, None, [1]):
+        with pytest.raises(ValueError):
+            serveargs.token_count(bad)
+    with pytest.raises(ValueError):
+        serveargs.token_count("8k", human=False)  # max_num_seqs is a plain int in vLLM
+    assert serveargs.read({"max-model-len": "8k"}, "max_model_len") == 8000
+    assert serveargs.read({"gpu_memory_utilization": "nan"}, "gpu_memory_utilization") is None

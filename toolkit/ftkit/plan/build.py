@@ -70,40 +70,53 @@ class Places:
 
 def arch_for(recipe: Recipe, local_config: dict[str, Any] | None = None) -> ModelArch | None:
     """Figures for the memory estimate: the recipe's override, the tiny spec, a local config,
-    or the built-in catalog."""
+    or the built-in catalog. An override without kv_heads takes the model's own (the
+    catalog's for a known hub id, else the local config's); with neither, kv_heads = heads
+    is an upper bound the serving fit says it assumed."""
     m = recipe.model
     if m.arch is not None:
         a = m.arch
+        known = (find_arch(m.id) if m.id else None) or (config_arch(local_config) if local_config else None)
         heads = a.heads or max(a.hidden_size // 128, 1)
+        kv = a.kv_heads or (min(known.kv_heads, heads) if known else None)
         return ModelArch(a.params_b, a.layers, a.hidden_size, a.intermediate_size or 4 * a.hidden_size, heads,
-                         a.kv_heads or heads, a.vocab_size, max_position=a.max_position_embeddings)
+                         kv or heads, a.vocab_size, max_position=a.max_position_embeddings, kv_heads_assumed=kv is None)
     if m.tiny is not None:
         t = m.tiny
         h, i, v, n = t.hidden_size, t.intermediate_size, t.vocab_size, t.layers
         params = n * (4 * h * h + 3 * h * i + 2 * h) + 2 * v * h + h
         return ModelArch(params / 1e9, n, h, i, t.heads, t.heads, v, max_position=t.max_position_embeddings)
     if local_config:
-        c = local_config
-        try:
-            h = int(c["hidden_size"])
-            n = int(c["num_hidden_layers"])
-            i = int(c.get("intermediate_size", 4 * h))
-            heads = int(c.get("num_attention_heads", max(h // 128, 1)))
-            kv = int(c.get("num_key_value_heads", heads))
-            v = int(c["vocab_size"])
-            tied = bool(c.get("tie_word_embeddings", False))
-        except (KeyError, TypeError, ValueError):
-            return None
-        hd = h // heads
-        params = n * (h * heads * hd * 2 + 2 * h * kv * hd + 3 * h * i + 2 * h) + v * h * (1 if tied else 2) + h
-        ctx, hd_set = c.get("max_position_embeddings"), c.get("head_dim")
-        return ModelArch(params / 1e9, n, h, i, heads, kv, v, tied,
-                         max_position=ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else None,
-                         kv_head_dim=hd_set if isinstance(hd_set, int) and not isinstance(hd_set, bool) and hd_set > 0
-                         else None)
+        return config_arch(local_config)
     if m.id:
         return find_arch(m.id)
     return None
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def config_arch(c: dict[str, Any]) -> ModelArch | None:
+    """A model's figures from its config.json (Llama/Mistral names); None when it lacks them.
+    An explicit head_dim (Mistral-Small: 128, not hidden/heads) sizes q, k, v and o."""
+    try:
+        h = int(c["hidden_size"])
+        n = int(c["num_hidden_layers"])
+        i = int(c.get("intermediate_size", 4 * h))
+        heads = int(c.get("num_attention_heads", max(h // 128, 1)))
+        kv = int(c.get("num_key_value_heads", heads))
+        v = int(c["vocab_size"])
+        tied = bool(c.get("tie_word_embeddings", False))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if min(h, n, i, heads, kv, v) < 1:
+        return None
+    hd_set = _positive_int(c.get("head_dim"))
+    hd = hd_set or h // heads
+    params = n * (h * heads * hd * 2 + 2 * h * kv * hd + 3 * h * i + 2 * h) + v * h * (1 if tied else 2) + h
+    return ModelArch(params / 1e9, n, h, i, heads, kv, v, tied, max_position=_positive_int(c.get("max_position_embeddings")),
+                     kv_head_dim=hd_set)
 
 
 def vram_by_gpu(res: Resolved) -> dict[int, float | None]:

@@ -70,6 +70,7 @@ class ModelArch:
     tied_embeddings: bool = False
     max_position: int | None = None  # the context the model was built for: vLLM's default max-model-len
     kv_head_dim: int | None = None  # the attention head size where the config sets it apart from hidden/heads
+    kv_heads_assumed: bool = False  # kv_heads unknown, taken = heads (no grouped-query attention): an upper bound
 
     @property
     def kv_dim(self) -> int:

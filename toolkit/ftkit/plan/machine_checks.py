@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import PurePosixPath
+from typing import Any
 
 from ftkit.plan import power
 from ftkit.plan.spec import Plan, StepSpec
@@ -18,10 +19,12 @@ from ftkit.recipe.resolve import Resolved
 
 
 def findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None,
-             packages: dict[str, str | None] | None = None) -> list[Finding]:
+             packages: dict[str, str | None] | None = None,
+             model_config: dict[str, Any] | None = None) -> list[Finding]:
     """Everything that stops the plan on this machine. `bitsandbytes`: the version of the
     bitsandbytes distribution in the plan's Python (None: not installed); `packages`: the
-    versions of llmcompressor and compressed-tensors there (see engine_findings)."""
+    versions of llmcompressor and compressed-tensors there (see engine_findings);
+    `model_config`: a local model's config.json (its layer sizes, for W4A16's groups)."""
     out: list[Finding] = []
     machine = res.machine
     first_power: int | None = None
@@ -45,22 +48,27 @@ def findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None,
     out.extend(_serving(res, plan))
     out.extend(engine_findings(res, plan, bitsandbytes=bitsandbytes, packages=packages))
     out.extend(_serving_fit(res, plan))
+    out.extend(_w4a16_groups(res, plan, model_config))
     for i, step in enumerate(res.recipe.steps):
         if isinstance(step, QuantizeStep):
             for est in plan.fit.get(step.name or "quantize", []):
                 if est.verdict == "does not fit":
-                    where = f"GPU {est.gpu} ({est.vram_gib:g} GiB)" if est.gpu is not None else "host RAM"
-                    out.append((("steps", i, "gpus" if est.gpu is not None else "type"),
-                                f"quantizing needs an estimated {est.total_gib:.1f} GiB on {where}: does not fit. "
-                                f"{' '.join(est.notes[-1:])}; try: {'; '.join(est.suggestions[:2])}", False))
+                    # what is short, as the fit says it: the GPU, host RAM, or both
+                    needs = [n.removeprefix("needs ") for n in est.notes if n.startswith("needs ")]
+                    on_gpu = est.gpu is not None and any(" on GPU " in n for n in needs)
+                    what = " and ".join(needs) or f"an estimated {est.total_gib:.1f} GiB"
+                    out.append((("steps", i, "gpus" if on_gpu else "type"),
+                                f"quantizing does not fit: it needs {what}; try: {'; '.join(est.suggestions[:2])}",
+                                False))
         if not isinstance(step, TrainStep):
             continue
         for est in plan.fit.get(step.name or "train", []):
             if est.verdict == "does not fit":
                 tries = "; ".join(est.suggestions[:3])
+                card = f" ({est.vram_gib:g} GiB)" if est.vram_gib is not None else ""
                 out.append(
-                    (("steps", i, "method"), f"estimated {est.total_gib:.1f} GiB on GPU {est.gpu} "
-                     f"({est.vram_gib:g} GiB): does not fit. Try: {tries}", False)
+                    (("steps", i, "method"), f"estimated {est.total_gib:.1f} GiB on GPU {est.gpu}{card}: does not "
+                     f"fit. Try: {tries}", False)
                 )
     return out
 
@@ -79,9 +87,43 @@ def _serving_fit(res: Resolved, plan: Plan) -> list[Finding]:
             need = next((n for n in est.notes if n.startswith("needs ")), f"needs {est.total_gib:.1f} GiB")
             what = {"merged": "the merged model", "quantized": "the quantized model", "base": "the base model"}.get(
                 step.model, "the model")
-            out.append((("steps", i, "model"), f"{what} does not fit GPU {est.gpu} ({est.vram_gib:g} GiB): it {need}. "
+            card = f" ({est.vram_gib:g} GiB)" if est.vram_gib is not None else ""
+            out.append((("steps", i, "model"), f"{what} does not fit GPU {est.gpu}{card}: it {need}. "
                         f"Try: {'; '.join(est.suggestions[:2])}", False))
             break  # the same on every GPU of a tensor-parallel server
+    return out
+
+
+def _w4a16_groups(res: Resolved, plan: Plan, model_config: dict[str, Any] | None) -> list[Finding]:
+    """W4A16 quantizes each Linear's inputs in groups of 128 (recipe.checks says so for a tiny
+    model and model.arch at validate). Here, with the machine: a local model's config.json
+    under a quantize step, and a quantized model served over several GPUs, where o_proj and
+    down_proj (row parallel) split their inputs and each GPU's share must still be whole
+    groups (vLLM: "in_features per partition ... is not divisible by group_size")."""
+    from ftkit.plan.build import arch_for, config_arch
+    from ftkit.plan.servefit import w4a16_problems
+
+    out: list[Finding] = []
+    recipe = res.recipe
+    quantizes = [i for i, s in enumerate(recipe.steps) if isinstance(s, QuantizeStep)]
+    if not quantizes:
+        return out
+    local = config_arch(model_config) if model_config and recipe.model.path is not None else None
+    if local is not None:
+        for problem in w4a16_problems(local):
+            out.append((("model", "path"), f"config.json: {problem}; quantize step "
+                        f"{recipe.step_name(quantizes[0])!r} needs whole groups", False))
+    arch = local or arch_for(recipe, model_config)
+    if arch is None:
+        return out
+    specs = {s.id: s for s in plan.steps}
+    for i, step in enumerate(recipe.steps):
+        spec = specs.get(step.name or "") if isinstance(step, ServeStep) and step.model == "quantized" else None
+        if spec is None or spec.platform != "cuda" or len(spec.gpus) < 2:
+            continue
+        for problem in w4a16_problems(arch, tp=len(spec.gpus), row_parallel_only=True):
+            out.append((("steps", i, "gpus"), f"{problem}: the 4-bit model cannot be served over these "
+                        f"{len(spec.gpus)} GPUs (tensor parallel); serve it on fewer", False))
     return out
 
 

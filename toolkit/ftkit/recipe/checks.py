@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 from ftkit.dockerhost import docker_host_problem
-from ftkit.recipe import datarows, imagerefs
+from ftkit.recipe import datarows, imagerefs, serveargs
 from ftkit.recipe.models import (
     Cluster,
     EvalStep,
@@ -575,8 +575,14 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
             seen_quantize.append((i, step))
         elif isinstance(step, ServeStep):
             _serve(step, here, recipe, seen_train, seen_merge, out, seen_quantize)
+            # the servers this one replaces (GPUs both name) are stopped before it starts: their
+            # ports are free again, whichever port this one takes
+            for port, j in list(ports.items()):
+                other = recipe.steps[j]
+                if isinstance(other, ServeStep) and _may_replace(step, other):
+                    del ports[port]
             earlier = recipe.steps[ports[step.port]] if step.port in ports else None
-            if isinstance(earlier, ServeStep) and not _may_replace(step, earlier):
+            if isinstance(earlier, ServeStep):
                 out.append((here + ("port",), f"port {step.port} is also used by serve step "
                             f"{recipe.step_name(ports[step.port])!r}, which still runs then; give each serve step its own "
                             "port, or name the same GPUs in both (`gpus: [1]`): then this one replaces it and "
@@ -650,13 +656,17 @@ W4A16_GROUP = 128  # the W4A16 scheme's group: every quantized Linear's input si
 
 
 def _quantize(step: QuantizeStep, here: Path_, recipe: Recipe, merges: list, out: list[Finding]) -> None:
-    tiny = recipe.model.tiny
-    if tiny is not None:
+    # the layer sizes the recipe states (a tiny model's, model.arch's); a local model's
+    # config.json and tensor-parallel serving are checked with the machine (plan.machine_checks)
+    for block in ("tiny", "arch"):
+        spec = getattr(recipe.model, block)
+        if spec is None:
+            continue
         for key in ("hidden_size", "intermediate_size"):
-            size = getattr(tiny, key)
-            if size % W4A16_GROUP:
+            size = getattr(spec, key)
+            if size is not None and size % W4A16_GROUP:
                 up = (size // W4A16_GROUP + 1) * W4A16_GROUP
-                out.append((("model", "tiny", key), f"{size}: W4A16 quantizes each Linear in groups of "
+                out.append((("model", block, key), f"{size}: W4A16 quantizes each Linear in groups of "
                             f"{W4A16_GROUP} inputs, so its layer sizes must be multiples of {W4A16_GROUP} (use {up}); "
                             f"quantize step {recipe.step_name(int(here[1]))!r} needs it", False))
     if _find(step.merge, merges, recipe) is None:
@@ -707,6 +717,7 @@ def _serve(step: ServeStep, here: Path_, recipe: Recipe, trains: list, merges: l
         out.append((here + ("adapters",), "serving several LoRA adapters needs engine vllm (multi-LoRA)", False))
     if step.preempt == "sleep" and step.engine == "transformers":
         out.append((here + ("preempt",), "sleep mode is vLLM's; transformers serve can only be stopped", False))
+    flagged: set[str] = set()
     for key, value in step.args.items():
         if not re.match(r"^[a-z0-9][a-z0-9_-]*$", key):
             out.append((here + ("args", key), f"engine argument {key!r} should look like max_model_len", True))
@@ -717,6 +728,11 @@ def _serve(step: ServeStep, here: Path_, recipe: Recipe, trains: list, merges: l
             continue
         problem = _arg_value_problem(value)
         if problem:
+            out.append((here + ("args", key), problem, False))
+            flagged.add(key)
+    # the values the serving memory fit reads too: as vLLM reads them, or refused here
+    for key, problem in serveargs.problems(step.args):
+        if key not in flagged:
             out.append((here + ("args", key), problem, False))
     if step.engine == "transformers" and step.gpus != "all" and len(step.gpus) > 1:
         out.append((here + ("gpus",), "transformers serve uses one device", False))

@@ -38,7 +38,8 @@ class Prepared:
 
     def problems(self) -> list[Any]:
         """Everything that stops this recipe on this machine, located in the recipe file."""
-        found = findings(self.res, self.plan, bitsandbytes=bitsandbytes_version(), packages=quantize_packages())
+        found = findings(self.res, self.plan, bitsandbytes=bitsandbytes_version(), packages=quantize_packages(),
+                         model_config=local_model_config(self.res))
         return [self.loaded.doc.issue(p, m, key=k) for p, m, k in found]
 
     def check(self) -> None:
@@ -90,7 +91,7 @@ def _profiles_that_plan(loaded: LoadedRecipe, profiles: list[str], limit: int = 
         try:
             res = resolve(loaded, load_machine(path).machine)
             if not findings(res, plan_for(res, run_dir=None), bitsandbytes=bitsandbytes_version(),
-                            packages=quantize_packages()):
+                            packages=quantize_packages(), model_config=local_model_config(res)):
                 fits.append(path)
         except Exception:  # noqa: BLE001 - a profile that does not plan is simply not suggested
             continue
