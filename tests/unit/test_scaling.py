@@ -330,3 +330,65 @@ def test_simulate_runs_the_bench_on_a_machine_without_gpus(tmp_path: Path, monke
                                           "FTKIT_STATE_DIR": str(tmp_path / "b" / "simulated" / "state")}
     assert "decision: simplify to workload sharding (rule 10)" in res.out and "note: the GPUs are simulated" in res.out
     assert all(k not in os.environ for k in ("FTKIT_SIMULATED_GPUS", "FTKIT_SIMULATED_GPUS_STATE", "FTKIT_STATE_DIR"))
+
+
+# -- review: failed repeats, equal sets, broken records ----------------------------------------
+
+
+def test_a_set_with_a_failed_repeat_is_failed() -> None:
+    """18.0, failed, 18.2 samples/s: the failure used to vanish (only runs with samples/s were
+    kept), the set read as succeeded and the bench kept the multi-GPU plan."""
+    base = _repeats("0", [10.0, 10.1, 10.2])
+    runs = [Measure("0,1", [0, 1], f"/runs/0,1-{i}", status, steps=100, samples_per_s=r, train_runtime_s=120.0,
+                    telemetry_source="nvml", message=msg)
+            for i, (status, r, msg) in enumerate([("succeeded", 18.0, None), ("failed", None, "NCCL timeout"),
+                                                   ("succeeded", 18.2, None)])]
+    big = scaling._median_measure(runs)
+    assert big.status == "failed" and big.runs == 3 and big.message == "repeat 2 of 3: NCCL timeout"
+    d = _decide(base, big)
+    assert (d.choice, d.rule) == (FIX, 2) and "repeat 2 of 3: NCCL timeout" in d.reason, d
+    # the baseline likewise (rule 1), also when a repeat finished without a throughput
+    flaky = scaling._median_measure([dataclasses.replace(runs[0], label="0", gpus=[0]),
+                                     dataclasses.replace(runs[0], label="0", gpus=[0], samples_per_s=None)])
+    d = _decide(flaky, _repeats("0,1", [18.0, 18.1]))
+    assert (d.choice, d.rule) == (FIX, 1) and "repeat 2 of 2: it recorded no samples/s" in d.reason, d
+
+
+def test_gpu_sets_of_one_size_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--gpus 0 --gpus 1 compared one GPU with one GPU and kept "the multi-GPU plan"."""
+    with pytest.raises(UserError, match="the sets given all have 1 GPU"):
+        scaling.parse_gpu_sets(["0", "1"])
+    with pytest.raises(UserError, match="all have 2 GPU"):
+        scaling.parse_gpu_sets(["0,1", "2,3"])
+    assert scaling.parse_gpu_sets(["0", "1", "0,1"]) == [[0], [1], [0, 1]]
+    for k, v in SIM.items():
+        monkeypatch.setenv(k, v)
+    res = run_cli("bench", str(RECIPES / "quickstart.yaml"), "--machine", str(_machine(tmp_path)), "--gpus", "0",
+                  "--gpus", "1", "--dry-run", "--out", str(tmp_path / "b"))
+    assert res.code == 2 and len(res.err.strip().splitlines()) <= 2 and "Traceback" not in res.err, res.err
+    assert "bench compares fewer GPUs with more" in res.err
+
+
+def test_times_and_rates_at_or_below_zero_are_not_recorded(tmp_path: Path) -> None:
+    """A negative training time used to suggest --max-steps -60, and a baseline of 0 samples/s
+    "stop scaling"; neither is a measurement."""
+    from ftkit.observe.rundata import load_run, positive
+    from tests.unit.test_report import make_run
+
+    assert [positive(v) for v in (-60, 0, "0", -1.5, 2.5, "nan", None)] == [None, None, None, None, 2.5, None, None]
+    run = make_run(tmp_path, gpus=(0,), source="nvml")
+    metrics = run / "steps" / "train" / "metrics.jsonl"
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "train_runtime" not in r]
+    rows.append({"step": 100, "train_runtime": -60.0, "train_samples_per_second": 0.0, "num_tokens": -5.0})
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = scaling.measure(load_run(run), "0", [0])
+    assert (m.train_runtime_s, m.samples_per_s, m.tokens_per_s) == (None, None, None)
+    d = _decide(m, _m("0,1", 18.0))
+    assert (d.choice, d.rule) == (FIX, 1) and "recorded no samples/s" in d.reason, d
+    rows[-1] = {"step": 100, "train_runtime": -60.0, "train_samples_per_second": 10.0}
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one = scaling.measure(load_run(run), "0", [0])
+    two = dataclasses.replace(one, label="0,1", gpus=[0, 1], samples_per_s=18.0)
+    d = _decide(one, two)
+    assert (d.choice, d.rule) == (NONE, 4) and "recorded no training time" in d.reason, d
+    assert "--max-steps -" not in d.next_action

@@ -43,6 +43,14 @@ def num(v: Any) -> float | None:
     return f if f == f and f not in (float("inf"), float("-inf")) else None
 
 
+def positive(v: Any) -> float | None:
+    """A time, rate or count that only a working run records: above 0, else None (a
+    training time of -60 s or 0 samples/s is a broken record, not a measurement: it must
+    not become a step count or a speedup)."""
+    f = num(v)
+    return f if f is not None and f > 0 else None
+
+
 @dataclass
 class Checkpoint:
     step: int
@@ -289,7 +297,7 @@ def _checkpoints(root: Path, metrics: list[dict[str, Any]]) -> list[Checkpoint]:
     earliest file marks the save's first write: a lower bound)."""
     from ftkit.gpu.telemetry import dir_size_mib
 
-    recorded = {int(r["step"]): num(r.get("checkpoint_s")) for r in metrics if "checkpoint_s" in r and "step" in r}
+    recorded = {int(r["step"]): positive(r.get("checkpoint_s")) for r in metrics if "checkpoint_s" in r and "step" in r}
     out = []
     dirs = sorted(root.iterdir()) if root.is_dir() else []
     for d in dirs:
@@ -370,16 +378,16 @@ def throughput(rd: RunData, step_id: str) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": steps_done, "train_runtime_s": None, "samples_per_s": None, "tokens_per_s": None,
                            "steady_samples_per_s": None, "steady_tokens_per_s": None, "num_tokens": None}
     if final is not None:
-        rt = num(final.get("train_runtime"))
+        rt = positive(final.get("train_runtime"))
         out["train_runtime_s"] = rt
-        out["samples_per_s"] = num(final.get("train_samples_per_second"))
-        tokens = max((num(r.get("num_tokens")) or 0 for r in rows), default=0) or None
+        out["samples_per_s"] = positive(final.get("train_samples_per_second"))
+        tokens = max((positive(r.get("num_tokens")) or 0 for r in rows), default=0) or None
         out["num_tokens"] = tokens
         if rt and tokens:
             out["tokens_per_s"] = round(tokens / rt, 1)
     steady = logged[1:] if len(logged) > 1 else logged
-    s = [num(r.get("samples_per_s")) for r in steady]
-    t = [num(r.get("tokens_per_s")) for r in steady]
+    s = [positive(r.get("samples_per_s")) for r in steady]
+    t = [positive(r.get("tokens_per_s")) for r in steady]
     s = [x for x in s if x]
     t = [x for x in t if x]
     if s:
@@ -387,7 +395,7 @@ def throughput(rd: RunData, step_id: str) -> dict[str, Any]:
     if t:
         out["steady_tokens_per_s"] = round(statistics.median(t), 1)
     step = (rd.state.get("steps") or {}).get(step_id) or {}
-    out["step_seconds"] = num(step.get("seconds"))
+    out["step_seconds"] = positive(step.get("seconds"))
     return out
 
 

@@ -178,6 +178,9 @@ def parse_gpu_sets(values: tuple[str, ...] | list[str]) -> list[list[int]]:
         sets.append(gpus)
     if len(sets) < 2:
         raise UserError("bench compares GPU sets: give at least two, e.g. --gpus 0 --gpus 0,1")
+    if max(map(len, sets)) == min(map(len, sets)):
+        raise UserError(f"bench compares fewer GPUs with more: the sets given all have {len(sets[0])} GPU(s); give "
+                        "a larger one too, e.g. --gpus 0 --gpus 0,1")
     return sets
 
 
@@ -330,12 +333,31 @@ def measure(rd: RunData, label: str, gpus: list[int]) -> Measure:
     return m
 
 
+def _failed(m: Measure) -> bool:
+    return m.status != "succeeded" or m.samples_per_s is None
+
+
+def _why(m: Measure) -> str:
+    """What went wrong with a run, in a few words: its message, else its status, or that it
+    recorded no throughput although it finished."""
+    return m.message or ("it recorded no samples/s" if m.status == "succeeded" else m.status)
+
+
 def _median_measure(ms: list[Measure]) -> Measure:
     """Repeats of one variant: the run with the median throughput stands for it, carrying
-    every repeat's samples/s, their spread and the shortest training time (rule 4)."""
-    ok = [m for m in ms if m.samples_per_s is not None]
-    if not ok:
-        return ms[-1]
+    every repeat's samples/s, their spread and the shortest training time (rule 4). A set
+    with a failed repeat is failed: its first failed run stands for it (rules 1 and 2), so a
+    failure between two good runs is never averaged away."""
+    failed = [m for m in ms if _failed(m)]
+    if failed:
+        first = dataclasses.replace(failed[0])
+        if len(ms) > 1:
+            k = ms.index(failed[0]) + 1
+            first.message = f"repeat {k} of {len(ms)}: {_why(failed[0])}"
+        first.runs = len(ms)
+        first.samples_per_s_runs = sorted(m.samples_per_s for m in ms if not _failed(m) and m.samples_per_s)
+        return first
+    ok = list(ms)
     ok.sort(key=lambda m: m.samples_per_s or 0)
     mid = dataclasses.replace(ok[len(ok) // 2])
     rates = [m.samples_per_s or 0.0 for m in ok]
@@ -437,14 +459,14 @@ def decide(measures: list[Measure], th: Thresholds) -> Decision:
     if not real:
         notes.append("GPU telemetry is simulated or missing: the power, thermal, PCIe and utilization rules "
                      "(3, 6, 8) were not applied; run the bench on the real machine for them")
-    if base.status != "succeeded" or base.samples_per_s is None:
-        return Decision(FIX, 1, f"the baseline on GPU(s) {base.label} did not complete ({base.message or base.status}): "
+    if _failed(base):
+        return Decision(FIX, 1, f"the baseline on GPU(s) {base.label} did not complete ({_why(base)}): "
                         "there is no stable single-GPU run to scale from",
                         "make the single-GPU run reliable first (data, script, environment), then bench again", notes)
-    failed = [m for m in measures if m is not base and (m.status != "succeeded" or m.samples_per_s is None)]
+    failed = [m for m in measures if m is not base and _failed(m)]
     if failed:
         f = failed[0]
-        return Decision(FIX, 2, f"the run on GPU(s) {f.label} failed ({f.message or f.status}) while the baseline works",
+        return Decision(FIX, 2, f"the run on GPU(s) {f.label} failed ({_why(f)}) while the baseline works",
                         "debug the multi-GPU launch one layer at a time: devices visible, framework sees them, "
                         "launcher starts a tiny job, then the real script for a few steps", notes)
     if real:
