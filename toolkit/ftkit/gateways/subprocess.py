@@ -22,7 +22,7 @@ from ftkit.errors import CommandFailed, FtkitError
 from ftkit.files import open_append
 
 TAIL_LINES = 40
-STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a child stopped because we were interrupted
+STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a child stopped because we were interrupted (the least; a step's own may be longer)
 DRAIN_S = 3.0  # after that stop: how long its last lines may take to reach the log
 PR_SET_PDEATHSIG = 1
 
@@ -99,13 +99,16 @@ def run(
     stdin_data: str | None = None,
     die_with_parent: bool = False,
     on_start: Callable[[subprocess.Popen[str]], None] | None = None,
+    stop_grace_s: float = STOP_GRACE_S,
 ) -> Completed:
     """Run argv to completion, streaming its combined stdout/stderr.
 
     `on_line` sees every line (progress displays use it); `echo` copies lines to stderr;
     `log_file` receives everything. With `check`, a non-zero exit raises CommandFailed
     carrying the last lines of output. `die_with_parent` makes the child receive SIGTERM
-    when this process dies; `on_start` sees the Popen (to record its pid).
+    when this process dies; `on_start` sees the Popen (to record its pid). Stopped because we
+    were interrupted, the child gets `stop_grace_s` between SIGTERM and SIGKILL (a leased
+    engine saving its checkpoint: the lease's grace and then some).
     """
     argv = [str(a) for a in argv]
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -161,10 +164,13 @@ def run(
             rc = proc.wait()
         except BaseException:
             # Ctrl-C, SIGTERM (the runner turns it into an exception) or a bug: never
-            # leave the child and its children running behind us.
-            _stop_group(proc)
-            if log is not None:  # what it said while it stopped (the tether names what it stopped, and how)
-                _drain(proc.stdout, log)
+            # leave the child and its children running behind us. Its output is read from
+            # before the stop: a tree that writes more than a pipe holds while it shuts down
+            # would block on it, and get SIGKILL for it. What it says goes to the log (the
+            # tether names what it stopped, and how).
+            drain = _Drain(proc.stdout, log)
+            _stop_group(proc, stop_grace_s)
+            drain.finish()
             raise
         finally:
             if timer is not None:
@@ -197,7 +203,7 @@ def output(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout
 def _stop_group(proc: subprocess.Popen[str], grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM the child's process group, SIGKILL after `grace_s`. Our SIGKILL need not be
     the end of its story: a child that owns a tree of its own (the tether) turns it into
-    SIGKILL for the whole tree and says so on its output, which `_drain` still collects."""
+    SIGKILL for the whole tree and says so on its output, which `_Drain` still collects."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -210,31 +216,42 @@ def _stop_group(proc: subprocess.Popen[str], grace_s: float = STOP_GRACE_S) -> N
             continue
 
 
-def _drain(stream: IO[str] | None, log: IO[str], seconds: float = DRAIN_S) -> None:
-    """Copy what a stopped child still writes into its log until its output closes, for at most
-    `seconds` (a process stuck in the kernel may hold the pipe open for ever). In a thread,
-    so the wait is bounded; it writes nothing once the wait is over (the log is closed then)."""
-    if stream is None:
-        return
-    over = threading.Event()
-    lock = threading.Lock()
+class _Drain:
+    """Copies what a child being stopped still writes into its log (or nowhere, without one),
+    in a thread started before the stop so the child never blocks on a full pipe; `finish`
+    waits for its output to close for at most `seconds` after the stop (a process stuck in the
+    kernel may hold the pipe open for ever). Nothing is written once the wait is over (the
+    log is closed then); what comes later is read and dropped."""
 
-    def copy() -> None:
-        try:
-            for line in stream:
-                with lock:
-                    if over.is_set():
-                        return
-                    log.write(line)
-                    log.flush()
-        except (OSError, ValueError):
-            pass
+    def __init__(self, stream: IO[str] | None, log: IO[str] | None) -> None:
+        self.over = threading.Event()
+        self.lock = threading.Lock()
+        self.reader: threading.Thread | None = None
+        if stream is None:
+            return
 
-    reader = threading.Thread(target=copy, daemon=True, name="drain")
-    reader.start()
-    reader.join(seconds)
-    with lock:
-        over.set()
+        def copy() -> None:
+            out = log
+            try:
+                for line in stream:  # to the end: whatever still writes never blocks on the pipe
+                    with self.lock:
+                        if out is not None and not self.over.is_set():
+                            try:
+                                out.write(line)
+                                out.flush()
+                            except (OSError, ValueError):  # the log closed under us: read on, write nothing
+                                out = None
+            except (OSError, ValueError):
+                pass
+
+        self.reader = threading.Thread(target=copy, daemon=True, name="drain")
+        self.reader.start()
+
+    def finish(self, seconds: float = DRAIN_S) -> None:
+        if self.reader is not None:
+            self.reader.join(seconds)
+        with self.lock:
+            self.over.set()
 
 
 @dataclass
