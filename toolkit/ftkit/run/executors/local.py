@@ -18,10 +18,20 @@ from ftkit.procs import process_start
 from ftkit.run.executors.base import Outcome, StepIO
 from ftkit.run.rundir import OWNER_LOCK, RunDir
 
+SERVER_STOP_GRACE_S = 30.0  # a server stopped without a lease: SIGTERM, then SIGKILL after this
+
+
+def stop_grace(step: StepSpec, default: float = sp.STOP_GRACE_S) -> float:
+    """How long a stopped step gets between SIGTERM and SIGKILL: under a lease, the lease's
+    grace for the engine (a train step saving its checkpoint) plus time for the lease to let
+    go - what docker stop gives the same step in a container; else `default`."""
+    return float(step.lease.grace_s + 10) if step.lease is not None else default
+
 
 class LocalHandle:
-    def __init__(self, bg: sp.Background) -> None:
+    def __init__(self, bg: sp.Background, grace_s: float = SERVER_STOP_GRACE_S) -> None:
         self.bg = bg
+        self.grace_s = grace_s
         self.ident: dict[str, Any] = {"pid": bg.proc.pid, "pid_start": process_start(bg.proc.pid)}
 
     def alive(self) -> bool:
@@ -30,8 +40,8 @@ class LocalHandle:
     def tail(self, lines: int = 40) -> str:
         return self.bg.tail(lines)
 
-    def stop(self, grace_s: float = 30.0) -> int | None:
-        return self.bg.stop(grace_s)
+    def stop(self, grace_s: float | None = None) -> int | None:
+        return self.bg.stop(grace_s if grace_s is not None else self.grace_s)
 
 
 class LocalExecutor:
@@ -49,22 +59,26 @@ class LocalExecutor:
 
         return on_line
 
-    def _tethered(self, step: StepSpec) -> list[str]:
-        """The command, tethered to this ftkit's owner lock: it dies with ftkit, whole tree."""
+    def _tethered(self, step: StepSpec, grace_s: float) -> list[str]:
+        """The command, tethered to this ftkit's owner lock: it dies with ftkit, whole tree, with
+        the grace ftkit's own stop would give it."""
         lock = str(self.run_dir.path / OWNER_LOCK)
-        return [self.plan.python, "-m", "ftkit.run.tether", lock, "--", *step_command(step, self.plan)]
+        return [self.plan.python, "-m", "ftkit.run.tether", "--grace", f"{grace_s:g}", lock, "--",
+                *step_command(step, self.plan)]
 
     def run(self, step: StepSpec, io: StepIO) -> Outcome:
         def started(proc: Any) -> None:
             io.on_started({"pid": proc.pid, "pid_start": process_start(proc.pid)})
 
-        sp.run(self._tethered(step), env=step.env, log_file=io.log, on_line=self._line(io),
-               die_with_parent=True, on_start=started)
+        grace = stop_grace(step)
+        sp.run(self._tethered(step, grace), env=step.env, log_file=io.log, on_line=self._line(io),
+               die_with_parent=True, on_start=started, stop_grace_s=grace)
         return Outcome("succeeded")
 
     def start(self, step: StepSpec, io: StepIO) -> LocalHandle:
-        argv = step_command(step, self.plan) if step.keep_running else self._tethered(step)
+        grace = stop_grace(step, SERVER_STOP_GRACE_S)
+        argv = step_command(step, self.plan) if step.keep_running else self._tethered(step, grace)
         bg = sp.start(argv, log_file=io.log, env=step.env, die_with_parent=not step.keep_running)
-        handle = LocalHandle(bg)
+        handle = LocalHandle(bg, grace)
         io.on_started(handle.ident)
         return handle
