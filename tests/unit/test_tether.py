@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 PY = sys.executable
 TREE = """
 import subprocess, sys, time
@@ -308,9 +310,205 @@ def test_a_signal_to_the_step_arrives_once(tmp_path: Path) -> None:
 
 def test_the_tether_stops_leftovers_before_ftkit_would_kill_it() -> None:
     """ftkit's stop (SIGTERM, its grace, SIGKILL) must find the tether done with what the step
-    left, so the log says how it went; ftkit's SIGKILL stays the last resort (and safe)."""
+    left, so the log says how it went; ftkit's SIGKILL stays the last resort (and safe). The
+    least grace ftkit gives a step is sp.STOP_GRACE_S; a leased step's is longer, never shorter."""
     from ftkit.gateways import subprocess as sp
+    from ftkit.plan.spec import LeaseSpec
     from ftkit.run import tether
+    from ftkit.run.executors import local
 
     assert tether.LEFTOVER_GRACE_S < sp.STOP_GRACE_S
     assert tether.LEFTOVER_GRACE_S <= 5  # a server that failed to start is stopped with 5 s (runner)
+
+    class Step:  # the least a lease can give: grace 0
+        lease = LeaseSpec(role="train", gpus=[0], grace_s=0)
+
+    assert local.stop_grace(Step()) >= sp.STOP_GRACE_S > tether.LEFTOVER_GRACE_S  # type: ignore[arg-type]
+
+
+# -- the step's own grace, output while stopping, a command that cannot start (review) ---------
+
+
+def test_a_leased_local_step_gets_the_leases_grace_when_stopped_or_orphaned(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A train step under the lease saves its checkpoint on SIGTERM within the lease's grace:
+    ftkit's stop and the tether's (ftkit gone) must not cut it short - the grace docker stop
+    gives the same step in a container (lease grace + 10)."""
+    from ftkit.gateways import subprocess as sp
+    from ftkit.plan.container import container_spec
+    from ftkit.run.executors.base import StepIO
+    from ftkit.run.executors.local import LocalExecutor
+    from ftkit.run.planning import prepare
+    from ftkit.run.rundir import RunDir
+    from tests.conftest import RECIPES
+
+    plan = prepare(str(RECIPES / "llama31-8b-lora-1gpu.yaml"), str(RECIPES / "machines" / "dual-4090.yaml"),
+                   run_dir="/runs/x", executor="local").plan
+    train = plan.step("train")
+    assert train.lease is not None
+    train.lease.grace_s = 90
+    seen: dict = {}  # type: ignore[type-arg]
+
+    def fake_run(argv, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(argv=list(argv), **kwargs)
+
+    monkeypatch.setattr(sp, "run", fake_run)
+    io = StepIO(log=Path("/nonexistent/train.log"), on_line=lambda line: None, on_started=lambda ident: None)
+    LocalExecutor(plan, RunDir(Path("/runs/x"))).run(train, io)
+    argv = seen["argv"]
+    assert argv[argv.index("--grace") + 1] == "100" and argv.index("--grace") < argv.index("--")
+    assert seen["stop_grace_s"] == 100.0
+    train.executor, train.image = "docker", "ftkit/train:x"
+    assert container_spec(train, plan).stop_grace_s == 100  # the same grace as in a container
+
+
+def test_grace_is_the_grace_when_ftkit_is_gone(tmp_path: Path) -> None:
+    """`--grace S`: the tree gets S after SIGTERM once ftkit is gone (not GRACE_S)."""
+    lock = tmp_path / ".owner.lock"
+    owner = subprocess.Popen([PY, "-c", f"import fcntl, os, time; fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT);"
+                                        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
+                             stdout=subprocess.PIPE, text=True)
+    tether = None
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "held"
+        tether = subprocess.Popen([PY, "-m", "ftkit.run.tether", "--grace", "1", str(lock), "--", PY, "-c",
+                                   "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                   "print('up', flush=True); time.sleep(120)"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        assert tether.stdout is not None and tether.stdout.readline().strip() == "up"
+        owner.kill()
+        owner.wait()
+        t0 = time.monotonic()
+        _, err = tether.communicate(timeout=60)
+        assert tether.returncode == 143, err
+        assert "SIGKILL after 1 s" in err and time.monotonic() - t0 < 10, err
+    finally:
+        _kill(owner.pid, tether.pid if tether else None)
+    for bad in ("-1", "nan", "x"):
+        res = subprocess.run([PY, "-m", "ftkit.run.tether", "--grace", bad, str(lock), "--", "true"],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "--grace" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_step_that_writes_much_while_it_stops_is_not_killed_for_it(tmp_path: Path) -> None:
+    """ftkit stops a step (Ctrl-C, SIGTERM): the step's pipe is read from before the stop, or a
+    tree that writes more than a pipe holds while it shuts down blocks on it and gets SIGKILL."""
+    from ftkit.gateways import subprocess as sp
+
+    class Stop(Exception):
+        pass
+
+    def on_line(line: str) -> None:
+        if line == "up":
+            raise Stop  # as the runner's SIGTERM does, in the middle of the stream
+
+    for log in (tmp_path / "step.log", None):
+        clean = tmp_path / "clean"
+        clean.unlink(missing_ok=True)
+        code = ("import signal, sys, time\n"
+                "def stop(*a):\n"
+                "    for i in range(2000): sys.stdout.write(f'{i:05d} ' + 'x' * 94 + '\\n')\n"
+                "    sys.stdout.flush()\n"
+                f"    open({str(clean)!r}, 'w').write('saved')\n"
+                "    sys.exit(0)\n"
+                "signal.signal(signal.SIGTERM, stop)\nprint('up', flush=True)\ntime.sleep(60)\n")
+        t0 = time.monotonic()
+        with pytest.raises(Stop):
+            sp.run([PY, "-c", code], log_file=log, on_line=on_line, stop_grace_s=3)
+        assert clean.exists(), "the step was killed while it wrote its last 200 kB"
+        assert time.monotonic() - t0 < 3
+        if log is not None:
+            text = log.read_text()
+            assert "01999 " in text and text.count("\n") >= 2001
+
+
+def test_a_command_that_cannot_start_is_one_line_and_a_shells_status(tmp_path: Path) -> None:
+    lock, fd = _owned(tmp_path)
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\necho hi\n")
+    try:
+        for cmd, code in (("no-such-binary-ftkit", 127), (str(script), 126)):
+            res = subprocess.run([PY, "-m", "ftkit.run.tether", str(lock), "--", cmd], capture_output=True, text=True,
+                                 timeout=60)
+            assert res.returncode == code, res.stderr
+            assert "Traceback" not in res.stderr and res.stderr.strip().splitlines() == [
+                f"ftkit tether: cannot start {cmd}: {'No such file or directory' if code == 127 else 'Permission denied'}"]
+    finally:
+        os.close(fd)
+
+
+# -- the keeper -----------------------------------------------------------------------------------
+
+CHAIN = """
+import os, sys, time
+from ftkit.lease.child import become_subreaper
+from ftkit.run import tether
+become_subreaper()  # the keeper
+r, w = os.pipe()
+inner = os.fork()
+if inner == 0:  # the tether proper: leaves a chain, each process in a session of its own, the parent of the next
+    devnull = os.open(os.devnull, os.O_WRONLY)  # the test reads the keeper's output to its end
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    for i in range(int(sys.argv[1])):
+        if os.fork():
+            if i == 0:
+                os._exit(1)  # the tether proper ends, not by a signal (as after a traceback, or giving up)
+            time.sleep(300)
+            os._exit(0)
+        os.setsid()
+        os.write(w, f"{os.getpid()}\\n".encode())
+    time.sleep(300)
+    os._exit(0)
+os.close(w)
+pids = []
+with os.fdopen(r) as fh:
+    while len(pids) < int(sys.argv[1]):
+        pids.append(int(fh.readline()))
+print(" ".join(map(str, pids)), flush=True)
+print("exit", tether._keep(inner), flush=True)
+"""
+
+
+def test_the_keeper_kills_everything_when_the_tether_ended_by_itself(tmp_path: Path) -> None:
+    """The tether proper ended without a signal (its exception exit, its give-up) and left a deep
+    tree: the keeper SIGKILLs all of it, not only what it can reach in half a second."""
+    p = subprocess.Popen([PY, "-c", CHAIN, "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        assert p.stdout is not None
+        pids = [int(x) for x in p.stdout.readline().split()]
+        out, err = p.communicate(timeout=90)
+        assert len(pids) == 60 and out.strip() == "exit 1", err
+        left = [q for q in pids if not _gone_within(q, 2)]
+        assert not left, f"{len(left)} of the 60 outlived the keeper: {err}"
+        assert "the tether left" in err and "stopped: everything the step started is gone" in err, err
+    finally:
+        _kill(*pids, p.pid)
+
+
+FORWARD_AFTER_REAP = """
+import os, signal
+from ftkit.run import tether
+inner = os.fork()
+if inner == 0:
+    os._exit(3)
+sent = []
+os.kill = lambda pid, sig: sent.append((pid, sig))  # nothing is really signalled
+
+
+def adopted(wait_s):  # a stop arrives while the keeper kills what the tether left
+    signal.raise_signal(signal.SIGTERM)
+    return True
+
+
+tether._kill_adopted = adopted
+code = tether._keep(inner)
+print(code, [p for p, _ in sent if p == inner])
+"""
+
+
+def test_the_keeper_passes_nothing_on_once_the_tether_is_reaped() -> None:
+    """After waitpid reaped the tether proper its pid may be another process's: a SIGTERM to
+    the keeper then must not reach it."""
+    res = subprocess.run([PY, "-c", FORWARD_AFTER_REAP], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "3 []", res.stdout + res.stderr
