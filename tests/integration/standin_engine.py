@@ -1,7 +1,9 @@
 """A stand-in engine for generated stacks (not a test module): runs inside the ftkit images
 after `ftkit lease ... --`, and records when it holds its GPUs.
 
-    python /probe/standin_engine.py train GPUS         hold for STANDIN_SECONDS (random 0.3-1.2 s), exit 0
+    python /probe/standin_engine.py train GPUS         hold for STANDIN_SECONDS (random 0.3-1.2 s), leave a
+                                                       stand-in adapter at STANDIN_ADAPTER (where the journal
+                                                       looks for it), exit 0
     python /probe/standin_engine.py serve GPUS PORT    answer GET /health until SIGTERM
     python /probe/standin_engine.py witness GPUS -- CMD...
                                                        take the witnesses, then exec CMD (a real engine,
@@ -115,6 +117,12 @@ def main() -> None:
             for proc in scan(token):
                 log("OVERLAP", process=proc, when="leave")
         log("leave")
+        adapter = os.environ.get("STANDIN_ADAPTER")
+        if adapter:  # a step that exits 0 without its adapter failed (its container exits 1)
+            os.makedirs(adapter, exist_ok=True)
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                with open(os.path.join(adapter, name), "w") as fh:
+                    fh.write("{}")
         sys.exit(0)
     from http.server import BaseHTTPRequestHandler, HTTPServer
 

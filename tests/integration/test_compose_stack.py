@@ -249,9 +249,13 @@ def _override(stack: Path, probe: Path, *, real_serve: bool, token: str) -> Path
             svc["environment"] = {"STANDIN_ENGINE_TOKEN": token}
         else:
             svc["command"] = [*wrapper, "python", "/probe/standin_engine.py", *args]
+        if name == "train":  # where the journal looks for the adapter (a step without it exits 1)
+            plan = json.loads((stack / "run" / "plan.json").read_text())
+            rel = next(s["outputs"]["adapter"] for s in plan["steps"] if s["id"] == "train")
+            svc["environment"] = {"STANDIN_ADAPTER": f"/ftkit/run/{rel}"}
         if name == "train" and real_serve:
             svc["pid"] = "host"
-            svc["environment"] = {"STANDIN_SCAN": token}
+            svc["environment"]["STANDIN_SCAN"] = token
         out["services"][name] = svc
     path = stack / "compose.test-override.yaml"
     path.write_text(yaml.safe_dump(out, sort_keys=False))

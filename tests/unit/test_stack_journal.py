@@ -99,6 +99,14 @@ def test_prefix_sets_threads_then_execs_the_command() -> None:
     assert _prefix("/no/such/engine").returncode == 127
 
 
+def test_the_exec_command_gets_sigpipe_back() -> None:
+    """exec keeps ignored signals ignored, and Python ignores SIGPIPE (and SIGXFSZ): `yes | head -1`
+    must end as in a shell, by the signal, not with `Broken pipe` on stderr."""
+    proc = _prefix("sh", "-c", "yes | head -1; trap")
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "y", proc.stderr
+    assert "Broken pipe" not in proc.stderr and "PIPE" not in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_processes_of_one_container_share_its_allowance() -> None:
     """accelerate launch with one process per GPU: each gets its share (torchrun would give each
     the whole OMP_NUM_THREADS), never less than one."""
@@ -229,12 +237,16 @@ def test_a_compose_run_is_journaled_and_reported_like_an_up_run(stack: Path) -> 
     assert "succeeded" in md and "train" in md
 
 
-def test_a_step_that_exits_0_without_its_output_failed(stack: Path) -> None:
+def test_a_step_that_exits_0_without_its_output_failed(stack: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """...and its container exits 1: compose's service_completed_successfully must not start the
+    next step on it (`ftkit up` stops the chain there)."""
     run = stack / "run"
-    assert step(run, "tiny-model", "true") == 0  # the exit status stays the command's
+    assert step(run, "tiny-model", "true") == 1
     st = state(run)
-    assert st["steps"]["tiny-model"]["status"] == "failed"
+    assert st["steps"]["tiny-model"]["status"] == "failed" and st["steps"]["tiny-model"]["exit_code"] == 0
     assert st["steps"]["tiny-model"]["error"] == "the step exited 0 but left no model at model"
+    assert "tiny-model: the step exited 0 but left no model at model: exit status 1" in capfd.readouterr().err
+    assert step(run, "tiny-model", outputs(run)["tiny-model"]) == 0
 
 
 def _journaled_in_subprocess(run: Path, step_id: str, shell: str) -> subprocess.Popen[str]:
@@ -342,7 +354,7 @@ def test_concurrent_containers_never_lose_an_entry(stack: Path) -> None:
 
 def test_a_regenerated_plan_starts_a_new_journal(stack: Path) -> None:
     run = stack / "run"
-    assert step(run, "tiny-model", "true") == 0
+    assert step(run, "tiny-model", "true") == 1
     assert state(run)["steps"]["tiny-model"]["status"] == "failed"
     plan = json.loads((run / "plan.json").read_text())
     plan["warnings"] = [*plan["warnings"], "regenerated"]
@@ -367,3 +379,80 @@ def test_settle_counts_servers_only_when_they_fail() -> None:
     st["steps"] = {}
     stackjournal.settle(st, ["a", "b"], ["s"])
     assert st["status"] == "pending"
+
+
+# -- a journal that goes wrong never stops or changes the step (review) --------------------------------
+
+
+DAMAGED = {
+    "attempt text": lambda st: st["steps"]["train"].update(attempt="2x"),
+    "attempt a list": lambda st: st["steps"]["train"].update(attempt=[1]),
+    "order holds an object, no plan.json": lambda st: st.update(order=[{"a": 1}, "train"], plan_sha256=None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_a_damaged_journal_never_stops_or_changes_the_step(stack: Path, case: str,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """Valid JSON of the wrong shape in state.json (a hand edit, a bug): the step runs, its exit
+    status is its own, and the journal goes on."""
+    run = stack / "run"
+    made = outputs(run)
+    assert step(run, "tiny-model", made["tiny-model"]) == 0 and step(run, "train", made["train"]) == 0
+    st = state(run)
+    DAMAGED[case](st)
+    if "plan.json" in case:
+        (run / "plan.json").unlink()
+    (run / "state.json").write_text(json.dumps(st))
+    marker = run / "ran"
+    assert step(run, "train", f"touch {marker}; exit 3") == 3
+    assert marker.exists()
+    entry = state(run)["steps"]["train"]
+    assert entry["status"] == "failed" and entry["exit_code"] == 3
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_journal_that_raises_is_one_line_and_the_status_stays_the_commands(
+        stack: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    run = stack / "run"
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug in the journal\nsecond line")
+
+    monkeypatch.setattr(stackjournal, "settle", broken)  # every write fails, the fresh retry too
+    marker = run / "ran"
+    assert step(run, "tiny-model", f"touch {marker}; exit 3") == 3
+    assert step(run, "tiny-model", "true") == 0  # not 1: the journal could not say it failed
+    err = capfd.readouterr().err
+    assert marker.exists() and "Traceback" not in err and "second line" not in err
+    assert "(RuntimeError: a bug in the journal); starting a fresh journal" in err
+    assert "(RuntimeError: a bug in the journal); the step runs unjournaled" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(stackjournal, "started", broken)  # the caller's own guard
+    monkeypatch.setattr(stackjournal, "ended", broken)
+    assert step(run, "tiny-model", "exit 4") == 4
+    err = capfd.readouterr().err
+    assert "journal (start) failed: RuntimeError: a bug in the journal; the step runs on" in err
+    assert "journal (end) failed" in err and "Traceback" not in err
+
+
+def test_only_a_stop_signal_makes_a_step_interrupted(stack: Path) -> None:
+    """SIGUSR1 (and SIGQUIT, SIGUSR2) go to the command, which may handle them and go on: the
+    step is not stopped by them, and is journaled as it ended."""
+    run = stack / "run"
+    ready = run / "ready"
+    made = outputs(run)["tiny-model"]
+    shell = f"trap '{made}; exit 0' USR1; touch {ready}; while :; do sleep 0.1; done"
+    proc = _journaled_in_subprocess(run, "tiny-model", shell)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the command never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=30) == 0, proc.stdout.read() if proc.stdout else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    entry = state(run)["steps"]["tiny-model"]
+    assert entry["status"] == "succeeded" and "message" not in entry, entry

@@ -15,11 +15,15 @@ intra-op pool and accelerate's launcher both follow OMP_NUM_THREADS. A command t
 several engine processes (`--processes N`: accelerate launch with one per GPU) gives each its
 share of the allowance.
 
-Then CMD replaces this process (exec: its signals and exit code are its own). With
+Then CMD replaces this process (exec: its signals and exit code are its own; SIGPIPE and
+SIGXFSZ back to their defaults first, which Python ignores and exec would keep ignored). With
 `--journal STEP` (the stacks `ftkit compose` writes: no ftkit drives the run) CMD runs as a
 child instead, its output copied to the container's output and to RUN/logs/STEP.log, and
 its start and end go into RUN/state.json (ftkit.run.stackjournal). Journaling never stops
-the step: a journal that cannot be written is a note on stderr.
+the step nor changes its exit status: whatever goes wrong with the journal is a note on
+stderr. One exception, on purpose: a one-shot step that exits 0 without what it must leave
+exits 1, so compose's service_completed_successfully does not start the next step on it (as
+`ftkit up` stops the chain there).
 
 Light on purpose (no torch, no click): it starts before every step.
 """
@@ -32,7 +36,11 @@ import signal
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 THREAD_VARS = ("OMP_NUM_THREADS",)
 RUN_DIR = Path("/ftkit/run")  # plan.container's run mount: the same in every step's container
@@ -150,45 +158,65 @@ def apply_threads(processes: int = 1) -> None:
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what compose stop, Ctrl-C and a hang-up mean: stop the step
+
+
+def _journal(what: str, call: Callable[[], T], default: T) -> T:
+    """A journal call that never stops or changes the step: anything it raises is one line."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - the step runs whatever the journal does
+        _say(f"journal ({what}) failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}; "
+             "the step runs on")
+        return default
 
 
 def run_journaled(run: Path, step_id: str, cmd: list[str]) -> int:
-    """CMD as a child, journaled and logged; returns its exit status (128+N after signal N).
-    Signals to this process go to CMD (as tini would send them to CMD without this process
-    between); one that comes before CMD has started stops the step before it starts."""
+    """CMD as a child, journaled and logged; returns its exit status (128+N after signal N), or
+    1 where it exited 0 but the journal has it failed (it left not what it must). Signals to
+    this process go to CMD (as tini would send them to CMD without this process between); a
+    stop (STOPS) that comes before CMD has started stops the step before it starts."""
     import threading
 
     from ftkit.run import stackjournal
 
-    stopped: list[int] = []
+    got: list[tuple[int, bool]] = []  # (signal, whether CMD has had it)
     child: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, frame: object) -> None:
-        stopped.append(signum)
         for proc in child:
             try:
                 proc.send_signal(signum)
             except ProcessLookupError:
                 pass
+        got.append((signum, bool(child)))
+
+    def stops() -> list[int]:
+        return [sig for sig, _ in got if sig in STOPS]
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
-        stackjournal.started(run, step_id, cmd, say=_say)
-        log = stackjournal.open_log(run, step_id, cmd, say=_say)
-        if stopped:  # stopped while it was being journaled: CMD never starts
+        _journal("start", lambda: stackjournal.started(run, step_id, cmd, say=_say), None)
+        log = _journal("log", lambda: stackjournal.open_log(run, step_id, cmd, say=_say), None)
+        early = stops()
+        if early:  # stopped while it was being journaled: CMD never starts
             if log is not None:
                 log.close()
-            stackjournal.ended(run, step_id, 128 + stopped[0], stopped, "", say=_say)
-            return 128 + stopped[0]
+            _journal("end", lambda: stackjournal.ended(run, step_id, 128 + early[0], early, "", say=_say), None)
+            return 128 + early[0]
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: S603 - the plan's
         except OSError as e:
-            _say(f"cannot start {cmd[0]}: {e.strerror or e}")
-            stackjournal.ended(run, step_id, 127, [], f"cannot start {cmd[0]}: {e.strerror or e}", say=_say)
+            why = f"cannot start {cmd[0]}: {e.strerror or e}"
+            _say(why)
+            if log is not None:
+                log.close()
+            _journal("end", lambda: stackjournal.ended(run, step_id, 127, [], why, say=_say), None)
             return 127
         child.append(proc)
-        if stopped:  # came between the check above and now: CMD gets it too
-            proc.send_signal(stopped[0])
+        for sig, sent in list(got):  # came between the check above and now: CMD gets them too
+            if not sent:
+                proc.send_signal(sig)
         tail: deque[bytes] = deque(maxlen=200)
 
         def copy() -> None:  # CMD's output to the container's (docker logs) and to the step's log
@@ -210,6 +238,7 @@ def run_journaled(run: Path, step_id: str, cmd: list[str]) -> int:
         reader = threading.Thread(target=copy, name="output", daemon=True)
         reader.start()
         code = proc.wait()
+        stopped = stops()  # what stopped it: not a signal that comes after it exited, nor SIGUSR1 and the like
         reader.join(timeout=5)  # a process CMD left behind may hold the pipe open: not for long
         status = 128 - code if code < 0 else code
         if log is not None:
@@ -221,7 +250,10 @@ def run_journaled(run: Path, step_id: str, cmd: list[str]) -> int:
             output = b"".join(list(tail)).decode("utf-8", "replace")
         except RuntimeError:  # still being copied (the pipe held open): no reason from it
             output = ""
-        stackjournal.ended(run, step_id, status, stopped, output, say=_say)
+        entry = _journal("end", lambda: stackjournal.ended(run, step_id, status, stopped, output, say=_say), None)
+        if status == 0 and isinstance(entry, dict) and entry.get("status") == "failed":
+            _say(f"{step_id}: {entry.get('error') or 'failed'}: exit status 1, so the steps after it do not start")
+            return 1
         return status
     finally:
         for sig, handler in previous.items():
@@ -245,9 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(processes)
     if journal is not None:
         return run_journaled(RUN_DIR, journal, cmd)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them; exec would keep them ignored
+        signal.signal(sig, signal.SIG_DFL)
     try:
         os.execvp(cmd[0], cmd)
     except OSError as e:
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed stderr is no reason to die by a signal
         _say(f"cannot start {cmd[0]}: {e.strerror or e}")
         return 127
 

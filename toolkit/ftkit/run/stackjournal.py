@@ -23,6 +23,9 @@ compose`, and no owner: no ftkit drives the run, so it is never stale (`ftkit do
   ended as it should: succeeded. A step stopped by a signal is interrupted.
 - What a container cannot record: killed with SIGKILL (`docker kill`, the OOM killer) its
   step stays running; its next start is a new attempt.
+- Journaling never stops or changes the step: whatever goes wrong with the journal (a
+  state.json damaged into valid JSON of the wrong shape, a bug) is one line on stderr and
+  one more try from a fresh journal; `started` and `ended` never raise.
 """
 
 from __future__ import annotations
@@ -100,9 +103,10 @@ def _load(run: Path, plan: Any, digest: str | None) -> dict[str, Any]:
 
 def _kinds(plan: Any, st: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(one-shot step ids in plan order, server step ids)."""
-    if plan is None:  # no plan.json: what the containers said of themselves
-        return ([s for s in st["order"] if not st["steps"].get(s, {}).get("server")],
-                [s for s in st["order"] if st["steps"].get(s, {}).get("server")])
+    if plan is None:  # no plan.json: what the containers said of themselves (ids are strings)
+        ids = [s for s in st["order"] if isinstance(s, str)]
+        return ([s for s in ids if not st["steps"].get(s, {}).get("server")],
+                [s for s in ids if st["steps"].get(s, {}).get("server")])
     docker = [s for s in plan.steps if s.executor == "docker"]
     return [s.id for s in docker if not s.background], [s.id for s in docker if s.background]
 
@@ -140,19 +144,30 @@ def settle(st: dict[str, Any], one_shot: list[str], servers: list[str]) -> None:
                           for s in servers if status(s) == "running"]
 
 
-def _update(run: Path, change: Callable[[dict[str, Any], Any, list[str], list[str]], None], say: Say) -> None:
-    """Apply `change` to the journal under the lock and write it back atomically; a journal that
-    cannot be written is a note, never the step's failure."""
-    try:
-        with _locked(run):
-            plan, digest = _plan(run)
-            st = _load(run, plan, digest)
-            one_shot, servers = _kinds(plan, st)
-            change(st, plan, one_shot, servers)
-            settle(st, one_shot, servers)
-            write_atomic(run / "state.json", json.dumps(st, indent=2, sort_keys=True, default=str) + "\n")
-    except OSError as e:
-        say(f"cannot journal into {run / 'state.json'} ({e.strerror or e}); the step runs unjournaled")
+def _update(run: Path, change: Callable[[dict[str, Any], Any, list[str], list[str]], None],
+            say: Say) -> dict[str, Any] | None:
+    """Apply `change` to the journal under the lock and write it back atomically; the journal
+    as written, or None. A journal that cannot be written is a note, never the step's failure;
+    one that cannot be read as a journal (valid JSON of another shape) or anything else that
+    goes wrong is a note too, and one more try from a fresh journal."""
+    for fresh in (False, True):
+        try:
+            with _locked(run):
+                plan, digest = _plan(run)
+                st = _fresh(plan, digest) if fresh else _load(run, plan, digest)
+                one_shot, servers = _kinds(plan, st)
+                change(st, plan, one_shot, servers)
+                settle(st, one_shot, servers)
+                write_atomic(run / "state.json", json.dumps(st, indent=2, sort_keys=True, default=str) + "\n")
+                return st
+        except OSError as e:
+            say(f"cannot journal into {run / 'state.json'} ({e.strerror or e}); the step runs unjournaled")
+            return None
+        except Exception as e:  # noqa: BLE001 - journaling never stops or changes the step
+            what = (str(e).splitlines() or [""])[0][:200]
+            say(f"cannot journal into {run / 'state.json'} ({type(e).__name__}: {what}); "
+                + ("the step runs unjournaled" if fresh else "starting a fresh journal"))
+    return None
 
 
 def started(run: Path, step_id: str, cmd: list[str], *, say: Say) -> None:
@@ -168,7 +183,8 @@ def started(run: Path, step_id: str, cmd: list[str], *, say: Say) -> None:
             st["started"] = _now()
             new_pass.append(True)
         entry = st["steps"].setdefault(step_id, {})
-        attempt = int(entry.get("attempt", 0) or 0) + 1
+        before = entry.get("attempt")
+        attempt = (before if isinstance(before, int) and not isinstance(before, bool) and before > 0 else 0) + 1
         entry.clear()
         entry.update(status="running", started=_now(), attempt=attempt, container=socket.gethostname(),
                      log=f"logs/{step_id}.log")
@@ -180,8 +196,9 @@ def started(run: Path, step_id: str, cmd: list[str], *, say: Say) -> None:
         _environment(run, say)
 
 
-def ended(run: Path, step_id: str, code: int, signals: list[int], output: str, *, say: Say) -> None:
-    """Journal how `step_id` ended: its exit status, the signals it was sent, its last output."""
+def ended(run: Path, step_id: str, code: int, signals: list[int], output: str, *, say: Say) -> dict[str, Any] | None:
+    """Journal how `step_id` ended: its exit status, the signals that stopped it, its last
+    output. Returns the step's entry as journaled (None: it could not be journaled)."""
 
     def change(st: dict[str, Any], plan: Any, one_shot: list[str], servers: list[str]) -> None:
         entry = st["steps"].setdefault(step_id, {})
@@ -209,7 +226,9 @@ def ended(run: Path, step_id: str, code: int, signals: list[int], output: str, *
         else:
             entry.update(status="failed", error=_why(code, output, step_id))
 
-    _update(run, change, say)
+    st = _update(run, change, say)
+    entry = st["steps"].get(step_id) if st is not None else None
+    return dict(entry) if isinstance(entry, dict) else None
 
 
 def _step(plan: Any, step_id: str) -> Any:
