@@ -110,3 +110,20 @@ def test_template_and_eval_files_are_mounted(tmp_path) -> None:  # type: ignore[
     ev = next(s for s in plan.steps if s.kind == "eval")
     assert "/ftkit/inputs/eval-eval/prompts.jsonl" in {m.container for m in ev.mounts}
     assert "/ftkit/inputs/template/chat.jinja" in {m.container for m in ev.mounts}
+
+
+def test_long_step_ids_never_share_a_container_name() -> None:
+    """Names cut to 128 characters: two steps whose ids share their beginning must not get one
+    name (each step's start removes a container of its name, force: the running sibling)."""
+    import dataclasses
+
+    from ftkit.plan.container import container_name
+
+    plan = prepare(str(RECIPES / "quickstart.yaml"), str(RECIPES / "machines" / "cpu-docker.yaml"),
+                   run_dir="/runs/20261123T000000Z-x").plan
+    train = plan.step("train")
+    a, b = (dataclasses.replace(train, id="eval-" + "x" * 140 + tail) for tail in ("-a", "-b"))
+    na, nb = container_name(plan, a), container_name(plan, b)
+    assert na != nb and len(na) <= 128 and len(nb) <= 128, (na, nb)
+    assert re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", na) and na.startswith(f"ftkit-{run_label(plan.run_dir)}-eval-xxx")
+    assert container_name(plan, train) == f"ftkit-{run_label(plan.run_dir)}-train"  # a short name stays as it was

@@ -89,11 +89,25 @@ class ContainerSpec:
     aliases: list[str] = field(default_factory=list)  # the node's address on a user-defined network
 
 
+NAME_MAX = 128  # what ftkit keeps a container's name within
+
+
+def fit_name(name: str) -> str:
+    """`name` within NAME_MAX: cut, with a digest of the whole name after the cut, so two long
+    names that share their beginning stay two names (one container must never replace the
+    other: a step's container of that name is removed before the step starts)."""
+    if len(name) <= NAME_MAX:
+        return name
+    import hashlib
+
+    return f"{name[:NAME_MAX - 13].rstrip('-.')}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
 def container_name(plan: Plan, step: StepSpec) -> str:
-    """ftkit-<run>-<step>, in the characters Docker allows in a name."""
+    """ftkit-<run>-<step>, in the characters Docker allows in a name; a long one cut and told
+    apart by a digest (fit_name)."""
     run = step.labels.get("dev.ftkit.run") or plan.recipe
-    name = re.sub(r"[^a-zA-Z0-9_.-]+", "-", f"ftkit-{run}-{step.id}").strip("-.")
-    return name[:128]
+    return fit_name(re.sub(r"[^a-zA-Z0-9_.-]+", "-", f"ftkit-{run}-{step.id}").strip("-."))
 
 
 def container_spec(step: StepSpec, plan: Plan, *, journal: bool = False) -> ContainerSpec:
@@ -132,7 +146,7 @@ def node_container_spec(step: StepSpec, plan: Plan, node: NodeSpec, *, journal: 
     # the same GPU indices on every node; `journal`: the first node's (the run directory is its)
     cs.command = in_container(step, lease_argv(step, ["ftkit"]) + list(node.argv), journal=journal,
                               processes=local_processes(step, node.argv))
-    cs.name = f"{cs.name}-{node.name}"[:128]
+    cs.name = fit_name(f"{cs.name}-{node.name}")
     cs.env = {**step.env, **node.env}
     cs.device_ids = [] if plan.simulated_gpus else [str(g) for g in node.gpus]
     cs.labels = {**cs.labels, "dev.ftkit.node": node.name, "dev.ftkit.rank": str(node.rank)}
