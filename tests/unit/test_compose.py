@@ -504,3 +504,18 @@ def test_no_engine_to_ask_is_said(tmp_path: Path) -> None:
     assert f"note: no Docker engine reachable at unix://{tmp_path}/no.sock: cannot tell whether the stack's images " \
            "are built here" in proc.stderr
     assert "warning:" not in proc.stderr
+
+
+def test_node_all_projects_are_valid_compose_project_names() -> None:
+    """`--node all -p NAME`: NAME-<node> for each node, as Compose v2 takes a project name
+    (lowercase, no dots, 63 characters at most), two nodes never one project."""
+    from ftkit.cli.compose_cmds import _node_project
+    from ftkit.compose.render import PROJECT_NAME
+
+    assert _node_project("lab", "node-a") == "lab-node-a"  # a name that fits stays as it was
+    long = "p" * 60
+    names = [_node_project("lab", "GPU1.lab.example"), _node_project("lab", "gpu1-lab-example"),
+             _node_project(long, "node-a"), _node_project(long, "node-b")]
+    assert all(PROJECT_NAME.match(n) for n in names), names
+    assert len(set(names)) == 4, names
+    assert names[0].startswith("lab-gpu1-lab-example-") and names[2].startswith(long[:50])

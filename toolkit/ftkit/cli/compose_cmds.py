@@ -69,7 +69,7 @@ def compose(recipe: str, machine_path: str | None, out: Path, user_text: str | N
             raise UserError("--node all: the recipe has no multi-node step")
         for n in multi.nodes:
             _write_one(plan, recipe, machine_path, out / n.name, Path(out_dir / n.name), uid, gid, user_text, n.name,
-                       f"{project}-{n.name}" if project else None, force, dry_run)
+                       _node_project(project, n.name) if project else None, force, dry_run)
         _missing_images(plan, machine_path)
         return
     _write_one(plan, recipe, machine_path, out, out_dir, uid, gid, user_text, node, project, force, dry_run)
@@ -111,6 +111,23 @@ def _write_one(plan, recipe: str, machine_path: str | None, out: Path, out_dir: 
     else:  # the containers journal the run into run/: read like an `ftkit up` run
         click.echo(f"  ftkit status {shlex.quote(str(out))} && ftkit report {shlex.quote(str(out / 'run'))}")
     click.echo("  README.md lists the host steps (power caps, service handoff) and how to build the images")
+
+
+def _node_project(project: str, node: str) -> str:
+    """`--node all -p NAME`: each node's stack its own project, NAME-<node>, in what a Compose
+    project name may hold (a node named by its host name has dots and capitals) and within 63
+    characters; cut or cleaned, with a digest of the whole name after it (compose.render.
+    project_name's rule), so two nodes' projects never become one."""
+    import hashlib
+
+    from ftkit.compose.render import PROJECT_NAME
+
+    clean = re.sub(r"[^a-z0-9_-]", "-", node.lower())
+    name = f"{project}-{clean}"
+    if clean == node and PROJECT_NAME.match(name):
+        return name
+    # cut, or cleaned (Node.A and node-a would be one project): the digest keeps them apart
+    return f"{name[:56]}-{hashlib.sha256(f'{project}-{node}'.encode()).hexdigest()[:6]}"
 
 
 def _project(name: str | None) -> None:
