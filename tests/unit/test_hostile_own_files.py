@@ -287,3 +287,17 @@ def test_status_of_an_unreadable_journal_is_one_line_naming_it(tmp_path: Path, c
         assert lines[0] == f"no runs under {root}/", result.stderr
         return
     assert len(lines) == 1 and lines[0].startswith(f"{run / 'state.json'}: "), result.stderr
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "42", '"running"', "null"])
+def test_down_of_a_journal_that_is_json_but_no_object_is_no_traceback(tmp_path: Path, content: str) -> None:
+    """state.json a JSON list, number, string or null: read as no journal (`ftkit down` reads it
+    through stale.state_of), never a TypeError."""
+    from ftkit.run.stale import state_of
+
+    run = tmp_path / "runs" / "20260101T000000Z-x"
+    run.mkdir(parents=True)
+    (run / "state.json").write_text(content)
+    assert state_of(run) == {}
+    result = ftkit("down", str(run))
+    assert "Traceback" not in result.stderr and result.returncode in (0, 2), result.stderr

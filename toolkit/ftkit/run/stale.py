@@ -30,10 +30,13 @@ def runs_in(root: Path) -> list[Path]:
 
 
 def state_of(run: Path) -> dict[str, Any]:
+    """The run's journal; {} when there is none, or it is damaged (not JSON, or JSON but not an
+    object: a list or a number would stop `ftkit down` with a TypeError)."""
     try:
-        return dict(read_json(run / "state.json"))
+        st = read_json(run / "state.json")
     except (OSError, ValueError):
         return {}
+    return dict(st) if isinstance(st, dict) else {}
 
 
 def is_stale(run: Path) -> bool:
