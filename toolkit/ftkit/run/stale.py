@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.files import read_json
-from ftkit.procs import is_alive
+from ftkit.procs import group_members, is_alive
 from ftkit.run.rundir import DONE, Journal, RunDir, owner_state
 
 
@@ -84,45 +84,24 @@ class CleanReport:
         return out or ["nothing was left running"]
 
 
-def _group_members(pgid: int, not_before: int | None) -> list[int]:
-    """Processes in process group `pgid` that started no earlier than its leader did (the
-    leader may be dead: accelerate's launcher dies without taking its workers along)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        try:
-            pgrp, start = int(fields[2]), int(fields[19])
-        except (IndexError, ValueError):
-            continue
-        if pgrp == pgid and (not_before is None or start >= not_before):
-            out.append(int(entry))
-    return out
-
-
 def _kill_group(pid: int, start: int | None, grace_s: float = 10.0) -> bool:
     """SIGTERM what is left of the process group the recorded pid led (it may be dead
     while its workers live on), SIGKILL after the grace period."""
     if start is None:
         return False
-    members = _group_members(pid, start)
+    members = group_members(pid, start)
     if not members:
         return False
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in _group_members(pid, start):
+        for p in group_members(pid, start):
             try:
                 os.kill(p, sig)
             except (ProcessLookupError, PermissionError):
                 pass
         t_end = time.monotonic() + grace_s
-        while time.monotonic() < t_end and _group_members(pid, start):
+        while time.monotonic() < t_end and group_members(pid, start):
             time.sleep(0.1)
-        if not _group_members(pid, start):
+        if not group_members(pid, start):
             break
     return True
 

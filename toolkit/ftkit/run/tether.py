@@ -70,6 +70,8 @@ import threading
 import time
 import traceback
 
+from ftkit.procs import group_members
+
 GRACE_S = 20.0  # ftkit gone: the tree gets this long after SIGTERM, then SIGKILL (--grace: the step's own)
 LINGER_S = 5.0  # after CMD exits: what it left may finish by itself this long, then it is stopped
 LEFTOVER_GRACE_S = 5.0  # what CMD left: SIGKILL this long after its SIGTERM (after a signal passed on, from that)
@@ -99,26 +101,11 @@ def _comm(pid: int) -> str:
         return "gone"
 
 
-def _group_members(pgid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                out.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
-
-
 def _names(left: list[int], limit: int = 12) -> tuple[int, str]:
     """How many processes are behind these pids and groups (-pgid), and `4242 (python3), 4250 (sleep)`."""
     pids: list[int] = []
     for p in left:
-        for q in ([p] if p > 0 else _group_members(-p) or [p]):
+        for q in ([p] if p > 0 else group_members(-p) or [p]):
             if q not in pids:
                 pids.append(q)
     names = [f"{p} ({_comm(p)})" if p > 0 else f"group {-p}" for p in pids]
