@@ -106,7 +106,7 @@ def test_the_real_qlora_path_ran_and_resumed(local_run: tuple[Path, str]) -> Non
     assert summary["eval_loss_last"] < summary["eval_loss_first"]
     ckpts = sorted((run / "steps/train/checkpoints").glob("checkpoint-*"))
     assert ckpts and all((c / "ftkit-complete.json").is_file() and (c / "optimizer.pt").is_file() for c in ckpts)
-    merge_out = json.loads((run / "logs/merge.log").read_text().strip().splitlines()[-1])
+    merge_out = _merge_summary(run)
     assert merge_out["nf4_rounding"] == f"bitsandbytes {version('bitsandbytes')}"  # the one installed here (>=0.50)
     assert merge_out["nf4_dtype"] == "bf16"
 
@@ -144,8 +144,17 @@ def test_docker_executor_gives_the_same_qlora_result(local_run: tuple[Path, str]
     assert state["status"] == "succeeded" and state["steps"]["train"]["process"]["container"]
     summary = json.loads((docker_run / "steps/train/train_summary.json").read_text())
     assert summary["method"] == "qlora" and summary["resumed_from"] is None
-    merge_out = json.loads((docker_run / "logs/merge.log").read_text().strip().splitlines()[-1])
+    merge_out = _merge_summary(docker_run)
     assert merge_out["nf4_rounding"] == f"bitsandbytes {locked('bitsandbytes')}"  # the image's, as its lock pins it
     from ftkit.gateways import docker as dk
 
     assert dk.containers_with_label(f"dev.ftkit.run={run_label(docker_run)}") == []  # none left behind
+
+
+def _merge_summary(run: Path) -> dict:  # type: ignore[type-arg]
+    """The merge's JSON summary from its step log: the last line that is one (in a container
+    its stdout and stderr reach the log as two streams, so a stderr line may come after it)."""
+    for line in reversed((run / "logs/merge.log").read_text().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError("no JSON summary in the merge's log")
