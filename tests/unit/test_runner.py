@@ -5,6 +5,7 @@ no model is loaded."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -20,7 +21,7 @@ from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run import runner
 from ftkit.run.display import Display
 from ftkit.run.rundir import RunDir
-from tests.conftest import RECIPES, limits
+from tests.conftest import RECIPES, limits, run_cli
 
 PY = sys.executable
 
@@ -752,3 +753,25 @@ def test_an_early_load_that_never_finished_fails_the_run(tmp_path: Path, monkeyp
     assert result.status == "failed" and result.failed_step == "live", (result, console)
     assert st["steps"]["live"]["status"] == "interrupted" and "Traceback" not in console
     assert "display broke" in (tmp_path / "run/logs/ftkit.log").read_text()
+
+
+def test_ftkit_down_of_a_finished_run_records_what_it_stopped(tmp_path: Path) -> None:
+    """A server the recipe kept running, stopped later by `ftkit down`: the journal no longer
+    says it is left running (`ftkit status` reads that), and says when it was stopped."""
+    from ftkit.run import stale
+
+    srv = server(tmp_path, "srv", keep=True)
+    result, console, st = execute(tmp_path, plan_of(tmp_path, srv))
+    pid = st["steps"]["srv"]["process"]["pid"]
+    try:
+        assert result.status == "succeeded" and result.left_running
+        report = stale.clean(tmp_path / "run")
+        assert report.processes == [pid]
+        st = json.loads((tmp_path / "run/state.json").read_text())
+        assert st["left_running"] == [] and st["stopped_by_down"]["stopped"] == [str(pid)]
+        assert st["steps"]["srv"].get("stopped") is True and "left_running" not in st["steps"]["srv"]
+        status = run_cli("status", str(tmp_path / "run"))
+        assert "left running" not in status.out, status.out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ftkit.files import read_json
 from ftkit.procs import group_members, is_alive
-from ftkit.run.rundir import DONE, Journal, RunDir, owner_state
+from ftkit.run.rundir import DONE, Journal, RunDir, iso_now, owner_state
 
 
 def runs_in(root: Path) -> list[Path]:
@@ -211,9 +211,31 @@ def clean(run: Path, *, say: Callable[[str], None] = lambda m: None, restore_mac
         journal.finish("failed", message=message or ("ftkit died (the run went stale); state.json was missing or "
                                                      "unreadable" if unreadable else "ftkit died (the run went stale)"),
                        cleaned=True)
+    elif (report.processes or report.containers) and isinstance(state_of(run).get("left_running"), list):
+        _record_stopped(run, report)
     for line in report.lines():
         say(line)
     return report
+
+
+def _record_stopped(run: Path, report: CleanReport) -> None:
+    """A finished run whose servers `ftkit down` stopped: its journal says so (the servers are
+    no longer `left_running`; `ftkit status` reads that), and when."""
+    journal = Journal.__new__(Journal)  # load without claiming: the run is over
+    journal.path = run / "state.json"
+    journal.state = state_of(run)
+    stopped = [*map(str, report.processes), *report.containers]
+    journal.state["stopped_by_down"] = {"at": iso_now(), "stopped": stopped,
+                                        "were_left_running": journal.state.get("left_running") or []}
+    journal.state["left_running"] = []
+    steps = journal.state.get("steps")
+    for entry in (steps.values() if isinstance(steps, dict) else []):
+        if isinstance(entry, dict) and entry.pop("left_running", None):
+            entry["stopped"] = True
+    try:
+        journal._flush()
+    except OSError as e:
+        report.problems.append(f"state.json: the stop could not be recorded ({e.strerror or e})")
 
 
 def _restore_recorded_power(run: Path, report: CleanReport) -> None:
