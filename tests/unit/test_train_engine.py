@@ -344,3 +344,49 @@ def test_qlora_with_a_paged_optimizer_trains_and_resumes_exactly_on_the_cpu(base
     assert again["resumed_from"] == "checkpoint-2" and again["global_step"] == 4
     second = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_weights_follow_the_umask_like_every_file_ftkit_writes(base_model: Path, tmp_path: Path) -> None:
+    """safetensors writes its files 0600 whatever the umask; the tiny model, each checkpoint and
+    the final adapter get 0666 less the umask (0644 under 022), as the README says of every file."""
+    import os
+    import stat as st
+
+    for p in base_model.rglob("*.safetensors"):
+        assert st.S_IMODE(p.stat().st_mode) == 0o666 & ~0o022, p
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        train.run(config(base_model, out, max_steps=4, checkpoint={"every_steps": 2, "keep_last": 2}))
+    finally:
+        os.umask(old)
+    weights = list(out.rglob("*.safetensors"))
+    assert any("checkpoint-" in str(p) for p in weights) and (out / "adapter" / "adapter_model.safetensors") in weights
+    for p in weights:
+        assert st.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_follow_umask_never_goes_through_a_link_or_touches_what_is_not_0600(tmp_path: Path) -> None:
+    import os
+    import stat as st
+
+    from ftkit.files import follow_umask
+
+    outside = tmp_path / "outside"
+    outside.write_text("x")
+    os.chmod(outside, 0o600)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "w.safetensors").write_text("x")
+    os.chmod(d / "w.safetensors", 0o600)
+    (d / "kept").write_text("x")
+    os.chmod(d / "kept", 0o640)
+    (d / "link").symlink_to(outside)
+    old = os.umask(0o027)
+    try:
+        follow_umask(d)
+    finally:
+        os.umask(old)
+    assert st.S_IMODE((d / "w.safetensors").stat().st_mode) == 0o640
+    assert st.S_IMODE((d / "kept").stat().st_mode) == 0o640
+    assert st.S_IMODE(outside.stat().st_mode) == 0o600  # the link's target is not ftkit's to change

@@ -61,6 +61,46 @@ def _create_temp(target: Path, mode: int) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no free temporary file name", str(target.parent))  # pragma: no cover
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (/proc/self/status; Linux 4.7+), else by
+    setting and restoring it at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: str | os.PathLike[str]) -> None:
+    """Files under `root` that a library created 0600 (safetensors' save_file does, whatever the
+    umask) get the mode every file ftkit writes has: 0666 less the umask. Only regular files
+    this process owns, never through a link; a file that cannot be changed is left as it is."""
+    want = 0o666 & ~current_umask()
+    me = os.geteuid()
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+                if not (stat.S_ISREG(st.st_mode) and st.st_uid == me and stat.S_IMODE(st.st_mode) == 0o600 != want):
+                    continue
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_ino == st.st_ino:  # the file looked at, not one put there since
+                    os.fchmod(fd, want)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+
 def write_json(path: str | os.PathLike[str], data: Any, *, mode: int = 0o666) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", mode=mode)
 

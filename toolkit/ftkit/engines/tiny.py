@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ftkit.files import follow_umask
+
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -79,6 +81,7 @@ def generate(spec: dict[str, Any], dataset_cfg: dict[str, Any], output_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    follow_umask(out)  # safetensors writes its files 0600 whatever the umask
     return sum(p.numel() for p in model.parameters())
 
 

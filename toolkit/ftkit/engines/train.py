@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.engines import checkpoints, data, templates
-from ftkit.files import write_json
+from ftkit.files import follow_umask, write_json
 from ftkit.plan.jobs import complete_marker
 from ftkit.recipe.models import TrainStep
 
@@ -226,6 +226,7 @@ def make_callbacks(step: TrainStep, metrics_path: Path, ckpt_root: Path) -> list
             if not ckpt.is_dir():
                 return
             evals = [h["eval_loss"] for h in state.log_history if h.get("step") == state.global_step and "eval_loss" in h]
+            follow_umask(ckpt)  # safetensors writes its files 0600 whatever the umask
             missing = checkpoints.mark_complete(ckpt, world_size=args.world_size,
                                                 eval_loss=evals[-1] if evals else None)
             if missing:
@@ -400,6 +401,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         summary["eval_loss_first"], summary["eval_loss_last"] = evals[0], evals[-1]
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
+        follow_umask(final)  # safetensors writes its files 0600 whatever the umask
         # every file of the final adapter is written: a load-adapter step waiting on it can go
         # now, while this process (and its launcher, and its container) winds down
         write_json(marker, {"final": str(final), "written_at": round(time.time(), 3)})
