@@ -153,7 +153,8 @@ for i in range(1, 6):
 d.step_finished(steps[0], "succeeded", "", {"summary": {"global_step": 100, "train_loss": 0.5}})
 d.step_started(steps[1])
 time.sleep(0.3)
-d.prompts(steps[1], [{"prompt": "### Input:\nkiwi mango lemon\n### Response:\n", "answer": "fruit", "passed": True},
+d.prompts(steps[1], [{"prompt": "### Input:\nkiwi mango lemon\n### Response:\n", "answer": "fruit", "passed": True,
+                      "expect": {"equals": "fruit"}},
                      {"prompt": "### Input:\ncello flute drum\n### Response:\n", "answer": "instrument",
                       "passed": True}])
 d.step_finished(steps[1], "succeeded")
@@ -208,7 +209,7 @@ def test_the_live_console_on_a_terminal_leaves_whole_lines_shown_once() -> None:
         "[1/3] train: ok in ",
         "[2/3] serve: serve the merged model",
         '    prompt 1/2 pass: "... kiwi mango lemon ..." -> "fruit"',
-        '    prompt 2/2 pass: "... cello flute drum ..." -> "instrument"',
+        '    prompt 2/2 answered: "... cello flute drum ..." -> "instrument"',  # nothing expected: no pass claimed
         "[2/3] serve: ok in ",
         "[3/3] power-restore-final: skipped (nothing to undo)",
         "ftkit: run succeeded",
@@ -252,3 +253,10 @@ def test_what_came_from_files_or_steps_reaches_the_console_escaped_and_never_bre
         progress_text(p)
     m.write_text("[" * 200_000 + "\n")
     assert latest_progress(m, 10) is None
+
+
+def test_one_evaluation_is_one_loss_not_a_to_a() -> None:
+    from ftkit.run.display import train_text
+
+    assert train_text({"global_step": 4, "eval_loss_first": 2.584, "eval_loss_last": 2.584}) == "4 steps, eval loss 2.5840"
+    assert train_text({"eval_loss_first": 3.0, "eval_loss_last": 2.0}) == "eval loss 3.0000 -> 2.0000"

@@ -395,7 +395,9 @@ def _tables(runs: list[RunData], fair: list[Fairness]) -> list[tuple[str, list[s
     for i, rd in enumerate(runs):
         for sid, s in rd.evals.items():
             models = s.get("models") or {}
-            acc = ", ".join(f"{m} {_fmt(v.get('accuracy'))}%" for m, v in models.items() if isinstance(v, dict))
+            order = s.get("order") if isinstance(s.get("order"), list) else []  # as the step listed them
+            names = [m for m in order if isinstance(m, str) and m in models] + [m for m in models if m not in order]
+            acc = ", ".join(f"{m} {_fmt(models[m].get('accuracy'))}%" for m in names if isinstance(models[m], dict))
             ev_rows.append([f"{RUN_TAGS[i]}: {sid}" if multi else sid, str(s.get("score", "-")), _fmt(s.get("prompts")),
                             acc or "-", _fmt(s.get("improvement_points")), _fmt(s.get("passed"))])
     if ev_rows:

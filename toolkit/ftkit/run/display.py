@@ -198,8 +198,8 @@ def train_text(summary: dict[str, Any]) -> str:
         parts.append(f"{int(steps)} steps")
     if loss is not None:
         parts.append(f"loss {loss:.4f}")
-    if first is not None and last is not None:
-        parts.append(f"eval loss {first:.4f} -> {last:.4f}")
+    if first is not None and last is not None:  # one evaluation only: its loss, not "a -> a"
+        parts.append(f"eval loss {first:.4f} -> {last:.4f}" if first != last else f"eval loss {last:.4f}")
     return ", ".join(parts)
 
 
@@ -289,7 +289,8 @@ def prompt_lines(results: list[dict[str, Any]]) -> list[str]:
         answer = _flat(str(r.get("answer") or ""))
         if len(answer) > ANSWER_WIDTH:
             answer = answer[: ANSWER_WIDTH - 3] + "..."
-        line = f"prompt {i}/{len(results)} {'pass' if passed else 'FAIL'}: \"{label}\" -> \"{answer}\""
+        mark = ("pass" if r.get("expect") else "answered") if passed else "FAIL"  # nothing expected: no pass to claim
+        line = f"prompt {i}/{len(results)} {mark}: \"{label}\" -> \"{answer}\""
         if not passed:
             if r.get("error"):
                 line += f" (error: {_flat(str(r['error']))[:120]})"

@@ -73,7 +73,8 @@ def _resolve(loaded: LoadedRecipe, recipe_path: str, machine_path: str | None) -
     try:
         return resolve(loaded, machine)
     except ConfigError as e:
-        if machine_path is None and not machine.gpus and any("GPU" in i.message for i in e.issues):
+        if machine_path is None and not machine.gpus and any("GPU" in i.message or "needs a cluster" in i.message
+                                                             for i in e.issues):
             fits = _profiles_that_plan(loaded, _profiles_near(Path(recipe_path)))
             e.hint = (f"this host has no GPU; the recipe plans on --machine {fits[0]}"
                       + (f" (also on {', '.join(fits[1:])})" if len(fits) > 1 else "") if fits else
