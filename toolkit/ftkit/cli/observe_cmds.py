@@ -172,7 +172,8 @@ def bench(recipe: str, gpu_sets: tuple[str, ...], allreduce: bool, sizes: str | 
 
     On a machine without GPUs: --simulate 2 (each simulated GPU is a training process on
     this CPU), e.g. `ftkit bench recipes/quickstart.yaml --simulate 2 --gpus 0 --gpus 0,1
-    --max-steps 200`."""
+    --max-steps 1000 --repeat 3` (a decision needs every run to train 30 s or more: a few
+    minutes on two cores; a shorter bench says it cannot tell, and how many steps would do)."""
     if allreduce:
         _allreduce(recipe, machine_path, out_dir, sizes, verbose)
         return
