@@ -191,6 +191,9 @@ def test_unpullable_base_image_says_why_and_how_to_fix(tmp_path: Path) -> None:
     assert len(reason) > 20 and ("no such host" in reason or "not found" in reason or "denied" in reason), reason
     assert "hint: the base image docker.io/ftkit-test/no-such-base:1 cannot be pulled here" in proc.stderr
     assert "--base-image IMAGE" in proc.stderr and "docker.base_image" in proc.stderr
+    # the base is part of the tag: the fix goes in the profile the build and the stack are made with
+    assert "part of the image's tag" in proc.stderr and "`ftkit build --machine PROFILE`" in proc.stderr
+    assert "`ftkit compose RECIPE --machine PROFILE -o DIR`" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x.json").exists()
 

@@ -232,6 +232,69 @@ exit code: 1
 executor failed running [/bin/sh -c pip install]: exit code: 1"""
 
 
+# Captured from `ftkit build --base-image ...` behind a TLS-intercepting proxy (docker 20.10's BuildKit; pip in
+# the base image does not know the proxy's CA; download.pytorch.org does not resolve).
+SSL_FAILURE = """\
+#9 [build 4/6] RUN --mount=type=cache,target=/root/.cache/pip     /opt/ftkit/venv/bin/pip install       \
+--require-hashes --no-deps --index-url https://pypi.org/simple --extra-index-url https://download.pytorch.org/whl/cpu\
+       -r /opt/ftkit/requirements.lock
+#9 sha256:dfe3a6ba5d2fec9ee991441d0d0ab925c24080dc0b6b5489ecdd929ede5f4fe1
+#9 0.411 Looking in indexes: https://pypi.org/simple, https://download.pytorch.org/whl/cpu
+""" + "".join(f"""\
+#9 {t} WARNING: Retrying (Retry(total={n}, connect=None, read=None, redirect=None, status=None)) after connection \
+broken by 'SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: \
+self-signed certificate in certificate chain (_ssl.c:992)'))': /simple/accelerate/
+""" for n, t in ((4, "0.436"), (3, "0.956"), (2, "1.986"), (1, "4.010"), (0, "8.033"))) + """\
+#9 8.054 Could not fetch URL https://pypi.org/simple/accelerate/: There was a problem confirming the ssl certificate: \
+HTTPSConnectionPool(host='pypi.org', port=443): Max retries exceeded with url: /simple/accelerate/ (Caused by \
+SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed \
+certificate in certificate chain (_ssl.c:992)'))) - skipping
+""" + "".join(f"""\
+#9 {t} WARNING: Retrying (Retry(total={n}, connect=None, read=None, redirect=None, status=None)) after connection \
+broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7feaf1b0ec50>: Failed to \
+establish a new connection: [Errno -2] Name or service not known')': /whl/cpu/accelerate/
+""" for n, t in ((4, "8.060"), (3, "8.564"), (2, "9.568"), (1, "11.57"), (0, "15.57"))) + """\
+#9 15.58 ERROR: Could not find a version that satisfies the requirement accelerate==1.15.0 (from versions: none)
+#9 15.58 ERROR: No matching distribution found for accelerate==1.15.0
+#9 ERROR: executor failed running [/bin/sh -c /opt/ftkit/venv/bin/pip install       --require-hashes --no-deps \
+--index-url https://pypi.org/simple --extra-index-url https://download.pytorch.org/whl/cpu       -r \
+/opt/ftkit/requirements.lock]: exit code: 1
+------
+ > [build 4/6] RUN --mount=type=cache,target=/root/.cache/pip     /opt/ftkit/venv/bin/pip install       \
+--require-hashes --no-deps --index-url https://pypi.org/simple --extra-index-url https://download.pytorch.org/whl/cpu\
+       -r /opt/ftkit/requirements.lock:
+------
+executor failed running [/bin/sh -c /opt/ftkit/venv/bin/pip install       --require-hashes --no-deps --index-url \
+https://pypi.org/simple --extra-index-url https://download.pytorch.org/whl/cpu       -r /opt/ftkit/requirements.lock]:\
+ exit code: 1"""
+
+# The same build with the proxy's CA bundle (`--ca-bundle`): PyPI answers, download.pytorch.org still does not.
+TORCH_NOT_FOUND = """\
+#9 [build 4/6] RUN --mount=type=cache,target=/root/.cache/pip     --mount=type=secret,id=ca_bundle     \
+PIP_CERT=/run/secrets/ca_bundle /opt/ftkit/venv/bin/pip install       --require-hashes --no-deps --index-url \
+https://pypi.org/simple --extra-index-url https://download.pytorch.org/whl/cpu       -r /opt/ftkit/requirements.lock
+#9 0.402 Looking in indexes: https://pypi.org/simple, https://download.pytorch.org/whl/cpu
+#9 351.6 Collecting tokenizers==0.23.3
+#9 351.6   Downloading tokenizers-0.23.3-cp310-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl (3.4 MB)
+#9 359.2 WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection \
+broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7fdf482e3a50>: Failed to \
+establish a new connection: [Errno -2] Name or service not known')': /whl/cpu/torch/
+#9 359.2 ERROR: Could not find a version that satisfies the requirement torch==2.13.0+cpu (from versions: 1.13.0, \
+1.13.1, 2.0.0, 2.12.1, 2.13.0, 2.14.0, 2.14.1, 2.15.0)
+#9 359.2 ERROR: No matching distribution found for torch==2.13.0+cpu
+#9 ERROR: executor failed running [/bin/sh -c PIP_CERT=/run/secrets/ca_bundle /opt/ftkit/venv/bin/pip install       \
+--require-hashes --no-deps --index-url https://pypi.org/simple --extra-index-url https://download.pytorch.org/whl/cpu\
+       -r /opt/ftkit/requirements.lock]: exit code: 1
+------
+ > [build 4/6] RUN --mount=type=cache,target=/root/.cache/pip     --mount=type=secret,id=ca_bundle     \
+PIP_CERT=/run/secrets/ca_bundle /opt/ftkit/venv/bin/pip install       --require-hashes --no-deps --index-url \
+https://pypi.org/simple --extra-index-url https://download.pytorch.org/whl/cpu       -r /opt/ftkit/requirements.lock:
+------
+executor failed running [/bin/sh -c PIP_CERT=/run/secrets/ca_bundle /opt/ftkit/venv/bin/pip install       \
+--require-hashes --no-deps --index-url https://pypi.org/simple --extra-index-url https://download.pytorch.org/whl/cpu\
+       -r /opt/ftkit/requirements.lock]: exit code: 1"""
+
+
 def progress_of(text: str, tmp_path: Path) -> builder.Progress:
     with builder.Progress("building x", tmp_path / "build.log", live=False) as progress:
         for line in text.splitlines():
@@ -249,7 +312,12 @@ def test_unpullable_base_names_the_reason_and_the_fix(output: str, tmp_path: Pat
     assert ("no such host" in text) if "no such host" in output else ("not found" in text)
     assert text.splitlines()[1].startswith("reason: ")
     hint = builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu"))
-    assert hint is not None and "--base-image" in hint and "docker.base_image" in hint and "Python 3.11" in hint
+    assert hint is not None and "docker.base_image" in hint and "Python 3.11" in hint
+    # the base is part of the tag: the hint leads to the profile, built with and the stack generated with it
+    assert "part of the image's tag" in hint
+    assert "`ftkit build --machine PROFILE`" in hint and "`ftkit compose RECIPE --machine PROFILE -o DIR`" in hint
+    assert "`ca_bundle: FILE`" in hint and "`docker.wheelhouse: DIR`" in hint
+    assert "`--base-image IMAGE` alone builds a tag that a plan or stack made without that base does not name" in hint
 
 
 def test_failed_run_step_keeps_its_output_and_gets_no_base_hint(tmp_path: Path) -> None:
@@ -258,6 +326,73 @@ def test_failed_run_step_keeps_its_output_and_gets_no_base_hint(tmp_path: Path) 
     assert failure.reason and "exit code: 1" in failure.reason
     assert any("Could not find a version" in ln for ln in failure.output)
     assert builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu")) is None
+
+
+def test_certificate_failure_names_the_ca_bundle_and_the_wheelhouse(tmp_path: Path) -> None:
+    """pip behind a TLS-intercepting proxy: the requirement it then finds nowhere is not the
+    cause (no wheelhouse hint alone); the CA bundle is, and the index that did not answer at
+    all (download.pytorch.org) is named for a wheelhouse."""
+    failure = progress_of(SSL_FAILURE, tmp_path).explain()
+    assert failure.base_ref is None and failure.pip.tls and failure.pip.unreachable
+    assert failure.pip.not_found == ["accelerate==1.15.0"]
+    hint = builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu"))
+    assert hint is not None and hint.startswith("pip could not verify the package index's TLS certificate")
+    assert "`ca_bundle: FILE` in the machine profile" in hint and "`ftkit build --ca-bundle FILE`" in hint
+    assert "`ftkit build --machine PROFILE`" in hint and "does not change the image's tag" in hint
+    assert "https://download.pytorch.org/whl/cpu" in hint and "`docker.wheelhouse: DIR`" in hint
+    # seen in the step's every line, not just the last ones a failure shows
+    lines = SSL_FAILURE.splitlines()
+    at = next(i for i, ln in enumerate(lines) if "Could not find a version" in ln)
+    noisy = "\n".join(lines[:at] + [f"#9 16.{i:02d} WARNING: retrying /simple/accelerate/" for i in range(40)] + lines[at:])
+    assert builder.failure_hint(progress_of(noisy, tmp_path).explain(),
+                                builder.plan_build(ROOT, "train", "cpu")) == hint
+    # a CA bundle that was given and still fails: the bundle is the wrong one; a wheelhouse given: not named again
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+    hint = builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu", ca_bundle=ca, wheelhouse=wheels))
+    assert hint is not None and f"even with the CA bundle {ca}" in hint and "wheelhouse" not in hint
+
+
+def test_distribution_not_found_names_the_requirement_and_the_wheelhouse(tmp_path: Path) -> None:
+    failure = progress_of(TORCH_NOT_FOUND, tmp_path).explain()
+    assert failure.base_ref is None and not failure.pip.tls
+    assert failure.pip.not_found == ["torch==2.13.0+cpu"]
+    hint = builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu"))
+    assert hint is not None and hint.startswith("pip found no distribution for torch==2.13.0+cpu on the indexes it "
+                                                "reached (https://pypi.org/simple, https://download.pytorch.org/whl/cpu")
+    assert "`docker.wheelhouse: DIR` in the machine profile" in hint and "`ftkit build --wheelhouse DIR`" in hint
+    assert "`ftkit build --machine PROFILE`" in hint and "`ftkit compose RECIPE --machine PROFILE -o DIR`" in hint
+    assert "the tag does not change" in hint
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "other-1.0-py3-none-any.whl").write_bytes(b"")
+    hint = builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu", wheelhouse=wheels))
+    assert hint == (f"pip found no distribution for torch==2.13.0+cpu, neither in the wheelhouse {wheels} nor on "
+                    "the index: put its wheel there (the lock's hash must match the file)")
+
+
+def test_classic_builder_pip_failure_is_recognised(tmp_path: Path) -> None:
+    with builder.Progress("building x", tmp_path / "build.log", live=False) as progress:
+        progress.line("Step 4/12 : RUN /opt/ftkit/venv/bin/pip install --require-hashes -r /opt/ftkit/requirements.lock")
+        progress.line(" ---> Running in 0123456789ab")
+        for ln in TORCH_NOT_FOUND.splitlines():
+            if ln.startswith("#9 359.2 ERROR: "):
+                progress.line(ln.split(" ", 2)[2])
+        progress.error("The command '/bin/sh -c /opt/ftkit/venv/bin/pip install' returned a non-zero code: 1")
+    failure = progress.explain()
+    assert failure.step and failure.step.startswith("Step 4/12: RUN")
+    assert failure.pip.not_found == ["torch==2.13.0+cpu"]
+    assert "torch==2.13.0+cpu" in (builder.failure_hint(failure, builder.plan_build(ROOT, "train", "cpu")) or "")
+    # an earlier step's words are not this step's
+    with builder.Progress("building x", tmp_path / "build2.log", live=False) as progress:
+        progress.line("Step 3/12 : RUN echo certificate verify failed")
+        progress.line("certificate verify failed")
+        progress.line("Step 4/12 : RUN false")
+        progress.error("The command '/bin/sh -c false' returned a non-zero code: 1")
+    assert builder.failure_hint(progress.explain(), builder.plan_build(ROOT, "train", "cpu")) is None
 
 
 def test_classic_builder_failure_names_the_reason_and_the_fix(tmp_path: Path) -> None:
@@ -284,3 +419,34 @@ def test_build_with_a_machine_builds_from_its_base_image(tmp_path: Path) -> None
     assert "FROM ftkit-test/bookworm-python:latest AS runtime" in result.out
     result = run_cli("build", "--machine", str(machine), "--image", "train", "--dry-run", "--base-image", "other/base:1")
     assert "FROM other/base:1 AS runtime" in result.out  # the option wins over the profile
+
+
+def test_a_profile_for_a_machine_behind_a_proxy_builds_the_tag_its_stacks_name(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the build hints lead to, end to end: base_image, ca_bundle and wheelhouse in one
+    profile reach `ftkit build --machine`, and `ftkit compose --machine` with that profile names
+    the tag that build makes (a CA bundle or wheelhouse never changes it; the base image does)."""
+    monkeypatch.setenv("FTKIT_LEASE_DIR", str(tmp_path / "lease"))
+    monkeypatch.delenv("FTKIT_SIMULATED_GPUS", raising=False)
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no.sock")  # the engine is not asked
+    ca = tmp_path / "proxy-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+    machine = tmp_path / "m.yaml"
+    machine.write_text(f"ftkit: 1\nkind: machine\nname: behind-proxy\nexecutor: docker\nca_bundle: {ca}\n"
+                       f"docker: {{base_image: 'ftkit-test/bookworm-python:latest', wheelhouse: {wheels}}}\n")
+    result = run_cli("build", "--machine", str(machine), "--image", "train", "--variant", "cpu", "--dry-run")
+    assert result.code == 0, result.err
+    tag = result.out.splitlines()[0].split(" -> ")[1]
+    assert tag == builder.plan_build(ROOT, "train", "cpu", base_image="ftkit-test/bookworm-python:latest").tag
+    assert tag != builder.plan_build(ROOT, "train", "cpu").tag  # the base is part of the tag
+    assert "wheelhouse/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl" in result.out
+    assert "--find-links /wheelhouse" in result.out
+    if dk.find_buildkit_cli() is not None:
+        assert f"--secret id=ca_bundle,src={ca}" in result.out
+    stack = run_cli("compose", str(ROOT / "recipes" / "quickstart.yaml"), "--machine", str(machine),
+                    "-o", str(tmp_path / "stack"), "--dry-run", cwd=ROOT)
+    assert stack.code == 0, stack.err
+    assert f"FTKIT_TRAIN_IMAGE={tag}\n" in stack.out

@@ -53,6 +53,8 @@ class BuildSpec:
     wheelhouse_files: list[Path] = field(default_factory=list)
     ca_bundle: Path | None = None
     context_files: list[str] = field(default_factory=list)
+    index_url: str = render.PYPI
+    extra_index_urls: list[str] = field(default_factory=list)  # the variant's (a wheelhouse stands in for them)
 
     @property
     def key(self) -> str:
@@ -120,7 +122,7 @@ def plan_build(root: Path, image: str, variant: str, *, base_image: str | None =
     if ca_bundle is not None and not buildkit:
         files.append("ca-bundle.crt")
     return BuildSpec(image, variant, tag, chash, dockerfile, lock.path, lock.body_sha256, source, ctx["base_ref"],
-                     labels, buildkit, wheelhouse, wh, ca_bundle, files)
+                     labels, buildkit, wheelhouse, wh, ca_bundle, files, index_url, list(v.extra_index_urls))
 
 
 def buildkit_argv(spec: BuildSpec, cli: dk.BuildKitCli, context_dir: str, *, no_cache: bool = False) -> list[str]:
@@ -184,6 +186,10 @@ class Progress:
         self.errors: dict[str, str] = {}  # BuildKit's `#N ERROR: ...` line of each failed step
         self.failed: str | None = None
         self.error_text: str | None = None  # the classic builder's error message
+        # what pip said in each step that ftkit knows the fix for, kept from every line (the
+        # SSL retries can be far above the last lines a failure shows)
+        self.pip: dict[str, PipTrouble] = {}
+        self._classic_step = ""
         self._status: Any = None
 
     def __enter__(self) -> Progress:
@@ -210,13 +216,17 @@ class Progress:
             else:
                 self.step = f"Step {m.group('n')}: {m.group('cmd')}"
                 self.titles.setdefault(m.group("n"), self.step)
+                self._classic_step = m.group("n")
             if not self.live:
                 print(f"  {self.step[:160]}", file=sys.stderr, flush=True)
         elif (o := self.OUTPUT.match(text)) is not None:
             self.outputs.setdefault(o.group("v"), deque(maxlen=15)).append(o.group("text"))
+            self.pip.setdefault(o.group("v"), PipTrouble()).scan(o.group("text"))
         elif (e := self.ERROR.match(text)) is not None:
             self.failed = e.group("v")
             self.errors.setdefault(e.group("v"), e.group("text"))
+        elif not text.startswith("#"):  # the classic builder's output, under its current step
+            self.pip.setdefault(self._classic_step, PipTrouble()).scan(text)
         if self._status is not None:
             last = text.split(" ", 2)[-1][:80] if text.startswith("#") else text[:80]
             self._status.update(f"{self.title}  {self.step[:70]}  | {last}")
@@ -230,8 +240,8 @@ class Progress:
         """What failed, and why, from what the builder printed."""
         if self.failed is not None:
             return BuildFailure(self.titles.get(self.failed, f"step #{self.failed}"), self.errors.get(self.failed),
-                                list(self.outputs.get(self.failed, [])))
-        return explain_lines(list(self.tail), self.error_text)
+                                list(self.outputs.get(self.failed, [])), self.pip.get(self.failed, PipTrouble()))
+        return explain_lines(list(self.tail), self.error_text, self.pip.get(self._classic_step))
 
     def failure(self) -> str:
         """The failing step, the builder's reason and the step's last output lines."""
@@ -250,6 +260,37 @@ _BASE_STEP = re.compile(r"^(?:\[internal\] load metadata for (?P<meta>\S+)|\[[^\
 _TRAILER = re.compile(r"^(?:ERROR: |error: )?(?:failed to solve|failed to build|executor failed)", re.IGNORECASE)
 REASON_MAX = 400
 
+# pip's words for what a TLS-intercepting proxy (or a missing CA certificate) does to it:
+# `SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify
+# failed: self-signed certificate in certificate chain (_ssl.c:992)'))`
+_TLS = re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|problem confirming the ssl certificate",
+                  re.IGNORECASE)
+# `ERROR: No matching distribution found for torch==2.13.0+cpu`
+_NOT_FOUND = re.compile(r"No matching distribution found for (?P<req>[^\s;,]+)")
+# an index that did not answer at all: `NewConnectionError(... Failed to establish a new connection: [Errno -2]
+# Name or service not known')': /whl/cpu/torch/`
+_UNREACHABLE = re.compile(r"Failed to establish a new connection|Name or service not known|"
+                          r"Temporary failure in name resolution|Network is unreachable|Connection refused")
+
+
+@dataclass
+class PipTrouble:
+    """What pip printed in one build step that ftkit knows the fix for: a certificate it could
+    not verify, an index it could not reach at all, the requirements no index it reached had."""
+
+    tls: bool = False
+    unreachable: bool = False
+    not_found: list[str] = field(default_factory=list)
+
+    def scan(self, text: str) -> None:
+        if _TLS.search(text):
+            self.tls = True
+        if _UNREACHABLE.search(text):
+            self.unreachable = True
+        m = _NOT_FOUND.search(text)
+        if m is not None and m["req"][:200] not in self.not_found:
+            self.not_found.append(m["req"][:200])
+
 
 @dataclass
 class BuildFailure:
@@ -259,6 +300,7 @@ class BuildFailure:
     step: str | None
     reason: str | None
     output: list[str] = field(default_factory=list)
+    pip: PipTrouble = field(default_factory=PipTrouble)
 
     @property
     def base_ref(self) -> str | None:
@@ -278,9 +320,14 @@ class BuildFailure:
         return "\n".join(out)
 
 
-def explain_lines(lines: list[str], error_text: str | None = None) -> BuildFailure:
+def explain_lines(lines: list[str], error_text: str | None = None, pip: PipTrouble | None = None) -> BuildFailure:
     """The failure in classic-builder output (or an unknown format): its last step, the
-    builder's error message (or BuildKit's closing `failed to solve` line), the last lines."""
+    builder's error message (or BuildKit's closing `failed to solve` line), the last lines,
+    and what pip said in them (`pip`: what it said in the whole step, when that was kept)."""
+    if pip is None:
+        pip = PipTrouble()
+        for ln in lines[max((i for i, ln in enumerate(lines) if ln.startswith("Step ")), default=0):]:
+            pip.scan(ln)
     steps = [ln for ln in lines if ln.startswith("Step ")]
     step = None
     if steps:
@@ -288,20 +335,66 @@ def explain_lines(lines: list[str], error_text: str | None = None) -> BuildFailu
         step = f"Step {m.group(1)}: {m.group(2)}" if m else steps[-1]
     reason = error_text or next((ln.strip() for ln in reversed(lines) if _TRAILER.match(ln.strip())), None)
     shown = [ln for ln in lines[-15:] if ln.strip() != (reason or "")]
-    return BuildFailure(step, reason, shown)
+    return BuildFailure(step, reason, shown, pip)
+
+
+# The one way to give a build what this machine needs that also reaches the plans: the profile.
+_PROFILE_BUILD = ("then `ftkit build --machine PROFILE` and generate the stack with the same profile (`ftkit compose "
+                  "RECIPE --machine PROFILE -o DIR`, again for a stack made before: its tags follow the profile's "
+                  "build settings; `ftkit up --machine PROFILE` builds a missing image the same way)")
 
 
 def failure_hint(failure: BuildFailure, spec: BuildSpec) -> str | None:
-    """What to do about a failure ftkit recognises: a base image that cannot be pulled here
-    (no registry in reach, or no such image) is replaced by one the engine already has."""
+    """What to do about a failure ftkit recognises: a base image that cannot be pulled here,
+    a certificate pip cannot verify (a TLS-intercepting proxy), a requirement no index pip
+    reached has. Each fix goes in the machine profile, which `ftkit build --machine`, `ftkit
+    up` and `ftkit compose` all read: the base image is part of an image's tag, so a base given
+    only on the command line builds a tag that no plan names."""
     ref = failure.base_ref
-    if ref is None:
-        return None
+    if ref is not None:
+        return base_image_hint(ref, spec)
+    if failure.pip.tls:
+        return ca_bundle_hint(failure.pip, spec)
+    if failure.pip.not_found:
+        return wheelhouse_hint(failure.pip.not_found, spec)
+    return None
+
+
+def base_image_hint(ref: str, spec: BuildSpec) -> str:
     python = spec.labels.get(f"{LABEL_PREFIX}.python", "")
-    return (f"the base image {ref} cannot be pulled here (no registry in reach, or no such image): build FROM "
-            f"an image this engine already has - `ftkit build --base-image IMAGE` (one with Python {python}; "
-            "`docker images` lists them), or `docker.base_image: IMAGE` in the machine profile (`ftkit build "
-            "--machine PROFILE`, and `ftkit up` builds a missing image FROM it)")
+    return (f"the base image {ref} cannot be pulled here (no registry in reach, or no such image): build FROM an "
+            f"image this engine already has (one with Python {python}; `docker images` lists them). The base image "
+            "is part of the image's tag, so name it in the machine profile, where the plans see it too: "
+            "`docker.base_image: IMAGE` (and, where PyPI or the torch index is out of reach, `ca_bundle: FILE` and "
+            f"`docker.wheelhouse: DIR`), {_PROFILE_BUILD}. `--base-image IMAGE` alone builds a tag that a plan or "
+            "stack made without that base does not name")
+
+
+def ca_bundle_hint(pip: PipTrouble, spec: BuildSpec) -> str:
+    if spec.ca_bundle is not None:
+        text = (f"pip could not verify the package index's TLS certificate even with the CA bundle {spec.ca_bundle}: "
+                "it must hold the certificate of the CA that signs the proxy's certificates (PEM)")
+    else:
+        text = ("pip could not verify the package index's TLS certificate (`certificate verify failed`: a "
+                "TLS-intercepting proxy, or a CA the base image does not know): give the build that CA's bundle - "
+                f"`ca_bundle: FILE` in the machine profile, {_PROFILE_BUILD}; or `ftkit build --ca-bundle FILE`. "
+                "It is used during the build only and does not change the image's tag")
+    if pip.unreachable and spec.wheelhouse is None and spec.extra_index_urls:
+        text += (f". Some index did not answer at all either: if that is {', '.join(spec.extra_index_urls)}, a "
+                 "wheelhouse stands in for it (`docker.wheelhouse: DIR` in the profile, or `--wheelhouse DIR`)")
+    return text
+
+
+def wheelhouse_hint(reqs: list[str], spec: BuildSpec) -> str:
+    named = ", ".join(reqs)
+    if spec.wheelhouse is not None:
+        return (f"pip found no distribution for {named}, neither in the wheelhouse {spec.wheelhouse} nor on the "
+                "index: put its wheel there (the lock's hash must match the file)")
+    indexes = ", ".join([spec.index_url, *spec.extra_index_urls])
+    return (f"pip found no distribution for {named} on the indexes it reached ({indexes}; one out of reach, or "
+            "without that file): put the wheel(s) in a directory and give it as a wheelhouse, which stands in for "
+            f"the unreachable index - `docker.wheelhouse: DIR` in the machine profile, {_PROFILE_BUILD}; or "
+            "`ftkit build --wheelhouse DIR`. The lock's hashes still decide what installs, and the tag does not change")
 
 
 @dataclass
