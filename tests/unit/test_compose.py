@@ -494,6 +494,42 @@ def test_missing_images_are_named_with_the_builds_that_make_exactly_them(tmp_pat
         assert f"-> {ref}" in dry.stdout
 
 
+@pytest.mark.docker
+def test_an_image_built_from_another_base_is_named_with_the_profile_that_names_it(tmp_path: Path) -> None:
+    """`ftkit build --base-image B` without the profile makes a tag no stack made with the
+    profile names (the base is part of the tag): compose says that image is here, FROM B,
+    and how a stack comes to name it, instead of only repeating the build command."""
+    import uuid
+
+    from ftkit.gateways import docker as dk
+    from ftkit.images import builder
+    from tests.conftest import _docker_reason, run_ftkit
+
+    reason = _docker_reason()
+    if reason:
+        pytest.skip(reason)
+    base = os.environ.get("FTKIT_TEST_BASE_IMAGE", "ftkit-test/bookworm-python:latest")
+    planned = builder.plan_build(ROOT, "train", "cpu")  # what cpu-docker.yaml (no base_image) plans
+    if dk.image_attrs(planned.tag) is not None:
+        pytest.skip("this checkout's train image is built here")
+    # the labels `ftkit build --base-image BASE` gives its image, on an image made in a second (no pip)
+    labels = builder.plan_build(ROOT, "train", "cpu", base_image=base).labels
+    tag = f"ftkit-test/compose-other-base:{uuid.uuid4().hex[:12]}"
+    argv = ["docker", "build", "-q", "-t", tag, *(f"--label={k}={v}" for k, v in sorted(labels.items())), "-"]
+    made = subprocess.run(argv, input=f"FROM {base}\n", capture_output=True, text=True, timeout=120, check=False)
+    assert made.returncode == 0, made.stderr
+    try:
+        proc = run_ftkit("compose", "recipes/quickstart.yaml", "--machine", "recipes/machines/cpu-docker.yaml", "-o",
+                         str(tmp_path / "s"), cwd=ROOT, env={"FTKIT_LEASE_DIR": "", "FTKIT_SIMULATED_GPUS": ""})
+    finally:
+        dk.remove_image(tag)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"note: {tag} here is the same image built FROM {base}; the stack names {planned.tag}, built FROM "
+            f"{planned.base_ref} (the base image is part of the tag). To run the one you have, put "
+            f"`docker.base_image: {base}` in the machine profile and generate the stack with it (`ftkit compose "
+            "RECIPE --machine recipes/machines/cpu-docker.yaml -o DIR`)") in proc.stderr
+
+
 def test_no_engine_to_ask_is_said(tmp_path: Path) -> None:
     from tests.conftest import run_ftkit
 

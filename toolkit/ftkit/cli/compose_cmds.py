@@ -169,6 +169,50 @@ def _missing_images(plan, machine_path: str | None) -> None:  # type: ignore[no-
                "with:", err=True)
     for ref in missing:
         click.echo(f"  {_build_command(ref, plan.docker, machine_path)}", err=True)
+    try:
+        others = _built_from_another_base(missing, plan.docker, host)
+    except FtkitError:  # only a note: the warning above stands on its own
+        return
+    profile = shlex.quote(machine_path) if machine_path else "PROFILE"
+    for ref, (tag, base, wanted) in others.items():
+        click.echo(f"note: {tag} here is the same image built FROM {base}; the stack names {ref}, built FROM "
+                   f"{wanted} (the base image is part of the tag). To run the one you have, put `docker.base_image: "
+                   f"{base}` in the machine profile and generate the stack with it (`ftkit compose RECIPE --machine "
+                   f"{profile} -o DIR`)", err=True)
+
+
+def _built_from_another_base(missing: list[str], docker: dict,  # type: ignore[type-arg]
+                             host: str | None) -> dict[str, tuple[str, str, str]]:
+    """For each missing content tag, an image here built from the same sources and lock but
+    FROM another base (`ftkit build --base-image` without the profile): its tag, its base and
+    the base the missing tag is built FROM.
+    The base is part of the tag, so the stack, planned with the profile's base, never names it."""
+    from ftkit.compose.render import TAG
+    from ftkit.gateways import docker as dk
+    from ftkit.images import builder, project
+
+    wanted = [(ref, m) for ref in missing if (m := TAG.match(ref)) is not None]
+    if not wanted:
+        return {}
+    images = dk.images_with_label(f"{builder.LABEL_PREFIX}.image", host)
+    root = project.find_root()
+    out: dict[str, tuple[str, str, str]] = {}
+    for ref, m in wanted:
+        spec = builder.plan_build(root, m["image"], m["variant"], base_image=docker.get("base_image"))
+        if spec.tag != ref:  # the stack's tag is not this checkout's (an images.lock.json): nothing to compare
+            continue
+        for attrs in images:
+            labels = (attrs.get("Config") or {}).get("Labels") or {}
+            base = labels.get("org.opencontainers.image.base.name")
+            tags = attrs.get("RepoTags") or []
+            if (labels.get(f"{builder.LABEL_PREFIX}.image") == m["image"]
+                    and labels.get(f"{builder.LABEL_PREFIX}.variant") == m["variant"]
+                    and labels.get(f"{builder.LABEL_PREFIX}.source-sha256") == spec.source_sha256
+                    and labels.get(f"{builder.LABEL_PREFIX}.lock-sha256") == spec.lock_sha256
+                    and base and base != spec.base_ref and tags):
+                out[ref] = (tags[0], base, spec.base_ref)
+                break
+    return out
 
 
 def _build_command(ref: str, docker: dict, machine_path: str | None) -> str:  # type: ignore[type-arg]
