@@ -459,6 +459,42 @@ def test_bad_project_name_is_refused(tmp_path: Path, bad: str) -> None:
     assert result.code == 2 and "--project-name" in result.err and not (tmp_path / "s").exists()
 
 
+def test_stack_readme_says_what_the_stack_does_and_what_its_builds_need(tmp_path: Path) -> None:
+    """A stack serves and sends no test prompts (`ftkit up` does): neither compose.yaml nor
+    the README says it sends them, and the README points at its curl commands. It also says
+    what a machine without a registry or direct PyPI needs in its profile, and that the stack
+    is generated with that profile (the base image is part of each tag)."""
+    out = tmp_path / "s"
+    assert compose("recipes/quickstart.yaml", "recipes/machines/cpu-docker.yaml", out).code == 0
+    readme, compose_yaml = (out / "README.md").read_text(), (out / "compose.yaml").read_text()
+    assert "test prompt(s)" not in readme and "test prompt(s)" not in compose_yaml
+    assert "- `serve`: serve the merged model with vllm (CPU build) on port 8765 (server, profile serve)" in readme
+    assert ("The stack only serves: it sends none of the recipe's test prompts (`ftkit up` does); the curl commands "
+            "under \"Ask `serve`\" below send them.") in readme
+    assert readme.count("/v1/completions") == 2  # the recipe's two prompts, as curl commands
+    before = readme[readme.index("## Before the first start"):readme.index("## Run it")]
+    for setting in ("`docker.base_image`", "`ca_bundle`", "`docker.wheelhouse`", "`ftkit build --machine PROFILE`",
+                    "`ftkit compose RECIPE --machine PROFILE -o DIR`", "the base image is part of each tag"):
+        assert setting in before, setting
+    # the plan itself is unchanged: `ftkit up` does send them
+    plan = run_cli("plan", "recipes/quickstart.yaml", "--machine", "recipes/machines/cpu-docker.yaml", cwd=ROOT)
+    assert "then send 2 test prompt(s)" in plan.out
+
+
+def test_stack_description_leaves_other_steps_as_planned() -> None:
+    from ftkit.compose.render import _stack_description
+    from ftkit.plan.spec import StepSpec
+
+    serve = StepSpec(id="s", kind="serve", description="serve x on port 1, then send 2 test prompt(s)", executor="docker",
+                     prompts=[{"prompt": "a"}, {"prompt": "b"}])
+    assert _stack_description(serve) == "serve x on port 1"
+    loads = StepSpec(id="l", kind="load-adapter", description="load a into s, then send 1 test prompt(s)", executor="http",
+                     prompts=[{"prompt": "a"}])
+    assert _stack_description(loads) == loads.description  # a host step: the README says what to run
+    other = StepSpec(id="s", kind="serve", description="serve x, then send 3 test prompt(s)", executor="docker")
+    assert _stack_description(other) == other.description  # not the plan's wording: left as it is
+
+
 # -- images that are not built here -------------------------------------------------------------------
 
 

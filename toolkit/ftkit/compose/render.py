@@ -295,7 +295,7 @@ class _Renderer:
         kind = "server, profile serve" if server else "one-shot, profile train"
         gpus = f"; GPU(s) {', '.join(map(str, step.gpus))}" if step.gpus else ""
         return Service(step.id, body, SERVE_PROFILE if server else TRAIN_PROFILE,
-                       _one_line(f"{step.description} ({kind}{gpus})"))
+                       _one_line(f"{_stack_description(step)} ({kind}{gpus})"))
 
     def _image(self, step: StepSpec, ref: str) -> str:
         if not ref or any(c.isspace() for c in ref):
@@ -411,6 +411,16 @@ def _one_line(text: str) -> str:
 # -- README ------------------------------------------------------------------------------
 
 
+def _stack_description(step: StepSpec) -> str:
+    """The step as the stack runs it. A serve step's plan says it sends the recipe's test
+    prompts once the server is ready: `ftkit up` does, a stack only serves (its README lists
+    the prompts as curl commands), so that part is left out here."""
+    suffix = f", then send {len(step.prompts)} test prompt(s)"
+    if step.kind == "serve" and step.description.endswith(suffix):
+        return step.description[: -len(suffix)]
+    return step.description
+
+
 def _readme(plan: Plan, stack: Stack, o: RenderOptions) -> str:
     one_shot = [s for s in stack.services if s.profile == TRAIN_PROFILE]
     servers = [s for s in stack.services if s.profile == SERVE_PROFILE]
@@ -455,6 +465,16 @@ def _readme(plan: Plan, stack: Stack, o: RenderOptions) -> str:
         if v.name.endswith("_IMAGE"):
             w.append(f"    {_build_command(v.value, plan.docker)}")
     w.append("")
+    if any(TAG.match(v.value) for v in stack.env if v.name.endswith("_IMAGE")):
+        w.append("On a machine that cannot pull the images' base image or reach PyPI directly, the build needs "
+                 "settings in the machine profile: `docker.base_image` (an image the engine already has, with the "
+                 "variant's Python), `ca_bundle` (the CA bundle of a TLS-intercepting proxy) and `docker.wheelhouse` "
+                 "(a directory of wheels standing in for an index out of reach, such as download.pytorch.org); "
+                 "build with `ftkit build --machine PROFILE`. Generate the stack with that same profile (`ftkit "
+                 "compose RECIPE --machine PROFILE -o DIR`): its tags follow the build settings (the base image is "
+                 "part of each tag), so a stack generated without the profile names images that build does not "
+                 "make.")
+        w.append("")
     if "FTKIT_LEASE_DIR" in env:
         w.append("The GPU lease directory must exist and be writable by the container user "
                  "(every GPU service takes its GPUs through it, as does `ftkit up` on the host):")
@@ -477,6 +497,11 @@ def _readme(plan: Plan, stack: Stack, o: RenderOptions) -> str:
                 text = (f"Serve ({', '.join(f'`{s.id}`' for s in servers)}; restarted unless stopped, healthy "
                         "once the model answers `/health`):\n\n    docker compose --profile serve up -d\n    "
                         "docker compose --profile serve ps")
+                asks = [s.id for s in servers if plan.step(s.id).prompts and plan.step(s.id).ports]
+                if asks:  # the plan's serve step sends them; in a stack nobody does
+                    text += ("\n\n   The stack only serves: it sends none of the recipe's test prompts (`ftkit up` "
+                             "does); the curl commands under " + ", ".join(f'"Ask `{a}`"' for a in asks)
+                             + " below send them.")
             elif not step.background and not said_train and one_shot:
                 said_train = True
                 chain = " -> ".join(f"`{s.id}`" for s in one_shot)
