@@ -85,6 +85,47 @@ def test_merge_equals_peft(shape: str, tmp_path: Path) -> None:
         assert torch.allclose(reference(x).logits, ours(x).logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", ["all-linear", "embedding-and-lm_head", "fan_in_fan_out"])
+def test_merge_in_many_small_blocks_equals_peft(shape: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge computes in cache-sized sub-blocks, hands output blocks to the writer thread and
+    waits when too much is unwritten. With tiny sizes every boundary is crossed many times: sub-
+    and output blocks ending mid-weight, a transposed factor's columns, the write-ahead wait."""
+    from ftkit.engines import safetensors_io as st
+
+    monkeypatch.setattr(engine, "CACHE_BLOCK_BYTES", 4 * 64 * 3)  # 3 rows of a 64-wide weight
+    monkeypatch.setattr(engine, "OUT_BLOCK_BYTES", 4 * 64 * 7)
+    monkeypatch.setattr(st, "WRITE_AHEAD_BYTES", 100)
+    base_dir, adapter_dir, reference = build(tmp_path, shape)
+    out = tmp_path / "merged"
+    engine.merge(str(base_dir), str(adapter_dir), str(out), dtype="fp32", log=lambda s: None)
+    ours = reference.__class__.from_pretrained(out)
+    our_sd = ours.state_dict()
+    for name, t in reference.state_dict().items():
+        assert torch.allclose(t.float(), our_sd[name].float(), atol=1e-5), name
+    plan = engine.plan_merge(base_dir, adapter_dir)
+    info = max((t for t in plan.tensors if t.name in plan.loras), key=lambda t: t.shape[0])
+    parts = list(engine.merged_blocks(plan, info, engine.st.read_tensor))
+    assert len(parts) > 2 and sum(p.shape[0] for p in parts) == info.shape[0]  # written in parts, never whole
+
+
+def test_a_non_finite_value_in_a_later_sub_block_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftkit.engines.safetensors_io import TensorInfo
+
+    monkeypatch.setattr(engine, "CACHE_BLOCK_BYTES", 4 * 16 * 2)
+    monkeypatch.setattr(engine, "OUT_BLOCK_BYTES", 4 * 16 * 4)
+    w = torch.randn(30, 16)
+    w[27, 5] = float("inf")
+    info = TensorInfo("model.layers.0.mlp.up_proj.weight", "F32", [30, 16], Path("w"), 0, w.numel() * 4)
+    a, b = TensorInfo("a", "F32", [2, 16], Path("a"), 0, 0), TensorInfo("b", "F32", [30, 2], Path("a"), 0, 0)
+    plan = engine.MergePlan(Path("b"), Path("a"), [info])
+    plan.loras[info.name] = [engine.LoraPair(a, b, "linear", 2.0)]
+    factors = {"a": torch.randn(2, 16), "b": torch.randn(30, 2)}
+    blocks = engine.merged_blocks(plan, info, lambda i: w if i is info else factors[i.name])
+    assert next(blocks).shape[0] == 4  # the first output block is clean and goes out
+    with pytest.raises(engine.NonFinite, match="base tensor .*up_proj.* holds inf or nan"):
+        list(blocks)
+
+
 def test_tied_lm_head_is_untied_like_training_saw_it(tmp_path: Path) -> None:
     base_dir, adapter_dir, peft_model = build(tmp_path, "tied-lm_head")
     out = tmp_path / "merged"
@@ -237,7 +278,8 @@ torch.isfinite(w[:8]).all()
 info = TensorInfo("model.layers.0.mlp.up_proj.weight", "F32", [2048, 2048], Path("w"), 0, w.numel() * 4)
 plan = engine.MergePlan(Path("b"), Path("a"), [info], nf4_dequantized_base=True, nf4_bnb=with_bnb)
 before = peak()
-out = engine.merged_tensor(plan, info, lambda i: w)
+for part in engine.merged_blocks(plan, info, lambda i: w):  # as the merge does: each block written, then dropped
+    pass
 print(json.dumps({"growth": peak() - before, "tensor_ram": engine.tensor_ram(plan, info), "weight": w.numel() * 4}))
 """
 

@@ -263,10 +263,10 @@ def test_a_disk_that_fills_during_the_merge_is_one_line_naming_it(tmp_path: Path
 
     base, adapter = corpus.make_pair(tmp_path)
 
-    def full(self, name, tensor):  # type: ignore[no-untyped-def]
+    def full(self, data):  # type: ignore[no-untyped-def]  # on the writer thread
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(st.StreamWriter, "write", full)
+    monkeypatch.setattr(st.StreamWriter, "_write_bytes", full)
     result = run_cli("merge", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "out" / "merged"))
     assert result.code != 0 and "Traceback" not in result.err
     errors = [ln for ln in result.err.splitlines() if ln.strip() and not ln.startswith("merge: ")]

@@ -56,6 +56,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
 TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")  # without one of these there is no tokenizer
 ROW_BLOCK_BYTES = 16 * 2**20  # merge at most this much of a weight (in fp32) at once
+CACHE_BLOCK_BYTES = 512 * 2**10  # ... in sub-blocks this big (fp32), which stay in the CPU's cache
+OUT_BLOCK_BYTES = 8 * 2**20  # the output blocks handed to the writer thread
 BNB_IMPORT_BYTES = 150 * 2**20  # what importing bitsandbytes adds to the process (measured: 150 MiB)
 OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
@@ -523,15 +525,38 @@ class NonFinite(BadModelFile):
 
 
 def merged_tensor(plan: MergePlan, t: st.TensorInfo, read: Callable[[st.TensorInfo], Any]) -> Any:
-    """The output tensor for one base tensor (the only place weights are combined). Refuses
-    inputs with inf/nan and outputs that overflow the output dtype."""
+    """The whole output tensor for one base tensor (merged_blocks, assembled)."""
+    import torch
+
+    out: Any = None
+    row = 0
+    for part in merged_blocks(plan, t, read):
+        if row == 0 and part.shape == tuple(t.shape):
+            return part
+        if out is None:
+            out = torch.empty(t.shape, dtype=part.dtype)
+        out[row:row + part.shape[0]].copy_(part)
+        row += part.shape[0]
+    return out
+
+
+def merged_blocks(plan: MergePlan, t: st.TensorInfo, read: Callable[[st.TensorInfo], Any]) -> Iterator[Any]:
+    """The output tensor for one base tensor, in row blocks in order (the only place weights are
+    combined); the merge writes each block as it comes, so a merged weight is never whole in
+    memory. Refuses inputs with inf/nan and outputs that overflow the output dtype.
+
+    A merged weight is computed OUT_BLOCK_BYTES of output at a time, each in sub-blocks of
+    CACHE_BLOCK_BYTES (as fp32) that stay in the CPU's cache from the cast through the LoRA
+    update to the rounding and the finiteness check: one pass over memory per block instead
+    of one per operation."""
     import torch
 
     src = plan.replace.get(t.name, t)
     w = read(src)
     out_dtype = st.torch_dtype(plan._out_code(t))
     if not w.is_floating_point():
-        return w
+        yield w
+        return
     label = "adapter" if t.name in plan.replace else "base"
     nf4 = plan.nf4_dequantized_base and t.name not in plan.replace and _is_quantized_linear(t.name, t.shape)
     rounder = None
@@ -550,38 +575,63 @@ def merged_tensor(plan: MergePlan, t: st.TensorInfo, read: Callable[[st.TensorIn
             if not _finite(w):
                 raise NonFinite(f"{label} tensor {st._show(t.name)} holds inf or nan values")
             raise NonFinite(overflow)
-        return out
+        yield out
+        return
     factors = [(read(p.a).float(), read(p.b).float(), p.scale,
                 p.kind == "embedding" or plan.fan_in_fan_out) for p in pairs]
-    out = torch.empty(w.shape, dtype=out_dtype)
     cols = max(math.prod(w.shape[1:]), 1)
-    rows = max(1, ROW_BLOCK_BYTES // (4 * cols))
     if nf4:  # each row block must start on an NF4 block boundary of the flattened weight
         group = nf4_round.BLOCK // math.gcd(cols, nf4_round.BLOCK)
-        rows = max(group, rows - rows % group)
+        rows = max(1, ROW_BLOCK_BYTES // (4 * cols))
+        sub = rows = max(group, rows - rows % group)
+        scratch = None
+    else:
+        sub = max(1, min(CACHE_BLOCK_BYTES, ROW_BLOCK_BYTES) // (4 * cols))
+        rows = max(sub, OUT_BLOCK_BYTES // (out_dtype.itemsize * cols) // sub * sub)
+        scratch = torch.empty((min(sub, w.shape[0]), *w.shape[1:]), dtype=torch.float32)
     for i in range(0, w.shape[0], rows):
-        if rounder is not None:  # the base as QLoRA's 4-bit layer saw it, in its precision (checked finite)
-            block = rounder.rows(i, w[i:i + rows])
-        else:
-            block = w[i:i + rows].to(torch.float32, copy=True)  # a copy even of fp32: w stays the input
-        for a, b, scale, transposed in factors:
-            # Linear: W (out, in) += B (out, r) @ A (r, in). Embeddings (A: (r, vocab), B: (dim, r))
-            # and fan_in_fan_out Conv1D layers store W transposed: W += (B @ A)^T = A^T @ B^T.
-            # One fused multiply-add in fp32 (addmm_: no delta temporaries).
-            if transposed:
-                block.addmm_(a[:, i:i + rows].T, b.T, alpha=scale)
+        part = torch.empty((min(rows, w.shape[0] - i), *w.shape[1:]), dtype=out_dtype)
+        for j in range(i, i + part.shape[0], sub):
+            k = min(sub, w.shape[0] - j)
+            if rounder is not None:  # the base as QLoRA's 4-bit layer saw it, in its precision (checked finite)
+                block = rounder.rows(j, w[j:j + k])
             else:
-                block.addmm_(b[i:i + rows], a, alpha=scale)
-        done = out[i:i + rows]
-        done.copy_(block)  # the cast to the output dtype, in place
-        # The one finiteness check of this block: a non-finite base weight (or factor, though
-        # those were checked before anything was written) shows in the output it produces.
-        if not _finite(done):
-            if rounder is None and not _finite(w[i:i + rows]):
-                raise NonFinite(f"{label} tensor {st._show(t.name)} holds inf or nan values")
-            raise NonFinite(f"merged {st._show(t.name)} is not finite in {DTYPE_NAMES.get(plan._out_code(t))} "
-                            "(the adapter's update overflows it); check the adapter or merge with --dtype fp32")
-    return out
+                block = scratch[:k]  # type: ignore[index]
+                block.copy_(w[j:j + k])  # the cast to fp32 (w stays the input)
+            for a, b, scale, transposed in factors:
+                # Linear: W (out, in) += B (out, r) @ A (r, in). Embeddings (A: (r, vocab), B: (dim, r))
+                # and fan_in_fan_out Conv1D layers store W transposed: W += (B @ A)^T = A^T @ B^T.
+                # One fused multiply-add in fp32 (addmm_: no delta temporaries).
+                if transposed:
+                    block.addmm_(a[:, j:j + k].T, b.T, alpha=scale)
+                else:
+                    block.addmm_(b[j:j + k], a, alpha=scale)
+            done = part[j - i:j - i + k]
+            done.copy_(block)  # the cast to the output dtype, in place
+            # The one finiteness check of this block: a non-finite base weight (or factor, though
+            # those were checked before anything was written) shows in the output it produces.
+            if not _finite(done):
+                if rounder is None and not _finite(w[j:j + k]):
+                    raise NonFinite(f"{label} tensor {st._show(t.name)} holds inf or nan values")
+                raise NonFinite(f"merged {st._show(t.name)} is not finite in {DTYPE_NAMES.get(plan._out_code(t))} "
+                                "(the adapter's update overflows it); check the adapter or merge with --dtype fp32")
+        yield part
+
+
+@contextlib.contextmanager
+def _a_core_for_the_writer() -> Iterator[None]:
+    """torch computes on one thread fewer than it would (at least one) while the writer thread
+    writes: on two cores, two OpenMP threads and the writer fought over them (OpenMP spins
+    while it waits), and the merge took 2-5x longer under load than with one. OMP_NUM_THREADS
+    (which ftkit sets from a container's CPU allowance) is what torch starts from."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_adapter_values(plan: MergePlan) -> None:
@@ -618,7 +668,8 @@ class Needs:
 
 
 def tensor_ram(plan: MergePlan, t: st.TensorInfo) -> int:
-    """Bytes held while one output tensor is made: its source as read, the output, and for a
+    """Bytes held while one output tensor is made: its source as read, the output (or its block
+    being made), what the writer thread has yet to write, and for a
     merged (or NF4-rounded) weight the fp32 row block with its temporaries, the LoRA factors
     (as read and in fp32), and the NF4 rounding's temporaries (bitsandbytes': the block in
     the training dtype, its codes, the dequantized block, and the whole weight's scales;
@@ -626,10 +677,13 @@ def tensor_ram(plan: MergePlan, t: st.TensorInfo) -> int:
     src = plan.replace.get(t.name, t)
     elems = math.prod(t.shape)
     out_bytes = elems * st.DTYPE_SIZES[plan._out_code(t)]
-    ram = src.nbytes + out_bytes  # (the finiteness checks hold no mask: _finite)
     pairs = plan.loras.get(t.name, [])
     nf4 = plan.nf4_dequantized_base and t.name not in plan.replace and _is_quantized_linear(t.name, t.shape) \
         and src.dtype in st.FLOAT_DTYPES
+    # The source as read, the output (whole, or the block being made: merged_blocks), and the
+    # earlier blocks the writer thread still holds (the finiteness checks hold no mask: _finite).
+    out_held = min(out_bytes, OUT_BLOCK_BYTES) if (pairs or nf4) and src.dtype in st.FLOAT_DTYPES else out_bytes
+    ram = src.nbytes + out_held + st.WRITE_AHEAD_BYTES
     if pairs or nf4:
         block = min(ROW_BLOCK_BYTES, elems * 4) + 64 * 4 * max(math.prod(t.shape[1:]), 1)
         ram += 2 * block  # the fp32 block and its matmul's workspace (addmm_ adds in place)
@@ -795,14 +849,15 @@ def _merge(base: str, adapter: str, output: str, *, revision: str | None, dtype:
         os.rename(lock_tmp, tmp / ".lock")
         groups = shards(plan)
         weight_map: dict[str, str] = {}
-        for n, group in enumerate(groups, 1):
-            fname = "model.safetensors" if len(groups) == 1 else f"model-{n:05d}-of-{len(groups):05d}.safetensors"
-            writer = st.StreamWriter(tmp / fname, [(t.name, plan._out_code(t), list(t.shape)) for t in group])
-            for t in group:
-                writer.write(t.name, merged_tensor(plan, t, st.read_tensor))
-                weight_map[t.name] = fname
-            writer.close()
-            writer = None
+        with _a_core_for_the_writer():
+            for n, group in enumerate(groups, 1):
+                fname = "model.safetensors" if len(groups) == 1 else f"model-{n:05d}-of-{len(groups):05d}.safetensors"
+                writer = st.StreamWriter(tmp / fname, [(t.name, plan._out_code(t), list(t.shape)) for t in group])
+                for t in group:
+                    writer.write_parts(t.name, merged_blocks(plan, t, st.read_tensor))
+                    weight_map[t.name] = fname
+                writer.close()
+                writer = None
         if len(groups) > 1:
             index = {"metadata": {"total_size": plan.out_bytes()}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
