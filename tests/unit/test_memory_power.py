@@ -39,6 +39,20 @@ def test_component_estimate_orders_methods_sensibly() -> None:
     assert totals["full"] / 2**30 > 96
 
 
+def test_dora_adds_its_magnitudes_and_a_layers_temporaries() -> None:
+    """DoRA: one trainable magnitude per output feature of each targeted layer, and peft's
+    forward materialises B @ A and the updated weight of one layer at a time (in the adapter's
+    dtype); Mistral's largest targeted layer is an MLP projection (5120 x 32768)."""
+    assert MISTRAL is not None
+    lora = memory.estimate(step(method="qlora"), MISTRAL, n_gpus=1)
+    dora = memory.estimate(step(method="qlora", lora={"use_dora": True}), MISTRAL, n_gpus=1)
+    outs = sum(o for _, o in memory._target_shapes(MISTRAL, "all-linear")) * MISTRAL.layers
+    size = memory.dtype_bytes(step(method="qlora"))["trainable"]  # the trainable dtype (trl's rule)
+    assert dora["adapters"] - lora["adapters"] == pytest.approx(outs * size)
+    assert dora["dora_temporaries"] == 2 * MISTRAL.hidden_size * MISTRAL.intermediate_size * size
+    assert "dora_temporaries" not in lora
+
+
 def test_qlora_24b_fits_one_24gb_card_and_full_does_not() -> None:
     assert MISTRAL is not None
     vram = {0: 24.0}

@@ -51,6 +51,11 @@ SHAPES = {
     "embedding-and-lm_head": (llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"])),
     "tied-lm_head": (lambda: llama(tie=True), dict(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])),
     "fan_in_fan_out": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    "dora": (llama, dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)),
+    "dora-rslora-embedding": (llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "lm_head"],
+                                          use_dora=True, use_rslora=True)),
+    "dora-fan_in_fan_out": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                       use_dora=True)),
 }
 
 
@@ -85,7 +90,8 @@ def test_merge_equals_peft(shape: str, tmp_path: Path) -> None:
         assert torch.allclose(reference(x).logits, ours(x).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", ["all-linear", "embedding-and-lm_head", "fan_in_fan_out"])
+@pytest.mark.parametrize("shape", ["all-linear", "embedding-and-lm_head", "fan_in_fan_out", "dora",
+                                   "dora-rslora-embedding", "dora-fan_in_fan_out"])
 def test_merge_in_many_small_blocks_equals_peft(shape: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The merge computes in cache-sized sub-blocks, hands output blocks to the writer thread and
     waits when too much is unwritten. With tiny sizes every boundary is crossed many times: sub-
@@ -194,13 +200,33 @@ def test_nf4_dequantized_base_is_close_but_not_equal(tmp_path: Path) -> None:
     assert torch.equal(ours["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
 
 
-def test_dora_is_refused_clearly(tmp_path: Path) -> None:
+def test_dora_inputs_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    """DoRA adapters are checked like the rest: a config that says DoRA without magnitudes, a
+    magnitude the config does not announce, one of the wrong length, one that is not finite."""
+    from safetensors.torch import load_file, save_file
+
     base_dir, adapter_dir, _ = build(tmp_path, "plain")
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="DoRA"):
+    cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(UserError, match="use_dora is set, but it has no lora_magnitude_vector"):
         engine.merge(str(base_dir), str(adapter_dir), str(tmp_path / "m"), log=lambda s: None)
+    tensors = load_file(str(weights))
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    for magnitude, config, message in [
+        (torch.ones(32), False, "a DoRA magnitude, but the config says use_dora false"),
+        (torch.ones(31), True, r"DoRA magnitude for .*q_proj.* is \[31\].*needs \[32\]"),
+        (torch.ones(32, 1), True, "a DoRA magnitude is a 1-D float tensor"),
+        (torch.full((32,), float("inf")), True, "holds inf or nan"),
+    ]:
+        all_magnitudes = {k.replace("lora_B.weight", "lora_magnitude_vector"): torch.ones(v.shape[0])
+                          for k, v in tensors.items() if k.endswith("lora_B.weight")}  # one per output feature
+        all_magnitudes[f"{q}.lora_magnitude_vector"] = magnitude
+        save_file({**tensors, **all_magnitudes}, str(weights))
+        cfg_path.write_text(json.dumps({**cfg, "use_dora": config}))
+        with pytest.raises(UserError, match=message):
+            engine.merge(str(base_dir), str(adapter_dir), str(tmp_path / "m"), log=lambda s: None)
+    assert not (tmp_path / "m").exists()
 
 
 def test_cli_dry_run_reports_needs(tmp_path: Path) -> None:

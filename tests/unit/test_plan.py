@@ -4,6 +4,7 @@ estimates and PSU budgets. Text plans are golden files."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -139,3 +140,19 @@ def test_plan_escapes_control_characters_and_warns_about_open_binds(tmp_path) ->
     assert "\x1b" not in result.out and "\r" not in result.out and "\u202e" not in result.out
     assert "\\x1b[2J\\rrm -rf \\u202eoops" in result.out
     assert "reachable from the network" in result.out
+
+
+def test_the_plan_says_dora_and_rslora_and_the_engine_gets_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    text = (RECIPES / "quickstart.yaml").read_text()
+    old = "lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}"
+    assert old in text
+    recipe = tmp_path / "dora.yaml"
+    recipe.write_text(text.replace(old, old[:-1] + ", use_dora: true, use_rslora: true}"))
+    shutil.copytree(RECIPES / "data", tmp_path / "data")
+    result = run_cli("plan", str(recipe), cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert "lora; r 16, alpha 32.0, DoRA, rsLoRA;" in result.out and "dora_temporaries" in result.out
+    plan = json.loads(run_cli("plan", str(recipe), "--json", cwd=tmp_path).out)
+    job = next(f["content"] for s in plan["steps"] for f in s["files"] if f["path"].endswith("train-train.json"))
+    lora = json.loads(job)["train"]["lora"]
+    assert lora["use_dora"] is True and lora["use_rslora"] is True

@@ -390,3 +390,62 @@ def test_follow_umask_never_goes_through_a_link_or_touches_what_is_not_0600(tmp_
     assert st.S_IMODE((d / "w.safetensors").stat().st_mode) == 0o640
     assert st.S_IMODE((d / "kept").stat().st_mode) == 0o640
     assert st.S_IMODE(outside.stat().st_mode) == 0o600  # the link's target is not ftkit's to change
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_dora_trains_and_merges_like_peft(method: str, base_model: Path, base64: Path, tmp_path: Path) -> None:
+    """use_dora: the engine trains DoRA (the magnitudes move away from the base's norms) and
+    ftkit's streaming merge folds it in like peft. LoRA: the merged model's logits are the
+    trained model's (fp32, 1e-4). QLoRA: every merged weight is magnitude / norm x (the 4-bit
+    weight as bitsandbytes dequantizes it + the update), within 1e-5."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.engines import bnb, merge
+
+    model_dir = base_model if method == "lora" else base64
+    if method == "qlora":
+        require("bitsandbytes")
+    out = tmp_path / "run"
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0, "use_dora": True}
+    precision = "fp32" if method == "lora" else "bf16"
+    train.run(config(model_dir, out, method=method, max_steps=8, precision=precision, lora=lora))
+    adapter = out / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    magnitudes = {k: v for k, v in tensors.items() if "lora_magnitude_vector" in k}
+    assert magnitudes and len(magnitudes) == sum(1 for k in tensors if k.endswith("lora_A.weight"))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    q = next(k for k in magnitudes if "q_proj" in k)
+    w = base.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(magnitudes[q].float(), torch.linalg.vector_norm(w, dim=1), atol=1e-4)  # trained
+    merged = tmp_path / "merged"
+    nf4 = {"nf4_dequantized_base": True, "nf4_dtype": "bf16"} if method == "qlora" else {}
+    merge.merge(str(model_dir), str(adapter), str(merged), dtype="fp32", log=lambda s: None, **nf4)  # type: ignore[arg-type]
+    if method == "lora":
+        trained = PeftModel.from_pretrained(base, adapter)
+        ours = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+        x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.allclose(trained(x).logits, ours(x).logits, atol=1e-4)
+        return
+    four_bit = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                    quantization_config=bnb.quantization_config("bf16"))
+    bnb.keep_training_layout(four_bit)
+    trained = PeftModel.from_pretrained(four_bit, adapter)
+    ours_sd = load_file(str(merged / "model.safetensors"))
+    checked = 0
+    for name, module in trained.named_modules():
+        if not hasattr(module, "lora_magnitude_vector") or "default" not in module.lora_magnitude_vector:
+            continue
+        w4 = module.base_layer.weight
+        weight = bnb.quiet_functional().dequantize_4bit(w4.data, w4.quant_state).float()
+        weight += module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float() * module.scaling["default"]
+        magnitude = module.lora_magnitude_vector["default"].weight.float()
+        expected = (magnitude / torch.linalg.vector_norm(weight, dim=1)).unsqueeze(1) * weight
+        key = name.removeprefix("base_model.model.") + ".weight"
+        assert torch.allclose(ours_sd[key], expected, rtol=0, atol=1e-5), key
+        checked += 1
+    assert checked == 7 * TINY64["layers"]

@@ -63,7 +63,8 @@ def _file_summary(path: str, content: str) -> str:
         said.append(str(t.get("method", "?")))
         lora = t.get("lora") if isinstance(t.get("lora"), dict) else None
         if lora and t.get("method") in ("lora", "qlora"):
-            said.append(f"r {lora.get('r')}, alpha {lora.get('alpha')}")
+            kinds = [k for k, on in (("DoRA", lora.get("use_dora")), ("rsLoRA", lora.get("use_rslora"))) if on]
+            said.append(f"r {lora.get('r')}, alpha {lora.get('alpha')}{''.join(', ' + k for k in kinds)}")
         said.append(f"{t['max_steps']} steps" if t.get("max_steps") else f"{t.get('epochs')} epoch(s)")
         said.append(f"batch {t.get('batch_size')} x {t.get('grad_accum', 1)} accumulated")
         said.append(f"seq_len {t.get('seq_len')}, lr {t.get('learning_rate')}, {t.get('precision')}")

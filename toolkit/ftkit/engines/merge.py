@@ -5,7 +5,10 @@ merged (in fp32, a block of rows at a time) and written straight into the output
 peak memory is about the largest tensor, not the model. Handles the LoRA scaling (alpha/r,
 rsLoRA alpha/sqrt(r), rank and alpha patterns), fan_in_fan_out (GPT-2 Conv1D) layers,
 adapters on embeddings and lm_head, modules_to_save and resized embeddings saved with the
-adapter (the output config's vocab_size follows them), and tied embeddings.
+adapter (the output config's vocab_size follows them), tied embeddings, and DoRA (each
+output feature's weights scaled to the trained magnitude over the norm of base + update, as
+peft's merge does: within each row block for Linear weights, with a first pass over the
+columns for embeddings and Conv1D layers).
 
 The output keeps the base's dtype unless `dtype` asks for another: an fp32 base stays fp32.
 
@@ -80,6 +83,7 @@ class MergePlan:
     adapter_dir: Path
     tensors: list[st.TensorInfo]  # output order (base order, then new tensors)
     loras: dict[str, list[LoraPair]] = field(default_factory=dict)  # base tensor name -> pairs
+    dora: dict[str, st.TensorInfo] = field(default_factory=dict)  # base tensor name -> DoRA magnitude vector
     replace: dict[str, st.TensorInfo] = field(default_factory=dict)  # base name -> adapter tensor
     fan_in_fan_out: bool = False
     untie: bool = False
@@ -208,8 +212,6 @@ def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
     where = f"{cfg_path}:"
     if acfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter_dir}: peft_type {st._show(acfg.get('peft_type'))} is not LoRA")
-    if acfg.get("use_dora"):
-        raise UserError("DoRA adapters are not supported by the streaming merge; use peft's merge_and_unload")
     if acfg.get("lora_bias") or acfg.get("bias", "none") != "none":
         raise UserError("adapters that train biases are not supported by the streaming merge")
     r = acfg.get("r")
@@ -217,7 +219,7 @@ def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
         raise BadModelFile(f"{where} r must be a positive integer, got {st._show(r)}")
     if not _number(acfg.get("lora_alpha")):
         raise BadModelFile(f"{where} lora_alpha must be a finite number, got {st._show(acfg.get('lora_alpha'))}")
-    for key in ("fan_in_fan_out", "use_rslora"):
+    for key in ("fan_in_fan_out", "use_rslora", "use_dora"):
         if acfg.get(key) not in (None, True, False):
             raise BadModelFile(f"{where} {key} must be true or false, got {st._show(acfg.get(key))}")
     for key, check, what in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
@@ -276,8 +278,19 @@ def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str | None = None, n
     pending: dict[str, dict[str, st.TensorInfo]] = {}
     for key, info in adapter.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if "lora_magnitude_vector" in name or "trainable_tokens" in name:
-            raise UserError(f"adapter tensor {st._show(key)}: DoRA / trainable tokens are not supported by the streaming merge")
+        if "trainable_tokens" in name:
+            raise UserError(f"adapter tensor {st._show(key)}: trainable tokens are not supported by the streaming merge")
+        d = re.match(r"^(.*)\.lora_magnitude_vector(?:\.[\w-]+)?(?:\.weight)?$", name)
+        if d:
+            if not acfg.get("use_dora"):
+                raise BadModelFile(f"adapter tensor {st._show(key)}: a DoRA magnitude, but the config says use_dora false")
+            if info.dtype not in st.FLOAT_DTYPES or len(info.shape) != 1:
+                raise BadModelFile(f"adapter tensor {st._show(key)}: a DoRA magnitude is a 1-D float tensor, "
+                                   f"got {info.dtype} {info.shape}")
+            if "magnitude" in pending.setdefault(d.group(1), {}):
+                raise BadModelFile(f"adapter has two DoRA magnitudes for {st._show(d.group(1))}")
+            pending[d.group(1)]["magnitude"] = info
+            continue
         m = re.match(r"^(.*)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$", name)
         e = re.match(r"^(.*)\.(lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?$", name)
         if m or e:
@@ -308,12 +321,17 @@ def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str | None = None, n
         rank = int(_pattern_value(acfg.get("rank_pattern") or {}, module, r))
         a = float(_pattern_value(acfg.get("alpha_pattern") or {}, module, alpha))
         scale = a / math.sqrt(rank) if acfg.get("use_rslora") else a / rank
+        magnitude = parts.pop("magnitude", None)
+        if acfg.get("use_dora") and magnitude is None:
+            raise BadModelFile(f"adapter module {st._show(module)}: use_dora is set, but it has no lora_magnitude_vector")
         if "lora_A" in parts and "lora_B" in parts and len(parts) == 2:
             pair = LoraPair(parts["lora_A"], parts["lora_B"], "linear", scale)
         elif "lora_embedding_A" in parts and "lora_embedding_B" in parts and len(parts) == 2:
             pair = LoraPair(parts["lora_embedding_A"], parts["lora_embedding_B"], "embedding", scale)
         else:
-            raise UserError(f"adapter module {st._show(module)}: has only {sorted(parts)}")
+            raise UserError(f"adapter module {st._show(module)}: has only {sorted(parts) or ['a DoRA magnitude']}")
+        if magnitude is not None:
+            plan.dora[target] = magnitude
         if pair.a.shape[0] != rank or pair.b.shape[1] != rank:
             raise BadModelFile(f"adapter module {st._show(module)}: the config says rank {rank}, but A is {pair.a.shape} "
                                f"and B is {pair.b.shape} (A is (r, in), B is (out, r))")
@@ -481,6 +499,20 @@ def _check_shapes(plan: MergePlan) -> None:
                 layout = "A (r, rows), B (cols, r)" if transposed else "A (r, in), B (out, r)"
                 raise BadModelFile(f"adapter factors for {st._show(target)} do not fit its shape {t.shape}: "
                                    f"A is {p.a.shape}, B is {p.b.shape}; expected {layout}")
+        m = plan.dora.get(target)
+        if m is not None:
+            if len(pairs) != 1:
+                raise UserError(f"{st._show(target)}: a DoRA magnitude with {len(pairs)} LoRA updates; DoRA merges one")
+            want = t.shape[1] if _dora_by_column(plan, pairs[0]) else t.shape[0]
+            if m.shape != [want]:
+                raise BadModelFile(f"DoRA magnitude for {st._show(target)} is {m.shape}; its shape {t.shape} "
+                                   f"needs [{want}] (one per output feature)")
+
+
+def _dora_by_column(plan: MergePlan, pair: LoraPair) -> bool:
+    """DoRA's norm runs over each output feature's weights: a row of a Linear weight (out, in),
+    a column of an embedding (vocab, dim) or a fan_in_fan_out Conv1D weight (in, out)."""
+    return pair.kind == "embedding" or plan.fan_in_fan_out
 
 
 def _tied(cfg: dict[str, Any]) -> bool:
@@ -580,6 +612,8 @@ def merged_blocks(plan: MergePlan, t: st.TensorInfo, read: Callable[[st.TensorIn
     factors = [(read(p.a).float(), read(p.b).float(), p.scale,
                 p.kind == "embedding" or plan.fan_in_fan_out) for p in pairs]
     cols = max(math.prod(w.shape[1:]), 1)
+    magnitude = read(plan.dora[t.name]).float() if t.name in plan.dora else None
+    by_column = magnitude is not None and _dora_by_column(plan, pairs[0])
     if nf4:  # each row block must start on an NF4 block boundary of the flattened weight
         group = nf4_round.BLOCK // math.gcd(cols, nf4_round.BLOCK)
         rows = max(1, ROW_BLOCK_BYTES // (4 * cols))
@@ -589,23 +623,41 @@ def merged_blocks(plan: MergePlan, t: st.TensorInfo, read: Callable[[st.TensorIn
         sub = max(1, min(CACHE_BLOCK_BYTES, ROW_BLOCK_BYTES) // (4 * cols))
         rows = max(sub, OUT_BLOCK_BYTES // (out_dtype.itemsize * cols) // sub * sub)
         scratch = torch.empty((min(sub, w.shape[0]), *w.shape[1:]), dtype=torch.float32)
+    def updated(j: int, k: int) -> Any:
+        """Rows j..j+k of base + LoRA update, in fp32."""
+        if rounder is not None:  # the base as QLoRA's 4-bit layer saw it, in its precision (checked finite)
+            block = rounder.rows(j, w[j:j + k])
+        else:
+            block = scratch[:k]  # type: ignore[index]
+            block.copy_(w[j:j + k])  # the cast to fp32 (w stays the input)
+        for a, b, scale, transposed in factors:
+            # Linear: W (out, in) += B (out, r) @ A (r, in). Embeddings (A: (r, vocab), B: (dim, r))
+            # and fan_in_fan_out Conv1D layers store W transposed: W += (B @ A)^T = A^T @ B^T.
+            # One fused multiply-add in fp32 (addmm_: no delta temporaries).
+            if transposed:
+                block.addmm_(a[:, j:j + k].T, b.T, alpha=scale)
+            else:
+                block.addmm_(b[j:j + k], a, alpha=scale)
+        return block
+
+    column_scale = None
+    if by_column:
+        # DoRA, norms over columns: a first pass sums each column's squares (peft: the norm of the
+        # unmerged weight plus the update), the second scales them by magnitude / norm.
+        squares = torch.zeros(cols, dtype=torch.float64)
+        for j in range(0, w.shape[0], sub):
+            block = updated(j, min(sub, w.shape[0] - j))
+            squares += block.double().square().sum(dim=0)
+        column_scale = (magnitude.double() / squares.sqrt()).float()  # type: ignore[union-attr]
     for i in range(0, w.shape[0], rows):
         part = torch.empty((min(rows, w.shape[0] - i), *w.shape[1:]), dtype=out_dtype)
         for j in range(i, i + part.shape[0], sub):
             k = min(sub, w.shape[0] - j)
-            if rounder is not None:  # the base as QLoRA's 4-bit layer saw it, in its precision (checked finite)
-                block = rounder.rows(j, w[j:j + k])
-            else:
-                block = scratch[:k]  # type: ignore[index]
-                block.copy_(w[j:j + k])  # the cast to fp32 (w stays the input)
-            for a, b, scale, transposed in factors:
-                # Linear: W (out, in) += B (out, r) @ A (r, in). Embeddings (A: (r, vocab), B: (dim, r))
-                # and fan_in_fan_out Conv1D layers store W transposed: W += (B @ A)^T = A^T @ B^T.
-                # One fused multiply-add in fp32 (addmm_: no delta temporaries).
-                if transposed:
-                    block.addmm_(a[:, j:j + k].T, b.T, alpha=scale)
-                else:
-                    block.addmm_(b[j:j + k], a, alpha=scale)
+            block = updated(j, k)
+            if column_scale is not None:
+                block.mul_(column_scale)
+            elif magnitude is not None:  # DoRA, norms over rows (Linear): each row scaled by magnitude / norm
+                block.mul_((magnitude[j:j + k] / torch.linalg.vector_norm(block, dim=1)).unsqueeze(1))
             done = part[j - i:j - i + k]
             done.copy_(block)  # the cast to the output dtype, in place
             # The one finiteness check of this block: a non-finite base weight (or factor, though
@@ -635,11 +687,12 @@ def _a_core_for_the_writer() -> Iterator[None]:
 
 
 def check_adapter_values(plan: MergePlan) -> None:
-    """Every LoRA factor finite, one tensor in memory at a time (before anything is written)."""
+    """Every LoRA factor (and DoRA magnitude) finite, one tensor in memory at a time (before anything is written)."""
     seen: set[str] = set()
-    for pairs in plan.loras.values():
+    for target, pairs in plan.loras.items():
+        magnitude = [plan.dora[target]] if target in plan.dora else []
         for p in pairs:
-            for info in (p.a, p.b):
+            for info in (p.a, p.b, *magnitude):
                 if info.name in seen:
                     continue
                 seen.add(info.name)
@@ -689,6 +742,9 @@ def tensor_ram(plan: MergePlan, t: st.TensorInfo) -> int:
         ram += 2 * block  # the fp32 block and its matmul's workspace (addmm_ adds in place)
         for p in pairs:
             ram += p.a.nbytes + p.b.nbytes + 4 * (math.prod(p.a.shape) + math.prod(p.b.shape))
+        if t.name in plan.dora:  # the magnitude (as read, fp32), a column pass's sums (fp64) and scales
+            m = plan.dora[t.name]
+            ram += m.nbytes + 4 * math.prod(m.shape) + 12 * max(math.prod(t.shape[1:]), 1)
         if nf4:  # the fp32 block comes from the rounding (counted above), its chunk's temporaries
             with_bnb = plan.nf4_with_bnb()
             ram += nf4_round.temp_bytes(block // 4, with_bnb) - block

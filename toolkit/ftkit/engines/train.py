@@ -120,7 +120,7 @@ def lora_config(step: TrainStep) -> Any:
     lo = step.lora
     return LoraConfig(
         r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-        use_rslora=lo.use_rslora, modules_to_save=lo.modules_to_save or None, bias="none", task_type="CAUSAL_LM",
+        use_rslora=lo.use_rslora, use_dora=lo.use_dora, modules_to_save=lo.modules_to_save or None, bias="none", task_type="CAUSAL_LM",
     )
 
 

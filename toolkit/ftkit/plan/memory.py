@@ -46,7 +46,8 @@ ADAM_STATES = {"adamw_torch": 2, "adamw_torch_fused": 2, "sgd": 0}  # states per
 EIGHT_BIT = ("paged_adamw_8bit", "adamw_8bit")
 
 
-def lora_params(arch: ModelArch, r: int, targets: str | list[str]) -> int:
+def _target_shapes(arch: ModelArch, targets: str | list[str]) -> list[tuple[int, int]]:
+    """(in, out) of each LoRA-targeted linear layer in one decoder layer."""
     h, i, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
     q_out, kv_out = arch.heads * hd, arch.kv_heads * hd
     shapes = {
@@ -61,8 +62,24 @@ def lora_params(arch: ModelArch, r: int, targets: str | list[str]) -> int:
     names = list(shapes) if targets == "all-linear" else [t for t in targets if t in shapes]
     if targets != "all-linear" and not names:  # unknown module names: assume attention projections
         names = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    per_layer = sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
-    return per_layer * arch.layers
+    return [shapes[n] for n in names]
+
+
+def lora_params(arch: ModelArch, r: int, targets: str | list[str]) -> int:
+    return sum(r * (n_in + n_out) for n_in, n_out in _target_shapes(arch, targets)) * arch.layers
+
+
+def dora_params(arch: ModelArch, targets: str | list[str]) -> int:
+    """DoRA's magnitude vectors: one value per output feature of each targeted layer."""
+    return sum(n_out for _, n_out in _target_shapes(arch, targets)) * arch.layers
+
+
+def dora_temporaries(arch: ModelArch, targets: str | list[str], adapter_bytes: int) -> float:
+    """peft's DoRA forward materialises a targeted layer's LoRA update (B @ A, out x in) and the
+    updated weight whose norm it takes, in the adapter's dtype: two weight-sized temporaries of
+    the largest targeted layer, one layer at a time."""
+    largest = max((n_in * n_out for n_in, n_out in _target_shapes(arch, targets)), default=0)
+    return 2.0 * largest * adapter_bytes
 
 
 def embedding_params(arch: ModelArch) -> int:
@@ -150,6 +167,8 @@ def estimate(step: TrainStep, arch: ModelArch, *, n_gpus: int, seq_len: int | No
         trainable = params
     else:
         trainable = lora_params(arch, step.lora.r, step.lora.target_modules)
+        if step.lora.use_dora:
+            trainable += dora_params(arch, step.lora.target_modules)
         for name in step.lora.modules_to_save:
             if name in ("lm_head", "embed_tokens"):
                 trainable += arch.vocab_size * arch.hidden_size
@@ -207,6 +226,8 @@ def estimate(step: TrainStep, arch: ModelArch, *, n_gpus: int, seq_len: int | No
         parts["zero3_gathered"] = gathered
     if autocast:
         parts["autocast_copies"] = autocast
+    if step.method != "full" and step.lora.use_dora:
+        parts["dora_temporaries"] = dora_temporaries(arch, step.lora.target_modules, size["trainable"])
     subtotal = sum(parts.values())
     parts["cuda_context_and_slack"] = CUDA_CONTEXT_GIB * GIB + subtotal * ALLOCATOR_SLACK
     return parts

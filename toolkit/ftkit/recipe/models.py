@@ -148,7 +148,11 @@ class Lora(Strict):
     alpha: Float = Field(32, gt=0, le=1_000_000)
     dropout: Float = Field(0.05, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    use_rslora: bool = False
+    use_rslora: bool = Field(False, description="rank-stabilized LoRA: scale updates by alpha/sqrt(r), not alpha/r")
+    use_dora: bool = Field(
+        False, description="DoRA: learn each output feature's magnitude apart from the LoRA direction "
+        "(peft; costs a weight-sized temporary per layer and slower steps; the merge folds it in)",
+    )
     modules_to_save: list[str] = Field(default_factory=list)
 
 
