@@ -106,4 +106,4 @@ def test_parquet_and_json_inputs(tmp_path: Path) -> None:
     (tmp_path / "d.json").write_text(json.dumps(rows))
     assert len(data.load_splits(cfg(tmp_path / "d.json")).train) == 3
     with pytest.raises(DatasetError, match="unknown file type"):
-        data.read_rows(write(tmp_path, [], "d.csv"))
+        data.read_rows(write(tmp_path, [], "d.tsv"))

@@ -1,7 +1,11 @@
-"""Datasets: read, check every row, and shape rows into prompt/completion (or text).
+"""Datasets: read, check every row, and shape rows into prompt/completion (or text), or, for
+chat templates, into tokens whose labels say which answers train (`dataset.train_on`).
 
-Files are only read, never rewritten: the run must not change its own inputs. Problems
-name the row (1-based line in jsonl) and what is wrong, several at once.
+Local files (jsonl, json, csv: read here, line by line; parquet, arrow, a saved or a data-file
+directory: through `datasets`/pyarrow) and hub datasets (a pinned commit through the machine's
+HF cache: huggingface_hub fetches or finds the snapshot, `datasets` reads it). Files are only
+read, never rewritten: the run must not change its own inputs. Problems name the source and
+the row (1-based line in jsonl and csv) and what is wrong.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class Example:
     text: str | None = None
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
+def read_rows(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
     """Rows of any shape the trainer reads (objects; not yet checked against a format)."""
     p = Path(path)
     if not p.exists():
@@ -33,9 +37,18 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     problem = datarows.file_problem(p)
     if problem:
         raise DatasetError(f"{p}: {problem}")
+    if datarows.is_saved_dir(p):
+        return _read_saved(p, split)
     if p.is_dir():
-        return _read_saved(p)
+        return _read_folder(str(p), str(p), split)
     suffix = p.suffix.lower()
+    if suffix == ".arrow":
+        from datasets import Dataset
+
+        try:
+            return [{**row, "__row__": n} for n, row in enumerate(Dataset.from_file(str(p)), 1)]
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds
+            raise DatasetError(f"dataset {p}: cannot read arrow: {_one_line(e)}") from e
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -47,6 +60,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if suffix == ".json":
         sc.unit = "row"
         items = list(enumerate(datarows.read_json(p, sc) or [], 1))
+    elif suffix == ".csv":
+        items = list(datarows.iter_csv(p, sc))
     else:
         items = list(datarows.iter_jsonl(p, sc))
     rows = []
@@ -59,18 +74,57 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_saved(p: Path) -> list[dict[str, Any]]:
+def _read_saved(p: Path, split: str = "train") -> list[dict[str, Any]]:
     from datasets import load_from_disk
 
     try:
         ds = load_from_disk(str(p))
     except Exception as e:  # noqa: BLE001
-        raise DatasetError(f"dataset {p}: not a saved datasets directory: {e}") from e
-    if hasattr(ds, "keys"):  # a DatasetDict: take train
-        if "train" not in ds:
-            raise DatasetError(f"dataset {p}: a DatasetDict without a 'train' split")
-        ds = ds["train"]
+        raise DatasetError(f"dataset {p}: not a saved datasets directory: {_one_line(e)}") from e
+    if hasattr(ds, "keys"):  # a DatasetDict: take the recipe's split
+        if split not in ds:
+            raise DatasetError(f"dataset {p}: a DatasetDict without a {split!r} split (it has {', '.join(ds)})")
+        ds = ds[split]
     return [{**row, "__row__": n} for n, row in enumerate(ds, 1)]
+
+
+def _read_folder(where: str, source: str, split: str, subset: str | None = None) -> list[dict[str, Any]]:
+    """A directory of data files (a dataset repository's layout) through the `datasets` folder
+    loader: it finds the splits (data/train-*.jsonl, test.csv, ...) and reads every format."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(where, name=subset, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds (unknown split, bad file)
+        raise DatasetError(f"dataset {source}: cannot read split {split!r}: {_one_line(e)}") from e
+    return [{**row, "__row__": n} for n, row in enumerate(ds, 1)]
+
+
+def hub_source(cfg: dict[str, Any]) -> str:
+    """How problems name a hub dataset: `org/name@<commit 12> (split)`."""
+    sub = f" {cfg['subset']}" if cfg.get("subset") else ""
+    return f"{cfg['hub']}@{(cfg.get('revision') or '?')[:12]}{sub} ({cfg.get('split') or 'train'})"
+
+
+def hub_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """A hub dataset at its pinned commit: huggingface_hub finds the snapshot in the machine's
+    HF cache (HF_HOME) or, online, downloads it there; `datasets` reads the files. Offline
+    with the commit not cached: one line that says so."""
+    from huggingface_hub import snapshot_download
+
+    source = hub_source(cfg)
+    try:
+        where = snapshot_download(cfg["hub"], repo_type="dataset", revision=cfg.get("revision"))
+    except Exception as e:  # noqa: BLE001 - offline, not found, gated, network
+        offline = "offline" in str(e).lower() or type(e).__name__ == "LocalEntryNotFoundError"
+        why = ("not in the HF cache and the hub is not reachable (offline)" if offline else _one_line(e))
+        raise DatasetError(f"dataset {source}: {why}") from e
+    return _read_folder(where, source, cfg.get("split") or "train", cfg.get("subset"))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _raise(sc: datarows.Scan, source: str) -> None:
@@ -82,18 +136,27 @@ def _raise(sc: datarows.Scan, source: str) -> None:
         raise DatasetError(lines[0] + (f" (and {rest} more bad row(s); `ftkit validate` lists them)" if rest else ""))
 
 
-def checked_rows(path: str | Path, fmt: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+def checked_rows(path: str | Path, fmt: str, fields: dict[str, str], split: str = "train") -> list[dict[str, Any]]:
     """The rows of `path`, each checked by the same code `ftkit validate` runs."""
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"dataset {p}: no such file or directory")
     sc = datarows.scan(p, fmt, fields, keep=True)
     _raise(sc, str(p))
-    if p.is_dir() or p.suffix.lower() == ".parquet":  # read by datasets/pyarrow; checked row by row
-        rows = read_rows(p)
-        check_rows(rows, fmt, fields, str(p))
+    if p.is_dir() or p.suffix.lower() in (".parquet", ".arrow"):  # read by datasets/pyarrow; checked row by row
+        rows = read_rows(p, split)
+        check_rows(rows, fmt, fields, f"{p} ({split})" if p.is_dir() else str(p))
         return rows
     return sc.rows
+
+
+def dataset_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training rows the recipe names: a hub dataset or a local path, every row checked."""
+    if cfg.get("hub"):
+        rows = hub_rows(cfg)
+        check_rows(rows, cfg["format"], cfg["fields"], hub_source(cfg))
+        return rows
+    return checked_rows(cfg["path"], cfg["format"], cfg["fields"], cfg.get("split") or "train")
 
 
 def check_rows(rows: list[dict[str, Any]], fmt: str, fields: dict[str, str], source: str) -> None:
@@ -138,6 +201,15 @@ def to_example(row: dict[str, Any], cfg: dict[str, Any], template: str, tokenize
     return Example(prompt, completion)
 
 
+def to_tokens(row: dict[str, Any], cfg: dict[str, Any], tokenizer: Any,
+              max_length: int | None = None) -> dict[str, list[int]] | None:
+    """A chat or alpaca row under a chat template as `input_ids` and `labels`: the answers
+    `dataset.train_on` names carry loss (templates.tokenize_answers); None when truncation to
+    `max_length` leaves no answer token."""
+    msgs = to_messages(row, cfg["format"], cfg["fields"], cfg.get("system_prompt"))
+    return templates.tokenize_answers(tokenizer, msgs, cfg.get("train_on") or "all_assistant_turns", max_length)
+
+
 def alpaca_prompt_of(row: dict[str, Any], f: dict[str, str], system: str | None) -> str:
     return templates.alpaca_prompt(row[f["instruction"]], row.get(f["input"]) or "", system)
 
@@ -150,7 +222,7 @@ class Splits:
 
 def load_splits(cfg: dict[str, Any]) -> Splits:
     """Train and held-out rows per the recipe's dataset section (deterministic split)."""
-    rows = checked_rows(cfg["path"], cfg["format"], cfg["fields"])
+    rows = dataset_rows(cfg)
     ev = cfg.get("eval") or {}
     if ev.get("path"):
         return Splits(rows, checked_rows(ev["path"], cfg["format"], cfg["fields"]))
@@ -158,7 +230,8 @@ def load_splits(cfg: dict[str, Any]) -> Splits:
     if n == 0:
         return Splits(rows, [])
     if n >= len(rows):
-        raise DatasetError(f"dataset {cfg['path']}: eval split of {n} leaves no training rows ({len(rows)} in all)")
+        where = cfg.get("path") or hub_source(cfg)
+        raise DatasetError(f"dataset {where}: eval split of {n} leaves no training rows ({len(rows)} in all)")
     order = list(range(len(rows)))
     random.Random(ev.get("seed", 0)).shuffle(order)
     held = set(order[:n])

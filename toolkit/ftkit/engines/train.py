@@ -125,15 +125,25 @@ def lora_config(step: TrainStep) -> Any:
 
 
 def datasets_for(dataset_cfg: dict[str, Any], tokenizer: Any) -> tuple[Any, Any | None]:
-    """Rows -> trl's prompt/completion (or text) datasets, shaped by the recipe's template."""
+    """Rows -> the datasets trl trains on, shaped by the recipe's template.
+
+    Under a chat template (the tokenizer's own, a named one, a .jinja file) every row is
+    tokenized here into `input_ids` and `labels`: the answers `dataset.train_on` names carry
+    loss, prompts (system, user, tool turns) are -100, and each trained answer ends with EOS
+    (templates.tokenize_answers). trl takes a pre-tokenized dataset's labels as they are and
+    truncates to max_length (seq_len). The alpaca template (one prompt, one answer) and text
+    stay trl's prompt/completion and text datasets."""
     from datasets import Dataset
 
     template = templates.choose(dataset_cfg.get("template", "auto"), dataset_cfg["format"], tokenizer)
     if template != "tokenizer":
         templates.apply_named(tokenizer, template)
     splits = data.load_splits(dataset_cfg)
+    tokenized = dataset_cfg["format"] != "text" and template != "alpaca"
 
     def convert(rows: list[dict[str, Any]]) -> Any:
+        if tokenized:
+            return Dataset.from_list([t for t in (data.to_tokens(r, dataset_cfg, tokenizer) for r in rows) if t])
         exs = [data.to_example(r, dataset_cfg, template, tokenizer) for r in rows]
         if dataset_cfg["format"] == "text":
             return Dataset.from_list([{"text": e.text} for e in exs])

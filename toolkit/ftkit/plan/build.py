@@ -200,8 +200,8 @@ def build_plan(
         base_env["HF_HOME"] = str(CONTAINER_ROOT / "hf-cache")
     elif machine.paths.hf_cache:
         base_env["HF_HOME"] = machine.paths.hf_cache
-    if recipe.model.id is None:
-        base_env["HF_HUB_OFFLINE"] = "1"  # a local or generated model: nothing to fetch
+    if recipe.model.id is None and recipe.dataset.hub is None:
+        base_env["HF_HUB_OFFLINE"] = "1"  # a local or generated model and local data: nothing to fetch
 
     def spec(**kw: Any) -> StepSpec:
         s = StepSpec(**kw)
@@ -613,9 +613,14 @@ def _dataset_cfg(recipe: Recipe, input_path: Any) -> dict[str, Any]:
     d = recipe.dataset
     return {
         "path": input_path("dataset"),
+        "hub": d.hub,
+        "revision": d.revision,
+        "subset": d.subset,
+        "split": d.split,
         "format": d.format,
         "fields": d.fields.model_dump(),
         "template": input_path("template") if d.template.endswith((".jinja", ".j2")) else d.template,
+        "train_on": d.train_on,
         "system_prompt": d.system_prompt,
         "eval": (
             {**d.eval.model_dump(exclude_none=True), **({"path": input_path("eval")} if d.eval.path else {})}

@@ -36,9 +36,14 @@ class ModelRef(Job):
 
 class DatasetJob(Job):
     path: str | None
+    hub: str | None = None  # a hub dataset (org/name) at `revision`, read through the HF cache
+    revision: str | None = None
+    subset: str | None = None
+    split: str = "train"
     format: Literal["alpaca", "chat", "text"]
     fields: dict[str, str]
     template: str | None
+    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
     system_prompt: str | None = None
     eval: dict[str, Any] | None = None
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ftkit.plan import power
 from ftkit.plan.spec import Plan, StepSpec
+from ftkit.recipe import datarows
 from ftkit.recipe.checks import Finding
 from ftkit.recipe.models import LoadAdapterStep, PowerStep, QuantizeStep, ServeStep, TrainStep
 from ftkit.recipe.resolve import Resolved
@@ -42,6 +43,7 @@ def findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None,
                 if rng and not rng[0] <= watts <= rng[1]:
                     out.append((sub, f"{watts} W is outside GPU {idx}'s allowed range {rng[0]}-{rng[1]} W ({gpu.model})", False))
     out.extend(_multinode(res, plan))
+    out.extend(_hub_dataset(res))
     out.extend(_psu_phases(res, plan, first_power))
     out.extend(_serving_port(res, plan))
     out.extend(_live_adapters(res, plan))
@@ -255,6 +257,21 @@ def _live_adapters(res: Resolved, plan: Plan) -> list[Finding]:
 
 _INPUT_FIELDS = {"dataset": ("dataset", "path"), "model": ("model", "path"), "template": ("dataset", "template"),
                  "eval": ("dataset", "eval", "path")}
+
+
+def _hub_dataset(res: Resolved) -> list[Finding]:
+    """A hub dataset on a machine that does not reach the hub (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE set here) must already be in its HF cache at the pinned commit: said
+    now, not when the trainer starts."""
+    d = res.recipe.dataset
+    if d.hub is None or d.revision is None or not datarows.hub_offline():
+        return []
+    cache = datarows.hub_cache_dir(res.machine.paths.hf_cache)
+    if datarows.hub_snapshot(cache, d.hub, d.revision) is not None:
+        return []
+    return [(("dataset", "hub"), f"{d.hub}@{d.revision[:12]} is not in the HF cache ({cache}) and this machine is "
+             "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): download it where the hub is reachable "
+             f"(hf download {d.hub} --repo-type dataset --revision {d.revision}) into that cache", False)]
 
 
 def _multinode(res: Resolved, plan: Plan) -> list[Finding]:

@@ -376,9 +376,41 @@ def lock_file_problem(path: Path) -> str | None:
 def recipe_findings(recipe: Recipe, base_dir: Path) -> list[Finding]:
     out: list[Finding] = []
     _model(recipe, out)
+    _dataset(recipe, out)
     _paths(recipe, base_dir, out)
     _steps(recipe, out)
     return out
+
+
+def _dataset(recipe: Recipe, out: list[Finding]) -> None:
+    """Where the data comes from: a local path or a hub dataset pinned to a commit (a branch or
+    tag can move, and the run would train on other data than its plan says)."""
+    d = recipe.dataset
+    sources = [k for k in ("path", "hub") if getattr(d, k) is not None]
+    if len(sources) != 1:
+        what = "none" if not sources else " and ".join(sources)
+        out.append((("dataset",), f"give exactly one of path (local) or hub (a hub dataset); got {what}", False))
+    if d.hub is not None:
+        problem = hub_id_problem(d.hub)
+        if problem:
+            out.append((("dataset", "hub"), problem, False))
+        elif "/" not in d.hub:
+            out.append((("dataset", "hub"), f"{d.hub!r}: a hub dataset is named org/name", False))
+        if d.revision is None:
+            out.append((("dataset", "hub"), "a hub dataset needs `revision:` pinned to a commit (40 hex characters)", True))
+        elif not _SHA.match(d.revision):
+            out.append((("dataset", "revision"),
+                        f"{d.revision!r} is not a commit hash; a branch or tag can move, pin the commit", False))
+    else:
+        for key in ("revision", "subset"):
+            if getattr(d, key) is not None:
+                out.append((("dataset", key), f"{key} applies to hub datasets (`hub:`) only", True))
+    if d.format == "text" and "train_on" in d.model_fields_set:
+        out.append((("dataset", "train_on"), "train_on applies to chat and alpaca data; text trains on every token", True))
+    elif (d.format == "chat" and d.template == "alpaca" and d.train_on == "all_assistant_turns"
+          and "train_on" in d.model_fields_set):
+        out.append((("dataset", "train_on"), "the alpaca template is one prompt and one answer: it trains the last "
+                    "assistant turn only; use a chat template (auto, tokenizer, chatml, ...) or last_assistant_turn", False))
 
 
 def _model(recipe: Recipe, out: list[Finding]) -> None:

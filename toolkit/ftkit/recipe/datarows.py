@@ -11,9 +11,10 @@ Streaming and bounded: a jsonl file is read line by line in binary with a cap pe
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,18 @@ from typing import Any
 MAX_REPORTED = 20
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one example; a longer line is a broken or hostile file
 MAX_JSON_BYTES = 512 * 1024 * 1024  # a .json file is parsed whole
-ROLES = ("system", "user", "assistant")
-# ShareGPT's role names: mapped by `fields` (messages: conversations, role: from, content: value)
-# the rows read as chat; the trainer takes these names for its roles.
-ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
-SHAREGPT_MAPPING = "dataset.fields: {messages: conversations, role: from, content: value}"
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's role names: mapped by `fields` (messages: conversations, role: from, content: value;
+# `format: sharegpt` implies that mapping) the rows read as chat; the trainer takes these names
+# for its roles. A tool's output (`tool`, ShareGPT's `observation`) is context: never trained on.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "observation": "tool"}
+SHAREGPT_FIELDS = {"messages": "conversations", "role": "from", "content": "value"}
+SHAREGPT_MAPPING = "`format: sharegpt` (or dataset.fields: {messages: conversations, role: from, content: value})"
 SAVED_DIR_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+# what the trainer reads: these files, a saved datasets directory, or a directory of these files
+# (the `datasets` library's folder loader: data/train-*.jsonl, train.csv, ...)
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+MAX_CSV_FIELD = 16 * 1024 * 1024
 
 
 @dataclass
@@ -110,6 +117,11 @@ def row_problem(row: Any, fmt: str, f: dict[str, str]) -> str | None:
         return text_field("instruction", True) or text_field("input", False) or text_field("output", True)
     if fmt == "text":
         return text_field("text", True)
+    if fmt == "preference":  # a preference step's pairs (fields: prompt, chosen, rejected)
+        bad = text_field("prompt", True) or text_field("chosen", True) or text_field("rejected", True)
+        if bad is None and row[f["chosen"]].strip() == row[f["rejected"]].strip():
+            return f"fields {f['chosen']!r} and {f['rejected']!r} are the same answer: nothing to prefer"
+        return bad
     msgs = row.get(f["messages"])
     if msgs is None and f["messages"] == "messages" and isinstance(row.get("conversations"), list):
         return f"this is ShareGPT (conversations with from/value): map it with {SHAREGPT_MAPPING}"
@@ -141,10 +153,13 @@ def scan(path: Path, fmt: str, fields: dict[str, str], *, keep: bool = False) ->
     if problem:
         out.add(0, problem)
         return out
-    if path.is_dir():  # a saved datasets directory: the trainer reads it with `datasets`
+    if path.is_dir():  # a saved datasets directory or one of data files: the trainer reads it with `datasets`
         return out
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if suffix == ".csv":
+        for n, obj in iter_csv(path, out):
+            _take(out, n, obj, fmt, fields, keep)
+    elif suffix == ".jsonl":
         for n, obj in iter_jsonl(path, out):
             _take(out, n, obj, fmt, fields, keep)
     elif suffix == ".json":
@@ -153,7 +168,7 @@ def scan(path: Path, fmt: str, fields: dict[str, str], *, keep: bool = False) ->
         for n, obj in enumerate(data or [], 1):
             _take(out, n, obj, fmt, fields, keep)
     else:
-        return out  # parquet: read by pyarrow in the trainer
+        return out  # parquet, arrow: read by pyarrow/datasets in the trainer, checked there row by row
     if out.ok and out.count == 0:
         out.add(0, "empty (no rows)")
     return out
@@ -163,20 +178,97 @@ def file_problem(path: Path) -> str | None:
     """What makes `path` not a dataset file the trainer reads at all (before any row)."""
     suffix = path.suffix.lower()
     if path.is_dir():
-        if not any((path / m).is_file() for m in SAVED_DIR_MARKERS):
-            return ("a directory that is not a saved datasets directory (no dataset_info.json or "
-                    "dataset_dict.json)" + (f"; a {suffix} dataset is a file" if suffix else ""))
+        if not any((path / m).is_file() for m in SAVED_DIR_MARKERS) and not data_files(path):
+            return ("a directory that is neither a saved datasets directory (no dataset_info.json or "
+                    f"dataset_dict.json) nor one of data files ({', '.join(FILE_SUFFIXES)})"
+                    + (f"; a {suffix} dataset is a file" if suffix in FILE_SUFFIXES else ""))
         return None
     if not path.is_file():
         return "not a regular file"
-    if suffix not in (".jsonl", ".json", ".parquet"):
-        return (f"unknown file type {suffix or '(none)'!r}: the trainer reads .jsonl, .json, .parquet or a saved "
-                "datasets directory" + ("; convert CSV to jsonl" if suffix in (".csv", ".tsv") else ""))
+    if suffix not in FILE_SUFFIXES:
+        return (f"unknown file type {suffix or '(none)'!r}: the trainer reads {', '.join(FILE_SUFFIXES)}, a saved "
+                "datasets directory or a directory of such files" + ("; write TSV as .csv" if suffix == ".tsv" else ""))
     if suffix == ".parquet":
         with open(path, "rb") as fh:
             if fh.read(4) != b"PAR1":
                 return "not a parquet file (no PAR1 header)"
     return None
+
+
+def is_saved_dir(path: Path) -> bool:
+    """A `save_to_disk` directory (read with load_from_disk), not a folder of data files."""
+    return path.is_dir() and any((path / m).is_file() for m in SAVED_DIR_MARKERS)
+
+
+def data_files(path: Path, limit: int = 1) -> list[Path]:
+    """Up to `limit` data files under directory `path` (hidden ones skipped, as `datasets` does)."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        for name in sorted(files):
+            if not name.startswith((".", "_")) and Path(name).suffix.lower() in FILE_SUFFIXES:
+                found.append(Path(root) / name)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def iter_csv(path: Path, out: Scan) -> Iterator[tuple[int, Any]]:
+    """CSV rows as objects of text keyed by the header, each with the line it starts on (the
+    header is line 1). Every value is text, as the trainer reads it (no type guessing)."""
+    csv.field_size_limit(MAX_CSV_FIELD)
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            header: list[str] | None = None
+            start = 1
+            for record in reader:
+                if header is None:
+                    header = record
+                    start = reader.line_num + 1
+                    continue
+                n, start = start, reader.line_num + 1
+                if not any(v.strip() for v in record):
+                    continue
+                if len(record) != len(header):
+                    out.add(n, f"{len(record)} values for {len(header)} columns")
+                    continue
+                yield n, dict(zip(header, record, strict=True))
+    except UnicodeDecodeError as e:
+        out.add(0, f"not UTF-8 (byte {e.start + 1}: {e.reason})")
+    except csv.Error as e:
+        out.add(0, f"not valid CSV: {e}")
+
+
+HUB_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def hub_offline(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the Hugging Face libraries will not reach the hub here (their own switches)."""
+    return any(env.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE") for v in HUB_OFFLINE_VARS)
+
+
+def hub_cache_dir(hf_home: str | None, env: Mapping[str, str] = os.environ) -> Path:
+    """Where huggingface_hub keeps repositories: the profile's hf_cache (HF_HOME) wins, then
+    HF_HUB_CACHE, HF_HOME, ~/.cache/huggingface (as huggingface_hub resolves it)."""
+    if hf_home:
+        return Path(hf_home) / "hub"
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"])
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(home) / "hub"
+
+
+def hub_snapshot(cache: Path, repo: str, revision: str) -> Path | None:
+    """The cached snapshot of dataset `repo` at `revision` (a commit, or a ref the cache
+    recorded), or None when it is not there. Paths only: no hub library at validate time."""
+    base = cache / ("datasets--" + repo.replace("/", "--"))
+    commit = revision
+    ref = base / "refs" / revision
+    if ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+    snap = base / "snapshots" / commit
+    return snap if snap.is_dir() else None
 
 
 def _take(out: Scan, n: int, obj: Any, fmt: str, fields: dict[str, str], keep: bool) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 FORMAT_VERSION = 1
 
@@ -113,16 +113,49 @@ class EvalSplit(Strict):
 
 
 class DatasetSpec(Strict):
-    path: str = Field(..., description="jsonl, json, parquet, or a saved datasets directory")
-    format: Literal["alpaca", "chat", "text"]
+    path: str | None = Field(
+        None, description="a local dataset: a .jsonl, .json, .csv, .parquet or .arrow file, a saved datasets "
+        "directory (save_to_disk), or a directory of such files (read by the `datasets` library's folder loader)",
+    )
+    hub: str | None = Field(
+        None, description="a dataset on the Hugging Face Hub (org/name), read through the machine's HF cache "
+        "(paths.hf_cache, else HF_HOME); needs `revision`",
+    )
+    revision: str | None = Field(None, description="the hub dataset's commit (40 hex characters): pinned data")
+    subset: str | None = Field(None, description="the hub dataset's configuration (subset), where it has several")
+    split: str = Field(
+        "train", min_length=1, max_length=200,
+        description="the split to train on: of a hub dataset, a saved DatasetDict or a directory of data files",
+    )
+    format: Literal["alpaca", "chat", "sharegpt", "text"] = Field(
+        ..., description="alpaca (instruction/input/output), chat (messages of role/content), sharegpt (chat "
+        "with conversations of from/value: the fields mapping implied), or text",
+    )
     fields: Fields = Field(default_factory=Fields)
     template: str = Field(
         "auto",
         description="prompt template: auto (tokenizer's chat template if it has one, else alpaca), "
         "tokenizer, alpaca, chatml, llama3, gemma, mistral, or a relative path to a .jinja file",
     )
+    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field(
+        "all_assistant_turns",
+        description="chat data: the answers that carry loss. Every assistant turn (as Axolotl and "
+        "LLaMA-Factory train multi-turn chat) or only the last; system, user and tool turns never do",
+    )
     system_prompt: str | None = None
     eval: EvalSplit | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sharegpt(cls, value: Any) -> Any:
+        """`format: sharegpt` is chat with ShareGPT's names (conversations of from/value, roles
+        human/gpt/system/tool): the mapping is filled in (fields given win) and the dataset is
+        chat from here on, so the plan and the engines see one chat format."""
+        if isinstance(value, dict) and value.get("format") == "sharegpt" and isinstance(value.get("fields", {}), dict):
+            given = value.get("fields") or {}
+            value = {**value, "format": "chat",
+                     "fields": {"messages": "conversations", "role": "from", "content": "value", **given}}
+        return value
 
 
 # --------------------------------------------------------------------------- steps
