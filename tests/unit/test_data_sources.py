@@ -326,3 +326,18 @@ def test_the_trainer_learns_every_answer_of_a_multi_turn_chat(tmp_path: Path) ->
                          "metrics_path": str(out / "metrics.jsonl"), "deepspeed_config": None})
     assert summary["global_step"] == 8
     assert summary["eval_loss_last"] < summary["eval_loss_first"]
+
+
+def test_the_plan_shows_the_hub_dataset_and_what_trains_and_lets_it_download(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import run_cli
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    (tmp_path / "m.yaml").write_text("ftkit: 1\nkind: machine\nname: cpu\nexecutor: local\n")
+    (tmp_path / "recipe.yaml").write_text(recipe(f"  hub: acme/tiny-qa\n  revision: {SHA}\n  format: sharegpt\n"))
+    result = run_cli("plan", "recipe.yaml", "--machine", "m.yaml", cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert (f"data hub acme/tiny-qa@{SHA[:12]} (train), chat, template auto, loss on every assistant turn"
+            in result.out)
+    assert "HF_HUB_OFFLINE" not in result.out  # the hub dataset is fetched into the HF cache when online

@@ -68,6 +68,8 @@ def _file_summary(path: str, content: str) -> str:
         said.append(f"{t['max_steps']} steps" if t.get("max_steps") else f"{t.get('epochs')} epoch(s)")
         said.append(f"batch {t.get('batch_size')} x {t.get('grad_accum', 1)} accumulated")
         said.append(f"seq_len {t.get('seq_len')}, lr {t.get('learning_rate')}, {t.get('precision')}")
+        if isinstance(data.get("dataset"), dict):
+            said.append(_data_summary(data["dataset"]))
     elif name.startswith("quantize-") and isinstance(data.get("quantize"), dict):
         q = data["quantize"]
         said.append(f"{str(q.get('method', '?')).upper()} {q.get('scheme')}")
@@ -78,6 +80,22 @@ def _file_summary(path: str, content: str) -> str:
         e = data["eval"]
         said.append(f"{e.get('score')} match on {', '.join(map(str, e.get('models') or []))}")
     return esc("; ".join(said) + f" ({size})" if said else size)
+
+
+def _data_summary(d: dict) -> str:  # type: ignore[type-arg]
+    """Where a train step's rows come from and which tokens train: `data hub org/name@<commit>
+    (train), chat, template auto, loss on every assistant turn`."""
+    if d.get("hub"):
+        sub = f" {d['subset']}" if d.get("subset") else ""
+        where = f"hub {d['hub']}@{str(d.get('revision') or '?')[:12]}{sub} ({d.get('split') or 'train'})"
+    else:
+        split = d.get("split") or "train"
+        where = f"{d.get('path')}" + (f" ({split})" if split != "train" else "")
+    said = f"data {where}, {d.get('format')}, template {d.get('template')}"
+    if d.get("format") == "chat":
+        every = d.get("train_on", "all_assistant_turns") == "all_assistant_turns" and d.get("template") != "alpaca"
+        said += ", loss on every assistant turn" if every else ", loss on the last assistant turn"
+    return said
 
 
 def render_plan(plan: Plan, *, configs: bool = False) -> str:
