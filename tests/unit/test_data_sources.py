@@ -196,6 +196,13 @@ def test_a_hub_dataset_is_read_from_the_cache_at_its_commit(offline_home: Path) 
     assert datarows.hub_snapshot(datarows.hub_cache_dir(None), "acme/tiny-qa", "main") is not None
 
 
+def test_the_eval_rows_from_another_hub_split(offline_home: Path) -> None:
+    snap = write_hub_cache(offline_home, "acme/tiny-qa", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)])
+    (snap / "test.jsonl").write_text(json.dumps({"instruction": "t", "output": "u"}) + "\n")
+    splits = data.load_splits(hub_cfg(eval={"split": "test"}))
+    assert len(splits.train) == 4 and [r["output"] for r in splits.eval] == ["u"]
+
+
 def test_a_hub_dataset_not_in_the_cache_offline_is_one_line(offline_home: Path) -> None:
     write_hub_cache(offline_home, "acme/tiny-qa", [{"instruction": "q", "output": "a"}])
     with pytest.raises(DatasetError) as e:
@@ -261,6 +268,12 @@ def recipe(dataset: str) -> str:
     ("  path: d.jsonl\n  format: text\n  train_on: last_assistant_turn\n", "train_on applies to chat and alpaca"),
     ("  path: d.jsonl\n  format: chat\n  template: alpaca\n  train_on: all_assistant_turns\n",
      "the alpaca template is one prompt and one answer"),
+    ("  path: d.jsonl\n  format: alpaca\n  split: test\n", "recipe.yaml:8:3: dataset.split: split applies to hub"),
+    ("  path: d.jsonl\n  format: alpaca\n  eval: {split: test}\n", "dataset.eval.split: a file is one split"),
+    ("  hub: acme/x\n  revision: " + SHA + "\n  format: alpaca\n  eval: {split: train}\n",
+     "'train' is the split trained on"),
+    ("  hub: acme/x\n  revision: " + SHA + "\n  format: alpaca\n  eval: {split: test, size: 2}\n",
+     "give exactly one of fraction, size, path or split"),
 ])
 def test_dataset_sources_are_checked_at_validate(tmp_path: Path, dataset: str, words: str) -> None:
     from tests.conftest import run_cli

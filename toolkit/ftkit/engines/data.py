@@ -150,8 +150,11 @@ def checked_rows(path: str | Path, fmt: str, fields: dict[str, str], split: str 
     return sc.rows
 
 
-def dataset_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The training rows the recipe names: a hub dataset or a local path, every row checked."""
+def dataset_rows(cfg: dict[str, Any], split: str | None = None) -> list[dict[str, Any]]:
+    """The rows of the recipe's dataset (a hub dataset or a local path), its training split
+    unless `split` names another, every row checked."""
+    if split:
+        cfg = {**cfg, "split": split}
     if cfg.get("hub"):
         rows = hub_rows(cfg)
         check_rows(rows, cfg["format"], cfg["fields"], hub_source(cfg))
@@ -226,6 +229,8 @@ def load_splits(cfg: dict[str, Any]) -> Splits:
     ev = cfg.get("eval") or {}
     if ev.get("path"):
         return Splits(rows, checked_rows(ev["path"], cfg["format"], cfg["fields"]))
+    if ev.get("split"):
+        return Splits(rows, dataset_rows(cfg, ev["split"]))
     n = datarows.eval_count(len(rows), ev.get("fraction"), ev.get("size"))
     if n == 0:
         return Splits(rows, [])

@@ -405,6 +405,14 @@ def _dataset(recipe: Recipe, out: list[Finding]) -> None:
         for key in ("revision", "subset"):
             if getattr(d, key) is not None:
                 out.append((("dataset", key), f"{key} applies to hub datasets (`hub:`) only", True))
+    local_file = d.path is not None and Path(d.path).suffix.lower() in datarows.FILE_SUFFIXES
+    if local_file and "split" in d.model_fields_set:
+        out.append((("dataset", "split"), "split applies to hub datasets and directories; a file is one split", True))
+    if local_file and d.eval is not None and d.eval.split is not None:
+        out.append((("dataset", "eval", "split"), "a file is one split: hold rows out with fraction or size, or "
+                    "give the eval rows' path", True))
+    elif d.eval is not None and d.eval.split is not None and d.eval.split == d.split:
+        out.append((("dataset", "eval", "split"), f"{d.split!r} is the split trained on", False))
     if d.format == "text" and "train_on" in d.model_fields_set:
         out.append((("dataset", "train_on"), "train_on applies to chat and alpaca data; text trains on every token", True))
     elif (d.format == "chat" and d.template == "alpaca" and d.train_on == "all_assistant_turns"
@@ -441,9 +449,9 @@ def _model(recipe: Recipe, out: list[Finding]) -> None:
                         False))
     if recipe.dataset.eval is not None:
         ev = recipe.dataset.eval
-        given = [k for k in ("fraction", "size", "path") if getattr(ev, k) is not None]
+        given = [k for k in ("fraction", "size", "path", "split") if getattr(ev, k) is not None]
         if len(given) != 1:
-            out.append((("dataset", "eval"), "give exactly one of fraction, size or path", False))
+            out.append((("dataset", "eval"), "give exactly one of fraction, size, path or split", False))
     if recipe.images is not None:
         for key in ("train", "serve", "quantize"):
             ref = getattr(recipe.images, key)

@@ -112,6 +112,16 @@ class EvalSplit(Strict):
     seed: Seed = 0
 
 
+class DatasetEval(EvalSplit):
+    """The training dataset's held-out rows: also another split of the same hub dataset or
+    directory (`split: test`)."""
+
+    split: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="another split of the dataset (a hub dataset, a saved DatasetDict or a directory), e.g. test",
+    )
+
+
 class DatasetSpec(Strict):
     path: str | None = Field(
         None, description="a local dataset: a .jsonl, .json, .csv, .parquet or .arrow file, a saved datasets "
@@ -143,7 +153,7 @@ class DatasetSpec(Strict):
         "LLaMA-Factory train multi-turn chat) or only the last; system, user and tool turns never do",
     )
     system_prompt: str | None = None
-    eval: EvalSplit | None = None
+    eval: DatasetEval | None = None
 
     @model_validator(mode="before")
     @classmethod
