@@ -86,7 +86,7 @@ def test_gemma_plan_generates_zero3_config() -> None:
     assert acc["deepspeed_config"]["zero3_init_flag"] is True
     engine = json.loads(files["configs/train-train.json"])
     assert engine["deepspeed_config"] == "/ftkit/run/configs/deepspeed-train.json"
-    assert engine["dataset"]["template"] == "gemma"
+    assert engine["dataset"]["template"] == "tokenizer"  # the guide recipes use the model's own template
 
 
 def test_psu_budget_matches_the_guide() -> None:
