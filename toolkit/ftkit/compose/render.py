@@ -263,6 +263,8 @@ class _Renderer:
         body: dict[str, Any] = {"image": self._image(step, cs.image), "profiles": [SERVE_PROFILE if server else TRAIN_PROFILE],
                                 "command": [_esc(a) for a in cs.command]}
         env = {k: _esc(v) for k, v in cs.env.items()}
+        for name in cs.env_from_host:  # a secret: from the shell (or .env) docker compose runs in, never written here
+            env[name] = "${" + name + ":-}"
         if server and step.engine == "vllm":
             self.vars.ref("apikey", API_KEY_VAR, "", "optional API key of the vLLM server(s): clients send "
                           "`Authorization: Bearer KEY`; empty: no key")
@@ -457,6 +459,12 @@ def _readme(plan: Plan, stack: Stack, o: RenderOptions) -> str:
     w.append("")
     w.append("## Before the first start")
     w.append("")
+    secrets = sorted({n for s in plan.steps for n in s.env_from_host})
+    if secrets:
+        w.append("The tracking servers' credentials come from the shell you run docker compose in (or a line "
+                 "in `.env` you add yourself); ftkit writes them nowhere: " + ", ".join(f"`{n}`" for n in secrets)
+                 + ".")
+        w.append("")
     w.append("The images, by content tag (the tag changes whenever the image's inputs do). Build them with ftkit "
              "from the checkout this stack came from, or load them from another machine "
              "(`docker save` / `docker load`):")

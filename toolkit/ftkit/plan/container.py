@@ -87,6 +87,7 @@ class ContainerSpec:
     network: str | None = None  # a multi-node step's nodes: host, or a user-defined network
     hostname: str | None = None
     aliases: list[str] = field(default_factory=list)  # the node's address on a user-defined network
+    env_from_host: list[str] = field(default_factory=list)  # taken from ftkit's environment when it starts (secrets)
 
 
 NAME_MAX = 128  # what ftkit keeps a container's name within
@@ -126,6 +127,7 @@ def container_spec(step: StepSpec, plan: Plan, *, journal: bool = False) -> Cont
         command=in_container(step, step_command(step, plan), journal=journal,
                              processes=local_processes(step, step.argv)),
         env=dict(step.env),
+        env_from_host=list(step.env_from_host),
         mounts=list(step.mounts),
         device_ids=[] if simulated else [str(g) for g in step.gpus],
         ports=list(step.ports),
@@ -157,3 +159,11 @@ def node_container_spec(step: StepSpec, plan: Plan, node: NodeSpec, *, journal: 
     cs.ports = []  # nothing is published: the nodes reach each other directly
     return cs
 
+
+def host_env(cs: ContainerSpec, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The container's environment as it starts: the plan's, plus the named variables that are
+    set in ftkit's environment (`environ`, default os.environ), read now and written nowhere."""
+    import os
+
+    source = os.environ if environ is None else environ
+    return {**cs.env, **{n: source[n] for n in cs.env_from_host if n in source}}

@@ -95,6 +95,9 @@ class StepSpec:
     image: str | None = None
     argv: list[str] = field(default_factory=list)  # the engine command (the lease wrapper is added from `lease`)
     env: dict[str, str] = field(default_factory=dict)
+    # Names whose values the executor copies from ftkit's own environment as the step starts:
+    # secrets (a tracking server's token) that must never be written to the plan or the run.
+    env_from_host: list[str] = field(default_factory=list)
     mounts: list[Mount] = field(default_factory=list)
     gpus: list[int] = field(default_factory=list)
     lease: LeaseSpec | None = None

@@ -176,12 +176,13 @@ def bitsandbytes_version() -> str | None:
 
 
 def quantize_packages() -> dict[str, str | None]:
-    """The versions of llmcompressor (the quantize step) and compressed-tensors (scoring its
-    model) in this Python, None where missing; looked up, not imported."""
+    """The versions of llmcompressor (the quantize step), compressed-tensors (scoring its
+    model) and the MLflow and W&B clients (tracking) in this Python, None where missing;
+    looked up, not imported."""
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str | None] = {}
-    for dist in ("llmcompressor", "compressed-tensors"):
+    for dist in ("llmcompressor", "compressed-tensors", "mlflow", "mlflow-skinny", "wandb"):
         try:
             out[dist] = version(dist)
         except (PackageNotFoundError, OSError, ValueError):

@@ -21,7 +21,7 @@ from typing import Any
 from ftkit.errors import CommandFailed, PlanError
 from ftkit.files import open_append
 from ftkit.gateways import docker as dk
-from ftkit.plan.container import ContainerSpec, container_spec
+from ftkit.plan.container import ContainerSpec, container_spec, host_env
 from ftkit.plan.spec import Plan, StepSpec
 from ftkit.run.executors.base import Outcome, StepIO
 from ftkit.run.rundir import OWNER_LOCK, RunDir
@@ -38,7 +38,7 @@ def request(cs: ContainerSpec, *, restart: str | None = None, tether: bool = Fal
     ftkit that started it (through the owner lock in the bind-mounted run directory) - a
     container is no child of ftkit, so nothing else would stop it after a SIGKILL."""
     return dk.ContainerRequest(
-        image=cs.image, command=(TETHER if tether else []) + cs.command, name=cs.name, environment=cs.env,
+        image=cs.image, command=(TETHER if tether else []) + cs.command, name=cs.name, environment=host_env(cs),
         binds=[(m.host, m.container, m.read_only) for m in cs.mounts],
         gpu_device_ids=cs.device_ids or None,
         ports=[(p.host_ip, p.host, p.container) for p in cs.ports] or None,

@@ -99,6 +99,8 @@ def docker_run_command(cs: ContainerSpec) -> str:
         argv += ["--label", f"{key}={value}"]
     for key, value in sorted(cs.env.items()):
         argv += ["--env", f"{key}={value}"]
+    for key in cs.env_from_host:  # docker takes the value from the environment it runs in: never printed
+        argv += ["--env", key]
     for m in cs.mounts:
         argv += ["--mount", f"type=bind,source={m.host},target={m.container}" + (",readonly" if m.read_only else "")]
     return shlex.join(argv + [cs.image, *cs.command])
