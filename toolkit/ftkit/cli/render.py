@@ -70,6 +70,15 @@ def _file_summary(path: str, content: str) -> str:
         said.append(f"seq_len {t.get('seq_len')}, lr {t.get('learning_rate')}, {t.get('precision')}")
         if isinstance(data.get("dataset"), dict):
             said.append(_data_summary(data["dataset"]))
+    elif name.startswith("preference-") and isinstance(data.get("train"), dict):
+        t = data["train"]
+        said.append(f"{str(t.get('objective', '?')).upper()} beta {t.get('beta')}, {t.get('method')}")
+        said.append(f"from {'the adapter at ' + str(data['init_adapter']) if data.get('init_adapter') else 'the base'}")
+        pairs = data.get("pairs") if isinstance(data.get("pairs"), dict) else {}
+        said.append(f"pairs {pairs.get('path')}" + (", held-out pairs scored before and after" if pairs.get("eval") else ""))
+        said.append(f"{t['max_steps']} steps" if t.get("max_steps") else f"{t.get('epochs')} epoch(s)")
+        said.append(f"batch {t.get('batch_size')} x {t.get('grad_accum', 1)} accumulated")
+        said.append(f"seq_len {t.get('seq_len')}, lr {t.get('learning_rate')}, {t.get('precision')}")
     elif name.startswith("quantize-") and isinstance(data.get("quantize"), dict):
         q = data["quantize"]
         said.append(f"{str(q.get('method', '?')).upper()} {q.get('scheme')}")

@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftkit.engines import checkpoints, data, templates
+from ftkit.engines import checkpoints, data, templates, tracking
 from ftkit.files import follow_umask, write_json
 from ftkit.plan.jobs import complete_marker
 from ftkit.recipe.models import TrainStep
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# what trl's DPO and ORPO trainers log (train and eval_): rewards/accuracies, rewards/margins, ...
+PREFERENCE_LOGS = tuple(p + k for p in ("", "eval_") for k in ("rewards/", "logps/", "nll_loss", "log_odds"))
 
 
 def _torch_dtype(name: str) -> Any:
@@ -205,6 +207,8 @@ def make_callbacks(step: TrainStep, metrics_path: Path, ckpt_root: Path) -> list
                         "eval_mean_token_accuracy", "num_tokens"):
                 if key in logs:
                     row[key] = float(logs[key])
+            row.update({k: float(v) for k, v in logs.items()  # the preference engine's (trl's DPO/ORPO terms)
+                        if k.startswith(PREFERENCE_LOGS) and isinstance(v, (int, float))})
             if "train_runtime" in logs:
                 row.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
             if steps > 0 and "loss" in logs:
@@ -361,6 +365,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     train_ds, eval_ds = datasets_for(cfg["dataset"], tokenizer)
     model = load_model(cfg["model"], step)
     args = sft_config(step, ckpt_root, eval_ds is not None, cfg.get("deepspeed_config"))
+    job_tracking = cfg.get("tracking") or {}
+    args.report_to, tracking_callbacks = tracking.setup(job_tracking)
+    args.run_name = job_tracking.get("run_name") or args.run_name
     trainer = trainer_class(step)(
         model=model,
         args=args,
@@ -368,7 +375,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(step) if step.method != "full" else None,
-        callbacks=make_callbacks(step, metrics_path, ckpt_root),
+        callbacks=make_callbacks(step, metrics_path, ckpt_root) + tracking_callbacks,
     )
     # Rank 0 quarantines interrupted saves while the others wait; then every rank picks the
     # same newest complete checkpoint.

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ftkit.recipe.models import EvalStep, QuantizeStep, TinyModel, TrainStep
+from ftkit.recipe.models import EvalStep, PreferenceStep, QuantizeStep, TinyModel, TrainStep
 
 
 class Job(BaseModel):
@@ -54,6 +54,15 @@ class TinyJob(Job):
     output_dir: str
 
 
+class TrackingJob(Job):
+    """Where the train engine logs besides metrics.jsonl (recipe.tracking.effective): never a secret."""
+
+    tensorboard_dir: str | None = None
+    mlflow: dict[str, Any] | None = None  # tracking_uri, experiment
+    wandb: dict[str, Any] | None = None  # project, entity, mode
+    run_name: str = "train"
+
+
 class TrainJob(Job):
     model: ModelRef
     dataset: DatasetJob
@@ -61,6 +70,32 @@ class TrainJob(Job):
     output_dir: str
     metrics_path: str
     deepspeed_config: str | None = None
+    tracking: TrackingJob = TrackingJob()
+
+
+class PairsJob(Job):
+    """A preference step's pairs as the engine reads them: the file, its field names, the eval
+    split (a fraction, a size or a file)."""
+
+    path: str
+    fields: dict[str, str]
+    eval: dict[str, Any] | None = None
+
+
+class PreferenceJob(Job):
+    """The preference engine's job: a train job's fields (the recipe's dataset only for its
+    template and system prompt: pairs are formatted as that dataset's prompts are), the pairs,
+    and the adapter it starts from (none: a new one on the base)."""
+
+    model: ModelRef
+    dataset: DatasetJob
+    pairs: PairsJob
+    train: PreferenceStep
+    init_adapter: str | None = None
+    output_dir: str
+    metrics_path: str
+    deepspeed_config: str | None = None
+    tracking: TrackingJob = TrackingJob()
 
 
 def complete_marker(final: str) -> str:
@@ -69,6 +104,34 @@ def complete_marker(final: str) -> str:
     into a running server the moment it appears, instead of after the trainer has exited
     (and its container is gone). Outside the directory, so it never changes the adapter."""
     return final.rstrip("/") + ".complete"
+
+
+class HarnessTask(Job):
+    """One lm-eval task: `spec` is what lm-eval loads (a registered name, or the task YAML or
+    directory as the step's process sees it); `given` is the recipe's entry."""
+
+    given: str
+    spec: str
+    path: bool = False
+
+
+class HarnessJob(Job):
+    """lm-evaluation-harness against a serve step's endpoint (plan.build: the server's URL and
+    model name as the plan started it; the tokenizer of the model it serves)."""
+
+    tasks: list[HarnessTask]
+    server: str
+    engine: str  # the server's engine: vllm or transformers
+    api: Literal["completions", "chat"]
+    lm_eval_model: Literal["local-completions", "local-chat-completions"]
+    base_url: str  # the endpoint itself: .../v1/completions or .../v1/chat/completions
+    model: str  # the served model name requests carry
+    tokenizer: str | None = None
+    revision: str | None = None
+    limit: int | None = None
+    num_fewshot: int | None = None
+    max_gen_toks: int | None = None
+    num_concurrent: int = 1
 
 
 class EvalJob(Job):
@@ -84,6 +147,7 @@ class EvalJob(Job):
     qlora: dict[str, Literal["bf16", "fp16"]] = {}
     quantized: dict[str, str] = {}  # quantize step -> its model (compressed-tensors, W4A16)
     output_dir: str
+    harness: HarnessJob | None = None
 
 
 class QuantizeJob(Job):
@@ -97,4 +161,5 @@ class QuantizeJob(Job):
     summary_path: str
 
 
-JOBS: dict[str, type[Job]] = {"tiny-model": TinyJob, "train": TrainJob, "eval": EvalJob, "quantize": QuantizeJob}
+JOBS: dict[str, type[Job]] = {"tiny-model": TinyJob, "train": TrainJob, "preference": PreferenceJob, "eval": EvalJob,
+                              "quantize": QuantizeJob}

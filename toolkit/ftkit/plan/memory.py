@@ -20,6 +20,13 @@ preparation ends with); only fp16 off ZeRO keeps peft's fp32 embeddings, lm_head
 Then activations (with gradient checkpointing: one checkpoint per layer plus one layer's
 working set), the logits (large for big vocabularies), the CUDA context and allocator slack.
 
+A preference step (DPO, ORPO) runs each pair's chosen and rejected answers as one batch of
+twice the rows: twice the activations and logits. DPO also needs the reference's log-probs:
+with PEFT, trl takes them from the same weights (adapter disabled, or the frozen "ref" copy of
+an adapter trained further: one more adapter-sized tensor), in a no-grad forward of that
+double batch while the policy's activations are held (its logits, one layer's working set).
+ORPO has no reference.
+
 The guides' rule of thumb (full fine-tuning ~4x the fp16 model bytes, LoRA ~1.2x, QLoRA about
 half of LoRA; per GPU, divided by the GPU count under ZeRO-3) is reported beside it; where
 the two disagree about fitting, the estimate carries a warning. When it does not fit, the
@@ -33,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ftkit.plan.catalog import ModelArch
-from ftkit.recipe.models import TrainStep
+from ftkit.recipe.models import PreferenceStep, TrainStep
 
 GIB = 1024**3
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -206,7 +213,8 @@ def estimate(step: TrainStep, arch: ModelArch, *, n_gpus: int, seq_len: int | No
         if size["embeddings"] == 4:
             autocast += arch.vocab_size * arch.hidden_size * 2  # the fp32 lm_head
 
-    tokens = seq * step.batch_size
+    preference = isinstance(step, PreferenceStep)
+    tokens = seq * step.batch_size * (2 if preference else 1)  # chosen + rejected in one forward
     h, i = arch.hidden_size, arch.intermediate_size
     per_layer = tokens * (15 * h + 4.75 * i)  # 16-bit activations, SDPA/flash attention (no s^2 term)
     if step.gradient_checkpointing:
@@ -226,6 +234,11 @@ def estimate(step: TrainStep, arch: ModelArch, *, n_gpus: int, seq_len: int | No
         parts["zero3_gathered"] = gathered
     if autocast:
         parts["autocast_copies"] = autocast
+    if preference and step.objective == "dpo":
+        # the reference's no-grad forward: its logits (16-bit, fp32 log-softmax) and one layer at a time
+        parts["reference_forward"] = tokens * arch.vocab_size * 6 + per_layer
+        if step.adapter:  # trl's frozen copy of the adapter trained further
+            parts["reference_adapter"] = adapters
     if step.method != "full" and step.lora.use_dora:
         parts["dora_temporaries"] = dora_temporaries(arch, step.lora.target_modules, size["trainable"])
     subtotal = sum(parts.values())

@@ -240,6 +240,50 @@ class TrainStep(Strict):
     )
 
 
+class PairFields(Strict):
+    """Column names of a preference dataset, where they differ from the defaults."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+class PreferenceData(Strict):
+    """Preference pairs: a prompt, the answer to prefer and the one to avoid (one row each)."""
+
+    path: str = Field(..., description="jsonl, json or parquet rows of {prompt, chosen, rejected}")
+    fields: PairFields = Field(default_factory=PairFields)
+    eval: EvalSplit | None = Field(
+        None, description="held-out pairs: their preference accuracy is measured before and after training"
+    )
+
+
+class PreferenceStep(TrainStep):
+    """Preference tuning with trl (DPO or ORPO) on prompt/chosen/rejected pairs: a new LoRA/QLoRA
+    adapter on the base, or the adapter of an earlier train step trained further. Everything a
+    train step has (launch, checkpoints and resume, metrics.jsonl, the adapter and its marker)
+    is the same, so merge, serve, load-adapter and eval steps take its adapter like any other."""
+
+    type: Literal["preference"]  # type: ignore[assignment]
+    method: Literal["lora", "qlora"] = Field(  # type: ignore[assignment]
+        "lora", description="the adapter trained; with `adapter:` the same method as that step's"
+    )
+    objective: Literal["dpo", "orpo"] = Field(
+        "dpo", description="dpo: against a reference (the base, or the starting adapter, never a second copy of "
+        "the weights); orpo: no reference (an odds-ratio term on top of the chosen answer's loss)",
+    )
+    adapter: Name | None = Field(
+        None, description="the lora/qlora train step whose adapter to train further (its SFT result; DPO's "
+        "reference too); none: a new adapter on the base",
+    )
+    data: PreferenceData
+    beta: Float = Field(
+        0.1, gt=0, le=100, description="DPO: how far from the reference the policy may go (lower: further); "
+        "ORPO: the odds-ratio term's weight (lambda)",
+    )
+    learning_rate: Float = Field(5e-5, gt=0, lt=1)
+
+
 class MergeStep(Strict):
     """Fold a LoRA adapter into the base weights, streaming tensor by tensor."""
 
@@ -360,9 +404,31 @@ class EvalPrompt(Strict):
     expected: str
 
 
+class Harness(Strict):
+    """lm-evaluation-harness against a serve step's OpenAI-compatible endpoint (its local-completions or
+    local-chat-completions model): standard tasks, scored as every framework scores them."""
+
+    tasks: list[str] = Field(
+        ..., min_length=1, max_length=64,
+        description="lm-eval task or group names, or relative paths to a task YAML file or a directory of them "
+        "(a path ends in .yaml/.yml or holds a `/`: ./tasks for a directory here); a directory runs every task "
+        "it defines",
+    )
+    server: Name | None = Field(None, description="the serve step whose endpoint is scored (default: the last "
+                                "serve step before this one)")
+    model: Literal["completions", "chat"] = Field(
+        "completions", description="completions: /v1/completions, the prompt as the task writes it; chat: "
+        "/v1/chat/completions, the server applies the model's chat template (generate_until tasks only)",
+    )
+    limit: Int | None = Field(None, ge=1, le=100_000_000, description="score the first N documents of each task")
+    num_fewshot: Int | None = Field(None, ge=0, le=1000, description="default: each task's own")
+    max_gen_toks: Int | None = Field(None, ge=1, le=131_072, description="default: each task's own (256)")
+    num_concurrent: Int = Field(1, ge=1, le=256, description="requests in flight at once")
+
+
 class EvalStep(Strict):
     """Score held-out prompts on several models (base before, merged after) by exact match or
-    containment, with greedy decoding."""
+    containment, with greedy decoding; and/or run lm-evaluation-harness tasks against a server."""
 
     type: Literal["eval"]
     name: Name | None = None
@@ -370,18 +436,20 @@ class EvalStep(Strict):
     path: str | None = Field(None, description="a jsonl file of {prompt, expected}")
     score: Literal["exact", "contains"] = "exact"
     models: list[Literal["base", "adapter", "merged", "quantized"]] = Field(
-        default_factory=lambda: ["base", "merged"], min_length=1, max_length=4,
+        default_factory=lambda: ["base", "merged"], max_length=4,
         description="quantized: the quantize step's model (scored in the quantize image, which reads "
-        "compressed-tensors); [merged, quantized] measures what quantization costs",
+        "compressed-tensors); [merged, quantized] measures what quantization costs; [] with harness: the "
+        "harness only",
     )
     max_new_tokens: Int = Field(32, ge=1, le=131_072)
     limit: Int | None = Field(None, ge=1, le=100_000_000)
     min_improvement: Float | None = Field(
         None, ge=-100, le=100, description="fail the step unless the last model beats the first by this many points"
     )
+    harness: Harness | None = Field(None, description="lm-evaluation-harness tasks against a serve step's endpoint")
 
 
-Step = Annotated[PowerStep | TrainStep | MergeStep | QuantizeStep | ServeStep | LoadAdapterStep | EvalStep,
+Step = Annotated[PowerStep | TrainStep | PreferenceStep | MergeStep | QuantizeStep | ServeStep | LoadAdapterStep | EvalStep,
                  Field(discriminator="type")]
 
 
@@ -394,6 +462,47 @@ class ImagePins(Strict):
     lock: str | None = Field(None, description="relative path to an images.lock.json")
 
 
+# --------------------------------------------------------------------------- experiment tracking
+
+
+class MlflowTracking(Strict):
+    """Log each train step's metrics and parameters to MLflow (transformers' MLflow callback)."""
+
+    tracking_uri: str = Field(
+        ..., description="http(s)://host[:port] of an MLflow server, or a local file store (file:///abs/path or an "
+        "absolute path); credentials never go here: ftkit passes MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD from its own environment to the step, and nowhere else",
+    )
+    experiment: str | None = Field(None, max_length=256, description="default: the recipe's name")
+
+
+class WandbTracking(Strict):
+    """Log each train step to Weights & Biases (transformers' W&B callback); WANDB_API_KEY comes from ftkit's
+    environment and is never written to the plan or the run directory."""
+
+    project: str = Field(..., min_length=1, max_length=128)
+    entity: str | None = Field(None, min_length=1, max_length=128)
+    mode: Literal["online", "offline"] = "online"
+
+
+class Tracking(Strict):
+    """Where training curves go besides metrics.jsonl and the HTML report."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files in each train step's directory "
+                              "(`tensorboard --logdir runs/`)")
+    mlflow: MlflowTracking | Literal[False] | None = Field(
+        None, description="MLflow, off unless asked; false turns off what the machine profile sets")
+    wandb: WandbTracking | Literal[False] | None = Field(
+        None, description="Weights & Biases, off unless asked; false turns off what the machine profile sets")
+
+
+class MachineTracking(Strict):
+    """A machine's tracking servers (a team's MLflow or W&B), for every recipe run on it that does not turn them off."""
+
+    mlflow: MlflowTracking | None = None
+    wandb: WandbTracking | None = None
+
+
 class Recipe(Strict):
     """A fine-tuning recipe: what to train, on what data, and what to do with the result."""
 
@@ -404,6 +513,7 @@ class Recipe(Strict):
     model: ModelSpec
     dataset: DatasetSpec
     images: ImagePins | None = None
+    tracking: Tracking = Field(default_factory=Tracking)
     steps: list[Step] = Field(..., min_length=1)
 
     def step_name(self, index: int) -> str:
@@ -549,6 +659,7 @@ class Machine(Strict):
         "to the network (plan warns)",
     )
     telemetry: Telemetry = Field(default_factory=Telemetry)
+    tracking: MachineTracking = Field(default_factory=MachineTracking)
     cluster: Cluster | None = Field(None, description="the hosts a multi-node train step (`nodes:`) runs on")
 
     def gpu(self, index: int) -> GpuSpec | None:

@@ -200,6 +200,11 @@ def train_text(summary: dict[str, Any]) -> str:
         parts.append(f"loss {loss:.4f}")
     if first is not None and last is not None:  # one evaluation only: its loss, not "a -> a"
         parts.append(f"eval loss {first:.4f} -> {last:.4f}" if first != last else f"eval loss {last:.4f}")
+    pref = summary.get("preference")
+    if isinstance(pref, dict) and isinstance(pref.get("before"), dict) and isinstance(pref.get("after"), dict):
+        a, b = _number(pref["before"].get("accuracy")), _number(pref["after"].get("accuracy"))
+        if a is not None and b is not None:  # the preference engine's held-out pairs
+            parts.append(f"held-out pair accuracy {a:.0f}% -> {b:.0f}%")
     return ", ".join(parts)
 
 
