@@ -174,3 +174,29 @@ def test_the_engine_writes_tensorboard_and_mlflow(tmp_path: Path, monkeypatch: p
     for f in [*tmp_path.rglob("*")]:
         if f.is_file() and f.stat().st_size < 50_000_000:
             assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_the_engine_writes_an_offline_wandb_run_in_the_step_directory(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B offline (no network here): the run's files land in the train step's directory for a
+    later `wandb sync`, and the API key from the environment is in none of them."""
+    pytest.importorskip("trl")
+    pytest.importorskip("wandb")
+    from ftkit.engines import tiny, train
+    from tests.unit.test_train_engine import DATASET, TINY, config
+
+    monkeypatch.setenv("WANDB_API_KEY", SECRET + "0" * (40 - len(SECRET)))
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "model"
+    tiny.generate(TINY, DATASET, model)
+    out = tmp_path / "run" / "steps" / "train"
+    cfg = config(model, out)
+    cfg["tracking"] = {"tensorboard_dir": None, "run_name": "quickstart-train", "mlflow": None,
+                       "wandb": {"project": "home-lab", "entity": None, "mode": "offline"}}
+    train.run(cfg)
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert not (tmp_path / "wandb").exists()  # not where the process started
+    for f in [*tmp_path.rglob("*")]:
+        if f.is_file() and f.stat().st_size < 50_000_000:
+            assert SECRET.encode() not in f.read_bytes(), f

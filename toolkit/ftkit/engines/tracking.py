@@ -45,9 +45,10 @@ def tensorboard_callback(logdir: Path) -> Any:
     return TensorBoard()
 
 
-def setup(tracking: dict[str, Any]) -> tuple[list[str], list[Any]]:
+def setup(tracking: dict[str, Any], step_dir: Path) -> tuple[list[str], list[Any]]:
     """(report_to for TrainingArguments, extra callbacks) for the job's tracking section;
-    sets the environment MLflow's and W&B's clients read."""
+    sets the environment MLflow's and W&B's clients read. W&B keeps its local files (an
+    offline run: `wandb sync` them later) in the step's directory, not wherever it starts."""
     report_to: list[str] = []
     callbacks: list[Any] = []
     if tracking.get("tensorboard_dir"):
@@ -68,5 +69,6 @@ def setup(tracking: dict[str, Any]) -> tuple[list[str], list[Any]]:
             os.environ["WANDB_ENTITY"] = wandb["entity"]
         os.environ["WANDB_MODE"] = wandb.get("mode", "online")
         os.environ["WANDB_LOG_MODEL"] = "false"
+        os.environ["WANDB_DIR"] = str(step_dir)
         report_to.append("wandb")
     return report_to, callbacks

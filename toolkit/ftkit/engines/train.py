@@ -366,7 +366,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     model = load_model(cfg["model"], step)
     args = sft_config(step, ckpt_root, eval_ds is not None, cfg.get("deepspeed_config"))
     job_tracking = cfg.get("tracking") or {}
-    args.report_to, tracking_callbacks = tracking.setup(job_tracking)
+    args.report_to, tracking_callbacks = tracking.setup(job_tracking, out)
     args.run_name = job_tracking.get("run_name") or args.run_name
     trainer = trainer_class(step)(
         model=model,
