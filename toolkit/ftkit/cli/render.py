@@ -87,7 +87,14 @@ def _file_summary(path: str, content: str) -> str:
             said.append(f"16-bit: {', '.join(map(str, q['ignore']))}")
     elif isinstance(data.get("eval"), dict):
         e = data["eval"]
-        said.append(f"{e.get('score')} match on {', '.join(map(str, e.get('models') or []))}")
+        if e.get("models"):
+            said.append(f"{e.get('score')} match on {', '.join(map(str, e.get('models') or []))}")
+        h = data.get("harness")
+        if isinstance(h, dict):
+            tasks = [str(t.get("given")) for t in h.get("tasks") or [] if isinstance(t, dict)]
+            said.append(f"lm-eval {h.get('lm_eval_model')} on {', '.join(tasks)}"
+                        + (f", {h.get('limit')} documents each" if h.get("limit") else "")
+                        + (f", {h.get('num_fewshot')}-shot" if h.get("num_fewshot") is not None else ""))
     return esc("; ".join(said) + f" ({size})" if said else size)
 
 

@@ -1,6 +1,7 @@
 """Score held-out prompts on several models: the base before training, the adapter and the
 merged model after. Greedy decoding, exact match or containment. Writes results.jsonl (one
-line per prompt and model) and summary.json (accuracy per model and the improvement).
+line per prompt and model) and summary.json (accuracy per model and the improvement; with a
+harness, lm-evaluation-harness's scores against a server of the run: engines.harness).
 
     python -m ftkit.engines.evaluate --config configs/eval-<step>.json
 """
@@ -120,6 +121,26 @@ def _qlora_adapter(base_src: str, adapter: str, precision: str, kw: dict[str, An
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ftkit's own scores of the step's models, then the harness's against a server (either may
+    be alone); one summary.json with both."""
+    ev = cfg["eval"]
+    out_dir = Path(cfg["output_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = score_models(cfg, out_dir) if ev["models"] else {"models": {}, "order": []}
+    if cfg.get("harness"):
+        from ftkit.engines import harness
+
+        write_json(out_dir / "summary.json", summary)  # the models' scores stay if the harness fails
+        summary["harness"] = harness.run(cfg["harness"], out_dir)
+    need = ev.get("min_improvement")
+    summary["passed"] = need is None or summary.get("improvement_points", 0) >= need
+    write_json(out_dir / "summary.json", summary)
+    if not summary["passed"]:
+        raise EngineError(f"improvement {summary.get('improvement_points')} points is below the required {need}")
+    return summary
+
+
+def score_models(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     m = cfg["model"]
@@ -129,8 +150,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     pairs = prompts_for(cfg, tokenizer)
     ev = cfg["eval"]
-    out_dir = Path(cfg["output_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
     results_path.write_text("")
     # "order": the models as the step lists them (the JSON's keys are sorted): the first is what
@@ -155,11 +174,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         first, last = summary["models"][names[0]]["accuracy"], summary["models"][names[-1]]["accuracy"]
         summary["improvement_points"] = round(last - first, 2)
         print(f"eval: {names[-1]} vs {names[0]}: {last - first:+.1f} points", flush=True)
-    need = ev.get("min_improvement")
-    summary["passed"] = need is None or summary.get("improvement_points", 0) >= need
-    write_json(out_dir / "summary.json", summary)
-    if not summary["passed"]:
-        raise EngineError(f"improvement {summary.get('improvement_points')} points is below the required {need}")
     return summary
 
 

@@ -392,9 +392,18 @@ def _tables(runs: list[RunData], fair: list[Fairness]) -> list[tuple[str, list[s
                     "samples/s and tokens/s over the trainer's runtime (saves included); steady: median of "
                     "logged intervals after the first"))
     ev_rows = []
+    harness_rows: list[list[str]] = []
     for i, rd in enumerate(runs):
         for sid, s in rd.evals.items():
+            h = s.get("harness") or {}
+            for r in h.get("results") or []:
+                harness_rows.append([f"{RUN_TAGS[i]}: {sid}" if multi else sid, str(r.get("task", "-")),
+                                     str(r.get("metric", "-")), str(r.get("filter", "-")), _fmt(num(r.get("value")), 4),
+                                     _fmt(num(r.get("stderr")), 4), _fmt(r.get("samples")),
+                                     f"{h.get('server', '-')} ({h.get('lm_eval_model', '-')})"])
             models = s.get("models") or {}
+            if not models and h:
+                continue  # the harness alone: its own table
             order = s.get("order") if isinstance(s.get("order"), list) else []  # as the step listed them
             names = [m for m in order if isinstance(m, str) and m in models] + [m for m in models if m not in order]
             acc = ", ".join(f"{m} {_fmt(models[m].get('accuracy'))}%" for m in names if isinstance(models[m], dict))
@@ -403,6 +412,11 @@ def _tables(runs: list[RunData], fair: list[Fairness]) -> list[tuple[str, list[s
     if ev_rows:
         out.append(("Evaluation", ["step", "score", "prompts", "accuracy by model", "improvement (points)", "passed"],
                     ev_rows, ""))
+    if harness_rows:
+        out.append(("Standard evaluation (lm-evaluation-harness)",
+                    ["step", "task", "metric", "filter", "value", "stderr", "samples", "server (lm-eval model)"],
+                    harness_rows, "lm-eval's tasks against the run's own server; stderr as lm-eval computes it "
+                    "(bootstrap or analytic), - where it could not"))
     tel_rows = []
     for i, rd in enumerate(runs):
         for gpu, g in gpu_summary(rd.telemetry).items():

@@ -237,7 +237,12 @@ STATE_STEP_FIELDS = {"status": _TEXT, "started": _TEXT, "finished": _TEXT, "erro
 PLAN_FIELDS = {"recipe": _TEXT, "machine": _TEXT, "steps": (_obj_list, "a list of steps")}
 PLAN_STEP_FIELDS = {"id": _TEXT, "kind": _TEXT, "outputs": (_str_map, "an object of paths")}
 ENV_FIELDS = {"packages": (_obj, "an object"), "gpus": (_obj_list, "a list of objects")}
-EVAL_FIELDS = {"models": (_obj_map, "an object of per-model results")}
+def _harness(v: Any) -> bool:
+    return isinstance(v, dict) and _obj_list(v.get("results"))
+
+
+EVAL_FIELDS = {"models": (_obj_map, "an object of per-model results"),
+               "harness": (_harness, "an object with a list of lm-eval results")}
 
 
 def _typed(data: dict[str, Any], fields: dict[str, tuple[Any, str]], where: str,

@@ -17,14 +17,17 @@ from ftkit.dockerhost import DockerHostError, parse_docker_host
 from ftkit.plan import cluster as cluster_plan
 from ftkit.plan import launch, memory, power, servefit, serving
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
-from ftkit.plan.jobs import EvalJob, QuantizeJob, TinyJob, TrainJob
+from ftkit.plan.jobs import EvalJob, PreferenceJob, QuantizeJob, TinyJob, TrainJob
 from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, StepSpec, run_label
+from ftkit.recipe import tracking
 from ftkit.recipe.models import (
     EvalStep,
+    Harness,
     LoadAdapterStep,
     Machine,
     MergeStep,
     PowerStep,
+    PreferenceStep,
     QuantizeStep,
     Recipe,
     ServeStep,
@@ -47,7 +50,7 @@ RUN_LAYOUT = {
     "steps/<merge>/model/": "the merged model (sharded safetensors)",
     "steps/<quantize>/": "model/ (4-bit W4A16, compressed-tensors), quantize.json (rows, seconds, peak memory, sizes)",
     "steps/<serve>/": "responses.jsonl: test prompts, answers, pass/fail",
-    "steps/<eval>/": "results.jsonl and summary.json",
+    "steps/<eval>/": "results.jsonl and summary.json (with a harness: harness.json, lm-eval's own results)",
 }
 
 
@@ -165,6 +168,7 @@ def build_plan(
     arch = arch_for(recipe, local_model_config)
     run_id = run_label(run_dir)
     container_lease = str(CONTAINER_ROOT / "lease")
+    tracked = tracking.effective(recipe.tracking, machine.tracking, recipe_name=recipe.name)
 
     # Inputs the engines read. Docker mounts each one (a file or a directory) read-only at
     # /ftkit/inputs/<key>/<name>, so the container sees nothing else of the host.
@@ -336,10 +340,19 @@ def build_plan(
                 "output_dir": places.run(out_dir),
                 "metrics_path": places.run(train_outputs[name]["metrics"]),
                 "deepspeed_config": places.run(ds_rel) if ds_rel else None,
+                "tracking": _tracking_job(tracked, places.run(f"{out_dir}/tensorboard"), f"{recipe.name}-{name}"),
             }
             cfg_rel = f"configs/train-{name}.json"
-            # the engine runs one process group either way: how many nodes it spans is the plan's business
-            job = TrainJob.model_validate(engine_cfg).model_dump(mode="json", exclude={"train": {"nodes"}})
+            engine = "ftkit.engines.train"
+            if isinstance(step, PreferenceStep):  # the train step's launch, its own engine and job
+                start = train_outputs.get(step.adapter or "", {}).get("adapter")
+                engine_cfg.update(pairs=_pairs_cfg(step, name, input_path),
+                                  init_adapter=places.run(start) if start else None)
+                cfg_rel, engine = f"configs/preference-{name}.json", "ftkit.engines.preference"
+                job = PreferenceJob.model_validate(engine_cfg).model_dump(mode="json", exclude={"train": {"nodes"}})
+            else:
+                # the engine runs one process group either way: how many nodes it spans is the plan's business
+                job = TrainJob.model_validate(engine_cfg).model_dump(mode="json", exclude={"train": {"nodes"}})
             files.append(GeneratedFile(cfg_rel, launch.dump_json(job)))
             if executor == "docker":
                 launcher = ["accelerate", "launch", "--config_file", places.run(acc_rel)]
@@ -348,17 +361,22 @@ def build_plan(
             if len(gpus) > 1 and not multinode:
                 launcher += ["--main_process_port", str(29500 + port_offset)]
                 port_offset += 1
-            argv = launcher + ["-m", "ftkit.engines.train", "--config", places.run(cfg_rel)]
+            argv = launcher + ["-m", engine, "--config", places.run(cfg_rel)]
             env = {"CUDA_VISIBLE_DEVICES": visible(gpus)}
             if step.method == "qlora":
                 env["BNB_CUDA_VERSION"] = ""  # let bitsandbytes match torch's CUDA
-            how = (f"{step.method} training on {len(gpus)} GPU(s) {gpus} with {step.distribution}" if gpus else
-                   f"{step.method} training on the CPU")
+            what = step.method
+            if isinstance(step, PreferenceStep):
+                src = f"{step.adapter}'s adapter" if step.adapter else "the base"
+                what = f"{step.objective.upper()} preference ({step.method}, from {src})"
+                train_notes.append(_preference_note(step))
+            how = (f"{what} training on {len(gpus)} GPU(s) {gpus} with {step.distribution}" if gpus else
+                   f"{what} training on the CPU")
             if step.optimizer == "paged_adamw_8bit" and (not gpus or simulated_gpus):
                 train_notes.append("paged_adamw_8bit on the CPU: bitsandbytes pages optimizer states only on CUDA; "
                                    "here it runs as adamw_8bit (the same 8-bit states, nothing to page)")
             steps.append(spec(id=name, kind="train", recipe_step=name, executor=executor, argv=argv, env=env,
-                              gpus=gpus, files=files, outputs=dict(train_outputs[name]), power_caps_w=dict(caps_now),
+                              env_from_host=tracking.secret_names(tracked), gpus=gpus, files=files, outputs=dict(train_outputs[name]), power_caps_w=dict(caps_now),
                               lease=lease("train", gpus, max_power_w={g: caps_now[g] for g in gpus if g in caps_now}),
                               shm_size="8g" if len(gpus) > 1 else None, notes=train_notes, description=f"{how}"))
             if multinode:
@@ -424,13 +442,25 @@ def build_plan(
             cfg_rel = f"configs/eval-{name}.json"
             # compressed-tensors (to read the quantized model) is in the quantize image, not the train image
             eval_image = images.get("quantize") if "quantized" in step.models and executor == "docker" else None
+            what = [f"score held-out prompts ({step.score}) on: {', '.join(step.models)}"] if step.models else []
+            eval_notes: list[str] = []
+            if step.harness is not None:
+                eval_cfg["harness"] = _harness_job(step.harness, name, steps, recipe, input_path, base_ref)
+                h = eval_cfg["harness"]
+                what.append(f"run lm-evaluation-harness ({h['lm_eval_model']}) on {', '.join(step.harness.tasks)} "
+                            f"against {h['server']}'s endpoint {h['base_url']} (model {h['model']})")
+                eval_notes.append("lm-eval's own output goes to the step's log; its scores (metric, value, stderr, "
+                                  f"samples per task) to steps/{name}/summary.json under harness")
+            # scoring models loads them on the first GPU (under the lease); the harness alone only sends requests
+            eval_gpus = all_gpus[:1] if step.models else []
             steps.append(spec(id=name, kind="eval", recipe_step=name, executor=executor, image=eval_image,
                               argv=places.cmd("ftkit.engines.evaluate") + ["--config", places.run(cfg_rel)],
                               files=[GeneratedFile(cfg_rel, launch.dump_json(EvalJob.model_validate(eval_cfg).to_json()))],
-                              outputs={"results": f"steps/{name}/results.jsonl", "summary": f"steps/{name}/summary.json"},
-                              gpus=all_gpus[:1], env={"CUDA_VISIBLE_DEVICES": visible(all_gpus[:1])},
-                              lease=lease("train", all_gpus[:1]),
-                              description=f"score held-out prompts ({step.score}) on: {', '.join(step.models)}"))
+                              outputs={**({"results": f"steps/{name}/results.jsonl"} if step.models else {}),
+                                       "summary": f"steps/{name}/summary.json"},
+                              gpus=eval_gpus, env={"CUDA_VISIBLE_DEVICES": visible(eval_gpus)},
+                              lease=lease("train", eval_gpus), notes=eval_notes,
+                              description="; then ".join(what)))
 
     if handoff_stopped and machine.serving:
         start = _handoff(machine, "start", machine.serving.gpus)
@@ -609,6 +639,58 @@ def _sharding_notes(steps: list[StepSpec]) -> None:
                 server.notes.append(f"yields GPU(s) {shared} to {later.id} through the lease and takes them back after")
 
 
+def _harness_job(h: Harness, name: str, steps: list[StepSpec], recipe: Recipe, input_path: Any,
+                 base_ref: str) -> dict[str, Any]:
+    """The harness's job: the server's endpoint and model name as its serve step was planned
+    (validate made sure the server is a serve step before this one), the tokenizer of the
+    model it serves (the served directory; the base's for an adapter), task files as the
+    step's process sees them."""
+    from ftkit.recipe.harness import is_path
+
+    server = next((s for s in steps if s.id == h.server and s.kind == "serve"), None)
+    ready = (server.ready or {}) if server is not None else {}
+    rstep = next((s for s in recipe.steps if isinstance(s, ServeStep) and s.name == h.server), None)
+    tokenizer, revision = base_ref, recipe.model.revision if recipe.model.id else None
+    if rstep is not None and server is not None and rstep.model in ("merged", "quantized"):
+        # the served directory: the server's argv names it after --model (vLLM) or serve (transformers)
+        argv = server.argv
+        at = argv.index("--model") + 1 if "--model" in argv else argv.index("serve") + 1 if "serve" in argv else -1
+        tokenizer, revision = (argv[at], None) if 0 < at < len(argv) else (base_ref, revision)
+    chat = h.model == "chat"
+    base = str(ready.get("base_url") or "http://127.0.0.1:0/v1")
+    tasks = []
+    for j, t in enumerate(h.tasks):
+        local = input_path(f"harness:{name}:{j}") if is_path(t) else None
+        tasks.append({"given": t, "spec": local or t, "path": local is not None})
+    return {
+        "tasks": tasks, "server": h.server or "", "engine": (server.engine if server is not None else None) or "",
+        "api": h.model, "lm_eval_model": "local-chat-completions" if chat else "local-completions",
+        "base_url": base + ("/chat/completions" if chat else "/completions"),
+        "model": str(ready.get("served_name") or ""), "tokenizer": None if chat else tokenizer,
+        "revision": None if chat else revision, "limit": h.limit, "num_fewshot": h.num_fewshot,
+        "max_gen_toks": h.max_gen_toks, "num_concurrent": h.num_concurrent,
+    }
+
+
+def _pairs_cfg(step: PreferenceStep, name: str, input_path: Any) -> dict[str, Any]:
+    """The preference engine's pairs: the file as the step's process sees it, fields, eval split."""
+    d = step.data
+    ev = None
+    if d.eval is not None:
+        ev = {**d.eval.model_dump(exclude_none=True), **({"path": input_path(f"pairs-eval:{name}")} if d.eval.path else {})}
+    return {"path": input_path(f"pairs:{name}"), "fields": d.fields.model_dump(), "eval": ev}
+
+
+def _preference_note(step: PreferenceStep) -> str:
+    """What the reference is (plan.memory counts the same): never a second copy of the weights."""
+    if step.objective == "orpo":
+        return "ORPO: no reference model (an odds-ratio term on the chosen answer's loss)"
+    if step.adapter:
+        return (f"DPO reference: a frozen copy of {step.adapter!r}'s adapter (trl's 'ref' adapter, dropped before "
+                "the adapter is saved); no second copy of the weights")
+    return "DPO reference: the base with the adapter disabled (trl's PEFT rule); no second copy of the weights"
+
+
 def _dataset_cfg(recipe: Recipe, input_path: Any) -> dict[str, Any]:
     d = recipe.dataset
     return {
@@ -643,3 +725,10 @@ def _handoff(machine: Any, action: str, gpus: list[int]) -> StepSpec:
         desc = f"hand GPU(s) {svc.gpus} back to service {svc.service!r}"
     return StepSpec(id=f"handoff-{action}", kind=f"handoff-{action}", executor="service", argv=argv, gpus=list(svc.gpus),
                     always=action == "start", description=desc)
+
+
+def _tracking_job(tracked: dict[str, Any], tensorboard_dir: str, run_name: str) -> dict[str, Any]:
+    """The train engine's tracking section: where its TensorBoard events go, the MLflow and
+    W&B settings (no secret: those come from env_from_host), the run's name there."""
+    return {"tensorboard_dir": tensorboard_dir if tracked["tensorboard"] else None, "mlflow": tracked["mlflow"],
+            "wandb": tracked["wandb"], "run_name": run_name}

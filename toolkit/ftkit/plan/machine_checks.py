@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ftkit.plan import power
@@ -325,7 +325,42 @@ def engine_findings(res: Resolved, plan: Plan, *, bitsandbytes: str | None,
     index = {res.recipe.step_name(i): i for i in range(len(res.recipe.steps))}
     for step, field, message in bitsandbytes_problems(plan, bitsandbytes):
         out.append((("steps", index[step], field) if step in index else ("steps",), message, False))
+    out.extend(tracking_problems(res, plan, packages))
     return out
+
+
+TRACKING_CLIENTS = {"mlflow": ("mlflow", "mlflow-skinny"), "wandb": ("wandb",)}
+
+
+def tracking_problems(res: Resolved, plan: Plan, packages: dict[str, str | None] | None) -> list[Finding]:
+    """MLflow or W&B asked for where the train steps cannot reach them: in ftkit's images
+    (their locks carry neither client), or in a Python environment without the client
+    (`packages`; None: not looked up)."""
+    out: list[Finding] = []
+    for service, dists in TRACKING_CLIENTS.items():
+        trains = [s for s in plan.steps if s.kind == "train" and _tracks(s, service)]
+        if not trains:
+            continue
+        where: tuple[Any, ...] = ("tracking", service) if getattr(res.recipe.tracking, service) else ("tracking",)
+        name = {"mlflow": "MLflow", "wandb": "W&B"}[service]
+        if any(s.executor != "local" for s in trains):
+            out.append((where, f"{name} tracking needs its client in the training environment, and ftkit's images do "
+                        f"not carry it: run with --executor local in a Python environment with `pip install "
+                        f"{dists[-1]}`, or set {service}: false (TensorBoard files are still written)", False))
+        elif packages is not None and not any(packages.get(d) for d in dists):
+            out.append((where, f"{name} tracking: {' or '.join(dists)} is not installed in this Python environment "
+                        f"({plan.python}): pip install {dists[-1]} (or set {service}: false)", False))
+    return out
+
+
+def _tracks(step: StepSpec, service: str) -> bool:
+    for f in step.files:
+        if f.path.startswith("configs/train-") and f.path.endswith(".json"):
+            try:
+                return bool((json.loads(f.content).get("tracking") or {}).get(service))
+            except (ValueError, AttributeError):
+                return False
+    return False
 
 
 LLMCOMPRESSOR = "llmcompressor"
@@ -349,7 +384,57 @@ def quantize_problems(plan: Plan, packages: dict[str, str | None]) -> list[tuple
             out.append((s.recipe_step or s.id, "models", f"scoring the quantized model needs compressed-tensors, "
                         f"which is not installed in this Python environment ({plan.python}): run with --executor "
                         "docker (the eval runs in the quantize image), or install llmcompressor here"))
+    return out + harness_problems(plan, packages)
+
+
+HARNESS_PACKAGES = ("lm-eval", "tenacity", "aiohttp")  # lm-eval and its `api` extra (the OpenAI-compatible models)
+
+
+def harness_problems(plan: Plan, packages: dict[str, str | None]) -> list[tuple[str, str | None, str]]:
+    """(recipe step, field, message) for eval steps whose harness cannot run: in the images
+    (they carry no lm-eval), in a local Python without lm-eval[api], or with task files that
+    need log-probabilities from a server that does not give them (`engine: auto` chose
+    transformers serve; a named task is checked by the engine once lm-eval has loaded it)."""
+    from ftkit.recipe.harness import logprob_tasks, task_types
+
+    out: list[tuple[str, str | None, str]] = []
+    for s in plan.steps:
+        job = _eval_job(s) if s.kind == "eval" else {}
+        h = job.get("harness")
+        if not isinstance(h, dict):
+            continue
+        step = s.recipe_step or s.id
+        if s.executor != "local":
+            out.append((step, "harness", "lm-evaluation-harness is not in ftkit's images: run this recipe with "
+                        "--executor local (pip install 'lm-eval[api]' there), or give the harness a recipe of its own"))
+            continue
+        missing = [p for p in HARNESS_PACKAGES if packages.get(p) is None]
+        if missing:
+            out.append((step, "harness", f"{', '.join(missing)} not installed in this Python environment "
+                        f"({plan.python}): pip install 'lm-eval[api]' (or ftkit's `eval` extra)"))
+        for j, t in enumerate(h.get("tasks") or []):
+            if not (isinstance(t, dict) and t.get("path")) or h.get("engine") == "vllm":
+                continue
+            try:
+                bad = logprob_tasks(task_types(Path(str(t.get("spec")))))
+            except (OSError, ValueError):
+                continue  # validate said what is wrong with the file
+            if bad:
+                out.append((step, "harness", f"tasks[{j}] {', '.join(bad[:4])}: needs the prompt's log-probabilities "
+                            f"(echo + logprobs), which step {h.get('server')}'s server ({h.get('engine') or '?'}) does "
+                            "not give; serve with engine: vllm, or use generate_until tasks"))
     return out
+
+
+def _eval_job(step: StepSpec) -> dict:  # type: ignore[type-arg]
+    for f in step.files:
+        if f.path.startswith("configs/eval-") and f.path.endswith(".json"):
+            try:
+                job = json.loads(f.content)
+            except ValueError:
+                return {}
+            return job if isinstance(job, dict) else {}
+    return {}
 
 
 def _eval_models(step: StepSpec, model: str) -> bool:

@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 from ftkit.dockerhost import docker_host_problem
-from ftkit.recipe import datarows, imagerefs, serveargs
+from ftkit.recipe import datarows, imagerefs, serveargs, tracking
 from ftkit.recipe.models import (
     Cluster,
     EvalStep,
@@ -26,6 +26,7 @@ from ftkit.recipe.models import (
     Machine,
     MergeStep,
     PowerStep,
+    PreferenceStep,
     QuantizeStep,
     Recipe,
     ServePrompt,
@@ -379,6 +380,7 @@ def recipe_findings(recipe: Recipe, base_dir: Path) -> list[Finding]:
     _dataset(recipe, out)
     _paths(recipe, base_dir, out)
     _steps(recipe, out)
+    out.extend(tracking.findings(recipe.tracking, ("tracking",)))
     return out
 
 
@@ -486,6 +488,15 @@ def _paths(recipe: Recipe, base_dir: Path, out: list[Finding]) -> None:
                 merge_outputs[norm] = i
         if isinstance(step, EvalStep) and step.path:
             candidates.append((("steps", i, "path"), step.path, "file", True))
+        if isinstance(step, EvalStep) and step.harness is not None:
+            from ftkit.recipe.harness import is_path
+
+            candidates += [(("steps", i, "harness", "tasks", j), t, "file-or-dir", True)
+                           for j, t in enumerate(step.harness.tasks) if is_path(t)]
+        if isinstance(step, PreferenceStep):
+            candidates.append((("steps", i, "data", "path"), step.data.path, "file-or-dir", True))
+            if step.data.eval is not None and step.data.eval.path:
+                candidates.append((("steps", i, "data", "eval", "path"), step.data.eval.path, "file", True))
     if recipe.images is not None and recipe.images.lock is not None and not uses_variable(recipe.images.lock):
         lock = base_dir / recipe.images.lock
         if not path_problem(recipe.images.lock) and kind_problem(lock, "file") is None and lock.is_file():
@@ -493,6 +504,8 @@ def _paths(recipe: Recipe, base_dir: Path, out: list[Finding]) -> None:
             if problem:
                 out.append((("images", "lock"), f"{recipe.images.lock}: {problem}", False))
     datasets: dict[Path_, Path] = {}
+    pairs: dict[Path_, Path] = {}
+    tasks: dict[Path_, Path] = {}
     for path, value, kind, must_exist in candidates:
         if value is None:
             continue
@@ -512,7 +525,13 @@ def _paths(recipe: Recipe, base_dir: Path, out: list[Finding]) -> None:
             out.append((path, f"{value!r} is a broken symbolic link", False))
         elif path in (("dataset", "path"), ("dataset", "eval", "path")):
             datasets[path] = local
+        elif path[0] == "steps" and "data" in path:
+            pairs[path] = local
+        elif path[0] == "steps" and "harness" in path:
+            tasks[path] = local
+    out.extend(harness_type_findings(recipe, tasks))
     out.extend(dataset_findings(recipe, datasets))
+    out.extend(pair_findings(recipe, pairs))
 
 
 def dataset_findings(recipe: Recipe, paths: dict[Path_, Path]) -> list[Finding]:
@@ -545,7 +564,7 @@ def dataset_findings(recipe: Recipe, paths: dict[Path_, Path]) -> list[Finding]:
                         "row(s) and leaves none to train on", False))
             return out
     for i, step in enumerate(recipe.steps):
-        if isinstance(step, TrainStep) and total - held < step.batch_size:
+        if isinstance(step, TrainStep) and not isinstance(step, PreferenceStep) and total - held < step.batch_size:
             out.append((("steps", i, "batch_size"), f"batch_size {step.batch_size} is more than the "
                         f"{total - held} training row(s) the dataset has{' after the eval split' if held else ''}",
                         False))
@@ -599,6 +618,8 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
                     out.append((sub, f"{watts} W is not a plausible GPU power cap (50-1500 W)", False))
         elif isinstance(step, TrainStep):
             _train(step, here, out)
+            if isinstance(step, PreferenceStep):
+                _preference(step, here, recipe, seen_train, out)
             seen_train.append((i, step))
         elif isinstance(step, MergeStep):
             target = _find(step.adapter, seen_train, recipe)
@@ -631,7 +652,7 @@ def _steps(recipe: Recipe, out: list[Finding]) -> None:
         elif isinstance(step, LoadAdapterStep):
             _load_adapter(step, here, recipe, seen_train, seen_serve, out)
         elif isinstance(step, EvalStep):
-            _eval(step, here, recipe, seen_train, seen_merge, out, seen_quantize)
+            _eval(step, here, recipe, seen_train, seen_merge, out, seen_quantize, seen_serve)
         if isinstance(step, ServeStep):
             seen_serve.append((i, step))
 
@@ -679,6 +700,59 @@ def _train(step: TrainStep, here: Path_, out: list[Finding]) -> None:
         )
     if step.method == "full" and step.lora.model_fields_set:
         out.append((here + ("lora",), "lora settings have no effect with method full", True))
+
+
+def pair_findings(recipe: Recipe, paths: dict[Path_, Path]) -> list[Finding]:
+    """Every preference pair (a preference step's `data`) through the trainer's own checker, and
+    the training pairs left after the eval split against the step's batch."""
+    out: list[Finding] = []
+    counts: dict[Path_, int] = {}
+    for where, local in paths.items():
+        step = recipe.steps[int(where[1])]
+        if not isinstance(step, PreferenceStep):
+            continue
+        try:
+            sc = datarows.scan(local, "preference", step.data.fields.model_dump())
+        except OSError as e:
+            out.append((where, f"cannot read {local}: {e.strerror or e}", False))
+            continue
+        out.extend((where, printable(line), False) for line in sc.lines(str(local)))
+        if sc.ok and where[-2:] == ("data", "path") and not local.is_dir() and local.suffix.lower() != ".parquet":
+            counts[where] = sc.count
+    for where, total in counts.items():
+        step = recipe.steps[int(where[1])]
+        if not isinstance(step, PreferenceStep):
+            continue
+        ev = step.data.eval
+        held = datarows.eval_count(total, ev.fraction, ev.size) if ev is not None and ev.path is None else 0
+        if held >= total:
+            out.append((where[:-1] + ("eval",), f"the eval split holds out {held} of the {total} pair(s) and leaves "
+                        "none to train on", False))
+        elif total - held < step.batch_size:
+            out.append((where[:2] + ("batch_size",), f"batch_size {step.batch_size} is more than the {total - held} "
+                        f"training pair(s){' after the eval split' if held else ''}", False))
+    return out
+
+
+def _preference(step: PreferenceStep, here: Path_, recipe: Recipe, trains: list, out: list[Finding]) -> None:
+    if step.packing:
+        out.append((here + ("packing",), "preference pairs are not packed: each pair is a chosen and a rejected "
+                    "sequence scored apart", False))
+    if step.adapter is None:
+        return
+    start = _find(step.adapter, trains, recipe)
+    if start is None:
+        out.append((here + ("adapter",), f"preference needs train step {step.adapter!r} before it (the adapter it "
+                    "trains further)", False))
+    elif start.method == "full":
+        out.append((here + ("adapter",), f"train step {step.adapter!r} is full fine-tuning: it has no adapter to "
+                    "train further (start from the base: leave out adapter)", False))
+    elif start.method != step.method:
+        out.append((here + ("method",), f"train step {step.adapter!r} trained a {start.method} adapter: set method: "
+                    f"{start.method} to train it further", False))
+    elif step.lora.model_fields_set:
+        out.append((here + ("lora",), f"the adapter of {step.adapter!r} keeps its own LoRA settings: drop lora",
+                    True))
 
 
 def _arg_value_problem(value: object) -> str | None:
@@ -819,7 +893,16 @@ def _prompt_expect(prompt: ServePrompt, where: Path_, out: list[Finding]) -> Non
 
 
 def _eval(step: EvalStep, here: Path_, recipe: Recipe, trains: list, merges: list, out: list[Finding],
-          quantized: list | None = None) -> None:
+          quantized: list | None = None, serves: list | None = None) -> None:
+    if step.harness is not None:
+        _harness(step, here, recipe, serves or [], out)
+    if not step.models:
+        if step.harness is None:
+            out.append((here + ("models",), "no models to score: name at least one, or give harness", False))
+        for key in ("prompts", "path"):
+            if getattr(step, key) is not None:
+                out.append((here + (key,), f"{key} are scored on models, and models is empty", False))
+        return
     if step.prompts is not None and step.path is not None:
         out.append((here, "give prompts or path, not both", False))
     if step.prompts is None and step.path is None and recipe.dataset.eval is None:
@@ -843,6 +926,63 @@ def _eval(step: EvalStep, here: Path_, recipe: Recipe, trains: list, merges: lis
                     "score the adapter in an eval step of its own", False))
     if step.min_improvement is not None and len(step.models) < 2:
         out.append((here + ("min_improvement",), "needs two models to compare", True))
+
+
+def _harness(step: EvalStep, here: Path_, recipe: Recipe, serves: list, out: list[Finding]) -> None:
+    """The server is a serve step before this one; names and paths are told apart by form
+    (recipe.harness); a chat endpoint or transformers serve cannot score log-probabilities."""
+    h = step.harness
+    if h is None:
+        return
+    hh = here + ("harness",)
+    server = _find(h.server, serves, recipe)
+    if server is None:
+        what = f"serve step {h.server!r}" if h.server else "a serve step"
+        out.append((hh + (("server",) if h.server else ()), f"the harness needs {what} before this step: it scores "
+                    "that server's OpenAI-compatible endpoint", False))
+    seen: set[str] = set()
+    for j, task in enumerate(h.tasks):
+        if not task.strip() or task != task.strip():
+            out.append((hh + ("tasks", j), f"{task!r}: a task name or path without surrounding spaces", False))
+        elif task in seen:
+            out.append((hh + ("tasks", j), f"{task!r} is listed twice", False))
+        seen.add(task)
+    if step.min_improvement is not None and not step.models:
+        out.append((hh, "min_improvement compares models; the harness's scores are recorded, not compared", False))
+
+
+def harness_type_findings(recipe: Recipe, paths: dict[Path_, Path]) -> list[Finding]:
+    """Task files that cannot be read, define no task, or ask for log-probabilities that the
+    step's server cannot give (a chat endpoint or transformers serve: vLLM gives them)."""
+    from ftkit.recipe import harness
+
+    out: list[Finding] = []
+    for where, local in paths.items():
+        step = recipe.steps[where[1]]
+        if not isinstance(step, EvalStep) or step.harness is None:
+            continue
+        try:
+            types = harness.task_types(local)
+        except (OSError, ValueError) as e:
+            out.append((where, f"unreadable task YAML: {e}", False))
+            continue
+        if not types and local.is_dir():
+            out.append((where, f"{local.name}/ defines no lm-eval task (no YAML with a `task:` name)", False))
+            continue
+        logprob = harness.logprob_tasks(types)
+        if not logprob:
+            continue
+        kinds = ", ".join(f"{t} ({types[t]})" for t in logprob[:4])
+        if step.harness.model == "chat":
+            out.append((where, f"{kinds}: a chat endpoint gives no prompt log-probabilities; use model: completions "
+                        "or generate_until tasks", False))
+            continue
+        server = _find(step.harness.server, [(i, s) for i, s in enumerate(recipe.steps[:where[1]])
+                                             if isinstance(s, ServeStep)], recipe)
+        if isinstance(server, ServeStep) and server.engine == "transformers":
+            out.append((where, f"{kinds}: needs the prompt's log-probabilities (echo + logprobs), which transformers "
+                        "serve does not give; serve with engine: vllm, or use generate_until tasks", False))
+    return out
 
 
 # --------------------------------------------------------------------------- machine profiles
@@ -913,6 +1053,7 @@ def machine_findings(machine: Machine) -> list[Finding]:
         out.append((("bind_address",), f"{machine.bind_address!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)", False))
     if machine.cluster is not None:
         out.extend(_cluster_findings(machine, machine.cluster))
+    out.extend(tracking.findings(machine.tracking, ("tracking",)))
     return out
 
 

@@ -8,12 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import ConfigError, ConfigIssue
-from ftkit.recipe.checks import PATH_VARS, dataset_findings, kind_problem, lock_file_problem, uses_variable
+from ftkit.recipe.checks import (
+    PATH_VARS,
+    dataset_findings,
+    kind_problem,
+    lock_file_problem,
+    pair_findings,
+    uses_variable,
+)
 from ftkit.recipe.models import (
     EvalStep,
     LoadAdapterStep,
     Machine,
     MergeStep,
+    PreferenceStep,
     QuantizeStep,
     Recipe,
     ServeStep,
@@ -36,7 +44,7 @@ class Resolved:
         return self.recipe.model_dump(mode="json", exclude_none=True)
 
 
-_KINDS = {"dataset": "file-or-dir", "eval": "file", "model": "dir", "images_lock": "file", "template": "file"}
+_KINDS = {"dataset": "file-or-dir", "pairs": "file-or-dir", "harness": "file-or-dir", "eval": "file", "model": "dir", "images_lock": "file", "template": "file"}
 
 
 def expand(value: str, base_dir: Path, machine: Machine) -> Path | None:
@@ -112,6 +120,8 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
             step.server = step.server or _last(recipe, i, ServeStep)
             step.adapter = step.adapter or _last(recipe, i, TrainStep)
             step.served_name = step.served_name or step.adapter
+        elif isinstance(step, EvalStep) and step.harness is not None:
+            step.harness.server = step.harness.server or _last(recipe, i, ServeStep)
 
     host: dict[str, Path] = {}
     candidates: list[tuple[str, Path_, str | None]] = [
@@ -125,7 +135,17 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
     for i, step in enumerate(recipe.steps):
         if isinstance(step, EvalStep) and step.path:
             candidates.append((f"eval:{step.name}", ("steps", i, "path"), step.path))
+        if isinstance(step, EvalStep) and step.harness is not None:
+            from ftkit.recipe.harness import is_path
+
+            candidates += [(f"harness:{step.name}:{j}", ("steps", i, "harness", "tasks", j), t)
+                           for j, t in enumerate(step.harness.tasks) if is_path(t)]
+        if isinstance(step, PreferenceStep):
+            candidates.append((f"pairs:{step.name}", ("steps", i, "data", "path"), step.data.path))
+            if step.data.eval is not None and step.data.eval.path:
+                candidates.append((f"pairs-eval:{step.name}", ("steps", i, "data", "eval", "path"), step.data.eval.path))
     variable_datasets: dict[Path_, Path] = {}
+    variable_pairs: dict[Path_, Path] = {}
     for key, path, value in candidates:
         if value is None:
             continue
@@ -147,9 +167,13 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
                     problem(path, f"{resolved}: {bad}")
             elif key in ("dataset", "eval") and uses_variable(value) and resolved.exists():
                 variable_datasets[path] = resolved  # a literal path was read at load time
+            elif key.startswith(("pairs:", "pairs-eval:")) and uses_variable(value) and resolved.exists():
+                variable_pairs[path] = resolved
     if variable_datasets:
         for path, message, _ in dataset_findings(recipe, variable_datasets):
             problem(path, message)
+    for path, message, _ in pair_findings(recipe, variable_pairs):
+        problem(path, message)
     if issues:
         raise ConfigError(issues)
     return Resolved(recipe, machine, loaded.path, host)

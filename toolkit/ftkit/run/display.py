@@ -252,9 +252,33 @@ def eval_text(summary: dict[str, Any]) -> str:
     gain = _number(summary.get("improvement_points"))
     if gain is not None:
         text += f"; {gain:+.1f} points"
-    if isinstance(summary.get("passed"), bool):
+    if isinstance(summary.get("passed"), bool) and shown:
         text += ": passed" if summary["passed"] else ": NOT ENOUGH"
+    harness = harness_text(summary.get("harness"))
+    if harness:
+        text = harness if not shown else f"{text}; {harness}"
     return text
+
+
+def harness_text(harness: Any, most: int = 4) -> str:
+    """`lm-eval quickstart_category exact_match 0.875 ± 0.125 (8)` from the harness part of the
+    eval's summary.json: the first metric of each task, at most `most` tasks."""
+    if not isinstance(harness, dict) or not isinstance(harness.get("results"), list):
+        return ""
+    shown: list[str] = []
+    tasks: set[str] = set()
+    for r in harness["results"]:
+        if not isinstance(r, dict) or not isinstance(r.get("task"), str) or r["task"] in tasks:
+            continue
+        value, err, n = _number(r.get("value")), _number(r.get("stderr")), _number(r.get("samples"))
+        if value is None:
+            continue
+        tasks.add(r["task"])
+        if len(shown) < most:
+            shown.append(f"{printable(r['task'])[:40]} {printable(str(r.get('metric')))[:30]} {value:.4g}"
+                         + (f" ± {err:.2g}" if err is not None else "") + (f" ({int(n)})" if n is not None else ""))
+    more = f", {len(tasks) - most} more task(s)" if len(tasks) > most else ""
+    return ("lm-eval " + ", ".join(shown) + more) if shown else "lm-eval: no scores recorded"
 
 
 def _flat(text: str) -> str:

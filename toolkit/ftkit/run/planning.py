@@ -177,12 +177,14 @@ def bitsandbytes_version() -> str | None:
 
 def quantize_packages() -> dict[str, str | None]:
     """The versions of llmcompressor (the quantize step), compressed-tensors (scoring its
-    model) and the MLflow and W&B clients (tracking) in this Python, None where missing;
+    model), the MLflow and W&B clients (tracking) and lm-eval with its api extra (an eval
+    step's harness) in this Python, None where missing;
     looked up, not imported."""
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str | None] = {}
-    for dist in ("llmcompressor", "compressed-tensors", "mlflow", "mlflow-skinny", "wandb"):
+    for dist in ("llmcompressor", "compressed-tensors", "mlflow", "mlflow-skinny", "wandb", "lm-eval", "tenacity",
+                 "aiohttp"):
         try:
             out[dist] = version(dist)
         except (PackageNotFoundError, OSError, ValueError):
