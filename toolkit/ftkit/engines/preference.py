@@ -198,7 +198,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if eval_pairs and rank0 and resume is None:
         before = pair_scores(model, tokenizer, eval_pairs, step.seq_len)  # the starting model (base or SFT adapter)
     job_tracking = cfg.get("tracking") or {}  # TensorBoard, MLflow, W&B: as the train engine does
-    args.report_to, tracking_callbacks = tracking.setup(job_tracking)
+    args.report_to, tracking_callbacks = tracking.setup(job_tracking, out)
     args.run_name = job_tracking.get("run_name") or args.run_name
     trainer = trainer_class(step)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
