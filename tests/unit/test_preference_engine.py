@@ -113,3 +113,39 @@ def test_dpo_from_an_sft_adapter_uses_it_as_the_reference_and_saves_only_it(base
         str(saved / "adapter_model.safetensors"))
     assert start.keys() == end.keys()  # the same adapter, trained further
     assert any((start[k] - end[k]).abs().max() > 1e-4 for k in start)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crashed_dpo_run_resumes_from_its_checkpoint(base_model: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train engine's crash safety, unchanged: started again in the same directory, it goes
+    on from the newest complete checkpoint, moves the rows logged after it aside, and keeps the
+    held-out score the first attempt took before training."""
+    from transformers import TrainerCallback
+
+    real = train.make_callbacks
+
+    class Die(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: object, state: object, control: object, **k: object) -> None:
+            if getattr(state, "global_step", 0) == 10:
+                raise Crash("killed after step 10")
+
+    out = tmp_path / "dpo"
+    kw = {"max_steps": 12, "checkpoint": {"every_steps": 6, "keep_last": 2, "keep_best": False}, "logging_steps": 3,
+          "eval_every_steps": None}
+    monkeypatch.setattr(train, "make_callbacks", lambda *a: [*real(*a), Die()])
+    with pytest.raises(Crash):
+        preference.run(job(base_model, out, **kw))
+    monkeypatch.setattr(train, "make_callbacks", real)
+    first = rows(out)[0]
+    summary = preference.run(job(base_model, out, **kw))
+    assert summary["resumed_from"] == "checkpoint-6" and summary["global_step"] == 12
+    assert summary["preference"]["before"]["accuracy"] == first["pair_accuracy"]  # from the first attempt
+    logged = rows(out)
+    assert [r["step"] for r in logged if "loss" in r] == [3, 6, 9, 12]
+    assert [r["step"] for r in logged if "pair_accuracy" in r] == [0, 12]
+    assert [json.loads(x)["step"] for x in (out / "metrics.superseded.jsonl").read_text().splitlines()] == [9]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -188,15 +188,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     model, peft_config = _model(cfg, step)
     args = preference_config(step, ckpt_root, eval_ds is not None, cfg.get("deepspeed_config"))
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    resume = None
     before = None
     if rank0:
         for src, dest in checkpoints.quarantine_incomplete(ckpt_root):
             print(f"ftkit: {src.name} is incomplete (a save was interrupted): moved to "
                   f"{dest.relative_to(ckpt_root)}", flush=True)
     resume = checkpoints.newest_complete(ckpt_root)
-    if eval_pairs and rank0 and resume is None:
-        before = pair_scores(model, tokenizer, eval_pairs, step.seq_len)  # the starting model (base or SFT adapter)
+    if eval_pairs and rank0:
+        if resume is None:
+            before = pair_scores(model, tokenizer, eval_pairs, step.seq_len)  # the starting model (base or SFT adapter)
+        else:
+            before = _recorded_before(metrics_path)  # what the first attempt scored at step 0
     job_tracking = cfg.get("tracking") or {}  # TensorBoard, MLflow, W&B: as the train engine does
     args.report_to, tracking_callbacks = tracking.setup(job_tracking, out)
     args.run_name = job_tracking.get("run_name") or args.run_name
@@ -213,7 +215,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             print(f"ftkit: resuming from {resume.name}{note}", flush=True)
         elif moved:
             print(f"ftkit: no complete checkpoint: starting over{note}", flush=True)
-        if before is not None:
+        if before is not None and resume is None:
             _metrics_row(metrics_path, 0, before)
     train.barrier(args)
     t0 = time.perf_counter()
@@ -240,7 +242,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if after is not None:
-        summary["preference"] = {"before": before, "after": after}
+        summary["preference"] = {"before": before, "after": after}  # before: None if no attempt recorded it
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     if evals:
         summary["eval_loss_first"], summary["eval_loss_last"] = evals[0], evals[-1]
@@ -255,6 +257,20 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         write_json(marker, {"final": str(final), "written_at": round(time.time(), 3)})
         write_json(out / "train_summary.json", summary)
     return summary
+
+
+def _recorded_before(path: Path) -> dict[str, float] | None:
+    """The held-out pairs' score at step 0 as a first attempt wrote it to metrics.jsonl."""
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step") == 0 and "pair_accuracy" in row:
+            return {"pairs": row.get("pairs"), "accuracy": row["pair_accuracy"], "margin": row.get("pair_margin")}
+    return None
 
 
 def _metrics_row(path: Path, step: int, scores: dict[str, float]) -> None:
