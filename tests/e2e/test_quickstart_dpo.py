@@ -1,7 +1,7 @@
 """The CPU preference quickstart end to end (issue #20): `ftkit up recipes/quickstart-dpo.yaml`
 with the local executor makes a tiny model, trains a DPO adapter on the quickstart's pairs and
 merges it. Held-out pairs go from about a coin toss to clearly preferring the chosen answer,
-the run directory records it (train_summary.json, metrics.jsonl with trl's rewards/*), the
+the run directory records it (train_summary.json, metrics.jsonl with trl's rewards/*, the report's Preference table), the
 console says it, and the merged model ranks the held-out pairs as the adapter did (the merge
 step takes a preference adapter like any other)."""
 
@@ -66,3 +66,15 @@ def test_the_merged_model_ranks_the_pairs_as_the_adapter_did(run: tuple[Path, st
     scores = preference.pair_scores(merged, tok, pairs, 64)
     after = json.loads((run_dir / "steps/preference/train_summary.json").read_text())["preference"]["after"]
     assert scores["accuracy"] == after["accuracy"] and scores["margin"] == pytest.approx(after["margin"], abs=1e-2)
+
+
+def test_the_report_has_the_preference_table(run: tuple[Path, str, float]) -> None:
+    run_dir, _, _ = run
+    proc = run_ftkit("report", str(run_dir), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((run_dir / "steps/preference/train_summary.json").read_text())["preference"]
+    text = (run_dir / "report/report.md").read_text()
+    table = text.split("## Preference", 1)[1].split("##", 1)[0]
+    row = next(line for line in table.splitlines() if line.startswith("| preference |"))
+    assert "| DPO | base | 60 |" in row
+    assert f"{summary['before']['accuracy']:g} -> {summary['after']['accuracy']:g}" in row

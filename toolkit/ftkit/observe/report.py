@@ -391,6 +391,24 @@ def _tables(runs: list[RunData], fair: list[Fairness]) -> list[tuple[str, list[s
                                  "steady tokens/s", "train runtime s", "slowest checkpoint s"], train_rows,
                     "samples/s and tokens/s over the trainer's runtime (saves included); steady: median of "
                     "logged intervals after the first"))
+    pref_rows: list[list[str]] = []
+    for i, rd in enumerate(runs):
+        for sid, s in rd.train_summaries.items():
+            pref = s.get("preference") if isinstance(s.get("preference"), dict) else None
+            if pref is None:
+                continue
+            before = pref.get("before") if isinstance(pref.get("before"), dict) else {}
+            after = pref.get("after") if isinstance(pref.get("after"), dict) else {}
+            pref_rows.append([f"{RUN_TAGS[i]}: {sid}" if multi else sid, str(s.get("objective", "-")).upper(),
+                              str(s.get("started_from", "-")), _fmt(num(after.get("pairs"))),
+                              f"{_fmt(num(before.get('accuracy')))} -> {_fmt(num(after.get('accuracy')))}",
+                              f"{_fmt(num(before.get('margin')))} -> {_fmt(num(after.get('margin')))}",
+                              _fmt(num(s.get("eval_reward_accuracy_last")))])
+    if pref_rows:
+        out.append(("Preference", ["step", "objective", "from", "held-out pairs", "pair accuracy % (before -> after)",
+                                   "mean log-prob margin (before -> after)", "last eval rewards/accuracies"], pref_rows,
+                    "a pair counts when the model gives its chosen answer the higher log-probability; "
+                    "rewards/accuracies is trl's (against DPO's reference)"))
     ev_rows = []
     harness_rows: list[list[str]] = []
     for i, rd in enumerate(runs):
