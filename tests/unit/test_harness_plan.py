@@ -219,3 +219,14 @@ def test_result_rows_and_the_console_line() -> None:
     both = eval_text({"models": {"base": {"accuracy": 10.0, "correct": 6}}, "order": ["base"], "prompts": 60,
                       "score": "exact", "passed": True, "harness": harness})
     assert both == "base 10.0% (6/60) (exact match): passed; lm-eval cat exact_match 0.875 ± 0.12 (8)"
+
+
+def test_scoring_models_on_the_servers_gpu_refused(tmp_path: Path, installed: dict) -> None:
+    """The eval's own scoring takes the first GPU under the lease, and a server on it yields
+    (stops) while the step runs: the harness in the same step would find no server."""
+    path = recipe(tmp_path, "  - {type: eval, models: [merged], prompts: [{prompt: a, expected: b}], "
+                            "harness: {tasks: [gsm8k]}}\n", engine="engine: auto, gpus: [0]")
+    result = run_cli("plan", str(path), "--machine", str(RECIPES / "machines" / "dual-4090.yaml"))
+    assert result.code == 2
+    assert (f"{path}:9:26: steps[3].models: scoring models takes GPU(s) [0] from serve, which yields them (stops) "
+            "while the step runs") in result.err

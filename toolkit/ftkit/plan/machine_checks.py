@@ -404,6 +404,12 @@ def harness_problems(plan: Plan, packages: dict[str, str | None]) -> list[tuple[
         if not isinstance(h, dict):
             continue
         step = s.recipe_step or s.id
+        server = next((x for x in plan.steps if x.id == h.get("server") and x.kind == "serve"), None)
+        shared = sorted(set(s.gpus) & set(server.gpus)) if server is not None else []
+        if server is not None and shared:
+            out.append((step, "models", f"scoring models takes GPU(s) {shared} from {server.id}, which yields them "
+                        "(stops) while the step runs: its harness would find the server gone; give the harness an "
+                        "eval step of its own with models: []"))
         if s.executor != "local":
             out.append((step, "harness", "lm-evaluation-harness is not in ftkit's images: run this recipe with "
                         "--executor local (pip install 'lm-eval[api]' there), or give the harness a recipe of its own"))
