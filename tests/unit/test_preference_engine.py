@@ -149,3 +149,17 @@ def test_a_crashed_dpo_run_resumes_from_its_checkpoint(base_model: Path, tmp_pat
     assert [r["step"] for r in logged if "pair_accuracy" in r] == [0, 12]
     assert [json.loads(x)["step"] for x in (out / "metrics.superseded.jsonl").read_text().splitlines()] == [9]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_dpo_trains_on_the_4bit_base(base_model: Path, tmp_path: Path) -> None:
+    """The train engine's QLoRA load (bitsandbytes' NF4 layers kept in their training layout on
+    the CPU) under trl's DPO: the adapter trains and is saved; the reference is the 4-bit base
+    with the adapter disabled."""
+    require("bitsandbytes")
+    out = tmp_path / "qlora"
+    summary = preference.run(job(base_model, out, method="qlora", precision="bf16", max_steps=6, eval_every_steps=None,
+                                 checkpoint={"every_steps": 6, "keep_last": 1, "keep_best": False}, logging_steps=3))
+    assert summary["method"] == "qlora" and summary["global_step"] == 6
+    assert summary["preference"]["after"]["margin"] != summary["preference"]["before"]["margin"]
+    assert all("rewards/margins" in r for r in rows(out) if "loss" in r)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
