@@ -56,7 +56,8 @@ def variant(tmp: Path) -> Path:
     rows = (RECIPES / "data" / "quickstart-eval.jsonl").read_text().splitlines()[:ROWS]
     (data / "harness-rows.jsonl").write_text("\n".join(rows) + "\n")
     (tmp / "tasks").mkdir()
-    (tmp / "tasks" / "category.yaml").write_text(TASK.replace("ROWS_PATH", str(data / "harness-rows.jsonl")))
+    # relative: lm-eval runs in the task's directory, wherever ftkit was started
+    (tmp / "tasks" / "category.yaml").write_text(TASK.replace("ROWS_PATH", "../data/harness-rows.jsonl"))
     r = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())
     r["name"] = "quickstart-harness"
     steps = {s["type"]: s for s in r["steps"]}

@@ -230,3 +230,27 @@ def test_scoring_models_on_the_servers_gpu_refused(tmp_path: Path, installed: di
     assert result.code == 2
     assert (f"{path}:9:26: steps[3].models: scoring models takes GPU(s) [0] from serve, which yields them (stops) "
             "while the step runs") in result.err
+
+
+def test_engine_refuses_named_logprob_tasks_and_runs_in_the_tasks_directory(tmp_path: Path) -> None:
+    """A named task's kind is known once lm-eval has loaded it: the engine refuses it before any
+    request where the server cannot give log-probabilities; task files run in their directory."""
+    from ftkit.engines.harness import model_args, refuse_logprobs, task_dir
+    from ftkit.errors import EngineError
+
+    h = {"api": "completions", "engine": "transformers", "base_url": "http://127.0.0.1:1/v1/completions", "model": "m",
+         "tokenizer": "/models/m", "num_concurrent": 1, "tasks": []}
+    with pytest.raises(EngineError, match=r"hellaswag \(multiple_choice\): needs the prompt's log-probabilities"):
+        refuse_logprobs(h, {"hellaswag": "multiple_choice", "gsm8k": "generate_until"})
+    refuse_logprobs({**h, "engine": "vllm"}, {"hellaswag": "multiple_choice"})
+    with pytest.raises(EngineError, match="a chat endpoint"):
+        refuse_logprobs({**h, "api": "chat", "engine": "vllm"}, {"hellaswag": "multiple_choice"})
+    args = model_args(h)
+    assert args["tokenized_requests"] is False and args["tokenizer_backend"] == "huggingface"
+    assert model_args({**h, "tokenizer": None})["tokenizer_backend"] == "none"
+    (tmp_path / "t").mkdir()
+    one = [{"given": "t/a.yaml", "spec": str(tmp_path / "t" / "a.yaml"), "path": True},
+           {"given": "gsm8k", "spec": "gsm8k", "path": False}]
+    assert task_dir({"tasks": one}) == tmp_path / "t"
+    two = one + [{"given": "u/", "spec": str(tmp_path), "path": True}]
+    assert task_dir({"tasks": two}) is None

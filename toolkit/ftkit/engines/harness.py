@@ -7,13 +7,15 @@ output (logging, progress bars) goes to the step's log; the scores come back as 
 
 The job (plan.jobs.HarnessJob) names the endpoint and model as the plan started the server.
 Task files are registered with their directories (so a task YAML's `include:` and sibling
-tasks resolve) and loaded by path; tasks that need the prompt's log-probabilities are refused
+tasks resolve) and loaded by path, in their directory (relative `data_files` are read from
+there); tasks that need the prompt's log-probabilities are refused
 before any request when the server cannot give them (transformers serve, a chat endpoint).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,21 @@ def task_specs(h: dict[str, Any]) -> list[str]:
     return out
 
 
+def absolute(h: dict[str, Any]) -> dict[str, Any]:
+    """Task paths and a tokenizer directory made absolute: lm-eval runs in the tasks' directory."""
+    tasks = [{**t, "spec": os.path.abspath(t["spec"])} if t["path"] else t for t in h["tasks"]]
+    tok = h.get("tokenizer")
+    return {**h, "tasks": tasks, "tokenizer": os.path.abspath(tok) if tok and os.path.isdir(tok) else tok}
+
+
+def task_dir(h: dict[str, Any]) -> Path | None:
+    """The one directory the recipe's task files are in (a directory entry: itself), where
+    lm-eval runs so that a YAML's relative `data_files` mean the same wherever ftkit was
+    started; None when the tasks are named only or live in several directories."""
+    dirs = {Path(t["spec"]) if Path(t["spec"]).is_dir() else Path(t["spec"]).parent for t in h["tasks"] if t["path"]}
+    return next(iter(dirs)) if len(dirs) == 1 else None
+
+
 def refuse_logprobs(h: dict[str, Any], types: dict[str, str]) -> None:
     bad = {name: kind for name, kind in types.items() if kind in LOGPROB_TYPES}
     if not bad:
@@ -111,23 +128,32 @@ def run(h: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             from None
     from lm_eval.evaluator import simple_evaluate
 
-    tm = task_manager(h)
-    specs = task_specs(h)
-    loaded = tm.load(specs)
-    types = {name: getattr(task, "OUTPUT_TYPE", "") for name, task in (loaded.get("tasks") or {}).items()}
-    refuse_logprobs(h, types)
-    print(f"harness: {h['lm_eval_model']} at {h['base_url']} (model {h['model']}), tasks: {', '.join(specs)}",
-          flush=True)
+    h = absolute(h)
+    here = task_dir(h)
+    before = os.getcwd()
     try:
+        if here is not None:  # a task's relative data_files are read from its YAML's directory
+            os.chdir(here)
+        tm = task_manager(h)
+        specs = task_specs(h)
+        loaded = tm.load(specs)
+        types = {name: getattr(task, "OUTPUT_TYPE", "") for name, task in (loaded.get("tasks") or {}).items()}
+        refuse_logprobs(h, types)
+        print(f"harness: {h['lm_eval_model']} at {h['base_url']} (model {h['model']}), tasks: {', '.join(specs)}",
+              flush=True)
         results = simple_evaluate(model=h["lm_eval_model"], model_args=model_args(h), tasks=specs, task_manager=tm,
                                   limit=h.get("limit"), num_fewshot=h.get("num_fewshot"), log_samples=False,
                                   apply_chat_template=h["api"] == "chat")
+    except EngineError:
+        raise
     except Exception as e:  # lm-eval raises whatever its model or task raised: one line, the rest in the log
         import traceback
 
         traceback.print_exc()
         raise EngineError(f"lm-evaluation-harness failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                           ) from None
+    finally:
+        os.chdir(before)
     if not results:
         raise EngineError("lm-evaluation-harness returned no results")
     from ftkit.files import write_json
