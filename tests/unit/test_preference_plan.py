@@ -187,3 +187,13 @@ def test_memory_fit_of_a_preference_step_on_a_gpu() -> None:
     fit_dpo = memory.fit(dpo, arch, {0: 24.0})[0]
     assert fit_dpo.total_gib > fit_sft.total_gib
     assert fit_dpo.verdict == "does not fit" and fit_dpo.suggestions[0].startswith("method: qlora")
+
+
+def test_in_the_images_the_pairs_are_mounted_read_only_and_the_job_names_them_there() -> None:
+    result = run_cli("plan", str(DPO), "--machine", str(RECIPES / "machines" / "cpu-docker.yaml"), "--json")
+    assert result.code == 0, result.err
+    pref = next(s for s in json.loads(result.out)["steps"] if s["id"] == "preference")
+    inside = "/ftkit/inputs/pairs-preference/quickstart-pairs.jsonl"
+    assert {"host": str(RECIPES / "data" / "quickstart-pairs.jsonl"), "container": inside, "read_only": True} in pref["mounts"]
+    assert config(pref, "configs/preference-")["pairs"]["path"] == inside
+    assert pref["argv"][:2] == ["accelerate", "launch"] and "ftkit.engines.preference" in pref["argv"]
