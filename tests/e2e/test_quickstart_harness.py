@@ -2,9 +2,9 @@
 
 A short variant of recipes/quickstart.yaml (fewer steps, one test prompt, its own port so it
 never meets another quickstart test's server) ends with an eval step that scores the merged
-model itself and runs an lm-eval task (a generate_until YAML on the first rows of the
-quickstart's own eval data, exact match on the category word) through `local-completions`
-against the serve step's `transformers serve`. The harness's score lands in summary.json, the
+model itself and runs an lm-eval task (recipes/tasks/quickstart-category.yaml: a generate_until
+task on the quickstart's own eval data, exact match on the category word; its first rows) through
+`local-completions` against the serve step's `transformers serve`. The harness's score lands in summary.json, the
 console's closing line for the step and the report, and agrees with ftkit's own score of the
 same model on the same rows: the harness reached the model the run served."""
 
@@ -26,25 +26,6 @@ from tests.conftest import RECIPES, run_ftkit  # noqa: E402
 
 ROWS = 8
 PORT = 8779  # the quickstart's own is 8765: a port of its own, so this runs beside the other quickstart tests
-TASK = """\
-task: quickstart_category
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: ROWS_PATH
-test_split: test
-output_type: generate_until
-doc_to_text: "### Instruction:\\n{{instruction}}\\n\\n### Input:\\n{{input}}\\n\\n### Response:\\n"
-doc_to_target: "{{output}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 6
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def variant(tmp: Path) -> Path:
@@ -53,18 +34,16 @@ def variant(tmp: Path) -> Path:
     data.mkdir()
     for name in ("quickstart-train.jsonl", "quickstart-eval.jsonl"):
         (data / name).write_text((RECIPES / "data" / name).read_text())
-    rows = (RECIPES / "data" / "quickstart-eval.jsonl").read_text().splitlines()[:ROWS]
-    (data / "harness-rows.jsonl").write_text("\n".join(rows) + "\n")
+    # the shipped task, beside the data as in recipes/: its data_files are relative to its directory
     (tmp / "tasks").mkdir()
-    # relative: lm-eval runs in the task's directory, wherever ftkit was started
-    (tmp / "tasks" / "category.yaml").write_text(TASK.replace("ROWS_PATH", "../data/harness-rows.jsonl"))
+    (tmp / "tasks" / "quickstart-category.yaml").write_text((RECIPES / "tasks" / "quickstart-category.yaml").read_text())
     r = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())
     r["name"] = "quickstart-harness"
     steps = {s["type"]: s for s in r["steps"]}
     steps["train"].update(max_steps=80, checkpoint={"every_steps": 80, "keep_last": 1}, eval_every_steps=80)
     steps["serve"].update(port=PORT, prompts=steps["serve"]["prompts"][:1])
     steps["eval"] = {"type": "eval", "score": "exact", "models": ["merged"], "limit": ROWS, "max_new_tokens": 6,
-                     "harness": {"tasks": ["tasks/category.yaml"], "server": "serve", "limit": ROWS}}
+                     "harness": {"tasks": ["tasks/quickstart-category.yaml"], "server": "serve", "limit": ROWS}}
     r["steps"] = [steps[t] for t in ("train", "merge", "serve", "eval")]
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(r, sort_keys=False))
@@ -104,7 +83,7 @@ def test_console_and_report_show_them(run: tuple[Path, str]) -> None:
     run_dir, out = run
     value = json.loads((run_dir / "steps/eval/summary.json").read_text())["harness"]["results"][0]["value"]
     assert f"lm-eval quickstart_category exact_match {value:.4g}" in out, out[-2000:]
-    assert "run lm-evaluation-harness (local-completions) on tasks/category.yaml against serve's endpoint" in out
+    assert "run lm-evaluation-harness (local-completions) on tasks/quickstart-category.yaml against serve's endpoint" in out
     proc = run_ftkit("report", str(run_dir), timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (run_dir / "report/report.md").read_text()
