@@ -25,7 +25,7 @@ BASE = """\
 ftkit: 1
 name: h
 model: {tiny: {hidden_size: 64, layers: 1, heads: 2, intermediate_size: 128, vocab_size: 300}, dtype: fp32}
-dataset: {path: data.jsonl, format: alpaca, template: alpaca}
+dataset: {path: data.jsonl, format: alpaca, template: TEMPLATE}
 steps:
   - {type: train, method: lora, max_steps: 1}
   - {type: merge}
@@ -51,12 +51,13 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
     return packages
 
 
-def recipe(tmp: Path, steps: str, *, engine: str = "engine: auto", output: str = "generate_until") -> Path:
+def recipe(tmp: Path, steps: str, *, engine: str = "engine: auto", output: str = "generate_until",
+           template: str = "alpaca") -> Path:
     (tmp / "data.jsonl").write_text(json.dumps({"instruction": "a", "input": "x", "output": "b"}) + "\n")
     (tmp / "tasks").mkdir(exist_ok=True)
     (tmp / "tasks" / "cat.yaml").write_text(TASK.replace("OUTPUT", output))
     path = tmp / "recipe.yaml"
-    path.write_text(BASE + SERVE.replace("ENGINE", engine) + steps)
+    path.write_text(BASE.replace("TEMPLATE", template) + SERVE.replace("ENGINE", engine) + steps)
     return path
 
 
@@ -94,7 +95,7 @@ def test_the_plan_names_the_servers_endpoint_model_and_tokenizer(tmp_path: Path,
 
 def test_chat_and_both_modes(tmp_path: Path, installed: dict) -> None:
     path = recipe(tmp_path, "  - {type: eval, models: [base, merged], prompts: [{prompt: a, expected: b}], "
-                            "harness: {tasks: [tasks/], model: chat}}\n")
+                            "harness: {tasks: [tasks/], model: chat}}\n", template="chatml")
     p = plan_json(path)
     h = eval_job(p)["harness"]
     assert h["lm_eval_model"] == "local-chat-completions" and h["base_url"].endswith("/v1/chat/completions")
@@ -113,6 +114,8 @@ BAD = {
     "a task twice": ("{tasks: [gsm8k, gsm8k]}", "steps[3].harness.tasks[1]", "'gsm8k' is listed twice"),
     "no tasks": ("{tasks: []}", "steps[3].harness.tasks", ""),
     "an unknown field": ("{tasks: [gsm8k], fewshot: 2}", "steps[3].harness.fewshot", ""),
+    "chat without a chat template": ("{tasks: [gsm8k], model: chat}", "steps[3].harness.model",
+                                     "the served model has no chat template"),
     "a bad endpoint kind": ("{tasks: [gsm8k], model: embeddings}", "steps[3].harness.model", ""),
 }
 
@@ -130,7 +133,7 @@ def test_validate_refuses_located(tmp_path: Path, case: str) -> None:
 def test_no_server_before_the_eval(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_text(json.dumps({"instruction": "a", "input": "x", "output": "b"}) + "\n")
     path = tmp_path / "recipe.yaml"
-    path.write_text(BASE + "  - {type: eval, models: [], harness: {tasks: [gsm8k]}}\n")
+    path.write_text(BASE.replace("TEMPLATE", "alpaca") + "  - {type: eval, models: [], harness: {tasks: [gsm8k]}}\n")
     result = run_cli("validate", str(path))
     assert result.code == 2
     assert f"{path}:8:39: steps[2].harness: the harness needs a serve step before this step" in result.err
@@ -150,7 +153,8 @@ def test_logprob_tasks_refused_where_the_server_cannot_give_logprobs(tmp_path: P
     result = run_cli("validate", str(path))
     assert result.code == 2
     assert ": steps[3].harness.tasks[0]: cat (multiple_choice): needs the prompt's log-probabilities" in result.err
-    path = recipe(tmp_path, H.replace("HARNESS", "{tasks: [tasks/], model: chat}"), output="loglikelihood")
+    path = recipe(tmp_path, H.replace("HARNESS", "{tasks: [tasks/], model: chat}"), output="loglikelihood",
+                  template="chatml")
     result = run_cli("validate", str(path))
     assert result.code == 2 and ": steps[3].harness.tasks[0]: cat (loglikelihood): a chat endpoint" in result.err
     path = recipe(tmp_path, H.replace("HARNESS", "{tasks: [tasks/cat.yaml]}"), output="multiple_choice")

@@ -949,6 +949,12 @@ def _harness(step: EvalStep, here: Path_, recipe: Recipe, serves: list, out: lis
         seen.add(task)
     if step.min_improvement is not None and not step.models:
         out.append((hh, "min_improvement compares models; the harness's scores are recorded, not compared", False))
+    d = recipe.dataset
+    if h.model == "chat" and recipe.model.tiny is not None and (d.template == "alpaca" or (d.template == "auto"
+                                                                                          and d.format != "chat")):
+        # the tiny model's tokenizer is made here, with no chat template; alpaca installs none
+        out.append((hh + ("model",), "the served model has no chat template (a tiny model with alpaca prompts): "
+                    "/v1/chat/completions answers 400; use model: completions", False))
 
 
 def harness_type_findings(recipe: Recipe, paths: dict[Path_, Path]) -> list[Finding]:
