@@ -46,7 +46,7 @@ RUN_LAYOUT = {
     "logs/": "one log per step (logs/ftkit.log: ftkit's own errors)",
     "telemetry.csv": "GPU and host samples beside every GPU step (DCGM field names, wall-clock times)",
     "model/": "the generated tiny base model (tiny recipes only)",
-    "steps/<train>/": "checkpoints/ (quarantine/ for interrupted saves), adapter/, metrics.jsonl",
+    "steps/<train>/": "checkpoints/ (quarantine/ for interrupted saves), adapter/, metrics.jsonl, tensorboard/",
     "steps/<merge>/model/": "the merged model (sharded safetensors)",
     "steps/<quantize>/": "model/ (4-bit W4A16, compressed-tensors), quantize.json (rows, seconds, peak memory, sizes)",
     "steps/<serve>/": "responses.jsonl: test prompts, answers, pass/fail",
