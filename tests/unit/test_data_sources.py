@@ -354,3 +354,17 @@ def test_the_plan_shows_the_hub_dataset_and_what_trains_and_lets_it_download(
     assert (f"data hub acme/tiny-qa@{SHA[:12]} (train), chat, template auto, loss on every assistant turn"
             in result.out)
     assert "HF_HUB_OFFLINE" not in result.out  # the hub dataset is fetched into the HF cache when online
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_an_answer_that_opens_the_conversation_trains_on_its_text_not_the_header(tok: Any, name: str) -> None:
+    """From a hostile review: an assistant turn first trained on BOS and the assistant header
+    (the span started at character 0)."""
+    templates.apply_named(tok, name)
+    conversation = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "France?"},
+                    {"role": "assistant", "content": "Paris."}]
+    out = templates.tokenize_answers(tok, conversation, "all_assistant_turns")
+    assert out is not None
+    got = runs(tok, out)
+    assert got[0][0] is False and "assistant" in got[0][1]  # the header carries no loss
+    assert got[1][0] is True and got[1][1].startswith("Hello.")

@@ -53,6 +53,7 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
 
 def recipe(tmp: Path, steps: str, *, engine: str = "engine: auto", output: str = "generate_until",
            template: str = "alpaca") -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "data.jsonl").write_text(json.dumps({"instruction": "a", "input": "x", "output": "b"}) + "\n")
     (tmp / "tasks").mkdir(exist_ok=True)
     (tmp / "tasks" / "cat.yaml").write_text(TASK.replace("OUTPUT", output))
@@ -258,3 +259,46 @@ def test_engine_refuses_named_logprob_tasks_and_runs_in_the_tasks_directory(tmp_
     assert task_dir({"tasks": one}) == tmp_path / "t"
     two = one + [{"given": "u/", "spec": str(tmp_path), "path": True}]
     assert task_dir({"tasks": two}) is None
+
+
+def test_task_files_that_would_hang_run_python_or_leave_the_tree_are_refused(tmp_path: Path, installed: dict) -> None:
+    """From a hostile review: a FIFO named *.yaml in a task directory hung validate; a task's
+    `!function` (lm-eval imports that Python) went unchecked; `include:` could reach any file;
+    a task file beside the recipe made lm-eval index the recipe's whole directory."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    path = recipe(tmp_path, H.replace("HARNESS", "{tasks: [tasks/]}"))
+    os.mkfifo(tmp_path / "tasks" / "zz.yaml")
+    proc = subprocess.run([sys.executable, "-m", "ftkit.cli.main", "validate", str(path)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT / "toolkit")})
+    assert proc.returncode == 0, proc.stderr  # the FIFO is skipped, never opened for a blocking read
+    (tmp_path / "tasks" / "zz.yaml").unlink()
+    (tmp_path / "tasks" / "cat.yaml").write_text(TASK.replace("OUTPUT", "generate_until")
+                                                 + "process_docs: !function helpers.keep\n")
+    result = run_cli("validate", str(path))
+    assert result.code == 2 and "!function helpers.keep imports helpers.py, which does not exist" in result.err
+    (tmp_path / "tasks" / "helpers.py").write_text("def keep(docs):\n    return docs\n")
+    assert run_cli("validate", str(path)).code == 0
+    (tmp_path / "tasks" / "cat.yaml").write_text("include: ../../../etc/base.yaml\n" + TASK.replace("OUTPUT", "generate_until"))
+    one = recipe(tmp_path / "one", H.replace("HARNESS", "{tasks: [tasks/cat.yaml]}"))
+    (tmp_path / "one" / "tasks" / "cat.yaml").write_text("include: /etc/base.yaml\n" + TASK.replace("OUTPUT", "x"))
+    result = run_cli("validate", str(one))
+    assert result.code == 2 and "include '/etc/base.yaml' leaves the task's directory" in result.err, result.err
+    root = recipe(tmp_path / "root", H.replace("HARNESS", "{tasks: [cat.yaml]}"))
+    (tmp_path / "root" / "cat.yaml").write_text(TASK.replace("OUTPUT", "generate_until"))
+    result = run_cli("validate", str(root))
+    assert result.code == 2 and "put task files in a directory of their own" in result.err, result.err
+
+
+def test_the_plan_names_the_python_a_task_file_imports(tmp_path: Path, installed: dict) -> None:
+    path = recipe(tmp_path, H.replace("HARNESS", "{tasks: [tasks/cat.yaml]}"))
+    (tmp_path / "tasks" / "cat.yaml").write_text(TASK.replace("OUTPUT", "generate_until")
+                                                 + "process_docs: !function helpers.keep\n")
+    (tmp_path / "tasks" / "helpers.py").write_text("def keep(docs):\n    return docs\n")
+    out = run_cli("plan", str(path), "--machine", str(CPU))
+    assert out.code == 0, out.err
+    assert "lm-eval imports and runs Python named by the task files (`!function`): tasks/helpers.py" in out.out

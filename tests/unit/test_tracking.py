@@ -65,6 +65,9 @@ def test_tensorboard_is_on_by_default_and_nothing_else_is(tmp_path: Path) -> Non
     ("ftp://host/x", "scheme 'ftp'"),
     ("http://", "names no host"),
     ("http://host:99999", "port"),
+    ("http://host/?token=hunter2", "a query or fragment"),
+    ("https://host/api#hunter2", "a query or fragment"),
+    ("file:///srv/mlruns?x=hunter2", "a query or fragment"),
 ])
 def test_bad_tracking_uris_are_refused_where_they_are(tmp_path: Path, uri: str, message: str) -> None:
     recipe = recipe_with(tmp_path, f"tracking:\n  mlflow: {{tracking_uri: {json.dumps(uri)}}}\n")

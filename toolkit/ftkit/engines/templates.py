@@ -86,8 +86,9 @@ def answer_spans(tokenizer: Any, messages: list[dict[str, str]], train_on: str) 
         turns = turns[-1:]
     spans = []
     for i in turns:
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = (tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i
+                  else _opening(tokenizer, upto, messages[0]["content"]))
         if not (full.startswith(upto) and upto.startswith(before)):
             if i == turns[-1] and len(turns) == 1:  # the last answer alone: what split_chat trains
                 prompt, _ = split_chat(tokenizer, messages)
@@ -100,6 +101,21 @@ def answer_spans(tokenizer: Any, messages: list[dict[str, str]], train_on: str) 
                                "of the whole (it rewrites earlier turns): set dataset.train_on: last_assistant_turn")
         spans.append((len(before), len(upto)))
     return full, spans
+
+
+def _opening(tokenizer: Any, upto: str, content: str) -> str:
+    """What a template renders before an answer that opens the conversation (BOS, the
+    assistant header, a default system prompt the template adds): never trained on. The
+    generation prompt of no messages where the template renders one that starts the answer's
+    rendering; else everything before the answer's own text."""
+    try:
+        prompt = tokenizer.apply_chat_template([], tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - templates index messages[0], raise their own errors
+        prompt = ""
+    if prompt and upto.startswith(prompt):
+        return str(prompt)
+    at = upto.find(content) if content else -1
+    return upto[:at] if at > 0 else ""
 
 
 def tokenize_answers(tokenizer: Any, messages: list[dict[str, str]], train_on: str,

@@ -451,6 +451,10 @@ def build_plan(
                             f"against {h['server']}'s endpoint {h['base_url']} (model {h['model']})")
                 eval_notes.append("lm-eval's own output goes to the step's log; its scores (metric, value, stderr, "
                                   f"samples per task) to steps/{name}/summary.json under harness")
+                imports = _harness_imports(step.harness.tasks, name, res.host_paths)
+                if imports:
+                    eval_notes.append("lm-eval imports and runs Python named by the task files (`!function`): "
+                                      + ", ".join(imports))
             # scoring models loads them on the first GPU (under the lease); the harness alone only sends requests
             eval_gpus = all_gpus[:1] if step.models else []
             steps.append(spec(id=name, kind="eval", recipe_step=name, executor=executor, image=eval_image,
@@ -732,3 +736,23 @@ def _tracking_job(tracked: dict[str, Any], tensorboard_dir: str, run_name: str) 
     W&B settings (no secret: those come from env_from_host), the run's name there."""
     return {"tensorboard_dir": tensorboard_dir if tracked["tensorboard"] else None, "mlflow": tracked["mlflow"],
             "wandb": tracked["wandb"], "run_name": run_name}
+
+
+def _harness_imports(tasks: list[str], name: str, host_paths: dict[str, Any]) -> list[str]:
+    """The Python files the recipe's task files make lm-eval import (recipe.harness), as the
+    recipe names their directories."""
+    from ftkit.recipe.harness import is_path, python_imports
+
+    out: list[str] = []
+    for j, task in enumerate(tasks):
+        local = host_paths.get(f"harness:{name}:{j}")
+        if not is_path(task) or local is None:
+            continue
+        root = local if local.is_dir() else local.parent
+        base = task.rstrip("/") if local.is_dir() else str(PurePosixPath(task).parent)
+        for _, _, module in python_imports(local):
+            rel = str(module.relative_to(root)) if module.is_relative_to(root) else str(module)
+            shown = f"{base}/{rel}" if base not in ("", ".") else rel
+            if shown not in out:
+                out.append(shown)
+    return out

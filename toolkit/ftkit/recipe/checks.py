@@ -326,15 +326,26 @@ def kind_problem(path: Path, want: str) -> str | None:
     return f"is {special_kind(mode)}, not a regular file or directory"
 
 
+_HUB_PART = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
+
+
 def hub_id_problem(model_id: str) -> str | None:
-    """The hub's own rules for repo ids: no '..' or '--', no part starting or ending with . or -."""
+    """The hub's own rules for repo ids (huggingface_hub's validate_repo_id): `name` or
+    `org/name`, each part letters, digits, '_', '.', '-' (96 at most), no '..' or '--', no part
+    starting or ending with . or -: anything else would fail only once a step asks the hub."""
     parts = model_id.split("/")
     if ".." in model_id or "--" in model_id:
         return f"{model_id!r} is not a valid hub id: '..' and '--' are not allowed"
+    if len(parts) > 2 or not all(_HUB_PART.match(p) for p in parts):
+        return (f"{model_id!r} is not a valid hub id: name or org/name, of letters, digits, '_', '.' and '-' "
+                "(96 characters a part at most)")
     for part in parts:
-        if part.startswith((".", "-")) or part.endswith((".", "-")) or len(part) > 96:
-            return f"{model_id!r} is not a valid hub id: a part may not start or end with . or - (96 characters at most)"
+        if part.startswith((".", "-")) or part.endswith((".", "-")):
+            return f"{model_id!r} is not a valid hub id: a part may not start or end with . or -"
     return None
+
+
+_SPLIT_NAME = re.compile(r"^\w+([.-]\w+)*$")
 
 
 def read_lock_file(path: Path) -> tuple[object | None, str | None]:
@@ -407,6 +418,11 @@ def _dataset(recipe: Recipe, out: list[Finding]) -> None:
         for key in ("revision", "subset"):
             if getattr(d, key) is not None:
                 out.append((("dataset", key), f"{key} applies to hub datasets (`hub:`) only", True))
+    for where, value in ((("dataset", "split"), d.split), (("dataset", "subset"), d.subset),
+                         (("dataset", "eval", "split"), d.eval.split if d.eval is not None else None)):
+        if value is not None and not _SPLIT_NAME.match(value):
+            out.append((where, f"{value!r}: a split or subset name is letters, digits and '_', joined by '.' or '-'",
+                        False))
     local_file = d.path is not None and Path(d.path).suffix.lower() in datarows.FILE_SUFFIXES
     if local_file and "split" in d.model_fields_set:
         out.append((("dataset", "split"), "split applies to hub datasets and directories; a file is one split", True))
@@ -946,6 +962,9 @@ def _harness(step: EvalStep, here: Path_, recipe: Recipe, serves: list, out: lis
             out.append((hh + ("tasks", j), f"{task!r}: a task name or path without surrounding spaces", False))
         elif task in seen:
             out.append((hh + ("tasks", j), f"{task!r} is listed twice", False))
+        elif _at_recipe_root(task):
+            out.append((hh + ("tasks", j), f"{task!r}: put task files in a directory of their own (tasks/...): "
+                        "lm-eval indexes every YAML file beside a task file, the recipe's directory included", False))
         seen.add(task)
     if step.min_improvement is not None and not step.models:
         out.append((hh, "min_improvement compares models; the harness's scores are recorded, not compared", False))
@@ -955,6 +974,15 @@ def _harness(step: EvalStep, here: Path_, recipe: Recipe, serves: list, out: lis
         # the tiny model's tokenizer is made here, with no chat template; alpaca installs none
         out.append((hh + ("model",), "the served model has no chat template (a tiny model with alpaca prompts): "
                     "/v1/chat/completions answers 400; use model: completions", False))
+
+
+def _at_recipe_root(task: str) -> bool:
+    from ftkit.recipe.harness import is_path
+
+    if not is_path(task):
+        return False
+    parts = [p for p in task.replace("\\", "/").split("/") if p not in ("", ".")]
+    return not parts or (len(parts) == 1 and task.endswith((".yaml", ".yml")))
 
 
 def harness_type_findings(recipe: Recipe, paths: dict[Path_, Path]) -> list[Finding]:
@@ -972,6 +1000,12 @@ def harness_type_findings(recipe: Recipe, paths: dict[Path_, Path]) -> list[Find
         except (OSError, ValueError) as e:
             out.append((where, f"unreadable task YAML: {e}", False))
             continue
+        for task_file, ref, module in harness.python_imports(local):
+            root = local if local.is_dir() else local.parent
+            rel = str(module.relative_to(root)) if module.is_relative_to(root) else str(module)
+            if not module.is_file():
+                out.append((where, f"{task_file.name}: !function {ref} imports {rel}, which does not exist (lm-eval "
+                            "would fail after the server has started)", False))
         if not types and local.is_dir():
             out.append((where, f"{local.name}/ defines no lm-eval task (no YAML with a `task:` name)", False))
             continue

@@ -14,6 +14,8 @@ checked by the engine once lm-eval has loaded them.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -31,40 +33,109 @@ def is_path(task: str) -> bool:
 
 
 class _Loader(yaml.SafeLoader):
-    """lm-eval's YAML: `!function module.name` tags read as plain text (nothing is imported)."""
+    """lm-eval's YAML: tags read as plain text, nothing imported; each `!function module.name`
+    is noted (lm-eval imports `module.py` beside the YAML file and runs it: validate says so)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.functions: list[str] = []
 
 
-_Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+def _tag(loader: _Loader, suffix: str, node: yaml.Node) -> None:
+    if suffix == "function" and isinstance(node, yaml.ScalarNode):
+        loader.functions.append(str(node.value))
 
 
-def _read(path: Path, depth: int = 0) -> dict[str, Any]:
-    """One task YAML with what it includes (the included file first, as lm-eval merges them)."""
-    if path.stat().st_size > MAX_YAML_BYTES:
-        raise ValueError(f"{path.name} is over {MAX_YAML_BYTES >> 20} MiB")
-    data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+_Loader.add_multi_constructor("!", _tag)
+
+
+def _text(path: Path) -> str:
+    """A task file's text: a regular file (opened without blocking: a FIFO named *.yaml in a
+    task directory must not hang validate), at most MAX_YAML_BYTES."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        if st.st_size > MAX_YAML_BYTES:
+            raise ValueError(f"{path.name} is over {MAX_YAML_BYTES >> 20} MiB")
+        return os.read(fd, MAX_YAML_BYTES + 1).decode("utf-8")
+    finally:
+        os.close(fd)
+
+
+def _load(path: Path) -> tuple[Any, list[str]]:
+    loader = _Loader(_text(path))
+    try:
+        return loader.get_single_data(), loader.functions
+    finally:
+        loader.dispose()
+
+
+def _includes(path: Path, data: dict[str, Any]) -> list[Path]:
+    inc = data.get("include")
+    out = []
+    for name in inc if isinstance(inc, list) else [] if inc is None else [inc]:
+        if not isinstance(name, str):
+            continue
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise ValueError(f"{path.name}: include {name!r} leaves the task's directory")
+        if (path.parent / name).is_file():
+            out.append(path.parent / name)
+    return out
+
+
+def _read(path: Path, depth: int = 0, functions: list[tuple[Path, str]] | None = None) -> dict[str, Any]:
+    """One task YAML with what it includes (the included file first, as lm-eval merges them);
+    the `!function` references of each file read go to `functions` as (file, reference)."""
+    data, refs = _load(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path.name} is not a YAML mapping")
-    inc = data.pop("include", None)
-    if inc is None or depth > 8:
+    if functions is not None:
+        functions += [(path, r) for r in refs]
+    included = _includes(path, data)
+    data.pop("include", None)
+    if not included or depth > 8:
         return data
     merged: dict[str, Any] = {}
-    for name in inc if isinstance(inc, list) else [inc]:
-        if isinstance(name, str) and (path.parent / name).is_file():
-            merged.update(_read(path.parent / name, depth + 1))
+    for inc in included:
+        merged.update(_read(inc, depth + 1, functions))
     merged.update(data)
     return merged
+
+
+def _task_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())[:MAX_FILES]
+
+
+def python_imports(path: Path) -> list[tuple[Path, str, Path]]:
+    """(task file, `!function` reference, the Python file lm-eval imports for it) for the task
+    files at `path`: lm-eval runs that Python, so validate names it and refuses one missing."""
+    out: list[tuple[Path, str, Path]] = []
+    for f in _task_files(path):
+        refs: list[tuple[Path, str]] = []
+        try:
+            _read(f, functions=refs)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError):
+            continue  # said by task_types
+        for where, ref in refs:
+            module = ref.rsplit(".", 1)[0] if "." in ref else ref
+            out.append((where, ref, where.parent / f"{module}.py"))
+    return out
 
 
 def task_types(path: Path) -> dict[str, str]:
     """{task name: output_type} of the tasks a YAML file or a directory of them defines
     (groups and files that define no task are left out). Raises ValueError with the file."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))[:MAX_FILES]
+    files = _task_files(path)
     out: dict[str, str] = {}
     for f in files:
         try:
             cfg = _read(f)
         except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
-            if path.is_file():
+            if not path.is_dir():
                 raise ValueError(f"{f.name}: {str(e).splitlines()[0]}") from None
             continue  # a directory may hold YAML that is not a task (lm-eval skips it too)
         name = cfg.get("task")

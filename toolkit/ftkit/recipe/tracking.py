@@ -40,6 +40,9 @@ def uri_problem(uri: str) -> str | None:
     if "@" in parts.netloc:
         return ("credentials in the URI would be written to the plan and the run directory: put them in ftkit's "
                 "environment as MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    if parts.query or parts.fragment or "?" in uri or "#" in uri:
+        return ("a query or fragment would be written to the plan and the run directory, and MLflow needs neither: "
+                "a token belongs in ftkit's environment as MLFLOW_TRACKING_TOKEN")
     if scheme in ("http", "https"):
         if not parts.hostname:
             return f"{uri!r} names no host"
