@@ -7,6 +7,7 @@ test prompts and a run directory of the same layout."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -127,14 +128,16 @@ def test_gguf_export_answers_as_the_merged_model(run_dir: Path, tmp_path: Path) 
 
 def _layout(run: Path) -> set[str]:
     """What a run directory holds, without the parts that differ by nature (checkpoint step
-    numbers, build logs of images built on first use, temp files, and the hub cache directory
-    `transformers serve` needs where it serves - vLLM serves in the images)."""
+    numbers, build logs of images built on first use, temp files, the hub cache directory
+    `transformers serve` needs where it serves - vLLM serves in the images - and the time,
+    host and pid in a TensorBoard event file's name, as TensorBoard names its own)."""
     out = set()
     for p in run.rglob("*"):
         rel = p.relative_to(run).as_posix()
         if ("/checkpoints/" in rel or rel.startswith("logs/images") or "-cpu-" in rel or "transformers-20" in rel
                 or rel.startswith("steps/serve/hub-cache")):
             continue
+        rel = re.sub(r"/events\.out\.tfevents\.[^/]+$", "/events.out.tfevents.*", rel)
         out.add(rel + ("/" if p.is_dir() else ""))
     return out
 
