@@ -395,6 +395,19 @@ def recipe_findings(recipe: Recipe, base_dir: Path) -> list[Finding]:
     return out
 
 
+def _pinned_hub(where: Path_, repo_id: str, revision: str | None, what: str, out: list[Finding]) -> None:
+    """A hub model or dataset: a valid repo id, and a revision that is a commit (a branch or tag
+    can move, and the run would use other weights or data than its plan says)."""
+    problem = hub_id_problem(repo_id)
+    if problem:
+        out.append((where, problem, False))
+    if revision is None:
+        out.append((where, f"a hub {what} needs `revision:` pinned to a commit (40 hex characters)", True))
+    elif not _SHA.match(revision):
+        out.append((where[:-1] + ("revision",),
+                    f"{revision!r} is not a commit hash; a branch or tag can move, pin the commit", False))
+
+
 def _dataset(recipe: Recipe, out: list[Finding]) -> None:
     """Where the data comes from: a local path or a hub dataset pinned to a commit (a branch or
     tag can move, and the run would train on other data than its plan says)."""
@@ -404,16 +417,9 @@ def _dataset(recipe: Recipe, out: list[Finding]) -> None:
         what = "none" if not sources else " and ".join(sources)
         out.append((("dataset",), f"give exactly one of path (local) or hub (a hub dataset); got {what}", False))
     if d.hub is not None:
-        problem = hub_id_problem(d.hub)
-        if problem:
-            out.append((("dataset", "hub"), problem, False))
-        elif "/" not in d.hub:
+        _pinned_hub(("dataset", "hub"), d.hub, d.revision, "dataset", out)
+        if not hub_id_problem(d.hub) and "/" not in d.hub:
             out.append((("dataset", "hub"), f"{d.hub!r}: a hub dataset is named org/name", False))
-        if d.revision is None:
-            out.append((("dataset", "hub"), "a hub dataset needs `revision:` pinned to a commit (40 hex characters)", True))
-        elif not _SHA.match(d.revision):
-            out.append((("dataset", "revision"),
-                        f"{d.revision!r} is not a commit hash; a branch or tag can move, pin the commit", False))
     else:
         for key in ("revision", "subset"):
             if getattr(d, key) is not None:
@@ -446,15 +452,7 @@ def _model(recipe: Recipe, out: list[Finding]) -> None:
         what = "none" if not sources else " and ".join(sources)
         out.append((("model",), f"give exactly one of id (hub), path (local) or tiny (generated); got {what}", False))
     if m.id is not None:
-        problem = hub_id_problem(m.id)
-        if problem:
-            out.append((("model", "id"), problem, False))
-        if m.revision is None:
-            out.append((("model", "id"), "a hub model needs `revision:` pinned to a commit (40 hex characters)", True))
-        elif not _SHA.match(m.revision):
-            out.append(
-                (("model", "revision"), f"{m.revision!r} is not a commit hash; a branch or tag can move, pin the commit", False)
-            )
+        _pinned_hub(("model", "id"), m.id, m.revision, "model", out)
     elif m.revision is not None:
         out.append((("model", "revision"), "revision applies to hub models (`id:`) only", True))
     if m.tiny is not None:
