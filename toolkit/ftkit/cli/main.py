@@ -34,19 +34,32 @@ for module in (config_cmds, image_cmds, engine_cmds, run_cmds, compose_cmds, pow
         cli.add_command(command)
 
 
+def _reader_left() -> None:
+    """`ftkit plan | head`: the reader left, so there is nothing to say and nothing went wrong.
+
+    Later writes (and the flush at exit) go to /dev/null instead of raising again."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="ftkit", standalone_mode=False)
+    except SystemExit as e:
+        # click turns EPIPE from a command into `sys.exit(1)` after wrapping stdout in its
+        # PacifyFlushWrapper: that wrapper is how we know it was the pipe and not a failure
+        if e.code == 1 and isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+            _reader_left()
+        raise
     except FtkitError as e:
         from ftkit.text import terminal_safe
 
         click.echo(terminal_safe(e.render()), err=True)  # a path or a server's words in it: escaped
         sys.exit(e.exit_code)
     except OSError as e:
-        if isinstance(e, BrokenPipeError):  # `ftkit plan | head`: the reader left, nothing to say
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(0)
+        if isinstance(e, BrokenPipeError):  # the pipe broke outside click's own handling
+            _reader_left()
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             from ftkit.text import printable
 
