@@ -89,12 +89,20 @@ def gpus(*models: str, vram_gib: float | None = None) -> list[dict[str, Any]]:
             for i, m in enumerate(models)]
 
 
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip().removesuffix("\n...").strip()
+
+
 def _dump(data: dict[str, Any]) -> str:
+    """One line a top-level key (its value in flow style), the steps last, one line each:
+    the layout the tests wrote by hand, so a recipe's steps start at line 6."""
+    lines = [f"{key}: {_flow(value)}\n" for key, value in data.items() if key != "steps"]
     steps = data.get("steps")
     if isinstance(steps, str):  # YAML text of the steps, kept as the test wrote it
-        rest = {k: v for k, v in data.items() if k != "steps"}
-        return yaml.safe_dump(rest, sort_keys=False, width=1000) + "steps:\n" + steps
-    return yaml.safe_dump(data, sort_keys=False, width=1000)
+        return "".join(lines) + "steps:\n" + steps
+    if steps is not None:
+        lines += ["steps:\n", *(f"  - {_flow(s)}\n" for s in steps)]
+    return "".join(lines)
 
 
 def write_recipe(where: Path, data: dict[str, Any], *, rows: list[dict[str, Any]] | None = None,

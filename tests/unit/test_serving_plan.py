@@ -4,38 +4,22 @@ sleep mode where the platform has it, and located refusals. Pure: nothing runs."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from ftkit.gateways import serving
 from ftkit.plan.serving import VLLM_MODULE, lora_rank_for
+from tests import builders as b
+from tests.builders import machine_file, recipe_file, step
+from tests.builders import plan_json as plan
 from tests.conftest import RECIPES, run_cli
 
-BASE = """\
-ftkit: 1
-name: srv
-model: {tiny: {hidden_size: 64, layers: 1, heads: HEADS, intermediate_size: 64, vocab_size: 300}, dtype: fp32}
-dataset: {path: data.jsonl, format: alpaca, template: alpaca}
-steps:
-"""
 TRAIN = "  - {type: train, name: NAME, method: lora, lora: {r: R}, max_steps: 1}\n"
-GPU_MACHINE = """\
-ftkit: 1
-kind: machine
-name: one-gpu
-executor: EXECUTOR
-gpus:
-  - {index: 0, model: RTX 4090, vram_gib: 24}
-"""
 
 
 def recipe(tmp: Path, steps: str, heads: int = 2) -> Path:
-    (tmp / "data.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
-    path = tmp / "recipe.yaml"
-    path.write_text(BASE.replace("HEADS", str(heads)) + steps)
-    return path
+    return recipe_file(tmp, name="srv", model={"tiny": {"heads": heads, "intermediate_size": 64}}, steps=steps)
 
 
 def train(name: str = "train", r: int = 16) -> str:
@@ -43,22 +27,10 @@ def train(name: str = "train", r: int = 16) -> str:
 
 
 def machine(tmp: Path, executor: str = "docker", gpus: bool = False) -> Path:
-    path = tmp / f"machine-{executor}-{gpus}.yaml"
     if gpus:
-        path.write_text(GPU_MACHINE.replace("EXECUTOR", executor))
-    else:
-        path.write_text(f"ftkit: 1\nkind: machine\nname: cpu-{executor}\nexecutor: {executor}\n")
-    return path
-
-
-def plan(recipe_path: Path, machine_path: Path) -> dict:
-    result = run_cli("plan", str(recipe_path), "--machine", str(machine_path), "--json")
-    assert result.code == 0, result.err
-    return json.loads(result.out)
-
-
-def step(p: dict, sid: str) -> dict:
-    return next(s for s in p["steps"] if s["id"] == sid)
+        return machine_file(tmp, file=f"machine-{executor}-{gpus}.yaml", name="one-gpu", executor=executor,
+                            gpus=b.gpus("RTX 4090", vram_gib=24))
+    return machine_file(tmp, file=f"machine-{executor}-{gpus}.yaml", name=f"cpu-{executor}", executor=executor)
 
 
 @pytest.fixture(autouse=True)
