@@ -176,6 +176,17 @@ class UnsafeFile(OSError):
         self.reason = reason
 
 
+class TooLarge(UnsafeFile):
+    """A file over the reader's limit: callers that name their own limit ("the limit is 1 MiB")
+    catch this one apart from the rest."""
+
+    def __init__(self, path: str | os.PathLike[str], size: int | None, max_bytes: int) -> None:
+        super().__init__(path, f"{size} bytes, more than the {max_bytes} ftkit reads" if size is not None
+                         else f"more than the {max_bytes} bytes ftkit reads")
+        self.size = size
+        self.max_bytes = max_bytes
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink")):
@@ -184,11 +195,18 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> int:
+def open_regular(path: str | os.PathLike[str], *, dir_fd: int | None = None, follow: bool = False) -> int:
     """A read-only descriptor on a regular file, never blocking and never through a final
     symlink: a FIFO, a device or a socket in a shared or handed-over directory must not
-    hang the reader, and a link must not lead it elsewhere. The caller closes it."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+    hang the reader, and a link must not lead it elsewhere. The caller closes it.
+
+    `follow=True` is for files a person named (a recipe, a model's weights: the HF cache's
+    snapshots are links into its blobs): links are followed, everything else holds. This is
+    ftkit's one bounded reader of outside files (config text, model files, lock files, its
+    own records); the type is checked on the descriptor, so a rename cannot race it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+    if not follow:
+        flags |= os.O_NOFOLLOW
     try:
         fd = os.open(path, flags, dir_fd=dir_fd)
     except OSError as e:
@@ -210,11 +228,12 @@ def open_regular(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> 
     return fd
 
 
-def read_bounded(path: str | os.PathLike[str], max_bytes: int, *, tail: bool = False) -> bytes:
+def read_bounded(path: str | os.PathLike[str], max_bytes: int, *, tail: bool = False,
+                 follow: bool = False) -> bytes:
     """A regular file's bytes, at most `max_bytes` of them (see open_regular). A larger
-    file is refused, or with `tail=True` only its last `max_bytes` are returned (journals
-    read from the end)."""
-    fd = open_regular(path)
+    file is refused (TooLarge), or with `tail=True` only its last `max_bytes` are returned
+    (journals read from the end)."""
+    fd = open_regular(path, follow=follow)
     try:
         return read_fd_bounded(fd, path, max_bytes, tail=tail)
     finally:
@@ -225,7 +244,7 @@ def read_fd_bounded(fd: int, path: str | os.PathLike[str], max_bytes: int, *, ta
     try:
         size = os.fstat(fd).st_size
         if size > max_bytes and not tail:
-            raise UnsafeFile(path, f"{size} bytes, more than the {max_bytes} ftkit reads")
+            raise TooLarge(path, size, max_bytes)
         start = max(0, size - max_bytes) if tail else 0
         chunks, got = [], 0
         while got < max_bytes:  # the size may change under us; the cap holds regardless
@@ -235,7 +254,7 @@ def read_fd_bounded(fd: int, path: str | os.PathLike[str], max_bytes: int, *, ta
             chunks.append(chunk)
             got += len(chunk)
         if not tail and os.pread(fd, 1, start + got):
-            raise UnsafeFile(path, f"more than the {max_bytes} bytes ftkit reads")
+            raise TooLarge(path, None, max_bytes)
         return b"".join(chunks)
     except OSError as e:
         if isinstance(e, UnsafeFile):

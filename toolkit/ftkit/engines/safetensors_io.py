@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
 import threading
 from collections import deque
@@ -30,6 +29,7 @@ from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ftkit import files
 from ftkit.errors import EngineError, UserError
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -60,21 +60,18 @@ def _show(value: object) -> str:
 
 
 def open_regular(path: Path) -> int:
-    """A read-only descriptor for a regular file. O_NONBLOCK makes opening a FIFO return at once
-    (instead of waiting for a writer); the type is checked on the descriptor itself."""
+    """A read-only descriptor for a regular file, through ftkit's one reader of outside files
+    (ftkit.files.open_regular: never blocks on a FIFO, the type checked on the descriptor);
+    links are followed, as the HF cache's snapshots are links into its blobs."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise BadModelFile(f"{path}: no such file") from None
-    except OSError as e:
-        raise BadModelFile(f"{path}: cannot open: {e.strerror}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
-        raise BadModelFile(f"{path}: is {kind}, not a regular file")
-    return fd
+        return files.open_regular(path, follow=True)
+    except files.UnsafeFile as e:
+        cause = e.__cause__
+        if isinstance(cause, FileNotFoundError):
+            raise BadModelFile(f"{path}: no such file") from None
+        if isinstance(cause, OSError):
+            raise BadModelFile(f"{path}: cannot open: {e.reason}") from None
+        raise BadModelFile(f"{path}: is {e.reason}") from None
 
 
 def _pread_exact(fd: int, n: int, offset: int, path: Path, what: str) -> bytes:

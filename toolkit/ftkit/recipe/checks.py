@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 
 from ftkit.dockerhost import docker_host_problem
+from ftkit.files import TooLarge, UnsafeFile, read_bounded
 from ftkit.recipe import datarows, imagerefs, serveargs, tracking
 from ftkit.recipe.models import (
     Cluster,
@@ -357,17 +358,11 @@ def read_lock_file(path: Path) -> tuple[object | None, str | None]:
     if problem:
         return None, problem
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    except OSError as e:
-        return None, f"cannot read: {e.strerror}"
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, "not a regular file"
-        raw = os.read(fd, (4 << 20) + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > 4 << 20:
+        raw = read_bounded(path, 4 << 20, follow=True)
+    except TooLarge:
         return None, "larger than 4 MiB: not an images.lock.json"
+    except UnsafeFile as e:
+        return None, f"cannot read: {e.reason}"
     try:
         return json.loads(raw.decode("utf-8")), None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

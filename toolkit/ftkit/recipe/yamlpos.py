@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ftkit.errors import ConfigError, ConfigIssue
+from ftkit.files import TooLarge, UnsafeFile, read_bounded
 from ftkit.text import printable  # noqa: F401  (re-exported: recipe code says yamlpos.printable)
 
 MAX_BYTES = 1 << 20  # 1 MiB: recipes are hand-written; anything larger is a mistake or an attack
@@ -128,29 +129,12 @@ def read_text(path: str | os.PathLike[str], *, display: str | None = None) -> st
         raise _fail(name, 0, 0, f"is {special_kind(st.st_mode)}, not a regular file")
     if st.st_size > MAX_BYTES:
         raise _fail(name, 0, 0, f"file is {st.st_size} bytes; the limit is {MAX_BYTES} bytes")
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise _fail(name, 0, 0, f"cannot read: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # swapped for a special file after the first look
-            raise _fail(name, 0, 0, f"is {special_kind(st.st_mode)}, not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_BYTES:
-            chunk = os.read(fd, MAX_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        raw = b"".join(chunks)
-    except OSError as e:
-        raise _fail(name, 0, 0, f"cannot read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_BYTES:  # a file that grew while we looked
-        raise _fail(name, 0, 0, f"file is larger than the limit of {MAX_BYTES} bytes")
+    try:  # the look above names the common cases; this read holds if the file changes meanwhile
+        raw = read_bounded(p, MAX_BYTES, follow=True)
+    except TooLarge:  # a file that grew while we looked
+        raise _fail(name, 0, 0, f"file is larger than the limit of {MAX_BYTES} bytes") from None
+    except UnsafeFile as e:
+        raise _fail(name, 0, 0, f"cannot read: {e.reason}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
