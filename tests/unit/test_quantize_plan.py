@@ -17,40 +17,21 @@ import yaml
 from ftkit.plan import servefit
 from ftkit.plan.catalog import find_arch
 from ftkit.plan.memory import NF4_BYTES
+from tests import builders as b
+from tests.builders import CPU_DOCKER, machine_file, plan_json, recipe_file, step
 from tests.conftest import RECIPES, run_cli
 
 MISTRAL = find_arch("mistralai/Mistral-Small-24B-Instruct-2501")
 QUICK = RECIPES / "quickstart-quantize.yaml"
-CPU_DOCKER = RECIPES / "machines" / "cpu-docker.yaml"
 ZORAC = RECIPES / "machines" / "zorac.yaml"
 MISTRAL_RECIPE = RECIPES / "mistral-small-24b-qlora-2x24gb.yaml"
 
-BASE = """\
-ftkit: 1
-name: q
-model: {tiny: {hidden_size: HIDDEN, layers: 1, heads: 4, intermediate_size: 256, vocab_size: 300}, dtype: fp32}
-dataset: {path: data.jsonl, format: alpaca, template: alpaca}
-steps:
-  - {type: train, method: lora, max_steps: 1}
-  - {type: merge}
-"""
+TRAIN_MERGE = "  - {type: train, method: lora, max_steps: 1}\n  - {type: merge}\n"
 
 
 def recipe(tmp: Path, steps: str, hidden: int = 128) -> Path:
-    (tmp / "data.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
-    path = tmp / "recipe.yaml"
-    path.write_text(BASE.replace("HIDDEN", str(hidden)) + steps)
-    return path
-
-
-def plan_json(recipe_path: Path, machine: Path, *extra: str) -> dict:
-    result = run_cli("plan", str(recipe_path), "--machine", str(machine), "--json", *extra)
-    assert result.code == 0, result.err
-    return json.loads(result.out)
-
-
-def step(p: dict, sid: str) -> dict:
-    return next(s for s in p["steps"] if s["id"] == sid)
+    return recipe_file(tmp, name="q", model={"tiny": {"hidden_size": hidden, "heads": 4, "intermediate_size": 256}},
+                       steps=TRAIN_MERGE + steps)
 
 
 # --------------------------------------------------------------------------- the step
@@ -479,9 +460,8 @@ def test_a_4_bit_model_served_over_gpus_needs_whole_groups_per_gpu(tmp_path: Pat
     """Row-parallel layers (o_proj, down_proj) split their inputs over the GPUs: 128 inputs
     over 2 GPUs are 64 each, less than one group (vLLM's Marlin refuses)."""
     steps = "  - {type: quantize, gpus: [0]}\n  - {type: serve, model: quantized, engine: vllm, gpus: GPUS}\n"
-    machine = tmp_path / "two.yaml"
-    machine.write_text("ftkit: 1\nkind: machine\nname: two\nexecutor: docker\ngpus:\n"
-                       "  - {index: 0, model: RTX 4090}\n  - {index: 1, model: RTX 4090}\n")
+    machine = machine_file(tmp_path, file="two.yaml", name="two", executor="docker",
+                           gpus=b.gpus("RTX 4090", "RTX 4090"))
     result = run_cli("validate", str(recipe(tmp_path, steps.replace("GPUS", "[0, 1]"))), "--machine", str(machine))
     assert result.code == 2, result.err
     line = next(ln for ln in result.err.splitlines() if "o_proj" in ln)
