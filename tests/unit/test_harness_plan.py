@@ -10,26 +10,18 @@ the console line. The run itself: tests/e2e/test_quickstart_harness.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from tests import builders as b
+from tests.builders import CPU, CPU_DOCKER, recipe_file, step, step_config
 from tests.conftest import RECIPES, run_cli
 
-CPU = RECIPES / "machines" / "cpu.yaml"
-CPU_DOCKER = RECIPES / "machines" / "cpu-docker.yaml"
 ALL = {"lm-eval": "0.4.13", "tenacity": "9.2.1", "aiohttp": "3.14.5"}
 
-BASE = """\
-ftkit: 1
-name: h
-model: {tiny: {hidden_size: 64, layers: 1, heads: 2, intermediate_size: 128, vocab_size: 300}, dtype: fp32}
-dataset: {path: data.jsonl, format: alpaca, template: TEMPLATE}
-steps:
-  - {type: train, method: lora, max_steps: 1}
-  - {type: merge}
-"""
+TRAIN_MERGE = "  - {type: train, method: lora, max_steps: 1}\n  - {type: merge}\n"
+ROW = {"instruction": "a", "input": "x", "output": "b"}
 SERVE = "  - {type: serve, model: merged, port: 8791, ENGINE}\n"
 TASK = """\
 task: cat
@@ -53,24 +45,18 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
 
 def recipe(tmp: Path, steps: str, *, engine: str = "engine: auto", output: str = "generate_until",
            template: str = "alpaca") -> Path:
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "data.jsonl").write_text(json.dumps({"instruction": "a", "input": "x", "output": "b"}) + "\n")
-    (tmp / "tasks").mkdir(exist_ok=True)
+    (tmp / "tasks").mkdir(parents=True, exist_ok=True)
     (tmp / "tasks" / "cat.yaml").write_text(TASK.replace("OUTPUT", output))
-    path = tmp / "recipe.yaml"
-    path.write_text(BASE.replace("TEMPLATE", template) + SERVE.replace("ENGINE", engine) + steps)
-    return path
+    return recipe_file(tmp, rows=[ROW], name="h", dataset={"template": template},
+                       steps=TRAIN_MERGE + SERVE.replace("ENGINE", engine) + steps)
 
 
 def plan_json(path: Path, machine: Path = CPU) -> dict:
-    result = run_cli("plan", str(path), "--machine", str(machine), "--json")
-    assert result.code == 0, result.err
-    return json.loads(result.out)
+    return b.plan_json(path, machine)
 
 
 def eval_job(p: dict, sid: str = "eval") -> dict:
-    step = next(s for s in p["steps"] if s["id"] == sid)
-    return json.loads(next(f["content"] for f in step["files"] if f["path"] == f"configs/eval-{sid}.json"))
+    return step_config(step(p, sid), f"configs/eval-{sid}.json")
 
 
 def test_the_plan_names_the_servers_endpoint_model_and_tokenizer(tmp_path: Path, installed: dict) -> None:
@@ -132,9 +118,8 @@ def test_validate_refuses_located(tmp_path: Path, case: str) -> None:
 
 
 def test_no_server_before_the_eval(tmp_path: Path) -> None:
-    (tmp_path / "data.jsonl").write_text(json.dumps({"instruction": "a", "input": "x", "output": "b"}) + "\n")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(BASE.replace("TEMPLATE", "alpaca") + "  - {type: eval, models: [], harness: {tasks: [gsm8k]}}\n")
+    path = recipe_file(tmp_path, rows=[ROW], name="h",
+                       steps=TRAIN_MERGE + "  - {type: eval, models: [], harness: {tasks: [gsm8k]}}\n")
     result = run_cli("validate", str(path))
     assert result.code == 2
     assert f"{path}:8:39: steps[2].harness: the harness needs a serve step before this step" in result.err
