@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -213,3 +214,12 @@ def shipped(where: Path, name: str, *, data: bool = True, file: str = "recipe.ya
     out = where / file
     out.write_text(text)
     return out
+
+
+# FILE:LINE:COL: field.path: message, the one line every located error is
+LOCATED = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<path>\S+): (?P<msg>.+)$")
+
+
+def located(err: str) -> list[re.Match[str]]:
+    """The located error lines of a command's stderr, parsed."""
+    return [m for m in map(LOCATED.match, err.strip().splitlines()) if m]

@@ -6,54 +6,38 @@ layer sizes bitsandbytes' CPU 4-bit matmul gets wrong. No torch or bitsandbytes 
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import pytest
 
+from tests import builders as b
+from tests.builders import located, plan_json, shipped, step, step_config
 from tests.conftest import RECIPES, run_cli
 
-CPU = str(RECIPES / "machines" / "cpu.yaml")
+CPU = str(b.CPU)
 QLORA = RECIPES / "quickstart-qlora.yaml"
-LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<path>\S+): (?P<msg>.+)$")
 
 
 def variant(tmp_path: Path, **replace: str) -> Path:
     """The QLoRA quickstart with some lines replaced, beside a copy of its data."""
-    text = QLORA.read_text()
-    for old, new in replace.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    (tmp_path / "data").mkdir(exist_ok=True)
-    for name in ("quickstart-train.jsonl", "quickstart-eval.jsonl"):
-        (tmp_path / "data" / name).write_text((RECIPES / "data" / name).read_text())
-    out = tmp_path / "recipe.yaml"
-    out.write_text(text)
-    return out
-
-
-def plan_json(recipe: Path) -> dict:  # type: ignore[type-arg]
-    result = run_cli("plan", str(recipe), "--machine", CPU, "--json")
-    assert result.code == 0, result.err
-    return json.loads(result.out)
+    return shipped(tmp_path, QLORA.name, **replace)
 
 
 def test_the_qlora_quickstart_plans_on_a_cpu_machine() -> None:
     assert run_cli("validate", str(QLORA), "--machine", CPU).code == 0
-    plan = plan_json(QLORA)
+    plan = plan_json(QLORA, CPU)
     steps = {s["id"]: s for s in plan["steps"]}
     assert steps["train"]["description"] == "qlora training on the CPU" and steps["train"]["gpus"] == []
     merge = steps["merge"]["argv"]
     assert merge[merge.index("--nf4-dequantized-base") + 1:] == ["--nf4-dtype", "bf16"]  # as the train step loaded it
-    eval_cfg = json.loads(next(f["content"] for f in steps["eval"]["files"] if f["path"].startswith("configs/eval")))
+    eval_cfg = step_config(steps["eval"], "configs/eval")
     assert eval_cfg["qlora"] == {"train": "bf16"}  # the adapter is scored on the 4-bit base
     assert plan["fit"]["train"][0]["verdict"] == "unknown"  # CPU: bounded by RAM
 
 
 def test_fp16_qlora_merges_in_fp16(tmp_path: Path) -> None:
-    plan = plan_json(variant(tmp_path, **{"precision: bf16": "precision: fp16"}))
-    merge = next(s for s in plan["steps"] if s["id"] == "merge")["argv"]
+    plan = plan_json(variant(tmp_path, **{"precision: bf16": "precision: fp16"}), CPU)
+    merge = step(plan, "merge")["argv"]
     assert merge[-2:] == ["--nf4-dtype", "fp16"]
 
 
@@ -61,7 +45,7 @@ def test_tiny_layer_sizes_must_be_multiples_of_64_for_cpu_qlora(tmp_path: Path) 
     recipe = variant(tmp_path, **{"hidden_size: 64": "hidden_size: 32", "intermediate_size: 128": "intermediate_size: 96"})
     result = run_cli("validate", str(recipe), "--machine", CPU)
     assert result.code == 2
-    found = [m for m in map(LINE.match, result.err.strip().splitlines()) if m]
+    found = located(result.err)
     assert {m["path"] for m in found} == {"model.tiny.hidden_size", "model.tiny.intermediate_size"}, result.err
     hidden = next(m for m in found if m["path"] == "model.tiny.hidden_size")
     assert hidden["line"] == "14" and "use 64" in hidden["msg"] and "method: lora" in hidden["msg"]
@@ -72,8 +56,8 @@ def test_tiny_layer_sizes_must_be_multiples_of_64_for_cpu_qlora(tmp_path: Path) 
 
 
 def test_a_paged_optimizer_on_the_cpu_is_noted(tmp_path: Path) -> None:
-    plan = plan_json(variant(tmp_path, **{"optimizer: adamw_8bit": "optimizer: paged_adamw_8bit"}))
-    train = next(s for s in plan["steps"] if s["id"] == "train")
+    plan = plan_json(variant(tmp_path, **{"optimizer: adamw_8bit": "optimizer: paged_adamw_8bit"}), CPU)
+    train = step(plan, "train")
     assert any("runs as adamw_8bit" in n for n in train["notes"]), train["notes"]
 
 
@@ -106,7 +90,7 @@ def test_up_refuses_bitsandbytes_steps_it_could_not_run(tmp_path: Path, monkeypa
     result = run_cli(command, str(recipe), "--machine", CPU, *args)
     assert result.code == 2, result.err
     assert not result.out.strip(), result.out  # no plan printed, no "ok:"
-    found = [m for m in map(LINE.match, result.err.strip().splitlines()) if m]
+    found = located(result.err)
     assert [m["path"] for m in found] == [f"steps[0].{field}"], result.err
     msg = found[0]["msg"]
     assert says in msg and "pip install 'bitsandbytes>=0.50'" in msg and "--executor docker" in msg
