@@ -19,18 +19,18 @@ def _ver(s: str) -> tuple[int, ...]:
 
 
 @dataclass
-class Finding:
+class CompatFinding:
     level: str  # error | warning
     message: str
 
 
-def check(v: Variant, driver: str, cuda_driver: str, gpus: list[GpuInfo]) -> list[Finding]:
+def check(v: Variant, driver: str, cuda_driver: str, gpus: list[GpuInfo]) -> list[CompatFinding]:
     if not v.cuda:
         return []
-    out: list[Finding] = []
+    out: list[CompatFinding] = []
     if _ver(cuda_driver) < _ver(v.cuda):
         need = f" (driver {v.min_driver} or newer)" if v.min_driver else ""
-        out.append(Finding("error", f"driver {driver} supports CUDA up to {cuda_driver}; variant {v.name} needs "
+        out.append(CompatFinding("error", f"driver {driver} supports CUDA up to {cuda_driver}; variant {v.name} needs "
                                     f"CUDA {v.cuda}{need}: update the NVIDIA driver, or build an older CUDA variant"))
     arches = sorted((_ver(a) for a in v.arch_list), key=lambda t: t)
     for g in gpus:
@@ -40,13 +40,13 @@ def check(v: Variant, driver: str, cuda_driver: str, gpus: list[GpuInfo]) -> lis
         if cc in arches:
             continue
         if cc < arches[0]:
-            out.append(Finding("error", f"GPU {g.index} ({g.name}, sm_{g.compute_capability.replace('.', '')}) is older "
+            out.append(CompatFinding("error", f"GPU {g.index} ({g.name}, sm_{g.compute_capability.replace('.', '')}) is older "
                                         f"than variant {v.name}'s torch supports (from sm_{'.'.join(map(str, arches[0])).replace('.', '')}): "
                                         "use a variant whose arch list includes it"))
         elif cc > arches[-1]:
-            out.append(Finding("warning", f"GPU {g.index} ({g.name}, compute {g.compute_capability}) is newer than "
+            out.append(CompatFinding("warning", f"GPU {g.index} ({g.name}, compute {g.compute_capability}) is newer than "
                                           f"variant {v.name}'s kernels; it relies on PTX JIT - prefer a newer CUDA variant"))
         else:
-            out.append(Finding("error", f"GPU {g.index} ({g.name}, compute {g.compute_capability}) is not in variant "
+            out.append(CompatFinding("error", f"GPU {g.index} ({g.name}, compute {g.compute_capability}) is not in variant "
                                         f"{v.name}'s arch list {v.arch_list}"))
     return out

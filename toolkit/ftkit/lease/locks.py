@@ -33,8 +33,9 @@ from ftkit.errors import UserError
 POLL_S = 0.01
 
 
-class Interrupted(Exception):
-    """A termination signal arrived while waiting for a lock."""
+class WaitInterrupted(Exception):
+    """A termination signal arrived while waiting for a lock (an Exception the lease handles;
+    not run.signals.Interrupted, the BaseException a run's signal gate raises)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -142,7 +143,7 @@ class GpuLocks:
         """Take every lock in order, waiting as long as `deadline` (monotonic; None: for
         ever) allows. Returns None when all are held, or the name still busy at the
         deadline (after letting go of the rest). `on_busy(name)` runs once per lock we have
-        to wait for, `on_tick(name)` about every `tick_s` while waiting. Raises Interrupted
+        to wait for, `on_tick(name)` about every `tick_s` while waiting. Raises WaitInterrupted
         on a terminating signal (see Waker), holding nothing."""
         for name in self.names:
             if name in self.held or self.try_lock(name):
@@ -150,7 +151,7 @@ class GpuLocks:
             on_busy(name)
             try:
                 got = self._wait(name, deadline, on_tick, waker, tick_s)
-            except Interrupted:
+            except WaitInterrupted:
                 self.release()
                 raise
             if not got:
@@ -170,7 +171,7 @@ class GpuLocks:
                 if deadline is not None and now >= deadline:
                     return False
                 if waker is not None and (sig := waker.take_terminating()) is not None:
-                    raise Interrupted(sig)
+                    raise WaitInterrupted(sig)
                 if on_tick is not None and now >= next_tick:
                     on_tick(name)
                     next_tick = now + tick_s
@@ -182,7 +183,7 @@ class GpuLocks:
                 if deadline is not None and now >= deadline:
                     return self.try_lock(name)
                 if (sig := waker.take_terminating()) is not None:
-                    raise Interrupted(sig)
+                    raise WaitInterrupted(sig)
                 wait = tick_s if deadline is None else max(0.001, min(tick_s, deadline - now))
                 waker.in_flock = True  # before the timer: a tick can never be lost
                 try:

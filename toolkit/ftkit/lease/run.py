@@ -30,7 +30,7 @@ from ftkit.errors import GpuError, HttpError, LeaseBusy, UserError
 from ftkit.lease import backstops
 from ftkit.lease.child import Tree, become_subreaper, wait_for_signal_or_timeout
 from ftkit.lease.gpus import GpuRef, lock_order, resolve
-from ftkit.lease.locks import GpuLocks, Interrupted, Waker
+from ftkit.lease.locks import GpuLocks, WaitInterrupted, Waker
 from ftkit.lease.paths import ensure_lease_dir
 from ftkit.lease.records import (
     Party,
@@ -300,7 +300,7 @@ class Lease:
         self.run_backstops()
         sig = self.waker.take_terminating()
         if sig is not None:
-            raise Interrupted(sig)
+            raise WaitInterrupted(sig)
         self.waker.pending.clear()  # nothing to forward from before the command existed
         self.tree = tree = self.start()
         self.presence.update(engine_pid=tree.pid)  # type: ignore[union-attr]
@@ -479,7 +479,7 @@ def run(opts: Options) -> int:
         if opts.role == "train":
             return lease.run_train()
         return lease.run_serve()
-    except Interrupted as e:
+    except WaitInterrupted as e:
         say(f"interrupted by {signal.Signals(e.signum).name} before the command started; nothing ran")
         return 128 + e.signum
     except CannotRun as e:
