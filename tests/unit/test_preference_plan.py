@@ -5,7 +5,6 @@ engine and job (pairs, the adapter it starts from), and has its own memory fit. 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,11 +14,12 @@ from ftkit.plan import memory
 from ftkit.plan.catalog import find_arch
 from ftkit.plan.jobs import PreferenceJob
 from ftkit.recipe.models import PreferenceStep, TrainStep
+from tests import builders as b
+from tests.builders import LOCATED, plan_json, shipped, step, step_config
 from tests.conftest import RECIPES, run_cli
 
-CPU = str(RECIPES / "machines" / "cpu.yaml")
+CPU = str(b.CPU)
 DPO = RECIPES / "quickstart-dpo.yaml"
-LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<path>\S+): (?P<msg>.+)$")
 SFT = """  - type: train
     name: sft
     method: lora
@@ -30,17 +30,9 @@ SFT = """  - type: train
 
 def variant(tmp_path: Path, pairs: str | None = None, **replace: str) -> Path:
     """The DPO quickstart with some lines replaced, beside a copy of its data (or other pairs)."""
-    text = DPO.read_text()
-    for old, new in replace.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    (tmp_path / "data").mkdir(exist_ok=True)
-    for name in ("quickstart-train.jsonl", "quickstart-pairs.jsonl"):
-        (tmp_path / "data" / name).write_text((RECIPES / "data" / name).read_text())
+    out = shipped(tmp_path, DPO.name, **replace)
     if pairs is not None:
         (tmp_path / "data" / "quickstart-pairs.jsonl").write_text(pairs)
-    out = tmp_path / "recipe.yaml"
-    out.write_text(text)
     return out
 
 
@@ -48,24 +40,14 @@ def errors(recipe: Path) -> list[re.Match[str]]:
     result = run_cli("validate", str(recipe), "--machine", CPU)
     assert result.code == 2, (result.out, result.err)
     lines = [line for line in result.err.splitlines() if line.strip()]
-    found = [LINE.match(line) for line in lines]
+    found = [LOCATED.match(line) for line in lines]
     assert all(found), lines
     return [m for m in found if m]
 
 
-def plan_json(recipe: Path) -> dict:  # type: ignore[type-arg]
-    result = run_cli("plan", str(recipe), "--machine", CPU, "--json")
-    assert result.code == 0, result.err
-    return json.loads(result.out)
-
-
-def config(step: dict, prefix: str) -> dict:  # type: ignore[type-arg]
-    return json.loads(next(f["content"] for f in step["files"] if f["path"].startswith(prefix)))
-
-
 def test_the_dpo_quickstart_plans_the_preference_engine_in_the_train_launch() -> None:
     assert run_cli("validate", str(DPO), "--machine", CPU).code == 0
-    plan = plan_json(DPO)
+    plan = plan_json(DPO, CPU)
     steps = {s["id"]: s for s in plan["steps"]}
     pref = steps["preference"]
     assert pref["kind"] == "train"  # merge, serve, eval, report and export take it as a train step
@@ -73,7 +55,7 @@ def test_the_dpo_quickstart_plans_the_preference_engine_in_the_train_launch() ->
     argv = pref["argv"]
     assert argv[argv.index("-m", 3) + 1] == "ftkit.engines.preference"  # under accelerate launch, like train
     assert "accelerate.commands.launch" in argv
-    job = PreferenceJob.model_validate(config(pref, "configs/preference-preference.json"))
+    job = PreferenceJob.model_validate(step_config(pref, "configs/preference-preference.json"))
     assert job.train.objective == "dpo" and job.init_adapter is None
     assert job.pairs.path.endswith("data/quickstart-pairs.jsonl") and job.pairs.eval == {"size": 60, "seed": 0}
     assert job.dataset.template == "alpaca"  # the pairs' prompts are formatted as the dataset's
@@ -93,9 +75,9 @@ def test_plan_shows_the_preference_config_in_one_line() -> None:
 def test_from_an_sft_adapter_the_engine_starts_from_its_adapter(tmp_path: Path) -> None:
     recipe = variant(tmp_path, **{"steps:\n": "steps:\n" + SFT, "    objective: dpo\n": "    objective: orpo\n    adapter: sft\n",
                                   "    lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}\n": ""})
-    plan = plan_json(recipe)
+    plan = plan_json(recipe, CPU)
     steps = {s["id"]: s for s in plan["steps"]}
-    job = config(steps["preference"], "configs/preference-")
+    job = step_config(steps["preference"], "configs/preference-")
     assert job["init_adapter"].endswith("steps/sft/adapter") and job["train"]["objective"] == "orpo"
     assert steps["preference"]["description"] == "ORPO preference (lora, from sft's adapter) training on the CPU"
     assert "reference_forward" not in plan["fit"]["preference"][0]["components_gib"]  # ORPO: no reference
@@ -190,10 +172,8 @@ def test_memory_fit_of_a_preference_step_on_a_gpu() -> None:
 
 
 def test_in_the_images_the_pairs_are_mounted_read_only_and_the_job_names_them_there() -> None:
-    result = run_cli("plan", str(DPO), "--machine", str(RECIPES / "machines" / "cpu-docker.yaml"), "--json")
-    assert result.code == 0, result.err
-    pref = next(s for s in json.loads(result.out)["steps"] if s["id"] == "preference")
+    pref = step(plan_json(DPO, b.CPU_DOCKER), "preference")
     inside = "/ftkit/inputs/pairs-preference/quickstart-pairs.jsonl"
     assert {"host": str(RECIPES / "data" / "quickstart-pairs.jsonl"), "container": inside, "read_only": True} in pref["mounts"]
-    assert config(pref, "configs/preference-")["pairs"]["path"] == inside
+    assert step_config(pref, "configs/preference-")["pairs"]["path"] == inside
     assert pref["argv"][:2] == ["accelerate", "launch"] and "ftkit.engines.preference" in pref["argv"]
