@@ -223,3 +223,12 @@ LOCATED = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<path>\S+
 def located(err: str) -> list[re.Match[str]]:
     """The located error lines of a command's stderr, parsed."""
     return [m for m in map(LOCATED.match, err.strip().splitlines()) if m]
+
+
+def shipped_machine(where: Path, name: str, *, file: str | None = None, **overrides: Any) -> Path:
+    """A shipped machine profile (recipes/machines/NAME) with `overrides` merged in, written in `where`."""
+    data = merged(yaml.safe_load((MACHINES / name).read_text()), overrides)
+    where.mkdir(parents=True, exist_ok=True)
+    out = where / (file or name)
+    out.write_text(_dump(data))
+    return out

@@ -5,12 +5,12 @@ never in a recipe, a plan, a run directory, a compose file or a printed docker c
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from ftkit.engines import tbevents
+from tests.builders import CPU_DOCKER, plan_json, shipped, shipped_machine, step_config
 from tests.conftest import RECIPES, run_cli
 
 SECRET = "s3cr3t-token-value-9f2c"
@@ -30,14 +30,7 @@ def test_event_files_read_back_with_tensorboards_reader(tmp_path: Path) -> None:
 
 
 def recipe_with(tmp_path: Path, tracking: str) -> Path:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    text = (RECIPES / "quickstart.yaml").read_text()
-    anchor = "\nsteps:"
-    assert anchor in text
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(text.replace(anchor, "\n" + tracking.rstrip() + anchor, 1))
-    shutil.copytree(RECIPES / "data", tmp_path / "data")
-    return recipe
+    return shipped(tmp_path, "quickstart.yaml", file="r.yaml", **{"\nsteps:": "\n" + tracking.rstrip() + "\nsteps:"})
 
 
 def train_step(plan: dict) -> dict:  # type: ignore[type-arg]
@@ -45,14 +38,11 @@ def train_step(plan: dict) -> dict:  # type: ignore[type-arg]
 
 
 def job_of(plan: dict) -> dict:  # type: ignore[type-arg]
-    step = train_step(plan)
-    return json.loads(next(f["content"] for f in step["files"] if f["path"].startswith("configs/train-")))
+    return step_config(train_step(plan), "configs/train-")
 
 
 def test_tensorboard_is_on_by_default_and_nothing_else_is(tmp_path: Path) -> None:
-    result = run_cli("plan", str(RECIPES / "quickstart.yaml"), "--json", cwd=tmp_path)
-    assert result.code == 0, result.err
-    plan = json.loads(result.out)
+    plan = plan_json(RECIPES / "quickstart.yaml", cwd=tmp_path)
     tracking = job_of(plan)["tracking"]
     assert tracking["tensorboard_dir"].endswith("/steps/train/tensorboard")
     assert tracking["mlflow"] is None and tracking["wandb"] is None and train_step(plan)["env_from_host"] == []
@@ -108,7 +98,7 @@ def test_the_docker_paths_take_secrets_from_the_environment_when_they_start(monk
     from ftkit.run.executors.multinode import docker_run_command
     from ftkit.run.planning import make_plan
 
-    plan = make_plan(str(RECIPES / "quickstart.yaml"), str(RECIPES / "machines" / "cpu-docker.yaml"), run_dir="/tmp/r")
+    plan = make_plan(str(RECIPES / "quickstart.yaml"), str(CPU_DOCKER), run_dir="/tmp/r")
     step = next(s for s in plan.steps if s.kind == "train")
     step.env_from_host = ["WANDB_API_KEY"]
     cs = container_spec(step, plan)
@@ -133,12 +123,11 @@ def test_docker_executor_and_missing_clients_are_refused_before_anything_runs(tm
     result = run_cli("plan", str(recipe), cwd=tmp_path)
     assert result.code == 2 and "mlflow or mlflow-skinny is not installed" in result.err, result.err
     monkeypatch.setattr(planning, "quantize_packages", lambda: {"mlflow-skinny": "3.18.0"})
-    result = run_cli("validate", str(recipe), "--machine", str(RECIPES / "machines" / "cpu-docker.yaml"))
+    result = run_cli("validate", str(recipe), "--machine", str(CPU_DOCKER))
     assert result.code == 2 and "ftkit's images do not carry it" in result.err, result.err
     off = recipe_with(tmp_path / "off", "tracking:\n  mlflow: false\n")
-    machine = tmp_path / "m.yaml"
-    machine.write_text((RECIPES / "machines" / "cpu-docker.yaml").read_text()
-                       + "tracking:\n  mlflow: {tracking_uri: 'https://team-mlflow:5000'}\n")
+    machine = shipped_machine(tmp_path, CPU_DOCKER.name, file="m.yaml",
+                              tracking={"mlflow": {"tracking_uri": "https://team-mlflow:5000"}})
     assert run_cli("validate", str(recipe), "--machine", str(machine)).code == 2  # the profile's server, in images
     result = run_cli("validate", str(off), "--machine", str(machine))  # the recipe turns it off
     assert result.code == 0, result.err
