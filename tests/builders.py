@@ -163,7 +163,7 @@ def machine(where: Path | None = None, /, **overrides: Any) -> Machine:
     return load_machine(machine_file(where or _scratch(), **overrides)).machine
 
 
-def plan_of(recipe_path: Path | str, machine_path: Path | str | None = None, *, run_dir: str = RUN,
+def plan_of(recipe_path: Path | str, machine_path: Path | str | None = None, *, run_dir: str | None = RUN,
             check: bool = False) -> Plan:
     """The plan of two files as `ftkit plan` builds it (`run.planning.prepare`); `check`
     refuses, as `ftkit up` does, a recipe that does not fit the machine."""
@@ -175,7 +175,7 @@ def plan_of(recipe_path: Path | str, machine_path: Path | str | None = None, *, 
     return prepared.plan
 
 
-def guide_plan(name: str, run_dir: str = RUN) -> Plan:
+def guide_plan(name: str, run_dir: str | None = RUN) -> Plan:
     """The plan of a guide recipe (a GUIDES key) on its machine."""
     recipe_name, machine_name = GUIDES[name]
     return plan_of(RECIPES / recipe_name, MACHINES / machine_name, run_dir=run_dir)

@@ -13,16 +13,10 @@ from ftkit.gateways.docker import create_args
 from ftkit.plan.container import container_spec, step_command
 from ftkit.plan.spec import run_label
 from ftkit.run.executors.docker import request
-from ftkit.run.planning import prepare
+from tests.builders import CPU_DOCKER, GUIDES, MACHINES, guide_plan, plan_of, recipe_data, write_recipe
 from tests.conftest import RECIPES
 
-PAIRS = [
-    ("mistral-small-24b-qlora-2x24gb.yaml", "zorac.yaml"),
-    ("gemma2-27b-qlora-zero3-2x4090.yaml", "dual-4090.yaml"),
-    ("llama31-8b-lora-1gpu.yaml", "dual-4090.yaml"),
-    ("llama31-8b-lora-2gpu.yaml", "dual-4090.yaml"),
-    ("quickstart.yaml", "cpu-docker.yaml"),
-]
+PAIRS = [*GUIDES.values(), ("quickstart.yaml", "cpu-docker.yaml")]
 INSIDE = re.compile(r"/ftkit/[\w./@:+-]+")
 
 
@@ -32,7 +26,7 @@ def _covered(path: str, targets: list[str]) -> bool:
 
 @pytest.mark.parametrize("recipe,machine", PAIRS, ids=[p[0].split(".")[0] for p in PAIRS])
 def test_every_container_is_complete(recipe: str, machine: str) -> None:
-    plan = prepare(str(RECIPES / recipe), str(RECIPES / "machines" / machine), run_dir="/runs/20261123T000000Z-x").plan
+    plan = plan_of(RECIPES / recipe, MACHINES / machine, run_dir="/runs/20261123T000000Z-x")
     docker_steps = [s for s in plan.steps if s.executor == "docker"]
     assert docker_steps
     for step in docker_steps:
@@ -78,7 +72,7 @@ def test_every_container_is_complete(recipe: str, machine: str) -> None:
 
 def test_simulated_gpus_request_no_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FTKIT_SIMULATED_GPUS", "RTX 4090,RTX 4090")
-    plan = prepare(str(RECIPES / "llama31-8b-lora-2gpu.yaml"), str(RECIPES / "machines" / "dual-4090.yaml")).plan
+    plan = guide_plan("llama-2gpu", run_dir=None)
     train = next(s for s in plan.steps if s.kind == "train")
     args = create_args(request(container_spec(train, plan)))
     assert not args["HostConfig"].get("DeviceRequests")
@@ -94,12 +88,10 @@ def test_template_and_eval_files_are_mounted(tmp_path) -> None:  # type: ignore[
     shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", tmp_path / "train.jsonl")
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "a", "expected": "b"}\n')
     (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    (tmp_path / "recipe.yaml").write_text(
-        "ftkit: 1\nname: inputs\nmodel: {tiny: {}}\n"
-        "dataset: {path: train.jsonl, format: alpaca, template: chat.jinja}\n"
-        "steps:\n  - {type: train, max_steps: 1}\n  - {type: merge}\n"
-        "  - {type: eval, path: prompts.jsonl, models: [base, merged]}\n")
-    plan = prepare(str(tmp_path / "recipe.yaml"), str(RECIPES / "machines" / "cpu-docker.yaml"), run_dir="/runs/r").plan
+    data = recipe_data(name="inputs", dataset={"path": "train.jsonl", "template": "chat.jinja"},
+                       steps=[{"type": "train", "max_steps": 1}, {"type": "merge"},
+                              {"type": "eval", "path": "prompts.jsonl", "models": ["base", "merged"]}])
+    plan = plan_of(write_recipe(tmp_path, {**data, "model": {"tiny": {}}}), CPU_DOCKER)
     for step in plan.steps:
         if step.executor != "docker":
             continue
@@ -119,8 +111,7 @@ def test_long_step_ids_never_share_a_container_name() -> None:
 
     from ftkit.plan.container import container_name
 
-    plan = prepare(str(RECIPES / "quickstart.yaml"), str(RECIPES / "machines" / "cpu-docker.yaml"),
-                   run_dir="/runs/20261123T000000Z-x").plan
+    plan = plan_of(RECIPES / "quickstart.yaml", CPU_DOCKER, run_dir="/runs/20261123T000000Z-x")
     train = plan.step("train")
     a, b = (dataclasses.replace(train, id="eval-" + "x" * 140 + tail) for tail in ("-a", "-b"))
     na, nb = container_name(plan, a), container_name(plan, b)
