@@ -9,7 +9,8 @@ host's layout.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -21,6 +22,7 @@ from ftkit.plan.jobs import EvalJob, PreferenceJob, QuantizeJob, TinyJob, TrainJ
 from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, StepSpec, run_label
 from ftkit.recipe import tracking
 from ftkit.recipe.models import (
+    Cluster,
     EvalStep,
     Harness,
     LoadAdapterStep,
@@ -31,6 +33,7 @@ from ftkit.recipe.models import (
     QuantizeStep,
     Recipe,
     ServeStep,
+    Serving,
     TrainStep,
 )
 from ftkit.recipe.resolve import Resolved
@@ -141,6 +144,125 @@ def caps_of(step: PowerStep, gpus: list[int]) -> dict[int, int]:
     return {g: step.caps_w for g in gpus}
 
 
+@dataclass
+class PlanContext:
+    """What planning every step shares: the resolved recipe and machine, where things are
+    as the steps' processes see them, and what the steps planned so far left for the later
+    ones (their outputs, the power caps in force, the handoff of a serving service). One
+    planner per step type (PLANNERS) reads and extends it."""
+
+    res: Resolved
+    executor: str
+    places: Places
+    images: dict[str, str]
+    lease_dir: str | None
+    simulated_gpus: list[str] | None
+    simulated_state: str | None
+    vllm_local: bool  # vLLM is installed in the Python local steps run (engine auto picks it)
+    arch: ModelArch | None
+    tracked: dict[str, Any]  # the effective tracking (recipe.tracking over the machine's)
+    mounts: list[Mount]  # docker: what every container mounts (the run and the inputs)
+    inputs: dict[str, str]  # docker: each input's path inside the containers
+    base_env: dict[str, str]
+    model_cfg: dict[str, Any]  # the base model as the engines see it (jobs.ModelRef)
+    steps: list[StepSpec] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    fit: dict[str, list[memory.FitEstimate]] = field(default_factory=dict)
+    trains: dict[str, dict[str, str]] = field(default_factory=dict)  # train step -> its outputs and method
+    qlora_precision: dict[str, str] = field(default_factory=dict)  # QLoRA train step -> its 4-bit base's precision
+    merges: dict[str, str] = field(default_factory=dict)  # merge step -> its model, relative to the run
+    quantized: dict[str, str] = field(default_factory=dict)  # quantize step -> its model, relative to the run
+    caps_now: dict[int, int] = field(default_factory=dict)  # the power caps the power steps so far set
+    serving_replaced: str | None = None  # the recipe's server that takes over the serving service's GPUs
+    handoff_stopped: bool = False
+    port_offset: int = 0  # the next multi-GPU train step's accelerate main_process_port above 29500
+    cluster_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.res.recipe
+
+    @property
+    def machine(self) -> Machine:
+        return self.res.machine
+
+    @property
+    def all_gpus(self) -> list[int]:
+        return [g.index for g in self.machine.gpus]
+
+    @property
+    def run_id(self) -> str:
+        return run_label(self.places.run_dir)
+
+    @property
+    def base_ref(self) -> str:
+        return str(self.model_cfg.get("path") or self.model_cfg["id"])
+
+    def input_path(self, key: str) -> str | None:
+        """An input (dataset, eval file, model, ...) as the step's process sees it."""
+        p = self.res.host_paths.get(key)
+        if p is None:
+            return None
+        return self.inputs[key] if self.executor == "docker" else str(p)
+
+    def visible(self, gpus: list[int]) -> str:
+        """CUDA_VISIBLE_DEVICES: a container sees only its own devices, renumbered from 0; a
+        host process sees all."""
+        return ",".join(str(i) for i in range(len(gpus))) if self.executor == "docker" else ",".join(map(str, gpus))
+
+    def lease(self, role: str, gpus: list[int], *, max_power_w: dict[int, int] | None = None,
+              sleep_url: str | None = None) -> LeaseSpec | None:
+        if not gpus:
+            return None
+        return LeaseSpec(role=role, gpus=list(gpus), max_power_w=dict(max_power_w or {}), sleep_url=sleep_url)
+
+    def caps_for(self, gpus: list[int]) -> dict[int, int]:
+        """The power caps in force on `gpus`: what the step's lease refuses to run above."""
+        return {g: self.caps_now[g] for g in gpus if g in self.caps_now}
+
+    def spec(self, s: StepSpec) -> StepSpec:
+        """What every process step gets besides its own fields: the base environment, the
+        lease's directory, the simulated GPUs; in a container the mounts, image and labels."""
+        if s.executor not in ("local", "docker"):
+            return s
+        s.env = {**self.base_env, **s.env}
+        container_lease = str(CONTAINER_ROOT / "lease")
+        if s.lease is not None:
+            s.env["FTKIT_LEASE_DIR"] = container_lease if s.executor == "docker" else (self.lease_dir or "")
+            s.env["FTKIT_SERVICE"] = s.id
+        if self.simulated_gpus and s.gpus:
+            s.env["FTKIT_SIMULATED_GPUS"] = ",".join(self.simulated_gpus)
+            if self.simulated_state and s.executor == "docker":  # the lease's backstops read the same GPUs
+                s.env["FTKIT_SIMULATED_GPUS_STATE"] = str(CONTAINER_ROOT / "simulated-gpus.json")
+        if s.executor == "docker":
+            s.mounts = list(self.mounts)
+            if s.lease is not None and self.lease_dir:
+                s.mounts.append(Mount(self.lease_dir, container_lease, read_only=False))
+            if self.simulated_gpus and s.gpus and self.simulated_state:
+                s.mounts.append(Mount(self.simulated_state, str(CONTAINER_ROOT / "simulated-gpus.json"), read_only=False))
+            s.image = s.image or self.images.get("train")
+            s.labels = {"dev.ftkit.run": self.run_id, "dev.ftkit.step": s.id, "dev.ftkit.recipe": self.recipe.name}
+            s.env.setdefault("HOME", "/tmp")  # containers run as the host user, who has no home there
+        return s
+
+    def add(self, s: StepSpec) -> StepSpec:
+        """Plan one step (spec) and append it."""
+        self.steps.append(self.spec(s))
+        return s
+
+    def serve_context(self) -> serving.ServeContext:
+        recipe, tiny = self.recipe, self.recipe.model.tiny
+        return serving.ServeContext(
+            executor=self.executor, bind=self.machine.bind_address, base_ref=self.base_ref,
+            model_dtype=recipe.model.dtype, model_head_dim=(tiny.hidden_size // tiny.heads) if tiny else None,
+            simulated=bool(self.simulated_gpus), vllm_local=self.vllm_local, hf_home=self.places.hf_home,
+            python=self.places.python, run=self.places.run, visible=self.visible, trains=self.trains,
+            train_steps={s.name: s for s in recipe.steps if isinstance(s, TrainStep) and s.name},
+            merges=self.merges,
+            merge_dtypes={s.name: s.dtype for s in recipe.steps if isinstance(s, MergeStep) and s.name},
+            quantized=self.quantized, images=self.images, live=serving.live_adapters(recipe), warnings=self.warnings)
+
+
 def build_plan(
     res: Resolved,
     *,
@@ -158,18 +280,47 @@ def build_plan(
     directory of the GPU lease; `simulated_gpus` names the GPUs of a machine that has none
     (tests, CI): containers then get no device requests and a simulated NVML; `vllm_local`
     says vLLM is installed in the Python the local executor runs (engine auto picks it)."""
-    recipe, machine = res.recipe, res.machine
-    executor = executor or machine.executor
-    places = Places(executor, run_dir, python, machine.paths.hf_cache)
-    images = images or {}
-    steps: list[StepSpec] = []
-    warnings: list[str] = []
-    all_gpus = [g.index for g in machine.gpus]
-    arch = arch_for(recipe, local_model_config)
-    run_id = run_label(run_dir)
-    container_lease = str(CONTAINER_ROOT / "lease")
-    tracked = tracking.effective(recipe.tracking, machine.tracking, recipe_name=recipe.name)
+    c = _context(res, run_dir=run_dir, python=python, images=images or {}, local_model_config=local_model_config,
+                 executor=executor or res.machine.executor, lease_dir=lease_dir, simulated_gpus=simulated_gpus,
+                 simulated_state=simulated_state, vllm_local=vllm_local)
+    if c.recipe.model.tiny is not None:
+        _plan_tiny_model(c)
+    for step in c.recipe.steps:
+        PLANNERS[step.type](c, step, step.name or step.type)
+    _finish(c)
+    machine = c.machine
+    psu, psu_uncapped = power.plan_budgets(machine, c.steps)  # every power phase of the run
+    return Plan(
+        recipe=c.recipe.name,
+        recipe_file=str(res.source),
+        machine=machine.name,
+        executor=c.executor,
+        run_dir=run_dir,
+        steps=c.steps,
+        fit=c.fit,
+        psu=psu,
+        psu_uncapped=psu_uncapped,
+        layout=dict(RUN_LAYOUT),
+        warnings=c.warnings,
+        python=python,
+        lease_dir=lease_dir,
+        docker={"host": machine.docker.host, "base_image": machine.docker.base_image,
+                "wheelhouse": machine.docker.wheelhouse, "ca_bundle": machine.ca_bundle,
+                "images_lock": machine.docker.images_lock, "build_missing": machine.docker.build_missing}
+        if c.executor == "docker" else {},
+        telemetry={"enabled": machine.telemetry.enabled, "interval_s": machine.telemetry.interval_s},
+        simulated_gpus=list(simulated_gpus) if simulated_gpus else None,
+        cluster=c.cluster_info,
+        local_vllm=vllm_local,
+    )
 
+
+def _context(res: Resolved, *, run_dir: str, python: str, images: dict[str, str],
+             local_model_config: dict[str, Any] | None, executor: str, lease_dir: str | None,
+             simulated_gpus: list[str] | None, simulated_state: str | None, vllm_local: bool) -> PlanContext:
+    """The planning context before the first step: inputs, mounts, the base environment and
+    the base model as the engines see them."""
+    recipe, machine = res.recipe, res.machine
     # Inputs the engines read. Docker mounts each one (a file or a directory) read-only at
     # /ftkit/inputs/<key>/<name>, so the container sees nothing else of the host.
     mounts: list[Mount] = []
@@ -186,19 +337,6 @@ def build_plan(
         if machine.paths.hf_cache:
             mounts.append(Mount(machine.paths.hf_cache, str(CONTAINER_ROOT / "hf-cache"), read_only=False))
 
-    def input_path(key: str) -> str | None:
-        p = res.host_paths.get(key)
-        if p is None:
-            return None
-        return inputs[key] if executor == "docker" else str(p)
-
-    def visible(gpus: list[int]) -> str:
-        # A container sees only its own devices, renumbered from 0; a host process sees all.
-        return ",".join(str(i) for i in range(len(gpus))) if executor == "docker" else ",".join(map(str, gpus))
-
-    def lease(role: str, gpus: list[int], **kw: Any) -> LeaseSpec | None:
-        return LeaseSpec(role=role, gpus=list(gpus), **kw) if gpus else None
-
     base_env: dict[str, str] = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "TOKENIZERS_PARALLELISM": "false"}
     if executor == "docker" and machine.paths.hf_cache:
         base_env["HF_HOME"] = str(CONTAINER_ROOT / "hf-cache")
@@ -207,330 +345,196 @@ def build_plan(
     if recipe.model.id is None and recipe.dataset.hub is None:
         base_env["HF_HUB_OFFLINE"] = "1"  # a local or generated model and local data: nothing to fetch
 
-    def spec(**kw: Any) -> StepSpec:
-        s = StepSpec(**kw)
-        if s.executor in ("local", "docker"):
-            s.env = {**base_env, **s.env}
-            if s.lease is not None:
-                s.env["FTKIT_LEASE_DIR"] = container_lease if s.executor == "docker" else (lease_dir or "")
-                s.env["FTKIT_SERVICE"] = s.id
-            if simulated_gpus and s.gpus:
-                s.env["FTKIT_SIMULATED_GPUS"] = ",".join(simulated_gpus)
-                if simulated_state and s.executor == "docker":  # the lease's backstops read the same GPUs
-                    s.env["FTKIT_SIMULATED_GPUS_STATE"] = str(CONTAINER_ROOT / "simulated-gpus.json")
-            if s.executor == "docker":
-                s.mounts = list(mounts)
-                if s.lease is not None and lease_dir:
-                    s.mounts.append(Mount(lease_dir, container_lease, read_only=False))
-                if simulated_gpus and s.gpus and simulated_state:
-                    s.mounts.append(Mount(simulated_state, str(CONTAINER_ROOT / "simulated-gpus.json"), read_only=False))
-                s.image = s.image or images.get("train")
-                s.labels = {"dev.ftkit.run": run_id, "dev.ftkit.step": s.id, "dev.ftkit.recipe": recipe.name}
-                s.env.setdefault("HOME", "/tmp")  # containers run as the host user, who has no home there
-        return s
-
+    places = Places(executor, run_dir, python, machine.paths.hf_cache)
+    c = PlanContext(res=res, executor=executor, places=places, images=images, lease_dir=lease_dir,
+                    simulated_gpus=simulated_gpus, simulated_state=simulated_state, vllm_local=vllm_local,
+                    arch=arch_for(recipe, local_model_config),
+                    tracked=tracking.effective(recipe.tracking, machine.tracking, recipe_name=recipe.name),
+                    mounts=mounts, inputs=inputs, base_env=base_env,
+                    model_cfg={"dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code})
     # Base model description for the engines.
-    model_cfg: dict[str, Any] = {
-        "dtype": recipe.model.dtype,
-        "trust_remote_code": recipe.model.trust_remote_code,
-    }
     if recipe.model.tiny is not None:
-        model_cfg.update(source="path", path=places.run("model"))
-        tiny_cfg = {
-            "tiny": recipe.model.tiny.model_dump(),
-            "dataset": _dataset_cfg(recipe, input_path),
-            "output_dir": places.run("model"),
-        }
-        steps.append(
-            spec(
-                id="tiny-model",
-                kind="tiny-model",
-                description="make a tiny random Llama and train its tokenizer on the dataset (no download)",
-                executor=executor,
-                argv=places.cmd("ftkit.engines.tiny") + ["--config", places.run("configs/tiny-model.json")],
-                files=[GeneratedFile("configs/tiny-model.json", launch.dump_json(TinyJob.model_validate(tiny_cfg).to_json()))],
-                outputs={"model": "model"},
-            )
-        )
+        c.model_cfg.update(source="path", path=places.run("model"))
     elif recipe.model.path is not None:
-        model_cfg.update(source="path", path=input_path("model"))
+        c.model_cfg.update(source="path", path=c.input_path("model"))
     else:
-        model_cfg.update(source="hub", id=recipe.model.id, revision=recipe.model.revision)
-    base_ref = model_cfg.get("path") or model_cfg["id"]
-
-    train_outputs: dict[str, dict[str, str]] = {}
-    qlora_precision: dict[str, str] = {}  # QLoRA train step -> the precision its 4-bit base was loaded in
-    merge_outputs: dict[str, str] = {}
-    quantize_outputs: dict[str, str] = {}  # quantize step -> its model, relative to the run
-    serve_ctx = serving.ServeContext(
-        executor=executor, bind=machine.bind_address, base_ref=base_ref, model_dtype=recipe.model.dtype,
-        model_head_dim=(recipe.model.tiny.hidden_size // recipe.model.tiny.heads) if recipe.model.tiny else None,
-        simulated=bool(simulated_gpus), vllm_local=vllm_local, hf_home=places.hf_home, python=python,
-        run=places.run, visible=visible, trains=train_outputs,
-        train_steps={s.name: s for s in recipe.steps if isinstance(s, TrainStep) and s.name},
-        merges=merge_outputs,
-        merge_dtypes={s.name: s.dtype for s in recipe.steps if isinstance(s, MergeStep) and s.name},
-        quantized=quantize_outputs, images=images, live=serving.live_adapters(recipe), warnings=warnings)
-    caps_now: dict[int, int] = {}
-    fit: dict[str, list[memory.FitEstimate]] = {}
-    serving_replaced: str | None = None
-    handoff_stopped = False
-    port_offset = 0
-    cluster_info: dict[str, Any] = {}
-
-    for step in recipe.steps:
-        name = step.name or step.type
-        if isinstance(step, PowerStep):
-            if step.restore:
-                steps.append(
-                    spec(id=name, kind="power-restore", recipe_step=name, executor="nvml",
-                         description="restore the power limits found at the start of the run", gpus=all_gpus)
-                )
-                caps_now = {}
-                continue
-            caps = caps_of(step, all_gpus)
-            caps_now.update(caps)
-            desc = ", ".join(f"GPU {g}: {w} W" for g, w in sorted(caps.items())) or "no GPUs on this machine"
-            steps.append(
-                spec(id=name, kind="power", recipe_step=name, executor="nvml", gpus=sorted(caps),
-                     power_caps_w=caps, description=f"cap power before the work ({desc})")
-            )
-        elif isinstance(step, TrainStep):
-            gpus = list(step.gpus) if isinstance(step.gpus, list) else []
-            shared = sorted(set(machine.serving.gpus) & set(gpus)) if machine.serving else []
-            train_notes: list[str] = []
-            if machine.serving and shared and step.handoff == "auto":
-                if machine.serving.manager == "compose":
-                    # The service runs under the lease as a preemptible `serve` holder: it yields
-                    # when this step waits for the GPUs and takes them back afterwards by itself.
-                    train_notes.append(f"GPU(s) {shared} come from service {machine.serving.service!r} through the "
-                                       "lease: it yields while this step waits and comes back after")
-                elif not handoff_stopped:
-                    steps.append(_handoff(machine, "stop", gpus))
-                    handoff_stopped = True
-            if gpus and not caps_now and len(all_gpus) > 1:
-                warnings.append(
-                    f"step {name}: trains on {len(gpus)} GPUs with no power caps set; "
-                    "the guides cap every GPU before multi-GPU training (add a power step)"
-                )
-            out_dir = f"steps/{name}"
-            final = "model" if step.method == "full" else "adapter"
-            train_outputs[name] = {"adapter": f"{out_dir}/{final}", "checkpoints": f"{out_dir}/checkpoints",
-                                   "metrics": f"{out_dir}/metrics.jsonl", "method": step.method}
-            if step.method == "qlora":
-                qlora_precision[name] = step.precision
-            files = []
-            ds_rel = None
-            ds_cfg = launch.deepspeed_config(step)
-            if ds_cfg is not None:
-                ds_rel = f"configs/deepspeed-{name}.json"
-                files.append(GeneratedFile(ds_rel, launch.dump_json(ds_cfg)))
-            acc_rel = f"configs/accelerate-{name}.yaml"
-            acc_cfg = launch.accelerate_config(step, deepspeed_file=places.run(ds_rel) if ds_rel else None,
-                                               cpu=bool(simulated_gpus))
-            multinode = step.nodes > 1 and machine.cluster is not None
-            if multinode:  # one config for every node; each node's rank comes as a flag (plan.cluster)
-                acc_cfg = cluster_plan.accelerate_config(step, acc_cfg, machine.cluster, cpu=bool(simulated_gpus) or not gpus,
-                                                         deepspeed_file=places.run(ds_rel) if ds_rel else None)
-            files.append(GeneratedFile(acc_rel, launch.dump_yaml(acc_cfg)))
-            engine_cfg = {
-                "model": model_cfg,
-                "dataset": _dataset_cfg(recipe, input_path),
-                "train": step.model_dump(mode="json"),
-                "output_dir": places.run(out_dir),
-                "metrics_path": places.run(train_outputs[name]["metrics"]),
-                "deepspeed_config": places.run(ds_rel) if ds_rel else None,
-                "tracking": _tracking_job(tracked, places.run(f"{out_dir}/tensorboard"), f"{recipe.name}-{name}"),
-            }
-            cfg_rel = f"configs/train-{name}.json"
-            engine = "ftkit.engines.train"
-            if isinstance(step, PreferenceStep):  # the train step's launch, its own engine and job
-                start = train_outputs.get(step.adapter or "", {}).get("adapter")
-                engine_cfg.update(pairs=_pairs_cfg(step, name, input_path),
-                                  init_adapter=places.run(start) if start else None)
-                cfg_rel, engine = f"configs/preference-{name}.json", "ftkit.engines.preference"
-                job = PreferenceJob.model_validate(engine_cfg).model_dump(mode="json", exclude={"train": {"nodes"}})
-            else:
-                # the engine runs one process group either way: how many nodes it spans is the plan's business
-                job = TrainJob.model_validate(engine_cfg).model_dump(mode="json", exclude={"train": {"nodes"}})
-            files.append(GeneratedFile(cfg_rel, launch.dump_json(job)))
-            if executor == "docker":
-                launcher = ["accelerate", "launch", "--config_file", places.run(acc_rel)]
-            else:
-                launcher = [python, "-m", "accelerate.commands.launch", "--config_file", places.run(acc_rel)]
-            if len(gpus) > 1 and not multinode:
-                launcher += ["--main_process_port", str(29500 + port_offset)]
-                port_offset += 1
-            argv = launcher + ["-m", engine, "--config", places.run(cfg_rel)]
-            env = {"CUDA_VISIBLE_DEVICES": visible(gpus)}
-            if step.method == "qlora":
-                env["BNB_CUDA_VERSION"] = ""  # let bitsandbytes match torch's CUDA
-            what = step.method
-            if isinstance(step, PreferenceStep):
-                src = f"{step.adapter}'s adapter" if step.adapter else "the base"
-                what = f"{step.objective.upper()} preference ({step.method}, from {src})"
-                train_notes.append(_preference_note(step))
-            how = (f"{what} training on {len(gpus)} GPU(s) {gpus} with {step.distribution}" if gpus else
-                   f"{what} training on the CPU")
-            if step.optimizer == "paged_adamw_8bit" and (not gpus or simulated_gpus):
-                train_notes.append("paged_adamw_8bit on the CPU: bitsandbytes pages optimizer states only on CUDA; "
-                                   "here it runs as adamw_8bit (the same 8-bit states, nothing to page)")
-            steps.append(spec(id=name, kind="train", recipe_step=name, executor=executor, argv=argv, env=env,
-                              env_from_host=tracking.secret_names(tracked), gpus=gpus, files=files, outputs=dict(train_outputs[name]), power_caps_w=dict(caps_now),
-                              lease=lease("train", gpus, max_power_w={g: caps_now[g] for g in gpus if g in caps_now}),
-                              shm_size="8g" if len(gpus) > 1 else None, notes=train_notes, description=f"{how}"))
-            if multinode:
-                _multinode(steps[-1], step, machine.cluster, run_id, visible(gpus), arch, cluster_info)
-            if arch is None:
-                warnings.append(f"step {name}: no architecture figures for {recipe.model.id or recipe.model.path}; "
-                                "add model.arch to get a memory estimate")
-            else:
-                fit[name] = memory.fit(step, arch, vram_by_gpu(res))
-                split = [e for e in fit[name] if e.disagreement]
-                if split:  # the component estimate and the guides' rule of thumb disagree about fitting
-                    also = f" (also GPU(s) {[e.gpu for e in split[1:]]})" if len(split) > 1 else ""
-                    warnings.append(f"step {name}: {split[0].disagreement}{also}")
-        elif isinstance(step, MergeStep):
-            src = train_outputs.get(step.adapter or "", {})
-            out_rel = step.output or f"steps/{name}/model"
-            merge_outputs[name] = out_rel
-            argv = places.cmd("ftkit") + ["merge", "--base", base_ref, "--adapter", places.run(src.get("adapter", "")),
-                                          "-o", places.run(out_rel), "--max-shard-gb", f"{step.max_shard_gb:g}"]
-            if step.dtype is not None:  # otherwise the merge keeps the base's dtype
-                argv[-2:-2] = ["--dtype", step.dtype]
-            if model_cfg.get("source") == "hub":
-                argv += ["--revision", str(recipe.model.revision)]
-            if step.base == "nf4-dequantized":
-                argv.append("--nf4-dequantized-base")
-                # the base is rounded in the precision the train step quantized it in
-                argv += ["--nf4-dtype", qlora_precision.get(step.adapter or "", "bf16")]
-            steps.append(spec(id=name, kind="merge", recipe_step=name, executor=executor, argv=argv,
-                              outputs={"model": out_rel},
-                              description=f"merge adapter of {step.adapter} into the base, streaming tensor by tensor",
-                              env={"CUDA_VISIBLE_DEVICES": ""}))
-        elif isinstance(step, QuantizeStep):
-            steps.append(_quantize(step, name, spec, places, recipe, input_path, merge_outputs, quantize_outputs,
-                                   images if executor == "docker" else {}, visible, lease, caps_now))
-            if arch is not None:
-                fit[name] = servefit.quantize_fit(
-                    arch, method=step.method, dtype=_merged_dtype(recipe, step.merge), samples=step.calibration_samples,
-                    seq_len=step.max_seq_len, gpus=list(step.gpus or []), vram=vram_by_gpu(res), ram_gib=machine.ram_gib)
-        elif isinstance(step, ServeStep):
-            fields = serving.serve_step(step, name, serve_ctx)
-            sleep_url = fields.pop("sleep_url")
-            steps.append(spec(**fields, lease=lease("serve", fields["gpus"], sleep_url=sleep_url)))
-            if arch is not None and steps[-1].platform == "cuda":  # on the CPU build: host RAM, not a GPU's budget
-                fit[name] = _serve_fit(step, steps[-1], arch, recipe, vram_by_gpu(res))
-            if machine.serving and step.keep_running and set(machine.serving.gpus) & set(step.gpus or []):
-                serving_replaced = name
-        elif isinstance(step, LoadAdapterStep):
-            server = next((s for s in steps if s.id == step.server and s.kind == "serve"), None)
-            steps.append(serving.load_adapter_step(step, name, server, serve_ctx))
-        elif isinstance(step, EvalStep):
-            eval_cfg = {
-                "model": model_cfg,
-                "dataset": _dataset_cfg(recipe, input_path),
-                "eval": step.model_dump(mode="json"),
-                "prompts_path": input_path(f"eval:{name}"),
-                "adapters": {k: places.run(v["adapter"]) for k, v in train_outputs.items() if v["method"] != "full"},
-                "merged": {k: places.run(v) for k, v in merge_outputs.items()},
-                "full": {k: places.run(v["adapter"]) for k, v in train_outputs.items() if v["method"] == "full"},
-                "qlora": dict(qlora_precision),
-                "quantized": {k: places.run(v) for k, v in quantize_outputs.items()},
-                "output_dir": places.run(f"steps/{name}"),
-            }
-            cfg_rel = f"configs/eval-{name}.json"
-            # compressed-tensors (to read the quantized model) is in the quantize image, not the train image
-            eval_image = images.get("quantize") if "quantized" in step.models and executor == "docker" else None
-            what = [f"score held-out prompts ({step.score}) on: {', '.join(step.models)}"] if step.models else []
-            eval_notes: list[str] = []
-            if step.harness is not None:
-                eval_cfg["harness"] = _harness_job(step.harness, name, steps, recipe, input_path, base_ref)
-                h = eval_cfg["harness"]
-                what.append(f"run lm-evaluation-harness ({h['lm_eval_model']}) on {', '.join(step.harness.tasks)} "
-                            f"against {h['server']}'s endpoint {h['base_url']} (model {h['model']})")
-                eval_notes.append("lm-eval's own output goes to the step's log; its scores (metric, value, stderr, "
-                                  f"samples per task) to steps/{name}/summary.json under harness")
-                imports = _harness_imports(step.harness.tasks, name, res.host_paths)
-                if imports:
-                    eval_notes.append("lm-eval imports and runs Python named by the task files (`!function`): "
-                                      + ", ".join(imports))
-            # scoring models loads them on the first GPU (under the lease); the harness alone only sends requests
-            eval_gpus = all_gpus[:1] if step.models else []
-            steps.append(spec(id=name, kind="eval", recipe_step=name, executor=executor, image=eval_image,
-                              argv=places.cmd("ftkit.engines.evaluate") + ["--config", places.run(cfg_rel)],
-                              files=[GeneratedFile(cfg_rel, launch.dump_json(EvalJob.model_validate(eval_cfg).to_json()))],
-                              outputs={**({"results": f"steps/{name}/results.jsonl"} if step.models else {}),
-                                       "summary": f"steps/{name}/summary.json"},
-                              gpus=eval_gpus, env={"CUDA_VISIBLE_DEVICES": visible(eval_gpus)},
-                              lease=lease("train", eval_gpus), notes=eval_notes,
-                              description="; then ".join(what)))
-
-    if handoff_stopped and machine.serving:
-        start = _handoff(machine, "start", machine.serving.gpus)
-        if serving_replaced:
-            start.replaced_by = serving_replaced
-            start.notes.append(f"skipped when the run succeeds and {serving_replaced!r} keeps serving; "
-                               "run after a failure, so the previous model is served again")
-            warnings.append(
-                f"the recipe's server takes over GPU(s) {machine.serving.gpus} from service "
-                f"{machine.serving.service!r}, which stays stopped after a successful run; start it again after "
-                "stopping the recipe's server"
-            )
-        steps.append(start)
-    _sharding_notes(steps)
-    warnings.extend(serving.lost_adapter_warnings(steps))
-    if any(s.ports for s in steps) and not ipaddress.ip_address(machine.bind_address).is_loopback:
-        warnings.append(f"servers publish their port on {machine.bind_address} (machine profile bind_address): the "
-                        "OpenAI-compatible API is reachable from the network, without authentication")
-    warnings.extend(_plaintext_docker_warnings(machine))
-    if any(s.kind == "power" for s in steps):
-        steps.append(StepSpec(id="power-restore-final", kind="power-restore", executor="nvml", gpus=all_gpus, always=True,
-                              description="restore the power limits found at the start (also after a failure)"))
-
-    psu, psu_uncapped = power.plan_budgets(machine, steps)  # every power phase of the run
-    return Plan(
-        recipe=recipe.name,
-        recipe_file=str(res.source),
-        machine=machine.name,
-        executor=executor,
-        run_dir=run_dir,
-        steps=steps,
-        fit=fit,
-        psu=psu,
-        psu_uncapped=psu_uncapped,
-        layout=dict(RUN_LAYOUT),
-        warnings=warnings,
-        python=python,
-        lease_dir=lease_dir,
-        docker={"host": machine.docker.host, "base_image": machine.docker.base_image,
-                "wheelhouse": machine.docker.wheelhouse, "ca_bundle": machine.ca_bundle,
-                "images_lock": machine.docker.images_lock, "build_missing": machine.docker.build_missing}
-        if executor == "docker" else {},
-        telemetry={"enabled": machine.telemetry.enabled, "interval_s": machine.telemetry.interval_s},
-        simulated_gpus=list(simulated_gpus) if simulated_gpus else None,
-        cluster=cluster_info,
-        local_vllm=vllm_local,
-    )
+        c.model_cfg.update(source="hub", id=recipe.model.id, revision=recipe.model.revision)
+    return c
 
 
-def _merged_dtype(recipe: Recipe, merge: str | None) -> str:
-    """The dtype of a merge step's output: its own `dtype`, else the base model's."""
-    step = next((s for s in recipe.steps if isinstance(s, MergeStep) and s.name == merge), None)
-    return (step.dtype if step is not None else None) or recipe.model.dtype
+# --------------------------------------------------------------------------- one planner per step type
 
 
-def _quantize(step: QuantizeStep, name: str, spec: Any, places: Places, recipe: Recipe, input_path: Any,
-              merges: dict[str, str], quantized: dict[str, str], images: dict[str, str], visible: Any,
-              lease: Any, caps: dict[int, int]) -> StepSpec:
+def _plan_tiny_model(c: PlanContext) -> None:
+    """A tiny recipe's first step: its base model, generated (no download)."""
+    tiny = c.recipe.model.tiny
+    assert tiny is not None  # only called for a tiny recipe
+    tiny_cfg = {"tiny": tiny.model_dump(), "dataset": _dataset_cfg(c), "output_dir": c.places.run("model")}
+    c.add(StepSpec(
+        id="tiny-model",
+        kind="tiny-model",
+        description="make a tiny random Llama and train its tokenizer on the dataset (no download)",
+        executor=c.executor,
+        argv=c.places.cmd("ftkit.engines.tiny") + ["--config", c.places.run("configs/tiny-model.json")],
+        files=[GeneratedFile("configs/tiny-model.json", launch.dump_json(TinyJob.model_validate(tiny_cfg).to_json()))],
+        outputs={"model": "model"},
+    ))
+
+
+def _plan_power(c: PlanContext, step: PowerStep, name: str) -> None:
+    if step.restore:
+        c.add(StepSpec(id=name, kind="power-restore", recipe_step=name, executor="nvml",
+                       description="restore the power limits found at the start of the run", gpus=c.all_gpus))
+        c.caps_now = {}
+        return
+    caps = caps_of(step, c.all_gpus)
+    c.caps_now.update(caps)
+    desc = ", ".join(f"GPU {g}: {w} W" for g, w in sorted(caps.items())) or "no GPUs on this machine"
+    c.add(StepSpec(id=name, kind="power", recipe_step=name, executor="nvml", gpus=sorted(caps),
+                   power_caps_w=caps, description=f"cap power before the work ({desc})"))
+
+
+def _plan_train(c: PlanContext, step: TrainStep, name: str) -> None:
+    """A train step (and a preference step, which is one with its own engine and job): the
+    accelerate (and DeepSpeed) configs, the engine's job, the launcher, its memory fit."""
+    recipe, machine, places = c.recipe, c.machine, c.places
+    gpus = list(step.gpus)
+    train_notes = _handoff_before_train(c, step, gpus)
+    if gpus and not c.caps_now and len(c.all_gpus) > 1:
+        c.warnings.append(
+            f"step {name}: trains on {len(gpus)} GPUs with no power caps set; "
+            "the guides cap every GPU before multi-GPU training (add a power step)"
+        )
+    out_dir = f"steps/{name}"
+    final = "model" if step.method == "full" else "adapter"
+    outputs = {"adapter": f"{out_dir}/{final}", "checkpoints": f"{out_dir}/checkpoints",
+               "metrics": f"{out_dir}/metrics.jsonl", "method": step.method}
+    c.trains[name] = outputs
+    if step.method == "qlora":
+        c.qlora_precision[name] = step.precision
+    files = []
+    ds_rel = None
+    ds_cfg = launch.deepspeed_config(step)
+    if ds_cfg is not None:
+        ds_rel = f"configs/deepspeed-{name}.json"
+        files.append(GeneratedFile(ds_rel, launch.dump_json(ds_cfg)))
+    acc_rel = f"configs/accelerate-{name}.yaml"
+    cpu = bool(c.simulated_gpus)
+    acc_cfg = launch.accelerate_config(step, deepspeed_file=places.run(ds_rel) if ds_rel else None, cpu=cpu)
+    cluster = machine.cluster if step.nodes > 1 else None
+    if cluster is not None:  # one config for every node; each node's rank comes as a flag (plan.cluster)
+        acc_cfg = cluster_plan.accelerate_config(step, acc_cfg, cluster, cpu=cpu or not gpus,
+                                                 deepspeed_file=places.run(ds_rel) if ds_rel else None)
+    files.append(GeneratedFile(acc_rel, launch.dump_yaml(acc_cfg)))
+    engine_cfg = {
+        "model": c.model_cfg,
+        "dataset": _dataset_cfg(c),
+        "train": step.model_dump(mode="json"),
+        "output_dir": places.run(out_dir),
+        "metrics_path": places.run(outputs["metrics"]),
+        "deepspeed_config": places.run(ds_rel) if ds_rel else None,
+        "tracking": _tracking_job(c.tracked, places.run(f"{out_dir}/tensorboard"), f"{recipe.name}-{name}"),
+    }
+    cfg_rel = f"configs/train-{name}.json"
+    engine = "ftkit.engines.train"
+    if isinstance(step, PreferenceStep):  # the train step's launch, its own engine and job
+        start = c.trains.get(step.adapter or "", {}).get("adapter")
+        engine_cfg.update(pairs=_pairs_cfg(c, step, name), init_adapter=places.run(start) if start else None)
+        cfg_rel, engine = f"configs/preference-{name}.json", "ftkit.engines.preference"
+        job = PreferenceJob.model_validate(engine_cfg).model_dump(mode="json", exclude={"train": {"nodes"}})
+    else:
+        # the engine runs one process group either way: how many nodes it spans is the plan's business
+        job = TrainJob.model_validate(engine_cfg).model_dump(mode="json", exclude={"train": {"nodes"}})
+    files.append(GeneratedFile(cfg_rel, launch.dump_json(job)))
+    if c.executor == "docker":
+        launcher = ["accelerate", "launch", "--config_file", places.run(acc_rel)]
+    else:
+        launcher = [places.python, "-m", "accelerate.commands.launch", "--config_file", places.run(acc_rel)]
+    if len(gpus) > 1 and cluster is None:
+        launcher += ["--main_process_port", str(29500 + c.port_offset)]
+        c.port_offset += 1
+    argv = launcher + ["-m", engine, "--config", places.run(cfg_rel)]
+    env = {"CUDA_VISIBLE_DEVICES": c.visible(gpus)}
+    if step.method == "qlora":
+        env["BNB_CUDA_VERSION"] = ""  # let bitsandbytes match torch's CUDA
+    what = step.method
+    if isinstance(step, PreferenceStep):
+        src = f"{step.adapter}'s adapter" if step.adapter else "the base"
+        what = f"{step.objective.upper()} preference ({step.method}, from {src})"
+        train_notes.append(_preference_note(step))
+    how = (f"{what} training on {len(gpus)} GPU(s) {gpus} with {step.distribution}" if gpus else
+           f"{what} training on the CPU")
+    if step.optimizer == "paged_adamw_8bit" and (not gpus or c.simulated_gpus):
+        train_notes.append("paged_adamw_8bit on the CPU: bitsandbytes pages optimizer states only on CUDA; "
+                           "here it runs as adamw_8bit (the same 8-bit states, nothing to page)")
+    s = c.add(StepSpec(id=name, kind="train", recipe_step=name, executor=c.executor, argv=argv, env=env,
+                       env_from_host=tracking.secret_names(c.tracked), gpus=gpus, files=files,
+                       outputs=dict(outputs), power_caps_w=dict(c.caps_now),
+                       lease=c.lease("train", gpus, max_power_w=c.caps_for(gpus)),
+                       shm_size="8g" if len(gpus) > 1 else None, notes=train_notes, description=f"{how}"))
+    if cluster is not None:
+        _multinode(c, s, step, cluster)
+    if c.arch is None:
+        c.warnings.append(f"step {name}: no architecture figures for {recipe.model.id or recipe.model.path}; "
+                          "add model.arch to get a memory estimate")
+    else:
+        c.fit[name] = memory.fit(step, c.arch, vram_by_gpu(c.res))
+        split = [e for e in c.fit[name] if e.disagreement]
+        if split:  # the component estimate and the guides' rule of thumb disagree about fitting
+            also = f" (also GPU(s) {[e.gpu for e in split[1:]]})" if len(split) > 1 else ""
+            c.warnings.append(f"step {name}: {split[0].disagreement}{also}")
+
+
+def _handoff_before_train(c: PlanContext, step: TrainStep, gpus: list[int]) -> list[str]:
+    """The machine's serving service on this step's GPUs: a compose service yields through the
+    lease (a note), another is stopped by a handoff-stop step before the first such step."""
+    svc = c.machine.serving
+    shared = sorted(set(svc.gpus) & set(gpus)) if svc else []
+    notes: list[str] = []
+    if svc and shared and step.handoff == "auto":
+        if svc.manager == "compose":
+            # The service runs under the lease as a preemptible `serve` holder: it yields
+            # when this step waits for the GPUs and takes them back afterwards by itself.
+            notes.append(f"GPU(s) {shared} come from service {svc.service!r} through the "
+                         "lease: it yields while this step waits and comes back after")
+        elif not c.handoff_stopped:
+            c.steps.append(_handoff(svc, "stop", gpus))
+            c.handoff_stopped = True
+    return notes
+
+
+def _plan_merge(c: PlanContext, step: MergeStep, name: str) -> None:
+    places = c.places
+    src = c.trains.get(step.adapter or "", {})
+    out_rel = step.output or f"steps/{name}/model"
+    c.merges[name] = out_rel
+    argv = places.cmd("ftkit") + ["merge", "--base", c.base_ref, "--adapter", places.run(src.get("adapter", "")),
+                                  "-o", places.run(out_rel), "--max-shard-gb", f"{step.max_shard_gb:g}"]
+    if step.dtype is not None:  # otherwise the merge keeps the base's dtype
+        argv[-2:-2] = ["--dtype", step.dtype]
+    if c.model_cfg.get("source") == "hub":
+        argv += ["--revision", str(c.recipe.model.revision)]
+    if step.base == "nf4-dequantized":
+        argv.append("--nf4-dequantized-base")
+        # the base is rounded in the precision the train step quantized it in
+        argv += ["--nf4-dtype", c.qlora_precision.get(step.adapter or "", "bf16")]
+    c.add(StepSpec(id=name, kind="merge", recipe_step=name, executor=c.executor, argv=argv,
+                   outputs={"model": out_rel},
+                   description=f"merge adapter of {step.adapter} into the base, streaming tensor by tensor",
+                   env={"CUDA_VISIBLE_DEVICES": ""}))
+
+
+def _plan_quantize(c: PlanContext, step: QuantizeStep, name: str) -> None:
     """The quantize step: llm-compressor's oneshot in the quantize image (or this Python), on
     its GPU under the lease like training (it holds a layer, the Hessians and the activations),
     on the CPU where the machine has none."""
+    places = c.places
+    images = c.images if c.executor == "docker" else {}
     out_rel = step.output or f"steps/{name}/model"
-    quantized[name] = out_rel
-    gpus = list(step.gpus or [])
+    c.quantized[name] = out_rel
+    gpus = list(step.gpus)
     summary_rel = f"steps/{name}/quantize.json"
-    job = QuantizeJob(model_dir=places.run(merges.get(step.merge or "", "")), dataset=_dataset_cfg(recipe, input_path),
+    job = QuantizeJob(model_dir=places.run(c.merges.get(step.merge or "", "")), dataset=_dataset_cfg(c),
                       quantize=step, output_dir=places.run(out_rel), summary_path=places.run(summary_rel))
     cfg_rel = f"configs/quantize-{name}.json"
     where = f"GPU {gpus[0]}" if gpus else "the CPU"
@@ -541,14 +545,123 @@ def _quantize(step: QuantizeStep, name: str, spec: Any, places: Places, recipe: 
                      "which neither the train image (transformers 5.23) nor the serve image (compressed-tensors "
                      "0.17) has")
     image = images.get("quantize") or ("ftkit/quantize:<variant> (run ftkit build --image quantize)" if images else None)
-    return spec(id=name, kind="quantize", recipe_step=name, executor=places.executor, image=image,
-                argv=places.cmd("ftkit.engines.quantize") + ["--config", places.run(cfg_rel)],
-                files=[GeneratedFile(cfg_rel, launch.dump_json(job.to_json()))],
-                outputs={"model": out_rel, "summary": summary_rel}, gpus=gpus,
-                env={"CUDA_VISIBLE_DEVICES": visible(gpus)}, power_caps_w=dict(caps), notes=notes,
-                lease=lease("train", gpus, max_power_w={g: caps[g] for g in gpus if g in caps}),
-                description=f"quantize the merged model of {step.merge} to {step.scheme} with llm-compressor "
-                            f"({step.method.upper()}) on {where}, one layer at a time")
+    c.add(StepSpec(id=name, kind="quantize", recipe_step=name, executor=c.executor, image=image,
+                   argv=places.cmd("ftkit.engines.quantize") + ["--config", places.run(cfg_rel)],
+                   files=[GeneratedFile(cfg_rel, launch.dump_json(job.to_json()))],
+                   outputs={"model": out_rel, "summary": summary_rel}, gpus=gpus,
+                   env={"CUDA_VISIBLE_DEVICES": c.visible(gpus)}, power_caps_w=dict(c.caps_now), notes=notes,
+                   lease=c.lease("train", gpus, max_power_w=c.caps_for(gpus)),
+                   description=f"quantize the merged model of {step.merge} to {step.scheme} with llm-compressor "
+                               f"({step.method.upper()}) on {where}, one layer at a time"))
+    if c.arch is not None:
+        c.fit[name] = servefit.quantize_fit(
+            c.arch, method=step.method, dtype=_merged_dtype(c.recipe, step.merge), samples=step.calibration_samples,
+            seq_len=step.max_seq_len, gpus=gpus, vram=vram_by_gpu(c.res), ram_gib=c.machine.ram_gib)
+
+
+def _plan_serve(c: PlanContext, step: ServeStep, name: str) -> None:
+    fields = serving.serve_step(step, name, c.serve_context())
+    sleep_url = fields.pop("sleep_url")
+    s = c.add(StepSpec(**fields, lease=c.lease("serve", fields["gpus"], sleep_url=sleep_url)))
+    if c.arch is not None and s.platform == "cuda":  # on the CPU build: host RAM, not a GPU's budget
+        c.fit[name] = _serve_fit(step, s, c.arch, c.recipe, vram_by_gpu(c.res))
+    if c.machine.serving and step.keep_running and set(c.machine.serving.gpus) & set(step.gpus):
+        c.serving_replaced = name
+
+
+def _plan_load_adapter(c: PlanContext, step: LoadAdapterStep, name: str) -> None:
+    server = next((s for s in c.steps if s.id == step.server and s.kind == "serve"), None)
+    c.steps.append(serving.load_adapter_step(step, name, server, c.serve_context()))
+
+
+def _plan_eval(c: PlanContext, step: EvalStep, name: str) -> None:
+    places = c.places
+    eval_cfg = {
+        "model": c.model_cfg,
+        "dataset": _dataset_cfg(c),
+        "eval": step.model_dump(mode="json"),
+        "prompts_path": c.input_path(f"eval:{name}"),
+        "adapters": {k: places.run(v["adapter"]) for k, v in c.trains.items() if v["method"] != "full"},
+        "merged": {k: places.run(v) for k, v in c.merges.items()},
+        "full": {k: places.run(v["adapter"]) for k, v in c.trains.items() if v["method"] == "full"},
+        "qlora": dict(c.qlora_precision),
+        "quantized": {k: places.run(v) for k, v in c.quantized.items()},
+        "output_dir": places.run(f"steps/{name}"),
+    }
+    cfg_rel = f"configs/eval-{name}.json"
+    # compressed-tensors (to read the quantized model) is in the quantize image, not the train image
+    eval_image = c.images.get("quantize") if "quantized" in step.models and c.executor == "docker" else None
+    what = [f"score held-out prompts ({step.score}) on: {', '.join(step.models)}"] if step.models else []
+    eval_notes: list[str] = []
+    if step.harness is not None:
+        eval_cfg["harness"] = _harness_job(c, step.harness, name)
+        h = eval_cfg["harness"]
+        what.append(f"run lm-evaluation-harness ({h['lm_eval_model']}) on {', '.join(step.harness.tasks)} "
+                    f"against {h['server']}'s endpoint {h['base_url']} (model {h['model']})")
+        eval_notes.append("lm-eval's own output goes to the step's log; its scores (metric, value, stderr, "
+                          f"samples per task) to steps/{name}/summary.json under harness")
+        imports = _harness_imports(step.harness.tasks, name, c.res.host_paths)
+        if imports:
+            eval_notes.append("lm-eval imports and runs Python named by the task files (`!function`): "
+                              + ", ".join(imports))
+    # scoring models loads them on the first GPU (under the lease); the harness alone only sends requests
+    eval_gpus = c.all_gpus[:1] if step.models else []
+    c.add(StepSpec(id=name, kind="eval", recipe_step=name, executor=c.executor, image=eval_image,
+                   argv=places.cmd("ftkit.engines.evaluate") + ["--config", places.run(cfg_rel)],
+                   files=[GeneratedFile(cfg_rel, launch.dump_json(EvalJob.model_validate(eval_cfg).to_json()))],
+                   outputs={**({"results": f"steps/{name}/results.jsonl"} if step.models else {}),
+                            "summary": f"steps/{name}/summary.json"},
+                   gpus=eval_gpus, env={"CUDA_VISIBLE_DEVICES": c.visible(eval_gpus)},
+                   lease=c.lease("train", eval_gpus), notes=eval_notes,
+                   description="; then ".join(what)))
+
+
+# A recipe step's `type` -> its planner: adding a step type adds a function and a line here.
+# Each planner takes the step of its own type (validate and resolve made sure of it).
+PLANNERS: dict[str, Callable[[PlanContext, Any, str], None]] = {
+    "power": _plan_power,
+    "train": _plan_train,
+    "preference": _plan_train,
+    "merge": _plan_merge,
+    "quantize": _plan_quantize,
+    "serve": _plan_serve,
+    "load-adapter": _plan_load_adapter,
+    "eval": _plan_eval,
+}
+
+
+def _finish(c: PlanContext) -> None:
+    """After the recipe's steps: the serving service back, the notes and warnings that need
+    the whole plan, the final power restore."""
+    machine = c.machine
+    if c.handoff_stopped and machine.serving:
+        start = _handoff(machine.serving, "start", machine.serving.gpus)
+        if c.serving_replaced:
+            start.replaced_by = c.serving_replaced
+            start.notes.append(f"skipped when the run succeeds and {c.serving_replaced!r} keeps serving; "
+                               "run after a failure, so the previous model is served again")
+            c.warnings.append(
+                f"the recipe's server takes over GPU(s) {machine.serving.gpus} from service "
+                f"{machine.serving.service!r}, which stays stopped after a successful run; start it again after "
+                "stopping the recipe's server"
+            )
+        c.steps.append(start)
+    _sharding_notes(c.steps)
+    c.warnings.extend(serving.lost_adapter_warnings(c.steps))
+    if any(s.ports for s in c.steps) and not ipaddress.ip_address(machine.bind_address).is_loopback:
+        c.warnings.append(f"servers publish their port on {machine.bind_address} (machine profile bind_address): the "
+                          "OpenAI-compatible API is reachable from the network, without authentication")
+    c.warnings.extend(_plaintext_docker_warnings(machine))
+    if any(s.kind == "power" for s in c.steps):
+        c.steps.append(StepSpec(id="power-restore-final", kind="power-restore", executor="nvml", gpus=c.all_gpus,
+                                always=True, description="restore the power limits found at the start (also after "
+                                "a failure)"))
+
+
+def _merged_dtype(recipe: Recipe, merge: str | None) -> str:
+    """The dtype of a merge step's output: its own `dtype`, else the base model's."""
+    step = next((s for s in recipe.steps if isinstance(s, MergeStep) and s.name == merge), None)
+    return (step.dtype if step is not None else None) or recipe.model.dtype
 
 
 def _serve_fit(step: ServeStep, s: StepSpec, arch: ModelArch, recipe: Recipe,
@@ -578,10 +691,9 @@ def _port_handover(old: StepSpec, new: StepSpec) -> str:
             "URL)")
 
 
-def _multinode(s: StepSpec, step: TrainStep, cluster: Any, run_id: str, visible: str, arch: ModelArch | None,
-               info: dict[str, Any]) -> None:
+def _multinode(c: PlanContext, s: StepSpec, step: TrainStep, cluster: Cluster) -> None:
     """One trainer per node for a train step with `nodes:` (see plan.cluster)."""
-    s.nodes = cluster_plan.node_specs(step, cluster, argv=s.argv, run_id=run_id, visible=visible)
+    s.nodes = cluster_plan.node_specs(step, cluster, argv=s.argv, run_id=c.run_id, visible=c.visible(s.gpus))
     s.description = s.description.replace(" training on ", f" training on {step.nodes} nodes, each on ", 1)
     first = s.nodes[0]
     s.argv = list(first.argv)  # what rank 0 runs; each node's argv and env (over s.env) are in s.nodes
@@ -593,12 +705,13 @@ def _multinode(s: StepSpec, step: TrainStep, cluster: Any, run_id: str, visible:
     if any(n.manual for n in s.nodes):
         s.notes.append("nodes " + ", ".join(n.name for n in s.nodes if n.manual) + " are started by hand: "
                        "`ftkit up` prints their commands and waits for the nodes it starts")
+    info = c.cluster_info
     if not info:
         info.update(cluster_plan.summary(cluster, step.nodes))
     info["nodes_used"] = max(int(info.get("nodes_used", 0)), step.nodes)
-    if arch is not None:
-        trainable = (memory.lora_params(arch, step.lora.r, step.lora.target_modules) if step.method != "full"
-                     else arch.params_b * 1e9)
+    if c.arch is not None:
+        trainable = (memory.lora_params(c.arch, step.lora.r, step.lora.target_modules) if step.method != "full"
+                     else c.arch.params_b * 1e9)
         info.setdefault("gradient_bytes", {})[s.id] = cluster_plan.gradient_bytes(step, trainable)
 
 
@@ -643,15 +756,15 @@ def _sharding_notes(steps: list[StepSpec]) -> None:
                 server.notes.append(f"yields GPU(s) {shared} to {later.id} through the lease and takes them back after")
 
 
-def _harness_job(h: Harness, name: str, steps: list[StepSpec], recipe: Recipe, input_path: Any,
-                 base_ref: str) -> dict[str, Any]:
+def _harness_job(c: PlanContext, h: Harness, name: str) -> dict[str, Any]:
     """The harness's job: the server's endpoint and model name as its serve step was planned
     (validate made sure the server is a serve step before this one), the tokenizer of the
     model it serves (the served directory; the base's for an adapter), task files as the
     step's process sees them."""
     from ftkit.recipe.harness import is_path
 
-    server = next((s for s in steps if s.id == h.server and s.kind == "serve"), None)
+    recipe, base_ref = c.recipe, c.base_ref
+    server = next((s for s in c.steps if s.id == h.server and s.kind == "serve"), None)
     ready = (server.ready or {}) if server is not None else {}
     rstep = next((s for s in recipe.steps if isinstance(s, ServeStep) and s.name == h.server), None)
     tokenizer, revision = base_ref, recipe.model.revision if recipe.model.id else None
@@ -664,7 +777,7 @@ def _harness_job(h: Harness, name: str, steps: list[StepSpec], recipe: Recipe, i
     base = str(ready.get("base_url") or "http://127.0.0.1:0/v1")
     tasks = []
     for j, t in enumerate(h.tasks):
-        local = input_path(f"harness:{name}:{j}") if is_path(t) else None
+        local = c.input_path(f"harness:{name}:{j}") if is_path(t) else None
         tasks.append({"given": t, "spec": local or t, "path": local is not None})
     return {
         "tasks": tasks, "server": h.server or "", "engine": (server.engine if server is not None else None) or "",
@@ -676,13 +789,13 @@ def _harness_job(h: Harness, name: str, steps: list[StepSpec], recipe: Recipe, i
     }
 
 
-def _pairs_cfg(step: PreferenceStep, name: str, input_path: Any) -> dict[str, Any]:
+def _pairs_cfg(c: PlanContext, step: PreferenceStep, name: str) -> dict[str, Any]:
     """The preference engine's pairs: the file as the step's process sees it, fields, eval split."""
     d = step.data
     ev = None
     if d.eval is not None:
-        ev = {**d.eval.model_dump(exclude_none=True), **({"path": input_path(f"pairs-eval:{name}")} if d.eval.path else {})}
-    return {"path": input_path(f"pairs:{name}"), "fields": d.fields.model_dump(), "eval": ev}
+        ev = {**d.eval.model_dump(exclude_none=True), **({"path": c.input_path(f"pairs-eval:{name}")} if d.eval.path else {})}
+    return {"path": c.input_path(f"pairs:{name}"), "fields": d.fields.model_dump(), "eval": ev}
 
 
 def _preference_note(step: PreferenceStep) -> str:
@@ -695,8 +808,9 @@ def _preference_note(step: PreferenceStep) -> str:
     return "DPO reference: the base with the adapter disabled (trl's PEFT rule); no second copy of the weights"
 
 
-def _dataset_cfg(recipe: Recipe, input_path: Any) -> dict[str, Any]:
-    d = recipe.dataset
+def _dataset_cfg(c: PlanContext) -> dict[str, Any]:
+    """The dataset as the engines' jobs name it (jobs.DatasetJob): files as the step's process sees them."""
+    d, input_path = c.recipe.dataset, c.input_path
     return {
         "path": input_path("dataset"),
         "hub": d.hub,
@@ -715,8 +829,8 @@ def _dataset_cfg(recipe: Recipe, input_path: Any) -> dict[str, Any]:
     }
 
 
-def _handoff(machine: Any, action: str, gpus: list[int]) -> StepSpec:
-    svc = machine.serving
+def _handoff(svc: Serving, action: str, gpus: list[int]) -> StepSpec:
+    """Stop the machine's serving service before training on its GPUs, or start it again."""
     if svc.manager == "systemd":
         argv = ["systemctl", action, svc.service]
     elif svc.manager == "compose":
@@ -727,7 +841,8 @@ def _handoff(machine: Any, action: str, gpus: list[int]) -> StepSpec:
         desc = f"hand GPU(s) {sorted(set(svc.gpus) & set(gpus))} over from service {svc.service!r} to training"
     else:
         desc = f"hand GPU(s) {svc.gpus} back to service {svc.service!r}"
-    return StepSpec(id=f"handoff-{action}", kind=f"handoff-{action}", executor="service", argv=argv, gpus=list(svc.gpus),
+    return StepSpec(id=f"handoff-{action}", kind="handoff-stop" if action == "stop" else "handoff-start",
+                    executor="service", argv=argv, gpus=list(svc.gpus),
                     always=action == "start", description=desc)
 
 
