@@ -15,36 +15,24 @@ import yaml
 
 from ftkit.plan import launch
 from ftkit.recipe.models import TrainStep
+from tests.builders import GUIDES, guide_plan
 from tests.conftest import RECIPES, require
 
-PAIRS = {
-    "mistral": ("mistral-small-24b-qlora-2x24gb.yaml", "zorac.yaml"),
-    "gemma": ("gemma2-27b-qlora-zero3-2x4090.yaml", "dual-4090.yaml"),
-    "llama-1gpu": ("llama31-8b-lora-1gpu.yaml", "dual-4090.yaml"),
-    "llama-2gpu": ("llama31-8b-lora-2gpu.yaml", "dual-4090.yaml"),
-}
 HIDDEN = {"mistral": 5120, "gemma": 4608, "llama-1gpu": 4096, "llama-2gpu": 4096}
 DISTRIBUTIONS = [("ddp", False), ("deepspeed-zero2", False), ("deepspeed-zero2", True),
                  ("deepspeed-zero3", False), ("deepspeed-zero3", True)]
 
 
-def _plan(name: str) -> Any:
-    from ftkit.run.planning import prepare
-
-    recipe, machine = PAIRS[name]
-    return prepare(str(RECIPES / recipe), str(RECIPES / "machines" / machine), run_dir="/runs/r").plan
-
-
 def _train_step(name: str) -> TrainStep:
     from ftkit.recipe.validate import load_recipe
 
-    recipe = load_recipe(str(RECIPES / PAIRS[name][0])).recipe
+    recipe = load_recipe(str(RECIPES / GUIDES[name][0])).recipe
     return next(s for s in recipe.steps if isinstance(s, TrainStep))
 
 
 def variants() -> list[tuple[str, str, bool]]:
     out = []
-    for name in PAIRS:
+    for name in GUIDES:
         if name == "llama-1gpu":
             out.append((name, "single", False))
             continue
@@ -127,9 +115,9 @@ def check_deepspeed(path: Path, step: TrainStep, hidden: int) -> dict[str, Any]:
     return filled
 
 
-@pytest.mark.parametrize("name", sorted(PAIRS))
+@pytest.mark.parametrize("name", sorted(GUIDES))
 def test_the_plans_own_files_parse(name: str, tmp_path: Path) -> None:
-    plan = _plan(name)
+    plan = guide_plan(name)
     train = next(s for s in plan.steps if s.kind == "train")
     files = {f.path: f.content for f in train.files}
     # the step exactly as the engine will read it
