@@ -9,6 +9,8 @@ import pytest
 from ftkit.plan import memory, power
 from ftkit.plan.catalog import find_arch, find_gpu
 from ftkit.recipe.models import Machine, TrainStep
+from tests import builders
+from tests.builders import MACHINES, plan_of
 from tests.conftest import RECIPES
 
 MISTRAL = find_arch("mistralai/Mistral-Small-24B-Instruct-2501")
@@ -104,16 +106,10 @@ PINNED = {
 }
 
 
-def _plan(recipe: str, machine: str):  # type: ignore[no-untyped-def]
-    from ftkit.run.planning import prepare
-
-    return prepare(str(RECIPES / recipe), str(RECIPES / "machines" / machine), run_dir="/runs/r").plan
-
-
 @pytest.mark.parametrize("pair", sorted(PINNED), ids=lambda p: p[0].split("-")[0] + "-" + p[0].split("-")[-1])
 def test_guide_recipe_estimates_are_pinned(pair: tuple[str, str]) -> None:
     total, verdict, rot, rot_verdict, parts = PINNED[pair]
-    plan = _plan(*pair)
+    plan = plan_of(RECIPES / pair[0], MACHINES / pair[1])
     for est in plan.fit["train"]:
         assert est.components_gib == parts
         assert est.total_gib == total and est.verdict == verdict
@@ -172,10 +168,7 @@ def test_disagreement_is_a_warning_both_ways() -> None:
 
 
 def machine(psu: int, caps_default: list[str]) -> Machine:
-    return Machine.model_validate({
-        "ftkit": 1, "kind": "machine", "name": "m", "psu": {"watts": psu},
-        "gpus": [{"index": i, "model": m} for i, m in enumerate(caps_default)],
-    })
+    return builders.machine(name="m", psu={"watts": psu}, gpus=builders.gpus(*caps_default))
 
 
 def test_catalog_matches_long_names_first() -> None:
@@ -279,9 +272,8 @@ def test_a_phase_over_budget_is_a_finding_at_its_power_step(tmp_path) -> None:  
     from tests.conftest import run_cli
 
     recipe = (RECIPES / "gemma2-27b-qlora-zero3-2x4090.yaml").read_text()
-    (tmp_path / "r.yaml").write_text(recipe)
-    prof = (RECIPES / "machines" / "dual-4090.yaml").read_text().replace("watts: 1600", "watts: 1500")
-    (tmp_path / "m.yaml").write_text(prof)
+    builders.shipped(tmp_path, "gemma2-27b-qlora-zero3-2x4090.yaml", data=False, file="r.yaml")
+    builders.shipped_machine(tmp_path, "dual-4090.yaml", file="m.yaml", psu={"watts": 1500})
     plan = run_cli("plan", str(tmp_path / "r.yaml"), "--machine", str(tmp_path / "m.yaml"))
     assert "worst case 1400 W against 1350 W (1500 W PSU x 0.9) -> over" in plan.out
     result = run_cli("validate", str(tmp_path / "r.yaml"), "--machine", str(tmp_path / "m.yaml"))

@@ -14,11 +14,11 @@ from ftkit.plan import memory
 from ftkit.plan.catalog import find_arch
 from ftkit.plan.jobs import PreferenceJob
 from ftkit.recipe.models import PreferenceStep, TrainStep
-from tests import builders as b
+from tests import builders
 from tests.builders import LOCATED, plan_json, shipped, step, step_config
 from tests.conftest import RECIPES, run_cli
 
-CPU = str(b.CPU)
+CPU = str(builders.CPU)
 DPO = RECIPES / "quickstart-dpo.yaml"
 SFT = """  - type: train
     name: sft
@@ -172,7 +172,7 @@ def test_memory_fit_of_a_preference_step_on_a_gpu() -> None:
 
 
 def test_in_the_images_the_pairs_are_mounted_read_only_and_the_job_names_them_there() -> None:
-    pref = step(plan_json(DPO, b.CPU_DOCKER), "preference")
+    pref = step(plan_json(DPO, builders.CPU_DOCKER), "preference")
     inside = "/ftkit/inputs/pairs-preference/quickstart-pairs.jsonl"
     assert {"host": str(RECIPES / "data" / "quickstart-pairs.jsonl"), "container": inside, "read_only": True} in pref["mounts"]
     assert step_config(pref, "configs/preference-")["pairs"]["path"] == inside
