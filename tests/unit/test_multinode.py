@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from ftkit.plan.spec import run_label
+from tests import builders
+from tests.builders import machine_file
 from tests.conftest import RECIPES, require, run_cli
 
 RECIPE = """\
@@ -57,11 +59,7 @@ def lab(tmp_path: Path) -> dict[str, Path]:
 
 
 def plan_of(lab: dict[str, Path], run_dir: str = "/shared/runs/r1") -> Any:
-    from ftkit.run.planning import prepare
-
-    prepared = prepare(str(lab["recipe"]), str(lab["machine"]), run_dir=run_dir)
-    prepared.check()
-    return prepared.plan
+    return builders.plan_of(lab["recipe"], lab["machine"], run_dir=run_dir, check=True)
 
 
 # --------------------------------------------------------------------------- input
@@ -95,8 +93,7 @@ def test_a_bad_cluster_profile_is_reported_line_by_line(tmp_path: Path) -> None:
 
 
 def test_nodes_need_a_cluster_with_enough_hosts_and_gpus(lab: dict[str, Path], tmp_path: Path) -> None:
-    bare = tmp_path / "bare.yaml"
-    bare.write_text("ftkit: 1\nkind: machine\nname: bare\nexecutor: docker\n")
+    bare = machine_file(tmp_path, file="bare.yaml", name="bare", executor="docker")
     res = run_cli("validate", str(lab["recipe"]), "--machine", str(bare))
     assert res.code == 2 and f"{lab['recipe']}:13:12: steps[0].nodes: nodes: 2 needs a cluster" in res.err, res.err
     lab["recipe"].write_text(RECIPE.format(data="data.jsonl", distribution="ddp", nodes=3))
@@ -307,8 +304,7 @@ def test_trainjob_export_validates_against_kubeflow_trainer(lab: dict[str, Path]
 
 
 def test_a_single_node_recipe_exports_as_one_node(tmp_path: Path) -> None:
-    machine = tmp_path / "m.yaml"
-    machine.write_text("ftkit: 1\nkind: machine\nname: cpu\nexecutor: docker\n")
+    machine = machine_file(tmp_path, file="m.yaml", executor="docker")
     out = tmp_path / "job.yaml"
     res = run_cli("export", str(RECIPES / "quickstart.yaml"), "--machine", str(machine), "-o", str(out))
     assert res.code == 0, res.err
