@@ -9,20 +9,15 @@ import shutil
 import pytest
 import yaml
 
+from tests import builders
+from tests.builders import GUIDES, MACHINES
 from tests.conftest import GOLDEN, RECIPES, ROOT, check_golden, run_cli
 
-PAIRS = {
-    "mistral": ("mistral-small-24b-qlora-2x24gb.yaml", "zorac.yaml"),
-    "gemma": ("gemma2-27b-qlora-zero3-2x4090.yaml", "dual-4090.yaml"),
-    "llama-1gpu": ("llama31-8b-lora-1gpu.yaml", "dual-4090.yaml"),
-    "llama-2gpu": ("llama31-8b-lora-2gpu.yaml", "dual-4090.yaml"),
-}
+PAIRS = GUIDES
 
 
 def plan_json(recipe: str, machine: str) -> dict:
-    result = run_cli("plan", str(RECIPES / recipe), "--machine", str(RECIPES / "machines" / machine), "--json")
-    assert result.code == 0, result.err
-    return json.loads(result.out)
+    return builders.plan_json(RECIPES / recipe, MACHINES / machine)
 
 
 def _normalise(text: str) -> str:
@@ -127,15 +122,13 @@ def test_plan_against_machine_without_enough_gpus(tmp_path) -> None:  # type: ig
 def test_plan_escapes_control_characters_and_warns_about_open_binds(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A recipe string cannot hide a flag from the person reading the plan, and a server
     reachable from the network is said out loud."""
-    import shutil
-
     shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", tmp_path / "train.jsonl")
     (tmp_path / "r.yaml").write_text(
         'ftkit: 1\nname: esc\nmodel: {tiny: {}}\ndataset: {path: train.jsonl, format: alpaca}\nsteps:\n'
         '  - {type: train, max_steps: 1}\n  - {type: merge}\n'
         '  - {type: serve, engine: transformers, prompts: [{prompt: "hi\\u001b[2J\\rrm -rf \\u202eoops"}]}\n')
-    (tmp_path / "m.yaml").write_text("ftkit: 1\nkind: machine\nname: open\nexecutor: local\nbind_address: 0.0.0.0\n")
-    result = run_cli("plan", str(tmp_path / "r.yaml"), "--machine", str(tmp_path / "m.yaml"))
+    machine = builders.machine_file(tmp_path, file="m.yaml", name="open", bind_address="0.0.0.0")
+    result = run_cli("plan", str(tmp_path / "r.yaml"), "--machine", str(machine))
     assert result.code == 0, result.err
     assert "\x1b" not in result.out and "\r" not in result.out and "\u202e" not in result.out
     assert "\\x1b[2J\\rrm -rf \\u202eoops" in result.out
@@ -143,12 +136,9 @@ def test_plan_escapes_control_characters_and_warns_about_open_binds(tmp_path) ->
 
 
 def test_the_plan_says_dora_and_rslora_and_the_engine_gets_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    text = (RECIPES / "quickstart.yaml").read_text()
     old = "lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}"
-    assert old in text
-    recipe = tmp_path / "dora.yaml"
-    recipe.write_text(text.replace(old, old[:-1] + ", use_dora: true, use_rslora: true}"))
-    shutil.copytree(RECIPES / "data", tmp_path / "data")
+    recipe = builders.shipped(tmp_path, "quickstart.yaml", file="dora.yaml",
+                              **{old: old[:-1] + ", use_dora: true, use_rslora: true}"})
     result = run_cli("plan", str(recipe), cwd=tmp_path)
     assert result.code == 0, result.err
     assert "lora; r 16, alpha 32.0, DoRA, rsLoRA;" in result.out and "dora_temporaries" in result.out
