@@ -9,16 +9,12 @@ import pytest
 import yaml
 
 from ftkit.recipe.models import json_schema
+from tests.builders import GUIDES
 from tests.conftest import RECIPES, run_cli
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
 MACHINE_FILES = sorted((RECIPES / "machines").glob("*.yaml"))
-GUIDE_PAIRS = [
-    ("mistral-small-24b-qlora-2x24gb.yaml", "zorac.yaml"),
-    ("gemma2-27b-qlora-zero3-2x4090.yaml", "dual-4090.yaml"),
-    ("llama31-8b-lora-1gpu.yaml", "dual-4090.yaml"),
-    ("llama31-8b-lora-2gpu.yaml", "dual-4090.yaml"),
-]
+GUIDE_PAIRS = list(GUIDES.values())
 
 
 def test_every_recipe_and_profile_validates() -> None:
