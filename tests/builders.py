@@ -1,7 +1,7 @@
 """Test inputs built in one place: a recipe and a machine profile from defaults plus the few
 fields a test is about, so a bug test reads
 
-    build_plan(resolve(recipe(steps=[{"type": "serve", "model": "base"}]), machine()), run_dir=RUN)
+    build_plan(resolve(recipe(steps={0: {"max_steps": 2}}), machine(executor="docker")), run_dir=RUN)
 
 plus an assertion, and a plan-level test through the CLI reads
 `plan_json(recipe_file(tmp_path, name="srv"), machine_file(tmp_path, executor="docker"))`.
