@@ -728,7 +728,8 @@ def test_ftkit_down_stops_only_its_own_runs_containers(tmp_path: Path, monkeypat
     monkeypatch.setattr(dk, "reachable", lambda host: True)
     monkeypatch.setattr(dk, "containers_with_label", lambda label, host=None, **kw: asked.append(label) or [])
     a.mkdir(parents=True)
-    plan = {"executor": "docker", "steps": [{"executor": "docker", "labels": {"dev.ftkit.run": run_label(str(a))}}]}
+    plan = plan_of(a.parent, StepSpec(id="t", kind="train", description="t", executor="docker",
+                                      labels={"dev.ftkit.run": run_label(str(a))}))
     stale.stop_leftovers(a, plan)
     stale.stop_leftovers(a, None)  # plan.json gone: the label its path gives
     assert asked == [f"dev.ftkit.run={run_label(str(a))}"] * 2

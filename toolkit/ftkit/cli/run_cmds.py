@@ -6,11 +6,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ftkit.cli.params import CheckedPath
 from ftkit.errors import FtkitError, UserError
+
+if TYPE_CHECKING:
+    from ftkit.plan.spec import Plan, StepSpec
 
 
 def _runs_root(runs_dir: Path | None, machine_path: str | None) -> Path:
@@ -72,42 +76,23 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
     from ftkit.run.display import make_display
 
     if resume_run:
-        run, plan = _prepare_resume(resume_run, dry_run)
+        from ftkit.run.resume import prepare_resume
+
+        run, plan = prepare_resume(resume_run, dry_run=dry_run)
         if dry_run:
             click.echo(render_plan(plan, configs=True))  # exactly what would run and be written
             return
     else:
         if recipe is None:
             raise click.UsageError("give a RECIPE (or --resume RUN)")
-        from ftkit.run.planning import prepare, runs_root
+        from ftkit.run.planning import prepare
+        from ftkit.run.rundir import Reservation
 
-        made: list[Path] = []  # directories the reservation created, removed again if the run is refused
-
-        def where(res) -> str:  # type: ignore[no-untyped-def]
-            from ftkit.strict import checked_path
-
-            # the profile's paths.runs meets the same checks as --runs-dir (CheckedPath), before anything is made
-            checked_path(str(runs_dir or runs_root(res.machine)), "--runs-dir" if runs_dir else
-                         f"{res.machine.name}: paths.runs", fills=True, system_ok=False)
-            root = (runs_dir or runs_root(res.machine)).resolve()
-            if not dry_run:
-                made.extend(p for p in [root, *root.parents] if not p.exists())
-            reserved = runner.new_run_path(root, res.recipe.name, reserve=not dry_run)
-            if not dry_run:
-                made.append(reserved)
-            return str(reserved)
-
-        def unreserve() -> None:
-            for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
-                try:
-                    d.rmdir()  # the reserved, still empty directories: a refused run leaves nothing
-                except OSError:
-                    pass
-
+        reservation = Reservation(runs_dir, dry_run=dry_run)  # removed again if the run is refused
         try:
-            prepared = prepare(recipe, machine_path, run_dir=where, executor=executor)
+            prepared = prepare(recipe, machine_path, run_dir=reservation, executor=executor)
         except BaseException:
-            unreserve()
+            reservation.release()
             raise
         plan = prepared.plan
         path = Path(plan.run_dir)
@@ -128,7 +113,7 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
             preflight.engines(prepared)
             preflight.machine(plan)
         except BaseException:
-            unreserve()
+            reservation.release()
             raise
         _clean_stale(root)
         run = runner.create_run(path, plan, prepared.res.to_yaml_data(), ["ftkit", *sys.argv[1:]])
@@ -170,44 +155,6 @@ def _clean_stale(root: Path) -> None:
             clean(run, say=lambda m: click.echo(f"  {m}", err=True))
 
 
-def _prepare_resume(run_dir: str, dry_run: bool):  # type: ignore[no-untyped-def]
-    """Everything `--resume` trusts is checked here, before anything runs or is written: the
-    run directory is only its owner's and holds no links, plan.json is the one the run started
-    with (its digest), and it loads back into a Plan of the right types."""
-    from ftkit.plan.spec import Plan, PlanFormatError
-    from ftkit.run.rundir import RunDir, check_resumable
-    from ftkit.run.stale import is_stale, stop_leftovers
-
-    try:
-        path = Path(run_dir).resolve()
-    except (OSError, RuntimeError) as e:  # a link loop, a name too long
-        raise UserError(f"{run_dir}: not a run directory ({e})") from None
-    inputs = check_resumable(path)
-    try:
-        plan = Plan.from_dict(json.loads(inputs.plan_bytes))
-    except PlanFormatError as e:
-        raise UserError(f"{path / 'plan.json'}: not a plan this ftkit can resume ({e})") from None
-    except Exception as e:  # noqa: BLE001 - a truncated or binary plan.json: refuse, never trace back
-        raise UserError(f"{path / 'plan.json'}: not a plan this ftkit can resume "
-                        f"({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    st = inputs.state
-    if not (isinstance(st.get("steps"), dict) and isinstance(st.get("order"), list)
-            and all(isinstance(v, dict) for v in st["steps"].values())):
-        raise UserError(f"{path / 'state.json'}: not a journal this ftkit can resume (unreadable or edited)")
-    if st.get("status") == "running" and not is_stale(path):
-        raise UserError(f"{path.name} is still running (ftkit pid {st.get('pid')})",
-                        hint="stop it first (Ctrl-C there, or kill -TERM that pid)")
-    if st.get("status") == "succeeded":
-        raise UserError(f"{path.name} already succeeded: nothing to resume")
-    if not dry_run:
-        from ftkit.run import preflight
-
-        preflight.machine(plan)
-        preflight.engines_of_plan(plan)
-        stop_leftovers(path, plan.to_dict(), docker_host=plan.docker.get("host"))
-    return RunDir(path), plan
-
-
 @click.command()
 @click.argument("run", required=False)
 @click.option("--runs-dir", type=CheckedPath(fills=True, system_ok=False, file_okay=False, path_type=Path), default=None)
@@ -216,102 +163,90 @@ def _prepare_resume(run_dir: str, dry_run: bool):  # type: ignore[no-untyped-def
 def status(run: str | None, runs_dir: Path | None, machine_path: str | None, as_json: bool) -> None:
     """Show a run's steps with status and times, and a running step's progress. RUN: a run
     directory, its name, or `latest` (the default: the newest run)."""
+    from ftkit.run.record import RunState
     from ftkit.run.stale import is_stale, state_of
 
     path = _find_run(run, _runs_root(runs_dir, machine_path))
-    st = state_of(path)
-    if not isinstance(st.get("steps"), dict):
+    raw = state_of(path)
+    if not isinstance(raw.get("steps"), dict):
         raise UserError(f"{path / 'state.json'}: unreadable or not a journal")
     stale = is_stale(path)
     if as_json:
-        click.echo(json.dumps({"run_dir": str(path), "stale": stale, **st}, indent=2))
+        click.echo(json.dumps({"run_dir": str(path), "stale": stale, **raw}, indent=2))
         return
-    from ftkit.observe.rundata import typed_state
     from ftkit.text import printable
 
     problems: list[str] = []
-    st = typed_state(st, problems)  # what does not have its shape is left out, and said below
+    st = RunState.from_dict(raw, problems)  # what does not have its shape is left out, and said below
 
     def shown(v: object, limit: int = 90) -> str:
         text = printable(str(v))
         return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    head = shown(st.get("status") or "?") + (" (STALE: its ftkit died; `ftkit down` cleans up)" if stale else "")
+    head = shown(st.status or "?") + (" (STALE: its ftkit died; `ftkit down` cleans up)" if stale else "")
     click.echo(f"{printable(path.name)}: {head}")
-    click.echo(f"  started {shown(st.get('started'))}, finished {shown(st.get('finished') or '-')}")
-    steps = st.get("steps") or {}
-    for sid in st.get("order") or list(steps):
-        e = steps.get(sid) or {}
-        secs = f"{e['seconds']:.1f} s" if isinstance(e.get("seconds"), (int, float)) else ""
-        why = e.get("error") or e.get("reason") or e.get("message") or ""
+    click.echo(f"  started {shown(st.started)}, finished {shown(st.finished or '-')}")
+    for sid in st.step_ids():
+        e = st.entry(sid)
+        secs = f"{e.seconds:.1f} s" if e is not None and e.seconds is not None else ""
+        why = (e.error or e.reason or e.message or "") if e is not None else ""
         first = shown(why.splitlines()[0]) if why.strip() else ""
-        if e.get("status") == "running" and not stale:
-            first = first or _running_note(path, sid, e)
-        click.echo(f"  {shown(sid, 22):<22} {shown(e.get('status', '?'), 12):<12} {secs:>10}  {first}")
-    left = st.get("left_running")
-    if isinstance(left, list) and left:
-        click.echo("  left running: " + "; ".join(shown(x, 200) for x in left))
+        if e is not None and e.status == "running" and not stale:
+            first = first or _running_note(path, sid, e.started)
+        click.echo(f"  {shown(sid, 22):<22} {shown(e.status if e is not None else '?', 12):<12} {secs:>10}  {first}")
+    if st.left_running:
+        click.echo("  left running: " + "; ".join(shown(x, 200) for x in st.left_running))
     for problem in problems:
         click.echo(f"  note: {shown(problem, 200)}")
-    _lease_lines(path)
+    from ftkit.run.record import load_plan
+
+    _lease_lines(load_plan(path)[0])
     click.echo(f"  logs: {printable(str(path / 'logs'))}/")
 
 
-def _running_note(run: Path, sid: str, entry: dict) -> str:  # type: ignore[type-arg]
+def _running_note(run: Path, sid: str, started: str | None) -> str:
     """For a step running now: how long it has run, and for training its progress (step,
     loss, tokens/s, ETA) from the newest line of its metrics.jsonl."""
     from datetime import datetime, timezone
 
-    from ftkit.files import read_json
     from ftkit.run.display import _fmt_s, latest_progress, progress_text
+    from ftkit.run.record import load_plan
 
     parts = []
-    started = entry.get("started")
-    if isinstance(started, str):
+    if started is not None:
         try:
             since = (datetime.now(timezone.utc) - datetime.fromisoformat(started)).total_seconds()
             if 0 <= since < 1e8:
                 parts.append(f"running for {_fmt_s(since)}")
         except (ValueError, TypeError):
             pass
-    try:
-        plan = read_json(run / "plan.json")
-        spec = next(s for s in plan["steps"] if isinstance(s, dict) and s.get("id") == sid)
-        metrics, total = spec["outputs"].get("metrics"), _max_steps_of(spec)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
-        metrics, total = None, None
-    from ftkit.run.rundir import inside
-
-    if isinstance(metrics, str) and inside(metrics):  # a train step
-        p = latest_progress(run / metrics, total)
+    plan = load_plan(run)[0]
+    spec = next((s for s in plan.steps if s.id == sid), None) if plan is not None else None
+    metrics = spec.outputs.get("metrics") if spec is not None else None
+    if metrics is not None:  # a train step (Plan.from_dict checked the path stays inside the run)
+        p = latest_progress(run / metrics, _max_steps_of(spec))
         parts.append(progress_text(p) if p is not None else "no training step logged yet")
     return "; ".join(parts)
 
 
-def _max_steps_of(spec: dict) -> int | None:  # type: ignore[type-arg]
+def _max_steps_of(spec: StepSpec) -> int | None:
     """max_steps from a train step's generated engine config in plan.json (None: by epochs)."""
     from ftkit.files import parse_json
 
-    for f in spec.get("files") or []:
-        if isinstance(f, dict) and str(f.get("path", "")).startswith("configs/train-"):
+    for f in spec.files:
+        if f.path.startswith("configs/train-"):
             try:
-                value = parse_json(str(f.get("content")))["train"].get("max_steps")  # bounded: never a RecursionError
+                value = parse_json(f.content)["train"].get("max_steps")  # bounded: never a RecursionError
             except (ValueError, KeyError, TypeError, AttributeError):
                 return None
             return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
     return None
 
 
-def _lease_lines(run: Path) -> None:
+def _lease_lines(plan: Plan | None) -> None:
     """Who holds or waits for the GPUs now (the lease directory the run's plan names)."""
-    from ftkit.files import read_json
-
-    try:
-        plan = read_json(run / "plan.json")
-    except (OSError, ValueError):
-        return
-    lease_dir = plan.get("lease_dir") if isinstance(plan, dict) else None
-    if not isinstance(lease_dir, str) or not lease_dir or not Path(lease_dir).is_dir():
+    lease_dir = plan.lease_dir if plan is not None else None
+    if not lease_dir or not Path(lease_dir).is_dir():
         return
     from ftkit.lease import holders
     from ftkit.text import printable
@@ -331,15 +266,17 @@ def _lease_lines(run: Path) -> None:
 def logs(run: str | None, step: str | None, runs_dir: Path | None, machine_path: str | None, follow: bool) -> None:
     """Print a step's log. RUN: a run directory, its name, or `latest` (default: the newest
     run); STEP: default the step running now, else the last one that ran."""
+    from ftkit.run.record import RunState, view_state
     from ftkit.run.stale import is_stale, state_of
 
     path = _find_run(run, _runs_root(runs_dir, machine_path))
-    st = state_of(path)
-    if not isinstance(st.get("steps"), dict):
+    raw = state_of(path)
+    if not isinstance(raw.get("steps"), dict):
         raise UserError(f"{path / 'state.json'}: unreadable or not a journal")
+    st = RunState.from_dict(raw, [])
     if step is None:
-        ran = [s for s in st.get("order", []) if st["steps"].get(s, {}).get("status") not in ("pending", "skipped")]
-        running = [s for s in ran if st["steps"][s].get("status") == "running"]
+        ran = [s for s in st.order if st.status_of(s) not in ("pending", "skipped")]
+        running = [s for s in ran if st.status_of(s) == "running"]
         if not ran:
             raise UserError(f"{path.name}: no step has run yet")
         step = (running or ran)[-1]
@@ -356,7 +293,7 @@ def logs(run: str | None, step: str | None, runs_dir: Path | None, machine_path:
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
                 continue
-            if state_of(path).get("status") != "running" or is_stale(path):
+            if (now := view_state(path)) is None or now.status != "running" or is_stale(path):
                 break
             time.sleep(0.5)
 
@@ -369,7 +306,8 @@ def down(run: str | None, runs_dir: Path | None, machine_path: str | None) -> No
     """Stop what a run left running (servers, containers). A run whose ftkit died is also
     cleaned up: power limits back to the recorded originals, the serving service started
     again, the journal closed. Default: every stale run, else the newest run."""
-    from ftkit.run.stale import clean, compose_driven, is_stale, runs_in, state_of
+    from ftkit.run.record import view_state
+    from ftkit.run.stale import clean, compose_driven, is_stale, runs_in
 
     root = _runs_root(runs_dir, machine_path)
     if run is None:
@@ -377,13 +315,13 @@ def down(run: str | None, runs_dir: Path | None, machine_path: str | None) -> No
     else:
         targets = [_find_run(run, root)]
     for path in targets:
-        st = state_of(path)
+        st = view_state(path)
         if compose_driven(st):
             raise UserError(f"{path}: docker compose drives this run, not ftkit",
                             hint="stop it in its stack directory: docker compose --profile train --profile serve down")
-        if st.get("status") == "running" and not is_stale(path):
-            raise UserError(f"{path.name} is running (ftkit pid {st.get('pid')}): stop it there (Ctrl-C) or with "
-                            f"kill -TERM {st.get('pid')}")
+        if st is not None and st.status == "running" and not is_stale(path):
+            raise UserError(f"{path.name} is running (ftkit pid {st.pid}): stop it there (Ctrl-C) or with "
+                            f"kill -TERM {st.pid}")
         click.echo(f"{path.name}:")
         clean(path, say=lambda m: click.echo(f"  {m}"))
 

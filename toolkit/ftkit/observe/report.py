@@ -343,6 +343,10 @@ class _Plotter:
 # --------------------------------------------------------------------------- tables
 
 
+def _or_dash(v: str | None) -> str:
+    return "-" if v is None else v
+
+
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None or v == "":
         return "-"
@@ -362,19 +366,19 @@ def _tables(runs: list[RunData], fair: list[Fairness]) -> list[tuple[str, list[s
 
     out.append(("Outcome", ["", *cols], [
         ["status", *[rd.status for rd in runs]],
-        ["failed step", *[_fmt(rd.state.get("failed_step")) for rd in runs]],
-        ["message", *[_fmt(rd.state.get("message")) for rd in runs]],
-        ["started", *[_fmt(rd.state.get("started")) for rd in runs]],
+        ["failed step", *[_fmt(rd.state.failed_step) for rd in runs]],
+        ["message", *[_fmt(rd.state.message) for rd in runs]],
+        ["started", *[_fmt(rd.state.started) for rd in runs]],
         ["duration", *[dur(rd) for rd in runs]],
-        ["recipe / machine", *[f"{rd.plan.get('recipe', '-')} on {rd.plan.get('machine', '-')}" for rd in runs]],
+        ["recipe / machine", *[f"{_or_dash(rd.plan.recipe)} on {_or_dash(rd.plan.machine)}" for rd in runs]],
     ], ""))
     for i, rd in enumerate(runs):
         rows = []
-        steps = rd.state.get("steps") or {}
-        for sid in rd.state.get("order") or list(steps):
-            e = steps.get(sid) or {}
-            why = e.get("error") or e.get("message") or e.get("reason") or ""
-            rows.append([sid, str(e.get("status", "-")), _fmt(num(e.get("seconds"))), str(why)[:300]])
+        for sid in rd.state.step_ids():
+            e = rd.state.entry(sid)
+            why = (e.error or e.message or e.reason or "") if e is not None else ""
+            rows.append([sid, str(e.status) if e is not None else "-", _fmt(num(e.seconds) if e else None),
+                         str(why)[:300]])
         out.append((f"Steps ({cols[i]})" if multi else "Steps", ["step", "status", "seconds", "note"], rows, ""))
     train_rows: list[list[str]] = []
     for i, rd in enumerate(runs):

@@ -15,6 +15,7 @@ from typing import Any
 
 from ftkit.errors import UserError
 from ftkit.files import UnsafeFile, parse_json, read_bounded, read_json
+from ftkit.run.record import PlanStepView, PlanView, RunState, kind
 
 THROTTLE_FLAGS = ("hw_slowdown", "hw_power_brake", "sw_power_cap", "sw_thermal_slowdown", "hw_thermal_slowdown")
 BUSY_UTIL = 50.0
@@ -62,8 +63,8 @@ class Checkpoint:
 @dataclass
 class RunData:
     path: Path
-    state: dict[str, Any] = field(default_factory=dict)
-    plan: dict[str, Any] = field(default_factory=dict)
+    state: RunState = field(default_factory=RunState)  # a view: what does not have its shape left out
+    plan: PlanView = field(default_factory=PlanView)
     env: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # train step -> rows
@@ -79,20 +80,20 @@ class RunData:
 
     @property
     def status(self) -> str:
-        return str(self.state.get("status") or "unknown")
+        return str(self.state.status or "unknown")
 
     @property
     def started(self) -> float | None:
-        return _iso(self.state.get("started"))
+        return _iso(self.state.started)
 
     @property
     def finished(self) -> float | None:
-        return _iso(self.state.get("finished"))
+        return _iso(self.state.finished)
 
     @property
     def simulated(self) -> bool:
         """True when any GPU figure in this run is synthetic (the simulated NVML backend)."""
-        return any(r.get("source") == "simulated" for r in self.telemetry) or bool(self.plan.get("simulated_gpus"))
+        return any(r.get("source") == "simulated" for r in self.telemetry) or self.plan.simulated_gpus
 
     def t0(self) -> float | None:
         """The run's time zero for plots: its start, else its first telemetry row."""
@@ -105,12 +106,11 @@ class RunData:
     def step_spans(self) -> list[tuple[str, float, float | None, str]]:
         """(step id, start, end, status) in unix seconds, in run order, for steps that ran."""
         out = []
-        steps = self.state.get("steps") or {}
-        for sid in self.state.get("order") or list(steps):
-            e = steps.get(sid) or {}
-            start = _iso(e.get("started"))
-            if start is not None:
-                out.append((sid, start, _iso(e.get("finished")), str(e.get("status"))))
+        for sid in self.state.step_ids():
+            e = self.state.entry(sid)
+            start = _iso(e.started) if e is not None else None
+            if e is not None and start is not None:
+                out.append((sid, start, _iso(e.finished), str(e.status)))
         return out
 
     def train_steps(self) -> list[dict[str, Any]]:
@@ -176,7 +176,7 @@ def _read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
         if "step" in row and not _is_int(row["step"]):
             bad += 1
             if bad <= 5:
-                problems.append(f"{path.name} line {n}: step is {_kind(row['step'])}, not an integer (left out)")
+                problems.append(f"{path.name} line {n}: step is {kind(row['step'])}, not an integer (left out)")
             continue
         rows.append(row)
     if bad > 5:
@@ -187,30 +187,14 @@ def _read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- typed views
 # The files of a run directory are ftkit's own, but anyone can hand `report` a directory: each
 # is checked against the shape its readers rely on, and what does not fit is left out with a
-# note, so a report of a damaged run still renders.
+# note, so a report of a damaged run still renders. state.json and plan.json are read as
+# run.record's views (RunState, PlanView), the rest here.
 
 JSONL_MAX_BYTES = 256 << 20
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and -(1 << 62) < v < (1 << 62)
-
-
-def _kind(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__)
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
 def _obj(v: Any) -> bool:
@@ -221,22 +205,13 @@ def _obj_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, dict) for x in v)
 
 
-def _str_map(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
-
-
 def _obj_map(v: Any) -> bool:
     return isinstance(v, dict) and all(isinstance(x, dict) for x in v.values())
 
 
-_TEXT = (_is_str, "a string")
-STATE_FIELDS = {"status": _TEXT, "started": _TEXT, "finished": _TEXT, "message": _TEXT, "failed_step": _TEXT,
-                "order": (_str_list, "a list of step names"), "steps": (_obj_map, "an object of step records")}
-STATE_STEP_FIELDS = {"status": _TEXT, "started": _TEXT, "finished": _TEXT, "error": _TEXT, "message": _TEXT,
-                     "reason": _TEXT, "seconds": (_is_num, "a number")}
-PLAN_FIELDS = {"recipe": _TEXT, "machine": _TEXT, "steps": (_obj_list, "a list of steps")}
-PLAN_STEP_FIELDS = {"id": _TEXT, "kind": _TEXT, "outputs": (_str_map, "an object of paths")}
 ENV_FIELDS = {"packages": (_obj, "an object"), "gpus": (_obj_list, "a list of objects")}
+
+
 def _harness(v: Any) -> bool:
     return isinstance(v, dict) and _obj_list(v.get("results"))
 
@@ -251,7 +226,7 @@ def _typed(data: dict[str, Any], fields: dict[str, tuple[Any, str]], where: str,
     as good as missing), one note for each left out."""
     for key, (ok, what) in fields.items():
         if data.get(key) is not None and not ok(data[key]):
-            problems.append(f"{where}: {key} is {_kind(data[key])}, not {what} (left out)")
+            problems.append(f"{where}: {key} is {kind(data[key])}, not {what} (left out)")
             del data[key]
     return data
 
@@ -280,20 +255,6 @@ def _read_recipe(path: Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"{path.name}: not a mapping (left out)")
         return {}
     return _typed(data, {"steps": (_obj_list, "a list of steps")}, path.name, problems)
-
-
-def typed_state(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    _typed(data, STATE_FIELDS, "state.json", problems)
-    for sid, entry in (data.get("steps") or {}).items():
-        _typed(entry, STATE_STEP_FIELDS, f"state.json: step {sid}", problems)
-    return data
-
-
-def _typed_plan(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    _typed(data, PLAN_FIELDS, "plan.json", problems)
-    for n, step in enumerate(data.get("steps") or []):
-        _typed(step, PLAN_STEP_FIELDS, f"plan.json: steps[{n}]", problems)
-    return data
 
 
 def _checkpoints(root: Path, metrics: list[dict[str, Any]]) -> list[Checkpoint]:
@@ -334,26 +295,25 @@ def load_run(path: Path) -> RunData:
         raise UserError(f"{path}: not a run directory (no state.json or plan.json)",
                         hint="give a directory `ftkit up` made, e.g. runs/20260101T120000Z-quickstart")
     rd = RunData(path)
-    rd.state = typed_state(_read_json(path / "state.json", rd.problems), rd.problems)
-    rd.plan = _typed_plan(_read_json(path / "plan.json", rd.problems), rd.problems)
+    rd.state = RunState.from_dict(_read_json(path / "state.json", rd.problems), rd.problems)
+    rd.plan = PlanView.from_dict(_read_json(path / "plan.json", rd.problems), rd.problems)
     rd.env = _typed(_read_json(path / "env.json", rd.problems), ENV_FIELDS, "env.json", rd.problems)
     rd.recipe = _read_recipe(path / "recipe.resolved.yaml", rd.problems)
-    steps = [s for s in rd.plan.get("steps") or [] if isinstance(s, dict)]
-    trains = [s for s in steps if s.get("kind") == "train"]
+    steps = rd.plan.steps
+    trains = [s for s in steps if s.kind == "train"]
     if not trains and not steps:  # no plan: look for the files themselves
-        trains = [{"id": p.parent.name, "outputs": {"metrics": str(p.relative_to(path))}}
+        trains = [PlanStepView(p.parent.name, "train", {"metrics": str(p.relative_to(path))})
                   for p in sorted(path.glob("steps/*/metrics.jsonl"))]
     for s in trains:
-        sid = str(s.get("id"))
-        outputs = s.get("outputs") or {}
-        mpath = path / outputs.get("metrics", f"steps/{sid}/metrics.jsonl")
+        sid = str(s.id)
+        mpath = path / s.outputs.get("metrics", f"steps/{sid}/metrics.jsonl")
         rd.metrics[sid] = _read_jsonl(mpath, rd.problems) if os.path.lexists(mpath) else []
         rd.train_summaries[sid] = _read_json(path / "steps" / sid / "train_summary.json", rd.problems)
         rd.checkpoints[sid] = _checkpoints(path / "steps" / sid / "checkpoints", rd.metrics[sid])
     for s in steps:
-        if s.get("kind") == "eval":
-            sid = str(s.get("id"))
-            summary = path / (s.get("outputs") or {}).get("summary", f"steps/{sid}/summary.json")
+        if s.kind == "eval":
+            sid = str(s.id)
+            summary = path / s.outputs.get("summary", f"steps/{sid}/summary.json")
             data = _typed(_read_json(summary, rd.problems), EVAL_FIELDS, summary.name, rd.problems)
             if data:
                 rd.evals[sid] = data
@@ -399,8 +359,8 @@ def throughput(rd: RunData, step_id: str) -> dict[str, Any]:
         out["steady_samples_per_s"] = round(statistics.median(s), 3)
     if t:
         out["steady_tokens_per_s"] = round(statistics.median(t), 1)
-    step = (rd.state.get("steps") or {}).get(step_id) or {}
-    out["step_seconds"] = positive(step.get("seconds"))
+    entry = rd.state.entry(step_id)
+    out["step_seconds"] = positive(entry.seconds) if entry is not None else None
     return out
 
 

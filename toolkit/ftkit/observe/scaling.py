@@ -244,7 +244,7 @@ def plan_variants(prepared: Any, gpu_sets: list[list[int]], *, max_steps: int, r
     """Variants with their plans, each checked against the machine like `ftkit up` checks a
     recipe (memory fit, PSU budget, GPUs): a problem is the recipe's line, exit 2."""
     from ftkit.run.planning import Prepared, plan_for
-    from ftkit.run.runner import new_run_path
+    from ftkit.run.rundir import new_run_path
 
     res = prepared.res
     ti, variants = make_variants(res, gpu_sets, max_steps=max_steps)
@@ -271,8 +271,9 @@ def run_variant(v: Variant, *, argv: list[str], runs_root: Path, echo: bool = Fa
     from ftkit.run import runner
     from ftkit.run.display import make_display
     from ftkit.run.planning import plan_for
+    from ftkit.run.rundir import new_run_path
 
-    path = runner.new_run_path(runs_root, v.recipe.name)
+    path = new_run_path(runs_root, v.recipe.name)
     plan = plan_for(v.res, run_dir=str(path), executor=v.plan.executor)
     run = runner.create_run(path, plan, v.res.to_yaml_data(), argv)
     result = runner.execute_plan(run, plan, display=make_display(plan, live=False), echo=echo)
@@ -287,8 +288,8 @@ def run_variant(v: Variant, *, argv: list[str], runs_root: Path, echo: bool = Fa
 
 
 def measure(rd: RunData, label: str, gpus: list[int]) -> Measure:
-    m = Measure(label, gpus, str(rd.path), rd.status, message=rd.state.get("message"),
-                simulated_gpus=bool(rd.plan.get("simulated_gpus")))
+    m = Measure(label, gpus, str(rd.path), rd.status, message=rd.state.message,
+                simulated_gpus=rd.plan.simulated_gpus)
     train_id = next(iter(rd.metrics), None)
     if train_id is None:
         return m

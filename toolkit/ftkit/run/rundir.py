@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import shlex
 import socket
@@ -28,16 +27,9 @@ from typing import Any
 import yaml
 
 from ftkit.errors import FtkitError, UserError
-from ftkit.files import read_json, write_atomic, write_json
+from ftkit.files import write_atomic, write_json
 from ftkit.procs import is_alive, process_start
-
-STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "interrupted")
-DONE = ("succeeded", "failed", "skipped", "interrupted")
-# The run's own files (plan, journal, inputs, generated configs): the umask decides who may
-# read them, like every file ftkit writes, but never group- or world-writable whatever the
-# umask (a user-private-group umask 002 included): a resume trusts only what its owner wrote.
-OWN_FILE_MODE = 0o644
-
+from ftkit.run.record import DONE, OWN_FILE_MODE, STATUSES, RunState, StepEntry, state_from_bytes
 
 OWNER_LOCK = ".owner.lock"
 
@@ -113,6 +105,62 @@ def inside(rel: str) -> bool:
     """True when `rel` names a path inside the run directory: relative, no `..`, no NUL."""
     parts = rel.split("/")
     return bool(rel) and "\0" not in rel and not rel.startswith("/") and ".." not in parts
+
+
+def new_run_path(root: Path, name: str, *, reserve: bool = False) -> Path:
+    """runs/<UTC timestamp>-<name>: the plan is built with it first. `reserve` creates the
+    (empty) directory at once, atomically, so two `ftkit up` in the same second get two;
+    the caller removes it again when the run is refused."""
+    base = f"{utc_stamp()}-{name}"
+    if reserve:
+        root.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        path = (root / (base if n == 0 else f"{base}-{n}")).resolve()
+        if not reserve:
+            if not path.exists():
+                return path
+            continue
+        try:
+            path.mkdir(mode=0o755)  # only its owner writes a run directory (--resume refuses one others may)
+        except FileExistsError:
+            continue
+        return path
+    raise FtkitError(f"cannot find a free run directory name under {root}")  # pragma: no cover
+
+
+
+class Reservation:
+    """The run directory `ftkit up` reserves while it plans (the plan names its path): made at
+    once, atomically, so two `ftkit up` in the same second get two; `release()` removes it and
+    the parents it made while still empty, so a refused run leaves nothing. Called with the
+    resolved recipe, it is the `run_dir` that planning.prepare takes."""
+
+    def __init__(self, runs_dir: Path | None, *, dry_run: bool) -> None:
+        self.runs_dir = runs_dir
+        self.dry_run = dry_run
+        self.made: list[Path] = []
+
+    def __call__(self, res: Any) -> str:
+        from ftkit.run.planning import runs_root
+        from ftkit.strict import checked_path
+
+        # the profile's paths.runs meets the same checks as --runs-dir (CheckedPath), before anything is made
+        checked_path(str(self.runs_dir or runs_root(res.machine)), "--runs-dir" if self.runs_dir else
+                     f"{res.machine.name}: paths.runs", fills=True, system_ok=False)
+        root = (self.runs_dir or runs_root(res.machine)).resolve()
+        if not self.dry_run:
+            self.made.extend(p for p in [root, *root.parents] if not p.exists())
+        reserved = new_run_path(root, res.recipe.name, reserve=not self.dry_run)
+        if not self.dry_run:
+            self.made.append(reserved)
+        return str(reserved)
+
+    def release(self) -> None:
+        for d in sorted(self.made, key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()  # the reserved, still empty directories
+            except OSError:
+                pass
 
 
 @dataclass
@@ -262,7 +310,7 @@ class ResumeInputs:
     the journal) and the journal itself."""
 
     plan_bytes: bytes
-    state: dict[str, Any]
+    state: RunState
 
 
 def check_resumable(path: Path) -> ResumeInputs:
@@ -278,18 +326,11 @@ def check_resumable(path: Path) -> ResumeInputs:
             raise UserError(f"{path}: not a run directory (needs plan.json and state.json)")
     plan_bytes = _read_own(path / "plan.json")
     state_path = path / "state.json"
-    try:
-        state = json.loads(_read_own(state_path))
-    except UserError:
-        raise
-    except Exception:  # noqa: BLE001 - truncated, binary, deeply nested: refused, never a traceback
-        raise UserError(f"{state_path}: not a journal this ftkit can resume (unreadable or edited)") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{state_path}: not a journal this ftkit can resume (not a JSON object)")
-    if state.get("driver") == "compose":  # ftkit.run.stackjournal: host paths in its plan are .env's names
+    state = state_from_bytes(_read_own(state_path), state_path)  # every field of its shape, else located
+    if state.driver == "compose":  # ftkit.run.stackjournal: host paths in its plan are .env's names
         raise UserError(f"{path}: the run directory of a stack that docker compose drives, not ftkit; run it again "
                         "there (`docker compose --profile train up` in the stack directory)")
-    recorded = state.get("plan_sha256")
+    recorded = state.plan_sha256
     if not isinstance(recorded, str):
         raise UserError(f"{state_path}: records no digest of plan.json (a run started by an older ftkit, or an "
                         "edited journal); ftkit resumes only a plan it can tell is unchanged: start the run again")
@@ -307,22 +348,26 @@ def check_resumable(path: Path) -> ResumeInputs:
 
 
 class Journal:
-    """state.json: the run's outcome and each step's status, times and notes."""
+    """state.json as the runner keeps it: a RunState written back atomically on every change."""
 
-    def __init__(self, run: RunDir, step_ids: list[str] | None = None) -> None:
-        self.path = run.file("state.json")
-        if self.path.exists():
-            self.state = read_json(self.path)
-        else:
-            self.state = {
-                "status": "running",
-                "started": iso_now(),
-                "plan_sha256": run.plan_sha256(),  # a resume refuses a plan.json edited since
-                "finished": None,
-                "steps": {sid: {"status": "pending"} for sid in (step_ids or [])},
-                "order": list(step_ids or []),
-            }
-        self.claim()
+    def __init__(self, path: Path, state: RunState) -> None:
+        """The journal at `path` as `state`, not claimed: for a run this ftkit does not drive (a
+        stale or finished run being cleaned up), so its pid stays the dead ftkit's."""
+        self.path = path
+        self.state = state
+
+    @classmethod
+    def start(cls, run: RunDir, step_ids: list[str]) -> Journal:
+        """The journal of the run this ftkit drives now: a new one with every step pending, or
+        (a resume) the one there, read strictly; claimed either way."""
+        path = run.file("state.json")
+        if path.exists():  # a resume: check_resumable read it strictly already
+            state = load_journal(path)
+        else:  # plan_sha256: a resume refuses a plan.json edited since
+            state = RunState.new(step_ids, started=iso_now(), plan_sha256=run.plan_sha256())
+        journal = cls(path, state)
+        journal.claim()
+        return journal
 
     def claim(self) -> None:
         """Record that this ftkit process drives the run now, so a later ftkit can tell a
@@ -335,46 +380,52 @@ class Journal:
         held = owner_state(self.path.parent)
         if held is not None:
             return held
-        if self.state.get("host") not in (None, socket.gethostname()):
+        if self.state.host not in (None, socket.gethostname()):
             return True  # another host's run: not ours to judge
-        return is_alive(self.state.get("pid"), self.state.get("pid_start"))
+        return is_alive(self.state.pid, self.state.pid_start)
 
     def _flush(self) -> None:
-        write_json(self.path, self.state, mode=OWN_FILE_MODE)
+        self.state.save(self.path)
+
+    def entry(self, step_id: str) -> StepEntry | None:
+        return self.state.entry(step_id)
 
     def step(self, step_id: str, status: str, **extra: Any) -> None:
         assert status in STATUSES, status  # programming error, not user input
-        entry = self.state["steps"].setdefault(step_id, {})
-        if step_id not in self.state["order"]:
-            self.state["order"].append(step_id)
+        entry = self.state.steps.setdefault(step_id, StepEntry())
+        if step_id not in self.state.order:
+            self.state.order.append(step_id)
         if status == "running":  # a new attempt (resume): nothing of the last one may linger
-            attempt = int(entry.get("attempt", 0)) + 1
-            entry.clear()
-            entry.update(started=iso_now(), attempt=attempt)
-        entry["status"] = status
+            entry = self.state.steps[step_id] = StepEntry(started=iso_now(), attempt=int(entry.attempt or 0) + 1)
+        entry.update(status=status)
         if status in DONE:
-            entry["finished"] = iso_now()
-            if "started" in entry:
-                t0 = dt.datetime.fromisoformat(entry["started"])
-                entry["seconds"] = round((dt.datetime.now(dt.timezone.utc) - t0).total_seconds(), 3)
-        entry.update(extra)
+            entry.update(finished=iso_now())
+            if entry.started is not None:
+                t0 = dt.datetime.fromisoformat(entry.started)
+                entry.update(seconds=round((dt.datetime.now(dt.timezone.utc) - t0).total_seconds(), 3))
+        entry.update(**extra)
         self._flush()
 
     def step_detail(self, step_id: str, **extra: Any) -> None:
         """Add facts to a step's entry without changing its status (the pid it started)."""
-        self.state["steps"].setdefault(step_id, {"status": "pending"}).update(extra)
+        self.state.steps.setdefault(step_id, StepEntry()).update(**extra)
         self._flush()
 
     def status_of(self, step_id: str) -> str:
-        return str(self.state["steps"].get(step_id, {}).get("status", "pending"))
+        return self.state.status_of(step_id)
 
     def record(self, key: str, value: Any) -> None:
         """Persist a run-level fact at once (e.g. the power limits found before capping)."""
-        self.state[key] = value
+        self.state.update(**{key: value})
         self._flush()
 
     def finish(self, status: str, **extra: Any) -> None:
-        self.state["status"] = status
-        self.state["finished"] = iso_now()
-        self.state.update(extra)
+        self.state.update(status=status, finished=iso_now(), **extra)
         self._flush()
+
+
+def load_journal(path: Path) -> RunState:
+    """A journal this ftkit continues (a resume), read strictly: UserError names the field."""
+    from ftkit.files import read_bounded
+
+    return state_from_bytes(read_bounded(path, PLAN_LIMIT), path)

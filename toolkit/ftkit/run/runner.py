@@ -66,27 +66,6 @@ class RunResult:
     exit_code: int = 0
 
 
-def new_run_path(root: Path, name: str, *, reserve: bool = False) -> Path:
-    """runs/<UTC timestamp>-<name>: the plan is built with it first. `reserve` creates the
-    (empty) directory at once, atomically, so two `ftkit up` in the same second get two;
-    the caller removes it again when the run is refused."""
-    base = f"{utc_stamp()}-{name}"
-    if reserve:
-        root.mkdir(parents=True, exist_ok=True)
-    for n in range(1000):
-        path = (root / (base if n == 0 else f"{base}-{n}")).resolve()
-        if not reserve:
-            if not path.exists():
-                return path
-            continue
-        try:
-            path.mkdir(mode=0o755)  # only its owner writes a run directory (--resume refuses one others may)
-        except FileExistsError:
-            continue
-        return path
-    raise FtkitError(f"cannot find a free run directory name under {root}")  # pragma: no cover
-
-
 def create_run(path: Path, plan: Plan, resolved_yaml: dict[str, Any], argv: list[str]) -> RunDir:
     """Make the run directory (or fill the one reserved) and write what explains the run
     before anything runs."""
@@ -147,9 +126,9 @@ def execute_plan(run: RunDir, plan: Plan, *, display: Display | None = None, ech
 
 
 def _drive(run: RunDir, plan: Plan, display: Display, *, echo: bool, resume: bool) -> RunResult:
-    journal = Journal(run, [s.id for s in plan.steps])
+    journal = Journal.start(run, [s.id for s in plan.steps])
     if resume:
-        journal.record("resumes", [*journal.state.get("resumes", []), {"at": iso_now()}])
+        journal.record("resumes", [*(journal.state.resumes or []), {"at": iso_now()}])
     ctx = Context(run, plan, journal, display, executor_for(plan.executor, plan, run), echo=echo)
     failed: str | None = None
     message = ""
@@ -233,7 +212,7 @@ def _drive(run: RunDir, plan: Plan, display: Display, *, echo: bool, resume: boo
             if failed is None and stop is None:
                 bad = [s.id for s in plan.steps if journal.status_of(s.id) == "failed"]
                 if bad:
-                    failed, message = bad[0], journal.state["steps"][bad[0]].get("error") or "restore failed"
+                    failed, message = bad[0], journal.state.steps[bad[0]].error or "restore failed"
                 elif ctx.unwind_failures:
                     failed, message = "cleanup", "; ".join(ctx.unwind_failures)
             status = "interrupted" if stop else "failed" if failed else "succeeded"
@@ -294,7 +273,7 @@ def _set_aside_partial(ctx: Context, step: StepSpec) -> None:
 
 
 def _attempt(ctx: Context, step: StepSpec) -> Outcome:
-    if ctx.journal.state["steps"].get(step.id, {}).get("attempt"):
+    if (entry := ctx.journal.entry(step.id)) is not None and entry.attempt:
         _set_aside_partial(ctx, step)
     ctx.journal.step(step.id, "running")
     ctx.display.step_started(step)

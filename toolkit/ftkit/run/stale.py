@@ -16,11 +16,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ftkit.files import read_json
 from ftkit.procs import group_members, is_alive
-from ftkit.run.rundir import DONE, Journal, RunDir, iso_now, owner_state
+from ftkit.run.record import DONE, RunState, load_plan, view_state
+from ftkit.run.record import read_state as state_of  # the journal as JSON ({}: none), for `status --json`
+from ftkit.run.rundir import Journal, RunDir, iso_now, owner_state
+
+if TYPE_CHECKING:
+    from ftkit.plan.spec import Plan
+
+__all__ = ["CleanReport", "clean", "compose_driven", "is_stale", "runs_in", "state_of", "stop_leftovers"]
 
 
 def runs_in(root: Path) -> list[Path]:
@@ -29,40 +35,30 @@ def runs_in(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if (p / "state.json").is_file()), key=lambda p: p.name)
 
 
-def state_of(run: Path) -> dict[str, Any]:
-    """The run's journal; {} when there is none, or it is damaged (not JSON, or JSON but not an
-    object: a list or a number would stop `ftkit down` with a TypeError)."""
-    try:
-        st = read_json(run / "state.json")
-    except (OSError, ValueError):
-        return {}
-    return dict(st) if isinstance(st, dict) else {}
-
-
 def is_stale(run: Path) -> bool:
     """The journal says running, but no ftkit drives the run: its owner lock is free (the
     kernel dropped it when that ftkit died), or - for a run without one - its pid is gone."""
-    st = state_of(run)
-    if not st:  # no journal, or a damaged one: the owner lock and the machine-wide record decide
+    st = view_state(run)
+    if st is None:  # no journal, or a damaged one: the owner lock and the machine-wide record decide
         held = owner_state(run)
         return held is False or (held is None and bool(_capped_by_dead(run)))
-    if st.get("status") != "running" or compose_driven(st):  # docker compose drives it: no ftkit to die
+    if st.status != "running" or compose_driven(st):  # docker compose drives it: no ftkit to die
         return False
     held = owner_state(run)
     if held is not None:
         return not held
     import socket
 
-    if st.get("host") not in (None, socket.gethostname()):
+    if st.host not in (None, socket.gethostname()):
         return False
-    return not is_alive(st.get("pid"), st.get("pid_start"))
+    return not is_alive(st.pid, st.pid_start)
 
 
-def compose_driven(state: dict[str, Any]) -> bool:
+def compose_driven(state: RunState | None) -> bool:
     """A run plain `docker compose` drives (ftkit.run.stackjournal): its containers journal it."""
     from ftkit.run.stackjournal import DRIVER
 
-    return state.get("driver") == DRIVER
+    return state is not None and state.driver == DRIVER
 
 
 @dataclass
@@ -82,6 +78,10 @@ class CleanReport:
             out.append(f"serving service: {self.service}")
         out += [f"problem: {p}" for p in self.problems]
         return out or ["nothing was left running"]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _kill_group(pid: int, start: int | None, grace_s: float = 10.0) -> bool:
@@ -106,15 +106,14 @@ def _kill_group(pid: int, start: int | None, grace_s: float = 10.0) -> bool:
     return True
 
 
-def _run_containers(run: Path, plan: dict[str, Any] | None, host: str | None) -> list[dict[str, Any]]:
+def _run_containers(run: Path, plan: Plan | None, host: str | None) -> list[dict[str, Any]]:
     """The containers of this run: by the labels its plan gave its steps (the plan is the one
     source; runs planned before labels were unique carry their directory's name), else by
     the label its path gives (plan.json gone)."""
     from ftkit.gateways import docker as dk
     from ftkit.plan.spec import run_label
 
-    labels = {str(s["labels"]["dev.ftkit.run"]) for s in (plan or {}).get("steps") or []
-              if isinstance(s, dict) and isinstance(s.get("labels"), dict) and s["labels"].get("dev.ftkit.run")}
+    labels = {s.labels["dev.ftkit.run"] for s in (plan.steps if plan else []) if s.labels.get("dev.ftkit.run")}
     if not labels:
         labels = {run_label(str(run.resolve()))}
     seen: dict[str, dict[str, Any]] = {}
@@ -124,21 +123,20 @@ def _run_containers(run: Path, plan: dict[str, Any] | None, host: str | None) ->
     return list(seen.values())
 
 
-def stop_leftovers(run: Path, plan: dict[str, Any] | None = None, *, docker_host: str | None = None,
+def stop_leftovers(run: Path, plan: Plan | None = None, *, docker_host: str | None = None,
                    report: CleanReport | None = None) -> CleanReport:
     """Containers labelled with this run and recorded processes that are still alive."""
     report = report or CleanReport()
-    st = state_of(run)
-    for entry in (st.get("steps") or {}).values():
-        proc = entry.get("process") or {}
-        if "pid" in proc and _kill_group(int(proc["pid"]), proc.get("pid_start")):
-            report.processes.append(int(proc["pid"]))
-    if plan is not None and plan.get("executor") != "docker" and not any(
-            s.get("executor") == "docker" for s in plan.get("steps", [])):
+    st = view_state(run)
+    for entry in (st.steps if st else {}).values():
+        proc = entry.process or {}
+        if _is_int(proc.get("pid")) and _kill_group(proc["pid"], proc.get("pid_start")):
+            report.processes.append(proc["pid"])
+    if plan is not None and plan.executor != "docker" and not any(s.executor == "docker" for s in plan.steps):
         return report
     # a multi-node step's containers run on each node's engine too (plan.cluster)
-    hosts = [docker_host] + sorted({n["docker_host"] for s in (plan or {}).get("steps", [])
-                                    for n in s.get("nodes") or [] if n.get("docker_host")} - {docker_host})
+    hosts = [docker_host] + sorted({n.docker_host for s in (plan.steps if plan else [])
+                                    for n in s.nodes if n.docker_host} - {docker_host})
     for host in hosts:
         try:
             from ftkit.gateways import docker as dk
@@ -170,23 +168,14 @@ def clean(run: Path, *, say: Callable[[str], None] = lambda m: None, restore_mac
     """Stop what a stale (or finished) run left running; for a stale run also put the machine
     back and close its journal. The power limits go back by what the machine-wide record
     says this run holds, also when plan.json or state.json is gone or damaged."""
-    if compose_driven(state_of(run)):  # its containers are a compose project's, not this run's to stop
+    if compose_driven(view_state(run)):  # its containers are a compose project's, not this run's to stop
         report = CleanReport(problems=["docker compose drives this run, not ftkit: stop it in its stack directory "
                                        "(`docker compose --profile train --profile serve down`)"])
         for line in report.lines():
             say(line)
         return report
-    plan = None
-    damaged: list[str] = []
-    try:
-        plan = read_json(run / "plan.json")
-        if not isinstance(plan, dict):
-            damaged.append("plan.json is not a plan")
-            plan = None
-    except (OSError, ValueError) as e:
-        damaged.append(f"plan.json: {getattr(e, 'reason', None) or getattr(e, 'strerror', None) or e}")
-    docker_host = ((plan or {}).get("docker") or {}).get("host") if isinstance((plan or {}).get("docker"), dict) else None
-    report = stop_leftovers(run, plan, docker_host=docker_host)
+    plan, damaged = load_plan(run)
+    report = stop_leftovers(run, plan, docker_host=plan.docker_host if plan else None)
     stale = is_stale(run)
     if stale and restore_machine:
         if plan is not None:
@@ -194,44 +183,35 @@ def clean(run: Path, *, say: Callable[[str], None] = lambda m: None, restore_mac
         if _capped_by_dead(run) or (plan is None and not report.power):
             _restore_recorded_power(run, report)
         if plan is None:
-            report.problems.append(f"{damaged[0] if damaged else 'plan.json is missing'}: power was restored from "
+            report.problems.append(f"{damaged or 'plan.json is missing'}: power was restored from "
                                    "the machine-wide record; a serving service this run stopped was not started "
                                    "again (start it by hand)")
     if stale:
-        journal = Journal.__new__(Journal)  # load without claiming: this ftkit does not drive the run
-        journal.path = run / "state.json"
-        journal.state = state_of(run)
-        unreadable = not journal.state
-        steps = journal.state.get("steps")
-        for entry in (steps.values() if isinstance(steps, dict) else []):
-            if isinstance(entry, dict) and entry.get("status") == "running":
-                entry["status"] = "interrupted"
-                entry["reason"] = "ftkit died while this step ran"
-        message = journal.state.get("message") if isinstance(journal.state.get("message"), str) else None
-        journal.finish("failed", message=message or ("ftkit died (the run went stale); state.json was missing or "
-                                                     "unreadable" if unreadable else "ftkit died (the run went stale)"),
-                       cleaned=True)
-    elif (report.processes or report.containers) and isinstance(state_of(run).get("left_running"), list):
-        _record_stopped(run, report)
+        state = view_state(run)
+        journal = Journal(run / "state.json", state or RunState())  # not claimed: this ftkit does not drive it
+        for entry in journal.state.steps.values():
+            if entry.status == "running":
+                entry.update(status="interrupted", reason="ftkit died while this step ran")
+        journal.finish("failed", message=journal.state.message or (
+            "ftkit died (the run went stale); state.json was missing or unreadable" if state is None
+            else "ftkit died (the run went stale)"), cleaned=True)
+    elif (report.processes or report.containers) and (st := view_state(run)) is not None and st.left_running is not None:
+        _record_stopped(run, st, report)
     for line in report.lines():
         say(line)
     return report
 
 
-def _record_stopped(run: Path, report: CleanReport) -> None:
+def _record_stopped(run: Path, state: RunState, report: CleanReport) -> None:
     """A finished run whose servers `ftkit down` stopped: its journal says so (the servers are
     no longer `left_running`; `ftkit status` reads that), and when."""
-    journal = Journal.__new__(Journal)  # load without claiming: the run is over
-    journal.path = run / "state.json"
-    journal.state = state_of(run)
+    journal = Journal(run / "state.json", state)  # not claimed: the run is over
     stopped = [*map(str, report.processes), *report.containers]
-    journal.state["stopped_by_down"] = {"at": iso_now(), "stopped": stopped,
-                                        "were_left_running": journal.state.get("left_running") or []}
-    journal.state["left_running"] = []
-    steps = journal.state.get("steps")
-    for entry in (steps.values() if isinstance(steps, dict) else []):
-        if isinstance(entry, dict) and entry.pop("left_running", None):
-            entry["stopped"] = True
+    state.update(stopped_by_down={"at": iso_now(), "stopped": stopped, "were_left_running": state.left_running or []},
+                 left_running=[])
+    for entry in state.steps.values():
+        if entry.drop("left_running"):
+            entry.update(stopped=True)
     try:
         journal._flush()
     except OSError as e:
@@ -264,8 +244,8 @@ def _restore_recorded_power(run: Path, report: CleanReport) -> None:
 def _restore_from_journal(run: Path, nv: Any, indices: list[int], report: CleanReport) -> None:
     """GPUs this run capped that the machine-wide record no longer knows (it was torn and
     removed): back to the originals the run's own journal recorded, and say so."""
-    st = state_of(run)
-    originals = (st.get("power") or {}).get("original_w") if isinstance(st.get("power"), dict) else None
+    st = view_state(run)
+    originals = (st.power or {}).get("original_w") if st is not None else None
     done = []
     for i in indices:
         orig = originals.get(str(i)) if isinstance(originals, dict) else None
@@ -285,9 +265,8 @@ def _restore_from_journal(run: Path, nv: Any, indices: list[int], report: CleanR
                                              "record had lost them)") if x)
 
 
-def _restore_machine(run: Path, plan: dict[str, Any], report: CleanReport) -> None:
-    steps = plan.get("steps", [])
-    capped = sorted({int(g) for s in steps if s.get("kind") == "power" for g in (s.get("power_caps_w") or {})})
+def _restore_machine(run: Path, plan: Plan, report: CleanReport) -> None:
+    capped = sorted({int(g) for s in plan.steps if s.kind == "power" for g in s.power_caps_w})
     if capped:
         try:
             from ftkit.gpu import power
@@ -310,15 +289,15 @@ def _restore_machine(run: Path, plan: dict[str, Any], report: CleanReport) -> No
                     nv.close()
         except Exception as e:  # noqa: BLE001
             report.problems.append(f"power: {e}")
-    st = state_of(run)
-    stopped = (st.get("steps", {}).get("handoff-stop") or {}).get("status") == "succeeded"
-    restarted = (st.get("steps", {}).get("handoff-start") or {}).get("status") in DONE
-    start = next((s for s in steps if s.get("kind") == "handoff-start"), None)
+    st = view_state(run) or RunState()
+    stopped = st.status_of("handoff-stop") == "succeeded"
+    restarted = st.status_of("handoff-start") in DONE
+    start = next((s for s in plan.steps if s.kind == "handoff-start"), None)
     if stopped and not restarted and start:
         from ftkit.gateways import subprocess as sp
 
         try:
-            sp.run(start["argv"], log_file=RunDir(run).log("handoff-start"))
-            report.service = "started again: " + " ".join(start["argv"])
+            sp.run(start.argv, log_file=RunDir(run).log("handoff-start"))
+            report.service = "started again: " + " ".join(start.argv)
         except Exception as e:  # noqa: BLE001
             report.problems.append(f"serving service: {e}")

@@ -1,0 +1,126 @@
+"""Issue #22: the run record has one type (run/record.py). A real run's plan.json and state.json
+load into a Plan and a RunState and save back byte for byte (old run directories keep loading
+and their files keep their format); a malformed state.json is one located line, exit 2, before
+anything runs; a view of a damaged journal leaves out what does not fit, and says so."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftkit.files import write_json
+from ftkit.run.record import RecordFormatError, RunRecord, RunState, StepEntry
+from tests.conftest import run_cli
+from tests.unit.test_hostile_resume import failed_run  # noqa: F401 - a fixture
+from tests.unit.test_runner import execute, plan_of, step
+
+
+def test_a_real_run_loads_and_saves_byte_for_byte(failed_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    record = RunRecord.load(failed_run)
+    assert record.state.status == "failed" and record.state.failed_step == "b"
+    assert record.state.steps["a"].status == "succeeded" and record.state.steps["b"].error
+    assert record.state.steps["b"].extra["log"] == "logs/b.log"  # a fact without a field is kept
+    assert "signal" in record.state.extra and record.state.extra["signal"] is None  # a null stays a null
+    out = tmp_path / "out"
+    out.mkdir()
+    record.state.save(out / "state.json")
+    write_json(out / "plan.json", record.plan.to_dict())
+    for name in ("state.json", "plan.json"):
+        assert (out / name).read_bytes() == (failed_run / name).read_bytes(), name
+
+
+def test_a_resumed_run_round_trips_too(tmp_path: Path) -> None:
+    """Attempts, the resumes list and a step's process record: still the same bytes."""
+    gate = tmp_path / "gate"
+    flaky = f"import pathlib, sys; sys.exit(0 if pathlib.Path({str(gate)!r}).exists() else 1)"
+    plan = plan_of(tmp_path, step("a", "print('a')"), step("b", flaky))
+    execute(tmp_path, plan)
+    gate.touch()
+    result, _, st = execute(tmp_path, plan, resume=True)
+    assert result.status == "succeeded" and st["steps"]["b"]["attempt"] == 2 and st["resumes"]
+    data = (tmp_path / "run" / "state.json").read_bytes()
+    state = RunState.from_dict(json.loads(data))
+    assert state.steps["b"].attempt == 2 and state.resumes and state.steps["b"].process
+    state.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == data
+
+
+def test_a_journal_with_keys_this_ftkit_does_not_know_round_trips(tmp_path: Path) -> None:
+    """A compose stack's journal (driver, containers), nulls and unknown keys: kept as they were."""
+    raw = {"status": "pending", "driver": "compose", "started": "2026-01-01T00:00:00+00:00", "finished": None,
+           "plan_sha256": None, "order": ["train"], "future_key": {"x": [1, 2.5]},
+           "steps": {"train": {"status": "running", "container": "abc", "attempt": 1, "error": None}}}
+    write_json(tmp_path / "a.json", raw)
+    state = RunState.from_dict(json.loads((tmp_path / "a.json").read_bytes()))
+    assert state.driver == "compose" and state.steps["train"].extra == {"container": "abc"}
+    state.save(tmp_path / "b.json")
+    assert (tmp_path / "b.json").read_bytes() == (tmp_path / "a.json").read_bytes()
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda st: st["steps"]["b"].update(status="done"), "steps.b.status: expected one of pending"),
+    (lambda st: st["steps"]["b"].update(attempt="2"), "steps.b.attempt: expected an integer, got a string"),
+    (lambda st: st["steps"].update(b="failed"), "steps.b: expected an object, got a string"),
+    (lambda st: st.update(order="a,b"), "order: expected a list of step names, got a string"),
+    (lambda st: st.pop("steps"), "steps: missing"),
+    (lambda st: st.update(resumes={"at": 1}), "resumes: expected a list of objects, got an object"),
+])
+def test_a_malformed_journal_is_one_located_line_and_nothing_runs(failed_run: Path, change, field: str) -> None:  # noqa: F811
+    state_path = failed_run / "state.json"
+    st = json.loads(state_path.read_text())
+    change(st)
+    state_path.write_text(json.dumps(st))
+    before = state_path.read_bytes()
+    result = run_cli("up", "--resume", str(failed_run))
+    lines = [ln for ln in result.err.splitlines() if ln.strip()]
+    assert result.code == 2 and "Traceback" not in result.err, result.err
+    assert len(lines) == 1 and lines[0].startswith(f"{state_path}: not a journal this ftkit can resume ({field}"), \
+        result.err
+    assert state_path.read_bytes() == before  # nothing written
+
+
+def test_strict_and_view_reads_of_one_bad_entry() -> None:
+    raw = {"status": "failed", "order": ["t"], "steps": {"t": {"status": "ok\u202e", "seconds": "12", "error": "x"}}}
+    with pytest.raises(RecordFormatError, match=r"^steps\.t\.status: expected one of"):
+        RunState.from_dict(json.loads(json.dumps(raw)))
+    problems: list[str] = []
+    view = RunState.from_dict(json.loads(json.dumps(raw)), problems)
+    entry = view.steps["t"]
+    assert entry.status == "ok\u202e" and entry.error == "x" and entry.seconds is None  # shown, escaped, by status
+    assert problems == ["state.json: step t: seconds is a string, not a number (left out)"]
+
+
+def test_a_new_journal_has_the_shape_ftkit_always_wrote() -> None:
+    state = RunState.new(["a", "b"], started="2026-01-01T00:00:00+00:00", plan_sha256=None)
+    assert state.to_dict() == {"status": "running", "started": "2026-01-01T00:00:00+00:00", "finished": None,
+                               "plan_sha256": None, "steps": {"a": {"status": "pending"}, "b": {"status": "pending"}},
+                               "order": ["a", "b"]}
+    entry = StepEntry()
+    entry.update(status="failed", error="boom", replaced_by="new")
+    assert entry.to_dict() == {"status": "failed", "error": "boom", "replaced_by": "new"}
+    assert entry.drop("error") == "boom" and entry.to_dict() == {"status": "failed", "replaced_by": "new"}
+
+
+def test_status_of_a_running_train_step_shows_its_progress_from_the_typed_plan(tmp_path: Path) -> None:
+    """`ftkit status` reads the step's metrics path and max_steps from plan.json as a Plan."""
+    import os
+
+    from ftkit.plan.spec import GeneratedFile
+    from ftkit.procs import process_start
+    from ftkit.run import runner
+
+    train = step("train", "print(1)", kind="train", outputs={"metrics": "steps/train/metrics.jsonl"},
+                 files=[GeneratedFile("configs/train-train.json", json.dumps({"train": {"max_steps": 40}}))])
+    plan = plan_of(tmp_path, train)
+    run = runner.create_run(tmp_path / "run", plan, {"name": "t"}, ["ftkit", "up", "t.yaml"]).path
+    state = RunState.new(["train"], started="2026-01-01T00:00:00+00:00", plan_sha256=None)
+    state.update(pid=os.getpid(), pid_start=process_start(os.getpid()), host=os.uname().nodename)
+    state.steps["train"].update(status="running", started="2026-01-01T00:00:00+00:00")
+    state.save(run / "state.json")
+    (run / "steps" / "train").mkdir(parents=True)
+    (run / "steps" / "train" / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.25}) + "\n")
+    result = run_cli("status", str(run))
+    assert result.code == 0, result.err
+    assert "step 10/40, loss 1.2500" in result.out and "running for" in result.out, result.out
