@@ -185,8 +185,8 @@ def bench(recipe: str, gpu_sets: tuple[str, ...], allreduce: bool, sizes: str | 
     result = scaling.run_bench(recipe, machine_path, list(gpu_sets), max_steps=max_steps, out_dir=out_dir,
                                executor=executor, th=th, bottleneck=bottleneck, repeat=repeat, echo=verbose,
                                dry_run=dry_run, simulate=simulate, say=lambda m: click.echo(m, err=True))
-    if isinstance(result, list):
-        click.echo(scaling.describe_variants(result))
+    if result.decision is None:  # --dry-run: the variants, nothing ran
+        click.echo(scaling.describe_variants(result.variants))
         return
     for m in result.measures:
         took = m.shortest_s()

@@ -624,11 +624,15 @@ def _measurement_line(measures: list[Measure], big: Measure, th: Thresholds) -> 
 
 @dataclass
 class BenchResult:
+    """What `run_bench` did: the variants it planned and, unless it was a dry run, what they
+    measured and the decision (a dry run: `decision` None, nothing ran or was written)."""
+
+    variants: list[Variant]
     out_dir: Path
-    decision: Decision
-    measures: list[Measure]
-    decision_md: Path
-    report: Path | None
+    decision: Decision | None = None
+    measures: list[Measure] = field(default_factory=list)
+    decision_md: Path | None = None
+    report: Path | None = None
 
 
 @contextmanager
@@ -667,7 +671,7 @@ def simulated_names(n: int, machine_path: str | None, gpu_sets: list[list[int]])
 def run_bench(recipe_path: str, machine_path: str | None, gpu_values: list[str], *, max_steps: int,
               out_dir: Path | None = None, executor: str | None = None, th: Thresholds | None = None,
               bottleneck: str | None = None, repeat: int = 1, echo: bool = False, dry_run: bool = False,
-              simulate: int | None = None, say: Any = None) -> BenchResult | list[Variant]:
+              simulate: int | None = None, say: Any = None) -> BenchResult:
     """Plan the variants, run them (`repeat` times, alternating), measure and decide.
     `simulate`: that many simulated GPUs (see the module's docstring)."""
     from ftkit.gpu.nvml import SIMULATED_ENV, SIMULATED_STATE_ENV
@@ -682,7 +686,7 @@ def run_bench(recipe_path: str, machine_path: str | None, gpu_values: list[str],
 
 def _run_bench(recipe_path: str, machine_path: str | None, gpu_values: list[str], *, max_steps: int,
                out_dir: Path | None, executor: str | None, th: Thresholds, bottleneck: str | None, repeat: int,
-               echo: bool, dry_run: bool, simulate: int | None, say: Any) -> BenchResult | list[Variant]:
+               echo: bool, dry_run: bool, simulate: int | None, say: Any) -> BenchResult:
     from ftkit.files import write_atomic, write_json
     from ftkit.gpu.nvml import SIMULATED_ENV, SIMULATED_STATE_ENV
     from ftkit.gpu.power import STATE_ENV
@@ -699,7 +703,7 @@ def _run_bench(recipe_path: str, machine_path: str | None, gpu_values: list[str]
     out = out_dir or (runs_root(res.machine) / f"bench-{utc_stamp()}-{res.recipe.name}")
     variants = plan_variants(prepared, gpu_sets, max_steps=max_steps, runs_root=out / "runs", executor=executor)
     if dry_run:
-        return variants
+        return BenchResult(variants, out)
     out.mkdir(parents=True, exist_ok=True)
     if simulate:  # the simulated GPUs' limits and their power record stay with this bench (each run plans again)
         (out / "simulated").mkdir(exist_ok=True)
@@ -741,7 +745,7 @@ def _run_bench(recipe_path: str, machine_path: str | None, gpu_values: list[str]
         report = make_report([runs_by_label[base.label], runs_by_label[big.label]], out / "report").html
     except UserError as e:  # matplotlib missing: the decision stands without plots
         say(f"bench: no report ({e.message}; {e.hint})")
-    return BenchResult(out, decision, measures, out / "decision.md", report)
+    return BenchResult(variants, out, decision, measures, out / "decision.md", report)
 
 
 def describe_variants(variants: list[Variant]) -> str:
