@@ -392,3 +392,13 @@ def test_times_and_rates_at_or_below_zero_are_not_recorded(tmp_path: Path) -> No
     d = _decide(one, two)
     assert (d.choice, d.rule) == (NONE, 4) and "recorded no training time" in d.reason, d
     assert "--max-steps -" not in d.next_action
+
+
+def test_a_dry_run_returns_the_same_type_as_a_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_bench returns a BenchResult either way: a dry run's has the variants and no decision."""
+    for k, v in SIM.items():
+        monkeypatch.setenv(k, v)
+    result = scaling.run_bench(str(RECIPES / "quickstart.yaml"), str(_machine(tmp_path)), ["0", "0,1"],
+                               max_steps=12, out_dir=tmp_path / "b", dry_run=True)
+    assert isinstance(result, scaling.BenchResult) and result.decision is None and not result.measures
+    assert [v.label for v in result.variants] == ["0", "0,1"] and not (tmp_path / "b").exists()
