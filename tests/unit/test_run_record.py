@@ -124,3 +124,21 @@ def test_status_of_a_running_train_step_shows_its_progress_from_the_typed_plan(t
     result = run_cli("status", str(run))
     assert result.code == 0, result.err
     assert "step 10/40, loss 1.2500" in result.out and "running for" in result.out, result.out
+
+
+def test_a_reservation_is_released_with_the_parents_it_made(tmp_path: Path) -> None:
+    """`ftkit up` reserves the run directory while it plans; a refused run leaves nothing,
+    also none of the directories above it that the reservation made (those there before stay)."""
+    from types import SimpleNamespace
+
+    from ftkit.run.rundir import Reservation
+
+    res = SimpleNamespace(recipe=SimpleNamespace(name="demo"), machine=SimpleNamespace(name="lab"))
+    reservation = Reservation(tmp_path / "a" / "runs", dry_run=False)
+    path = Path(reservation(res))
+    assert path.is_dir() and path.parent == (tmp_path / "a" / "runs").resolve() and path.name.endswith("-demo")
+    assert Path(reservation(res)) != path  # a second `ftkit up` in the same second gets another
+    reservation.release()
+    assert not (tmp_path / "a").exists() and tmp_path.is_dir()
+    dry = Reservation(tmp_path / "b", dry_run=True)
+    assert Path(dry(res)).parent == (tmp_path / "b").resolve() and not (tmp_path / "b").exists()
