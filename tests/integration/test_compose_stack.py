@@ -194,7 +194,8 @@ def test_quickstart_stack_train_then_serve(cpu_images, tmp_path: Path) -> None: 
 
         plan = prepare(str(RECIPES / "quickstart.yaml"), str(machine), run_dir=str(stack / "run"), executor="docker").plan
         step = plan.step("serve")
-        results = run_prompts(f"{base}/v1", step.ready["served_name"], step.prompts)  # type: ignore[index]
+        assert step.ready is not None
+        results = run_prompts(f"{base}/v1", step.ready.served_name, step.prompts)
         answers = [r["answer"].strip() for r in results]
         assert answers == ["fruit", "instrument"], results
         assert all(r["passed"] for r in results)

@@ -6,6 +6,7 @@ no model is loaded."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ftkit.plan.spec import Plan, StepSpec
+from ftkit.plan.spec import LoadRequest, Plan, Ready, StepSpec
 from ftkit.run import runner
 from ftkit.run.display import Display
 from ftkit.run.rundir import RunDir
@@ -193,8 +194,8 @@ def test_a_taken_port_fails_the_serve_step_before_anything_starts(tmp_path: Path
         port = s.getsockname()[1]
         serve = StepSpec(id="serve", kind="serve", executor="local", description="serve",
                          argv=[PY, "-m", "http.server", str(port)], background=True,
-                         ready={"health": f"http://127.0.0.1:{port}/", "models": f"http://127.0.0.1:{port}/",
-                                "timeout_s": 5, "base_url": "", "served_name": "x", "port": port, "host": "127.0.0.1"},
+                         ready=Ready(health=f"http://127.0.0.1:{port}/", models=f"http://127.0.0.1:{port}/",
+                                     timeout_s=5, base_url="", served_name="x", port=port, host="127.0.0.1"),
                          outputs={"responses": "steps/serve/responses.jsonl"})
         result, console, st = execute(tmp_path, plan_of(tmp_path, serve))
     assert result.status == "failed"
@@ -333,18 +334,18 @@ def server(tmp: Path, sid: str, *, gpus: list[int] | None = None, keep: bool = F
     return StepSpec(id=sid, kind="serve", description=f"{sid} server", executor="local", argv=argv, gpus=gpus or [],
                     background=True, keep_running=keep, engine="vllm", outputs={"responses": f"steps/{sid}/r.jsonl"},
                     prompts=prompts or [],
-                    ready={"health": f"{base}/health", "models": f"{base}/v1/models", "timeout_s": 30,
-                           "base_url": f"{base}/v1", "served_name": sid, "port": port, "host": "127.0.0.1",
-                           "adapters": adapters or []})
+                    ready=Ready(health=f"{base}/health", models=f"{base}/v1/models", timeout_s=30,
+                                base_url=f"{base}/v1", served_name=sid, port=port, host="127.0.0.1",
+                                adapters=adapters or []))
 
 
 def load(sid: str, srv: StepSpec, name: str, adapter: str = "steps/train/adapter") -> StepSpec:
-    ready = dict(srv.ready or {}, served_name=name)
-    url = f"http://127.0.0.1:{ready['port']}/v1/load_lora_adapter"
+    ready = dataclasses.replace(srv.ready or Ready(), served_name=name)
+    url = f"http://127.0.0.1:{ready.port}/v1/load_lora_adapter"
     return StepSpec(id=sid, kind="load-adapter", description="load", executor="http", ready=ready,
                     prompts=[{"prompt": "kiwi", "expect": {"equals": "fruit"}}], outputs={"responses": f"steps/{sid}/r.jsonl"},
-                    request={"server": srv.id, "method": "POST", "url": url, "adapter_dir": adapter,
-                             "body": {"lora_name": name, "lora_path": "/x", "load_inplace": True}})
+                    request=LoadRequest(server=srv.id, method="POST", url=url, adapter_dir=adapter,
+                                        body={"lora_name": name, "lora_path": "/x", "load_inplace": True}))
 
 
 def adapter_written(tmp: Path) -> None:
@@ -449,7 +450,7 @@ def test_an_adapter_vllm_refuses_fails_the_step_in_vllms_words_and_the_server_go
             assert any(x.startswith("srv (") for x in result.left_running)
             assert st["steps"]["srv"]["left_running"] is True
             os.kill(pid, 0)  # still up, and still answering
-            port = srv.ready["port"]  # type: ignore[index]
+            port = srv.ready.port if srv.ready else 0
             from ftkit.gateways import http
 
             assert http.answers(f"http://127.0.0.1:{port}/health")
@@ -703,11 +704,12 @@ def test_a_replacing_server_takes_over_the_port(tmp_path: Path) -> None:
     starts once the old one is stopped (its test prompts' connections closed), and answers there."""
     old = server(tmp_path, "old", gpus=[0], prompts=[{"prompt": "kiwi", "max_tokens": 1}])
     new = server(tmp_path, "new", gpus=[0], keep=False, prompts=[{"prompt": "kiwi", "max_tokens": 1}])
-    port = old.ready["port"]  # type: ignore[index]
+    assert old.ready is not None and new.ready is not None
+    port, was = old.ready.port, str(new.ready.port)
     new.argv[2] = str(port)
-    new.ready = {k: (v.replace(str(new.ready["port"]), str(port)) if isinstance(v, str) else v)  # type: ignore[index]
-                 for k, v in (new.ready or {}).items()}
-    new.ready["port"] = port
+    new.ready = dataclasses.replace(new.ready, port=port, health=new.ready.health.replace(was, str(port)),
+                                    models=new.ready.models.replace(was, str(port)),
+                                    base_url=new.ready.base_url.replace(was, str(port)))
     result, console, st = execute(tmp_path, plan_of(tmp_path, old, new))
     assert result.status == "succeeded", (console, st)
     assert st["steps"]["old"]["replaced_by"] == "new" and st["steps"]["new"]["passed"] == 1

@@ -83,13 +83,14 @@ def test_the_planned_server_lists_the_model_it_serves(tmp_path: Path, monkeypatc
         server = subprocess.Popen(step_command(serve, plan), env={**os.environ, **serve.env}, stdout=out,
                                   stderr=subprocess.STDOUT)
     try:
-        ready = serve.ready or {}
-        serving.wait_ready(ready, alive=lambda: server.poll() is None, log_tail=lambda: log.read_text(errors="replace"),
-                           poll_s=0.5)
-        listed = serving.model_ids(str(ready["models"]))
-        assert listed == [ready["served_name"]], (listed, log.read_text()[-2000:])
+        ready = serve.ready
+        assert ready is not None
+        serving.wait_ready(ready.health, ready.models, ready.timeout_s, alive=lambda: server.poll() is None,
+                           log_tail=lambda: log.read_text(errors="replace"), poll_s=0.5)
+        listed = serving.model_ids(ready.models)
+        assert listed == [ready.served_name], (listed, log.read_text()[-2000:])
         # and that name is the one the server answers to
-        [result] = serving.run_prompts(str(ready["base_url"]), listed[0], serve.prompts)
+        [result] = serving.run_prompts(ready.base_url, listed[0], serve.prompts)
         assert result["error"] is None, result
     finally:
         server.terminate()

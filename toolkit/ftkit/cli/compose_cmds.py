@@ -6,11 +6,15 @@ import os
 import re
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ftkit.cli.params import CheckedPath
 from ftkit.errors import UserError
+
+if TYPE_CHECKING:
+    from ftkit.plan.spec import DockerSettings
 
 
 def _user(text: str | None) -> tuple[int, int]:
@@ -143,11 +147,13 @@ def _missing_images(plan, machine_path: str | None) -> None:  # type: ignore[no-
     `ftkit build` commands that make exactly those tags; or say that no engine could be asked."""
     from ftkit.errors import DockerError, DockerUnavailable, FtkitError
     from ftkit.gateways import docker as dk
+    from ftkit.plan.spec import DockerSettings
 
     refs = list(dict.fromkeys(s.image for s in plan.steps if s.executor == "docker" and s.image))  # plan order
     if not refs:
         return
-    host = plan.docker.get("host")
+    host = plan.docker_host
+    docker = plan.docker or DockerSettings()
     where = host or os.environ.get("DOCKER_HOST") or "the local socket"
     unknown = "cannot tell whether the stack's images are built here (README.md says how to build them)"
     try:
@@ -168,9 +174,9 @@ def _missing_images(plan, machine_path: str | None) -> None:  # type: ignore[no-
                f"Docker engine here: {', '.join(missing)}; build exactly {'it' if len(missing) == 1 else 'those'} "
                "with:", err=True)
     for ref in missing:
-        click.echo(f"  {_build_command(ref, plan.docker, machine_path)}", err=True)
+        click.echo(f"  {_build_command(ref, docker, machine_path)}", err=True)
     try:
-        others = _built_from_another_base(missing, plan.docker, host)
+        others = _built_from_another_base(missing, docker, host)
     except FtkitError:  # only a note: the warning above stands on its own
         return
     profile = shlex.quote(machine_path) if machine_path else "PROFILE"
@@ -181,7 +187,7 @@ def _missing_images(plan, machine_path: str | None) -> None:  # type: ignore[no-
                    f"{profile} -o DIR`)", err=True)
 
 
-def _built_from_another_base(missing: list[str], docker: dict,  # type: ignore[type-arg]
+def _built_from_another_base(missing: list[str], docker: DockerSettings,
                              host: str | None) -> dict[str, tuple[str, str, str]]:
     """For each missing content tag, an image here built from the same sources and lock but
     FROM another base (`ftkit build --base-image` without the profile): its tag, its base and
@@ -198,7 +204,7 @@ def _built_from_another_base(missing: list[str], docker: dict,  # type: ignore[t
     root = project.find_root()
     out: dict[str, tuple[str, str, str]] = {}
     for ref, m in wanted:
-        spec = builder.plan_build(root, m["image"], m["variant"], base_image=docker.get("base_image"))
+        spec = builder.plan_build(root, m["image"], m["variant"], base_image=docker.base_image)
         if spec.tag != ref:  # the stack's tag is not this checkout's (an images.lock.json): nothing to compare
             continue
         for attrs in images:
@@ -215,7 +221,7 @@ def _built_from_another_base(missing: list[str], docker: dict,  # type: ignore[t
     return out
 
 
-def _build_command(ref: str, docker: dict, machine_path: str | None) -> str:  # type: ignore[type-arg]
+def _build_command(ref: str, docker: DockerSettings, machine_path: str | None) -> str:
     """The `ftkit build` that makes `ref` from this checkout (with the machine profile: its
     base image, wheelhouse, CA bundle and engine), or what else gets it."""
     from ftkit.compose.render import TAG
@@ -227,17 +233,16 @@ def _build_command(ref: str, docker: dict, machine_path: str | None) -> str:  # 
     if machine_path:
         command = f"ftkit build --machine {shlex.quote(machine_path)} --image {image} --variant {variant}"
     else:
-        flags = "".join(f" --{k.replace('_', '-')} {shlex.quote(str(docker[k]))}"
-                        for k in ("base_image", "wheelhouse", "ca_bundle") if docker.get(k))
+        flags = "".join(f" {flag} {shlex.quote(value)}" for flag, value in docker.build_flags())
         command = f"ftkit build --image {image} --variant {variant}{flags}"
     try:
         from ftkit.images import builder, project
 
-        tag = builder.plan_build(project.find_root(), image, variant, base_image=docker.get("base_image")).tag
+        tag = builder.plan_build(project.find_root(), image, variant, base_image=docker.base_image).tag
     except Exception:  # noqa: BLE001 - no lock for the variant, no checkout: the command still says what to build
         return command
     if tag != ref:  # the tag came from an images.lock.json (docker.images_lock), not from this checkout
-        lock = docker.get("images_lock")
+        lock = docker.images_lock
         return (f"ftkit build --from-lock {shlex.quote(str(lock))} --image {image}    # {ref}" if lock else
                 f"{command}    # builds {tag} from this checkout, not {ref}: docker load {ref} instead")
     return command

@@ -142,8 +142,8 @@ def render_plan(plan: Plan, *, configs: bool = False) -> str:
         if s.request:
             import json
 
-            w(f"   request (sent by ftkit): {s.request.get('method', 'POST')} {esc(str(s.request.get('url')))} "
-              f"{esc(json.dumps(s.request.get('body'), sort_keys=True))}")
+            w(f"   request (sent by ftkit): {s.request.method} {esc(s.request.url)} "
+              f"{esc(json.dumps(s.request.body, sort_keys=True))}")
         if s.env:
             w("   env: " + " ".join(f"{k}={esc(shlex.quote(v))}" for k, v in sorted(s.env.items())))
         for m in s.mounts:
@@ -154,7 +154,7 @@ def render_plan(plan: Plan, *, configs: bool = False) -> str:
         if s.shm_size:
             w(f"   shm: {s.shm_size}")
         if s.ready:
-            w(f"   ready when: {s.ready['health']} and {s.ready['models']} answer (timeout {s.ready['timeout_s']} s)")
+            w(f"   ready when: {s.ready.health} and {s.ready.models} answer (timeout {s.ready.timeout_s} s)")
         for p in s.prompts:
             exp = p.get("expect") or {}
             cond = ", ".join(f"{k} {v!r}" for k, v in exp.items() if v is not None) or "any answer"

@@ -37,7 +37,7 @@ import yaml
 
 from ftkit.errors import PlanError
 from ftkit.plan.container import ContainerSpec, container_spec, node_container_spec
-from ftkit.plan.spec import Mount, Plan, StepSpec
+from ftkit.plan.spec import DockerSettings, LoadRequest, Mount, Plan, Ready, StepSpec
 
 STACK_PLAN = "plan.json"  # in the stack's run directory
 TRAIN_PROFILE = "train"
@@ -374,12 +374,12 @@ def project_name(recipe: str, out_dir: str, recipe_dir: str, node: str | None = 
 def _healthcheck(step: StepSpec, cs: ContainerSpec) -> dict[str, Any]:
     """GET /health from inside the container (python: the images have no curl), with a
     start period as long as the recipe gives the model to load."""
-    ready = step.ready or {}
-    path = urlsplit(str(ready.get("health", "/health"))).path or "/health"
+    ready = step.ready or Ready(health="/health")
+    path = urlsplit(ready.health).path or "/health"
     url = f"http://127.0.0.1:{cs.ports[0].container}{path}"
     code = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"
     return {"test": ["CMD", "python", "-c", _esc(code)], "interval": "10s", "timeout": "5s", "retries": 3,
-            "start_period": f"{int(ready.get('timeout_s', 600))}s"}
+            "start_period": f"{int(ready.timeout_s)}s"}
 
 
 def _esc(text: str) -> str:
@@ -471,7 +471,7 @@ def _readme(plan: Plan, stack: Stack, o: RenderOptions) -> str:
     w.append("")
     for v in stack.env:
         if v.name.endswith("_IMAGE"):
-            w.append(f"    {_build_command(v.value, plan.docker)}")
+            w.append(f"    {_build_command(v.value, plan.docker or DockerSettings())}")
     w.append("")
     if any(TAG.match(v.value) for v in stack.env if v.name.endswith("_IMAGE")):
         w.append("On a machine that cannot pull the images' base image or reach PyPI directly, the build needs "
@@ -568,14 +568,14 @@ def _host_step(step: StepSpec, restored: set[str], env: dict[str, str] | None = 
         return ("Afterwards, put the power limits back (also after a failure):\n\n"
                 f"    ftkit power restore --gpus {gpus}")
     if step.kind == "load-adapter":
-        req = step.request or {}
-        body = shlex.quote(json.dumps(req.get("body", {})))
+        req = step.request or LoadRequest(server=None, method="POST", url="", body={}, adapter_dir="")
+        body = shlex.quote(json.dumps(req.body))
         env = env or {}
-        port_var = f"FTKIT_{_var_part(str(req.get('server')))}_PORT"
+        port_var = f"FTKIT_{_var_part(str(req.server))}_PORT"
         bind = env.get("FTKIT_BIND", "127.0.0.1")
         host = "127.0.0.1" if bind in ("0.0.0.0", "[::]") else bind
-        port = env.get(port_var, str(urlsplit(str(req.get("url"))).port))
-        return (f"Once `{req.get('server')}` serves and the adapter is trained, put it live in the running server "
+        port = env.get(port_var, str(urlsplit(req.url).port))
+        return (f"Once `{req.server}` serves and the adapter is trained, put it live in the running server "
                 f"(no restart; vLLM's runtime LoRA loading; the host side of the port is {port_var} in .env, and "
                 "FTKIT_API_KEY the key from .env if you set one):\n\n"
                 f"    curl -fsS -X POST http://{host}:{port}/v1/load_lora_adapter "
@@ -594,24 +594,23 @@ def _host_step(step: StepSpec, restored: set[str], env: dict[str, str] | None = 
     return f"{when}{_one_line(step.description)}:\n\n    {_one_line(cmd)}"
 
 
-def _build_command(ref: str, docker: dict[str, Any]) -> str:
+def _build_command(ref: str, docker: DockerSettings) -> str:
     m = TAG.match(ref)
     if m is None:
         return f"docker pull {shlex.quote(ref)}"
-    flags = "".join(f" --{k.replace('_', '-')} {shlex.quote(str(docker[k]))}"
-                    for k in ("base_image", "wheelhouse", "ca_bundle") if docker.get(k))
+    flags = "".join(f" {flag} {shlex.quote(value)}" for flag, value in docker.build_flags())
     return f"ftkit build --image {m['image']} --variant {m['variant']}{flags}    # {ref}"
 
 
 def _serve_examples(step: StepSpec, env: dict[str, str]) -> list[str]:
-    ready = step.ready or {}
+    ready = step.ready or Ready()
     if not step.ports:
         return []
     port_var = f"FTKIT_{_var_part(step.id)}_PORT"
     bind = env.get("FTKIT_BIND", "127.0.0.1")
     host = "127.0.0.1" if bind in ("0.0.0.0", "[::]") else bind
     base = f"http://{host}:{env.get(port_var, step.ports[0].host)}"
-    model = str(ready.get("served_name", ""))
+    model = ready.served_name
     w = [f"## Ask `{step.id}`", "", f"Health and models (the host side of the port is {port_var} in .env):", "",
          f"    curl -fsS {base}/health && curl -fsS {base}/v1/models", ""]
     key = " -H \"Authorization: Bearer $FTKIT_API_KEY\"" if step.engine == "vllm" else ""

@@ -79,13 +79,13 @@ def _clean(text: str) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-def wait_ready(ready: dict[str, Any], *, alive: Callable[[], bool], log_tail: Callable[[], str],
+def wait_ready(health: str, models: str, timeout_s: float, *, alive: Callable[[], bool], log_tail: Callable[[], str],
                poll_s: float = 1.0, sleep: Callable[[float], None] = time.sleep, log_name: str = "its log") -> float:
     """Block until /health and /v1/models answer; return the seconds it took. Fails early if
     the server process dies or its log says the engine cannot start, with a one-line reason
     taken from that log (the whole of it is in the step's log)."""
     t0 = time.monotonic()
-    deadline = t0 + float(ready["timeout_s"])
+    deadline = t0 + float(timeout_s)
 
     def failed(why: str) -> ServerNotReady:
         reason = engine_reason(log_tail())
@@ -99,12 +99,12 @@ def wait_ready(ready: dict[str, Any], *, alive: Callable[[], bool], log_tail: Ca
     while time.monotonic() < deadline:
         if not alive():
             raise failed("the server exited before it was ready")
-        if http.answers(ready["health"]) and http.answers(ready["models"]):
+        if http.answers(health) and http.answers(models):
             return time.monotonic() - t0
         if fatal_line(log_tail()):
             raise failed("the server's engine failed to start")
         sleep(poll_s)
-    raise failed(f"the server did not become ready within {ready['timeout_s']} s ({ready['health']})")
+    raise failed(f"the server did not become ready within {timeout_s} s ({health})")
 
 
 def port_taken(host: str, port: int) -> str | None:

@@ -19,7 +19,18 @@ from ftkit.plan import cluster as cluster_plan
 from ftkit.plan import launch, memory, power, servefit, serving
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
 from ftkit.plan.jobs import EvalJob, PreferenceJob, QuantizeJob, TinyJob, TrainJob
-from ftkit.plan.spec import GeneratedFile, LeaseSpec, Mount, Plan, StepSpec, run_label
+from ftkit.plan.spec import (
+    DockerSettings,
+    ExecutorKind,
+    GeneratedFile,
+    LeaseSpec,
+    Mount,
+    Plan,
+    Ready,
+    StepSpec,
+    TelemetrySettings,
+    run_label,
+)
 from ftkit.recipe import tracking
 from ftkit.recipe.models import (
     Cluster,
@@ -36,7 +47,7 @@ from ftkit.recipe.models import (
     Serving,
     TrainStep,
 )
-from ftkit.recipe.resolve import Resolved
+from ftkit.recipe.resolve import Resolved, ResolvedQuantizeStep, ResolvedServeStep, ResolvedTrainStep
 
 CONTAINER_ROOT = PurePosixPath("/ftkit")
 RUN_LAYOUT = {
@@ -61,7 +72,7 @@ RUN_LAYOUT = {
 class Places:
     """Where things are as the step's process sees them (host or container paths)."""
 
-    executor: str
+    executor: ExecutorKind
     run_dir: str
     python: str
     hf_home: str | None
@@ -152,7 +163,7 @@ class PlanContext:
     planner per step type (PLANNERS) reads and extends it."""
 
     res: Resolved
-    executor: str
+    executor: ExecutorKind
     places: Places
     images: dict[str, str]
     lease_dir: str | None
@@ -270,7 +281,7 @@ def build_plan(
     python: str = "python",
     images: dict[str, str] | None = None,
     local_model_config: dict[str, Any] | None = None,
-    executor: str | None = None,
+    executor: ExecutorKind | None = None,
     lease_dir: str | None = None,
     simulated_gpus: list[str] | None = None,
     simulated_state: str | None = None,
@@ -304,11 +315,11 @@ def build_plan(
         warnings=c.warnings,
         python=python,
         lease_dir=lease_dir,
-        docker={"host": machine.docker.host, "base_image": machine.docker.base_image,
-                "wheelhouse": machine.docker.wheelhouse, "ca_bundle": machine.ca_bundle,
-                "images_lock": machine.docker.images_lock, "build_missing": machine.docker.build_missing}
-        if c.executor == "docker" else {},
-        telemetry={"enabled": machine.telemetry.enabled, "interval_s": machine.telemetry.interval_s},
+        docker=DockerSettings(host=machine.docker.host, base_image=machine.docker.base_image,
+                              wheelhouse=machine.docker.wheelhouse, ca_bundle=machine.ca_bundle,
+                              images_lock=machine.docker.images_lock, build_missing=machine.docker.build_missing)
+        if c.executor == "docker" else None,
+        telemetry=TelemetrySettings(enabled=machine.telemetry.enabled, interval_s=machine.telemetry.interval_s),
         simulated_gpus=list(simulated_gpus) if simulated_gpus else None,
         cluster=c.cluster_info,
         local_vllm=vllm_local,
@@ -316,7 +327,7 @@ def build_plan(
 
 
 def _context(res: Resolved, *, run_dir: str, python: str, images: dict[str, str],
-             local_model_config: dict[str, Any] | None, executor: str, lease_dir: str | None,
+             local_model_config: dict[str, Any] | None, executor: ExecutorKind, lease_dir: str | None,
              simulated_gpus: list[str] | None, simulated_state: str | None, vllm_local: bool) -> PlanContext:
     """The planning context before the first step: inputs, mounts, the base environment and
     the base model as the engines see them."""
@@ -394,7 +405,7 @@ def _plan_power(c: PlanContext, step: PowerStep, name: str) -> None:
                    power_caps_w=caps, description=f"cap power before the work ({desc})"))
 
 
-def _plan_train(c: PlanContext, step: TrainStep, name: str) -> None:
+def _plan_train(c: PlanContext, step: ResolvedTrainStep, name: str) -> None:
     """A train step (and a preference step, which is one with its own engine and job): the
     accelerate (and DeepSpeed) configs, the engine's job, the launcher, its memory fit."""
     recipe, machine, places = c.recipe, c.machine, c.places
@@ -471,7 +482,8 @@ def _plan_train(c: PlanContext, step: TrainStep, name: str) -> None:
                        env_from_host=tracking.secret_names(c.tracked), gpus=gpus, files=files,
                        outputs=dict(outputs), power_caps_w=dict(c.caps_now),
                        lease=c.lease("train", gpus, max_power_w=c.caps_for(gpus)),
-                       shm_size="8g" if len(gpus) > 1 else None, notes=train_notes, description=f"{how}"))
+                       shm_size="8g" if len(gpus) > 1 else None, notes=train_notes, description=f"{how}",
+                       max_steps=None if isinstance(step, PreferenceStep) else step.max_steps))
     if cluster is not None:
         _multinode(c, s, step, cluster)
     if c.arch is None:
@@ -485,7 +497,7 @@ def _plan_train(c: PlanContext, step: TrainStep, name: str) -> None:
             c.warnings.append(f"step {name}: {split[0].disagreement}{also}")
 
 
-def _handoff_before_train(c: PlanContext, step: TrainStep, gpus: list[int]) -> list[str]:
+def _handoff_before_train(c: PlanContext, step: ResolvedTrainStep, gpus: list[int]) -> list[str]:
     """The machine's serving service on this step's GPUs: a compose service yields through the
     lease (a note), another is stopped by a handoff-stop step before the first such step."""
     svc = c.machine.serving
@@ -524,7 +536,7 @@ def _plan_merge(c: PlanContext, step: MergeStep, name: str) -> None:
                    env={"CUDA_VISIBLE_DEVICES": ""}))
 
 
-def _plan_quantize(c: PlanContext, step: QuantizeStep, name: str) -> None:
+def _plan_quantize(c: PlanContext, step: ResolvedQuantizeStep, name: str) -> None:
     """The quantize step: llm-compressor's oneshot in the quantize image (or this Python), on
     its GPU under the lease like training (it holds a layer, the Hessians and the activations),
     on the CPU where the machine has none."""
@@ -559,7 +571,7 @@ def _plan_quantize(c: PlanContext, step: QuantizeStep, name: str) -> None:
             seq_len=step.max_seq_len, gpus=gpus, vram=vram_by_gpu(c.res), ram_gib=c.machine.ram_gib)
 
 
-def _plan_serve(c: PlanContext, step: ServeStep, name: str) -> None:
+def _plan_serve(c: PlanContext, step: ResolvedServeStep, name: str) -> None:
     fields = serving.serve_step(step, name, c.serve_context())
     sleep_url = fields.pop("sleep_url")
     s = c.add(StepSpec(**fields, lease=c.lease("serve", fields["gpus"], sleep_url=sleep_url)))
@@ -682,7 +694,7 @@ def _serve_fit(step: ServeStep, s: StepSpec, arch: ModelArch, recipe: Recipe,
 def _port_handover(old: StepSpec, new: StepSpec) -> str:
     """What a client of a replaced server does: keep its URL when the new server takes over the
     port, else move to the new one's."""
-    a, b = (old.ready or {}).get("base_url"), (new.ready or {}).get("base_url")
+    a, b = (old.ready.base_url if old.ready else ""), (new.ready.base_url if new.ready else "")
     if not a or not b:
         return ""
     if a == b:
@@ -691,7 +703,7 @@ def _port_handover(old: StepSpec, new: StepSpec) -> str:
             "URL)")
 
 
-def _multinode(c: PlanContext, s: StepSpec, step: TrainStep, cluster: Cluster) -> None:
+def _multinode(c: PlanContext, s: StepSpec, step: ResolvedTrainStep, cluster: Cluster) -> None:
     """One trainer per node for a train step with `nodes:` (see plan.cluster)."""
     s.nodes = cluster_plan.node_specs(step, cluster, argv=s.argv, run_id=c.run_id, visible=c.visible(s.gpus))
     s.description = s.description.replace(" training on ", f" training on {step.nodes} nodes, each on ", 1)
@@ -765,7 +777,7 @@ def _harness_job(c: PlanContext, h: Harness, name: str) -> dict[str, Any]:
 
     recipe, base_ref = c.recipe, c.base_ref
     server = next((s for s in c.steps if s.id == h.server and s.kind == "serve"), None)
-    ready = (server.ready or {}) if server is not None else {}
+    ready = (server.ready if server is not None else None) or Ready()
     rstep = next((s for s in recipe.steps if isinstance(s, ServeStep) and s.name == h.server), None)
     tokenizer, revision = base_ref, recipe.model.revision if recipe.model.id else None
     if rstep is not None and server is not None and rstep.model in ("merged", "quantized"):
@@ -774,7 +786,7 @@ def _harness_job(c: PlanContext, h: Harness, name: str) -> dict[str, Any]:
         at = argv.index("--model") + 1 if "--model" in argv else argv.index("serve") + 1 if "serve" in argv else -1
         tokenizer, revision = (argv[at], None) if 0 < at < len(argv) else (base_ref, revision)
     chat = h.model == "chat"
-    base = str(ready.get("base_url") or "http://127.0.0.1:0/v1")
+    base = ready.base_url or "http://127.0.0.1:0/v1"
     tasks = []
     for j, t in enumerate(h.tasks):
         local = c.input_path(f"harness:{name}:{j}") if is_path(t) else None
@@ -783,7 +795,7 @@ def _harness_job(c: PlanContext, h: Harness, name: str) -> dict[str, Any]:
         "tasks": tasks, "server": h.server or "", "engine": (server.engine if server is not None else None) or "",
         "api": h.model, "lm_eval_model": "local-chat-completions" if chat else "local-completions",
         "base_url": base + ("/chat/completions" if chat else "/completions"),
-        "model": str(ready.get("served_name") or ""), "tokenizer": None if chat else tokenizer,
+        "model": ready.served_name, "tokenizer": None if chat else tokenizer,
         "revision": None if chat else revision, "limit": h.limit, "num_fewshot": h.num_fewshot,
         "max_gen_toks": h.max_gen_toks, "num_concurrent": h.num_concurrent,
     }

@@ -18,10 +18,13 @@ endpoint (`--rdzv_endpoint ip:port`) rather than a fixed master address.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftkit.plan.spec import NodeSpec
 from ftkit.recipe.models import Cluster, TrainStep
+
+if TYPE_CHECKING:
+    from ftkit.recipe.resolve import ResolvedTrainStep
 
 ENGINE_TAIL_MARK = "-m"  # the launcher's argv ends with `-m <module> --config <file>`
 ALLREDUCE_FILE = "allreduce-{machine}.json"  # under the runs root: the last `ftkit bench --allreduce`
@@ -33,12 +36,11 @@ def rendezvous_endpoint(cluster: Cluster) -> tuple[str, int]:
     return cluster.rendezvous.host or cluster.nodes[0].address, cluster.rendezvous.port
 
 
-def procs_per_node(step: TrainStep) -> int:
-    gpus = step.gpus if isinstance(step.gpus, list) else []
-    return max(len(gpus), 1)
+def procs_per_node(step: ResolvedTrainStep) -> int:
+    return max(len(step.gpus), 1)
 
 
-def accelerate_config(step: TrainStep, base: dict[str, Any], cluster: Cluster, *, cpu: bool,
+def accelerate_config(step: ResolvedTrainStep, base: dict[str, Any], cluster: Cluster, *, cpu: bool,
                       deepspeed_file: str | None) -> dict[str, Any]:
     """The step's accelerate config for N machines. `base` is the single-machine config
     (plan.launch); every node reads the same file and gets its rank as a flag.
@@ -85,7 +87,7 @@ def launcher_flags(rank: int, step: TrainStep, cluster: Cluster) -> list[str]:
             "--main_process_port", str(port), "--rdzv_backend", "c10d", "--rdzv_conf", conf]
 
 
-def node_specs(step: TrainStep, cluster: Cluster, *, argv: list[str], run_id: str,
+def node_specs(step: ResolvedTrainStep, cluster: Cluster, *, argv: list[str], run_id: str,
                visible: str) -> list[NodeSpec]:
     """One NodeSpec per node the step uses. `argv` is the launcher command of the step
     (`accelerate launch --config_file ... -m ftkit.engines.train --config ...`); each node
@@ -111,7 +113,7 @@ def node_specs(step: TrainStep, cluster: Cluster, *, argv: list[str], run_id: st
         out.append(NodeSpec(
             rank=rank, name=node.name, address=node.address,
             argv=argv[:cut] + launcher_flags(rank, step, cluster) + argv[cut:],
-            env=env, gpus=list(step.gpus) if isinstance(step.gpus, list) else [],
+            env=env, gpus=list(step.gpus),
             docker_host=node.docker_host, network=cluster.network, manual=node.manual,
         ))
     return out

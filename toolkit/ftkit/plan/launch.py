@@ -7,14 +7,17 @@ transformers' and DeepSpeed's own config classes, and run them on two CPU proces
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ftkit.recipe.models import TrainStep
 
+if TYPE_CHECKING:
+    from ftkit.recipe.resolve import ResolvedTrainStep
 
-def accelerate_config(step: TrainStep, *, deepspeed_file: str | None, cpu: bool = False) -> dict[str, Any]:
+
+def accelerate_config(step: ResolvedTrainStep, *, deepspeed_file: str | None, cpu: bool = False) -> dict[str, Any]:
     """accelerate's config for the step. `cpu`: the GPUs are simulated (no device exists),
     so the processes train on the CPU over gloo.
 
@@ -23,7 +26,7 @@ def accelerate_config(step: TrainStep, *, deepspeed_file: str | None, cpu: bool 
     on a single machine and otherwise starts ONE process without a word, so it is never
     used; `use_cpu: true` tells each process to use the CPU and gloo instead.
     """
-    gpus = list(step.gpus) if isinstance(step.gpus, list) else []
+    gpus = list(step.gpus)
     mixed = "no" if step.precision == "fp32" else step.precision
     cfg: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",

@@ -210,7 +210,8 @@ def _serving(res: Resolved, plan: Plan) -> list[Finding]:
                         f"request would fail (serve step {step.name!r}); choose heads so hidden_size / heads is one "
                         "of them, or engine: transformers", False))
         names: dict[str, str] = {step.served_name or recipe.name: "the served model"}
-        for a in (spec.ready or {}).get("adapters", []):
+        adapters = spec.ready.adapters if spec.ready else []
+        for a in adapters:
             if a in names:
                 out.append((("steps", i, "adapters"), f"{a!r} is also {names[a]}'s name on this server", False))
             names[a] = f"adapter {a!r}"
@@ -226,7 +227,7 @@ def _serving(res: Resolved, plan: Plan) -> list[Finding]:
                         f"machine publishes servers on {res.machine.bind_address}: use a loopback bind_address for "
                         "this machine", False))
         wanted = step.args.get("max_loras", step.args.get("max-loras"))
-        have = len((spec.ready or {}).get("adapters", [])) + len({n for n, _ in live.by_server.get(step.name or "", [])})
+        have = len(adapters) + len({n for n, _ in live.by_server.get(step.name or "", [])})
         if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted < have:
             out.append((("steps", i, "args", "max_loras" if "max_loras" in step.args else "max-loras"),
                         f"{wanted} is fewer than the {have} adapters this server gets", False))

@@ -37,10 +37,13 @@ ZeRO-3, then more GPUs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftkit.plan.catalog import ModelArch
 from ftkit.recipe.models import PreferenceStep, TrainStep
+
+if TYPE_CHECKING:
+    from ftkit.recipe.resolve import ResolvedTrainStep
 
 GIB = 1024**3
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -260,9 +263,9 @@ def verdict_for(total_gib: float, vram_gib: float) -> str:
     return "fits" if ratio <= FITS_BELOW else "tight" if ratio <= TIGHT_BELOW else "does not fit"
 
 
-def fit(step: TrainStep, arch: ModelArch, vram: dict[int, float | None]) -> list[FitEstimate]:
+def fit(step: ResolvedTrainStep, arch: ModelArch, vram: dict[int, float | None]) -> list[FitEstimate]:
     """One estimate per GPU of the step (one for the CPU when the step has no GPUs)."""
-    gpus: list[int | None] = list(step.gpus) if isinstance(step.gpus, list) and step.gpus else [None]
+    gpus: list[int | None] = list(step.gpus) if step.gpus else [None]
     n = len([g for g in gpus if g is not None])
     parts = estimate(step, arch, n_gpus=n)
     total = sum(parts.values())

@@ -15,11 +15,16 @@ Pure: no files, no processes.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ftkit.plan.spec import GeneratedFile, Port, StepSpec
+from ftkit.plan.spec import GeneratedFile, LoadRequest, Port, Ready, StepSpec
 from ftkit.recipe.models import LoadAdapterStep, Recipe, ServeStep, TrainStep
+
+if TYPE_CHECKING:
+    from ftkit.recipe.resolve import ResolvedServeStep
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM 0.32's accepted --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
@@ -120,8 +125,8 @@ class ServeContext:
     vllm_local: bool
     hf_home: str | None
     python: str
-    run: Any  # Places.run: a path in the run directory as the step's process sees it
-    visible: Any  # GPU indices -> CUDA_VISIBLE_DEVICES
+    run: Callable[[str], str]  # a path in the run directory as the step's process sees it
+    visible: Callable[[list[int]], str]  # GPU indices -> CUDA_VISIBLE_DEVICES
     trains: dict[str, dict[str, str]]
     train_steps: dict[str, TrainStep]
     merges: dict[str, str]
@@ -132,9 +137,9 @@ class ServeContext:
     warnings: list[str]
 
 
-def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
+def serve_step(step: ResolvedServeStep, name: str, c: ServeContext) -> dict[str, Any]:
     """The StepSpec fields of one serve step (plan.build adds what every step gets)."""
-    gpus = list(step.gpus) if isinstance(step.gpus, list) else []
+    gpus = list(step.gpus)
     engine = choose_engine(step, executor=c.executor, gpus=gpus, simulated=c.simulated, vllm_local=c.vllm_local,
                            head_dim=c.model_head_dim)
     files: list[GeneratedFile] = []
@@ -241,9 +246,8 @@ def serve_step(step: ServeStep, name: str, c: ServeContext) -> dict[str, Any]:
         env=env, files=files, ports=[Port(step.port, step.port, c.bind)], engine=engine.name, platform=engine.platform,
         shm_size="8g" if engine.name == "vllm" else None, notes=notes,
         background=True, keep_running=step.keep_running, sleep_url=sleep_url,
-        ready={"health": f"{base}/health", "models": f"{base}/v1/models", "timeout_s": step.ready_timeout_s,
-               "base_url": f"{base}/v1", "served_name": prompt_model, "port": step.port, "host": c.bind,
-               "adapters": lora_names},
+        ready=Ready(health=f"{base}/health", models=f"{base}/v1/models", timeout_s=step.ready_timeout_s,
+                    base_url=f"{base}/v1", served_name=prompt_model, port=step.port, host=c.bind, adapters=lora_names),
         prompts=prompts, outputs={"responses": f"steps/{name}/responses.jsonl"},
         description=f"serve {target} with {engine.label} on port {step.port}, then send {len(prompts)} test prompt(s)",
     )
@@ -256,9 +260,9 @@ def load_adapter_step(step: LoadAdapterStep, name: str, server: StepSpec | None,
     process; the adapter path is the one the server sees (its container's, or this host's)."""
     served = step.served_name or step.adapter or name
     path = c.run(c.trains.get(step.adapter or "", {}).get("adapter", ""))
-    ready = dict(server.ready or {}) if server is not None else {}
-    base = f"http://127.0.0.1:{ready.get('port', 0)}"
-    ready.update(timeout_s=step.ready_timeout_s, served_name=served)
+    ready = dataclasses.replace((server.ready if server is not None else None) or Ready(),
+                                timeout_s=step.ready_timeout_s, served_name=served)
+    base = f"http://127.0.0.1:{ready.port}"
     body = {"lora_name": served, "lora_path": path, "load_inplace": True}
     prompts = [p.model_dump(mode="json") for p in step.prompts]
     notes = ["a new adapter under an existing name replaces it in place (load_inplace); requests naming it "
@@ -268,8 +272,8 @@ def load_adapter_step(step: LoadAdapterStep, name: str, server: StepSpec | None,
         description=f"load the adapter of {step.adapter} into {step.server}'s running vLLM as {served!r} "
                     f"(no restart), then send {len(prompts)} test prompt(s)",
         ready=ready, prompts=prompts, outputs={"responses": f"steps/{name}/responses.jsonl"},
-        request={"server": step.server, "method": "POST", "url": f"{base}/v1/load_lora_adapter", "body": body,
-                 "adapter_dir": c.trains.get(step.adapter or "", {}).get("adapter", "")},
+        request=LoadRequest(server=step.server, method="POST", url=f"{base}/v1/load_lora_adapter", body=body,
+                            adapter_dir=c.trains.get(step.adapter or "", {}).get("adapter", "")),
         notes=notes,
     )
 
@@ -282,7 +286,7 @@ def lost_adapter_warnings(steps: list[StepSpec]) -> list[str]:
     for i, step in enumerate(steps):
         if step.kind != "load-adapter" or not step.request:
             continue
-        server = next((s for s in steps if s.id == step.request.get("server")), None)
+        server = next((s for s in steps if s.id == step.request.server), None)
         if server is None or not server.gpus:
             continue
         later = next((s for s in steps[i + 1:] if s.lease is not None and s.lease.role == "train"

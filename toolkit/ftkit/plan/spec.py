@@ -15,10 +15,18 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from ftkit.plan.memory import FitEstimate
 from ftkit.plan.power import GpuDraw, PsuBudget
+
+# What a step does (the runner and the renderers branch on it) and who runs it.
+StepKind = Literal["power", "power-restore", "handoff-stop", "handoff-start", "tiny-model", "train", "merge",
+                   "quantize", "serve", "load-adapter", "eval"]
+# local | docker: a process here or a container; nvml: ftkit sets power limits itself; service:
+# a command that stops or starts the machine's serving service; http: a request ftkit sends.
+StepExecutor = Literal["local", "docker", "nvml", "service", "http"]
+ExecutorKind = Literal["local", "docker"]  # what runs a plan's process steps (`ftkit up --executor`)
 
 
 @dataclass
@@ -74,6 +82,87 @@ class NodeSpec:
     manual: bool = False  # ftkit cannot reach this node's engine: it prints the command instead
 
 
+@dataclass(frozen=True)
+class Ready:
+    """How ftkit knows a server answers and how its clients reach it (a serve step's; a
+    load-adapter step's is its server's, with the adapter's name and its own timeout)."""
+
+    health: str = ""
+    models: str = ""
+    timeout_s: float = 600
+    base_url: str = ""  # the OpenAI-compatible API, http://127.0.0.1:<port>/v1
+    served_name: str = ""  # the model name the test prompts ask for
+    port: int = 0
+    host: str = "127.0.0.1"  # the address the port is published (or bound) on
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters the server starts with
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "ready") -> Ready:
+        return typing.cast(Ready, _build(cls, data, where))
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """The request a load-adapter step sends to its server's vLLM (ftkit sends it itself)."""
+
+    server: str | None  # the serve step whose engine gets the adapter
+    method: str
+    url: str
+    body: dict[str, Any]  # vLLM's /v1/load_lora_adapter body: lora_name, lora_path, load_inplace
+    adapter_dir: str  # the adapter, relative to the run directory (checked before the request)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "request") -> LoadRequest:
+        return typing.cast(LoadRequest, _build(cls, data, where))
+
+
+@dataclass(frozen=True)
+class DockerSettings:
+    """The machine's Docker settings a docker plan runs with: the engine, and how a missing
+    image is built (the same flags `ftkit build` takes)."""
+
+    host: str | None = None  # None: this machine's engine
+    base_image: str | None = None
+    wheelhouse: str | None = None
+    ca_bundle: str | None = None
+    images_lock: str | None = None
+    build_missing: bool = True
+
+    def build_flags(self) -> list[tuple[str, str]]:
+        """(flag, value) of `ftkit build` for the settings that change how an image is built."""
+        return [(f"--{k.replace('_', '-')}", str(v)) for k, v in
+                (("base_image", self.base_image), ("wheelhouse", self.wheelhouse), ("ca_bundle", self.ca_bundle)) if v]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "docker") -> DockerSettings | None:
+        """{} (a plan for the local executor) is None."""
+        return typing.cast(DockerSettings, _build(cls, data, where)) if data else None
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """GPU and host samples beside every GPU step (telemetry.csv)."""
+
+    enabled: bool = True
+    interval_s: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "telemetry") -> TelemetrySettings:
+        return typing.cast(TelemetrySettings, _build(cls, data or {}, where))
+
+
 def run_label(run_dir: str) -> str:
     """The `dev.ftkit.run` label of a run's containers (and the middle of their names):
     the run directory's name and a digest of its whole path. The name alone is not unique -
@@ -88,9 +177,9 @@ def run_label(run_dir: str) -> str:
 @dataclass
 class StepSpec:
     id: str  # unique within the plan; names the log file, the journal entry and the compose service
-    kind: str  # power | power-restore | handoff-stop | handoff-start | tiny-model | train | merge | serve | load-adapter | eval
+    kind: StepKind
     description: str
-    executor: str  # local | docker | nvml | service | http (a request ftkit itself sends: load-adapter)
+    executor: StepExecutor
     recipe_step: str | None = None
     image: str | None = None
     argv: list[str] = field(default_factory=list)  # the engine command (the lease wrapper is added from `lease`)
@@ -108,7 +197,7 @@ class StepSpec:
     files: list[GeneratedFile] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     background: bool = False  # a server: started, checked ready, left running or stopped at the end
-    ready: dict[str, Any] | None = None
+    ready: Ready | None = None
     prompts: list[dict[str, Any]] = field(default_factory=list)
     keep_running: bool = False
     always: bool = False  # runs at the end even when an earlier step failed (restores)
@@ -117,7 +206,10 @@ class StepSpec:
     nodes: list[NodeSpec] = field(default_factory=list)  # a multi-node train step: one trainer per node
     engine: str | None = None  # serve: vllm | transformers (decided at plan time, see plan.serving)
     platform: str | None = None  # serve: cuda | cpu (where the engine does its work)
-    request: dict[str, Any] | None = None  # load-adapter: the server step, method, url and JSON body ftkit sends
+    request: LoadRequest | None = None  # load-adapter: what ftkit sends to the server
+    # train: the step limit the engine stops at (the recipe's max_steps; None: by epochs), so the
+    # progress display knows the total without reading the engine's job back
+    max_steps: int | None = None
 
 
 @dataclass
@@ -125,7 +217,7 @@ class Plan:
     recipe: str
     recipe_file: str
     machine: str
-    executor: str
+    executor: ExecutorKind
     run_dir: str
     steps: list[StepSpec]
     fit: dict[str, list[FitEstimate]]
@@ -135,14 +227,21 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     python: str = "python"  # the interpreter local steps run with
     lease_dir: str | None = None  # host directory of the GPU lease's lock files
-    docker: dict[str, Any] = field(default_factory=dict)  # host, base_image, wheelhouse, ca_bundle, build_missing
-    telemetry: dict[str, Any] = field(default_factory=dict)  # enabled, interval_s
+    docker: DockerSettings | None = None  # a docker plan's; plan.json writes None as {}
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     simulated_gpus: list[str] | None = None  # GPU names of a simulated machine (no GPU exists)
     cluster: dict[str, Any] = field(default_factory=dict)  # nodes, rendezvous, shared path, measured all-reduce
     local_vllm: bool = False  # vLLM is installed in `python` (what engine auto saw for the local executor)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["docker"] = d["docker"] or {}
+        return d
+
+    @property
+    def docker_host(self) -> str | None:
+        """The Docker engine the plan's containers run on (None: this machine's)."""
+        return self.docker.host if self.docker is not None else None
 
     def step(self, step_id: str) -> StepSpec:
         return next(s for s in self.steps if s.id == step_id)
@@ -168,6 +267,8 @@ class Plan:
         d["fit"] = {k: [_build(FitEstimate, e, f"fit.{k}[{i}]") for i, e in enumerate(v)] for k, v in fit.items()}
         d["psu"] = _budget(d.get("psu"), "psu")
         d["psu_uncapped"] = _budget(d.get("psu_uncapped"), "psu_uncapped")
+        d["docker"] = DockerSettings.from_dict(d.get("docker"))
+        d["telemetry"] = TelemetrySettings.from_dict(d.get("telemetry"))
         plan = _build(cls, d, "")
         for f in dataclasses.fields(cls):
             if f.name not in ("fit", "psu", "psu_uncapped"):  # informational; built above
@@ -224,6 +325,10 @@ def _expect(value: Any, hint: Any, where: str) -> None:
         return
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise PlanFormatError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return
@@ -312,6 +417,10 @@ def _step(s: Any, where: str) -> StepSpec:
         lease = dict(d["lease"])
         lease["max_power_w"] = _int_keys(lease.get("max_power_w", {}), f"{where}.lease.max_power_w")
         d["lease"] = _build(LeaseSpec, lease, f"{where}.lease")
+    if d.get("ready") is not None:
+        d["ready"] = Ready.from_dict(d["ready"], f"{where}.ready")
+    if d.get("request") is not None:
+        d["request"] = LoadRequest.from_dict(d["request"], f"{where}.request")
     return typing.cast(StepSpec, _build(StepSpec, d, where))
 
 

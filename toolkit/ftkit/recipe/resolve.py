@@ -18,6 +18,7 @@ from ftkit.recipe.checks import (
 )
 from ftkit.recipe.models import (
     EvalStep,
+    GpuIndex,
     LoadAdapterStep,
     Machine,
     MergeStep,
@@ -29,6 +30,44 @@ from ftkit.recipe.models import (
 )
 from ftkit.recipe.validate import LoadedRecipe
 from ftkit.recipe.yamlpos import Path_
+
+
+class ResolvedTrainStep(TrainStep):
+    """A train step after resolve: `gpus: all` is the GPU indices (on each node for a
+    multi-node step; none: the CPU), so planning never sees "all"."""
+
+    gpus: list[GpuIndex]  # type: ignore[assignment]
+
+
+class ResolvedPreferenceStep(PreferenceStep, ResolvedTrainStep):
+    """A preference step after resolve (its GPUs as a train step's)."""
+
+
+class ResolvedServeStep(ServeStep):
+    """A serve step after resolve: `gpus: all` is the machine's GPU indices."""
+
+    gpus: list[GpuIndex]  # type: ignore[assignment]
+
+
+class ResolvedQuantizeStep(QuantizeStep):
+    """A quantize step after resolve: no `gpus` is the machine's first GPU, or none (the CPU)."""
+
+    gpus: list[GpuIndex]  # type: ignore[assignment]
+
+
+# The recipe step types whose resolved form has a narrower type (the others resolve in place).
+_RESOLVED_TYPES: dict[type, type] = {TrainStep: ResolvedTrainStep, PreferenceStep: ResolvedPreferenceStep,
+                                     ServeStep: ResolvedServeStep, QuantizeStep: ResolvedQuantizeStep}
+
+
+def _resolved_type(step: Any) -> Any:
+    """The step as its resolved type: the same values (already filled in), nothing validated
+    again; it dumps as the recipe step it was (recipe.resolved.yaml)."""
+    cls = _RESOLVED_TYPES.get(type(step))
+    if cls is None:
+        return step
+    values = {k: getattr(step, k) for k in type(step).model_fields}
+    return cls.model_construct(_fields_set=set(step.model_fields_set), **values)
 
 
 @dataclass
@@ -176,6 +215,7 @@ def resolve(loaded: LoadedRecipe, machine: Machine) -> Resolved:
         problem(path, message)
     if issues:
         raise ConfigError(issues)
+    recipe.steps = [_resolved_type(step) for step in recipe.steps]
     return Resolved(recipe, machine, loaded.path, host)
 
 

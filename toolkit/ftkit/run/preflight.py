@@ -65,7 +65,7 @@ def machine(plan: Plan) -> None:
     if any(s.executor == "docker" for s in plan.steps):
         from ftkit.gateways import docker as dk
 
-        if not dk.reachable(plan.docker.get("host")):
+        if not dk.reachable(plan.docker_host):
             raise PlanError("this plan runs steps in containers, but no Docker engine answers",
                             hint="start dockerd (or set docker.host in the machine profile), or run with --executor local")
         for node in {n.name: n for s in plan.steps for n in s.nodes if n.docker_host and not n.manual}.values():

@@ -31,7 +31,7 @@ from ftkit.files import parse_json
 from ftkit.gateways import http, serving
 from ftkit.gateways import subprocess as sp
 from ftkit.plan.jobs import complete_marker
-from ftkit.plan.spec import Plan, StepSpec
+from ftkit.plan.spec import Plan, Ready, StepSpec
 from ftkit.run import envinfo
 from ftkit.run.display import Display, progress_of
 from ftkit.run.executors import Executor, Outcome, StepIO, executor_for
@@ -473,10 +473,10 @@ def _replace_servers(ctx: Context, step: StepSpec) -> list[StepSpec]:
 
 def _start_server(ctx: Context, step: StepSpec, *, restored: bool = False) -> tuple[Any, float]:
     """Start a server under its guard and wait until it answers; (handle, seconds)."""
-    ready = step.ready or {}
-    port = int(ready.get("port", 0))
+    ready = step.ready or Ready()
+    port = ready.port
     if port:
-        holder = serving.port_taken(ready.get("host", "127.0.0.1"), port)
+        holder = serving.port_taken(ready.host, port)
         if holder:
             raise EngineError(f"port {port} is already taken ({holder}); a stale server from an earlier run? "
                               "stop it (`ftkit down`) or choose another port")
@@ -487,7 +487,7 @@ def _start_server(ctx: Context, step: StepSpec, *, restored: bool = False) -> tu
         ctx.servers[step.id] = handle
         ctx.guards.push(ServerGuard(step, handle, on_left=lambda s, h: _left(ctx, s, h), restored=restored))
     try:
-        seconds = serving.wait_ready(ready, alive=handle.alive, log_tail=lambda: _log_since(log, offset),
+        seconds = serving.wait_ready(ready.health, ready.models, ready.timeout_s, alive=handle.alive, log_tail=lambda: _log_since(log, offset),
                                      log_name=str(log))
     except ServerNotReady:
         # Nothing to save: a server whose engine failed can hang on SIGTERM (vLLM's API
@@ -533,11 +533,10 @@ def _restore_servers(ctx: Context, failed: StepSpec, previous: list[StepSpec]) -
         ctx.display.note(f"{failed.id} failed: {earlier.id} serves again (ready after {seconds:.1f} s)")
         ctx.journal.step_detail(earlier.id, stopped=False, restored_after=failed.id)
         for load in ctx.plan.steps:
-            if (load.kind == "load-adapter" and (load.request or {}).get("server") == earlier.id
+            if (load.kind == "load-adapter" and load.request is not None and load.request.server == earlier.id
                     and ctx.journal.status_of(load.id) == "succeeded"):
                 try:
-                    http.request_json("POST", str(load.request["url"]), load.request["body"], timeout=300,  # type: ignore[index]
-                                      text_answer=True)
+                    http.request_json("POST", load.request.url, load.request.body, timeout=300, text_answer=True)
                     ctx.display.note(f"{earlier.id}: adapter of {load.id} loaded again")
                 except HttpError as e:
                     ctx.display.note(f"{earlier.id}: loading the adapter of {load.id} again failed: "
@@ -546,7 +545,7 @@ def _restore_servers(ctx: Context, failed: StepSpec, previous: list[StepSpec]) -
 
 def _serve(ctx: Context, step: StepSpec) -> Outcome:
     replaced = _replace_servers(ctx, step)
-    ready = step.ready or {}
+    ready = step.ready or Ready()
     try:
         handle, seconds = _start_server(ctx, step)
     except (FtkitError, OSError) as e:
@@ -562,7 +561,7 @@ def _serve(ctx: Context, step: StepSpec) -> Outcome:
             _restore_servers(ctx, step, replaced)
         return Outcome("failed", {"ready_after_s": round(seconds, 2), "models": listed, "outputs": step.outputs,
                                   **handle.ident}, unlisted)
-    results = serving.run_prompts(ready["base_url"], ready["served_name"], step.prompts)
+    results = serving.run_prompts(ready.base_url, ready.served_name, step.prompts)
     if replaced and not all(r["passed"] for r in results):
         _restore_servers(ctx, step, replaced)
     ctx.display.prompts(step, results)
@@ -584,13 +583,13 @@ def _models_listed(step: StepSpec) -> tuple[list[str] | None, str]:
     hub cache, not what it serves."""
     if step.engine != "vllm":
         return None, ""
-    ready = step.ready or {}
+    ready = step.ready or Ready()
     try:
-        listed = serving.model_ids(str(ready["models"]))
+        listed = serving.model_ids(ready.models)
     except HttpError as e:
         return None, f"the server is ready, but /v1/models did not answer: {serving.http_reason(e)}"
-    adapters = [str(a) for a in ready.get("adapters") or []]
-    names = [n for n in (_flag(step.argv, "--served-model-name"), ready.get("served_name")) if n and n not in adapters]
+    adapters = list(ready.adapters)
+    names = [n for n in (_flag(step.argv, "--served-model-name"), ready.served_name) if n and n not in adapters]
     missing_models = [n for n in dict.fromkeys(names) if n not in listed]
     missing = [a for a in adapters if a not in listed]
     said = ([f"the served model {', '.join(map(repr, missing_models))}"] if missing_models else []) + \
@@ -648,21 +647,21 @@ def _load_adapter(ctx: Context, step: StepSpec, cancelled: Any = lambda: False) 
         if cancelled():
             raise EngineError("the early load was given up (its train step ended or the run was stopped)")
 
-    req = step.request or {}
-    sid = str(req.get("server"))
+    req = step.request
+    sid = str(req.server if req is not None else None)
     handle = ctx.servers.get(sid)
-    if handle is None or not handle.alive():
+    if req is None or handle is None or not handle.alive():
         raise EngineError(f"server {sid} is not running: there is nothing to load the adapter into")
-    ready = step.ready or {}
+    ready = step.ready or Ready()
     log = ctx.run.log(sid)
-    serving.wait_ready(ready, alive=handle.alive, log_tail=lambda: handle.tail(200), log_name=str(log))
-    adapter_dir = req.get("adapter_dir")
-    written = _written_at(ctx.run.file(str(adapter_dir))) if isinstance(adapter_dir, str) and adapter_dir else None
-    name = str(req["body"]["lora_name"])
+    serving.wait_ready(ready.health, ready.models, ready.timeout_s, alive=handle.alive,
+                       log_tail=lambda: handle.tail(200), log_name=str(log))
+    written = _written_at(ctx.run.file(req.adapter_dir)) if req.adapter_dir else None
+    name = str(req.body["lora_name"])
     check()
     t0 = time.monotonic()
     try:
-        http.request_json(str(req.get("method", "POST")), str(req["url"]), req["body"], timeout=300, text_answer=True)
+        http.request_json(req.method, req.url, req.body, timeout=300, text_answer=True)
     except HttpError as e:
         check()  # given up: the unwinding owns the server's guard now
         if handle.alive():
@@ -670,16 +669,16 @@ def _load_adapter(ctx: Context, step: StepSpec, cancelled: Any = lambda: False) 
         raise EngineError(f"vLLM did not load the adapter {name!r}: {serving.http_reason(e)}") from None
     load_s = time.monotonic() - t0
     try:
-        listed = serving.model_ids(str(ready["models"]))
+        listed = serving.model_ids(ready.models)
     except HttpError as e:
         raise EngineError(f"vLLM loaded {name!r}, but /v1/models did not answer: {serving.http_reason(e)}") from None
     if name not in listed:
         raise EngineError(f"vLLM said it loaded {name!r}, but /v1/models lists only {listed}")
     prompts = step.prompts or [{"prompt": "Hello", "max_tokens": 1}]  # at least: the new name answers
     check()
-    first = serving.run_prompts(str(ready["base_url"]), name, prompts[:1])
+    first = serving.run_prompts(ready.base_url, name, prompts[:1])
     live_after = time.time() - written if written else None  # written -> its first answer
-    results = first + serving.run_prompts(str(ready["base_url"]), name, prompts[1:])
+    results = first + serving.run_prompts(ready.base_url, name, prompts[1:])
     check()
     if step.prompts:
         ctx.display.prompts(step, results)
@@ -714,14 +713,14 @@ def _written_at(adapter_dir: Path) -> float | None:
 
 
 def _left(ctx: Context, step: StepSpec, handle: Any) -> None:
-    where = (step.ready or {}).get("base_url", "")
+    where = step.ready.base_url if step.ready else ""
     ident = handle.ident
     what = f"container {ident['container'][:12]}" if "container" in ident else f"pid {ident.get('pid')}"
     ctx.left_running.append(f"{step.id} ({what}, {where})")
     if "container" in ident:
         from ftkit.gateways import docker as dk
 
-        dk.set_restart_policy(ident["container"], "unless-stopped", ctx.plan.docker.get("host"))
+        dk.set_restart_policy(ident["container"], "unless-stopped", ctx.plan.docker_host)
 
 
 def _unwind(ctx: Context, succeeded: bool) -> None:
@@ -774,13 +773,13 @@ def _prepare_images(ctx: Context) -> None:
     for step in ctx.plan.steps:
         if step.executor == "docker" and step.image and step.image not in seen:
             seen.add(step.image)
-            ctx.executor.ensure_image(step, StepIO(log=ctx.run.log("images"), on_line=ctx.display.say))  # type: ignore[attr-defined]
+            ctx.executor.ensure_image(step, StepIO(log=ctx.run.log("images"), on_line=ctx.display.say))
 
 
 @contextmanager
 def _telemetry(ctx: Context, step: StepSpec) -> Iterator[None]:
     """GPU and host telemetry beside every step that uses a GPU (telemetry.csv)."""
-    if not step.gpus or not ctx.plan.telemetry.get("enabled", True):
+    if not step.gpus or not ctx.plan.telemetry.enabled:
         yield
         return
     try:
@@ -790,7 +789,7 @@ def _telemetry(ctx: Context, step: StepSpec) -> Iterator[None]:
         yield
         return
     sampler = Sampler(open_nvml, step.gpus, ctx.run.file("telemetry.csv"), step=step.id,
-                      interval_s=float(ctx.plan.telemetry.get("interval_s", 1.0)), run_dir=ctx.run.path)
+                      interval_s=float(ctx.plan.telemetry.interval_s), run_dir=ctx.run.path)
     sampler.start()
     try:
         yield
@@ -811,7 +810,7 @@ class _MetricsWatcher:
     def __init__(self, ctx: Context, step: StepSpec) -> None:
         self.ctx, self.step = ctx, step
         self.path = ctx.run.file(step.outputs["metrics"])
-        self.total = _max_steps(step)
+        self.total = step.max_steps
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name=f"progress-{step.id}")
 
@@ -857,9 +856,9 @@ def _early_loads(ctx: Context, step: StepSpec) -> Any:
     for later in ctx.plan.steps[ctx.plan.steps.index(step) + 1:]:
         if later.always:
             continue
-        req = later.request or {}
-        server = next((s for s in ctx.plan.steps if s.id == req.get("server")), None)
-        if (later.kind != "load-adapter" or req.get("adapter_dir") != step.outputs["adapter"] or server is None
+        req = later.request
+        server = next((s for s in ctx.plan.steps if req is not None and s.id == req.server), None)
+        if (later.kind != "load-adapter" or req is None or req.adapter_dir != step.outputs["adapter"] or server is None
                 or set(server.gpus) & set(step.gpus)):
             break
         loads.append(later)
@@ -927,7 +926,7 @@ class _EarlyLoads:
             if self._stop.wait(self.POLL_S):
                 return  # the step ended first: its loads run after it
         for load in self.loads:
-            handle = self.ctx.servers.get(str((load.request or {}).get("server")))
+            handle = self.ctx.servers.get(str(load.request.server if load.request else None))
             with self._lock:
                 if self._closed or handle is None or not handle.alive():
                     return
@@ -951,17 +950,6 @@ class _EarlyLoads:
                 self.ctx.early[load.id] = outcome
             if outcome.status != "succeeded":
                 return
-
-
-def _max_steps(step: StepSpec) -> int | None:
-    for f in step.files:
-        if f.path.startswith("configs/train-"):
-            try:
-                value = json.loads(f.content).get("train", {}).get("max_steps")
-                return int(value) if value else None
-            except (json.JSONDecodeError, TypeError, ValueError):
-                return None
-    return None
 
 
 def _internal_error(ctx: Context, err: BaseException) -> None:

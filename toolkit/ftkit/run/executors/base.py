@@ -43,6 +43,12 @@ class Handle(Protocol):
 class Executor(Protocol):
     name: str
 
+    def ensure_image(self, step: StepSpec, io: StepIO) -> None:
+        """Make sure the step's image is here (built when missing and the machine allows it)
+        and fits this machine's driver, before any step changes the machine. Executors
+        without images do nothing."""
+        ...
+
     def run(self, step: StepSpec, io: StepIO) -> Outcome:
         """Run a one-shot step to completion; raise CommandFailed (with the last lines)
         when it fails. Interrupted (a signal) stops what runs before propagating."""

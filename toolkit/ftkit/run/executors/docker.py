@@ -22,7 +22,7 @@ from ftkit.errors import CommandFailed, PlanError
 from ftkit.files import open_append
 from ftkit.gateways import docker as dk
 from ftkit.plan.container import ContainerSpec, container_spec, host_env
-from ftkit.plan.spec import Plan, StepSpec
+from ftkit.plan.spec import DockerSettings, Plan, StepSpec
 from ftkit.run.executors.base import Outcome, StepIO
 from ftkit.run.rundir import OWNER_LOCK, RunDir
 
@@ -110,7 +110,7 @@ class DockerExecutor:
     def __init__(self, plan: Plan, run: RunDir) -> None:
         self.plan = plan
         self.run_dir = run
-        self.host = plan.docker.get("host")
+        self.host = plan.docker_host
         self._ready: set[str] = set()
 
     # -- images ------------------------------------------------------------------------
@@ -134,19 +134,19 @@ class DockerExecutor:
         if m is None:
             raise PlanError(f"image {ref} is not on this machine", hint=f"docker pull {ref}")
         image, variant = m["image"], m["variant"]
-        d = self.plan.docker
-        flags = "".join(f" --{k.replace('_', '-')} {d[k]}" for k in ("base_image", "wheelhouse", "ca_bundle") if d.get(k))
+        d = self.plan.docker or DockerSettings()
+        flags = "".join(f" {flag} {value}" for flag, value in d.build_flags())
         command = f"ftkit build --image {image} --variant {variant}{flags}"
-        if not d.get("build_missing", True):
+        if not d.build_missing:
             raise PlanError(f"image {ref} is not built on this machine", hint=f"run `{command}` (or set "
                             "docker.build_missing: true in the machine profile)")
         from ftkit.images import builder, project
 
         root = project.find_root()
-        spec = builder.plan_build(root, image, variant, base_image=d.get("base_image"),
+        spec = builder.plan_build(root, image, variant, base_image=d.base_image,
                                   buildkit=dk.find_buildkit_cli() is not None,
-                                  wheelhouse=Path(d["wheelhouse"]) if d.get("wheelhouse") else None,
-                                  ca_bundle=Path(d["ca_bundle"]) if d.get("ca_bundle") else None)
+                                  wheelhouse=Path(d.wheelhouse) if d.wheelhouse else None,
+                                  ca_bundle=Path(d.ca_bundle) if d.ca_bundle else None)
         if spec.tag != ref:
             raise PlanError(f"the plan runs {ref}, but this checkout builds {spec.tag}",
                             hint="plan again from this checkout, or build the image the plan names elsewhere")

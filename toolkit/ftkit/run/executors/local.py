@@ -51,6 +51,9 @@ class LocalExecutor:
         self.plan = plan
         self.run_dir = run
 
+    def ensure_image(self, step: StepSpec, io: StepIO) -> None:
+        """Local steps run in this Python environment: no image to check."""
+
     def _line(self, io: StepIO) -> Any:
         def on_line(line: str) -> None:
             if io.echo:

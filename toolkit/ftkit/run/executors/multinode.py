@@ -115,7 +115,7 @@ class MultiNodeExecutor:
         self._lock = threading.Lock()
 
     def _host(self, node: NodeSpec) -> str | None:
-        return node.docker_host or self.plan.docker.get("host")
+        return node.docker_host or self.plan.docker_host
 
     # -- before anything starts --------------------------------------------------------
 
