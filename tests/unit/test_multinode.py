@@ -143,7 +143,8 @@ def test_one_node_entry_per_host_with_its_rank_flags_and_interface(lab: dict[str
     assert "NCCL_IB_DISABLE" not in a.env and "NCCL_IB_DISABLE" not in train.env  # per node, not leaked
     assert a.docker_host is None and b.docker_host == "ssh://me@10.0.0.2" and a.network == "host"
     assert train.argv == a.argv and "--main_process_port" not in train.argv[4:5]
-    assert plan.cluster["rendezvous"] == "10.0.0.1:29400" and plan.cluster["gradient_bytes"]["train"] > 0
+    assert plan.cluster is not None and plan.cluster.rendezvous == "10.0.0.1:29400"
+    assert (plan.cluster.gradient_bytes or {})["train"] > 0
     # the engine's job is the single-node one
     job = json.loads(next(f.content for f in train.files if f.path == "configs/train-train.json"))
     assert "nodes" not in job["train"]

@@ -83,3 +83,21 @@ def test_resolve_gives_steps_with_gpus_their_resolved_types() -> None:
     dumped = res.to_yaml_data()["steps"]
     assert [d["type"] for d in dumped] == [s.type for s in res.recipe.steps]
     assert all(isinstance(d["gpus"], list) for d in dumped if "gpus" in d)
+
+
+def test_a_multi_node_plan_reads_back_with_its_cluster() -> None:
+    """Plan.cluster is a ClusterInfo (nodes, rendezvous, gradient bytes, the measured
+    all-reduce: null until `ftkit bench --allreduce`); a one-node plan's is {} in plan.json."""
+    from ftkit.plan.spec import ClusterInfo, ClusterNode
+    from tests.conftest import RECIPES, run_cli
+
+    result = run_cli("plan", str(RECIPES / "llama31-8b-lora-2nodes.yaml"), "--machine",
+                     str(RECIPES / "machines" / "home-cluster.yaml"), "--json")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    plan = Plan.from_dict(data)
+    assert isinstance(plan.cluster, ClusterInfo) and all(isinstance(n, ClusterNode) for n in plan.cluster.nodes)
+    assert plan.cluster.gradient_bytes and plan.cluster.allreduce is None and data["cluster"]["allreduce"] is None
+    assert "expected_scaling" not in data["cluster"]
+    assert json.loads(json.dumps(plan.to_dict())) == data
+    assert _plan("cpu.yaml").to_dict()["cluster"] == {}

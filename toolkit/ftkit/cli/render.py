@@ -241,18 +241,19 @@ def render_plan(plan: Plan, *, configs: bool = False) -> str:
 
 def _cluster(plan: Plan, w: Any) -> None:
     c = plan.cluster
+    if c is None:
+        return
     w("")
-    w(f"cluster: {len(c.get('nodes', []))} node(s), rendezvous {esc(str(c.get('rendezvous')))} (c10d), "
-      f"shared storage {esc(str(c.get('shared')))}")
-    measured = c.get("allreduce")
+    w(f"cluster: {len(c.nodes)} node(s), rendezvous {esc(c.rendezvous)} (c10d), shared storage {esc(str(c.shared))}")
+    measured = c.allreduce
     if not measured:
         w("  all-reduce between the nodes: not measured yet (`ftkit bench RECIPE --allreduce`); run it before a "
           "long multi-node job")
         return
-    w(f"  all-reduce measured {measured.get('taken')} ({measured.get('backend')}, {measured.get('world_size')} processes):")
-    for row in measured.get("results", []):
+    w(f"  all-reduce measured {measured.taken} ({measured.backend}, {measured.world_size} processes):")
+    for row in measured.results:
         w(f"    {row['bytes']:>12} bytes: algbw {row['algbw_gbps']:g} GB/s, busbw {row['busbw_gbps']:g} GB/s")
-    for sid, e in (c.get("expected_scaling") or {}).items():
+    for sid, e in (c.expected_scaling or {}).items():
         if not e:
             continue
         w(f"  expected scaling of {sid}: {e['gradient_bytes']} bytes of gradients per optimizer step take about "

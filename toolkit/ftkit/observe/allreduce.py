@@ -187,7 +187,7 @@ def run_bench(recipe_path: str, machine_path: str | None, *, out_dir: Path | Non
         node.argv = node.argv[:cut] + tail
     step.id = "allreduce"  # logs/allreduce.log, container names; the GPUs stay under the step's lease
     step.labels = {**step.labels, "dev.ftkit.step": step.id}
-    say(f"ftkit bench --allreduce: {len(step.nodes)} nodes, rendezvous {plan.cluster.get('rendezvous')}; "
+    say(f"ftkit bench --allreduce: {len(step.nodes)} nodes, rendezvous {plan.cluster.rendezvous if plan.cluster else None}; "
         f"log: {bench_dir / 'logs' / 'allreduce.log'}")
     io = StepIO(log=run.log(step.id), on_line=lambda line: say(line) if "ftkit allreduce:" in line else None,
                 echo=echo)
@@ -202,7 +202,7 @@ def run_bench(recipe_path: str, machine_path: str | None, *, out_dir: Path | Non
         raise UserError(f"the bench ran but left no readable {RESULT} in {bench_dir}: {e}") from e
     result = {"ftkit_allreduce": FORMAT, "taken": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": plan.machine, "recipe": plan.recipe,
-              "nodes": [n.name for n in step.nodes], "rendezvous": plan.cluster.get("rendezvous"), **result}
+              "nodes": [n.name for n in step.nodes], "rendezvous": plan.cluster.rendezvous if plan.cluster else None, **result}
     from ftkit.files import write_json
 
     write_json(bench_dir / RESULT, result)

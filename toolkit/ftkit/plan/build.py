@@ -8,6 +8,7 @@ host's layout.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ftkit.plan import launch, memory, power, servefit, serving
 from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
 from ftkit.plan.jobs import EvalJob, PreferenceJob, QuantizeJob, TinyJob, TrainJob
 from ftkit.plan.spec import (
+    ClusterInfo,
     DockerSettings,
     ExecutorKind,
     GeneratedFile,
@@ -187,7 +189,7 @@ class PlanContext:
     serving_replaced: str | None = None  # the recipe's server that takes over the serving service's GPUs
     handoff_stopped: bool = False
     port_offset: int = 0  # the next multi-GPU train step's accelerate main_process_port above 29500
-    cluster_info: dict[str, Any] = field(default_factory=dict)
+    cluster_info: ClusterInfo | None = None  # the multi-node steps' cluster (Plan.cluster)
 
     @property
     def recipe(self) -> Recipe:
@@ -717,14 +719,13 @@ def _multinode(c: PlanContext, s: StepSpec, step: ResolvedTrainStep, cluster: Cl
     if any(n.manual for n in s.nodes):
         s.notes.append("nodes " + ", ".join(n.name for n in s.nodes if n.manual) + " are started by hand: "
                        "`ftkit up` prints their commands and waits for the nodes it starts")
-    info = c.cluster_info
-    if not info:
-        info.update(cluster_plan.summary(cluster, step.nodes))
-    info["nodes_used"] = max(int(info.get("nodes_used", 0)), step.nodes)
+    info = c.cluster_info or cluster_plan.summary(cluster, step.nodes)  # the first multi-node step's nodes
+    grads = info.gradient_bytes
     if c.arch is not None:
         trainable = (memory.lora_params(c.arch, step.lora.r, step.lora.target_modules) if step.method != "full"
                      else c.arch.params_b * 1e9)
-        info.setdefault("gradient_bytes", {})[s.id] = cluster_plan.gradient_bytes(step, trainable)
+        grads = {**(grads or {}), s.id: cluster_plan.gradient_bytes(step, trainable)}
+    c.cluster_info = dataclasses.replace(info, nodes_used=max(info.nodes_used, step.nodes), gradient_bytes=grads)
 
 
 def _plaintext_docker_warnings(machine: Machine) -> list[str]:

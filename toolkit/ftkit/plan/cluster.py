@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ftkit.plan.spec import NodeSpec
+from ftkit.plan.spec import ClusterInfo, ClusterNode, NodeSpec
 from ftkit.recipe.models import Cluster, TrainStep
 
 if TYPE_CHECKING:
@@ -119,16 +119,13 @@ def node_specs(step: ResolvedTrainStep, cluster: Cluster, *, argv: list[str], ru
     return out
 
 
-def summary(cluster: Cluster, nodes: int) -> dict[str, Any]:
-    """What the plan shows about the cluster (Plan.cluster)."""
+def summary(cluster: Cluster, nodes: int) -> ClusterInfo:
+    """What the plan shows about the cluster (Plan.cluster), for a step on `nodes` nodes."""
     host, port = rendezvous_endpoint(cluster)
-    return {
-        "nodes": [{"name": n.name, "address": n.address, "docker_host": n.docker_host, "gpus": list(n.gpus),
-                   "manual": n.manual} for n in cluster.nodes[:nodes]],
-        "rendezvous": f"{host}:{port}",
-        "network": cluster.network,
-        "shared": cluster.shared,
-    }
+    return ClusterInfo(
+        nodes=[ClusterNode(name=n.name, address=n.address, docker_host=n.docker_host, gpus=list(n.gpus),
+                           manual=n.manual) for n in cluster.nodes[:nodes]],
+        rendezvous=f"{host}:{port}", network=cluster.network, shared=cluster.shared, nodes_used=nodes)
 
 
 # --------------------------------------------------------------------------- expected scaling

@@ -15,10 +15,23 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from ftkit.plan.memory import FitEstimate
 from ftkit.plan.power import GpuDraw, PsuBudget
+
+
+class PlanPart:
+    """A frozen part of a plan or step that plan.json holds as an object of its fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(typing.cast(Any, self))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Self:
+        """Built from plan.json's object; a missing field or a non-object is located at `where`."""
+        return typing.cast(Self, _build(cls, data, where))
+
 
 # What a step does (the runner and the renderers branch on it) and who runs it.
 StepKind = Literal["power", "power-restore", "handoff-stop", "handoff-start", "tiny-model", "train", "merge",
@@ -83,7 +96,7 @@ class NodeSpec:
 
 
 @dataclass(frozen=True)
-class Ready:
+class Ready(PlanPart):
     """How ftkit knows a server answers and how its clients reach it (a serve step's; a
     load-adapter step's is its server's, with the adapter's name and its own timeout)."""
 
@@ -96,16 +109,10 @@ class Ready:
     host: str = "127.0.0.1"  # the address the port is published (or bound) on
     adapters: list[str] = field(default_factory=list)  # LoRA adapters the server starts with
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "ready") -> Ready:
-        return typing.cast(Ready, _build(cls, data, where))
 
 
 @dataclass(frozen=True)
-class LoadRequest:
+class LoadRequest(PlanPart):
     """The request a load-adapter step sends to its server's vLLM (ftkit sends it itself)."""
 
     server: str | None  # the serve step whose engine gets the adapter
@@ -114,16 +121,10 @@ class LoadRequest:
     body: dict[str, Any]  # vLLM's /v1/load_lora_adapter body: lora_name, lora_path, load_inplace
     adapter_dir: str  # the adapter, relative to the run directory (checked before the request)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "request") -> LoadRequest:
-        return typing.cast(LoadRequest, _build(cls, data, where))
 
 
 @dataclass(frozen=True)
-class DockerSettings:
+class DockerSettings(PlanPart):
     """The machine's Docker settings a docker plan runs with: the engine, and how a missing
     image is built (the same flags `ftkit build` takes)."""
 
@@ -139,28 +140,72 @@ class DockerSettings:
         return [(f"--{k.replace('_', '-')}", str(v)) for k, v in
                 (("base_image", self.base_image), ("wheelhouse", self.wheelhouse), ("ca_bundle", self.ca_bundle)) if v]
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "docker") -> DockerSettings | None:
-        """{} (a plan for the local executor) is None."""
-        return typing.cast(DockerSettings, _build(cls, data, where)) if data else None
 
 
 @dataclass(frozen=True)
-class TelemetrySettings:
+class TelemetrySettings(PlanPart):
     """GPU and host samples beside every GPU step (telemetry.csv)."""
 
     enabled: bool = True
     interval_s: float = 1.0
 
+
+@dataclass(frozen=True)
+class ClusterNode(PlanPart):
+    """A node of the machine's cluster that the plan trains on."""
+
+    name: str
+    address: str
+    docker_host: str | None
+    gpus: list[int]
+    manual: bool
+
+
+@dataclass(frozen=True)
+class Allreduce(PlanPart):
+    """The cluster's last `ftkit bench --allreduce` (observe.allreduce wrote it)."""
+
+    file: str
+    taken: Any  # as the file says (a time, the backend, the processes): shown, never computed with
+    backend: Any
+    world_size: Any
+    results: list[Any]  # one row per message size: bytes, algbw_gbps, busbw_gbps
+
+
+@dataclass(frozen=True)
+class ClusterInfo(PlanPart):
+    """What a multi-node plan shows about the cluster: its nodes and rendezvous, the bytes
+    each multi-node step all-reduces per optimizer step, and what the last measured
+    all-reduce means for them (run.planning adds that: it reads a file)."""
+
+    nodes: list[ClusterNode]
+    rendezvous: str  # host:port of the c10d store
+    network: str
+    shared: str | None
+    nodes_used: int
+    gradient_bytes: dict[str, int] | None = None  # per step; None without the model's figures
+    allreduce: Allreduce | None = None  # None: not measured yet
+    expected_scaling: dict[str, dict[str, Any]] | None = None  # per step, from the measured all-reduce
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """plan.json's shape: the scaling keys only where there are gradient bytes to scale
+        (allreduce then says null when unmeasured), expected_scaling only once measured."""
+        d = asdict(self)
+        if self.gradient_bytes is None:
+            del d["gradient_bytes"], d["allreduce"]
+        if self.expected_scaling is None:
+            del d["expected_scaling"]
+        return d
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "telemetry") -> TelemetrySettings:
-        return typing.cast(TelemetrySettings, _build(cls, data or {}, where))
+    def from_dict(cls, data: Any, where: str) -> Self:
+        if not isinstance(data, dict):
+            raise PlanFormatError(f"{where}: expected an object, got {_kind(data)}")
+        d = dict(data)
+        d["nodes"] = [ClusterNode.from_dict(n, f"{where}.nodes[{i}]") for i, n in enumerate(_items(d, "nodes", where))]
+        if d.get("allreduce") is not None:
+            d["allreduce"] = Allreduce.from_dict(d["allreduce"], f"{where}.allreduce")
+        return typing.cast(Self, _build(cls, d, where))
 
 
 def run_label(run_dir: str) -> str:
@@ -230,12 +275,13 @@ class Plan:
     docker: DockerSettings | None = None  # a docker plan's; plan.json writes None as {}
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     simulated_gpus: list[str] | None = None  # GPU names of a simulated machine (no GPU exists)
-    cluster: dict[str, Any] = field(default_factory=dict)  # nodes, rendezvous, shared path, measured all-reduce
+    cluster: ClusterInfo | None = None  # a multi-node plan's; plan.json writes None as {}
     local_vllm: bool = False  # vLLM is installed in `python` (what engine auto saw for the local executor)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["docker"] = d["docker"] or {}
+        d["cluster"] = self.cluster.to_dict() if self.cluster is not None else {}
         return d
 
     @property
@@ -267,8 +313,9 @@ class Plan:
         d["fit"] = {k: [_build(FitEstimate, e, f"fit.{k}[{i}]") for i, e in enumerate(v)] for k, v in fit.items()}
         d["psu"] = _budget(d.get("psu"), "psu")
         d["psu_uncapped"] = _budget(d.get("psu_uncapped"), "psu_uncapped")
-        d["docker"] = DockerSettings.from_dict(d.get("docker"))
-        d["telemetry"] = TelemetrySettings.from_dict(d.get("telemetry"))
+        d["docker"] = DockerSettings.from_dict(d["docker"], "docker") if d.get("docker") else None  # {}: local
+        d["telemetry"] = TelemetrySettings.from_dict(d.get("telemetry") or {}, "telemetry")
+        d["cluster"] = ClusterInfo.from_dict(d["cluster"], "cluster") if d.get("cluster") else None  # {}: one node
         plan = _build(cls, d, "")
         for f in dataclasses.fields(cls):
             if f.name not in ("fit", "psu", "psu_uncapped"):  # informational; built above

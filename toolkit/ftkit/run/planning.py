@@ -9,6 +9,7 @@ lease directory) and this checkout's image tags, and hands plain values to the p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -237,23 +238,26 @@ def plan_for(res: Resolved, *, run_dir: str | None, executor: str | None = None)
 def _expected_scaling(plan: Plan, machine: Machine) -> None:
     """A multi-node plan shows what the cluster's last `ftkit bench --allreduce` means for
     each of its multi-node steps (plan.cluster.expected_scaling)."""
-    grads = plan.cluster.get("gradient_bytes") if plan.cluster else None
-    if not grads:
+    info = plan.cluster
+    grads = info.gradient_bytes if info is not None else None
+    if info is None or not grads:
         return
     from ftkit.plan import cluster
+    from ftkit.plan.spec import Allreduce
 
     path = runs_root(machine) / cluster.ALLREDUCE_FILE.format(machine=machine.name)
     try:
         measured = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        plan.cluster["allreduce"] = None
+        plan.cluster = dataclasses.replace(info, allreduce=None)
         return
     if not isinstance(measured, dict) or measured.get("ftkit_allreduce") != cluster.ALLREDUCE_FORMAT:
-        plan.cluster["allreduce"] = None
+        plan.cluster = dataclasses.replace(info, allreduce=None)
         return
-    plan.cluster["allreduce"] = {"file": str(path), "taken": measured.get("taken"), "backend": measured.get("backend"),
-                                 "world_size": measured.get("world_size"), "results": measured.get("results", [])}
-    plan.cluster["expected_scaling"] = {sid: cluster.expected_scaling(int(b), measured) for sid, b in grads.items()}
+    plan.cluster = dataclasses.replace(
+        info, allreduce=Allreduce(file=str(path), taken=measured.get("taken"), backend=measured.get("backend"),
+                                  world_size=measured.get("world_size"), results=measured.get("results", [])),
+        expected_scaling={sid: cluster.expected_scaling(int(b), measured) for sid, b in grads.items()})
 
 
 def prepare(recipe_path: str, machine_path: str | None, *, run_dir: str | Callable[[Resolved], str] | None = None,
