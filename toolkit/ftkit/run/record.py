@@ -95,10 +95,9 @@ class _Record:
                 values["nulls"].add(key)
             elif check[0](value):
                 values[key] = value
-            elif strict:
+            elif problems is None:
                 raise RecordFormatError(f"{path}{key}: expected {check[1]}, got {kind(value)}")
             else:
-                assert problems is not None
                 problems.append(f"{where}: {key} is {kind(value)}, not {check[1]} (left out)")
         return values
 

@@ -2,7 +2,9 @@
 
 runs/<UTC timestamp>-<name>/ holds the resolved recipe, the plan, the command line, the
 environment, the journal (state.json: each step's status and times, rewritten atomically
-on every change) and one log per step. Engines write their outputs under steps/<name>/.
+on every change; its type is run/record.py's RunState) and one log per step. Engines write
+their outputs under steps/<name>/. `ftkit up` reserves the directory while it plans
+(`Reservation`).
 
 `ftkit up --resume` executes the stored plan.json, so a run directory is trusted only when
 nobody but its owner can write it (`check_resumable`): the directory, plan.json and
