@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +19,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import RECIPES, run_label
+from tests.conftest import run_label
+from tests.e2e_inputs import BASE, CA, WHEELHOUSE, free_port, quickstart_data, tiny
 
 GPUS = "RTX 4090,RTX 3090 Ti"
 ORIGINALS = {0: 450.0, 1: 350.0}
-BASE = os.environ.get("FTKIT_TEST_BASE_IMAGE", "ftkit-test/bookworm-python:latest")
-WHEELHOUSE = os.environ.get("FTKIT_TEST_WHEELHOUSE", "/opt/wheels")
-CA = os.environ.get("FTKIT_TEST_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
 
 STANDIN = r'''
 import http.server, json, sys
@@ -39,12 +35,6 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def answers(port: int, path: str = "/health", timeout: float = 1.0) -> bool:
@@ -78,8 +68,7 @@ class Machine:
             f"paths: {{lease: {self.lease}}}\n"
             "gpus:\n  - {index: 0, model: RTX 4090}\n  - {index: 1, model: RTX 3090 Ti}\n"
             f"serving: {{service: previous-model, manager: compose, gpus: [0], port: {self.service_port}}}\n")
-        (tmp / "data").mkdir(exist_ok=True)  # recipe paths may not climb out of the recipe's directory
-        shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", tmp / "data" / "quickstart-train.jsonl")
+        quickstart_data(tmp / "data" / "quickstart-train.jsonl")
         data = "data"
         serve_step = f"""
   - type: serve
@@ -95,7 +84,7 @@ class Machine:
         self.recipe.write_text(f"""ftkit: 1
 name: faults
 model:
-  tiny: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, vocab_size: 300}}
+  tiny: {tiny()}
   dtype: fp32
 dataset:
   path: {data}/quickstart-train.jsonl

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -30,40 +29,13 @@ from tests.conftest import missing, require
 
 require("trl")
 
-from tests.conftest import RECIPES  # noqa: E402
+from tests.e2e_inputs import free_port, lora_recipe, quickstart_data  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS = 4
 SIMULATED = "RTX 4090,RTX 4090"
 TOLERANCE = 1e-3
 
-RECIPE = """\
-ftkit: 1
-name: {name}
-model:
-  tiny: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, vocab_size: 300, initializer_range: 0.1}}
-  dtype: fp32
-dataset: {{path: data/quickstart-train.jsonl, format: alpaca, template: alpaca}}
-steps:
-  - type: train
-    method: lora
-    lora: {{r: 8, alpha: 16, dropout: 0.0}}
-    max_steps: {steps}
-    learning_rate: 0.003
-    warmup_ratio: 0.0
-    batch_size: {batch}
-    grad_accum: 2
-    seq_len: 96
-    precision: fp32
-    gradient_checkpointing: false
-    optimizer: adamw_torch
-    seed: 7
-    distribution: {distribution}
-    cpu_offload: {offload}
-    gpus: {gpus}
-    checkpoint: {{every_steps: 2, keep_last: 2, keep_best: false}}
-    logging_steps: 1
-"""
 MACHINE = """\
 ftkit: 1
 kind: machine
@@ -76,12 +48,6 @@ executor: local
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def plan_and_run(work: Path, name: str, *, distribution: str, offload: bool, batch: int, gpus: list[int],
                  model: Path | None, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any, Path]:
     """Plan the recipe for the simulated machine, write the plan's files, run its tiny-model
@@ -89,10 +55,10 @@ def plan_and_run(work: Path, name: str, *, distribution: str, offload: bool, bat
     from ftkit.run.planning import prepare
 
     src = work / name
-    (src / "data").mkdir(parents=True)
-    shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", src / "data")
-    (src / "recipe.yaml").write_text(RECIPE.format(name=name, steps=STEPS, batch=batch, distribution=distribution,
-                                                   offload=str(offload).lower(), gpus=gpus))
+    quickstart_data(src / "data" / "quickstart-train.jsonl")
+    (src / "recipe.yaml").write_text(lora_recipe(name, steps=STEPS, batch=batch, distribution=distribution, every=2,
+                                                 logging_steps=1, optimizer="adamw_torch", cpu_offload=offload,
+                                                 gpus=gpus))
     (work / "machine.yaml").write_text(MACHINE)
     run = work / "runs" / name
     monkeypatch.setenv("FTKIT_SIMULATED_GPUS", SIMULATED)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,43 +42,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RECIPES, run_ftkit, run_label
+from tests.conftest import run_ftkit, run_label
+from tests.e2e_inputs import build_args, docker_lines, lora_recipe, quickstart_data
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-BASE = os.environ.get("FTKIT_TEST_BASE_IMAGE", "ftkit-test/bookworm-python:latest")
-WHEELHOUSE = os.environ.get("FTKIT_TEST_WHEELHOUSE", "/opt/wheels")
-CA = os.environ.get("FTKIT_TEST_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
 TOLERANCE = 1e-3
 STEPS = 60
 CKPT_EVERY = 10
-
-RECIPE = """\
-ftkit: 1
-name: {name}
-model:
-  tiny: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, vocab_size: 300, initializer_range: 0.1}}
-  dtype: fp32
-dataset: {{path: data/quickstart-train.jsonl, format: alpaca, template: alpaca}}
-steps:
-  - type: train
-    method: lora
-    lora: {{r: 8, alpha: 16, dropout: 0.0}}
-    max_steps: {steps}
-    learning_rate: 0.003
-    warmup_ratio: 0.0
-    batch_size: {batch}
-    grad_accum: 2
-    seq_len: 96
-    precision: fp32
-    gradient_checkpointing: false
-    seed: 7
-    distribution: {distribution}
-    nodes: {nodes}
-    checkpoint: {{every_steps: {every}, keep_last: 2, keep_best: false}}
-    logging_steps: 5
-"""
-
 
 @pytest.fixture(scope="session")
 def train_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -93,12 +63,7 @@ def train_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield Path(given)
         return
     lock = tmp_path_factory.mktemp("mn-images") / "images.lock.json"
-    args = ["build", "--image", "train", "--variant", "cpu", "--base-image", BASE, "--images-lock", str(lock)]
-    if Path(CA).is_file():
-        args += ["--ca-bundle", CA]
-    if Path(WHEELHOUSE).is_dir():
-        args += ["--wheelhouse", WHEELHOUSE]
-    proc = run_ftkit(*args, timeout=1500)
+    proc = run_ftkit(*build_args("--image", "train", "--variant", "cpu", "--images-lock", str(lock)), timeout=1500)
     assert proc.returncode == 0, proc.stderr[-5000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("ftkit/train:"))
     tag = line.split()[0].rstrip(":")
@@ -121,8 +86,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, train_image: Path) -> Any:
     work = tmp_path_factory.mktemp("multinode")
     shared = work / "shared"
     (shared / "runs").mkdir(parents=True)
-    (work / "data").mkdir()
-    shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", work / "data")
+    quickstart_data(work / "data" / "quickstart-train.jsonl")
     profile = work / "cluster.yaml"
     profile.write_text(profile_text(shared, net, train_image))
     try:
@@ -136,12 +100,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, train_image: Path) -> Any:
 
 def profile_text(shared: Path, net: str, lock: Path, node_b_env: str = "") -> str:
     lines = ["ftkit: 1", "kind: machine", "name: two-containers", "executor: docker",
-             f"paths: {{runs: {shared / 'runs'}}}",
-             "docker:", f"  base_image: {BASE}", "  build_missing: false", f"  images_lock: {lock}"]
-    if Path(WHEELHOUSE).is_dir():
-        lines.append(f"  wheelhouse: {WHEELHOUSE}")
-    if Path(CA).is_file():
-        lines.append(f"ca_bundle: {CA}")
+             f"paths: {{runs: {shared / 'runs'}}}", *docker_lines(f"images_lock: {lock}")]
     lines += ["cluster:", f"  shared: {shared}", f"  network: {net}", "  interface: eth0",
               "  rendezvous: {port: 29400, join_timeout_s: 120}", "  nodes:",
               "    - {name: node-a, address: node-a, env: {OMP_NUM_THREADS: '1'}}",
@@ -151,8 +110,8 @@ def profile_text(shared: Path, net: str, lock: Path, node_b_env: str = "") -> st
 
 def recipe(work: Path, name: str, *, nodes: int, steps: int = STEPS) -> Path:
     path = work / f"{name}.yaml"
-    path.write_text(RECIPE.format(name=name, steps=steps, every=CKPT_EVERY, nodes=nodes,
-                                  batch=4 if nodes == 2 else 8, distribution="ddp" if nodes == 2 else "single"))
+    path.write_text(lora_recipe(name, steps=steps, every=CKPT_EVERY, logging_steps=5, nodes=nodes,
+                                batch=4 if nodes == 2 else 8, distribution="ddp" if nodes == 2 else "single"))
     return path
 
 

@@ -19,7 +19,8 @@ from tests.conftest import require
 require("trl")
 
 from tests.conftest import RECIPES, run_ftkit, run_label  # noqa: E402
-from tests.integration.conftest import BASE, CA, WHEELHOUSE, machine_profile  # noqa: E402
+from tests.e2e_inputs import BASE, build_args  # noqa: E402
+from tests.integration.conftest import machine_profile  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -36,12 +37,7 @@ def quantize_image(cpu_images, tmp_path_factory: pytest.TempPathFactory):  # typ
     built = dk.image_attrs(tag) is None
     if built:
         lock = tmp_path_factory.mktemp("quantize-lock") / "images.lock.json"  # not the checkout's
-        args = ["build", "--image", "quantize", "--variant", "cpu", "--base-image", BASE, "--images-lock", str(lock)]
-        if Path(CA).is_file():
-            args += ["--ca-bundle", CA]
-        if Path(WHEELHOUSE).is_dir():
-            args += ["--wheelhouse", WHEELHOUSE]
-        proc = run_ftkit(*args, timeout=2400)
+        proc = run_ftkit(*build_args("--image", "quantize", "--variant", "cpu", "--images-lock", str(lock)), timeout=2400)
         assert proc.returncode == 0, proc.stderr[-5000:]
     yield tag
     if built and os.environ.get("FTKIT_KEEP_TEST_IMAGES") != "1":

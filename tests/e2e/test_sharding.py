@@ -16,7 +16,8 @@ from tests.conftest import require
 
 require("trl")
 
-from tests.e2e.faultkit import Machine, answers, free_port  # noqa: E402
+from tests.e2e.faultkit import Machine, answers  # noqa: E402
+from tests.e2e_inputs import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
