@@ -47,6 +47,7 @@ from ftkit.recipe.models import (
     Recipe,
     ServeStep,
     Serving,
+    TinyModel,
     TrainStep,
 )
 from ftkit.recipe.resolve import Resolved, ResolvedQuantizeStep, ResolvedServeStep, ResolvedTrainStep
@@ -297,7 +298,7 @@ def build_plan(
                  executor=executor or res.machine.executor, lease_dir=lease_dir, simulated_gpus=simulated_gpus,
                  simulated_state=simulated_state, vllm_local=vllm_local)
     if c.recipe.model.tiny is not None:
-        _plan_tiny_model(c)
+        _plan_tiny_model(c, c.recipe.model.tiny)
     for step in c.recipe.steps:
         PLANNERS[step.type](c, step, step.name or step.type)
     _finish(c)
@@ -378,10 +379,8 @@ def _context(res: Resolved, *, run_dir: str, python: str, images: dict[str, str]
 # --------------------------------------------------------------------------- one planner per step type
 
 
-def _plan_tiny_model(c: PlanContext) -> None:
+def _plan_tiny_model(c: PlanContext, tiny: TinyModel) -> None:
     """A tiny recipe's first step: its base model, generated (no download)."""
-    tiny = c.recipe.model.tiny
-    assert tiny is not None  # only called for a tiny recipe
     tiny_cfg = {"tiny": tiny.model_dump(), "dataset": _dataset_cfg(c), "output_dir": c.places.run("model")}
     c.add(StepSpec(
         id="tiny-model",
