@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ftkit.errors import UserError
-from ftkit.observe import scaling
+from ftkit.observe import bench, scaling
 from ftkit.observe.scaling import FIX, KEEP, NONE, SIMPLIFY, STOP, Measure, Thresholds, decide
 from tests.conftest import RECIPES, run_cli
 
@@ -34,10 +34,10 @@ def _resolved(recipe: Path, machine: Path) -> Any:
 
 
 def test_gpu_sets_are_parsed_strictly() -> None:
-    assert scaling.parse_gpu_sets(["0", "0,1"]) == [[0], [0, 1]]
+    assert bench.parse_gpu_sets(["0", "0,1"]) == [[0], [0, 1]]
     for bad in (["0"], ["0", "x"], ["0", "0,0"], ["0,1", "1,0"], ["0", ""], ["0", "-1"]):
         with pytest.raises(UserError):
-            scaling.parse_gpu_sets(bad)
+            bench.parse_gpu_sets(bad)
 
 
 def test_variants_keep_the_global_batch_and_drop_what_is_not_measured(tmp_path: Path,
@@ -45,7 +45,7 @@ def test_variants_keep_the_global_batch_and_drop_what_is_not_measured(tmp_path: 
     for k, v in SIM.items():
         monkeypatch.setenv(k, v)
     res = _resolved(RECIPES / "quickstart.yaml", _machine(tmp_path))  # batch 16, 1 GPU: global 16
-    ti, vs = scaling.make_variants(res, [[0], [0, 1]], max_steps=30)
+    ti, vs = bench.make_variants(res, [[0], [0, 1]], max_steps=30)
     one, two = vs
     assert (one.distribution, one.batch_size, one.grad_accum) == ("single", 16, 1)
     assert (two.distribution, two.batch_size, two.grad_accum) == ("ddp", 8, 1)
@@ -59,9 +59,9 @@ def test_variants_keep_the_global_batch_and_drop_what_is_not_measured(tmp_path: 
         assert t.seed == res.recipe.steps[ti].seed and t.learning_rate == res.recipe.steps[ti].learning_rate
     assert res.recipe.steps[ti].gpus == [0]  # the resolved recipe itself is untouched
     with pytest.raises(UserError, match="does not split evenly over 3 GPUs"):
-        scaling.make_variants(res, [[0], [0, 1, 2]], max_steps=30)
+        bench.make_variants(res, [[0], [0, 1, 2]], max_steps=30)
     with pytest.raises(UserError, match="GPU 5 is not on machine"):
-        scaling.make_variants(res, [[0], [0, 5]], max_steps=30)
+        bench.make_variants(res, [[0], [0, 5]], max_steps=30)
 
 
 def test_a_two_gpu_recipe_scaled_down_keeps_its_global_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +70,7 @@ def test_a_two_gpu_recipe_scaled_down_keeps_its_global_batch(tmp_path: Path, mon
     res = _resolved(RECIPES / "llama31-8b-lora-2gpu.yaml", _machine(tmp_path))
     t = next(s for s in res.recipe.steps if s.type == "train")
     g = t.batch_size * t.grad_accum * len(t.gpus)
-    _, (one, two) = scaling.make_variants(res, [[0], [0, 1]], max_steps=40)
+    _, (one, two) = bench.make_variants(res, [[0], [0, 1]], max_steps=40)
     assert one.batch_size * one.grad_accum == g and two.batch_size * two.grad_accum * 2 == g
     assert one.batch_size <= t.batch_size and two.distribution == t.distribution
 
@@ -223,7 +223,7 @@ def _repeats(label: str, rates: list[float], runtime: float = 120.0) -> Measure:
     gpus = [int(x) for x in label.split(",")]
     runs = [Measure(label, gpus, f"/runs/{label}-{i}", "succeeded", steps=100, samples_per_s=r,
                     train_runtime_s=runtime + i, telemetry_source="nvml") for i, r in enumerate(rates)]
-    return scaling._median_measure(runs)
+    return scaling.median_measure(runs)
 
 
 def test_repeats_carry_their_spread_and_shortest_run() -> None:
@@ -343,12 +343,12 @@ def test_a_set_with_a_failed_repeat_is_failed() -> None:
                     telemetry_source="nvml", message=msg)
             for i, (status, r, msg) in enumerate([("succeeded", 18.0, None), ("failed", None, "NCCL timeout"),
                                                    ("succeeded", 18.2, None)])]
-    big = scaling._median_measure(runs)
+    big = scaling.median_measure(runs)
     assert big.status == "failed" and big.runs == 3 and big.message == "repeat 2 of 3: NCCL timeout"
     d = _decide(base, big)
     assert (d.choice, d.rule) == (FIX, 2) and "repeat 2 of 3: NCCL timeout" in d.reason, d
     # the baseline likewise (rule 1), also when a repeat finished without a throughput
-    flaky = scaling._median_measure([dataclasses.replace(runs[0], label="0", gpus=[0]),
+    flaky = scaling.median_measure([dataclasses.replace(runs[0], label="0", gpus=[0]),
                                      dataclasses.replace(runs[0], label="0", gpus=[0], samples_per_s=None)])
     d = _decide(flaky, _repeats("0,1", [18.0, 18.1]))
     assert (d.choice, d.rule) == (FIX, 1) and "repeat 2 of 2: it recorded no samples/s" in d.reason, d
@@ -357,10 +357,10 @@ def test_a_set_with_a_failed_repeat_is_failed() -> None:
 def test_gpu_sets_of_one_size_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--gpus 0 --gpus 1 compared one GPU with one GPU and kept "the multi-GPU plan"."""
     with pytest.raises(UserError, match="the sets given all have 1 GPU"):
-        scaling.parse_gpu_sets(["0", "1"])
+        bench.parse_gpu_sets(["0", "1"])
     with pytest.raises(UserError, match="all have 2 GPU"):
-        scaling.parse_gpu_sets(["0,1", "2,3"])
-    assert scaling.parse_gpu_sets(["0", "1", "0,1"]) == [[0], [1], [0, 1]]
+        bench.parse_gpu_sets(["0,1", "2,3"])
+    assert bench.parse_gpu_sets(["0", "1", "0,1"]) == [[0], [1], [0, 1]]
     for k, v in SIM.items():
         monkeypatch.setenv(k, v)
     res = run_cli("bench", str(RECIPES / "quickstart.yaml"), "--machine", str(_machine(tmp_path)), "--gpus", "0",
@@ -398,7 +398,7 @@ def test_a_dry_run_returns_the_same_type_as_a_bench(tmp_path: Path, monkeypatch:
     """run_bench returns a BenchResult either way: a dry run's has the variants and no decision."""
     for k, v in SIM.items():
         monkeypatch.setenv(k, v)
-    result = scaling.run_bench(str(RECIPES / "quickstart.yaml"), str(_machine(tmp_path)), ["0", "0,1"],
+    result = bench.run_bench(str(RECIPES / "quickstart.yaml"), str(_machine(tmp_path)), ["0", "0,1"],
                                max_steps=12, out_dir=tmp_path / "b", dry_run=True)
-    assert isinstance(result, scaling.BenchResult) and result.decision is None and not result.measures
+    assert isinstance(result, bench.BenchResult) and result.decision is None and not result.measures
     assert [v.label for v in result.variants] == ["0", "0,1"] and not (tmp_path / "b").exists()

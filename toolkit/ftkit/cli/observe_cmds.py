@@ -179,14 +179,15 @@ def bench(recipe: str, gpu_sets: tuple[str, ...], allreduce: bool, sizes: str | 
         return
     if not gpu_sets:
         raise click.UsageError("give the GPU sets to compare (--gpus 0 --gpus 0,1), or --allreduce")
+    from ftkit.observe import bench as bench_runs
     from ftkit.observe import scaling
 
     th = scaling.Thresholds(keep_efficiency=keep_efficiency, min_seconds=min_seconds, max_spread=max_spread)
-    result = scaling.run_bench(recipe, machine_path, list(gpu_sets), max_steps=max_steps, out_dir=out_dir,
+    result = bench_runs.run_bench(recipe, machine_path, list(gpu_sets), max_steps=max_steps, out_dir=out_dir,
                                executor=executor, th=th, bottleneck=bottleneck, repeat=repeat, echo=verbose,
                                dry_run=dry_run, simulate=simulate, say=lambda m: click.echo(m, err=True))
     if result.decision is None:  # --dry-run: the variants, nothing ran
-        click.echo(scaling.describe_variants(result.variants))
+        click.echo(bench_runs.describe_variants(result.variants))
         return
     for m in result.measures:
         took = m.shortest_s()
