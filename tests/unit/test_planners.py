@@ -101,3 +101,14 @@ def test_a_multi_node_plan_reads_back_with_its_cluster() -> None:
     assert "expected_scaling" not in data["cluster"]
     assert json.loads(json.dumps(plan.to_dict())) == data
     assert _plan("cpu.yaml").to_dict()["cluster"] == {}
+
+
+def test_a_plan_json_written_before_max_steps_takes_it_from_the_train_config() -> None:
+    # runs made before StepSpec.max_steps still show their progress and resume with it
+    data = _plan("cpu.yaml").to_dict()
+    for step in data["steps"]:
+        del step["max_steps"]
+    old = Plan.from_dict(json.loads(json.dumps(data)))
+    train = next(s for s in old.steps if s.kind == "train")
+    assert train.max_steps and train.max_steps == _plan("cpu.yaml").step(train.id).max_steps
+    assert all(s.max_steps is None for s in old.steps if s.kind != "train")

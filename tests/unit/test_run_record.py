@@ -111,7 +111,7 @@ def test_status_of_a_running_train_step_shows_its_progress_from_the_typed_plan(t
     from ftkit.procs import process_start
     from ftkit.run import runner
 
-    train = step("train", "print(1)", kind="train", outputs={"metrics": "steps/train/metrics.jsonl"},
+    train = step("train", "print(1)", kind="train", outputs={"metrics": "steps/train/metrics.jsonl"}, max_steps=40,
                  files=[GeneratedFile("configs/train-train.json", json.dumps({"train": {"max_steps": 40}}))])
     plan = plan_of(tmp_path, train)
     run = runner.create_run(tmp_path / "run", plan, {"name": "t"}, ["ftkit", "up", "t.yaml"]).path

@@ -14,7 +14,7 @@ from ftkit.cli.params import CheckedPath
 from ftkit.errors import FtkitError, UserError
 
 if TYPE_CHECKING:
-    from ftkit.plan.spec import Plan, StepSpec
+    from ftkit.plan.spec import Plan
 
 
 def _runs_root(runs_dir: Path | None, machine_path: str | None) -> Path:
@@ -224,23 +224,9 @@ def _running_note(run: Path, sid: str, started: str | None) -> str:
     spec = next((s for s in plan.steps if s.id == sid), None) if plan is not None else None
     metrics = spec.outputs.get("metrics") if spec is not None else None
     if metrics is not None:  # a train step (Plan.from_dict checked the path stays inside the run)
-        p = latest_progress(run / metrics, _max_steps_of(spec))
+        p = latest_progress(run / metrics, spec.max_steps)
         parts.append(progress_text(p) if p is not None else "no training step logged yet")
     return "; ".join(parts)
-
-
-def _max_steps_of(spec: StepSpec) -> int | None:
-    """max_steps from a train step's generated engine config in plan.json (None: by epochs)."""
-    from ftkit.files import parse_json
-
-    for f in spec.files:
-        if f.path.startswith("configs/train-"):
-            try:
-                value = parse_json(f.content)["train"].get("max_steps")  # bounded: never a RecursionError
-            except (ValueError, KeyError, TypeError, AttributeError):
-                return None
-            return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-    return None
 
 
 def _lease_lines(plan: Plan | None) -> None:

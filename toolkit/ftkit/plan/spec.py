@@ -320,6 +320,9 @@ class Plan:
         for f in dataclasses.fields(cls):
             if f.name not in ("fit", "psu", "psu_uncapped"):  # informational; built above
                 _expect(getattr(plan, f.name), _hints(cls)[f.name], f.name)
+        for raw, step in zip(steps, plan.steps, strict=True):
+            if isinstance(raw, dict) and "max_steps" not in raw:  # a plan.json written before the field
+                step.max_steps = _max_steps_in_config(step)
         ids = [s.id for s in plan.steps]
         for i, step in enumerate(plan.steps):
             where = f"steps[{i}]"
@@ -335,6 +338,21 @@ class Plan:
                 if not SAFE_NAME.fullmatch(node.name):
                     raise PlanFormatError(f"{where}.nodes[{j}].name: {node.name!r} is not a node name")
         return plan
+
+
+def _max_steps_in_config(step: StepSpec) -> int | None:
+    """A train step's step limit from its generated engine config, for a plan.json older than
+    StepSpec.max_steps (its run can still be resumed and shown with its progress)."""
+    import json
+
+    for f in step.files:
+        if f.path.startswith("configs/train-"):
+            try:
+                value = json.loads(f.content)["train"].get("max_steps")
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                return None
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return None
 
 
 class PlanFormatError(ValueError):
