@@ -2,7 +2,8 @@
 serve/vllm-cpu), built once.
 
 The build flags are the ones tests/integration/test_images.py uses (local base image, CA
-bundle, wheelhouse), so the tags are the same; a build whose tags exist is a no-op. A
+bundle, wheelhouse: tests/e2e_inputs.py), so the tags are the same; a build whose tags exist
+is a no-op, and test_images.py checks the build this fixture made rather than repeating it. A
 machine profile with the same `docker:` settings plans exactly these tags (see
 `test_machine`). Images this fixture built are removed at the end of the session
 (FTKIT_KEEP_TEST_IMAGES=1 keeps them); images that were there before are left alone.
@@ -10,18 +11,21 @@ machine profile with the same `docker:` settings plans exactly these tags (see
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_ftkit
+from tests.e2e_inputs import BASE, CA, build_args, docker_lines
 
-BASE = os.environ.get("FTKIT_TEST_BASE_IMAGE", "ftkit-test/bookworm-python:latest")
-WHEELHOUSE = os.environ.get("FTKIT_TEST_WHEELHOUSE", "/opt/wheels")
-CA = os.environ.get("FTKIT_TEST_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+CANARY = "hf_ftkitCanaryTokenThatMustNeverLand0123"  # HF_TOKEN of every test build: no layer may hold it
 
 
 @dataclass
@@ -29,16 +33,30 @@ class CpuImages:
     train: str
     serve: str
     exact: bool = True  # False: given by FTKIT_TEST_STACK_IMAGES, not this checkout's tags
+    # When this session built both (HF_TOKEN=CANARY, the flags test_images.py uses): the build's
+    # stdout and its images lock, which test_images.py checks instead of building them again
+    built_stdout: str | None = None
+    lock: Path | None = None
 
 
-def machine_profile(path: Path, name: str, extra: str = "") -> Path:
-    """A machine profile whose image tags are the ones `cpu_images` builds."""
+@lru_cache(maxsize=1)
+def hf_cache() -> Path:
+    """One Hugging Face cache for every docker machine profile of the session (removed at its
+    end). The plan mounts it and points VLLM_CACHE_ROOT into it, so vLLM's model-class
+    inspection - a subprocess that imports vLLM and the model, 6-9 s of every cold start on
+    two cores - runs once per session, not once per server start."""
+    path = Path(tempfile.mkdtemp(prefix="ftkit-test-hf-cache-"))
+    path.chmod(0o777)  # containers run as the host user; a root-owned machine is the same
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def machine_profile(path: Path, name: str, extra: str = "", paths: dict[str, Path] | None = None) -> Path:
+    """A machine profile whose image tags are the ones `cpu_images` builds, on the session's
+    Hugging Face cache (`paths` adds to the profile's paths)."""
+    places = {"hf_cache": hf_cache(), **(paths or {})}
     lines = ["ftkit: 1", "kind: machine", f"name: {name}", "executor: docker",
-             "docker:", f"  base_image: {BASE}", "  build_missing: false"]
-    if Path(WHEELHOUSE).is_dir():
-        lines.append(f"  wheelhouse: {WHEELHOUSE}")
-    if Path(CA).is_file():
-        lines.append(f"ca_bundle: {CA}")
+             "paths: {" + ", ".join(f"{k}: {v}" for k, v in places.items()) + "}", *docker_lines()]
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
 
@@ -64,14 +82,10 @@ def cpu_images(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
                          serve=builder.plan_build(root, "serve", "vllm-cpu", base_image=BASE).tag)
     missing = [t for t in (expected.train, expected.serve) if dk.image_attrs(t) is None]
     lock = tmp_path_factory.mktemp("images-lock") / "images.lock.json"
-    args = ["build", "--image", "all", "--base-image", BASE, "--images-lock", str(lock)]
-    if Path(CA).is_file():
-        args += ["--ca-bundle", CA]
-    if Path(WHEELHOUSE).is_dir():
-        args += ["--wheelhouse", WHEELHOUSE]
+    args = build_args("--image", "all", "--images-lock", str(lock))
     created = set(missing)
     try:
-        proc = run_ftkit(*args, timeout=2400)
+        proc = run_ftkit(*args, env={"HF_TOKEN": CANARY}, timeout=2400)
         if lock.is_file():
             recorded = json.loads(lock.read_text())["images"]
             built = tuple(recorded[k]["tag"] for k in ("train/cpu", "serve/vllm-cpu") if k in recorded)
@@ -79,6 +93,8 @@ def cpu_images(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
             assert built == (expected.train, expected.serve), \
                 f"built {built}, planned {expected} (did the sources change during the build?)"
         assert proc.returncode == 0, proc.stderr[-5000:]
+        if len(missing) == 2 and Path(CA).is_file():  # both built now, as test_images.py builds them
+            expected.built_stdout, expected.lock = proc.stdout, lock
         yield expected
     finally:
         if os.environ.get("FTKIT_KEEP_TEST_IMAGES") != "1":

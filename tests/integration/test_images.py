@@ -1,7 +1,9 @@
 """Real builds with a real Docker engine, from the local base image (no registry here).
 
 Builds the cpu training image and both CPU serving images (vLLM's CPU build and
-`transformers serve`) through BuildKit, runs containers from each, shows the second build is a no-op, that neither the CA bundle nor a
+`transformers serve`) through BuildKit - the first two are the session's `cpu_images` build
+when it made them (built once per session, with the canary token set), else forced here -
+runs containers from each, shows the second build is a no-op, that neither the CA bundle nor a
 token reaches a layer, and (with FTKIT_TEST_CLASSIC_BUILD=1) that the classic-builder
 fallback installs the same packages.
 Every image a test creates is removed at the end (FTKIT_KEEP_TEST_IMAGES=1 keeps them).
@@ -18,13 +20,10 @@ import pytest
 
 from ftkit.gateways import docker as dk
 from tests.conftest import run_ftkit
+from tests.e2e_inputs import BASE, CA, WHEELHOUSE
+from tests.integration.conftest import CANARY
 
 pytestmark = pytest.mark.docker
-
-BASE = os.environ.get("FTKIT_TEST_BASE_IMAGE", "ftkit-test/bookworm-python:latest")
-WHEELHOUSE = os.environ.get("FTKIT_TEST_WHEELHOUSE", "/opt/wheels")
-CA = os.environ.get("FTKIT_TEST_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
-CANARY = "hf_ftkitCanaryTokenThatMustNeverLand0123"
 
 
 class Tracker:
@@ -62,21 +61,27 @@ def tags_in(stdout: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, tracker: Tracker) -> dict:  # type: ignore[type-arg]
+def built(tmp_path_factory: pytest.TempPathFactory, tracker: Tracker, cpu_images) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """The cpu training and vLLM CPU images, really built in this session with HF_TOKEN set (the
+    canary): the session's `cpu_images` build when it made both (the same command and flags;
+    it removes them at the end), else a forced build here. Then the transformers serving image."""
     lock = tmp_path_factory.mktemp("lock") / "images.lock.json"
-    t0 = time.perf_counter()
-    proc = build("--image", "all", "--force", lock=lock)
-    seconds = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    tags = tags_in(proc.stdout)
-    tracker.tags.update(tags)
-    assert len(tags) == 2 and all(" built " in ln for ln in proc.stdout.splitlines() if ln.startswith("ftkit/"))
+    if cpu_images.built_stdout is not None and cpu_images.lock is not None:
+        stdout = cpu_images.built_stdout
+        lock.write_text(cpu_images.lock.read_text())
+    else:
+        proc = build("--image", "all", "--force", lock=lock)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        stdout = proc.stdout
+        tracker.tags.update(tags_in(stdout))
+    tags = tags_in(stdout)
+    assert len(tags) == 2 and all(" built " in ln for ln in stdout.splitlines() if ln.startswith("ftkit/"))
     fallback = build("--image", "serve", "--variant", "transformers", "--force", lock=lock)
     assert fallback.returncode == 0, fallback.stderr[-5000:]
     tracker.tags.update(tags_in(fallback.stdout))
     return {"lock": lock, "train": next(t for t in tags if "/train:" in t),
             "serve": next(t for t in tags if "/serve:vllm-cpu-" in t),
-            "transformers": tags_in(fallback.stdout)[0], "seconds": seconds}
+            "transformers": tags_in(fallback.stdout)[0]}
 
 
 def test_train_image_imports_the_training_stack(built: dict) -> None:  # type: ignore[type-arg]
