@@ -27,7 +27,8 @@ from tests.conftest import require
 require("trl")
 
 from tests.conftest import RECIPES, run_ftkit, run_label  # noqa: E402
-from tests.e2e.faultkit import answers, free_port  # noqa: E402
+from tests.e2e.faultkit import answers  # noqa: E402
+from tests.e2e_inputs import free_port, quickstart_data  # noqa: E402
 from tests.integration.conftest import machine_profile  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -42,7 +43,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, cpu_images):  # type: ignore[n
     from ftkit.engines.tiny import generate
 
     root = tmp_path_factory.mktemp("vllm-lab")
-    shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", root / "data.jsonl")
+    quickstart_data(root / "data.jsonl")
     fields = {"instruction": "instruction", "input": "input", "output": "output", "messages": "messages",
               "role": "role", "content": "content", "text": "text"}
     ds = {"path": str(root / "data.jsonl"), "format": "alpaca", "fields": fields, "template": "alpaca",
@@ -59,8 +60,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, cpu_images):  # type: ignore[n
     (alien / "config.json").write_text(json.dumps(cfg))
     lease = root / "lease"
     lease.mkdir(mode=0o1777)
-    profile = machine_profile(root / "machine.yaml", "vllm-lab", extra=(
-        f"paths: {{models: {root / 'models'}, lease: {lease}}}\n"
+    profile = machine_profile(root / "machine.yaml", "vllm-lab", paths={"models": root / "models", "lease": lease}, extra=(
         "gpus:\n  - {index: 0, model: RTX 4090, vram_gib: 24}\n"))
     return root, profile
 
@@ -209,8 +209,7 @@ def test_every_adapter_of_a_multi_lora_server_is_listed_and_answers(lab) -> None
   - {{type: serve, name: multi, engine: vllm, model: base, adapters: [a, b], port: {port}, ready_timeout_s: 240,
       keep_running: true, prompts: [{{prompt: kiwi, max_tokens: 2}}]}}
 """)
-    cpu_profile = machine_profile(root / "cpu-models.yaml", "vllm-lab-cpu-models",
-                                  extra=f"paths: {{models: {root / 'models'}}}\n")
+    cpu_profile = machine_profile(root / "cpu-models.yaml", "vllm-lab-cpu-models", paths={"models": root / "models"})
     proc = run_ftkit("up", str(path), "--machine", str(cpu_profile), "--runs-dir", str(root / "runs"), "--quiet",
                      "--json", env={"FTKIT_SIMULATED_GPUS": ""}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RECIPES, require_tool, run_ftkit
+from tests.e2e_inputs import free_port, quickstart_data, tiny
 from tests.integration.conftest import machine_profile
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -41,12 +41,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 HERE = Path(__file__).parent
 ROUNDS = int(os.environ.get("FTKIT_LEASE_ROUNDS", "12"))  # stand-in engines: about 2 s a round
 VLLM_ROUNDS = int(os.environ.get("FTKIT_VLLM_LEASE_ROUNDS", "20"))  # the real vLLM: a cold start every round
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -214,15 +208,15 @@ def test_quickstart_stack_train_then_serve(cpu_images, tmp_path: Path) -> None: 
 # -- 2. the lease across containers ------------------------------------------------------------------
 
 
-SIM_RECIPE = """\
+SIM_RECIPE = f"""\
 ftkit: 1
 name: lease-sim
-model: {tiny: {hidden_size: 64, layers: 1, heads: 2, intermediate_size: 64, vocab_size: 300}, dtype: fp32}
-dataset: {path: data/train.jsonl, format: alpaca, template: alpaca}
+model: {{tiny: {tiny(64)}, dtype: fp32}}
+dataset: {{path: data/train.jsonl, format: alpaca, template: alpaca}}
 steps:
-  - {type: train, method: lora, gpus: [0, 1], distribution: ddp, max_steps: 1}
-  - {type: merge}
-  - {type: serve, engine: vllm, model: base, gpus: [1], port: 8765, keep_running: true, ready_timeout_s: 300}
+  - {{type: train, method: lora, gpus: [0, 1], distribution: ddp, max_steps: 1}}
+  - {{type: merge}}
+  - {{type: serve, engine: vllm, model: base, gpus: [1], port: 8765, keep_running: true, ready_timeout_s: 300}}
 """
 
 
@@ -273,8 +267,7 @@ def _events(probe: Path) -> list[dict]:  # type: ignore[type-arg]
 def _sim_stack(cpu_images, tmp_path: Path, *, real_serve: bool) -> tuple[Project, Path, int, str]:  # type: ignore[no-untyped-def]
     """The stack of SIM_RECIPE for a simulated two-GPU machine (the server under the lease on
     GPU 1, training on 0,1), its engines replaced by stand-ins through an override file."""
-    (tmp_path / "recipe" / "data").mkdir(parents=True)
-    shutil.copy(RECIPES / "data" / "quickstart-train.jsonl", tmp_path / "recipe" / "data" / "train.jsonl")
+    quickstart_data(tmp_path / "recipe" / "data" / "train.jsonl")
     recipe = tmp_path / "recipe" / "lease-sim.yaml"
     recipe.write_text(SIM_RECIPE)
     lease_dir = tmp_path / "lease"
@@ -382,7 +375,9 @@ def _lease_rounds(project: Project, probe: Path, port: int, rounds: int, *, serv
                "compose-restart-train", "sigkill-serve", "sigkill-train", "crash-serve"]
     plan = actions + [rng.choice(actions) for _ in range(max(rounds - len(actions), 0))]
     rng.shuffle(plan)  # every disruption at least once, the rest at random
+    round_s: list[float] = []
     for n, action in enumerate(plan[:rounds]):
+        t_round = time.monotonic()
         serve.reload()
         if rng.random() < stop_first and serve.status == "running":
             serve.stop(timeout=10)  # the next start order starts from a stopped server
@@ -429,7 +424,11 @@ def _lease_rounds(project: Project, probe: Path, port: int, rounds: int, *, serv
         serve.reload()
         if serve.status != "running" and action in ("compose-kill-serve", "sigkill-serve"):
             serve.start()  # killed by hand: Docker leaves it down, as it should; bring it back
+        t_trained = time.monotonic()
         serving_back()
+        round_s.append(time.monotonic() - t_round)
+        history.append(f"  round {n}: {round_s[-1]:.1f} s, the server back {time.monotonic() - t_trained:.1f} s "
+                       "after training ended")
         overlaps = [e for e in _events(probe) if e["event"] == "OVERLAP"]
         if overlaps:
             fail(f"round {n}: two engines held a GPU at once: {overlaps}")
@@ -455,7 +454,8 @@ def _lease_rounds(project: Project, probe: Path, port: int, rounds: int, *, serv
     counts = {a: plan[:rounds].count(a) for a in actions}
     return (f"seed {seed}: {rounds} rounds ({counts}), {train_runs} training runs, {serve_runs} server starts"
             + (f", {answered} completions after a hand-over" if check_answers else "")
-            + f", {time.monotonic() - t_start:.0f} s")
+            + f", {time.monotonic() - t_start:.0f} s (a round {sum(round_s) / max(len(round_s), 1):.1f} s on average, "
+            f"{max(round_s, default=0):.1f} s at most)")
 
 
 @pytest.mark.timeout(2400)
