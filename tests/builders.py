@@ -165,9 +165,9 @@ def machine(where: Path | None = None, /, **overrides: Any) -> Machine:
 
 def plan_of(recipe_path: Path | str, machine_path: Path | str | None = None, *, run_dir: str | None = RUN,
             check: bool = False) -> Plan:
-    """The plan of two files as `ftkit plan` builds it (`run.planning.prepare`); `check`
+    """The plan of two files as `ftkit plan` builds it (`prepare.prepare`); `check`
     refuses, as `ftkit up` does, a recipe that does not fit the machine."""
-    from ftkit.run.planning import prepare
+    from ftkit.prepare import prepare
 
     prepared = prepare(str(recipe_path), None if machine_path is None else str(machine_path), run_dir=run_dir)
     if check:

@@ -52,7 +52,7 @@ def plan_and_run(work: Path, name: str, *, distribution: str, offload: bool, bat
                  model: Path | None, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any, Path]:
     """Plan the recipe for the simulated machine, write the plan's files, run its tiny-model
     step (or reuse the model) and its train step: the plan's argv and env, nothing else."""
-    from ftkit.run.planning import prepare
+    from ftkit.prepare import prepare
 
     src = work / name
     quickstart_data(src / "data" / "quickstart-train.jsonl")

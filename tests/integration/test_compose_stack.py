@@ -184,7 +184,7 @@ def test_quickstart_stack_train_then_serve(cpu_images, tmp_path: Path) -> None: 
         assert health == "healthy", project.dc("logs", "serve", check=False).stdout[-4000:]
 
         from ftkit.gateways.serving import run_prompts
-        from ftkit.run.planning import prepare
+        from ftkit.prepare import prepare
 
         plan = prepare(str(RECIPES / "quickstart.yaml"), str(machine), run_dir=str(stack / "run"), executor="docker").plan
         step = plan.step("serve")

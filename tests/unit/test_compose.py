@@ -175,7 +175,7 @@ def mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_services_come_from_the_plans_container_specs(mistral: Path) -> None:
     from ftkit.plan.container import container_spec
-    from ftkit.run.planning import prepare
+    from ftkit.prepare import prepare
 
     plan = prepare(str(RECIPES / "mistral-small-24b-qlora-2x24gb.yaml"), str(RECIPES / "machines" / "zorac.yaml"),
                    run_dir=str(mistral / "run"), executor="docker").plan
@@ -430,7 +430,7 @@ def test_local_executor_profile_still_renders_docker_services(tmp_path: Path) ->
 
 
 def test_two_stacks_of_one_recipe_never_share_a_project(tmp_path: Path) -> None:
-    from ftkit.compose.render import project_name
+    from ftkit.compose.stack import project_name
 
     a, b = tmp_path / "a" / "qs", tmp_path / "b" / "qs"  # the same directory name, elsewhere
     for out in (a, b):
@@ -482,7 +482,7 @@ def test_stack_readme_says_what_the_stack_does_and_what_its_builds_need(tmp_path
 
 
 def test_stack_description_leaves_other_steps_as_planned() -> None:
-    from ftkit.compose.render import _stack_description
+    from ftkit.compose.stack import _stack_description
     from ftkit.plan.spec import StepSpec
 
     serve = StepSpec(id="s", kind="serve", description="serve x on port 1, then send 2 test prompt(s)", executor="docker",
@@ -582,7 +582,7 @@ def test_node_all_projects_are_valid_compose_project_names() -> None:
     """`--node all -p NAME`: NAME-<node> for each node, as Compose v2 takes a project name
     (lowercase, no dots, 63 characters at most), two nodes never one project."""
     from ftkit.cli.compose_cmds import _node_project
-    from ftkit.compose.render import PROJECT_NAME
+    from ftkit.compose.stack import PROJECT_NAME
 
     assert _node_project("lab", "node-a") == "lab-node-a"  # a name that fits stays as it was
     long = "p" * 60

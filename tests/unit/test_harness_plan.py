@@ -36,10 +36,10 @@ doc_to_target: "{{output}}"
 
 @pytest.fixture
 def installed(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
-    from ftkit.run import planning
+    from ftkit import prepare
 
     packages: dict[str, str | None] = dict(ALL)
-    monkeypatch.setattr(planning, "quantize_packages", lambda: packages)
+    monkeypatch.setattr(prepare, "quantize_packages", lambda: packages)
     return packages
 
 
@@ -170,11 +170,12 @@ def test_local_without_lm_eval_refused_located(tmp_path: Path, installed: dict) 
 
 
 def test_resume_refuses_without_lm_eval(tmp_path: Path, installed: dict) -> None:
+    from ftkit import prepare
     from ftkit.errors import PlanError
-    from ftkit.run import planning, preflight
+    from ftkit.run import preflight
 
     path = recipe(tmp_path, H.replace("HARNESS", "{tasks: [tasks/cat.yaml]}"))
-    plan = planning.prepare(str(path), str(CPU), run_dir=str(tmp_path / "runs" / "r")).plan
+    plan = prepare.prepare(str(path), str(CPU), run_dir=str(tmp_path / "runs" / "r")).plan
     preflight.engines_of_plan(plan)
     installed["lm-eval"] = None
     with pytest.raises(PlanError, match="step eval: lm-eval not installed"):

@@ -11,7 +11,7 @@ import pytest
 from ftkit.errors import ImageError, LockError
 from ftkit.gateways import docker as dk
 from ftkit.gpu.nvml import GpuInfo
-from ftkit.images import builder, compat, locks, render
+from ftkit.images import builder, compat, dockerfiles, reqlock
 from ftkit.images.variants import load
 from tests.conftest import GOLDEN, ROOT, run_cli
 
@@ -28,8 +28,8 @@ def rendered(image: str, variant: str, **opts) -> str:  # type: ignore[no-untype
     variants = load(ROOT)
     v = variants.get(image, variant)
     template = variants.images[image].template
-    ctx = render.context(image, template, v, "0" * 64, render.RenderOptions(**opts))
-    return render.render(ROOT / "images" / "templates", template, ctx)
+    ctx = dockerfiles.context(image, template, v, "0" * 64, dockerfiles.RenderOptions(**opts))
+    return dockerfiles.render(ROOT / "images" / "templates", template, ctx)
 
 
 @pytest.mark.parametrize("image,variant", VARIANTS, ids=[f"{i}-{v}" for i, v in VARIANTS])
@@ -58,7 +58,7 @@ def test_buildkit_render_keeps_ca_in_a_secret() -> None:
 def test_strict_undefined_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "t.j2").write_text("FROM {{ base_ref }}\nRUN {{ not_given }}\n")
     with pytest.raises(ImageError, match="not_given"):
-        render.render(tmp_path, "t.j2", {"base_ref": "x"})
+        dockerfiles.render(tmp_path, "t.j2", {"base_ref": "x"})
 
 
 @pytest.fixture
@@ -78,9 +78,9 @@ def test_committed_locks_verify() -> None:
     variants = load(ROOT)
     for image, variant in VARIANTS:
         v = variants.get(image, variant)
-        if not locks.lock_path(ROOT, image, variant).exists():
+        if not reqlock.lock_path(ROOT, image, variant).exists():
             continue  # cuda12.8: needs download.pytorch.org to resolve (see README)
-        lock = locks.verify(ROOT, image, v)
+        lock = reqlock.verify(ROOT, image, v)
         reqs = lock.requirements()
         for req in v.requirements:
             name, version = req.split("==")
@@ -88,7 +88,7 @@ def test_committed_locks_verify() -> None:
 
 
 def test_tampered_lock_fails_with_a_clear_message(project: Path) -> None:
-    path = locks.lock_path(project, "train", "cpu")
+    path = reqlock.lock_path(project, "train", "cpu")
     path.write_text(path.read_text().replace("accelerate==1.15.0", "accelerate==1.14.0"))
     with pytest.raises(LockError, match="changed after it was generated"):
         builder.plan_build(project, "train", "cpu")
@@ -107,7 +107,7 @@ def test_missing_lock_says_what_to_run(project: Path) -> None:
 
 
 def test_build_refuses_a_tampered_lock_before_docker(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = locks.lock_path(project, "serve", "transformers")
+    path = reqlock.lock_path(project, "serve", "transformers")
     path.write_text(path.read_text() + "evil==1.0\n")
     monkeypatch.setenv("FTKIT_PROJECT", str(project))
     result = run_cli("build", "--image", "serve", "--variant", "transformers", "--dry-run")

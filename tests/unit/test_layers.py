@@ -14,20 +14,23 @@ PKG = Path(__file__).resolve().parents[2] / "toolkit" / "ftkit"
 
 # package -> the ftkit packages it must never import
 FORBIDDEN = {
-    "files": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
-    "procs": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
-    "text": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways", "files", "procs", "errors"},
-    "dockerhost": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
-    "errors": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways"},
-    "gateways": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli"},
-    "recipe": {"plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli"},
-    "gpu": {"images", "compose", "lease", "run", "observe", "engines", "cli"},
-    "lease": {"images", "compose", "run", "observe", "engines", "cli"},
-    "plan": {"images", "compose", "lease", "gpu", "run", "observe", "engines", "cli"},
-    "images": {"compose", "lease", "run", "observe", "engines", "cli"},
-    "compose": {"run", "observe", "engines", "cli"},
+    "files": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways", "prepare"},
+    "procs": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways", "prepare"},
+    "text": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways", "files", "procs", "errors", "prepare"},
+    "dockerhost": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways", "prepare"},
+    "errors": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways", "prepare"},
+    "gateways": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "prepare"},
+    "recipe": {"plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "prepare"},
+    "gpu": {"images", "compose", "lease", "run", "observe", "engines", "cli", "prepare"},
+    "lease": {"images", "compose", "run", "observe", "engines", "cli", "prepare"},
+    "plan": {"images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "prepare"},
+    "images": {"compose", "lease", "run", "observe", "engines", "cli", "prepare"},
+    "compose": {"run", "observe", "engines", "cli", "prepare"},
+    "prepare": {"compose", "run", "observe", "engines", "cli"},  # load -> resolve -> plan, with the host's facts
     "run": {"compose", "observe", "engines", "cli"},  # the runner imports no engine
-    "engines": {"images", "compose", "lease", "run", "observe", "cli"},
+    "strict": {"recipe", "plan", "images", "compose", "lease", "gpu", "run", "observe", "engines", "cli", "gateways",
+               "prepare"},
+    "engines": {"images", "compose", "lease", "run", "observe", "cli", "prepare"},
     "observe": {"cli"},
 }
 
@@ -61,3 +64,15 @@ def test_package_imports_no_higher_layer(package: str) -> None:
     bad = {f"{p.relative_to(PKG)} imports ftkit.{m}" for p in files
            for m in _ftkit_imports(p) if m in FORBIDDEN[package] or m.startswith("<")}
     assert not bad, sorted(bad)
+
+
+# what sits above every layer: the commands and the package's own entry points
+TOP = {"cli", "__init__", "__main__"}
+
+
+def test_every_top_level_module_has_a_layer() -> None:
+    """A module or package added (or moved) to the top of ftkit must get its row above, or
+    this test could not hold it to its layer."""
+    names = {p.name.removesuffix(".py") for p in PKG.iterdir()
+             if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))}
+    assert names - TOP - set(FORBIDDEN) == set()

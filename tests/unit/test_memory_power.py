@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ftkit.plan import memory, power
-from ftkit.plan.catalog import find_arch, find_gpu
+from ftkit.plan.figures import find_arch, find_gpu
 from ftkit.recipe.models import Machine, TrainStep
 from tests import builders
 from tests.builders import MACHINES, plan_of

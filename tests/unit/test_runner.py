@@ -208,7 +208,7 @@ def test_a_taken_port_fails_the_serve_step_before_anything_starts(tmp_path: Path
                                             ("quickstart.yaml", "cpu.yaml")])
 def test_plan_json_round_trips(recipe: str, machine: str) -> None:
     """--resume executes the stored plan.json: it must rebuild the very same plan."""
-    from ftkit.run.planning import prepare
+    from ftkit.prepare import prepare
 
     plan = prepare(str(RECIPES / recipe), str(RECIPES / "machines" / machine)).plan
     again = Plan.from_dict(json.loads(json.dumps(plan.to_dict(), default=str)))

@@ -28,7 +28,7 @@ def _machine(tmp_path: Path, gpus: int = 3, psu: int = 2000) -> Path:
 
 
 def _resolved(recipe: Path, machine: Path) -> Any:
-    from ftkit.run.planning import prepare
+    from ftkit.prepare import prepare
 
     return prepare(str(recipe), str(machine)).res
 

@@ -36,7 +36,7 @@ def machine(tmp: Path, executor: str = "docker", gpus: bool = False) -> Path:
 @pytest.fixture(autouse=True)
 def no_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FTKIT_SIMULATED_GPUS", raising=False)
-    monkeypatch.setattr("ftkit.run.planning.vllm_installed", lambda: False)
+    monkeypatch.setattr("ftkit.prepare.vllm_installed", lambda: False)
 
 
 SERVE = "  - {type: serve, name: serve, model: base, port: 8001}\n"
@@ -62,7 +62,7 @@ def test_auto_here_without_vllm_is_transformers_and_says_why(tmp_path: Path) -> 
 
 def test_auto_here_with_vllm_installed_starts_it_with_this_python(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ftkit.run.planning.vllm_installed", lambda: True)
+    monkeypatch.setattr("ftkit.prepare.vllm_installed", lambda: True)
     p = plan(recipe(tmp_path, SERVE), machine(tmp_path, "local"))
     s = step(p, "serve")
     assert s["engine"] == "vllm" and s["argv"][1:3] == ["-m", VLLM_MODULE] and s["argv"][0] == p["python"]

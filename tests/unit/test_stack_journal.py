@@ -111,7 +111,7 @@ def test_processes_of_one_container_share_its_allowance() -> None:
     """accelerate launch with one process per GPU: each gets its share (torchrun would give each
     the whole OMP_NUM_THREADS), never less than one."""
     from ftkit.plan.container import container_spec, local_processes
-    from ftkit.run.planning import prepare
+    from ftkit.prepare import prepare
     from tests.conftest import RECIPES
 
     plan = prepare(str(RECIPES / "mistral-small-24b-qlora-2x24gb.yaml"), str(RECIPES / "machines" / "zorac.yaml"),

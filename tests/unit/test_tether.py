@@ -335,9 +335,9 @@ def test_a_leased_local_step_gets_the_leases_grace_when_stopped_or_orphaned(monk
     gives the same step in a container (lease grace + 10)."""
     from ftkit.gateways import subprocess as sp
     from ftkit.plan.container import container_spec
+    from ftkit.prepare import prepare
     from ftkit.run.executors.base import StepIO
     from ftkit.run.executors.local import LocalExecutor
-    from ftkit.run.planning import prepare
     from ftkit.run.rundir import RunDir
     from tests.conftest import RECIPES
 

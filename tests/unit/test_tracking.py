@@ -71,9 +71,9 @@ def test_bad_tracking_uris_are_refused_where_they_are(tmp_path: Path, uri: str, 
 def test_secrets_reach_the_step_by_name_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SECRET)
-    from ftkit.run import planning
+    from ftkit import prepare
 
-    monkeypatch.setattr(planning, "quantize_packages", lambda: {"mlflow-skinny": "3.18.0", "wandb": "0.23.0"})
+    monkeypatch.setattr(prepare, "quantize_packages", lambda: {"mlflow-skinny": "3.18.0", "wandb": "0.23.0"})
     recipe = recipe_with(tmp_path, "tracking:\n  mlflow: {tracking_uri: 'https://mlflow.example'}\n"
                                    "  wandb: {project: home-lab, mode: offline}\n")
     result = run_cli("plan", str(recipe), "--json", cwd=tmp_path)
@@ -92,11 +92,11 @@ def test_the_docker_paths_take_secrets_from_the_environment_when_they_start(monk
     """What the docker executor creates, what a node's `docker run` line says and what a
     compose service holds, for a train step that tracks to W&B (the images carry no client
     yet: the plan refuses it; the path is ready for when they do)."""
-    from ftkit.compose.render import RenderOptions, render
+    from ftkit.compose.stack import RenderOptions, render
     from ftkit.plan.container import container_spec, host_env
+    from ftkit.prepare import make_plan
     from ftkit.run.executors.docker import request
     from ftkit.run.executors.multinode import docker_run_command
-    from ftkit.run.planning import make_plan
 
     plan = make_plan(str(RECIPES / "quickstart.yaml"), str(CPU_DOCKER), run_dir="/tmp/r")
     step = next(s for s in plan.steps if s.kind == "train")
@@ -116,13 +116,13 @@ def test_the_docker_paths_take_secrets_from_the_environment_when_they_start(monk
 
 def test_docker_executor_and_missing_clients_are_refused_before_anything_runs(tmp_path: Path,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from ftkit.run import planning
+    from ftkit import prepare
 
     recipe = recipe_with(tmp_path, "tracking:\n  mlflow: {tracking_uri: /srv/mlruns}\n")
-    monkeypatch.setattr(planning, "quantize_packages", lambda: {"mlflow": None, "mlflow-skinny": None})
+    monkeypatch.setattr(prepare, "quantize_packages", lambda: {"mlflow": None, "mlflow-skinny": None})
     result = run_cli("plan", str(recipe), cwd=tmp_path)
     assert result.code == 2 and "mlflow or mlflow-skinny is not installed" in result.err, result.err
-    monkeypatch.setattr(planning, "quantize_packages", lambda: {"mlflow-skinny": "3.18.0"})
+    monkeypatch.setattr(prepare, "quantize_packages", lambda: {"mlflow-skinny": "3.18.0"})
     result = run_cli("validate", str(recipe), "--machine", str(CPU_DOCKER))
     assert result.code == 2 and "ftkit's images do not carry it" in result.err, result.err
     off = recipe_with(tmp_path / "off", "tracking:\n  mlflow: false\n")

@@ -60,7 +60,7 @@ def test_the_planned_server_lists_the_model_it_serves(tmp_path: Path, monkeypatc
         pytest.fail(f"transformers {transformers.__version__} here: the `train` extra needs {FIRST_LISTING} or newer")
     require("fastapi")
     from ftkit.gateways import serving
-    from ftkit.run.planning import prepare
+    from ftkit.prepare import prepare
 
     monkeypatch.delenv("FTKIT_SIMULATED_GPUS", raising=False)
     rows = [{"instruction": f"name {w}", "input": "", "output": w} for w in ("kiwi", "mango", "cello", "flute")]

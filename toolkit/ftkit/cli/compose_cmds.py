@@ -51,7 +51,7 @@ def compose(recipe: str, machine_path: str | None, out: Path, user_text: str | N
     one-shot steps in order; `docker compose --profile serve up -d` starts the server(s).
     Host steps (power caps, stopping a systemd service) are listed in the README. Refuses
     (exit 2, nothing written) a recipe `ftkit up` would refuse on this machine."""
-    from ftkit.run.planning import prepare
+    from ftkit.prepare import prepare
 
     uid, gid = _user(user_text)
     _project(project)
@@ -82,7 +82,7 @@ def compose(recipe: str, machine_path: str | None, out: Path, user_text: str | N
 
 def _write_one(plan, recipe: str, machine_path: str | None, out: Path, out_dir: Path, uid: int, gid: int,  # type: ignore[no-untyped-def]
                user_text: str | None, node: str | None, project: str | None, force: bool, dry_run: bool) -> None:
-    from ftkit.compose.render import RenderOptions, render
+    from ftkit.compose.stack import RenderOptions, render
     from ftkit.compose.write import check_target, stack_files, write_stack
 
     argv = ["ftkit", "compose", recipe] + (["--machine", machine_path] if machine_path else []) + ["-o", str(out)]
@@ -120,11 +120,11 @@ def _write_one(plan, recipe: str, machine_path: str | None, out: Path, out_dir: 
 def _node_project(project: str, node: str) -> str:
     """`--node all -p NAME`: each node's stack its own project, NAME-<node>, in what a Compose
     project name may hold (a node named by its host name has dots and capitals) and within 63
-    characters; cut or cleaned, with a digest of the whole name after it (compose.render.
+    characters; cut or cleaned, with a digest of the whole name after it (compose.stack.
     project_name's rule), so two nodes' projects never become one."""
     import hashlib
 
-    from ftkit.compose.render import PROJECT_NAME
+    from ftkit.compose.stack import PROJECT_NAME
 
     clean = re.sub(r"[^a-z0-9_-]", "-", node.lower())
     name = f"{project}-{clean}"
@@ -135,7 +135,7 @@ def _node_project(project: str, node: str) -> str:
 
 
 def _project(name: str | None) -> None:
-    from ftkit.compose.render import PROJECT_NAME
+    from ftkit.compose.stack import PROJECT_NAME
 
     if name is not None and not PROJECT_NAME.match(name):
         raise UserError(f"--project-name {name[:80]!r}: a Compose project name is 1 to 63 lowercase letters, digits, "
@@ -193,7 +193,7 @@ def _built_from_another_base(missing: list[str], docker: DockerSettings,
     FROM another base (`ftkit build --base-image` without the profile): its tag, its base and
     the base the missing tag is built FROM.
     The base is part of the tag, so the stack, planned with the profile's base, never names it."""
-    from ftkit.compose.render import TAG
+    from ftkit.compose.stack import TAG
     from ftkit.gateways import docker as dk
     from ftkit.images import builder, project
 
@@ -224,7 +224,7 @@ def _built_from_another_base(missing: list[str], docker: DockerSettings,
 def _build_command(ref: str, docker: DockerSettings, machine_path: str | None) -> str:
     """The `ftkit build` that makes `ref` from this checkout (with the machine profile: its
     base image, wheelhouse, CA bundle and engine), or what else gets it."""
-    from ftkit.compose.render import TAG
+    from ftkit.compose.stack import TAG
 
     m = TAG.match(ref)
     if m is None:  # pinned by the recipe (a digest, another registry): not ftkit's to build

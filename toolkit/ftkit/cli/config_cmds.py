@@ -52,8 +52,8 @@ def validate(recipes: tuple[str, ...], machine_path: str | None) -> None:
 
 def _check_against(loaded, machine) -> None:  # type: ignore[no-untyped-def]
     """The same checks `ftkit up` makes before it starts (one code path: planning.Prepared)."""
+    from ftkit.prepare import Prepared, plan_for
     from ftkit.recipe.resolve import resolve
-    from ftkit.run.planning import Prepared, plan_for
 
     res = resolve(loaded, machine.machine)
     Prepared(loaded, res, plan_for(res, run_dir=None), str(machine.path)).check()
@@ -86,8 +86,8 @@ def plan(recipe: str, machine_path: str | None, executor: str | None, as_json: b
     """Resolve defaults and print the ordered plan: images, commands, GPUs, power caps,
     generated configs, memory-fit estimates and the PSU budget. Runs nothing; refuses (exit 2)
     a plan whose local steps need an engine this Python environment lacks."""
-    from ftkit.cli.render import render_plan
-    from ftkit.run.planning import prepare
+    from ftkit.cli.plan_text import render_plan
+    from ftkit.prepare import prepare
 
     prepared = prepare(recipe, machine_path, executor=executor)
     prepared.check_engines()  # its commands would start an engine this Python lacks
@@ -155,7 +155,7 @@ def _export_trainjob(recipe: str, machine_path: str | None, step_id: str | None,
     import yaml
 
     from ftkit.plan import export_trainjob as tj
-    from ftkit.run.planning import prepare
+    from ftkit.prepare import prepare
     from ftkit.strict import dns_label, dns_subdomain
 
     if namespace is not None:  # before the plan: kubectl would refuse the manifest only when applied

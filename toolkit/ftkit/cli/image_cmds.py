@@ -186,7 +186,7 @@ def lock(image: str, variant: str | None, find_links: tuple[str, ...], index_url
     Python and platform, with uv."""
     from ftkit.errors import FtkitError
     from ftkit.gateways import subprocess as sp
-    from ftkit.images import locks, project
+    from ftkit.images import project, reqlock
     from ftkit.images.variants import load
 
     root = project.find_root()
@@ -198,7 +198,7 @@ def lock(image: str, variant: str | None, find_links: tuple[str, ...], index_url
     for img, var in targets:
         v = variants.get(img, var)
         try:
-            path, argv = locks.generate(root, img, v, find_links=list(find_links), index_url=index_url, dry_run=dry_run)
+            path, argv = reqlock.generate(root, img, v, find_links=list(find_links), index_url=index_url, dry_run=dry_run)
         except FtkitError as e:
             failed.append(f"{img}/{var}: {e.render()}")
             click.echo(f"{img}/{var}: FAILED", err=True)
@@ -206,7 +206,7 @@ def lock(image: str, variant: str | None, find_links: tuple[str, ...], index_url
         if dry_run:
             click.echo(sp.quote(argv))
         else:
-            click.echo(f"{img}/{var}: wrote {path.relative_to(root)} ({len(locks.read(path).requirements())} packages)")
+            click.echo(f"{img}/{var}: wrote {path.relative_to(root)} ({len(reqlock.read(path).requirements())} packages)")
     if failed:
         click.echo("\n".join(failed), err=True)
         sys.exit(1)

@@ -71,7 +71,7 @@ def lease(gpus_text: str | None, role: str, lease_dir: Path | None, wait: bool, 
 
     from ftkit.lease.backstops import parse_power_caps
     from ftkit.lease.gpus import parse_gpus
-    from ftkit.lease.run import SERVICE_ENV, Options, run
+    from ftkit.lease.supervise import SERVICE_ENV, Options, run
 
     gpus = parse_gpus(gpus_text)
     opts = Options(

@@ -215,7 +215,7 @@ def _doctor_cluster(machine_path: str | None, image: str | None, as_json: bool) 
 
     machine = load_machine(machine_path).machine
     if image is None:
-        from ftkit.images.catalog import expected_refs
+        from ftkit.images.tags import expected_refs
 
         lock = Path(machine.docker.images_lock).expanduser() if machine.docker.images_lock else None
         image = expected_refs(machine, lock)["train"]

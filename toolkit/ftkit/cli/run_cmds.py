@@ -21,8 +21,8 @@ def _runs_root(runs_dir: Path | None, machine_path: str | None) -> Path:
     if runs_dir is not None:
         return runs_dir
     if machine_path:
+        from ftkit.prepare import runs_root
         from ftkit.recipe.validate import load_machine
-        from ftkit.run.planning import runs_root
 
         return runs_root(load_machine(machine_path).machine)
     return Path("runs")
@@ -71,7 +71,7 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
     """Run a recipe: power caps, training, merge, serving, test prompts, evaluation, power
     restored. Every run leaves runs/<UTC timestamp>-<name>/ with the resolved recipe, plan,
     environment, journal, logs, metrics and outputs."""
-    from ftkit.cli.render import render_plan
+    from ftkit.cli.plan_text import render_plan
     from ftkit.run import runner
     from ftkit.run.display import make_display
 
@@ -85,7 +85,7 @@ def up(recipe: str | None, machine_path: str | None, runs_dir: Path | None, exec
     else:
         if recipe is None:
             raise click.UsageError("give a RECIPE (or --resume RUN)")
-        from ftkit.run.planning import prepare
+        from ftkit.prepare import prepare
         from ftkit.run.rundir import Reservation
 
         reservation = Reservation(runs_dir, dry_run=dry_run)  # removed again if the run is refused

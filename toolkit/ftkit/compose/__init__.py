@@ -8,6 +8,6 @@ comes from `plan.container.container_spec` - so a person can `cd` into it and us
 
 from __future__ import annotations
 
-from ftkit.compose.render import RenderOptions, Stack, render
+from ftkit.compose.stack import RenderOptions, Stack, render
 
 __all__ = ["RenderOptions", "Stack", "render"]

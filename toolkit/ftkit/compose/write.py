@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from ftkit.compose.render import HEADER_MARK, Stack
+from ftkit.compose.stack import HEADER_MARK, Stack
 from ftkit.errors import UserError
 from ftkit.files import write_atomic
 

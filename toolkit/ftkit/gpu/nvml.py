@@ -269,7 +269,7 @@ class SimulatedNvml:
     simulated = True
 
     def __init__(self, names: list[str], state_file: str | None = None) -> None:
-        from ftkit.plan.catalog import find_gpu
+        from ftkit.plan.figures import find_gpu
 
         self._gpus: list[GpuInfo] = []
         self.set_calls: list[tuple[int, float]] = []

@@ -26,7 +26,7 @@ from ftkit import __version__
 from ftkit.errors import BuildError, ImageError, UserError
 from ftkit.gateways import docker as dk
 from ftkit.gateways import subprocess as sp
-from ftkit.images import locks, project, render
+from ftkit.images import dockerfiles, project, reqlock
 from ftkit.images.variants import Variant, load
 from ftkit.recipe.imagerefs import reference_problem
 
@@ -53,7 +53,7 @@ class BuildSpec:
     wheelhouse_files: list[Path] = field(default_factory=list)
     ca_bundle: Path | None = None
     context_files: list[str] = field(default_factory=list)
-    index_url: str = render.PYPI
+    index_url: str = dockerfiles.PYPI
     extra_index_urls: list[str] = field(default_factory=list)  # the variant's (a wheelhouse stands in for them)
 
     @property
@@ -78,27 +78,27 @@ def wheelhouse_files(d: Path) -> list[Path]:
 
 
 def plan_build(root: Path, image: str, variant: str, *, base_image: str | None = None, buildkit: bool = True,
-               wheelhouse: Path | None = None, ca_bundle: Path | None = None, index_url: str = render.PYPI) -> BuildSpec:
+               wheelhouse: Path | None = None, ca_bundle: Path | None = None, index_url: str = dockerfiles.PYPI) -> BuildSpec:
     if base_image is not None:  # it lands in the Dockerfile's FROM line: a reference, nothing else
         problem = reference_problem(base_image)
         if problem:
             raise UserError(f"--base-image: {problem}")
     variants = load(root)
     v: Variant = variants.get(image, variant)
-    lock = locks.verify(root, image, v)
+    lock = reqlock.verify(root, image, v)
     if ca_bundle is not None and not ca_bundle.is_file():
         raise UserError(f"--ca-bundle {ca_bundle}: no such file")
-    opts = render.RenderOptions(base_image=base_image, buildkit=buildkit, wheelhouse=wheelhouse is not None,
+    opts = dockerfiles.RenderOptions(base_image=base_image, buildkit=buildkit, wheelhouse=wheelhouse is not None,
                                 ca_bundle=ca_bundle is not None, index_url=index_url)
     template = variants.images[image].template
-    ctx = render.context(image, template, v, lock.body_sha256, opts)
-    dockerfile = render.render(root / "images" / "templates", template, ctx)
+    ctx = dockerfiles.context(image, template, v, lock.body_sha256, opts)
+    dockerfile = dockerfiles.render(root / "images" / "templates", template, ctx)
     # The tag names the image's content, not how it was fetched or built: hash the Dockerfile
     # as rendered for BuildKit from the index, whichever builder, wheelhouse or CA bundle
     # this machine uses (they install the same hash-locked files).
-    canonical_opts = render.RenderOptions(base_image=base_image)
-    canonical = render.render(root / "images" / "templates", template,
-                              render.context(image, template, v, lock.body_sha256, canonical_opts))
+    canonical_opts = dockerfiles.RenderOptions(base_image=base_image)
+    canonical = dockerfiles.render(root / "images" / "templates", template,
+                              dockerfiles.context(image, template, v, lock.body_sha256, canonical_opts))
     source = project.source_hash(root)
     chash = content_hash(canonical, lock.body_sha256, source, {"base": ctx["base_ref"]})
     tag = f"ftkit/{image}:{variant}-{chash[:12]}"
@@ -117,7 +117,7 @@ def plan_build(root: Path, image: str, variant: str, *, base_image: str | None =
         f"{LABEL_PREFIX}.source-sha256": source,
     }
     wh = wheelhouse_files(wheelhouse) if wheelhouse is not None else []
-    files = ["Dockerfile", "requirements.lock", f"dist/{render.wheel_name()}"]
+    files = ["Dockerfile", "requirements.lock", f"dist/{dockerfiles.wheel_name()}"]
     files += [f"wheelhouse/{p.name}" for p in wh]
     if ca_bundle is not None and not buildkit:
         files.append("ca-bundle.crt")
@@ -144,7 +144,7 @@ def build_wheel(root: Path, out_dir: Path) -> Path:
         sp.run(base + ["--no-build-isolation"], capture=True)
     except Exception:  # noqa: BLE001 - no setuptools here: let pip fetch the backend
         sp.run(base, capture=True)
-    wheel = out_dir / render.wheel_name()
+    wheel = out_dir / dockerfiles.wheel_name()
     if not wheel.is_file():
         raise ImageError(f"building ftkit's wheel did not produce {wheel.name} in {out_dir}")
     return wheel
@@ -467,7 +467,7 @@ def _classic_build(spec: BuildSpec, ctx_dir: Path, progress: Progress, host: str
                     progress.error(str(chunk["error"]))
                     raise _failed(spec, log_path, progress)
     finally:
-        dk.prune_dangling(render.BUILD_STAGE_LABEL, host)
+        dk.prune_dangling(dockerfiles.BUILD_STAGE_LABEL, host)
 
 
 def packages_digest(tag: str, host: str | None = None) -> tuple[str, int]:

@@ -60,10 +60,10 @@ def hold(
     from ftkit.errors import LeaseBusy
     from ftkit.gpu.nvml import open_nvml
     from ftkit.lease import backstops
+    from ftkit.lease.flocks import GpuLocks
     from ftkit.lease.gpus import lock_order, resolve
-    from ftkit.lease.locks import GpuLocks
     from ftkit.lease.records import Presence, new_party
-    from ftkit.lease.run import describe_holder
+    from ftkit.lease.supervise import describe_holder
 
     nvml = open_nvml()
     try:

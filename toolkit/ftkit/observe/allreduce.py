@@ -157,9 +157,9 @@ def run_bench(recipe_path: str, machine_path: str | None, *, out_dir: Path | Non
     """Plan the recipe into a bench directory, take its first multi-node train step, and run
     the worker on its nodes in place of the trainer."""
     from ftkit.errors import UserError
+    from ftkit.prepare import prepare, runs_root
     from ftkit.run.executors.base import StepIO
     from ftkit.run.executors.multinode import MultiNodeExecutor
-    from ftkit.run.planning import prepare, runs_root
     from ftkit.run.rundir import OwnerLock, RunDir, utc_stamp
 
     def where(res: Any) -> str:

@@ -153,7 +153,7 @@ def plan_variants(prepared: Any, gpu_sets: list[list[int]], *, max_steps: int, r
                   executor: str | None = None) -> list[Variant]:
     """Variants with their plans, each checked against the machine like `ftkit up` checks a
     recipe (memory fit, PSU budget, GPUs): a problem is the recipe's line, exit 2."""
-    from ftkit.run.planning import Prepared, plan_for
+    from ftkit.prepare import Prepared, plan_for
     from ftkit.run.rundir import new_run_path
 
     res = prepared.res
@@ -178,9 +178,9 @@ def plan_variants(prepared: Any, gpu_sets: list[list[int]], *, max_steps: int, r
 def run_variant(v: Variant, *, argv: list[str], runs_root: Path, echo: bool = False) -> Path:
     """Run one variant through the runner, as `ftkit up` would. The one place bench touches
     the runner's API."""
+    from ftkit.prepare import plan_for
     from ftkit.run import runner
     from ftkit.run.display import make_display
-    from ftkit.run.planning import plan_for
     from ftkit.run.rundir import new_run_path
 
     path = new_run_path(runs_root, v.recipe.name)
@@ -262,7 +262,7 @@ def _run_bench(recipe_path: str, machine_path: str | None, gpu_values: list[str]
     from ftkit.files import write_atomic, write_json
     from ftkit.gpu.nvml import SIMULATED_ENV, SIMULATED_STATE_ENV
     from ftkit.gpu.power import STATE_ENV
-    from ftkit.run.planning import prepare, runs_root
+    from ftkit.prepare import prepare, runs_root
     from ftkit.run.rundir import utc_stamp
 
     if max_steps < 1:

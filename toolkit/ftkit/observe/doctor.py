@@ -446,7 +446,7 @@ class Doctor:
         if self.nv is None:
             return
         from ftkit.gpu.nvml import decode_clock_events
-        from ftkit.plan.catalog import find_gpu
+        from ftkit.plan.figures import find_gpu
 
         loaded = _links_under_load(self.runs_root)
         sim = " (simulated)" if getattr(self.nv, "simulated", False) else ""
@@ -615,8 +615,8 @@ class Doctor:
         kept by the retention policy, final adapters and merged models."""
         from ftkit.plan.build import arch_for
         from ftkit.plan.memory import BYTES, lora_params
+        from ftkit.prepare import local_model_config
         from ftkit.recipe.models import MergeStep, TrainStep
-        from ftkit.run.planning import local_model_config
 
         needs: dict[str, float] = {}
         detail: dict[str, float] = {}

@@ -18,7 +18,7 @@ from typing import Any
 from ftkit.dockerhost import DockerHostError, parse_docker_host
 from ftkit.plan import cluster as cluster_plan
 from ftkit.plan import launch, memory, power, servefit, serving
-from ftkit.plan.catalog import ModelArch, find_arch, find_gpu
+from ftkit.plan.figures import ModelArch, find_arch, find_gpu
 from ftkit.plan.jobs import EvalJob, PreferenceJob, QuantizeJob, TinyJob, TrainJob
 from ftkit.plan.spec import (
     ClusterInfo,

@@ -2,7 +2,7 @@
 budget, the memory-fit estimate, and the engines the local executor's Python environment
 lacks. Findings carry recipe field paths so the CLI can point at the line that needs changing.
 
-Pure: what is installed here is looked up by the caller (run.planning) and passed in."""
+Pure: what is installed here is looked up by the caller (prepare) and passed in."""
 
 from __future__ import annotations
 

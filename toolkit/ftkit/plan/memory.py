@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ftkit.plan.catalog import ModelArch
+from ftkit.plan.figures import ModelArch
 from ftkit.recipe.models import PreferenceStep, TrainStep
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ftkit.plan.catalog import DEFAULT_TRANSIENT_FACTOR, find_gpu
+from ftkit.plan.figures import DEFAULT_TRANSIENT_FACTOR, find_gpu
 from ftkit.recipe.models import GpuSpec, Machine
 
 # A GPU with no kernels running (a CUDA context at most) draws roughly 10-30 W and does not

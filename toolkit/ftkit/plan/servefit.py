@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ftkit.plan.catalog import ModelArch
+from ftkit.plan.figures import ModelArch
 from ftkit.plan.memory import (
     BYTES,
     CUDA_CONTEXT_GIB,

@@ -176,7 +176,7 @@ class Allreduce(PlanPart):
 class ClusterInfo(PlanPart):
     """What a multi-node plan shows about the cluster: its nodes and rendezvous, the bytes
     each multi-node step all-reduces per optimizer step, and what the last measured
-    all-reduce means for them (run.planning adds that: it reads a file)."""
+    all-reduce means for them (prepare adds that: it reads a file)."""
 
     nodes: list[ClusterNode]
     rendezvous: str  # host:port of the c10d store

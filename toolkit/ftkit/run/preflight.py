@@ -55,7 +55,7 @@ def machine(plan: Plan) -> None:
                             hint="fix the machine profile's gpus, or pick another profile with --machine")
     local_vllm = [s.id for s in plan.steps if s.executor == "local" and s.engine == "vllm"]
     if local_vllm:
-        from ftkit.run.planning import vllm_installed
+        from ftkit.prepare import vllm_installed
 
         if not vllm_installed():
             raise PlanError(f"step(s) {', '.join(local_vllm)} serve with vLLM in this Python environment "
@@ -80,7 +80,7 @@ def bitsandbytes_problems(plan: Plan) -> list[tuple[str, str, str]]:
     this Python environment runs; for `ftkit up --resume`, which has only the plan (a fresh
     plan is checked by Prepared.check(), at validate --machine, plan and up alike)."""
     from ftkit.plan.machine_checks import bitsandbytes_problems as problems
-    from ftkit.run.planning import bitsandbytes_version, runs_here
+    from ftkit.prepare import bitsandbytes_version, runs_here
 
     if not runs_here(plan):
         return []  # another interpreter runs the steps: its packages are not ours to read
@@ -96,7 +96,7 @@ def engines(prepared) -> None:  # type: ignore[no-untyped-def]
 def engines_of_plan(plan: Plan) -> None:
     """The same refusal for `ftkit up --resume`, which has only the plan."""
     from ftkit.plan.machine_checks import quantize_problems
-    from ftkit.run.planning import quantize_packages, runs_here
+    from ftkit.prepare import quantize_packages, runs_here
 
     problems = [(step, field or "", message) for step, field, message in
                 (quantize_problems(plan, quantize_packages()) if runs_here(plan) else [])]

@@ -143,7 +143,7 @@ class Reservation:
         self.made: list[Path] = []
 
     def __call__(self, res: Any) -> str:
-        from ftkit.run.planning import runs_root
+        from ftkit.prepare import runs_root
         from ftkit.strict import checked_path
 
         # the profile's paths.runs meets the same checks as --runs-dir (CheckedPath), before anything is made

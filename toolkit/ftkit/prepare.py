@@ -122,7 +122,7 @@ def image_refs(res: Resolved) -> dict[str, str]:
     if lock is None and res.machine.docker.images_lock:
         lock = Path(res.machine.docker.images_lock).expanduser()
     try:
-        from ftkit.images.catalog import expected_refs
+        from ftkit.images.tags import expected_refs
 
         refs.update(expected_refs(res.machine, lock, simulated=simulated_gpus() is not None))
     except Exception:  # noqa: BLE001 - no checkout templates here: plan shows placeholders

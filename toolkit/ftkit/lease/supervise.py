@@ -29,8 +29,8 @@ from typing import Any
 from ftkit.errors import GpuError, HttpError, LeaseBusy, UserError
 from ftkit.lease import backstops
 from ftkit.lease.child import Tree, become_subreaper, wait_for_signal_or_timeout
+from ftkit.lease.flocks import GpuLocks, WaitInterrupted, Waker
 from ftkit.lease.gpus import GpuRef, lock_order, resolve
-from ftkit.lease.locks import GpuLocks, WaitInterrupted, Waker
 from ftkit.lease.paths import ensure_lease_dir
 from ftkit.lease.records import (
     Party,
