@@ -142,3 +142,51 @@ def test_a_reservation_is_released_with_the_parents_it_made(tmp_path: Path) -> N
     assert not (tmp_path / "a").exists() and tmp_path.is_dir()
     dry = Reservation(tmp_path / "b", dry_run=True)
     assert Path(dry(res)).parent == (tmp_path / "b").resolve() and not (tmp_path / "b").exists()
+
+
+# -- from the hostile review of #22: a view keeps what it cannot read, cleanup salvages a plan --
+
+def test_a_view_saved_back_loses_nothing_it_could_not_read() -> None:
+    """`ftkit down` and stale cleanup write the journal back from a view: a field of an
+    unexpected type, or one step entry that is not an object, is left out of what they read
+    but kept in what they write."""
+    raw = {"status": "succeeded", "order": "abc", "pid": "1234", "steps": {
+        "merge": "x", "serve": {"status": "succeeded", "seconds": "10", "process": {"pid": 1}}}}
+    problems: list[str] = []
+    state = RunState.from_dict(json.loads(json.dumps(raw)), problems)
+    assert state.pid is None and state.order == [] and set(state.steps) == {"serve"}  # the serve entry still read
+    assert state.steps["serve"].process == {"pid": 1} and state.steps["serve"].seconds is None
+    assert any("step merge" in p for p in problems) and any("pid" in p for p in problems)
+    assert state.to_dict() == raw
+    state.steps["serve"].update(stopped=True, seconds=3.0)  # a value set replaces the unread one
+    assert state.to_dict()["steps"]["serve"]["seconds"] == 3.0
+
+
+def test_cleanup_reads_the_steps_of_a_plan_with_one_damaged_step(tmp_path: Path) -> None:
+    from ftkit.run.record import load_plan
+
+    plan = plan_of(tmp_path, step("a", "print(1)"), step("b", "print(2)"))
+    data = plan.to_dict()
+    data["steps"][0]["description"] = None
+    write_json(tmp_path / "plan.json", data)
+    salvaged, why = load_plan(tmp_path)
+    assert why is None and salvaged is not None and [s.id for s in salvaged.steps] == ["b"]
+    data["executor"] = "ssh"  # the plan's own fields damaged: nothing of it is trusted
+    write_json(tmp_path / "plan.json", data)
+    assert load_plan(tmp_path)[0] is None
+
+
+@pytest.mark.parametrize(("key", "value", "expect"), [
+    ("max_steps", 10**400, "steps[0].max_steps: "),
+    ("max_steps", 0, "steps[0].max_steps: 0 is not a step count"),
+    ("kind", "x" * 100_000, "steps[0].kind: expected one of"),
+])
+def test_a_plan_json_value_out_of_range_is_one_short_line(tmp_path: Path, key: str, value: object,
+                                                          expect: str) -> None:
+    from ftkit.plan.spec import Plan, PlanFormatError
+
+    data = plan_of(tmp_path, step("a", "print(1)")).to_dict()
+    data["steps"][0][key] = value
+    with pytest.raises(PlanFormatError) as e:
+        Plan.from_dict(data)
+    assert str(e.value).startswith(expect) and len(str(e.value)) < 300

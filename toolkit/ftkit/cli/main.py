@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="ftkit", standalone_mode=False)
     except SystemExit as e:
         # click turns EPIPE from a command into `sys.exit(1)` after wrapping stdout in its
-        # PacifyFlushWrapper: that wrapper is how we know it was the pipe and not a failure
-        if e.code == 1 and isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+        # flush-pacifying wrapper: that wrapper tells the pipe apart from a failure. Matched by
+        # name (click 8.3 made the class private and deprecated its public alias).
+        if e.code == 1 and type(sys.stdout).__name__ in ("_PacifyFlushWrapper", "PacifyFlushWrapper"):
             _reader_left()
         raise
     except FtkitError as e:

@@ -326,6 +326,8 @@ class Plan:
         ids = [s.id for s in plan.steps]
         for i, step in enumerate(plan.steps):
             where = f"steps[{i}]"
+            if step.max_steps is not None and not 0 < step.max_steps <= MAX_STEPS_LIMIT:
+                raise PlanFormatError(f"{where}.max_steps: {_short(step.max_steps)} is not a step count")
             if not SAFE_NAME.fullmatch(step.id):
                 raise PlanFormatError(f"{where}.id: {step.id!r} is not a step id (it names the step's log file)")
             if ids.count(step.id) > 1:
@@ -353,6 +355,15 @@ def _max_steps_in_config(step: StepSpec) -> int | None:
                 return None
             return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
     return None
+
+
+MAX_STEPS_LIMIT = 10**9  # far above any recipe's (validate allows 1e8), far below an overflow
+
+
+def _short(value: Any) -> str:
+    """A value from plan.json in a one-line message: cut, never 200 kB of it."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class PlanFormatError(ValueError):
@@ -392,7 +403,7 @@ def _expect(value: Any, hint: Any, where: str) -> None:
     args = typing.get_args(hint)
     if origin is Literal:
         if value not in args or isinstance(value, bool):
-            raise PlanFormatError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+            raise PlanFormatError(f"{where}: expected one of {', '.join(map(repr, args))}, got {_short(value)}")
         return
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

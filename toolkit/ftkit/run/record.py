@@ -97,8 +97,9 @@ class _Record:
                 values[key] = value
             elif problems is None:
                 raise RecordFormatError(f"{path}{key}: expected {check[1]}, got {kind(value)}")
-            else:
+            else:  # kept as it was (in `extra`), so a journal saved back loses nothing
                 problems.append(f"{where}: {key} is {kind(value)}, not {check[1]} (left out)")
+                values["extra"][key] = value
         return values
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +116,7 @@ class _Record:
         """Set fields by their JSON names (a name this type does not know goes to `extra`)."""
         for key, value in values.items():
             if key in self.FIELDS and key not in ("extra", "nulls"):
+                self.extra.pop(key, None)  # a value a view could not read is replaced
                 setattr(self, key, value)
                 if value is None:
                     self.nulls.add(key)
@@ -129,7 +131,8 @@ class _Record:
             value = getattr(self, key)
             setattr(self, key, None)
             self.nulls.discard(key)
-            return value
+            unread = self.extra.pop(key, None)
+            return value if value is not None else unread
         return self.extra.pop(key, None)
 
 
@@ -199,6 +202,7 @@ class RunState(_Record):
     stopped_by_down: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     nulls: set[str] = field(default_factory=set, repr=False, compare=False)
+    unread_steps: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # a view's left-out entries
 
     FIELDS: ClassVar[dict[str, Check]] = {
         "status": _TEXT, "started": _TEXT, "finished": _TEXT, "plan_sha256": _TEXT, "steps": _STEPS,
@@ -224,9 +228,27 @@ class RunState(_Record):
         """Strict (no `problems`): RecordFormatError names the first field of the wrong shape,
         e.g. `steps.train.status`. As a view: see _Record."""
         values = cls._parse(data, problems, where, "")
-        values["steps"] = {sid: StepEntry.from_dict(e, problems, where=f"{where}: step {sid}", path=f"steps.{sid}.")
-                           for sid, e in (values.get("steps") or {}).items()}
-        return cls(**values)
+        raw_steps = values.get("steps")
+        if problems is not None and raw_steps is None and isinstance(data.get("steps"), dict):
+            raw_steps = values["extra"].pop("steps")  # a view: only the entries that are not objects are left out
+        steps: dict[str, StepEntry] = {}
+        unread: dict[str, Any] = {}
+        for sid, e in (raw_steps or {}).items():
+            if problems is not None and not isinstance(e, dict):
+                problems.append(f"{where}: step {sid} is {kind(e)}, not a step record (left out)")
+                unread[sid] = e
+                continue
+            steps[sid] = StepEntry.from_dict(e, problems, where=f"{where}: step {sid}", path=f"steps.{sid}.")
+        values["steps"] = steps
+        state = cls(**values)
+        state.unread_steps = unread
+        return state
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.unread_steps:  # entries a view could not read go back as they were
+            out["steps"] = {**self.unread_steps, **out["steps"]}
+        return out
 
     def entry(self, step_id: str) -> StepEntry | None:
         return self.steps.get(step_id)
@@ -312,8 +334,34 @@ def load_plan(run: Path) -> tuple[Plan | None, str | None]:
         return None, "plan.json is not a plan"
     try:
         return _plan(data), None
-    except Exception as e:  # noqa: BLE001 - an edited plan: cleaned up as one without a plan
-        return None, f"plan.json is not a plan ({_why(e)})"
+    except Exception as e:  # noqa: BLE001 - an edited plan: cleaned up with what can be read of it
+        why = f"plan.json is not a plan ({_why(e)})"
+    salvaged = _salvage(data)
+    if salvaged is None:
+        return None, why
+    return salvaged, None
+
+
+def _salvage(data: dict[str, Any]) -> Plan | None:
+    """The plan with only its steps that read as steps, for cleaning up after a damaged plan.json:
+    one edited step must not keep the others' power caps and hand-over from being put back.
+    None when the plan's own fields are damaged too (then nothing of it is trusted)."""
+    steps = data.get("steps")
+    if not isinstance(steps, list):
+        return None
+    good = []
+    for s in steps:
+        try:
+            _plan({**data, "steps": [s]})
+        except Exception:  # noqa: BLE001 - this step is left out
+            continue
+        good.append(s)
+    if not good:
+        return None
+    try:
+        return _plan({**data, "steps": good})
+    except Exception:  # noqa: BLE001 - e.g. two steps of one id
+        return None
 
 
 @dataclass
