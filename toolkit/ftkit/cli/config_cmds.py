@@ -51,7 +51,7 @@ def validate(recipes: tuple[str, ...], machine_path: str | None) -> None:
 
 
 def _check_against(loaded, machine) -> None:  # type: ignore[no-untyped-def]
-    """The same checks `ftkit up` makes before it starts (one code path: planning.Prepared)."""
+    """The same checks `ftkit up` makes before it starts (one code path: prepare.Prepared)."""
     from ftkit.prepare import Prepared, plan_for
     from ftkit.recipe.resolve import resolve
 

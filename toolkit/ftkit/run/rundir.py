@@ -130,12 +130,11 @@ def new_run_path(root: Path, name: str, *, reserve: bool = False) -> Path:
     raise FtkitError(f"cannot find a free run directory name under {root}")  # pragma: no cover
 
 
-
 class Reservation:
     """The run directory `ftkit up` reserves while it plans (the plan names its path): made at
     once, atomically, so two `ftkit up` in the same second get two; `release()` removes it and
     the parents it made while still empty, so a refused run leaves nothing. Called with the
-    resolved recipe, it is the `run_dir` that planning.prepare takes."""
+    resolved recipe, it is the `run_dir` that prepare.prepare takes."""
 
     def __init__(self, runs_dir: Path | None, *, dry_run: bool) -> None:
         self.runs_dir = runs_dir
