@@ -140,7 +140,68 @@ def _docker_reason() -> str | None:
     return None
 
 
+# -- two workers (pytest-xdist) -----------------------------------------------------------------
+# The suite runs in two worker processes (`-n 2 --dist loadfile` in pyproject.toml: a file's
+# tests, and so its module fixtures, stay on one worker; `-n 0` runs it in one process). What
+# they would otherwise share:
+# - the CPU images: built once for the whole run under a file lock in the run's shared
+#   directory (FTKIT_TEST_SHARED), removed when the run ends (`pytest_sessionfinish` below);
+# - ports: tests pick free ones, and a file's fixed ports (the quickstart's 8765) stay with it;
+# - the two cores: every process of the run (and every engine it starts on the host) computes
+#   with one OpenMP thread (OMP_NUM_THREADS=1 unless set): the tiny models train as fast on
+#   one, and two workers' engines each spinning two threads on two cores ran the quickstart at
+#   half speed (85 s for two at once, 50 s with one thread each; one alone: 44 s either way);
+# - the lease and the power record: every test that takes a lease or sets a power limit names
+#   its own FTKIT_LEASE_DIR / FTKIT_STATE_DIR (the `sim` fixture, tests/e2e/faultkit.py), so a
+#   server one test leaves on simulated GPU 0 is never asked to yield by another's training.
+SHARED_ENV = "FTKIT_TEST_SHARED"
+# The longest files first, so that none of them starts last and ends alone (measured on two
+# cores; `--no-loadscope-reorder` keeps this order instead of xdist's by-number-of-tests).
+LONGEST_FIRST = (
+    "tests/integration/test_compose_stack.py",  # the real-vLLM lease test: 20 hand-overs, ~9 minutes
+    "tests/e2e/test_quickstart.py",
+    "tests/e2e/test_faults.py",
+    "tests/e2e/test_vllm_serving.py",
+    "tests/e2e/test_quickstart_qlora.py",
+    "tests/e2e/test_quickstart_quantize.py",
+    "tests/e2e/test_distributed_cpu.py",
+    "tests/unit/test_runner.py",
+    "tests/e2e/test_multinode.py",
+    "tests/integration/test_images.py",
+)
+_owns_shared: Path | None = None  # the directory this process made (and removes at the end)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _owns_shared
+    import tempfile
+
+    if not os.environ.get(SHARED_ENV) or not Path(os.environ[SHARED_ENV]).is_dir():
+        _owns_shared = Path(tempfile.mkdtemp(prefix="ftkit-test-run-"))
+        os.environ[SHARED_ENV] = str(_owns_shared)  # the workers, started after this, inherit it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before any test imports torch; inherited likewise
+
+
+def shared_dir() -> Path:
+    """The directory every process of this test run shares (for locks and what was built)."""
+    return Path(os.environ[SHARED_ENV])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In the run's first process (pytest-xdist's controller, or the only one), after every
+    test: remove the images the run built (tests/shared_build.py), then the shared directory."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    from tests.shared_build import remove_built
+
+    remove_built(shared_dir())
+    if _owns_shared is not None:
+        shutil.rmtree(_owns_shared, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda i: rank.get(i.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep their order
     docker_items = [i for i in items if i.get_closest_marker("docker")]
     if not docker_items:
         return
