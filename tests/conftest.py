@@ -155,16 +155,22 @@ def _docker_reason() -> str | None:
 #   its own FTKIT_LEASE_DIR / FTKIT_STATE_DIR (the `sim` fixture, tests/e2e/faultkit.py), so a
 #   server one test leaves on simulated GPU 0 is never asked to yield by another's training.
 SHARED_ENV = "FTKIT_TEST_SHARED"
-# The longest files first, so that none of them starts last and ends alone (measured on two
-# cores; `--no-loadscope-reorder` keeps this order instead of xdist's by-number-of-tests).
+# The longest files first, so that none of them starts last and ends alone (`--no-loadscope-reorder`
+# keeps this order instead of xdist's by-number-of-tests). The first is the first user of the CPU
+# images, so one worker builds them (minutes on a clean machine) while the other runs files that
+# need no Docker, rather than waiting on the build's lock.
 LONGEST_FIRST = (
-    "tests/integration/test_compose_stack.py",  # the real-vLLM lease test: 20 hand-overs, ~9 minutes
-    "tests/e2e/test_quickstart.py",
+    "tests/integration/test_compose_stack.py",  # builds the CPU images; the real-vLLM lease test (~9 minutes)
+    "tests/e2e/test_distributed_cpu.py",
+    "tests/e2e/test_sharding.py",
+    "tests/e2e/test_bench_scaling.py",
+    "tests/e2e/test_quickstart_dpo.py",
+    "tests/e2e/test_quickstart_harness.py",
+    "tests/e2e/test_quickstart.py",  # from here on, files that run containers
     "tests/e2e/test_faults.py",
     "tests/e2e/test_vllm_serving.py",
     "tests/e2e/test_quickstart_qlora.py",
     "tests/e2e/test_quickstart_quantize.py",
-    "tests/e2e/test_distributed_cpu.py",
     "tests/unit/test_runner.py",
     "tests/e2e/test_multinode.py",
     "tests/integration/test_images.py",
