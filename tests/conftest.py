@@ -182,7 +182,7 @@ def pytest_configure(config: pytest.Config) -> None:
     global _owns_shared
     import tempfile
 
-    if not os.environ.get(SHARED_ENV) or not Path(os.environ[SHARED_ENV]).is_dir():
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run's first process: never an inherited one
         _owns_shared = Path(tempfile.mkdtemp(prefix="ftkit-test-run-"))
         os.environ[SHARED_ENV] = str(_owns_shared)  # the workers, started after this, inherit it
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # before any test imports torch; inherited likewise
@@ -195,13 +195,16 @@ def shared_dir() -> Path:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """In the run's first process (pytest-xdist's controller, or the only one), after every
-    test: remove the images the run built (tests/shared_build.py), then the shared directory."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    test: remove the images the run built (tests/shared_build.py)."""
+    if _owns_shared is None:  # a worker
         return
     from tests.shared_build import remove_built
 
-    remove_built(shared_dir())
-    if _owns_shared is not None:
+    remove_built(_owns_shared)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _owns_shared is not None:  # also after `pytest --help`, which runs no session
         shutil.rmtree(_owns_shared, ignore_errors=True)
 
 
