@@ -42,8 +42,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_ftkit, run_label
+from tests.conftest import run_ftkit, run_label, shared_dir
 from tests.e2e_inputs import build_args, docker_lines, lora_recipe, quickstart_data
+from tests.shared_build import note_built
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -52,27 +53,21 @@ STEPS = 60
 CKPT_EVERY = 10
 
 @pytest.fixture(scope="session")
-def train_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """train/cpu built as tests/integration builds it (a no-op when it exists), and the
-    images.lock.json naming it: the profile runs that tag, whatever changes in the checkout
-    during the session. Removed at the end when this fixture built it."""
-    from ftkit.gateways import docker as dk
-
+def train_image(tmp_path_factory: pytest.TempPathFactory, cpu_images) -> Any:  # type: ignore[no-untyped-def]
+    """train/cpu as tests/integration builds it, and the images.lock.json naming it: the profile
+    runs that tag, whatever changes in the checkout during the session. After `cpu_images` (the
+    run's one build of that tag, which the other worker's containers may be using) this build is
+    a no-op that writes the lock; an image it did build is removed when the run ends."""
     given = os.environ.get("FTKIT_TEST_IMAGES_LOCK")
     if given:  # developing: an images.lock.json naming an image already built
-        yield Path(given)
-        return
+        return Path(given)
     lock = tmp_path_factory.mktemp("mn-images") / "images.lock.json"
     proc = run_ftkit(*build_args("--image", "train", "--variant", "cpu", "--images-lock", str(lock)), timeout=1500)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ftkit/train:")), "")
+    if line and "up to date" not in line:
+        note_built(shared_dir(), [line.split()[0].rstrip(":")])
     assert proc.returncode == 0, proc.stderr[-5000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("ftkit/train:"))
-    tag = line.split()[0].rstrip(":")
-    yield lock
-    if "up to date" not in line and os.environ.get("FTKIT_KEEP_TEST_IMAGES") != "1":
-        try:
-            dk.remove_image(tag)
-        except Exception:  # noqa: BLE001 - another test removed it already
-            pass
+    return lock
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,10 @@ from tests.conftest import require
 
 require("trl")
 
-from tests.conftest import RECIPES, run_ftkit, run_label  # noqa: E402
+from tests.conftest import RECIPES, run_ftkit, run_label, shared_dir  # noqa: E402
 from tests.e2e_inputs import BASE, build_args  # noqa: E402
 from tests.integration.conftest import machine_profile  # noqa: E402
+from tests.shared_build import note_built  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -29,22 +30,17 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 def quantize_image(cpu_images, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """This checkout's quantize/cpu image, built like the session's train and serve images
     (same base, wheelhouse and CA bundle, so a profile with those settings plans its tag);
-    removed afterwards when this fixture built it (FTKIT_KEEP_TEST_IMAGES=1 keeps it)."""
+    removed when the run ends if this fixture built it (tests/shared_build.py)."""
     from ftkit.gateways import docker as dk
     from ftkit.images import builder, project
 
     tag = builder.plan_build(project.find_root(), "quantize", "cpu", base_image=BASE).tag
-    built = dk.image_attrs(tag) is None
-    if built:
+    if dk.image_attrs(tag) is None:
+        note_built(shared_dir(), [tag])  # first: also a build that fails half way leaves nothing
         lock = tmp_path_factory.mktemp("quantize-lock") / "images.lock.json"  # not the checkout's
         proc = run_ftkit(*build_args("--image", "quantize", "--variant", "cpu", "--images-lock", str(lock)), timeout=2400)
         assert proc.returncode == 0, proc.stderr[-5000:]
-    yield tag
-    if built and os.environ.get("FTKIT_KEEP_TEST_IMAGES") != "1":
-        try:
-            dk.remove_image(tag)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+    return tag
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ when it made them (built once per session, with the canary token set), else forc
 runs containers from each, shows the second build is a no-op, that neither the CA bundle nor a
 token reaches a layer, and (with FTKIT_TEST_CLASSIC_BUILD=1) that the classic-builder
 fallback installs the same packages.
-Every image a test creates is removed at the end (FTKIT_KEEP_TEST_IMAGES=1 keeps them).
+Every image a test creates is removed when the run ends (tests/shared_build.py;
+FTKIT_KEEP_TEST_IMAGES=1 keeps them).
 """
 
 from __future__ import annotations
@@ -19,34 +20,12 @@ from pathlib import Path
 import pytest
 
 from ftkit.gateways import docker as dk
-from tests.conftest import run_ftkit
+from tests.conftest import run_ftkit, shared_dir
 from tests.e2e_inputs import BASE, CA, WHEELHOUSE
 from tests.integration.conftest import CANARY
+from tests.shared_build import note_built
 
 pytestmark = pytest.mark.docker
-
-
-class Tracker:
-    """Remember every tag a test makes; remove them all at the end (docker-py's habit)."""
-
-    def __init__(self) -> None:
-        self.tags: set[str] = set()
-
-    def cleanup(self) -> None:
-        if os.environ.get("FTKIT_KEEP_TEST_IMAGES") == "1":
-            return
-        for tag in sorted(self.tags):
-            try:
-                dk.remove_image(tag)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-
-
-@pytest.fixture(scope="module")
-def tracker():  # type: ignore[no-untyped-def]
-    t = Tracker()
-    yield t
-    t.cleanup()
 
 
 def build(*extra: str, lock: Path, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -61,7 +40,7 @@ def tags_in(stdout: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, tracker: Tracker, cpu_images) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def built(tmp_path_factory: pytest.TempPathFactory, cpu_images) -> dict:  # type: ignore[no-untyped-def,type-arg]
     """The cpu training and vLLM CPU images, really built in this session with HF_TOKEN set (the
     canary): the session's `cpu_images` build when it made both (the same command and flags;
     it removes them at the end), else a forced build here. Then the transformers serving image."""
@@ -79,7 +58,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, tracker: Tracker, cpu_images
     assert len(tags) == 2 and all(" built " in ln for ln in stdout.splitlines() if ln.startswith("ftkit/"))
     fallback = build("--image", "serve", "--variant", "transformers", "--force", lock=lock)
     assert fallback.returncode == 0, fallback.stderr[-5000:]
-    tracker.tags.update(tags_in(fallback.stdout))
+    note_built(shared_dir(), tags_in(fallback.stdout))  # removed when the run ends
     return {"lock": lock, "train": next(t for t in tags if "/train:" in t),
             "serve": next(t for t in tags if "/serve:vllm-cpu-" in t),
             "transformers": tags_in(fallback.stdout)[0]}
@@ -168,7 +147,7 @@ def test_images_lock_records_and_verifies(built: dict, tmp_path: Path) -> None: 
     assert proc.returncode != 0 and "installed packages differ" in proc.stderr
 
 
-def test_failed_build_names_the_step_and_its_last_lines(built: dict, tmp_path: Path, tracker: Tracker) -> None:  # type: ignore[type-arg]
+def test_failed_build_names_the_step_and_its_last_lines(built: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
     bad_ca = tmp_path / "bad-ca.pem"
     bad_ca.write_text("not a certificate\n")
     # --no-cache: BuildKit does not key a step's cache on its secrets, so the dependency
@@ -207,12 +186,12 @@ def test_unpullable_base_image_says_why_and_how_to_fix(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.environ.get("FTKIT_TEST_CLASSIC_BUILD") != "1",
                     reason="a classic-builder build has no layer or pip cache (about 3 minutes on 2 cores); "
                            "FTKIT_TEST_CLASSIC_BUILD=1 runs it (CI leaves it out to stay under 30 minutes)")
-def test_classic_builder_installs_the_same_packages(built: dict, tmp_path: Path, tracker: Tracker) -> None:  # type: ignore[type-arg]
+def test_classic_builder_installs_the_same_packages(built: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
     lock = tmp_path / "classic.json"
     proc = build("--image", "serve", "--variant", "transformers", "--no-buildkit", "--force", lock=lock)
     assert proc.returncode == 0, proc.stderr[-4000:]
     tags = tags_in(proc.stdout)
-    tracker.tags.update(tags)
+    note_built(shared_dir(), tags)
     # the tag names the content, not the builder that happens to be installed
     assert tags == [built["transformers"]] and " built " in proc.stdout
     classic = json.loads(lock.read_text())["images"]["serve/transformers"]
